@@ -1,0 +1,42 @@
+# Every target sets up what it needs first: `make run` and `make test` work on a fresh clone.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test venv proto bench-engine bench-service train-model eval-model clean
+
+$(STAMP): requirements/*.txt pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements/dev.txt
+	$(BIN)/pip install -q --no-deps -e .
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+proto: $(STAMP)
+	$(BIN)/python -m scripts.gen_proto
+
+## The whole service on the default model: redis (REDIS_URL or a local one), worker, REST and gRPC gateway.
+run: $(STAMP) proto
+	$(BIN)/python -m scripts.run_stack
+
+## The test suite (CI runs exactly this).
+test: $(STAMP) proto
+	$(BIN)/python -m pytest -q tests
+
+bench-engine: $(STAMP)
+	$(BIN)/python -m benchmarks.bench_engine
+
+bench-service: $(STAMP) proto
+	$(BIN)/python -m benchmarks.bench_service
+
+train-model: $(STAMP)
+	$(BIN)/python -m training.train --out models/shapes-ldm
+
+eval-model: $(STAMP)
+	$(BIN)/python -m training.evaluate --model models/shapes-ldm
+
+clean:
+	rm -rf $(VENV) var
