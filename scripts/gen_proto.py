@@ -50,6 +50,10 @@ def generate(out: Path) -> list[Path]:
     return sorted(p for p in out.rglob("*") if p.is_file())
 
 
+def shown(path: Path) -> str:
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
 def check(out: Path) -> list[str]:
     """Differences between `out` and a fresh generation, as readable lines (empty = in sync)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -60,13 +64,13 @@ def check(out: Path) -> list[str]:
             rel = path.relative_to(fresh)
             have = out / rel
             if not have.exists():
-                problems.append(f"missing: {have.relative_to(REPO)}")
+                problems.append(f"missing: {shown(have)}")
             elif not filecmp.cmp(path, have, shallow=False):
-                problems.append(f"differs from the proto: {have.relative_to(REPO)}")
+                problems.append(f"differs from the proto: {shown(have)}")
         if out.exists():
             for path in sorted(p for p in out.rglob("*.py*") if p.is_file() and "__pycache__" not in p.parts):
                 if not (fresh / path.relative_to(out)).exists():
-                    problems.append(f"not produced by the proto (stale): {path.relative_to(REPO)}")
+                    problems.append(f"not produced by the proto (stale): {shown(path)}")
         return problems
 
 
@@ -82,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         if problems:
             print("generated gRPC code is out of date: run `make proto`", file=sys.stderr)
             return 1
-        print(f"{args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out}: in sync with the proto")
+        print(f"{shown(args.out)}: in sync with the proto")
         return 0
     if args.out.exists():
         shutil.rmtree(args.out)
