@@ -1,0 +1,182 @@
+"""Gateway metrics: requests, submissions, stream readers, rejections, queue depth.
+
+Served by `start_metrics_server(port)` on a port of its own (not the public API port). Labels are
+bounded sets (route template, method, status, kind, model, reason); never a job id or an API key.
+Queue depth is read from Redis at scrape time by `QueueDepthCollector`, so it is exact whenever
+Prometheus looks, not whenever a request happened to pass through this process.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+DEFAULT_API_METRICS_PORT = 9464
+# Celery's Redis transport keeps priority levels 1..9 in sibling lists named
+# "<queue>\x06\x16<priority>"; the plain name holds priority 0.
+CELERY_PRIORITY_SEP = "\x06\x16"
+CELERY_PRIORITY_STEPS = (3, 6, 9)
+
+HTTP_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+http_requests_total = Counter(
+    "latentd_http_requests_total",
+    "HTTP requests answered by the gateway, by route template, method and status code.",
+    ["route", "method", "status"],
+)
+http_request_duration_seconds = Histogram(
+    "latentd_http_request_duration_seconds",
+    "Time to answer an HTTP request (for SSE: time to the response head).",
+    ["route", "method"],
+    buckets=HTTP_LATENCY_BUCKETS,
+)
+jobs_submitted_total = Counter(
+    "latentd_jobs_submitted_total",
+    "Jobs accepted and queued, by kind (generation, forward, reverse, guidance_sweep) and model.",
+    ["kind", "model"],
+)
+sse_readers = Gauge("latentd_sse_readers", "Server-Sent Events streams open now.")
+grpc_stream_readers = Gauge("latentd_grpc_stream_readers", "gRPC event streams open now.")
+rejections_total = Counter(
+    "latentd_rejections_total",
+    "Requests refused before queueing, by reason (validation, auth, quota, payload_too_large, "
+    "no_worker, queue_full).",
+    ["reason"],
+)
+
+
+def observe_http_request(route: str, method: str, status: int, duration_s: float) -> None:
+    """Record one answered request; `route` is the route template, never the raw path."""
+    http_requests_total.labels(route=route, method=method, status=str(status)).inc()
+    http_request_duration_seconds.labels(route=route, method=method).observe(duration_s)
+
+
+def record_submission(kind: str, model: str) -> None:
+    jobs_submitted_total.labels(kind=kind, model=model).inc()
+
+
+def record_rejection(reason: str) -> None:
+    rejections_total.labels(reason=reason).inc()
+
+
+def celery_queue_length(redis_client: Any, queue: str) -> int:
+    """Messages waiting in a Celery queue on the Redis transport, all priority levels summed."""
+    keys = [queue] + [f"{queue}{CELERY_PRIORITY_SEP}{p}" for p in CELERY_PRIORITY_STEPS]
+    pipe = redis_client.pipeline(transaction=False)
+    for key in keys:
+        pipe.llen(key)
+    return int(sum(pipe.execute()))
+
+
+class QueueDepthCollector(Collector):
+    """`latentd_queue_depth{model}`, read from Redis when Prometheus scrapes.
+
+    `models` returns the models to report (e.g. the settings' model list, or those with live
+    workers); `queue_for` maps a model to its Celery queue name.
+    """
+
+    def __init__(
+        self,
+        redis_client: Any,
+        models: Callable[[], Iterable[str]],
+        queue_for: Callable[[str], str],
+    ) -> None:
+        self._redis = redis_client
+        self._models = models
+        self._queue_for = queue_for
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return [self._family()]
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        family = self._family()
+        try:
+            for model in sorted(set(self._models())):
+                family.add_metric([model], celery_queue_length(self._redis, self._queue_for(model)))
+        except Exception:  # noqa: BLE001 - Redis down must not break the scrape of other metrics
+            return [family]
+        return [family]
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "latentd_queue_depth", "Jobs waiting in the model's Celery queue.", labels=["model"]
+        )
+
+
+_queue_depth_collector: QueueDepthCollector | None = None
+
+
+def register_queue_depth(
+    redis_client: Any,
+    models: Callable[[], Iterable[str]],
+    queue_for: Callable[[str], str],
+    registry: CollectorRegistry = REGISTRY,
+) -> QueueDepthCollector:
+    """Install (or replace) the queue-depth collector; call once from the API lifespan."""
+    global _queue_depth_collector
+    if _queue_depth_collector is not None:
+        try:
+            registry.unregister(_queue_depth_collector)
+        except KeyError:
+            pass
+    _queue_depth_collector = QueueDepthCollector(redis_client, models, queue_for)
+    registry.register(_queue_depth_collector)
+    return _queue_depth_collector
+
+
+def unregister_queue_depth(registry: CollectorRegistry = REGISTRY) -> None:
+    global _queue_depth_collector
+    if _queue_depth_collector is not None:
+        try:
+            registry.unregister(_queue_depth_collector)
+        except KeyError:
+            pass
+        _queue_depth_collector = None
+
+
+_servers: dict[int, Any] = {}
+
+
+def metrics_port_from_env() -> int:
+    return int(os.environ.get("LATENTD_API_METRICS_PORT", DEFAULT_API_METRICS_PORT))
+
+
+def start_metrics_server(port: int | None = None, addr: str = "0.0.0.0") -> int:
+    """Serve /metrics on `port` (0 picks a free one) in a daemon thread; idempotent per port.
+
+    Returns the bound port. Process metrics come with the default registry.
+    """
+    port = metrics_port_from_env() if port is None else port
+    if port in _servers:
+        return port
+    server, _thread = start_http_server(port, addr=addr)
+    bound = server.server_address[1]
+    _servers[port] = server
+    _servers[bound] = server
+    return bound
+
+
+class Timer:
+    """`with Timer() as t: ...; t.seconds` - monotonic wall time of a block."""
+
+    def __enter__(self) -> "Timer":
+        self._start = time.perf_counter()
+        self.seconds = 0.0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self._start

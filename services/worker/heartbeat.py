@@ -1,0 +1,272 @@
+"""Worker heartbeat in Redis that proves the Celery consumer loop still consumes.
+
+A Celery worker on Redis can stay alive yet stop taking messages after a broker reconnect.
+A plain "I am alive" key would not notice, so every `interval_s` the heartbeat thread
+1. writes `alive_at` into the hash `latentd:workers:<model>:<hostname-pid>` (TTL `ttl_s`), and
+2. sends a probe task through this worker's own probe queue (`latentd.probe.<hostname-pid>`,
+   consumed only by this worker, over the same broker connection as the job queues). The probe,
+   run by the consumer, writes `consumed_at`.
+A worker is live when its key exists and `consumed_at` is fresher than `stale_after_s`.
+`/readyz` and the gRPC health service call `live_workers()`; the container's liveness probe
+runs `python -m services.worker.heartbeat --check`, which exits 1 when this host's heartbeat is
+stale or missing.
+
+Wiring in the worker: `install(celery_app, models, redis_url)` once, where the Celery app is
+built; it registers the probe task and starts/stops the heartbeat with the worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+log = logging.getLogger(__name__)
+
+KEY_PREFIX = "latentd:workers"
+PROBE_TASK_NAME = "latentd.heartbeat.probe"
+DEFAULT_INTERVAL_S = 5.0
+DEFAULT_TTL_S = 30
+DEFAULT_STALE_AFTER_S = 30.0
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def heartbeat_key(model: str, worker: str) -> str:
+    return f"{KEY_PREFIX}:{model}:{worker}"
+
+
+def probe_queue(worker: str) -> str:
+    return f"latentd.probe.{worker}"
+
+
+def mark_consumed(redis_client: Any, models: Iterable[str], worker: str, ttl_s: int) -> None:
+    """Record that this worker's consumer just ran a message (the probe task calls this)."""
+    now = time.time()
+    pipe = redis_client.pipeline(transaction=False)
+    for model in models:
+        key = heartbeat_key(model, worker)
+        pipe.hset(key, mapping={"consumed_at": now})
+        pipe.expire(key, ttl_s)
+    pipe.execute()
+
+
+class Heartbeat:
+    """Daemon thread writing the heartbeat hash of each model this worker serves."""
+
+    def __init__(
+        self,
+        redis_client: Any,
+        models: Iterable[str],
+        *,
+        worker: str | None = None,
+        interval_s: float = DEFAULT_INTERVAL_S,
+        ttl_s: int = DEFAULT_TTL_S,
+        celery_app: Any = None,
+    ) -> None:
+        self.redis = redis_client
+        self.models = list(models)
+        self.worker = worker or worker_id()
+        self.interval_s = interval_s
+        self.ttl_s = ttl_s
+        self.celery_app = celery_app
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def beat(self) -> None:
+        """One heartbeat: refresh alive_at and, with a Celery app, send the consumption probe."""
+        now = time.time()
+        pipe = self.redis.pipeline(transaction=False)
+        for model in self.models:
+            key = heartbeat_key(model, self.worker)
+            pipe.hset(
+                key,
+                mapping={
+                    "alive_at": now,
+                    "hostname": socket.gethostname(),
+                    "pid": os.getpid(),
+                    "model": model,
+                },
+            )
+            pipe.hsetnx(key, "started_at", now)
+            pipe.expire(key, self.ttl_s)
+        pipe.execute()
+        if self.celery_app is not None:
+            self.celery_app.send_task(
+                PROBE_TASK_NAME,
+                args=[self.worker, self.models, self.ttl_s],
+                queue=probe_queue(self.worker),
+                expires=self.ttl_s,
+            )
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.beat()
+            except Exception:  # noqa: BLE001 - Redis blips must not kill the thread
+                log.warning("heartbeat failed; retrying in %.1fs", self.interval_s, exc_info=True)
+            self._stop.wait(self.interval_s)
+
+    def start(self) -> "Heartbeat":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="latentd-heartbeat", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, *, remove: bool = True) -> None:
+        """Stop beating; with `remove`, delete the keys so readers stop counting us at once."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.interval_s + 1)
+            self._thread = None
+        if remove:
+            try:
+                keys = [heartbeat_key(m, self.worker) for m in self.models]
+                self.redis.delete(*keys, probe_queue(self.worker))
+            except Exception:  # noqa: BLE001
+                log.warning("could not remove heartbeat keys", exc_info=True)
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    model: str
+    worker: str
+    alive_at: float
+    consumed_at: float | None
+
+    def consuming(self, now: float, stale_after_s: float) -> bool:
+        return self.consumed_at is not None and now - self.consumed_at <= stale_after_s
+
+
+def read_workers(redis_client: Any, model: str | None = None) -> list[WorkerInfo]:
+    """Every heartbeat key present (live or stale), optionally for one model."""
+    pattern = f"{KEY_PREFIX}:{model}:*" if model else f"{KEY_PREFIX}:*"
+    keys = sorted(redis_client.scan_iter(match=pattern, count=500))
+    if not keys:
+        return []
+    pipe = redis_client.pipeline(transaction=False)
+    for key in keys:
+        pipe.hgetall(key)
+    infos = []
+    for key, fields in zip(keys, pipe.execute()):
+        key = key.decode() if isinstance(key, bytes) else key
+        fields = {
+            (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+            for k, v in fields.items()
+        }
+        if "alive_at" not in fields:
+            continue
+        _, _, key_model, worker = key.split(":", 3)
+        consumed = fields.get("consumed_at")
+        infos.append(
+            WorkerInfo(key_model, worker, float(fields["alive_at"]), float(consumed) if consumed else None)
+        )
+    return infos
+
+
+def live_workers(
+    redis_client: Any, model: str | None = None, stale_after_s: float = DEFAULT_STALE_AFTER_S
+) -> dict[str, list[str]]:
+    """Workers whose consumer ran a probe within `stale_after_s`, as {model: [worker id]}."""
+    now = time.time()
+    live: dict[str, list[str]] = {}
+    for info in read_workers(redis_client, model):
+        if info.consuming(now, stale_after_s):
+            live.setdefault(info.model, []).append(info.worker)
+    return live
+
+
+def install(
+    celery_app: Any,
+    models: Iterable[str],
+    redis_url: str,
+    *,
+    interval_s: float = DEFAULT_INTERVAL_S,
+    ttl_s: int = DEFAULT_TTL_S,
+) -> None:
+    """Register the probe task on `celery_app` and run the heartbeat while the worker runs."""
+    from celery import signals
+
+    models = list(models)
+    state: dict[str, Heartbeat] = {}
+    probe_redis = redis.Redis.from_url(redis_url)
+
+    @celery_app.task(name=PROBE_TASK_NAME, ignore_result=True, acks_late=False)
+    def probe(worker: str, probe_models: list[str], probe_ttl_s: int) -> None:
+        mark_consumed(probe_redis, probe_models, worker, probe_ttl_s)
+
+    @signals.worker_ready.connect(weak=False)
+    def _start(sender: Any = None, **_: Any) -> None:
+        beat = Heartbeat(
+            redis.Redis.from_url(redis_url), models, interval_s=interval_s, ttl_s=ttl_s,
+            celery_app=celery_app,
+        )
+        # sender is the worker's Consumer: consume our own probe queue over its connection.
+        sender.add_task_queue(probe_queue(beat.worker))
+        state["beat"] = beat.start()
+
+    @signals.worker_shutdown.connect(weak=False)
+    def _stop(**_: Any) -> None:
+        beat = state.pop("beat", None)
+        if beat is not None:
+            beat.stop()
+
+
+def check(redis_client: Any, hostname: str, stale_after_s: float) -> tuple[bool, str]:
+    """Liveness of this host's worker(s): every heartbeat of `hostname` must be consuming."""
+    now = time.time()
+    mine = [i for i in read_workers(redis_client) if i.worker.rsplit("-", 1)[0] == hostname]
+    if not mine:
+        return False, f"no heartbeat in Redis for host {hostname}"
+    stale = [i for i in mine if not i.consuming(now, stale_after_s)]
+    if stale:
+        ages = ", ".join(
+            f"{i.model}/{i.worker}: "
+            + ("never consumed" if i.consumed_at is None else f"last consumed {now - i.consumed_at:.0f}s ago")
+            for i in stale
+        )
+        return False, f"consumer stale (limit {stale_after_s:.0f}s): {ages}"
+    return True, f"{len(mine)} heartbeat(s) consuming on {hostname}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if this host's heartbeat is stale")
+    parser.add_argument("--list", action="store_true", help="print live workers per model")
+    parser.add_argument(
+        "--redis-url", default=os.environ.get("LATENTD_REDIS_URL", "redis://127.0.0.1:6379/0")
+    )
+    parser.add_argument("--hostname", default=socket.gethostname())
+    parser.add_argument(
+        "--stale-after",
+        type=float,
+        default=float(os.environ.get("LATENTD_HEARTBEAT_STALE_AFTER_S", DEFAULT_STALE_AFTER_S)),
+        help="seconds without a consumed probe before the worker counts as stuck",
+    )
+    args = parser.parse_args(argv)
+    client = redis.Redis.from_url(args.redis_url, socket_timeout=5)
+    if args.list:
+        for model, workers in sorted(live_workers(client, stale_after_s=args.stale_after).items()):
+            print(f"{model}: {' '.join(workers)}")
+        return 0
+    try:
+        ok, message = check(client, args.hostname, args.stale_after)
+    except redis.RedisError as exc:
+        ok, message = False, f"Redis unreachable at {args.redis_url}: {exc}"
+    print(message, file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
