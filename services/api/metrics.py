@@ -81,11 +81,36 @@ def celery_queue_length(redis_client: Any, queue: str) -> int:
     return int(sum(pipe.execute()))
 
 
-class QueueDepthCollector(Collector):
-    """`latentd_queue_depth{model}`, read from Redis when Prometheus scrapes.
+# Same key layout and freshness rule as services/worker/heartbeat.py (the writer); read here
+# without importing the worker package, which pulls in torch.
+HEARTBEAT_KEY_PREFIX = "latentd:workers"
+DEFAULT_HEARTBEAT_STALE_AFTER_S = 30.0
 
-    `models` returns the models to report (e.g. the settings' model list, or those with live
-    workers); `queue_for` maps a model to its Celery queue name.
+
+def count_live_workers(
+    redis_client: Any, stale_after_s: float = DEFAULT_HEARTBEAT_STALE_AFTER_S
+) -> dict[str, int]:
+    """{model: workers whose consumer ran a heartbeat probe within `stale_after_s`}."""
+    keys = list(redis_client.scan_iter(match=f"{HEARTBEAT_KEY_PREFIX}:*", count=500))
+    if not keys:
+        return {}
+    pipe = redis_client.pipeline(transaction=False)
+    for key in keys:
+        pipe.hget(key, "consumed_at")
+    now = time.time()
+    live: dict[str, int] = {}
+    for key, consumed_at in zip(keys, pipe.execute()):
+        model = (key.decode() if isinstance(key, bytes) else key).split(":", 3)[2]
+        fresh = consumed_at is not None and now - float(consumed_at) <= stale_after_s
+        live[model] = live.get(model, 0) + int(fresh)
+    return live
+
+
+class QueueDepthCollector(Collector):
+    """`latentd_queue_depth{model}` and `latentd_workers_live{model}`, read from Redis at scrape.
+
+    `models` returns the models to report (e.g. the settings' model list); `queue_for` maps a
+    model to its Celery queue name. A model with a heartbeat but not in `models` is reported too.
     """
 
     def __init__(
@@ -93,27 +118,38 @@ class QueueDepthCollector(Collector):
         redis_client: Any,
         models: Callable[[], Iterable[str]],
         queue_for: Callable[[str], str],
+        stale_after_s: float = DEFAULT_HEARTBEAT_STALE_AFTER_S,
     ) -> None:
         self._redis = redis_client
         self._models = models
         self._queue_for = queue_for
+        self._stale_after_s = stale_after_s
 
     def describe(self) -> list[GaugeMetricFamily]:
-        return [self._family()]
+        return list(self._families())
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
-        family = self._family()
+        depth, live = self._families()
         try:
-            for model in sorted(set(self._models())):
-                family.add_metric([model], celery_queue_length(self._redis, self._queue_for(model)))
+            workers = count_live_workers(self._redis, self._stale_after_s)
+            for model in sorted(set(self._models()) | set(workers)):
+                depth.add_metric([model], celery_queue_length(self._redis, self._queue_for(model)))
+                live.add_metric([model], workers.get(model, 0))
         except Exception:  # noqa: BLE001 - Redis down must not break the scrape of other metrics
-            return [family]
-        return [family]
+            return []
+        return [depth, live]
 
     @staticmethod
-    def _family() -> GaugeMetricFamily:
-        return GaugeMetricFamily(
-            "latentd_queue_depth", "Jobs waiting in the model's Celery queue.", labels=["model"]
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+        return (
+            GaugeMetricFamily(
+                "latentd_queue_depth", "Jobs waiting in the model's Celery queue.", labels=["model"]
+            ),
+            GaugeMetricFamily(
+                "latentd_workers_live",
+                "Workers of the model whose consumer proved alive (heartbeat probe consumed).",
+                labels=["model"],
+            ),
         )
 
 
