@@ -39,7 +39,7 @@ def test_proto_style():
     service = file.services_by_name["LatentdService"]
     assert {m.name for m in service.methods} == {
         "SubmitGeneration", "SubmitTrajectory", "GetJob", "CancelJob", "StreamJobEvents",
-        "GenerateStream", "ListModels"}
+        "GenerateStream", "GetArtifact", "ListModels"}
     for method in service.methods:  # one request and one response message per RPC
         assert method.input_type.name == f"{method.name}Request"
         assert method.output_type.name == f"{method.name}Response"

@@ -1,0 +1,1 @@
+"""Clients of latentd: Python (sync and asyncio, REST and gRPC) and the `latentd` command line."""

@@ -1,0 +1,9 @@
+"""Python client of latentd: sync and asyncio, over REST (http://) or gRPC (grpc://), one interface."""
+from .client import AsyncClient, Client
+from .errors import (AuthenticationError, ConflictError, InvalidRequestError, JobFailedError, LatentdError,
+                     NotFoundError, RateLimitError, UnavailableError)
+from .types import Artifact, Job, JobEvent, Model
+
+__all__ = ["Client", "AsyncClient", "Job", "JobEvent", "Model", "Artifact", "LatentdError", "AuthenticationError",
+           "NotFoundError", "ConflictError", "InvalidRequestError", "RateLimitError", "UnavailableError",
+           "JobFailedError"]

@@ -1,0 +1,274 @@
+"""`latentd`: the command line of latentd (REST by default; grpc://host:port URLs use gRPC).
+
+    latentd generate "a red circle on a white background" --steps 50 --guidance 7.5 --seed 1 -o out.png
+    latentd trajectory forward --prompt "a blue square" --seed 3 --out-dir frames/
+    latentd jobs get|cancel|watch JOB_ID
+    latentd models
+URL and key: --url / --api-key, or LATENTD_URL / LATENTD_API_KEY.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+from .client import DEFAULT_URL, Client
+from .errors import JobFailedError, LatentdError
+from .types import Job, JobEvent
+
+PREVIEW_COLUMNS = 32
+
+
+# ---- terminal drawing ---------------------------------------------------------------------
+def progress_line(event: JobEvent, width: int = 30) -> str:
+    step, total = event.step or 0, event.total or 0
+    filled = int(width * step / total) if total else 0
+    extra = f" t={event.data['timestep']}" if "timestep" in event.data else ""
+    return f"[{'#' * filled}{'.' * (width - filled)}] {step}/{total}{extra}"
+
+
+def half_blocks(png: bytes, columns: int = PREVIEW_COLUMNS) -> str:
+    """The picture as ANSI 24-bit half blocks: one character = two pixels stacked (▀ fg over bg)."""
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    rows = max(2, round(image.height * columns / image.width / 2) * 2)
+    pixels = image.resize((columns, rows)).load()
+    lines = []
+    for y in range(0, rows, 2):
+        cells = []
+        for x in range(columns):
+            (r1, g1, b1), (r2, g2, b2) = pixels[x, y], pixels[x, y + 1]
+            cells.append(f"\x1b[38;2;{r1};{g1};{b1}m\x1b[48;2;{r2};{g2};{b2}m▀")
+        lines.append("".join(cells) + "\x1b[0m")
+    return "\n".join(lines)
+
+
+def _preview_bytes(event: JobEvent) -> bytes | None:
+    preview = event.preview
+    if not isinstance(preview, str):
+        return None
+    try:
+        return base64.b64decode(preview.split(",", 1)[-1])
+    except ValueError:
+        return None
+
+
+class Progress:
+    """Live progress from step events on stderr; previews drawn on stdout when it is a terminal."""
+
+    def __init__(self, out: TextIO = sys.stderr, draw_previews: bool | None = None):
+        self.out = out
+        self.draw_previews = sys.stdout.isatty() if draw_previews is None else draw_previews
+        self.preview_height = 0
+
+    def __call__(self, event: JobEvent) -> None:
+        if event.type == "step":
+            png = _preview_bytes(event) if self.draw_previews else None
+            if png:
+                art = half_blocks(png)
+                if self.preview_height:
+                    sys.stdout.write(f"\x1b[{self.preview_height}F")
+                sys.stdout.write(art + "\n")
+                sys.stdout.flush()
+                self.preview_height = art.count("\n") + 1
+            self.out.write("\r" + progress_line(event))
+        elif event.type == "frame":
+            self.out.write(f"\rframe {event.data.get('index', '?')}" + " " * 20)
+        elif event.terminal:
+            self.out.write(f"\n{event.type}\n")
+        else:
+            self.out.write(f"\r{event.type}" + " " * 30)
+        self.out.flush()
+
+
+def follow(client: Client, job_id: str, show: Progress | None) -> Job:
+    for event in client.events(job_id):
+        if show:
+            show(event)
+    job = client.get_job(job_id)
+    if job.status != "succeeded":
+        message = (job.error or {}).get("message") or f"job {job.id} {job.status}"
+        raise JobFailedError(message, job, type=(job.error or {}).get("type"))
+    return job
+
+
+def _numbered(path: Path, index: int, count: int) -> Path:
+    return path if count == 1 else path.with_name(f"{path.stem}-{index}{path.suffix}")
+
+
+# ---- commands -----------------------------------------------------------------------------
+def cmd_generate(client: Client, args) -> int:
+    job = client.generate(args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
+                          guidance_scale=args.guidance, eta=args.eta, seed=args.seed, width=args.width,
+                          height=args.height, num_images=args.num_images, output_format=args.format,
+                          preview_every=args.preview_every, model=args.model)
+    print(f"job {job.id} queued (seed {job.seed})", file=sys.stderr)
+    job = follow(client, job.id, None if args.quiet else Progress())
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for artifact in job.images:
+        path = _numbered(out, artifact.index, len(job.images))
+        path.write_bytes(client.image(job.id, artifact.index))
+        print(path)
+    return 0
+
+
+def _frame_label(frame_meta: dict[str, Any], index: int) -> str:
+    for key in ("timestep", "guidance_scale", "step"):
+        if key in frame_meta:
+            return f"{key}={frame_meta[key]}"
+    return str(index)
+
+
+def write_frames(frames: list[bytes], labels: list[str], out_dir: Path, gif_ms: int = 200) -> list[Path]:
+    """frame-NNN.png, an animated trajectory.gif and a contact sheet contact.png."""
+    from PIL import Image, ImageDraw
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images, written = [], []
+    for i, data in enumerate(frames):
+        path = out_dir / f"frame-{i:03d}.png"
+        path.write_bytes(data)
+        written.append(path)
+        images.append(Image.open(io.BytesIO(data)).convert("RGB"))
+    if not images:
+        return written
+    gif = out_dir / "trajectory.gif"
+    images[0].save(gif, save_all=True, append_images=images[1:], duration=gif_ms, loop=0)
+    w, h = images[0].size
+    cols = min(len(images), 8)
+    rows = (len(images) + cols - 1) // cols
+    sheet = Image.new("RGB", (cols * w, rows * (h + 12)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (image, label) in enumerate(zip(images, labels)):
+        x, y = (i % cols) * w, (i // cols) * (h + 12)
+        sheet.paste(image.resize((w, h)), (x, y))
+        draw.text((x + 2, y + h), label, fill="black")
+    contact = out_dir / "contact.png"
+    sheet.save(contact)
+    return written + [gif, contact]
+
+
+def cmd_trajectory(client: Client, args) -> int:
+    kind = {"forward": "forward", "reverse": "reverse", "sweep": "guidance_sweep"}[args.kind]
+    fields: dict[str, Any] = dict(prompt=args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
+                                  guidance_scale=args.guidance, seed=args.seed, model=args.model)
+    if args.image:
+        fields["image"] = base64.b64encode(Path(args.image).read_bytes()).decode()
+    if args.timesteps:
+        fields["timesteps"] = [int(t) for t in args.timesteps.split(",")]
+    if args.scales:
+        fields["guidance_scales"] = [float(s) for s in args.scales.split(",")]
+    fields.update(noise_seed=args.noise_seed, space=args.space, every=args.every)
+    job = client.trajectory(kind, **fields)
+    print(f"job {job.id} queued", file=sys.stderr)
+    job = follow(client, job.id, None if args.quiet else Progress())
+    frames = [client.frame(job.id, f.index) for f in job.frames]
+    labels = [_frame_label(f.metadata, f.index) for f in job.frames]
+    for path in write_frames(frames, labels, Path(args.out_dir)):
+        print(path)
+    return 0
+
+
+def cmd_jobs(client: Client, args) -> int:
+    if args.action == "watch":
+        show = Progress()
+        for event in client.events(args.job_id, args.after):
+            if args.json:
+                print(json.dumps({"id": event.id, "event": event.type, "data": event.data}), flush=True)
+            else:
+                show(event)
+        job = client.get_job(args.job_id)
+    else:
+        job = client.get_job(args.job_id) if args.action == "get" else client.cancel(args.job_id)
+    print(json.dumps(job.raw, indent=2))
+    return 0 if job.status != "failed" else 1
+
+
+def cmd_models(client: Client, args) -> int:
+    models = client.models()
+    if args.json:
+        print(json.dumps([m.raw for m in models], indent=2))
+    for m in models if not args.json else []:
+        print(f"{m.name}\t{m.native_width}x{m.native_height}\t{m.scheduler}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="latentd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default=os.environ.get("LATENTD_URL", DEFAULT_URL),
+                        help="http(s)://host:port (REST) or grpc://host:port; env LATENTD_URL")
+    parser.add_argument("--api-key", default=os.environ.get("LATENTD_API_KEY"), help="env LATENTD_API_KEY")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request (streams excepted)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def generation_flags(p, prompt_positional: bool):
+        if prompt_positional:
+            p.add_argument("prompt")
+        else:
+            p.add_argument("--prompt")
+        p.add_argument("--negative", help="negative prompt")
+        p.add_argument("--steps", type=int, help="num_inference_steps (server default 50)")
+        p.add_argument("--guidance", type=float, help="guidance_scale (server default 7.5)")
+        p.add_argument("--seed", type=int)
+        p.add_argument("--model")
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
+    g = sub.add_parser("generate", help="text to image, with live progress")
+    generation_flags(g, True)
+    g.add_argument("--eta", type=float)
+    g.add_argument("--width", type=int)
+    g.add_argument("--height", type=int)
+    g.add_argument("-n", "--num-images", type=int)
+    g.add_argument("--format", choices=["png", "jpeg", "webp"])
+    g.add_argument("--preview-every", type=int, help="preview every k steps (drawn when stdout is a terminal)")
+    g.add_argument("-o", "--output", default="out.png", help="output file; -0, -1, ... added for several images")
+    g.set_defaults(run=cmd_generate)
+
+    t = sub.add_parser("trajectory", help="forward noising, reverse denoising or a guidance sweep, as frames")
+    t.add_argument("kind", choices=["forward", "reverse", "sweep"])
+    generation_flags(t, False)
+    t.add_argument("--image", help="forward: the clean image (PNG/JPEG); default: generated from --prompt")
+    t.add_argument("--timesteps", help="forward: comma-separated training timesteps")
+    t.add_argument("--noise-seed", type=int, help="forward: seed of the one noise sample")
+    t.add_argument("--space", choices=["pixel", "latent"], help="forward: where noise is added")
+    t.add_argument("--every", type=int, help="reverse: keep every k-th step")
+    t.add_argument("--scales", help="sweep: comma-separated guidance scales")
+    t.add_argument("--out-dir", default="trajectory", help="frames, trajectory.gif and contact.png go here")
+    t.set_defaults(run=cmd_trajectory)
+
+    j = sub.add_parser("jobs", help="get, cancel or watch a job")
+    j.add_argument("action", choices=["get", "cancel", "watch"])
+    j.add_argument("job_id")
+    j.add_argument("--after", help="watch: resume after this event id")
+    j.add_argument("--json", action="store_true", help="watch: one JSON line per event")
+    j.set_defaults(run=cmd_jobs)
+
+    m = sub.add_parser("models", help="the models the workers serve")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(run=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        with Client(args.url, args.api_key, timeout=args.timeout) as client:
+            return args.run(client, args)
+    except LatentdError as exc:
+        where = f" ({exc.param})" if exc.param and exc.param not in exc.message else ""
+        print(f"latentd: error: {exc.message}{where}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,179 @@
+"""One interface over REST and gRPC: `Client("http://127.0.0.1:8000")` or `Client("grpc://127.0.0.1:50051")`.
+
+    with Client(url, api_key=key) as client:
+        job = client.generate("a red circle on a white background", seed=1)
+        for event in client.events(job.id):      # resumes by itself after a dropped connection
+            print(event.type, event.step, event.total)
+        png = client.image(job.id, 0)
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import grpc
+import httpx
+
+from .errors import JobFailedError, LatentdError, UnavailableError
+from .types import Job, JobEvent, Model
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+_DROPPED = (httpx.TransportError, grpc.RpcError)
+
+
+def _transport_class(url: str, asynchronous: bool):
+    if url.startswith(("grpc://", "grpcs://")):
+        from .grpc_transport import AsyncGrpcTransport, GrpcTransport
+        return AsyncGrpcTransport if asynchronous else GrpcTransport
+    from .rest import AsyncRestTransport, RestTransport
+    return AsyncRestTransport if asynchronous else RestTransport
+
+
+def _generation_body(prompt: str, **fields: Any) -> dict[str, Any]:
+    return {"prompt": prompt, **{k: v for k, v in fields.items() if v is not None}}
+
+
+def _check_final(job: Job) -> Job:
+    if job.status in ("failed", "cancelled"):
+        message = (job.error or {}).get("message") or f"job {job.id} {job.status}"
+        raise JobFailedError(message, job, type=(job.error or {}).get("type"))
+    return job
+
+
+class Client:
+    def __init__(self, url: str | None = None, api_key: str | None = None, *, timeout: float = 30.0,
+                 max_reconnects: int = 20, reconnect_delay: float = 0.5):
+        self.url = url or os.environ.get("LATENTD_URL") or DEFAULT_URL
+        self.api_key = api_key if api_key is not None else os.environ.get("LATENTD_API_KEY")
+        self.transport = _transport_class(self.url, False)(self.url, self.api_key, timeout)
+        self.max_reconnects, self.reconnect_delay = max_reconnects, reconnect_delay
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.transport.close()
+
+    def generate(self, prompt: str, **fields: Any) -> Job:
+        """Submit a generation (fields as in POST /v1/generations); returns the queued job."""
+        return Job.from_dict(self.transport.submit_generation(_generation_body(prompt, **fields)))
+
+    def trajectory(self, kind: str, **fields: Any) -> Job:
+        """Submit a trajectory: kind forward | reverse | guidance_sweep; fields as in POST /v1/trajectories."""
+        return Job.from_dict(self.transport.submit_trajectory({"kind": kind, **{k: v for k, v in fields.items() if v is not None}}))
+
+    def get_job(self, job_id: str) -> Job:
+        return Job.from_dict(self.transport.get_job(job_id))
+
+    def cancel(self, job_id: str) -> Job:
+        return Job.from_dict(self.transport.cancel_job(job_id))
+
+    def models(self) -> list[Model]:
+        return [Model.from_dict(m) for m in self.transport.models()]
+
+    def image(self, job_id: str, index: int = 0) -> bytes:
+        return self.transport.artifact(job_id, "image", index)[0]
+
+    def frame(self, job_id: str, index: int) -> bytes:
+        return self.transport.artifact(job_id, "frame", index)[0]
+
+    def events(self, job_id: str, after: str | None = None) -> Iterator[JobEvent]:
+        """Every event of the job from `after` (exclusive) to the terminal one. A dropped connection
+        is resumed from the last event id seen, so nothing is missed or repeated."""
+        last, failures = after, 0
+        while True:
+            try:
+                for event in self.transport.events(job_id, last):
+                    last, failures = event.id or last, 0
+                    yield event
+                    if event.terminal:
+                        return
+                if self.get_job(job_id).done and failures:  # stream ended cleanly without a terminal event
+                    return
+                failures += 1
+            except _DROPPED as exc:
+                failures += 1
+                if failures > self.max_reconnects:
+                    raise UnavailableError(f"event stream of job {job_id} dropped {failures} times: {exc}") from exc
+            time.sleep(min(self.reconnect_delay * failures, 5.0))
+
+    def wait(self, job_id: str, timeout: float | None = None) -> Job:
+        """Follow the events until the job ends; returns the final job or raises JobFailedError."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for _event in self.events(job_id):
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} did not finish within {timeout} s")
+        return _check_final(self.get_job(job_id))
+
+
+class AsyncClient:
+    def __init__(self, url: str | None = None, api_key: str | None = None, *, timeout: float = 30.0,
+                 max_reconnects: int = 20, reconnect_delay: float = 0.5):
+        self.url = url or os.environ.get("LATENTD_URL") or DEFAULT_URL
+        self.api_key = api_key if api_key is not None else os.environ.get("LATENTD_API_KEY")
+        self.transport = _transport_class(self.url, True)(self.url, self.api_key, timeout)
+        self.max_reconnects, self.reconnect_delay = max_reconnects, reconnect_delay
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.transport.close()
+
+    async def generate(self, prompt: str, **fields: Any) -> Job:
+        return Job.from_dict(await self.transport.submit_generation(_generation_body(prompt, **fields)))
+
+    async def trajectory(self, kind: str, **fields: Any) -> Job:
+        return Job.from_dict(await self.transport.submit_trajectory({"kind": kind, **{k: v for k, v in fields.items() if v is not None}}))
+
+    async def get_job(self, job_id: str) -> Job:
+        return Job.from_dict(await self.transport.get_job(job_id))
+
+    async def cancel(self, job_id: str) -> Job:
+        return Job.from_dict(await self.transport.cancel_job(job_id))
+
+    async def models(self) -> list[Model]:
+        return [Model.from_dict(m) for m in await self.transport.models()]
+
+    async def image(self, job_id: str, index: int = 0) -> bytes:
+        return (await self.transport.artifact(job_id, "image", index))[0]
+
+    async def frame(self, job_id: str, index: int) -> bytes:
+        return (await self.transport.artifact(job_id, "frame", index))[0]
+
+    async def events(self, job_id: str, after: str | None = None) -> AsyncIterator[JobEvent]:
+        last, failures = after, 0
+        while True:
+            try:
+                async for event in self.transport.events(job_id, last):
+                    last, failures = event.id or last, 0
+                    yield event
+                    if event.terminal:
+                        return
+                if (await self.get_job(job_id)).done and failures:
+                    return
+                failures += 1
+            except _DROPPED as exc:
+                failures += 1
+                if failures > self.max_reconnects:
+                    raise UnavailableError(f"event stream of job {job_id} dropped {failures} times: {exc}") from exc
+            await asyncio.sleep(min(self.reconnect_delay * failures, 5.0))
+
+    async def wait(self, job_id: str, timeout: float | None = None) -> Job:
+        async def follow():
+            async for _event in self.events(job_id):
+                pass
+        await asyncio.wait_for(follow(), timeout)
+        return _check_final(await self.get_job(job_id))
+
+
+__all__ = ["Client", "AsyncClient", "LatentdError"]

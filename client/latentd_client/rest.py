@@ -1,0 +1,180 @@
+"""REST transport (httpx): the JSON contract of DESIGN.md, SSE parsing, error mapping."""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+
+from .errors import LatentdError, UnavailableError, error_for_status
+from .types import JobEvent
+
+USER_AGENT = "latentd-client/0.1"
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    headers = {"user-agent": USER_AGENT}
+    if api_key:
+        headers["authorization"] = f"Bearer {api_key}"
+    return headers
+
+
+def raise_for_response(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    message, type_, param = response.text or response.reason_phrase, None, None
+    try:
+        body = response.json()
+        err = body.get("error", body) if isinstance(body, dict) else {}
+        if isinstance(err, dict):
+            message = err.get("message") or err.get("detail") or message
+            type_, param = err.get("type"), err.get("param")
+    except ValueError:
+        pass
+    retry = response.headers.get("retry-after")
+    raise error_for_status(response.status_code, str(message), type=type_, param=param,
+                           retry_after=float(retry) if retry and retry.replace(".", "", 1).isdigit() else None)
+
+
+class SseParser:
+    """Incremental text/event-stream parser (WHATWG): feed lines, get events at blank lines."""
+
+    def __init__(self) -> None:
+        self.event_id, self.name, self.data = "", "", []
+
+    def feed(self, line: str) -> JobEvent | None:
+        if line == "":
+            if not self.data and not self.name:
+                return None
+            event = JobEvent.from_sse(self.event_id, self.name, "\n".join(self.data))
+            self.name, self.data = "", []
+            return event
+        if line.startswith(":"):
+            return None
+        field, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if field == "id":
+            self.event_id = value
+        elif field == "event":
+            self.name = value
+        elif field == "data":
+            self.data.append(value)
+        return None
+
+
+def _event_headers(api_key: str | None, after: str | None) -> dict[str, str]:
+    headers = _headers(api_key) | {"accept": "text/event-stream"}
+    if after:
+        headers["last-event-id"] = after
+    return headers
+
+
+class RestTransport:
+    def __init__(self, url: str, api_key: str | None = None, timeout: float = 30.0):
+        self.url = url.rstrip("/")
+        self.http = httpx.Client(base_url=self.url, headers=_headers(api_key), timeout=timeout)
+        self.api_key = api_key
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _call(self, method: str, path: str, **kw) -> httpx.Response:
+        try:
+            response = self.http.request(method, path, **kw)
+        except httpx.TransportError as exc:
+            raise UnavailableError(f"cannot reach {self.url}: {exc}") from exc
+        raise_for_response(response)
+        return response
+
+    def submit_generation(self, body: dict[str, Any]) -> dict[str, Any]:
+        return self._call("POST", "/v1/generations", json=body).json()
+
+    def submit_trajectory(self, body: dict[str, Any]) -> dict[str, Any]:
+        return self._call("POST", "/v1/trajectories", json=body).json()
+
+    def get_job(self, job_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/v1/jobs/{job_id}").json()
+
+    def cancel_job(self, job_id: str) -> dict[str, Any]:
+        return self._call("POST", f"/v1/jobs/{job_id}/cancel").json()
+
+    def artifact(self, job_id: str, kind: str, index: int) -> tuple[bytes, str]:
+        response = self._call("GET", f"/v1/jobs/{job_id}/{kind}s/{index}")
+        return response.content, response.headers.get("content-type", "image/png")
+
+    def models(self) -> list[dict[str, Any]]:
+        body = self._call("GET", "/v1/models").json()
+        return body.get("models", body.get("data", [])) if isinstance(body, dict) else body
+
+    def ready(self) -> bool:
+        try:
+            return self.http.get("/readyz").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def events(self, job_id: str, after: str | None = None) -> Iterator[JobEvent]:
+        """One SSE connection; raises httpx.TransportError when it drops (Client resumes)."""
+        with self.http.stream("GET", f"/v1/jobs/{job_id}/events", headers=_event_headers(self.api_key, after),
+                              timeout=httpx.Timeout(self.http.timeout.connect, read=None)) as response:
+            if response.status_code >= 400:
+                response.read()
+                raise_for_response(response)
+            parser = SseParser()
+            for line in response.iter_lines():
+                event = parser.feed(line)
+                if event is not None:
+                    yield event
+
+
+class AsyncRestTransport:
+    def __init__(self, url: str, api_key: str | None = None, timeout: float = 30.0):
+        self.url = url.rstrip("/")
+        self.http = httpx.AsyncClient(base_url=self.url, headers=_headers(api_key), timeout=timeout)
+        self.api_key = api_key
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+    async def _call(self, method: str, path: str, **kw) -> httpx.Response:
+        try:
+            response = await self.http.request(method, path, **kw)
+        except httpx.TransportError as exc:
+            raise UnavailableError(f"cannot reach {self.url}: {exc}") from exc
+        raise_for_response(response)
+        return response
+
+    async def submit_generation(self, body):
+        return (await self._call("POST", "/v1/generations", json=body)).json()
+
+    async def submit_trajectory(self, body):
+        return (await self._call("POST", "/v1/trajectories", json=body)).json()
+
+    async def get_job(self, job_id):
+        return (await self._call("GET", f"/v1/jobs/{job_id}")).json()
+
+    async def cancel_job(self, job_id):
+        return (await self._call("POST", f"/v1/jobs/{job_id}/cancel")).json()
+
+    async def artifact(self, job_id, kind, index):
+        response = await self._call("GET", f"/v1/jobs/{job_id}/{kind}s/{index}")
+        return response.content, response.headers.get("content-type", "image/png")
+
+    async def models(self):
+        body = (await self._call("GET", "/v1/models")).json()
+        return body.get("models", body.get("data", [])) if isinstance(body, dict) else body
+
+    async def events(self, job_id: str, after: str | None = None) -> AsyncIterator[JobEvent]:
+        async with self.http.stream("GET", f"/v1/jobs/{job_id}/events", headers=_event_headers(self.api_key, after),
+                                    timeout=httpx.Timeout(self.http.timeout.connect, read=None)) as response:
+            if response.status_code >= 400:
+                await response.aread()
+                raise_for_response(response)
+            parser = SseParser()
+            async for line in response.aiter_lines():
+                event = parser.feed(line)
+                if event is not None:
+                    yield event
+
+
+RETRYABLE = (httpx.TransportError, httpx.RemoteProtocolError)
+__all__ = ["RestTransport", "AsyncRestTransport", "SseParser", "RETRYABLE", "LatentdError"]
