@@ -1,0 +1,253 @@
+"""deploy/ and docker-compose.yml checked by the tools made for them.
+
+Tools: `docker-compose` (Debian package docker-compose, or the `docker compose` plugin),
+`promtool` (Debian package prometheus), `kubernetes-validate` (requirements/dev.txt). A test
+whose tool is missing is skipped, naming what to install.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+ALERTS = DEPLOY / "prometheus" / "alerts.yml"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "latentd.json"
+
+
+def _compose_command() -> list[str] | None:
+    if shutil.which("docker"):
+        probe = subprocess.run(["docker", "compose", "version"], capture_output=True)
+        if probe.returncode == 0:
+            return ["docker", "compose"]
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    return None
+
+
+def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120, **kw)
+
+
+def _k8s_docs() -> list[tuple[Path, dict]]:
+    docs = []
+    for path in sorted(K8S.glob("*.yaml")):
+        docs += [(path, d) for d in yaml.safe_load_all(path.read_text()) if d]
+    return docs
+
+
+def _find(kind: str, name: str | None = None) -> dict:
+    found = [d for _, d in _k8s_docs() if d["kind"] == kind and name in (None, d["metadata"]["name"])]
+    assert found, f"no {kind} {name or ''} in deploy/k8s"
+    return found[0]
+
+
+# -- docker-compose --------------------------------------------------------------------------
+
+def test_compose_file_is_valid_for_both_profiles():
+    compose = _compose_command()
+    if compose is None:
+        pytest.skip("no compose client: apt-get install docker-compose (or the docker compose plugin)")
+    env = {**os.environ, "LATENTD_API_KEYS": "test-key"}
+    for profile in ([], ["--profile", "cpu"]):
+        result = _run(compose + ["-f", "docker-compose.yml", *profile, "config"], env=env)
+        assert result.returncode == 0, result.stderr
+        config = yaml.safe_load(result.stdout)
+        services = config["services"]
+        assert {"redis", "gateway", "worker", "prometheus", "grafana"} <= set(services)
+        # compose v1 prints every service; v2 only the active profiles' ones.
+        assert "worker-cpu" in services or not profile
+        if "worker-cpu" in services:
+            assert services["worker-cpu"]["profiles"] == ["cpu"]
+            assert "deploy" not in services["worker-cpu"], "the CPU worker must not reserve a GPU"
+        assert "profiles" not in services["worker"]
+    redis = services["redis"]
+    assert "--appendonly" in redis["command"] and "yes" in redis["command"]
+    gpus = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert gpus[0]["driver"] == "nvidia" and "gpu" in gpus[0]["capabilities"]
+    assert "services.worker.heartbeat" in " ".join(services["worker"]["healthcheck"]["test"])
+    assert "9464" not in json.dumps(services["gateway"].get("ports", [])), "metrics port must not be public"
+
+
+def test_compose_refuses_to_start_the_gateway_without_api_keys():
+    compose = _compose_command()
+    if compose is None:
+        pytest.skip("no compose client: apt-get install docker-compose")
+    env = {k: v for k, v in os.environ.items() if k != "LATENTD_API_KEYS"}
+    result = _run(compose + ["-f", "docker-compose.yml", "config"], env=env)
+    assert result.returncode != 0
+    assert "LATENTD_API_KEYS" in result.stderr
+
+
+def test_dockerfiles_run_as_non_root_and_gateway_has_no_torch():
+    for name in ("gateway.Dockerfile", "worker.Dockerfile"):
+        text = (DEPLOY / "docker" / name).read_text()
+        users = re.findall(r"^USER\s+(\S+)", text, re.M)
+        assert users and users[-1] not in ("root", "0"), f"{name} must end as a non-root USER"
+    gateway = (DEPLOY / "docker" / "gateway.Dockerfile").read_text()
+    assert "worker.txt" not in gateway and "torch" not in re.sub(r"#.*", "", gateway)
+    api_reqs = (ROOT / "requirements" / "api.txt").read_text() + (ROOT / "requirements" / "common.txt").read_text()
+    assert not re.search(r"^(torch|diffusers|transformers)\b", api_reqs, re.M)
+
+
+# -- Prometheus ------------------------------------------------------------------------------
+
+def test_promtool_accepts_rules_and_config():
+    if not shutil.which("promtool"):
+        pytest.skip("no promtool: apt-get install --no-install-recommends prometheus")
+    rules = _run(["promtool", "check", "rules", str(ALERTS)])
+    assert rules.returncode == 0, rules.stdout + rules.stderr
+    config = _run(["promtool", "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml")])
+    assert config.returncode == 0, config.stdout + config.stderr
+
+
+def test_alert_rules_cover_the_four_operator_questions():
+    alerts = {r["alert"]: r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]}
+    exprs = " ".join(r["expr"] for r in alerts.values())
+    for metric in ("latentd_queue_depth", "latentd_workers_live", "latentd_job_failures_total",
+                   "latentd_queue_wait_seconds_bucket"):
+        assert metric in exprs, f"no alert on {metric}"
+
+
+def test_prometheusrule_matches_the_compose_rules_file(tmp_path):
+    rule = _find("PrometheusRule")
+    compose_groups = yaml.safe_load(ALERTS.read_text())["groups"]
+    assert rule["spec"]["groups"] == compose_groups
+    if shutil.which("promtool"):
+        extracted = tmp_path / "rules.yml"
+        extracted.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+        result = _run(["promtool", "check", "rules", str(extracted)])
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+# -- Kubernetes ------------------------------------------------------------------------------
+
+def test_kubernetes_manifests_pass_schema_validation():
+    kv = shutil.which("kubernetes-validate") or str(Path(sys.executable).parent / "kubernetes-validate")
+    if not Path(kv).exists():
+        pytest.skip("no kubernetes-validate: pip install -r requirements/dev.txt")
+    builtin = [p for p in sorted(K8S.glob("*.yaml")) if p.name != "kustomization.yaml"]
+    result = _run([kv, "--strict", "--no-warn", *map(str, builtin)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    passed = result.stdout.count(" passed for resource ")
+    builtin_docs = [d for p, d in _k8s_docs() if "." not in d["apiVersion"].split("/")[0] or
+                    d["apiVersion"].startswith(("apps/", "autoscaling/"))]
+    assert passed == len(builtin_docs), result.stdout
+
+
+def test_kustomization_lists_every_manifest_but_the_secret_example():
+    listed = set(yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"])
+    present = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml", "redis-secret.example.yaml"}
+    assert listed == present
+
+
+def test_worker_deployment_requests_a_gpu_and_probes_the_heartbeat():
+    worker = _find("Deployment", "latentd-worker-shapes-ldm")
+    container = worker["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["exec"]["command"] == ["python", "-m", "services.worker.heartbeat", "--check"]
+    redis_env = next(e for e in container["env"] if e["name"] == "LATENTD_REDIS_URL")
+    assert redis_env["valueFrom"]["secretKeyRef"]["name"] == "latentd-redis"
+    assert worker["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+
+
+def test_keda_scales_the_worker_deployment_on_its_queue():
+    scaled = _find("ScaledObject")
+    target = scaled["spec"]["scaleTargetRef"]["name"]
+    worker = _find("Deployment", target)
+    model = worker["metadata"]["labels"]["latentd.io/model"]
+    trigger = scaled["spec"]["triggers"][0]
+    assert trigger["type"] == "redis"
+    assert trigger["metadata"]["listName"] == f"latentd.{model}"
+    assert int(trigger["metadata"]["listLength"]) >= 1
+    auth = _find("TriggerAuthentication", trigger["authenticationRef"]["name"])
+    assert {r["parameter"] for r in auth["spec"]["secretTargetRef"]} >= {"address"}
+    assert scaled["spec"]["minReplicaCount"] <= scaled["spec"]["maxReplicaCount"]
+
+
+def test_podmonitor_port_exists_on_every_pod_it_selects():
+    monitor = _find("PodMonitor")
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    port = monitor["spec"]["podMetricsEndpoints"][0]["port"]
+    selected = [d for _, d in _k8s_docs() if d["kind"] == "Deployment"
+                and selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()]
+    assert len(selected) >= 2
+    for deployment in selected:
+        ports = {p["name"] for c in deployment["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])}
+        assert port in ports, deployment["metadata"]["name"]
+
+
+def test_hpa_targets_the_gateway():
+    hpa = _find("HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == _find("Deployment", "latentd-gateway")["metadata"]["name"]
+
+
+# -- Grafana and metric names ----------------------------------------------------------------
+
+METRIC_TOKEN = re.compile(r"\b((?:latentd|process)_[a-z0-9_]+)\b")
+
+
+def _defined_metric_names() -> set[str]:
+    """Sample names the metrics modules expose (histograms: _bucket/_sum/_count too)."""
+    from prometheus_client import REGISTRY, generate_latest
+
+    import services.api.metrics as api_metrics
+    import services.worker.metrics as worker_metrics
+
+    names = set()
+    for collector in list(REGISTRY._collector_to_names):  # noqa: SLF001 - the registry's own index
+        describe = getattr(collector, "describe", None)
+        families = describe() if describe else []
+        for family in families:
+            names.add(family.name)
+            if family.type == "histogram":
+                names |= {family.name + s for s in ("_bucket", "_sum", "_count")}
+            if family.type == "counter":
+                names.add(family.name + "_total")
+    for line in generate_latest(REGISTRY).decode().splitlines():
+        if line.startswith("# TYPE"):
+            names.add(line.split()[2])
+    # collectors installed at run time by the gateway
+    names |= {f.name for f in api_metrics.QueueDepthCollector._families()}
+    names.add(worker_metrics.GpuMemoryCollector._family().name)
+    return names
+
+
+def _dashboard_exprs() -> list[str]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    exprs += [v["definition"] for v in dashboard["templating"]["list"] if "definition" in v]
+    return exprs
+
+
+def test_dashboard_and_alerts_query_only_defined_metrics():
+    defined = _defined_metric_names()
+    rule_exprs = [r["expr"] for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]]
+    used = {m for e in _dashboard_exprs() + rule_exprs for m in METRIC_TOKEN.findall(e)}
+    assert used, "no metric found in the queries"
+    missing = sorted(used - defined)
+    assert not missing, f"queried but not defined in services/*/metrics.py: {missing}"
+
+
+def test_dashboard_shows_what_operators_need():
+    exprs = " ".join(_dashboard_exprs())
+    for metric in ("latentd_queue_depth", "latentd_queue_wait_seconds_bucket", "latentd_job_run_seconds_bucket",
+                   "latentd_images_total", "latentd_batch_rows", "latentd_unet_step_seconds_bucket",
+                   "latentd_job_failures_total", "latentd_gpu_memory_bytes"):
+        assert metric in exprs, f"dashboard lacks {metric}"
+    dashboard = json.loads(DASHBOARD.read_text())
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    provider = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/latentd.yml").read_text())
+    assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
