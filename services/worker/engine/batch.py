@@ -1,0 +1,127 @@
+"""The batch algebra of continuous batching: per-request state, and rows in / rows out of one UNet call.
+
+A request of n images takes n rows at guidance 0 (unconditional only) or 1 (conditional only) and
+2n rows otherwise, unconditional first as in diffusers' pipeline. `build_unet_batch` concatenates the
+rows of the chosen requests; `guided_outputs` splits the UNet output back and applies each request's
+guidance, giving one ε̂ row per image, in member order.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from services.worker.diffusion.guidance import classifier_free_guidance
+from services.worker.engine.requests import GenerationRequest, TrajectoryFrame
+
+
+@dataclass
+class ActiveRequest:
+    request: GenerationRequest
+    handle: Any  # RequestHandle
+    sequence: int  # arrival order, for fairness ties
+    timesteps: list[int]
+    prev_timesteps: list[int]
+    latent_shape: tuple[int, int, int]  # (C, h, w)
+    submitted_at: float
+    admitted_at: float = 0.0
+    generator: Optional[torch.Generator] = None
+    latents: Optional[torch.Tensor] = None  # (n, C, h, w) float32: x_t before step `step_index`
+    cond_embeds: Optional[torch.Tensor] = None  # (n, L, D), None at guidance 0
+    uncond_embeds: Optional[torch.Tensor] = None  # (n, L, D), None at guidance 1
+    step_index: int = 0  # DDIM updates done
+    last_served: int = -1  # engine iteration of the last step, for round-robin
+    frames: list[TrajectoryFrame] = field(default_factory=list)
+    unet_s: float = 0.0
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def num_images(self) -> int:
+        return self.request.num_images
+
+    @property
+    def guidance_scale(self) -> float:
+        return float(self.request.guidance_scale)
+
+    @property
+    def needs_cond(self) -> bool:
+        return self.guidance_scale != 0.0
+
+    @property
+    def needs_uncond(self) -> bool:
+        return self.guidance_scale != 1.0
+
+    @property
+    def num_rows(self) -> int:
+        return self.num_images * (int(self.needs_cond) + int(self.needs_uncond))
+
+    @property
+    def total_steps(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def finished(self) -> bool:
+        return self.step_index >= len(self.timesteps)
+
+    @property
+    def timestep(self) -> int:
+        return self.timesteps[self.step_index]
+
+    @property
+    def prev_timestep(self) -> int:
+        return self.prev_timesteps[self.step_index]
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.admitted_at
+
+
+@dataclass
+class UNetBatch:
+    members: list[ActiveRequest]
+    latents: torch.Tensor  # (R, C, h, w)
+    timesteps: torch.Tensor  # (R,) long
+    text_embeds: torch.Tensor  # (R, L, D)
+
+    @property
+    def num_rows(self) -> int:
+        return self.latents.shape[0]
+
+
+def build_unet_batch(members: list[ActiveRequest], dtype: torch.dtype) -> UNetBatch:
+    latents, timesteps, embeds = [], [], []
+    for member in members:
+        for needed, member_embeds in ((member.needs_uncond, member.uncond_embeds),
+                                      (member.needs_cond, member.cond_embeds)):
+            if needed:
+                latents.append(member.latents)
+                embeds.append(member_embeds)
+                timesteps.append(torch.full((member.num_images,), member.timestep, dtype=torch.long))
+    device = members[0].latents.device
+    return UNetBatch(members=members, latents=torch.cat(latents).to(dtype), timesteps=torch.cat(timesteps).to(device),
+                     text_embeds=torch.cat(embeds))
+
+
+def guided_outputs(batch: UNetBatch, model_output: torch.Tensor) -> torch.Tensor:
+    """UNet output (R, C, h, w) -> guided ε̂ (N, C, h, w), N = images of all members, in member order.
+    A member with only one kind of row passes it as both, so s = 1 and s = 0 return it exactly."""
+    eps_uncond, eps_cond, scales = [], [], []
+    row = 0
+    for member in batch.members:
+        n = member.num_images
+        uncond = cond = None
+        if member.needs_uncond:
+            uncond = model_output[row:row + n]
+            row += n
+        if member.needs_cond:
+            cond = model_output[row:row + n]
+            row += n
+        eps_uncond.append(uncond if uncond is not None else cond)
+        eps_cond.append(cond if cond is not None else uncond)
+        scales.append(torch.full((n,), member.guidance_scale, dtype=model_output.dtype))
+    scale = torch.cat(scales).to(model_output.device)  # (N,)
+    return classifier_free_guidance(torch.cat(eps_uncond), torch.cat(eps_cond), scale)

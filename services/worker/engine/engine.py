@@ -1,0 +1,482 @@
+"""The engine: one thread owns the model and denoises every active request together.
+
+Each iteration is schedule -> execute -> update (as vLLM's EngineCore.step):
+- schedule: admit waiting requests (text embeddings once, initial latents from the request's own
+  seeded generator), drop cancelled ones, and pick requests round-robin (least recently stepped
+  first, then oldest) until the row budget `max_batch_rows` is full;
+- execute: one UNet call over all their rows (each row at its own timestep);
+- update: classifier-free guidance and one DDIM update per row (vectorised), a NaN check per request,
+  step events (one `on_step_events` call per iteration and one event per request handle), previews
+  and trajectory frames every k steps; then finished requests are VAE-decoded in one batch and retired.
+
+Every random draw of a request comes from its own CPU generator, in diffusers' order (initial latents,
+then the eta noise of each step), so its pictures do not depend on what it was batched with.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import logging
+import math
+import queue
+import threading
+import time
+from collections import deque
+from typing import Callable, Iterator, Optional, TypeVar
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from services.worker.diffusion.ddim import ddim_step
+from services.worker.diffusion.schedules import final_alpha_cumprod, inference_timesteps, previous_timesteps
+from services.worker.engine.batch import ActiveRequest, UNetBatch, build_unet_batch, guided_outputs
+from services.worker.engine.errors import (
+    EngineError, EngineStopped, InvalidRequestError, NonFiniteOutputError, RequestCancelled,
+)
+from services.worker.engine.requests import GenerationRequest, GenerationResult, StepEvent, TrajectoryFrame
+from services.worker.loading import LoadedModel, to_pil
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+INIT_NOISE_SIGMA = 1.0  # DDIMScheduler.init_noise_sigma
+MAX_NUM_IMAGES = 16
+MAX_GUIDANCE_SCALE = 100.0
+MAX_ETA = 1.0
+MAX_SEED = 2**64 - 1
+DECODE_CHUNK = 16  # images per VAE call
+PREVIEW_MIN_SIZE = 64  # previews are upscaled (nearest) to at least this many pixels per side
+_END = object()
+
+
+class RequestHandle:
+    """The caller's side of one request: events, the result or its typed error, and cancel."""
+
+    def __init__(self, request_id: str, wake: Callable[[], None]):
+        self.request_id = request_id
+        self._events: queue.Queue = queue.Queue()
+        self._future: concurrent.futures.Future[GenerationResult] = concurrent.futures.Future()
+        self._cancel_requested = threading.Event()
+        self._wake = wake
+
+    def events(self, timeout: Optional[float] = None) -> Iterator[StepEvent]:
+        """Step events as they come; ends when the request ends. timeout: seconds to wait for each event."""
+        while True:
+            try:
+                item = self._events.get(timeout=timeout)
+            except queue.Empty:
+                raise TimeoutError(f"no event for request {self.request_id} within {timeout} s") from None
+            if item is _END:
+                self._events.put(_END)  # a second reader ends too
+                return
+            yield item
+
+    def result(self, timeout: Optional[float] = None) -> GenerationResult:
+        try:
+            return self._future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(f"request {self.request_id} not finished within {timeout} s") from None
+
+    def cancel(self) -> None:
+        if not self._future.done():
+            self._cancel_requested.set()
+            self._wake()
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._cancel_requested.is_set()
+
+    def _emit(self, event: StepEvent) -> None:
+        self._events.put(event)
+
+    def _finish(self, result: Optional[GenerationResult] = None, error: Optional[BaseException] = None) -> None:
+        if self._future.done():
+            return
+        if error is not None:
+            self._future.set_exception(error)
+        else:
+            self._future.set_result(result)
+        self._events.put(_END)
+
+
+class Engine:
+    def __init__(self, model: LoadedModel, *, max_batch_rows: int = 64,
+                 on_step_events: Optional[Callable[[list[StepEvent]], None]] = None):
+        if max_batch_rows < 1:
+            raise ValueError(f"max_batch_rows must be at least 1, got {max_batch_rows}")
+        self.model = model
+        self.max_batch_rows = max_batch_rows
+        self.on_step_events = on_step_events
+        self._lock = threading.Condition()
+        self._waiting: deque[ActiveRequest] = deque()
+        self._calls: deque[tuple[Callable[[LoadedModel], object], concurrent.futures.Future]] = deque()
+        self._active: list[ActiveRequest] = []
+        self._sequence = itertools.count()
+        self._iteration = 0
+        self._stopping = False
+        self._thread: Optional[threading.Thread] = None
+        self._alphas_cumprod = model.alphas_cumprod
+        self._final_alpha_cumprod = final_alpha_cumprod(model.scheduler_config, model.alphas_cumprod)
+        self._latent_rgb: Optional[torch.Tensor] = None  # (C + 1, 3), fitted on the first preview
+        self.last_batch_rows = 0  # rows of the last UNet call, for metrics
+        self.last_unet_s = 0.0
+
+    # ---- caller side (any thread) ----
+
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=f"engine-{self.model.name}", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: Optional[float] = 30.0) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._fail_all(EngineStopped("the engine was stopped before the request finished"))
+
+    @property
+    def active_requests(self) -> int:
+        """Requests admitted or waiting, not yet finished."""
+        with self._lock:
+            return len(self._waiting) + len(self._active)
+
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        """Validate and queue a request. Raises InvalidRequestError (naming the field) for bad input."""
+        timesteps, shape = self._validate(request)
+        handle = RequestHandle(request.request_id, self._wake)
+        active = ActiveRequest(request=request, handle=handle, sequence=next(self._sequence), timesteps=timesteps,
+                               prev_timesteps=previous_timesteps(self.model.scheduler_config, timesteps),
+                               latent_shape=shape, submitted_at=time.monotonic())
+        with self._lock:
+            if self._stopping:
+                raise EngineStopped("the engine is stopped")
+            self._waiting.append(active)
+            self._lock.notify_all()
+        return handle
+
+    def call(self, fn: Callable[[LoadedModel], T]) -> "concurrent.futures.Future[T]":
+        """Run fn(model) on the engine thread between iterations (e.g. VAE work for forward trajectories)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            if self._stopping:
+                raise EngineStopped("the engine is stopped")
+            self._calls.append((fn, future))
+            self._lock.notify_all()
+        return future
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._lock.notify_all()
+
+    def _validate(self, request: GenerationRequest) -> tuple[list[int], tuple[int, int, int]]:
+        model = self.model
+
+        def bad(field: str, message: str) -> InvalidRequestError:
+            return InvalidRequestError(message, field)
+
+        if not isinstance(request.request_id, str) or not request.request_id:
+            raise bad("request_id", "request_id must be a non-empty string")
+        T_ = model.num_train_timesteps
+        steps = request.num_inference_steps
+        if not isinstance(steps, int) or not 1 <= steps <= T_:
+            raise bad("num_inference_steps", f"num_inference_steps must be between 1 and {T_}, got {steps}")
+        try:
+            timesteps = inference_timesteps(model.scheduler_config, steps)
+        except ValueError as error:
+            raise bad("num_inference_steps", str(error)) from None
+        scale = request.guidance_scale
+        if not isinstance(scale, (int, float)) or not math.isfinite(scale) or not 0 <= scale <= MAX_GUIDANCE_SCALE:
+            raise bad("guidance_scale", f"guidance_scale must be between 0 and {MAX_GUIDANCE_SCALE:g}, got {scale}")
+        if not isinstance(request.eta, (int, float)) or not math.isfinite(request.eta) or not 0 <= request.eta <= MAX_ETA:
+            raise bad("eta", f"eta must be between 0 and {MAX_ETA:g}, got {request.eta}")
+        if not isinstance(request.num_images, int) or not 1 <= request.num_images <= MAX_NUM_IMAGES:
+            raise bad("num_images", f"num_images must be between 1 and {MAX_NUM_IMAGES}, got {request.num_images}")
+        if not isinstance(request.seed, int) or not 0 <= request.seed <= MAX_SEED:
+            raise bad("seed", f"seed must be between 0 and {MAX_SEED}, got {request.seed}")
+        for name in ("preview_every", "trajectory_every"):
+            value = getattr(request, name)
+            if not isinstance(value, int) or not 0 <= value <= steps:
+                raise bad(name, f"{name} must be between 0 and num_inference_steps ({steps}), got {value}")
+        multiple = self.size_multiple
+        sizes = {}
+        for name, native in (("width", model.native_width), ("height", model.native_height)):
+            value = getattr(request, name) or native
+            if not isinstance(value, int) or not multiple <= value <= 2 * native or value % multiple:
+                raise bad(name, f"{name} must be a multiple of {multiple} between {multiple} and {2 * native}, "
+                                f"got {value}")
+            sizes[name] = value
+        for name in ("prompt", "negative_prompt"):
+            text = getattr(request, name)
+            if not isinstance(text, str):
+                raise bad(name, f"{name} must be a string")
+            tokens = model.count_prompt_tokens(text)
+            if tokens > model.max_prompt_tokens:
+                raise bad(name, f"{name} is {tokens} tokens long; the model takes at most {model.max_prompt_tokens} "
+                                "(start and end tokens included)")
+        f = model.vae_scale_factor
+        return timesteps, (model.latent_channels, sizes["height"] // f, sizes["width"] // f)
+
+    @property
+    def size_multiple(self) -> int:
+        """Pixel sizes must be multiples of this: the VAE's factor times the UNet's downsampling."""
+        downsamples = len(self.model.unet.config.block_out_channels) - 1
+        return self.model.vae_scale_factor * 2**downsamples
+
+    # ---- engine thread ----
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._lock:
+                    while not (self._stopping or self._waiting or self._calls or self._active):
+                        self._lock.wait()
+                    if self._stopping:
+                        return
+                    calls = list(self._calls)
+                    self._calls.clear()
+                for fn, future in calls:
+                    if future.set_running_or_notify_cancel():
+                        try:
+                            future.set_result(fn(self.model))
+                        except BaseException as error:  # noqa: BLE001 - handed to the caller
+                            future.set_exception(error)
+                try:
+                    self.step()
+                except Exception as error:  # noqa: BLE001 - the engine must outlive one bad iteration
+                    log.exception("engine iteration failed")
+                    for active in list(self._active):
+                        self._retire(active, error=EngineError(f"engine iteration failed: {error}"))
+
+    def step(self) -> None:
+        """One iteration: schedule -> execute -> update."""
+        self._admit()
+        self._drop_cancelled()
+        members = self._schedule()
+        if not members:
+            return
+        self._iteration += 1
+        batch = build_unet_batch(members, self.model.dtype)
+        started = time.monotonic()
+        model_output = self._execute(batch)
+        self.last_unet_s = time.monotonic() - started
+        self.last_batch_rows = batch.num_rows
+        for member in members:
+            member.unet_s += self.last_unet_s
+        events = self._update(batch, model_output)
+        if events:
+            if self.on_step_events is not None:
+                try:
+                    self.on_step_events(events)
+                except Exception:  # noqa: BLE001 - a broken listener must not stop the engine
+                    log.exception("on_step_events failed")
+            for member, event in events_by_member(members, events):
+                member.handle._emit(event)
+        self._finish([m for m in members if m.finished and not m.handle.done()])
+
+    def _admit(self) -> None:
+        with self._lock:
+            admitted = list(self._waiting)
+            self._waiting.clear()
+        admitted = [a for a in admitted if not self._cancelled(a)]
+        if not admitted:
+            return
+        model = self.model
+        prompts = []
+        for active in admitted:
+            if active.needs_cond:
+                prompts.append(active.request.prompt)
+            if active.needs_uncond:
+                prompts.append(active.request.negative_prompt)
+        unique = list(dict.fromkeys(prompts))
+        embeds = dict(zip(unique, model.encode_prompts(unique)))  # one text-encoder call: (L, D) each
+        for active in admitted:
+            n = active.num_images
+            request = active.request
+            if active.needs_cond:
+                active.cond_embeds = embeds[request.prompt].unsqueeze(0).expand(n, -1, -1)  # (n, L, D)
+            if active.needs_uncond:
+                active.uncond_embeds = embeds[request.negative_prompt].unsqueeze(0).expand(n, -1, -1)
+            # diffusers' prepare_latents: randn on the CPU generator in the model dtype, then to the device
+            active.generator = torch.Generator("cpu").manual_seed(request.seed)
+            latents = torch.randn((n, *active.latent_shape), generator=active.generator, dtype=model.dtype)
+            active.latents = latents.to(model.device).float() * INIT_NOISE_SIGMA  # (n, C, h, w)
+            active.admitted_at = time.monotonic()
+            self._active.append(active)
+
+    def _cancelled(self, active: ActiveRequest) -> bool:
+        if active.handle.cancel_requested:
+            self._retire(active, error=RequestCancelled(
+                f"request {active.request_id} was cancelled after {active.step_index} of {active.total_steps} steps"))
+            return True
+        return False
+
+    def _drop_cancelled(self) -> None:
+        for active in list(self._active):
+            self._cancelled(active)
+        with self._lock:
+            waiting = list(self._waiting)
+        for active in waiting:
+            if active.handle.cancel_requested:
+                with self._lock:
+                    if active in self._waiting:
+                        self._waiting.remove(active)
+                self._cancelled(active)
+
+    def _schedule(self) -> list[ActiveRequest]:
+        """Round-robin by rows: least recently stepped first (then oldest), same latent shape as the first,
+        until max_batch_rows. A long request thus takes its turn like any other and cannot starve short ones."""
+        candidates = sorted((a for a in self._active if not a.finished), key=lambda a: (a.last_served, a.sequence))
+        if not candidates:
+            return []
+        shape = candidates[0].latent_shape
+        chosen, rows = [], 0
+        for active in candidates:
+            if active.latent_shape != shape:
+                continue
+            if chosen and rows + active.num_rows > self.max_batch_rows:
+                continue
+            chosen.append(active)
+            rows += active.num_rows
+        for active in chosen:
+            active.last_served = self._iteration + 1
+        return chosen
+
+    def _execute(self, batch: UNetBatch) -> torch.Tensor:
+        """One UNet call over all rows (in chunks of max_batch_rows if one request alone needs more)."""
+        outputs = []
+        for start in range(0, batch.num_rows, self.max_batch_rows):
+            rows = slice(start, start + self.max_batch_rows)
+            outputs.append(self.model.unet(batch.latents[rows], batch.timesteps[rows],
+                                           encoder_hidden_states=batch.text_embeds[rows]).sample)
+        return torch.cat(outputs).float()  # (R, C, h, w)
+
+    def _update(self, batch: UNetBatch, model_output: torch.Tensor) -> list[StepEvent]:
+        members = batch.members
+        eps = guided_outputs(batch, model_output)  # (N, C, h, w)
+        x_t = torch.cat([m.latents for m in members])  # (N, C, h, w)
+        device = x_t.device
+        timesteps = torch.cat([torch.full((m.num_images,), m.timestep) for m in members]).to(device)
+        prev_timesteps = torch.cat([torch.full((m.num_images,), m.prev_timestep) for m in members]).to(device)
+        eta = torch.cat([torch.full((m.num_images,), float(m.request.eta)) for m in members]).to(device)
+        noise = None
+        if any(m.request.eta > 0 for m in members):
+            # diffusers draws eta noise (randn_tensor of the output's shape and dtype) only when eta > 0
+            noise = torch.cat([
+                torch.randn(m.latents.shape, generator=m.generator, dtype=self.model.dtype).float()
+                if m.request.eta > 0 else torch.zeros(m.latents.shape) for m in members]).to(device)
+        out = ddim_step(eps, x_t, timesteps, prev_timesteps, self._alphas_cumprod, self._final_alpha_cumprod,
+                        eta=eta, variance_noise=noise, prediction_type=self.model.prediction_type)
+        events, row = [], 0
+        for member in members:
+            rows = slice(row, row + member.num_images)
+            row += member.num_images
+            timestep = member.timestep
+            x_prev, x0_pred = out.x_prev[rows], out.x0_pred[rows]
+            if not torch.isfinite(x_prev).all():
+                self._retire(member, error=NonFiniteOutputError(
+                    f"request {member.request_id}: latents became non-finite at step {member.step_index + 1} "
+                    f"of {member.total_steps} (timestep {timestep})"))
+                continue
+            step = member.step_index + 1
+            request = member.request
+            if request.trajectory_every and step % request.trajectory_every == 0:
+                member.frames.append(self._trajectory_frame(step, timestep, member.latents, x0_pred))
+            preview = None
+            if request.preview_every and step % request.preview_every == 0:
+                preview = self._preview(x0_pred)
+            member.latents = x_prev
+            member.step_index = step
+            events.append(StepEvent(request_id=member.request_id, step=step, total=member.total_steps,
+                                    timestep=timestep, preview=preview))
+        return events
+
+    def _trajectory_frame(self, step: int, timestep: int, x_t: torch.Tensor, x0_pred: torch.Tensor) -> TrajectoryFrame:
+        n = x_t.shape[0]
+        pixels = self.model.decode_latents(torch.cat([x_t, x0_pred]))  # (2n, 3, H, W)
+        images = to_pil(torch.nan_to_num(pixels))
+        return TrajectoryFrame(step=step, timestep=timestep, alpha_bar=float(self._alphas_cumprod[timestep]),
+                               x_t=images[:n], x0_pred=images[n:])
+
+    def _preview(self, x0_pred: torch.Tensor) -> Image.Image:
+        """x̂0 at latent resolution through a linear latent -> RGB map (no VAE call), images side by side."""
+        if self._latent_rgb is None:
+            self._latent_rgb = fit_latent_rgb(self.model)
+        weights = self._latent_rgb.to(x0_pred.device)
+        n, C, h, w = x0_pred.shape
+        flat = torch.cat([x0_pred.permute(0, 2, 3, 1).reshape(-1, C), torch.ones(n * h * w, 1, device=x0_pred.device)], 1)
+        rgb = (flat @ weights).reshape(n, h, w, 3).permute(0, 3, 1, 2)  # (n, 3, h, w) in [-1, 1]
+        rgb = torch.nan_to_num((rgb / 2 + 0.5).clamp(0, 1))
+        scale = max(1, math.ceil(PREVIEW_MIN_SIZE / max(h, w)))
+        rgb = F.interpolate(rgb, scale_factor=scale, mode="nearest")
+        tiled = torch.cat(list(rgb), dim=2).unsqueeze(0)  # (1, 3, h·s, n·w·s)
+        return to_pil(tiled)[0]
+
+    def _finish(self, finished: list[ActiveRequest]) -> None:
+        """Decode every finished request's latents in one batch (chunked) and retire them."""
+        if not finished:
+            return
+        started = time.monotonic()
+        latents = torch.cat([m.latents for m in finished])
+        pixels = torch.cat([self.model.decode_latents(latents[i:i + DECODE_CHUNK])
+                            for i in range(0, latents.shape[0], DECODE_CHUNK)])
+        decode_s = time.monotonic() - started
+        row = 0
+        for member in finished:
+            member_pixels = pixels[row:row + member.num_images]
+            row += member.num_images
+            if not torch.isfinite(member_pixels).all():
+                self._retire(member, error=NonFiniteOutputError(
+                    f"request {member.request_id}: the decoded image is non-finite"))
+                continue
+            result = GenerationResult(
+                request_id=member.request_id, images=to_pil(member_pixels), frames=member.frames,
+                seed=member.request.seed,
+                timings={"queue_s": member.admitted_at - member.submitted_at, "run_s": member.elapsed(),
+                         "unet_s": member.unet_s, "decode_s": decode_s, "steps": float(member.total_steps)})
+            self._retire(member, result=result)
+
+    def _retire(self, active: ActiveRequest, result: Optional[GenerationResult] = None,
+                error: Optional[BaseException] = None) -> None:
+        if active in self._active:
+            self._active.remove(active)
+        active.handle._finish(result, error)
+
+    def _fail_all(self, error: EngineError) -> None:
+        with self._lock:
+            pending = list(self._waiting) + list(self._active)
+            self._waiting.clear()
+            calls = list(self._calls)
+            self._calls.clear()
+        self._active = []
+        for active in pending:
+            active.handle._finish(error=error)
+        for _, future in calls:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(error)
+
+
+def events_by_member(members: list[ActiveRequest], events: list[StepEvent]):
+    by_id = {m.request_id: m for m in members}
+    return [(by_id[e.request_id], e) for e in events]
+
+
+@torch.no_grad()
+def fit_latent_rgb(model: LoadedModel, num_images: int = 8, seed: int = 0) -> torch.Tensor:
+    """Least-squares linear map [latent, 1] -> RGB (C + 1, 3) for this model's VAE, from blocky random
+    pictures encoded once: previews then cost one small matmul instead of a VAE decode."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    H, W, f = model.native_height, model.native_width, model.vae_scale_factor
+    blocks = torch.rand((num_images, 3, 4, 4), generator=generator) * 2 - 1
+    pixels = F.interpolate(blocks, size=(H, W), mode="nearest")  # (B, 3, H, W) in [-1, 1]
+    latents = model.encode_images(pixels).float().cpu()  # (B, C, h, w)
+    target = F.avg_pool2d(pixels, f)  # (B, 3, h, w)
+    C = latents.shape[1]
+    design = torch.cat([latents.permute(0, 2, 3, 1).reshape(-1, C), torch.ones(latents.numel() // C, 1)], 1)
+    return torch.linalg.lstsq(design.double(), target.permute(0, 2, 3, 1).reshape(-1, 3).double()).solution.float()

@@ -1,0 +1,28 @@
+"""Typed engine errors. The Celery task maps them to job failures at the edge."""
+from __future__ import annotations
+
+from typing import Optional
+
+
+class EngineError(Exception):
+    """Base of every error the engine raises from RequestHandle.result() or submit()."""
+
+
+class RequestCancelled(EngineError):
+    """The request was cancelled; it left the batch at the next step boundary."""
+
+
+class NonFiniteOutputError(EngineError):
+    """The request's latents or pixels became NaN or infinite; the other requests go on."""
+
+
+class InvalidRequestError(EngineError, ValueError):
+    """A field of the request is out of range; `field` names it (raised by Engine.submit)."""
+
+    def __init__(self, message: str, field: Optional[str] = None):
+        super().__init__(message)
+        self.field = field
+
+
+class EngineStopped(EngineError):
+    """The engine was stopped before the request finished."""
