@@ -1,0 +1,110 @@
+"""The worker heartbeat against a real Celery worker process on real Redis (database 14)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from services.api.metrics import count_live_workers
+from services.worker import heartbeat
+
+ROOT = Path(__file__).resolve().parents[2]
+REDIS_URL = "redis://127.0.0.1:6379/14"
+
+
+def _check(stale_after_s: float) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "services.worker.heartbeat", "--check", "--redis-url", REDIS_URL,
+         "--stale-after", str(stale_after_s)],
+        capture_output=True, text=True, cwd=ROOT, timeout=30,
+    )
+
+
+def _wait_for(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
+
+
+@pytest.fixture()
+def client():
+    r = redis.Redis.from_url(REDIS_URL)
+    r.flushdb()
+    yield r
+    r.flushdb()
+
+
+@pytest.fixture()
+def celery_worker(client):
+    env = {**os.environ, "LATENTD_TEST_REDIS_URL": REDIS_URL}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "tests.metrics.heartbeat_app", "worker", "-P", "threads",
+         "-c", "2", "-n", "hbtest@%h", "-Q", "tiny-queue", "--without-gossip", "--without-mingle",
+         "-l", "WARNING"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    yield proc
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.timeout(120)
+def test_check_fails_without_any_heartbeat(client):
+    result = _check(5)
+    assert result.returncode == 1
+    assert f"no heartbeat in Redis for host {socket.gethostname()}" in result.stderr
+
+
+@pytest.mark.timeout(120)
+def test_heartbeat_proves_consumption_and_catches_a_stalled_consumer(client, celery_worker):
+    live = _wait_for(lambda: heartbeat.live_workers(client, "tiny-model", stale_after_s=5), 60,
+                     "the worker's probe to be consumed")
+    (worker_id,) = live["tiny-model"]
+    assert worker_id == f"{socket.gethostname()}-{celery_worker.pid}"
+    assert count_live_workers(client, stale_after_s=5) == {"tiny-model": 1}
+    ok = _check(5)
+    assert ok.returncode == 0, ok.stderr
+
+    # Alive but no longer consuming: the process and its heartbeat thread go on, but the
+    # consumer stops taking messages from the probe queue (as after a broken reconnect).
+    from celery import Celery
+
+    replies = Celery("control", broker=REDIS_URL).control.cancel_consumer(
+        heartbeat.probe_queue(worker_id), destination=[f"hbtest@{socket.gethostname()}"], reply=True,
+        timeout=10,
+    )
+    assert replies, "worker did not answer the control command"
+    key = heartbeat.heartbeat_key("tiny-model", worker_id)
+    consumed_before = float(client.hget(key, "consumed_at"))
+    time.sleep(2.5)
+    info = {k.decode(): float(v) for k, v in client.hgetall(key).items() if k in (b"alive_at", b"consumed_at")}
+    assert info["alive_at"] > consumed_before + 1, "heartbeat thread must still be beating"
+    assert info["consumed_at"] - consumed_before < 0.5, "probe must not be consumed any more"
+    assert heartbeat.live_workers(client, stale_after_s=2) == {}
+    assert count_live_workers(client, stale_after_s=2) == {"tiny-model": 0}
+    stale = _check(2)
+    assert stale.returncode == 1
+    assert "consumer stale" in stale.stderr and worker_id in stale.stderr
+
+
+@pytest.mark.timeout(120)
+def test_shutdown_removes_the_heartbeat(client, celery_worker):
+    _wait_for(lambda: heartbeat.live_workers(client, "tiny-model", stale_after_s=5), 60, "heartbeat")
+    celery_worker.terminate()
+    celery_worker.wait(timeout=30)
+    assert heartbeat.read_workers(client, "tiny-model") == []
