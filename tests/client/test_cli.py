@@ -1,0 +1,73 @@
+"""`latentd` end to end as a subprocess: PNG out, trajectory frames + GIF, errors exit non-zero."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.grpc.contract_gateway import API_KEY
+
+pytestmark = pytest.mark.timeout(90)
+REPO = Path(__file__).resolve().parents[2]
+
+
+def latentd(url, *args, key=API_KEY):
+    env = os.environ | {"LATENTD_URL": url, "LATENTD_API_KEY": key}
+    return subprocess.run([sys.executable, "-m", "client.latentd_client.cli", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("transport", ["rest", "grpc"])
+def test_generate_writes_a_png_with_progress(tmp_path, gateway, grpc_target, transport):
+    url = gateway.url if transport == "rest" else f"grpc://{grpc_target}"
+    out = tmp_path / "out.png"
+    result = latentd(url, "generate", "a red circle on a white background", "--steps", "5", "--guidance", "7.5",
+                     "--seed", "1", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "5/5" in result.stderr and "succeeded" in result.stderr
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.size == (64, 64)
+
+
+def test_trajectory_writes_frames_gif_and_contact_sheet(tmp_path, gateway):
+    result = latentd(gateway.url, "trajectory", "forward", "--prompt", "a blue square", "--steps", "2",
+                     "--timesteps", "0,250,500,999", "--out-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in tmp_path.glob("frame-*.png")) == [f"frame-00{i}.png" for i in range(4)]
+    with Image.open(tmp_path / "trajectory.gif") as gif:
+        assert gif.format == "GIF" and gif.n_frames == 4
+    with Image.open(tmp_path / "contact.png") as sheet:
+        assert sheet.size[0] == 4 * 64
+
+
+def test_errors_exit_nonzero_with_the_server_message(gateway):
+    result = latentd(gateway.url, "generate", "x", "--steps", "0")
+    assert result.returncode == 1
+    assert "num_inference_steps must be between 1 and 1000, got 0" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = latentd(gateway.url, "jobs", "get", "nope")
+    assert result.returncode == 1 and "nope" in result.stderr
+    assert latentd(gateway.url, "models", key="wrong").returncode == 1
+
+
+def test_jobs_and_models(gateway):
+    models = latentd(gateway.url, "models")
+    assert models.returncode == 0 and models.stdout.startswith("tiny\t64x64")
+
+
+def test_half_block_preview_draws_two_pixels_per_cell():
+    import io
+
+    from client.latentd_client.cli import half_blocks
+
+    image = Image.new("RGB", (4, 4), (255, 0, 0))
+    image.paste((0, 0, 255), (0, 2, 4, 4))
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    art = half_blocks(buf.getvalue(), columns=4)
+    lines = art.split("\n")
+    assert len(lines) == 2 and lines[0].count("▀") == 4
+    assert "38;2;255;0;0m" in lines[0] and "48;2;255;0;0m" in lines[0]
+    assert "38;2;0;0;255m" in lines[1]
