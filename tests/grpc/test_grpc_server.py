@@ -162,3 +162,17 @@ def test_reflection_lists_the_service(channel):
     replies = reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
     names = {s.name for r in replies for s in r.list_services_response.service}
     assert {"latentd.v1.LatentdService", "grpc.health.v1.Health"} <= names
+
+
+def test_reflection_client_calls_without_generated_code(grpc_target):
+    import subprocess
+    import sys
+
+    base = [sys.executable, "-m", "client.latentd_client.reflect"]
+    listed = subprocess.run(base + [grpc_target, "list"], capture_output=True, text=True, timeout=30)
+    assert "latentd.v1.LatentdService" in listed.stdout.split()
+    called = subprocess.run(base + ["-H", AUTH[0][0] + ": " + AUTH[0][1], grpc_target,
+                                    "latentd.v1.LatentdService/ListModels"], capture_output=True, text=True, timeout=30)
+    assert called.returncode == 0 and json.loads(called.stdout)["models"][0]["name"] == "tiny"
+    denied = subprocess.run(base + [grpc_target, "latentd.v1.LatentdService/ListModels"], capture_output=True, text=True, timeout=30)
+    assert denied.returncode == 1 and "UNAUTHENTICATED" in denied.stderr
