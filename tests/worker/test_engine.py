@@ -1,0 +1,202 @@
+"""The engine against diffusers' pipeline and against itself (alone vs batched), on the tiny model."""
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from services.worker.engine.errors import InvalidRequestError, NonFiniteOutputError, RequestCancelled
+from services.worker.engine.requests import GenerationRequest
+
+STEPS = 8
+
+
+def request(request_id: str, **overrides) -> GenerationRequest:
+    fields = dict(prompt="a red circle", seed=1234, num_inference_steps=STEPS, guidance_scale=7.5)
+    fields.update(overrides)
+    return GenerationRequest(request_id=request_id, **fields)
+
+
+def pixels(images) -> np.ndarray:
+    return np.stack([np.asarray(image, dtype=np.float64) / 255 for image in images])
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a - b) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1 / mse)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_model_path):
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_path, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("guidance_scale,eta,num_images", [(7.5, 0.0, 1), (1.0, 0.0, 2), (3.0, 1.0, 1)])
+def test_seed_parity_with_diffusers_pipeline(make_engine, pipeline, guidance_scale, eta, num_images):
+    engine = make_engine()
+    ours = engine.submit(request("p", guidance_scale=guidance_scale, eta=eta, num_images=num_images, seed=42)).result(60)
+    theirs = pipeline("a red circle", num_inference_steps=STEPS, guidance_scale=guidance_scale, eta=eta,
+                      num_images_per_prompt=num_images, generator=torch.Generator("cpu").manual_seed(42)).images
+    assert len(ours.images) == num_images and ours.seed == 42
+    assert psnr(pixels(ours.images), pixels(theirs)) >= 40
+    # and a different seed gives a different picture, so the comparison can fail
+    other = pipeline("a red circle", num_inference_steps=STEPS, guidance_scale=guidance_scale, eta=eta,
+                     num_images_per_prompt=num_images, generator=torch.Generator("cpu").manual_seed(43)).images
+    assert psnr(pixels(ours.images), pixels(other)) < 40
+
+
+def test_batch_invariance(make_engine):
+    """A request alone and among 7 others with different settings gives the same pictures (≤ 1/255)."""
+    target = request("target", seed=7, eta=0.5, num_images=2)
+    alone = make_engine().submit(target).result(60)
+    engine = make_engine(max_batch_rows=12)  # fewer rows than asked for: batches change from step to step
+    others = [
+        request(f"other-{i}", prompt=prompt, seed=100 + i, num_inference_steps=steps, guidance_scale=scale, eta=eta,
+                negative_prompt=negative, num_images=n)
+        for i, (prompt, steps, scale, eta, negative, n) in enumerate([
+            ("a blue square", 5, 0.0, 0.0, "", 1), ("a green triangle", 12, 1.0, 1.0, "", 2),
+            ("yellow", 3, 3.0, 0.0, "red", 1), ("", 9, 7.5, 0.2, "", 3), ("a red circle", 8, 7.5, 0.0, "", 1),
+            ("a purple thing", 20, 12.0, 1.0, "blue", 1), ("orange", 1, 2.0, 0.0, "", 2)])]
+    handles = [engine.submit(r) for r in others[:4]] + [engine.submit(target)] + [engine.submit(r) for r in others[4:]]
+    batched = handles[4].result(60)
+    for handle in handles:
+        handle.result(60)
+    diff = np.abs(pixels(alone.images) - pixels(batched.images)).max()
+    assert diff <= 1 / 255 + 1e-9, diff
+
+
+def test_events_previews_and_trajectory(make_engine):
+    seen: list[list] = []
+    engine = make_engine(on_step_events=lambda events: seen.append([(e.request_id, e.step) for e in events]))
+    gate = threading.Event()
+    engine.call(lambda model: gate.wait(30))  # hold the engine so both requests join the first iteration
+    handle = engine.submit(request("t", preview_every=2, trajectory_every=4, num_images=2))
+    other = engine.submit(request("u", num_inference_steps=3))
+    gate.set()
+    events = list(handle.events(timeout=60))
+    result = handle.result(60)
+    other.result(60)
+    assert [e.step for e in events] == list(range(1, STEPS + 1))
+    assert all(e.total == STEPS for e in events)
+    assert [e.timestep for e in events] == sorted((e.timestep for e in events), reverse=True)
+    assert [e.step for e in events if e.preview is not None] == [2, 4, 6, 8]
+    assert events[1].preview.size == (2 * 64, 64)  # two images side by side, upscaled from 8×8 latents
+    assert [f.step for f in result.frames] == [4, 8]
+    frame = result.frames[0]
+    assert len(frame.x_t) == len(frame.x0_pred) == 2 and frame.x_t[0].size == (32, 32)
+    assert 0 < frame.alpha_bar < 1
+    # one on_step_events call per iteration, holding both requests while both run
+    assert seen[0] == [("t", 1), ("u", 1)]
+    assert sum(len(batch) for batch in seen) == STEPS + 3
+
+
+def test_cancel_leaves_at_next_step_and_others_go_on(make_engine):
+    engine = make_engine()
+    survivor_alone = make_engine().submit(request("s", seed=5)).result(60)
+    long = engine.submit(request("long", num_inference_steps=500, guidance_scale=1.0))
+    survivor = engine.submit(request("s", seed=5))
+    steps_seen = []
+    for event in long.events(timeout=60):
+        steps_seen.append(event.step)
+        if event.step == 3:
+            long.cancel()
+    with pytest.raises(RequestCancelled, match="cancelled after"):
+        long.result(60)
+    assert long.done() and len(steps_seen) <= 5
+    assert np.array_equal(pixels(survivor.result(60).images), pixels(survivor_alone.images))
+
+
+def test_cancel_while_waiting(make_engine):
+    engine = make_engine()
+    handle = engine.submit(request("c"))
+    handle.cancel()
+    with pytest.raises(RequestCancelled):
+        handle.result(60)
+
+
+def test_nan_fails_only_that_request(make_engine, tiny_model):
+    """A prompt whose embedding is NaN poisons its own rows only: it fails typed, the others finish unchanged."""
+    def encode_prompts(prompts):
+        embeds = tiny_model.encode_prompts(prompts)
+        for i, prompt in enumerate(prompts):
+            if prompt == "poison":
+                embeds[i] = float("nan")
+        return embeds
+
+    poisoned = dataclasses.replace(tiny_model)
+    poisoned.encode_prompts = encode_prompts
+    clean_alone = make_engine().submit(request("clean")).result(60)
+    engine = make_engine(model=poisoned)
+    bad = engine.submit(request("bad", prompt="poison"))
+    clean = engine.submit(request("clean"))
+    with pytest.raises(NonFiniteOutputError, match="request bad: latents became non-finite at step 1"):
+        bad.result(60)
+    assert np.abs(pixels(clean.result(60).images) - pixels(clean_alone.images)).max() <= 1 / 255
+
+
+def test_long_request_does_not_starve_later_short_ones(make_engine):
+    """One row per UNet call: a 300-step request and three 10-step ones that came later take turns."""
+    long_steps_when_short_done: dict[str, int] = {}
+    progress = {"long": 0}
+    lock = threading.Lock()
+
+    def on_events(events):
+        with lock:
+            for e in events:
+                if e.request_id == "long":
+                    progress["long"] = e.step
+                elif e.step == e.total:
+                    long_steps_when_short_done[e.request_id] = progress["long"]
+
+    engine = make_engine(max_batch_rows=1, on_step_events=on_events)
+    long = engine.submit(request("long", num_inference_steps=300, guidance_scale=1.0))
+    next(long.events(timeout=60))  # it is running
+    shorts = [engine.submit(request(f"short-{i}", num_inference_steps=10, guidance_scale=1.0)) for i in range(3)]
+    for handle in shorts:
+        handle.result(60)
+    long.cancel()
+    assert not long.done() or isinstance(long._future.exception(), RequestCancelled)
+    # round-robin: each short one got every 4th row, so the long one made about 40 steps meanwhile, not 300
+    assert max(long_steps_when_short_done.values()) <= 45, long_steps_when_short_done
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("num_inference_steps", 0, "num_inference_steps must be between 1 and 1000, got 0"),
+    ("num_inference_steps", 1000, "num_inference_steps must be between 1 and 999 for this model's scheduler"),
+    ("guidance_scale", -1.0, "guidance_scale must be between 0 and 100, got -1.0"),
+    ("eta", 2.0, "eta must be between 0 and 1, got 2.0"),
+    ("num_images", 0, "num_images must be between 1 and 16, got 0"),
+    ("width", 30, "width must be a multiple of 8 between 8 and 64, got 30"),
+    ("seed", -1, "seed must be between 0 and"),
+    ("prompt", "a " * 40, "prompt is 42 tokens long; the model takes at most 16"),
+])
+def test_bad_input_is_named(make_engine, field, value, message):
+    engine = make_engine()
+    with pytest.raises(InvalidRequestError, match=message) as error:
+        engine.submit(request("bad", **{field: value}))
+    assert error.value.field == field
+
+
+def test_call_runs_on_the_engine_thread(make_engine):
+    engine = make_engine()
+    future = engine.call(lambda model: (threading.current_thread().name, model.latent_channels))
+    assert future.result(30) == (f"engine-{engine.model.name}", 4)
+    assert engine.active_requests == 0
+
+
+def test_stop_fails_pending_requests(make_engine, tiny_model):
+    from services.worker.engine.engine import Engine
+    from services.worker.engine.errors import EngineStopped
+    engine = Engine(tiny_model).start()
+    handle = engine.submit(request("x", num_inference_steps=500))
+    time.sleep(0.2)
+    engine.stop()
+    with pytest.raises(EngineStopped):
+        handle.result(5)
