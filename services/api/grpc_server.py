@@ -282,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the REST gateway this server fronts")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per proxied call is noise
     server, port, watcher = build_server(args.rest_url, host=args.host, port=args.port)
     server.start()
     watcher.start()

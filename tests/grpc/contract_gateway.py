@@ -184,3 +184,11 @@ class ContractGateway:
         finally:
             self.sse_readers -= 1
             h.close_connection = True
+
+
+if __name__ == "__main__":  # python -m tests.grpc.contract_gateway [redis_url]: for recording docs by hand
+    import sys
+
+    gw = ContractGateway(sys.argv[1] if len(sys.argv) > 1 else "redis://127.0.0.1:6379/13", step_delay_s=0.1)
+    print(gw.url, flush=True)
+    threading.Event().wait()
