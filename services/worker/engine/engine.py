@@ -35,6 +35,7 @@ from services.worker.engine.errors import (
     EngineError, EngineStopped, InvalidRequestError, NonFiniteOutputError, RequestCancelled,
 )
 from services.worker.engine.requests import GenerationRequest, GenerationResult, StepEvent, TrajectoryFrame
+from services.worker import metrics as worker_metrics
 from services.worker.loading import LoadedModel, to_pil
 
 log = logging.getLogger(__name__)
@@ -267,9 +268,11 @@ class Engine:
         model_output = self._execute(batch)
         self.last_unet_s = time.monotonic() - started
         self.last_batch_rows = batch.num_rows
+        worker_metrics.observe_unet_call(self.model.name, batch.num_rows, self.last_unet_s)
         for member in members:
             member.unet_s += self.last_unet_s
         events = self._update(batch, model_output)
+        worker_metrics.record_steps(self.model.name, len(events))
         if events:
             if self.on_step_events is not None:
                 try:
@@ -427,6 +430,7 @@ class Engine:
         pixels = torch.cat([self.model.decode_latents(latents[i:i + DECODE_CHUNK])
                             for i in range(0, latents.shape[0], DECODE_CHUNK)])
         decode_s = time.monotonic() - started
+        worker_metrics.observe_vae_decode(self.model.name, decode_s)
         row = 0
         for member in finished:
             member_pixels = pixels[row:row + member.num_images]
@@ -440,6 +444,7 @@ class Engine:
                 seed=member.request.seed,
                 timings={"queue_s": member.admitted_at - member.submitted_at, "run_s": member.elapsed(),
                          "unet_s": member.unet_s, "decode_s": decode_s, "steps": float(member.total_steps)})
+            worker_metrics.record_images(self.model.name, len(result.images))
             self._retire(member, result=result)
 
     def _retire(self, active: ActiveRequest, result: Optional[GenerationResult] = None,
