@@ -206,16 +206,23 @@ class LatentdServicer(pb_grpc.LatentdServiceServicer):
     def GenerateStream(self, request, context):
         body = conv.generation_from_proto(request.params)
         job = self.gateway.call(context, "POST", "/v1/generations", json=body).json()
+        finished = threading.Event()
+
+        def cancel_if_abandoned():  # the caller left mid-stream: its job should not keep the GPU busy
+            if not finished.is_set():
+                try:
+                    self.gateway.call(context, "POST", f"/v1/jobs/{job['id']}/cancel")
+                except errors.LatentdError:
+                    pass  # already finished meanwhile
+
+        context.add_callback(cancel_if_abandoned)
         yield pb.GenerateStreamResponse(job=conv.job_to_proto(job))
         for event in self.gateway.events(context, job["id"], ""):
+            if event.terminal:
+                finished.set()
             yield pb.GenerateStreamResponse(event=conv.event_to_proto(event))
             if event.terminal:
                 return
-        if not context.is_active():  # the caller left: its job should not keep the GPU busy
-            try:
-                self.gateway.call(context, "POST", f"/v1/jobs/{job['id']}/cancel")
-            except errors.LatentdError:
-                pass
 
 
 class HealthWatcher(threading.Thread):

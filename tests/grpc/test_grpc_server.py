@@ -176,3 +176,16 @@ def test_reflection_client_calls_without_generated_code(grpc_target):
     assert called.returncode == 0 and json.loads(called.stdout)["models"][0]["name"] == "tiny"
     denied = subprocess.run(base + [grpc_target, "latentd.v1.LatentdService/ListModels"], capture_output=True, text=True, timeout=30)
     assert denied.returncode == 1 and "UNAUTHENTICATED" in denied.stderr
+
+
+def test_generate_stream_abandoned_cancels_its_job(gateway, channel):
+    params = pb.GenerationParams(prompt="a blue square", num_inference_steps=300)
+    call = stub(channel).GenerateStream(pb.GenerateStreamRequest(params=params), metadata=AUTH)
+    job = next(call).job
+    next(call)
+    call.cancel()
+    deadline = time.monotonic() + 10
+    while gateway.job(job.id)["status"] not in ("cancelled", "succeeded") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gateway.job(job.id)["status"] == "cancelled"
+    assert gateway.job(job.id)["progress"]["step"] < 300
