@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--stale-after",
         type=float,
-        default=float(os.environ.get("LATENTD_HEARTBEAT_STALE_AFTER_S", DEFAULT_STALE_AFTER_S)),
+        default=float(os.environ.get("LATENTD_WORKER_STALE_AFTER_S", DEFAULT_STALE_AFTER_S)),
         help="seconds without a consumed probe before the worker counts as stuck",
     )
     args = parser.parse_args(argv)
