@@ -30,6 +30,7 @@ from grpc_reflection.v1alpha import reflection
 from client.latentd_client import errors
 from client.latentd_client import grpc_transport as conv
 from client.latentd_client.rest import SseParser, raise_for_response
+from services.api import metrics
 from services.common.grpc_gen.latentd.v1 import latentd_pb2 as pb
 from services.common.grpc_gen.latentd.v1 import latentd_pb2_grpc as pb_grpc
 
@@ -129,6 +130,7 @@ class Gateway:
             headers["last-event-id"] = after
         stream_http = httpx.Client(base_url=self.rest_url, timeout=httpx.Timeout(self.timeout, read=None))
         context.add_callback(stream_http.close)  # client gone or RPC over: unblock the read, free the reader
+        metrics.grpc_stream_readers.inc()
         try:
             with stream_http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as response:
                 if response.status_code >= 400:
@@ -145,6 +147,7 @@ class Gateway:
             if context.is_active():
                 raise errors.UnavailableError(f"event stream of job {job_id} broke: {exc}") from exc
         finally:
+            metrics.grpc_stream_readers.dec()
             stream_http.close()
 
 
@@ -233,22 +236,24 @@ class HealthWatcher(threading.Thread):
         super().__init__(name="latentd-grpc-health", daemon=True)
         self.gateway, self.servicer, self.interval_s = gateway, servicer, interval_s
         self.stopped = threading.Event()
+        self.known_models: set[str] = set()
 
     def check_once(self) -> None:
         serving = health_pb2.HealthCheckResponse.SERVING
         not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
         try:
             ready = self.gateway.http.get("/readyz", timeout=2.0)
-            ok = ready.status_code == 200
-            details: Any = ready.json() if ready.headers.get("content-type", "").startswith("application/json") else {}
+            ok, details = ready.status_code == 200, ready.json()
         except (httpx.HTTPError, ValueError):
             ok, details = False, {}
         for name in ("", SERVICE_NAME):
             self.servicer.set(name, serving if ok else not_serving)
-        for model in (details.get("models") or {}) if isinstance(details, dict) else {}:
-            info = details["models"][model]
-            alive = bool(info.get("ready", info.get("workers", 0))) if isinstance(info, dict) else bool(info)
-            self.servicer.set(f"{SERVICE_NAME}/{model}", serving if (ok and alive) else not_serving)
+        # /readyz: {"status": "ready", "redis": true, "workers": {"<model>": <live workers>}}
+        workers = details.get("workers") if isinstance(details, dict) else None
+        live = {m for m, n in (workers or {}).items() if n} if ok else set()
+        self.known_models |= live
+        for model in self.known_models:
+            self.servicer.set(f"{SERVICE_NAME}/{model}", serving if model in live else not_serving)
 
     def run(self) -> None:
         while not self.stopped.wait(0 if not hasattr(self, "_ran") else self.interval_s):
@@ -293,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     server, port, watcher = build_server(args.rest_url, host=args.host, port=args.port)
     server.start()
     watcher.start()
+    metrics.start_metrics_server(int(os.environ.get("LATENTD_GRPC_METRICS_PORT", metrics.DEFAULT_GRPC_METRICS_PORT)))
     log.info("gRPC on %s:%d, fronting %s", args.host, port, args.rest_url)
     print(json.dumps({"grpc_port": port}), flush=True)
     done = threading.Event()

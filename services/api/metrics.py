@@ -25,6 +25,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 DEFAULT_API_METRICS_PORT = 9464
+DEFAULT_GRPC_METRICS_PORT = 9466  # the gRPC front door runs as its own process
 # Celery's Redis transport keeps priority levels 1..9 in sibling lists named
 # "<queue>\x06\x16<priority>"; the plain name holds priority 0.
 CELERY_PRIORITY_SEP = "\x06\x16"
