@@ -64,7 +64,7 @@ def test_compose_file_is_valid_for_both_profiles():
         assert result.returncode == 0, result.stderr
         config = yaml.safe_load(result.stdout)
         services = config["services"]
-        assert {"redis", "gateway", "worker", "prometheus", "grafana"} <= set(services)
+        assert {"redis", "gateway", "grpc", "worker", "prometheus", "grafana"} <= set(services)
         # compose v1 prints every service; v2 only the active profiles' ones.
         assert "worker-cpu" in services or not profile
         if "worker-cpu" in services:
@@ -179,13 +179,16 @@ def test_keda_scales_the_worker_deployment_on_its_queue():
 def test_podmonitor_port_exists_on_every_pod_it_selects():
     monitor = _find("PodMonitor")
     selector = monitor["spec"]["selector"]["matchLabels"]
-    port = monitor["spec"]["podMetricsEndpoints"][0]["port"]
+    endpoints = [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]]
     selected = [d for _, d in _k8s_docs() if d["kind"] == "Deployment"
                 and selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()]
     assert len(selected) >= 2
-    for deployment in selected:
-        ports = {p["name"] for c in deployment["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])}
-        assert port in ports, deployment["metadata"]["name"]
+    ports_of = {d["metadata"]["name"]: {p["name"] for c in d["spec"]["template"]["spec"]["containers"]
+                                        for p in c.get("ports", [])} for d in selected}
+    for name, ports in ports_of.items():
+        assert "metrics" in ports, name  # every gateway and worker pod is scraped
+    for port in endpoints:
+        assert any(port in ports for ports in ports_of.values()), f"PodMonitor port {port} is on no pod"
 
 
 def test_hpa_targets_the_gateway():
