@@ -131,8 +131,8 @@ def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | None 
     if device_.type == "cpu" and dtype != torch.float32:
         raise ModelLoadError(f"model folder {folder}: dtype {dtype} is not supported on CPU; use float32")
     try:
-        unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True, torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True, torch_dtype=torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True, dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True, dtype=torch.float32)
         text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", use_safetensors=True, dtype=dtype)
         tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
         scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())

@@ -175,7 +175,7 @@ def test_long_request_does_not_starve_later_short_ones(make_engine):
     ("num_images", 0, "num_images must be between 1 and 16, got 0"),
     ("width", 30, "width must be a multiple of 8 between 8 and 64, got 30"),
     ("seed", -1, "seed must be between 0 and"),
-    ("prompt", "a " * 40, "prompt is 42 tokens long; the model takes at most 16"),
+    ("prompt", "a " * 80, "prompt is 82 tokens long; the model takes at most 77"),
 ])
 def test_bad_input_is_named(make_engine, field, value, message):
     engine = make_engine()

@@ -13,11 +13,11 @@ def test_loads_the_folder(tiny_model, tiny_model_path):
     assert m.name == tiny_model_path.name and m.path == tiny_model_path.resolve()
     assert (m.native_width, m.native_height, m.latent_channels, m.vae_scale_factor) == (32, 32, 4, 4)
     assert m.dtype == torch.float32 and m.vae.dtype == torch.float32
-    assert m.max_prompt_tokens == 16 and m.num_train_timesteps == 1000
+    assert m.max_prompt_tokens == 77 and m.num_train_timesteps == 1000
     assert m.alphas_cumprod.dtype == torch.float64 and m.alphas_cumprod.shape == (1000,)
     assert m.count_prompt_tokens("a red circle") == len(m.tokenizer("a red circle").input_ids)
     embeds = m.encode_prompts(["a red circle", ""])
-    assert embeds.shape == (2, 16, 32) and not torch.equal(embeds[0], embeds[1])
+    assert embeds.shape == (2, 77, 32) and not torch.equal(embeds[0], embeds[1])
     latents = m.encode_images(torch.zeros(2, 3, 32, 32))
     assert latents.shape == (2, 4, 8, 8)
     pixels = m.decode_latents(latents)
