@@ -1,0 +1,50 @@
+"""Settings of the gateway and the worker: read once from the environment (prefix LATENTD_) and injected."""
+from __future__ import annotations
+
+import hashlib
+from functools import lru_cache
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def hash_key(key: str) -> str:
+    """API keys are kept only as SHA-256 hex digests."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LATENTD_", extra="ignore")
+
+    redis_url: str = Field("redis://127.0.0.1:6379/0",
+                           validation_alias=AliasChoices("LATENTD_REDIS_URL", "REDIS_URL", "redis_url"))
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Comma-separated SHA-256 hex digests of the accepted API keys (or plain keys in api_keys, hashed on read).
+    api_key_hashes: str = ""
+    api_keys: str = ""
+    default_model: str = ""
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_num_images: int = 8
+    max_steps: int = 1000
+    max_queue_per_model: int = 64
+    retry_after_s: int = 2
+    result_ttl_s: int = 3600
+    sse_keepalive_s: float = 15.0
+    openai_timeout_s: float = 600.0
+    worker_stale_after_s: float = 30.0
+    # worker side
+    worker_models: str = "models/shapes-ldm"  # comma-separated model folders
+    worker_device: str = "cpu"
+    max_batch_rows: int = 64
+    visibility_timeout_s: int = 3600
+
+    def key_hashes(self) -> set[str]:
+        hashes = {h.strip().lower() for h in self.api_key_hashes.split(",") if h.strip()}
+        hashes |= {hash_key(k.strip()) for k in self.api_keys.split(",") if k.strip()}
+        return hashes
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,58 @@
+"""The worker's Celery app: Redis broker, JSON only, late acks, prefetch 1, one queue per model.
+
+Run it with the threads pool, so every task thread hands its job to the one engine thread per model:
+    celery -A services.worker.celery_app worker --pool threads --concurrency 32 -Q latentd.<model>
+The models come from LATENTD_WORKER_MODELS (comma-separated folders); they are loaded when the worker
+starts (before it consumes), their info is published in Redis, and the heartbeat runs while it consumes.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from celery import Celery, signals
+from kombu import Queue
+
+from services.common.settings import get_settings
+from services.common.tasks import queue_for
+from services.worker import heartbeat
+
+log = logging.getLogger(__name__)
+
+
+def model_paths() -> list[str]:
+    return [p.strip() for p in get_settings().worker_models.split(",") if p.strip()]
+
+
+def model_names() -> list[str]:
+    return [Path(p).resolve().name for p in model_paths()]
+
+
+def create_celery() -> Celery:
+    settings = get_settings()
+    app = Celery("latentd-worker", broker=settings.redis_url, include=["services.worker.tasks"])
+    app.conf.update(
+        task_serializer="json", accept_content=["json"], result_serializer="json", task_ignore_result=True,
+        task_acks_late=True, task_reject_on_worker_lost=True, worker_prefetch_multiplier=1,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_connection_retry_on_startup=True, worker_hijack_root_logger=False,
+        task_queues=[Queue(queue_for(name)) for name in model_names()],
+        task_default_queue=queue_for(model_names()[0]) if model_names() else "latentd.default",
+    )
+    heartbeat.install(app, model_names(), settings.redis_url)
+    return app
+
+
+app = create_celery()
+
+
+@signals.worker_init.connect(weak=False)
+def _load_models(**_: object) -> None:
+    from services.worker.runtime import get_runtime
+    get_runtime().load(model_paths())
+
+
+@signals.worker_shutdown.connect(weak=False)
+def _stop_engines(**_: object) -> None:
+    from services.worker.runtime import get_runtime
+    get_runtime().stop()

@@ -1,0 +1,221 @@
+"""The worker process's runtime: one engine per model (loaded once, started with the worker) and the
+Redis step-event writer, which runs on the engine thread once per iteration with one pipeline for all jobs.
+
+Request ids are "<job id>:<attempt>[:<index>]", so the writer knows each event's job and fence without a lookup.
+The same pipeline reads every stepped job's cancel flag and current attempt: a cancelled job, or an attempt
+superseded by a redelivered copy, leaves the batch at the next step.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+from services.common.jobstore import JobStore, events_key, job_key
+from services.common.settings import Settings
+from services.worker.engine.engine import Engine, RequestHandle
+from services.worker.engine.requests import StepEvent
+from services.worker.loading import LoadedModel, load_model
+
+log = logging.getLogger(__name__)
+
+
+def request_id(job_id: str, attempt: int, index: Optional[int] = None) -> str:
+    return f"{job_id}:{attempt}" if index is None else f"{job_id}:{attempt}:{index}"
+
+
+def parse_request_id(rid: str) -> tuple[str, int, Optional[int]]:
+    parts = rid.split(":")
+    return parts[0], int(parts[1]), int(parts[2]) if len(parts) > 2 else None
+
+
+def png_b64(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def model_info(model: LoadedModel, engine: Engine) -> dict:
+    config = model.scheduler_config
+    return {"name": model.name, "native_width": model.native_width, "native_height": model.native_height,
+            "scheduler": f"{config.get('_class_name', 'DDIMScheduler')} / {config.get('beta_schedule', '?')}",
+            "max_prompt_tokens": model.max_prompt_tokens, "num_train_timesteps": model.num_train_timesteps,
+            "size_multiple": engine.size_multiple, "tokenizer_path": str(Path(model.path) / "tokenizer")}
+
+
+class StepEventWriter:
+    """on_step_events for one engine: one Redis pipeline per iteration."""
+
+    def __init__(self, store: JobStore, runtime: "Runtime"):
+        self.store, self.runtime = store, runtime
+
+    def __call__(self, events: list[StepEvent]) -> None:
+        emitted_at = time.time()
+        pipe = self.store.redis.pipeline(transaction=False)
+        stepped: list[str] = []
+        for event in events:
+            job_id, attempt, index = parse_request_id(event.request_id)
+            data = {"step": event.step, "total": event.total, "timestep": event.timestep, "attempt": attempt,
+                    "emitted_at": emitted_at}
+            if index is not None:
+                data["index"] = index
+            if event.preview is not None:
+                data["preview"] = png_b64(event.preview)
+            pipe.xadd(events_key(job_id), {"event": "step", "data": json.dumps(data)})
+            pipe.hset(job_key(job_id), "progress", json.dumps({"step": event.step, "total": event.total}))
+            pipe.hmget(job_key(job_id), "cancel", "attempt")
+            stepped.append(event.request_id)
+        try:
+            replies = pipe.execute()
+        except Exception:  # noqa: BLE001 - a Redis hiccup must not kill the engine thread
+            log.exception("step-event write failed")
+            return
+        for rid, (cancel, current) in zip(stepped, replies[2::3]):
+            _, attempt, _ = parse_request_id(rid)
+            superseded = current is not None and int(current) != attempt
+            if cancel == b"1" or superseded:
+                handle = self.runtime.handle(rid)
+                if handle is not None:
+                    handle.cancel()
+
+
+class Runtime:
+    """Per-process singleton: the models this worker serves, their engines, the open request handles."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.store = JobStore.from_url(settings.redis_url, settings.result_ttl_s)
+        self.engines: dict[str, Engine] = {}
+        self._handles: dict[str, RequestHandle] = {}
+        self._lock = threading.Lock()
+
+    def load(self, paths: list[str]) -> None:
+        for path in paths:
+            model = load_model(path, device=self.settings.worker_device)
+            engine = Engine(model, max_batch_rows=self.settings.max_batch_rows,
+                            on_step_events=StepEventWriter(self.store, self)).start()
+            self.engines[model.name] = engine
+            self.store.publish_model(model_info(model, engine))
+            log.info("serving model %s from %s", model.name, model.path)
+
+    def stop(self) -> None:
+        for engine in self.engines.values():
+            engine.stop()
+
+    def engine(self, model: str) -> Engine:
+        return self.engines[model]
+
+    def track(self, handle: RequestHandle) -> None:
+        with self._lock:
+            self._handles[handle.request_id] = handle
+
+    def untrack(self, handle: RequestHandle) -> None:
+        with self._lock:
+            self._handles.pop(handle.request_id, None)
+
+    def handle(self, rid: str) -> Optional[RequestHandle]:
+        with self._lock:
+            return self._handles.get(rid)
+
+
+_runtime: Optional[Runtime] = None
+_runtime_lock = threading.Lock()
+
+
+def get_runtime(settings: Optional[Settings] = None) -> Runtime:
+    global _runtime
+    with _runtime_lock:
+        if _runtime is None:
+            from services.common.settings import get_settings
+            _runtime = Runtime(settings or get_settings())
+        return _runtime
+
+
+# ---- running one job (the Celery tasks call these) ----
+
+def encode_image(image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format={"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}[fmt])
+    return buffer.getvalue()
+
+
+class JobRun:
+    """One claimed attempt of one job: start it, then finish it exactly once (or step aside)."""
+
+    def __init__(self, runtime: Runtime, job_id: str):
+        self.runtime, self.store, self.job_id = runtime, runtime.store, job_id
+        self.job: Optional[dict] = None
+        self.attempt: Optional[int] = None
+        self.started_at = 0.0
+
+    def claim(self) -> bool:
+        self.job = self.store.get(self.job_id)
+        if self.job is None:
+            return False
+        self.attempt = self.store.claim(self.job_id)
+        if self.attempt is None:
+            return False
+        self.started_at = time.time()
+        queued_at = self.job["timings"].get("queued_at", self.started_at)
+        timings = dict(self.job["timings"], started_at=self.started_at, queue_s=self.started_at - queued_at)
+        self.store.emit(self.job_id, "started", {"attempt": self.attempt, "emitted_at": self.started_at},
+                        timings=timings)
+        self.job["timings"] = timings
+        return True
+
+    @property
+    def params(self) -> dict:
+        return self.job["params"]
+
+    def engine(self) -> Engine:
+        return self.runtime.engine(self.job["model"])
+
+    def _timings(self) -> dict:
+        finished = time.time()
+        return dict(self.job["timings"], finished_at=finished, run_s=finished - self.started_at)
+
+    def succeed(self, images: list, frames: list[tuple[dict, object]] = ()) -> bool:
+        fmt = self.params.get("output_format", "png")
+        blobs, names, metas = {}, [], []
+        for index, image in enumerate(images):
+            names.append(f"a{self.attempt}-image-{index}")
+            blobs[names[-1]] = encode_image(image, fmt)
+        for index, (meta, image) in enumerate(frames):
+            name = f"a{self.attempt}-frame-{index}"
+            blobs[name] = encode_image(image, "png")
+            metas.append(dict(meta, blob=name))
+        if frames:  # frame events first (they are not terminal), then the write-once result
+            pipe = self.store.redis.pipeline(transaction=False)
+            now = time.time()
+            self.store.add_events(pipe, self.job_id, [("frame", dict(meta, index=i, attempt=self.attempt,
+                                                                     url=f"/v1/jobs/{self.job_id}/frames/{i}",
+                                                                     emitted_at=now))
+                                                      for i, meta in enumerate(metas)])
+            if self._current():
+                pipe.execute()
+        done = {"id": self.job_id, "images": len(names), "frames": len(metas), "emitted_at": time.time()}
+        return self.store.finish(self.job_id, self.job["model"], self.attempt, "succeeded",
+                                 {"images": names, "frames": metas, "timings": self._timings(),
+                                  "progress": {"done": True}}, ("succeeded", done), blobs)
+
+    def fail(self, error_type: str, message: str, param: Optional[str] = None) -> bool:
+        error = {"type": error_type, "message": message, "param": param}
+        return self.store.finish(self.job_id, self.job["model"], self.attempt, "failed",
+                                 {"error": error, "timings": self._timings()},
+                                 ("failed", dict(error, emitted_at=time.time())))
+
+    def cancelled(self) -> bool:
+        if not self._current():
+            return False  # a redelivered copy took over: it finishes the job, not us
+        return self.store.finish(self.job_id, self.job["model"], self.attempt, "cancelled",
+                                 {"timings": self._timings()}, ("cancelled", {"id": self.job_id,
+                                                                              "emitted_at": time.time()}))
+
+    def _current(self) -> bool:
+        current = self.store.redis.hget(job_key(self.job_id), "attempt")
+        return current is not None and int(current) == self.attempt

@@ -1,0 +1,37 @@
+"""Celery tasks: thin adapters. Each takes a job id, claims a fenced attempt, runs the job on the engine,
+and writes the result once (services.worker.runtime.JobRun). Errors become job failures here, at the edge."""
+from __future__ import annotations
+
+import logging
+
+from services.common.tasks import GENERATE_TASK, TRAJECTORY_TASK
+from services.worker.celery_app import app
+from services.worker.runtime import JobRun, get_runtime
+from services.worker.trajectories import KINDS
+
+log = logging.getLogger(__name__)
+
+
+def run_job(job_id: str) -> str:
+    run = JobRun(get_runtime(), job_id)
+    if not run.claim():
+        return "skipped"  # gone, already over, or cancelled while queued
+    try:
+        if run.job["model"] not in run.runtime.engines:
+            run.fail("model_not_served", f"this worker does not serve model {run.job['model']!r}", "model")
+        else:
+            KINDS[run.job["kind"]](run)
+    except Exception as error:  # noqa: BLE001 - any failure ends the job with a reason, never silently
+        log.exception("job %s failed", job_id)
+        run.fail("internal_error", f"{type(error).__name__}: {error}")
+    return run.store.get(job_id)["status"]
+
+
+@app.task(name=GENERATE_TASK)
+def generate(job_id: str) -> str:
+    return run_job(job_id)
+
+
+@app.task(name=TRAJECTORY_TASK)
+def trajectory(job_id: str) -> str:
+    return run_job(job_id)

@@ -1,0 +1,144 @@
+"""Generation and trajectory jobs on top of the engine: what each job kind submits and what it keeps.
+
+- generation: one request; its images.
+- reverse: one request with trajectory_every = k; each kept step's x_t and x0 prediction, decoded.
+- guidance_sweep: one request per scale, submitted together so they share UNet batches.
+- forward: x0 (uploaded, or generated from prompt and seed), noised to every t with one ε fixed by noise_seed
+  (x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε), in pixel or latent space; the VAE work runs on the engine thread (Engine.call).
+"""
+from __future__ import annotations
+
+import base64
+import io
+
+import torch
+from PIL import Image
+
+from services.worker.diffusion.forward import alpha_bars_paper, forward_trajectory
+from services.worker.engine.engine import Engine
+from services.worker.engine.errors import EngineError, InvalidRequestError, NonFiniteOutputError, RequestCancelled
+from services.worker.engine.requests import GenerationRequest, GenerationResult
+from services.worker.loading import LoadedModel, to_pil
+from services.worker.runtime import JobRun, request_id
+
+
+def generation_request(run: JobRun, index: int | None = None, **overrides) -> GenerationRequest:
+    p = run.params
+    fields = dict(prompt=p.get("prompt") or "", seed=int(p["seed"]), negative_prompt=p.get("negative_prompt", ""),
+                  num_inference_steps=p["num_inference_steps"], guidance_scale=p["guidance_scale"], eta=p["eta"],
+                  width=p["width"], height=p["height"], num_images=p.get("num_images", 1),
+                  preview_every=p.get("preview_every", 0))
+    fields.update(overrides)
+    return GenerationRequest(request_id=request_id(run.job_id, run.attempt, index), **fields)
+
+
+def run_requests(run: JobRun, requests: list[GenerationRequest]) -> list[GenerationResult] | None:
+    """Submit together, wait for all; on a typed engine error, finish the job and return None."""
+    engine = run.engine()
+    handles = []
+    try:
+        for request in requests:
+            handles.append(engine.submit(request))
+            run.runtime.track(handles[-1])
+        return [handle.result() for handle in handles]
+    except InvalidRequestError as error:
+        run.fail("invalid_request_error", str(error), error.field)
+    except RequestCancelled:
+        run.cancelled()
+    except NonFiniteOutputError as error:
+        run.fail("non_finite_output", str(error))
+    except EngineError as error:
+        run.fail(type(error).__name__, str(error))
+    finally:
+        for handle in handles:
+            handle.cancel() if not handle.done() else None
+            run.runtime.untrack(handle)
+    return None
+
+
+def generation(run: JobRun) -> None:
+    results = run_requests(run, [generation_request(run)])
+    if results:
+        run.succeed(results[0].images)
+
+
+def reverse(run: JobRun) -> None:
+    results = run_requests(run, [generation_request(run, num_images=1, trajectory_every=run.params["trajectory_every"])])
+    if not results:
+        return
+    frames = []
+    for frame in results[0].frames:
+        for what, images in (("x_t", frame.x_t), ("x0_pred", frame.x0_pred)):
+            meta = {"step": frame.step, "timestep": frame.timestep, "alpha_bar": frame.alpha_bar, "what": what}
+            frames.append((meta, images[0]))
+    run.succeed(results[0].images, frames)
+
+
+def guidance_sweep(run: JobRun) -> None:
+    scales = run.params["guidance_scales"]
+    requests = [generation_request(run, index, num_images=1, guidance_scale=scale) for index, scale in enumerate(scales)]
+    results = run_requests(run, requests)
+    if results:
+        frames = [({"guidance_scale": scale}, result.images[0]) for scale, result in zip(scales, results)]
+        run.succeed([frame[1] for frame in frames], frames)
+
+
+def _uploaded_pixels(data: str, width: int, height: int) -> torch.Tensor:
+    payload = data.split(",", 1)[1] if data.startswith("data:") else data
+    image = Image.open(io.BytesIO(base64.b64decode(payload))).convert("RGB").resize((width, height), Image.BICUBIC)
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(height, width, 3)
+    return pixels.permute(2, 0, 1).float().div(127.5).sub(1).unsqueeze(0)  # (1, 3, H, W) in [-1, 1]
+
+
+def _noise_frames(model: LoadedModel, pixels: torch.Tensor, timesteps: list[int], noise_seed: int,
+                  space: str) -> list[Image.Image]:
+    """Runs on the engine thread: x0 -> x_t for every t, decoded to pictures."""
+    with torch.inference_mode():
+        if space == "latent":
+            x0 = model.encode_images(pixels)  # (1, C, h, w)
+            x_t = forward_trajectory(x0, timesteps, model.alphas_cumprod, noise_seed)  # (N, C, h, w)
+            images = [model.decode_latents(x_t[i:i + 8]) for i in range(0, x_t.shape[0], 8)]
+            return to_pil(torch.cat(images))
+        x_t = forward_trajectory(pixels.to(model.device), timesteps, model.alphas_cumprod, noise_seed)  # (N, 3, H, W)
+        return to_pil((x_t / 2 + 0.5).clamp(0, 1))
+
+
+def forward(run: JobRun) -> None:
+    p = run.params
+    if p.get("has_image"):
+        data = run.store.blob(run.job_id, "input")
+        if data is None:
+            run.fail("invalid_request_error", "the uploaded image has expired", "image")
+            return
+        try:
+            pixels = _uploaded_pixels(data.decode(), p["width"], p["height"])
+        except Exception as error:  # noqa: BLE001 - a picture PIL cannot read is the caller's error
+            run.fail("invalid_request_error", f"image could not be decoded: {error}", "image")
+            return
+        source = None
+    else:
+        results = run_requests(run, [generation_request(run, num_images=1)])
+        if not results:
+            return
+        source = results[0].images[0]
+        pixels = _uploaded_pixels(base64.b64encode(_png(source)).decode(), p["width"], p["height"])
+    engine: Engine = run.engine()
+    timesteps = p["timesteps"]
+    try:
+        images = engine.call(lambda model: _noise_frames(model, pixels, timesteps, p["noise_seed"], p["space"])).result()
+        alpha_bars = alpha_bars_paper(engine.model.alphas_cumprod, timesteps).tolist()
+    except (ValueError, EngineError) as error:
+        run.fail("invalid_request_error", str(error), "timesteps")
+        return
+    frames = [({"timestep": t, "alpha_bar": a, "space": p["space"]}, image)
+              for t, a, image in zip(timesteps, alpha_bars, images)]
+    run.succeed([source] if source is not None else [], frames)
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+KINDS = {"generation": generation, "reverse": reverse, "guidance_sweep": guidance_sweep, "forward": forward}
