@@ -193,16 +193,15 @@ def metrics_port_from_env() -> int:
 
 
 def start_metrics_server(port: int | None = None, addr: str = "0.0.0.0") -> int:
-    """Serve /metrics on `port` (0 picks a free one) in a daemon thread; idempotent per port.
+    """Serve /metrics on `port` (0 picks a free one) in a daemon thread; idempotent per fixed port.
 
     Returns the bound port. Process metrics come with the default registry.
     """
     port = metrics_port_from_env() if port is None else port
-    if port in _servers:
+    if port and port in _servers:
         return port
     server, _thread = start_http_server(port, addr=addr)
     bound = server.server_address[1]
-    _servers[port] = server
     _servers[bound] = server
     return bound
 
