@@ -200,3 +200,22 @@ def test_stop_fails_pending_requests(make_engine, tiny_model):
     engine.stop()
     with pytest.raises(EngineStopped):
         handle.result(5)
+
+
+def test_a_failing_iteration_fails_only_its_requests(make_engine, tiny_model):
+    from services.worker.engine.errors import EngineError
+
+    def encode_prompts(prompts):
+        if "boom" in prompts:
+            raise RuntimeError("text encoder exploded")
+        return tiny_model.encode_prompts(prompts)
+
+    broken = dataclasses.replace(tiny_model)
+    broken.encode_prompts = encode_prompts
+    engine = make_engine(model=broken)
+    with pytest.raises(EngineError, match="request b failed in the engine: RuntimeError: text encoder exploded"):
+        engine.submit(request("b", prompt="boom")).result(60)
+    failing_call = engine.call(lambda model: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        failing_call.result(30)
+    assert len(engine.submit(request("ok", num_inference_steps=2)).result(60).images) == 1

@@ -120,6 +120,7 @@ class Engine:
         self._iteration = 0
         self._stopping = False
         self._thread: Optional[threading.Thread] = None
+        self._in_iteration: list[ActiveRequest] = []  # the requests an exception in this iteration fails
         self._alphas_cumprod = model.alphas_cumprod
         self._final_alpha_cumprod = final_alpha_cumprod(model.scheduler_config, model.alphas_cumprod)
         self._latent_rgb: Optional[torch.Tensor] = None  # (C + 1, 3), fitted on the first preview
@@ -251,9 +252,13 @@ class Engine:
                 try:
                     self.step()
                 except Exception as error:  # noqa: BLE001 - the engine must outlive one bad iteration
+                    # only the requests of the failed iteration fail; the rest go on
                     log.exception("engine iteration failed")
-                    for active in list(self._active):
-                        self._retire(active, error=EngineError(f"engine iteration failed: {error}"))
+                    for active in self._in_iteration:
+                        self._retire(active, error=EngineError(
+                            f"request {active.request_id} failed in the engine: {type(error).__name__}: {error}"))
+                finally:
+                    self._in_iteration = []
 
     def step(self) -> None:
         """One iteration: schedule -> execute -> update."""
@@ -262,6 +267,7 @@ class Engine:
         members = self._schedule()
         if not members:
             return
+        self._in_iteration = members
         self._iteration += 1
         batch = build_unet_batch(members, self.model.dtype)
         started = time.monotonic()
@@ -290,6 +296,7 @@ class Engine:
         admitted = [a for a in admitted if not self._cancelled(a)]
         if not admitted:
             return
+        self._in_iteration = admitted
         model = self.model
         prompts = []
         for active in admitted:
