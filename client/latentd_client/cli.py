@@ -166,7 +166,7 @@ def cmd_trajectory(client: Client, args) -> int:
         fields["timesteps"] = [int(t) for t in args.timesteps.split(",")]
     if args.scales:
         fields["guidance_scales"] = [float(s) for s in args.scales.split(",")]
-    fields.update(noise_seed=args.noise_seed, space=args.space, every=args.every)
+    fields.update(noise_seed=args.noise_seed, space=args.space, trajectory_every=args.every)
     job = client.trajectory(kind, **fields)
     print(f"job {job.id} queued", file=sys.stderr)
     job = follow(client, job.id, None if args.quiet else Progress())

@@ -79,8 +79,8 @@ def trajectory_to_proto(body: dict[str, Any]) -> pb.TrajectoryParams:
     params.guidance_scales.extend(rest.pop("guidance_scales", None) or [])
     if rest.get("noise_seed") is not None:
         params.noise_seed = rest.pop("noise_seed")
-    if rest.get("every") is not None:
-        params.every = rest.pop("every")
+    if rest.get("trajectory_every") is not None:
+        params.every = rest.pop("trajectory_every")
     if rest.get("space"):
         params.space = SPACE[rest.pop("space")]
     params.generation.CopyFrom(generation_to_proto(rest))
@@ -103,7 +103,7 @@ def trajectory_from_proto(params: pb.TrajectoryParams) -> dict[str, Any]:
     if params.HasField("noise_seed"):
         body["noise_seed"] = params.noise_seed
     if params.HasField("every"):
-        body["every"] = params.every
+        body["trajectory_every"] = params.every
     if params.space:
         body["space"] = SPACE_NAME[params.space]
     return body

@@ -79,8 +79,9 @@ class ContractGateway:
     def route(self, h, method):
         path = h.path.split("?")[0]
         if path == "/readyz":
-            return self.reply(h, 200 if self.worker_alive else 503, {"ready": self.worker_alive,
-                                                                       "models": {"tiny": {"workers": int(self.worker_alive)}}})
+            if not self.worker_alive:
+                return self.reply(h, 503, {"status": "unavailable", "redis": True, "workers": {}})
+            return self.reply(h, 200, {"status": "ready", "redis": True, "workers": {"tiny": 1}})
         if h.headers.get("authorization") != f"Bearer {API_KEY}":
             return self.error(h, 401, "authentication_error", "missing or unknown API key")
         body = {}
@@ -125,7 +126,7 @@ class ContractGateway:
         params = {"model": "tiny", "num_inference_steps": steps, "guidance_scale": 7.5, "eta": 0.0,
                   "seed": body.get("seed", 1234), "num_images": 1} | body
         job = {"id": uuid.uuid4().hex, "kind": kind, "status": "queued", "model": "tiny", "params": params,
-               "progress": {"step": 0, "total": steps}, "created_at": time.time(), "images": [], "frames": [],
+               "progress": {"step": 0, "total": steps}, "timings": {}, "created_at": time.time(), "images": [], "frames": [],
                "error": None}
         self.save(job)
         self.emit(job["id"], "queued", {"status": "queued"})
@@ -147,11 +148,11 @@ class ContractGateway:
             self.emit(job_id, "step", {"step": step, "total": total, "timestep": 999 - step * 999 // total})
             job["progress"]["step"] = step
         if job["kind"] == "trajectory":
-            job["frames"] = [{"index": i, "url": f"/v1/jobs/{job_id}/frames/{i}", "timestep": t}
+            job["frames"] = [{"url": f"/v1/jobs/{job_id}/frames/{i}", "timestep": t}
                              for i, t in enumerate((0, 250, 500, 999))]
             for i in range(4):
                 self.emit(job_id, "frame", {"index": i})
-        job["images"] = [{"index": 0, "url": f"/v1/jobs/{job_id}/images/0"}]
+        job["images"] = [f"/v1/jobs/{job_id}/images/0"]
         job.update(status="succeeded", finished_at=time.time())
         self.save(job)
         self.emit(job_id, "succeeded", {"images": 1})
