@@ -34,6 +34,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         app.state.store = JobStore.from_url(settings.redis_url, settings.result_ttl_s)
         app.state.celery = celery_client(settings)
         metrics.register_queue_depth(app.state.store.redis, lambda: app.state.store.models().keys(), queue_for)
+        metrics.serve_metrics_from_env()
         try:
             yield
         finally:

@@ -8,6 +8,7 @@ Prometheus looks, not whenever a request happened to pass through this process.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -216,3 +217,19 @@ class Timer:
 
     def __exit__(self, *exc: object) -> None:
         self.seconds = time.perf_counter() - self._start
+
+
+def serve_metrics_from_env(addr: str = "0.0.0.0") -> int | None:
+    """Start the metrics server on $LATENTD_API_METRICS_PORT (default {DEFAULT_API_METRICS_PORT}); "off" disables it.
+
+    A port already taken is logged, not fatal: a second process on the same host (tests, a
+    colocated replica) keeps serving its jobs; set a distinct port per process to scrape both.
+    """
+    value = os.environ.get("LATENTD_API_METRICS_PORT", str(DEFAULT_API_METRICS_PORT)).strip().lower()
+    if value in ("off", "none", "-1", ""):
+        return None
+    try:
+        return start_metrics_server(int(value), addr=addr)
+    except OSError as error:
+        logging.getLogger(__name__).warning("metrics server not started on port %s: %s", value, error)
+        return None

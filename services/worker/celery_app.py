@@ -48,7 +48,9 @@ app = create_celery()
 
 @signals.worker_init.connect(weak=False)
 def _load_models(**_: object) -> None:
+    from services.worker import metrics
     from services.worker.runtime import get_runtime
+    metrics.serve_metrics_from_env()
     get_runtime().load(model_paths())
 
 

@@ -9,6 +9,7 @@ error_type; never a job id.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -113,6 +114,15 @@ def record_cancellation(model: str) -> None:
     cancellations_total.labels(model=model).inc()
 
 
+def observe_job_end(model: str, kind: str, status: str, error_type: str | None, run_s: float) -> None:
+    """One job attempt ended on this worker: run time, and a failure or cancellation if it was one."""
+    observe_job_run(model, kind, run_s)
+    if status == "failed":
+        record_failure(model, error_type or "unknown")
+    elif status == "cancelled":
+        record_cancellation(model)
+
+
 def track_engine(model: str, active_requests: Callable[[], int]) -> None:
     """Read the engine's active request count at scrape time (e.g. `lambda: engine.active_requests`)."""
     engine_active_requests.labels(model=model).set_function(lambda: float(active_requests()))
@@ -178,3 +188,19 @@ def start_metrics_server(port: int | None = None, addr: str = "0.0.0.0") -> int:
     bound = server.server_address[1]
     _servers[bound] = server
     return bound
+
+
+def serve_metrics_from_env(addr: str = "0.0.0.0") -> int | None:
+    """Start the metrics server on $LATENTD_WORKER_METRICS_PORT (default {DEFAULT_WORKER_METRICS_PORT}); "off" disables it.
+
+    A port already taken is logged, not fatal: a second process on the same host (tests, a
+    colocated replica) keeps serving its jobs; set a distinct port per process to scrape both.
+    """
+    value = os.environ.get("LATENTD_WORKER_METRICS_PORT", str(DEFAULT_WORKER_METRICS_PORT)).strip().lower()
+    if value in ("off", "none", "-1", ""):
+        return None
+    try:
+        return start_metrics_server(int(value), addr=addr)
+    except OSError as error:
+        logging.getLogger(__name__).warning("metrics server not started on port %s: %s", value, error)
+        return None

@@ -18,6 +18,7 @@ from typing import Optional
 
 from services.common.jobstore import JobStore, events_key, job_key
 from services.common.settings import Settings
+from services.worker import metrics as worker_metrics
 from services.worker.engine.engine import Engine, RequestHandle
 from services.worker.engine.requests import StepEvent
 from services.worker.loading import LoadedModel, load_model
@@ -100,6 +101,8 @@ class Runtime:
             engine = Engine(model, max_batch_rows=self.settings.max_batch_rows,
                             on_step_events=StepEventWriter(self.store, self)).start()
             self.engines[model.name] = engine
+            worker_metrics.track_engine(model.name, lambda engine=engine: engine.active_requests)
+            worker_metrics.track_gpu_memory(model.name, model.device)
             self.store.publish_model(model_info(model, engine))
             log.info("serving model %s from %s", model.name, model.path)
 
@@ -166,6 +169,7 @@ class JobRun:
         self.store.emit(self.job_id, "started", {"attempt": self.attempt, "emitted_at": self.started_at},
                         timings=timings)
         self.job["timings"] = timings
+        worker_metrics.observe_queue_wait(self.job["model"], queued_at, self.started_at)
         return True
 
     @property

@@ -3,8 +3,10 @@ and writes the result once (services.worker.runtime.JobRun). Errors become job f
 from __future__ import annotations
 
 import logging
+import time
 
 from services.common.tasks import GENERATE_TASK, TRAJECTORY_TASK
+from services.worker import metrics as worker_metrics
 from services.worker.celery_app import app
 from services.worker.runtime import JobRun, get_runtime
 from services.worker.trajectories import KINDS
@@ -24,7 +26,11 @@ def run_job(job_id: str) -> str:
     except Exception as error:  # noqa: BLE001 - any failure ends the job with a reason, never silently
         log.exception("job %s failed", job_id)
         run.fail("internal_error", f"{type(error).__name__}: {error}")
-    return run.store.get(job_id)["status"]
+    final = run.store.get(job_id)
+    if final["attempt"] == run.attempt:  # a redelivered copy that took over counts its own run
+        worker_metrics.observe_job_end(run.job["model"], run.job["kind"], final["status"],
+                                       (final["error"] or {}).get("type"), time.time() - run.started_at)
+    return final["status"]
 
 
 @app.task(name=GENERATE_TASK)
