@@ -137,7 +137,9 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
 
     requests = request_list(args.requests, args.seed, args.max_steps)
-    warmup = [GenerationRequest(request_id="warmup", prompt=PROMPTS[0], seed=0, num_inference_steps=2)]
+    # both row shapes (guidance 1: one row, else two) for both arms, so no arm pays first-call setup
+    warmup = [GenerationRequest(request_id=f"warmup-{scale}", prompt=PROMPTS[0], seed=0, num_inference_steps=2,
+                                guidance_scale=scale) for scale in (1.0, 7.5)]
     engine = Engine(model, max_batch_rows=args.max_batch_rows).start()
     with torch.inference_mode():
         arm_pipeline(pipe, warmup, args.device)

@@ -52,6 +52,22 @@ def test_seed_parity_with_diffusers_pipeline(make_engine, pipeline, guidance_sca
     assert psnr(pixels(ours.images), pixels(other)) < 40
 
 
+def test_seed_parity_cosine_trailing_v_prediction(make_engine, tmp_path):
+    """The default model's schedule (cosine, trailing) and a v-prediction model, against the pipeline."""
+    from services.worker.loading import load_model
+    from tests.fixtures.tiny_model import build_tiny_model
+
+    folder = build_tiny_model(tmp_path / "cosine-v", seed=3, prediction_type="v_prediction",
+                              beta_schedule="squaredcos_cap_v2", timestep_spacing="trailing")
+    engine = make_engine(model=load_model(folder))
+    ours = engine.submit(request("v", seed=9, guidance_scale=3.0, eta=1.0)).result(60)
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe("a red circle", num_inference_steps=STEPS, guidance_scale=3.0, eta=1.0,
+                  generator=torch.Generator("cpu").manual_seed(9)).images
+    assert psnr(pixels(ours.images), pixels(theirs)) >= 40
+
+
 def test_batch_invariance(make_engine):
     """A request alone and among 7 others with different settings gives the same pictures (≤ 1/255)."""
     target = request("target", seed=7, eta=0.5, num_images=2)

@@ -372,9 +372,10 @@ class Engine:
         eps = guided_outputs(batch, model_output)  # (N, C, h, w)
         x_t = torch.cat([m.latents for m in members])  # (N, C, h, w)
         device = x_t.device
-        timesteps = torch.cat([torch.full((m.num_images,), m.timestep) for m in members]).to(device)
-        prev_timesteps = torch.cat([torch.full((m.num_images,), m.prev_timestep) for m in members]).to(device)
-        eta = torch.cat([torch.full((m.num_images,), float(m.request.eta)) for m in members]).to(device)
+        per_row = [(m.timestep, m.prev_timestep, float(m.request.eta)) for m in members for _ in range(m.num_images)]
+        timesteps = torch.tensor([t for t, _, _ in per_row]).to(device)  # (N,)
+        prev_timesteps = torch.tensor([t_prev for _, t_prev, _ in per_row]).to(device)  # (N,)
+        eta = torch.tensor([e for _, _, e in per_row], dtype=torch.float64).to(device)  # (N,)
         noise = None
         if any(m.request.eta > 0 for m in members):
             # diffusers draws eta noise (randn_tensor of the output's shape and dtype) only when eta > 0
@@ -383,13 +384,14 @@ class Engine:
                 if m.request.eta > 0 else torch.zeros(m.latents.shape) for m in members]).to(device)
         out = ddim_step(eps, x_t, timesteps, prev_timesteps, self._alphas_cumprod, self._final_alpha_cumprod,
                         eta=eta, variance_noise=noise, prediction_type=self.model.prediction_type)
+        finite = torch.isfinite(out.x_prev).flatten(1).all(1).tolist()  # (N,): one device sync per iteration
         events, row = [], 0
         for member in members:
             rows = slice(row, row + member.num_images)
             row += member.num_images
             timestep = member.timestep
             x_prev, x0_pred = out.x_prev[rows], out.x0_pred[rows]
-            if not torch.isfinite(x_prev).all():
+            if not all(finite[rows]):
                 self._retire(member, error=NonFiniteOutputError(
                     f"request {member.request_id}: latents became non-finite at step {member.step_index + 1} "
                     f"of {member.total_steps} (timestep {timestep})"))
