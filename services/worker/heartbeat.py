@@ -7,6 +7,9 @@ A plain "I am alive" key would not notice, so every `interval_s` the heartbeat t
    consumed only by this worker, over the same broker connection as the job queues). The probe,
    run by the consumer, writes `consumed_at`.
 A worker is live when its key exists and `consumed_at` is fresher than `stale_after_s`.
+A worker whose every pool thread holds a job cannot take the probe (prefetch is full, by design);
+while it is saturated and its engine still makes progress (denoising steps or finished tasks),
+the heartbeat itself refreshes `consumed_at` (and `saturated_at`), so load is never taken for a hang.
 `/readyz` and the gRPC health service call `live_workers()`; the container's liveness probe
 runs `python -m services.worker.heartbeat --check`, which exits 1 when this host's heartbeat is
 stale or missing.
@@ -24,7 +27,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,7 +77,12 @@ class Heartbeat:
         interval_s: float = DEFAULT_INTERVAL_S,
         ttl_s: int = DEFAULT_TTL_S,
         celery_app: Any = None,
+        saturated: Callable[[], bool] | None = None,
+        progress: Callable[[], float] | None = None,
     ) -> None:
+        self.saturated = saturated
+        self.progress = progress
+        self._last_progress: float | None = None
         self.redis = redis_client
         self.models = list(models)
         self.worker = worker or worker_id()
@@ -100,6 +108,8 @@ class Heartbeat:
                 },
             )
             pipe.hsetnx(key, "started_at", now)
+            if self._busy_and_progressing():
+                pipe.hset(key, mapping={"consumed_at": now, "saturated_at": now})
             pipe.expire(key, self.ttl_s)
         pipe.execute()
         if self.celery_app is not None:
@@ -109,6 +119,13 @@ class Heartbeat:
                 queue=probe_queue(self.worker),
                 expires=self.ttl_s,
             )
+
+    def _busy_and_progressing(self) -> bool:
+        if self.progress is None:
+            return False
+        progress, last = self.progress(), self._last_progress
+        self._last_progress = progress
+        return self.saturated is not None and self.saturated() and last is not None and progress > last
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -199,8 +216,28 @@ def install(
     from celery import signals
 
     models = list(models)
-    state: dict[str, Heartbeat] = {}
+    state: dict[str, Any] = {"in_flight": 0, "finished": 0, "concurrency": None}
+    lock = threading.Lock()
     probe_redis = redis.Redis.from_url(redis_url)
+
+    def _count(delta: int, finished: int, task: Any) -> None:
+        if getattr(task, "name", None) != PROBE_TASK_NAME:
+            with lock:
+                state["in_flight"] += delta
+                state["finished"] += finished
+
+    signals.task_prerun.connect(lambda sender=None, **_: _count(1, 0, sender), weak=False)
+    signals.task_postrun.connect(lambda sender=None, **_: _count(-1, 1, sender), weak=False)
+
+    def saturated() -> bool:
+        return state["concurrency"] is not None and state["in_flight"] >= state["concurrency"]
+
+    def progress() -> float:
+        from services.worker import metrics as worker_metrics
+
+        steps = sum(s.value for m in worker_metrics.steps_total.collect() for s in m.samples
+                    if s.name.endswith("_total"))
+        return steps + state["finished"]
 
     @celery_app.task(name=PROBE_TASK_NAME, ignore_result=True, acks_late=False)
     def probe(worker: str, probe_models: list[str], probe_ttl_s: int) -> None:
@@ -208,9 +245,11 @@ def install(
 
     @signals.worker_ready.connect(weak=False)
     def _start(sender: Any = None, **_: Any) -> None:
+        controller = getattr(sender, "controller", None)
+        state["concurrency"] = getattr(controller, "concurrency", None) or celery_app.conf.worker_concurrency
         beat = Heartbeat(
             redis.Redis.from_url(redis_url), models, interval_s=interval_s, ttl_s=ttl_s,
-            celery_app=celery_app,
+            celery_app=celery_app, saturated=saturated, progress=progress,
         )
         # sender is the worker's Consumer: consume our own probe queue over its connection.
         sender.add_task_queue(probe_queue(beat.worker))
@@ -218,7 +257,7 @@ def install(
 
     @signals.worker_shutdown.connect(weak=False)
     def _stop(**_: Any) -> None:
-        beat = state.pop("beat", None)
+        beat = state.pop("beat", None)  # type: Heartbeat | None
         if beat is not None:
             beat.stop()
 
