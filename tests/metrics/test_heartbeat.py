@@ -108,3 +108,23 @@ def test_shutdown_removes_the_heartbeat(client, celery_worker):
     celery_worker.terminate()
     celery_worker.wait(timeout=30)
     assert heartbeat.read_workers(client, "tiny-model") == []
+
+
+@pytest.mark.timeout(60)
+def test_a_saturated_worker_counts_as_consuming_only_while_it_makes_progress(client):
+    state = {"saturated": True, "progress": 0}
+    beat = heartbeat.Heartbeat(client, ["tiny-model"], worker="busy-1", ttl_s=10,
+                               saturated=lambda: state["saturated"], progress=lambda: state["progress"])
+    beat.beat()  # first beat: no progress seen yet
+    assert heartbeat.live_workers(client, stale_after_s=5) == {}
+    state["progress"] = 7  # the engine stepped since the last beat
+    beat.beat()
+    assert heartbeat.live_workers(client, stale_after_s=5) == {"tiny-model": ["busy-1"]}
+    assert client.hget(heartbeat.heartbeat_key("tiny-model", "busy-1"), "saturated_at") is not None
+    time.sleep(1.2)
+    beat.beat()  # saturated but stuck: consumed_at is not refreshed
+    assert heartbeat.live_workers(client, stale_after_s=1) == {}
+    state.update(saturated=False, progress=9)  # a free thread: only the probe may prove consumption
+    time.sleep(1.2)
+    beat.beat()
+    assert heartbeat.live_workers(client, stale_after_s=1) == {}
