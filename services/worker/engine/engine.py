@@ -272,6 +272,8 @@ class Engine:
         batch = build_unet_batch(members, self.model.dtype)
         started = time.monotonic()
         model_output = self._execute(batch)
+        if model_output.is_cuda:  # CUDA runs async: time the forward, not its launch
+            torch.cuda.synchronize(model_output.device)
         self.last_unet_s = time.monotonic() - started
         self.last_batch_rows = batch.num_rows
         worker_metrics.observe_unet_call(self.model.name, batch.num_rows, self.last_unet_s)
