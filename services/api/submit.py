@@ -123,5 +123,6 @@ def job_view(job: dict) -> dict:
     base = f"/v1/jobs/{job['id']}"
     view = {k: v for k, v in job.items() if k not in ("owner", "cancel")}
     view["images"] = [f"{base}/images/{i}" for i in range(len(job["images"] or []))]
-    view["frames"] = [dict(meta, url=f"{base}/frames/{i}") for i, meta in enumerate(job["frames"] or [])]
+    view["frames"] = [dict({k: v for k, v in meta.items() if k != "blob"}, url=f"{base}/frames/{i}")
+                      for i, meta in enumerate(job["frames"] or [])]
     return view

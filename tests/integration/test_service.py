@@ -222,7 +222,7 @@ def test_openai_client_generates_images(real_stack):
 
 
 def test_sigkill_mid_job_is_redelivered_and_finishes_exactly_once(real_stack):
-    job = submit(real_stack, {"prompt": "survivor", "num_inference_steps": 60})
+    job = submit(real_stack, {"prompt": "survivor", "num_inference_steps": 12})
     url = f"{real_stack.url}/v1/jobs/{job['id']}/events"
     read_events(url, real_stack.headers(), stop_after=4)  # it is running: two steps done
     real_stack.kill_worker()
@@ -235,7 +235,7 @@ def test_sigkill_mid_job_is_redelivered_and_finishes_exactly_once(real_stack):
     assert sum(e["event"] == "succeeded" for e in events) == 1
     assert sum(e["event"] == "started" for e in events) == done["attempt"]
     last_start = max(i for i, e in enumerate(events) if e["event"] == "started")
-    assert [e["data"]["step"] for e in events[last_start:] if e["event"] == "step"] == list(range(1, 61))
+    assert [e["data"]["step"] for e in events[last_start:] if e["event"] == "step"] == list(range(1, 13))
     time.sleep(real_stack_visibility() + 1)  # a late duplicate, if any, must not write a second result
     events = read_events(url, real_stack.headers())
     assert sum(e["event"] in TERMINAL for e in events) == 1

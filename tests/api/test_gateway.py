@@ -1,0 +1,98 @@
+"""The gateway alone (in process, real Redis in its own database, no worker): auth, limits, the bounded queue,
+the loopback rule and the documented contract."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from services.api.__main__ import main as serve_main
+from services.api.app import create_app
+from services.common.jobstore import JobStore
+from services.common.settings import Settings, hash_key
+
+REDIS_URL = "redis://127.0.0.1:6379/11"
+KEY = "secret-key"
+
+
+@pytest.fixture
+def client(model_path):
+    redis.Redis.from_url(REDIS_URL).flushdb()
+    settings = Settings(redis_url=REDIS_URL, api_key_hashes=hash_key(KEY), max_queue_per_model=2,
+                        max_body_bytes=4096, retry_after_s=7, max_num_images=4)
+    JobStore.from_url(REDIS_URL).publish_model({
+        "name": "tiny", "native_width": 32, "native_height": 32, "scheduler": "DDIMScheduler / scaled_linear",
+        "max_prompt_tokens": 77, "num_train_timesteps": 1000, "size_multiple": 8,
+        "tokenizer_path": str(model_path / "tokenizer")})
+    with TestClient(create_app(settings), headers={"Authorization": f"Bearer {KEY}"}) as test_client:
+        yield test_client
+    redis.Redis.from_url(REDIS_URL).flushdb()
+
+
+def test_a_full_queue_answers_429_with_retry_after(client):
+    for _ in range(2):
+        assert client.post("/v1/generations", json={"prompt": "x"}).status_code == 202
+    refused = client.post("/v1/generations", json={"prompt": "x"})
+    assert refused.status_code == 429 and refused.headers["Retry-After"] == "7"
+    assert refused.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_cancelling_a_queued_job_frees_its_queue_slot(client):
+    jobs = [client.post("/v1/generations", json={"prompt": "x"}).json() for _ in range(2)]
+    cancelled = client.post(f"/v1/jobs/{jobs[0]['id']}/cancel").json()
+    assert cancelled["status"] == "cancelled"
+    assert client.post("/v1/generations", json={"prompt": "x"}).status_code == 202
+
+
+def test_the_job_record_holds_the_resolved_defaults(client):
+    job = client.post("/v1/generations", json={"prompt": "x"}).json()
+    params = job["params"]
+    assert params["model"] == "tiny" and (params["width"], params["height"]) == (32, 32)
+    assert isinstance(params["seed"], int) and params["num_inference_steps"] == 50 and params["guidance_scale"] == 7.5
+    events = JobStore.from_url(REDIS_URL).read_events(job["id"])
+    assert [name for _, name, _ in events] == ["queued"]
+
+
+def test_a_body_over_the_limit_is_413(client):
+    response = client.post("/v1/generations", content=json.dumps({"prompt": "x" * 5000}),
+                           headers={"content-type": "application/json"})
+    assert response.status_code == 413 and response.json()["error"]["type"] == "payload_too_large"
+
+
+def test_images_per_job_follow_the_setting(client):
+    response = client.post("/v1/generations", json={"prompt": "x", "num_images": 5})
+    assert response.status_code == 422
+    assert response.json()["error"]["message"] == "num_images must be between 1 and 4, got 5"
+
+
+def test_keys_are_required_and_checked(client):
+    for headers in ({"Authorization": ""}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic abc"}):
+        response = client.get("/v1/models", headers=headers)
+        assert response.status_code == 401 and response.json()["error"]["type"] == "authentication_error"
+    assert client.get("/livez").status_code == 200
+
+
+def test_readyz_is_503_without_a_live_worker(client):
+    response = client.get("/readyz")
+    assert response.status_code == 503 and response.json()["redis"] is True
+
+
+def test_no_keys_means_loopback_only(monkeypatch, capsys):
+    from services.common import settings as settings_module
+    monkeypatch.setenv("LATENTD_API_KEY_HASHES", "")
+    monkeypatch.setenv("LATENTD_API_KEYS", "")
+    settings_module.get_settings.cache_clear()
+    try:
+        assert serve_main(["--host", "0.0.0.0", "--port", "1"]) == 2
+    finally:
+        settings_module.get_settings.cache_clear()
+    assert "refusing to bind to 0.0.0.0" in capsys.readouterr().err
+
+
+def test_openapi_documents_limits_and_defaults(client):
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["GenerationCreate"]["properties"]
+    steps = schema["num_inference_steps"]
+    assert (steps["minimum"], steps["maximum"], steps["default"]) == (1, 1000, 50) and steps["description"]
+    assert schema["guidance_scale"]["default"] == 7.5
