@@ -36,4 +36,6 @@ EXPOSE 9465
 # (alive-but-not-consuming after a Redis reconnect), so the runtime restarts it.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=120s --retries=3 \
     CMD ["python", "-m", "services.worker.heartbeat", "--check"]
-CMD ["python", "-m", "services.worker"]
+# The threads pool: task threads hand jobs to the one engine thread per model. The queues
+# (latentd.<model>) come from LATENTD_WORKER_MODELS in services/worker/celery_app.py.
+CMD ["sh", "-c", "exec celery -A services.worker.celery_app worker --pool threads --concurrency \"${LATENTD_WORKER_CONCURRENCY:-16}\" --without-gossip --without-mingle -l INFO"]
