@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from concurrent import futures
 from typing import Any, Callable
 
@@ -27,17 +28,26 @@ import httpx
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from prometheus_client import Counter, Histogram
+
 from client.latentd_client import errors
 from client.latentd_client import grpc_transport as conv
 from client.latentd_client.rest import SseParser, raise_for_response
 from services.api import metrics
 from services.common.grpc_gen.latentd.v1 import latentd_pb2 as pb
+from services.api import metrics
 from services.common.grpc_gen.latentd.v1 import latentd_pb2_grpc as pb_grpc
 
 log = logging.getLogger("latentd.grpc")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LatentdService"].full_name
 DEFAULT_PORT = 50051
 MAX_MESSAGE_BYTES = conv.MAX_MESSAGE_BYTES
+
+grpc_requests_total = Counter("latentd_grpc_requests_total", "gRPC calls answered, by method and status code.",
+                              ["method", "code"])
+grpc_request_duration_seconds = Histogram("latentd_grpc_request_duration_seconds",
+                                          "Time to answer a unary gRPC call (streams: not observed).", ["method"],
+                                          buckets=metrics.HTTP_LATENCY_BUCKETS)
 
 # The one place where errors become status codes.
 _STATUS_OF_ERROR: dict[type, grpc.StatusCode] = {
@@ -50,7 +60,7 @@ _STATUS_OF_ERROR: dict[type, grpc.StatusCode] = {
 }
 
 
-def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
+def _abort(context: grpc.ServicerContext, exc: Exception) -> grpc.StatusCode:
     if isinstance(exc, errors.LatentdError):
         code = next((c for cls, c in _STATUS_OF_ERROR.items() if isinstance(exc, cls)), grpc.StatusCode.INTERNAL)
         trailers = [(k, v) for k, v in ((conv.PARAM_METADATA_KEY, exc.param), (conv.TYPE_METADATA_KEY, exc.type)) if v]
@@ -64,27 +74,45 @@ def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
         code, trailers, message = grpc.StatusCode.INTERNAL, [], "internal error"
     if trailers:
         context.set_trailing_metadata(trailers)
+    grpc_requests_total.labels(context_method(context), code.name).inc()
     context.abort(code, message)
+
+
+def context_method(context: grpc.ServicerContext) -> str:
+    return getattr(context, "_latentd_method", "unknown")
 
 
 def mapped_errors(handler: Callable) -> Callable:
     """Map exceptions to status codes at the edge, for unary and streaming handlers alike."""
+    name = handler.__name__
     if getattr(handler, "_streaming", False):
         @functools.wraps(handler)
         def stream(self, request, context):
+            context._latentd_method = name
+            metrics.grpc_stream_readers.inc()
             try:
                 yield from handler(self, request, context)
+                grpc_requests_total.labels(name, "OK").inc()
             except Exception as exc:  # noqa: BLE001 - mapped to a status code
                 if context.is_active():
                     _abort(context, exc)
+                grpc_requests_total.labels(name, "CANCELLED").inc()
+            finally:
+                metrics.grpc_stream_readers.dec()
         return stream
 
     @functools.wraps(handler)
     def unary(self, request, context):
+        context._latentd_method = name
+        started = time.perf_counter()
         try:
-            return handler(self, request, context)
+            reply = handler(self, request, context)
+            grpc_requests_total.labels(name, "OK").inc()
+            return reply
         except Exception as exc:  # noqa: BLE001 - mapped to a status code
             _abort(context, exc)
+        finally:
+            grpc_request_duration_seconds.labels(name).observe(time.perf_counter() - started)
     return unary
 
 
@@ -296,6 +324,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per proxied call is noise
     server, port, watcher = build_server(args.rest_url, host=args.host, port=args.port)
+    metrics_port = os.environ.get("LATENTD_GRPC_METRICS_PORT", str(metrics.DEFAULT_GRPC_METRICS_PORT)).strip().lower()
+    if metrics_port not in ("off", "none", "-1", ""):
+        try:
+            log.info("metrics on :%d/metrics", metrics.start_metrics_server(int(metrics_port)))
+        except OSError as exc:  # a second process on the host: serve jobs anyway
+            log.warning("metrics server not started on port %s: %s", metrics_port, exc)
     server.start()
     watcher.start()
     metrics.start_metrics_server(int(os.environ.get("LATENTD_GRPC_METRICS_PORT", metrics.DEFAULT_GRPC_METRICS_PORT)))

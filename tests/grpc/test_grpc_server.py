@@ -189,3 +189,17 @@ def test_generate_stream_abandoned_cancels_its_job(gateway, channel):
         time.sleep(0.05)
     assert gateway.job(job.id)["status"] == "cancelled"
     assert gateway.job(job.id)["progress"]["step"] < 300
+
+
+def test_calls_are_counted_by_method_and_code(channel):
+    from services.api import grpc_server
+
+    def count(method, code):
+        return grpc_server.grpc_requests_total.labels(method, code)._value.get()
+
+    ok, missing = count("ListModels", "OK"), count("GetJob", "NOT_FOUND")
+    stub(channel).ListModels(pb.ListModelsRequest(), metadata=AUTH)
+    with pytest.raises(grpc.RpcError):
+        stub(channel).GetJob(pb.GetJobRequest(job_id="nope"), metadata=AUTH)
+    assert count("ListModels", "OK") == ok + 1
+    assert count("GetJob", "NOT_FOUND") == missing + 1
