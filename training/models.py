@@ -11,7 +11,7 @@ LATENT_CHANNELS = 4
 TEXT_HIDDEN = 64
 
 
-def build_vae(block_out_channels: tuple[int, ...] = (16, 32, 64)) -> AutoencoderKL:
+def build_vae(block_out_channels: tuple[int, ...] = (8, 16, 32)) -> AutoencoderKL:
     """64x64x3 -> 16x16x4 (two downsamples: 12x fewer numbers)."""
     levels = len(block_out_channels)
     return AutoencoderKL(
@@ -22,7 +22,7 @@ def build_vae(block_out_channels: tuple[int, ...] = (16, 32, 64)) -> Autoencoder
         block_out_channels=block_out_channels,
         layers_per_block=1,
         latent_channels=LATENT_CHANNELS,
-        norm_num_groups=16,
+        norm_num_groups=8,
         sample_size=IMAGE_SIZE,
     )
 
@@ -43,7 +43,7 @@ def build_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
     return CLIPTextModel(config)
 
 
-def build_unet(latent_size: int, block_out_channels: tuple[int, ...] = (32, 64, 128)) -> UNet2DConditionModel:
+def build_unet(latent_size: int, block_out_channels: tuple[int, ...] = (32, 64, 64)) -> UNet2DConditionModel:
     """Cross-attention on the 8x8 and 4x4 levels only: attention over 16x16 = 256 tokens costs
     ~4x the step time on the CPU for little gain on one-shape pictures."""
     return UNet2DConditionModel(

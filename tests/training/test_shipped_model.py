@@ -1,0 +1,80 @@
+"""The shipped default model: the folder's contract, loading, and a few checked generations."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.evaluate import ShapesModel, sample
+from training.readback import read_back
+from training.shapes import parse_caption
+
+MODEL = Path(__file__).resolve().parents[2] / "models" / "shapes-ldm"
+
+pytestmark = pytest.mark.skipif(not (MODEL / "model_index.json").exists(), reason="models/shapes-ldm not trained yet")
+
+
+def test_folder_is_safetensors_only_and_small():
+    files = [path for path in MODEL.rglob("*") if path.is_file()]
+    assert not [path for path in files if path.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+    for part in ("unet", "vae", "text_encoder"):
+        assert list((MODEL / part).glob("*.safetensors")), part
+    assert sum(path.stat().st_size for path in files) < 30 * 1024 * 1024
+
+
+def test_scheduler_is_cosine_trailing_ddim():
+    config = json.loads((MODEL / "scheduler" / "scheduler_config.json").read_text())
+    assert config["_class_name"] == "DDIMScheduler"
+    assert config["beta_schedule"] == "squaredcos_cap_v2"
+    assert config["num_train_timesteps"] == 1000
+    assert config["timestep_spacing"] == "trailing"
+    assert config["clip_sample"] is False
+    assert config["prediction_type"] == "epsilon"
+
+
+def test_loads_with_stable_diffusion_pipeline_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline.from_pretrained(MODEL)
+    pipeline.set_progress_bar_config(disable=True)
+    image = pipeline(
+        "a large red square on a white background", num_inference_steps=4, guidance_scale=7.5,
+        height=64, width=64, generator=torch.Generator().manual_seed(0),
+    ).images[0]
+    assert image.size == (64, 64)
+    assert pipeline.scheduler.timesteps[0] == 999  # trailing spacing starts from pure noise
+
+
+def test_loads_with_the_engine_loader():
+    loading = pytest.importorskip("services.worker.loading")
+    model = loading.load_model(MODEL)
+    assert (model.native_width, model.native_height) == (64, 64)
+    assert model.latent_channels == 4 and model.num_train_timesteps == 1000
+    assert model.max_prompt_tokens == 16
+    assert model.count_prompt_tokens("a large red circle on a white background") == 10
+
+
+# One caption per attribute value family: every colour, shape and background appears at least once.
+CHECKED_CAPTIONS = [
+    "a large red circle on a white background",
+    "a large green square on a black background",
+    "a large blue triangle on a gray background",
+    "a yellow square on a black background",
+    "a large purple circle on a gray background",
+    "a orange triangle on a white background",
+]
+
+
+def test_generations_read_back_as_their_captions():
+    model = ShapesModel.load(MODEL)
+    pixels, _ = sample(model, CHECKED_CAPTIONS, [7.5] * len(CHECKED_CAPTIONS), list(range(len(CHECKED_CAPTIONS))), 50)
+    wrong = []
+    for caption, picture in zip(CHECKED_CAPTIONS, pixels):
+        wanted = parse_caption(caption)
+        result = read_back(picture)
+        if not all(result.matches(wanted["colour"], wanted["shape"], wanted["background"]).values()):
+            wrong.append((caption, result))
+    assert not wrong, wrong
