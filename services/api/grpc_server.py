@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from concurrent import futures
@@ -321,6 +322,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rest-url", default=os.environ.get("LATENTD_REST_URL", "http://127.0.0.1:8000"),
                         help="the REST gateway this server fronts")
     args = parser.parse_args(argv)
+    from services.api.__main__ import is_loopback
+    from services.common.settings import get_settings
+
+    if not get_settings().key_hashes() and not is_loopback(args.host):
+        print(f"refusing to bind to {args.host}: no API keys are configured (set LATENTD_API_KEY_HASHES), "
+              "so latentd serves open on loopback only", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per proxied call is noise
     server, port, watcher = build_server(args.rest_url, host=args.host, port=args.port)

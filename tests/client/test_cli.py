@@ -1,4 +1,5 @@
 """`latentd` end to end as a subprocess: PNG out, trajectory frames + GIF, errors exit non-zero."""
+import json
 import os
 import subprocess
 import sys
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from client.latentd_client import Client
 from tests.grpc.contract_gateway import API_KEY
 
 pytestmark = pytest.mark.timeout(90)
@@ -71,3 +73,43 @@ def test_half_block_preview_draws_two_pixels_per_cell():
     assert len(lines) == 2 and lines[0].count("▀") == 4
     assert "38;2;255;0;0m" in lines[0] and "48;2;255;0;0m" in lines[0]
     assert "38;2;0;0;255m" in lines[1]
+
+
+def test_jobs_watch_and_cancel(gateway):
+    with Client(gateway.url, API_KEY) as client:
+        job = client.generate("x", num_inference_steps=300)
+    cancelled = latentd(gateway.url, "jobs", "cancel", job.id)
+    assert cancelled.returncode == 0, cancelled.stderr
+    watched = latentd(gateway.url, "jobs", "watch", job.id, "--json")
+    lines = [json.loads(line) for line in watched.stdout.splitlines() if line.startswith('{"id"')]
+    assert lines[0]["event"] == "queued" and lines[-1]["event"] == "cancelled"
+    resumed = latentd(gateway.url, "jobs", "watch", job.id, "--json", "--after", lines[0]["id"])
+    assert [l for l in resumed.stdout.splitlines() if l.startswith('{"id"')] == \
+        [json.dumps(l) for l in lines[1:]]
+
+
+def test_progress_draws_previews_on_a_terminal(capsys):
+    import base64
+    import io
+
+    from client.latentd_client.cli import Progress
+    from client.latentd_client.types import JobEvent
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (0, 200, 0)).save(buf, "PNG")
+    event = JobEvent("1-0", "step", {"step": 2, "total": 4, "timestep": 500,
+                                     "preview": base64.b64encode(buf.getvalue()).decode()})
+    err = io.StringIO()
+    show = Progress(out=err, draw_previews=True)
+    show(event)
+    show(event)
+    drawn = capsys.readouterr().out
+    assert drawn.count("38;2;0;200;0m") >= 32 and "\x1b[16F" in drawn  # second frame redrawn in place
+    assert "2/4 t=500" in err.getvalue()
+
+
+def test_grpc_server_refuses_open_public_bind():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LATENTD_API_KEY")}
+    result = subprocess.run([sys.executable, "-m", "services.api.grpc_server", "--host", "0.0.0.0", "--port", "0"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "no API keys are configured" in result.stderr
