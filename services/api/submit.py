@@ -45,6 +45,8 @@ def resolve_model(store: JobStore, settings: Settings, name: Optional[str]) -> d
         return models[default]
     if not models:
         raise Unavailable("no model is served yet: start a worker", "model")
+    if len(models) == 1:
+        return next(iter(models.values()))
     live = metrics.count_live_workers(store.redis, settings.worker_stale_after_s)
     return models[max(sorted(models), key=lambda m: live.get(m, 0))]
 
