@@ -5,6 +5,7 @@ import time
 from contextlib import asynccontextmanager
 from typing import Optional
 
+import redis.asyncio as aioredis
 from celery import Celery
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -33,6 +34,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         app.state.key_hashes = settings.key_hashes()
         app.state.store = JobStore.from_url(settings.redis_url, settings.result_ttl_s)
         app.state.celery = celery_client(settings)
+        app.state.aredis = aioredis.Redis.from_url(settings.redis_url)  # SSE readers wait on XREAD without a thread
         metrics.register_queue_depth(app.state.store.redis, lambda: app.state.store.models().keys(), queue_for)
         metrics.serve_metrics_from_env()
         try:
@@ -41,6 +43,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
             metrics.unregister_queue_depth()
             app.state.celery.close()
             app.state.store.redis.close()
+            await app.state.aredis.aclose()
 
     app = FastAPI(title="latentd", version="1", lifespan=lifespan,
                   description="Latent diffusion inference: text to image, trajectories, streamed progress.")

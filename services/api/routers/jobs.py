@@ -1,18 +1,17 @@
 """A job: read it, stream its events (SSE), fetch its images and frames, cancel it."""
 from __future__ import annotations
 
-import json
 import re
 import time
-from typing import Iterator, Optional
+from typing import AsyncIterator, Optional
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from services.api import metrics, submit
 from services.api.deps import OwnerDep, SettingsDep, StoreDep
 from services.common.errors import Conflict, InvalidInput, NotFound
-from services.common.jobstore import TERMINAL, JobStore
+from services.common.jobstore import TERMINAL, JobStore, events_key
 from services.common.schemas import Job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -63,25 +62,27 @@ def get_frame(job_id: str, index: int, store: StoreDep, owner: OwnerDep) -> Resp
     return _blob(store, job, job["frames"] or [], index, "frame")
 
 
-def sse_stream(store: JobStore, job_id: str, after: str, keepalive_s: float) -> Iterator[bytes]:
+async def sse_stream(store: JobStore, aredis, job_id: str, after: str, keepalive_s: float) -> AsyncIterator[bytes]:
+    """Entries of the job's Redis stream as SSE, from `after`; ends after a terminal event."""
     metrics.sse_readers.inc()
     try:
         last_sent = time.monotonic()
         yield b"retry: 1000\n\n"
         while True:
-            entries = store.read_events(job_id, after, block_ms=int(min(keepalive_s, 1.0) * 1000))
-            if not entries:
+            reply = await aredis.xread({events_key(job_id): after}, count=256, block=int(min(keepalive_s, 1.0) * 1000))
+            if not reply:
                 if time.monotonic() - last_sent >= keepalive_s:
                     last_sent = time.monotonic()
                     yield b": keep-alive\n\n"
                 continue
-            chunk = []
-            terminal = False
-            for entry_id, name, data in entries:
+            chunk, terminal = [], False
+            for entry_id, fields in reply[0][1]:
+                entry_id = entry_id.decode()
+                name, data = fields[b"event"].decode(), fields[b"data"].decode()
                 after = entry_id
-                chunk.append(f"id: {entry_id}\nevent: {name}\ndata: {json.dumps(data)}\n\n")
-                terminal = terminal or name in TERMINAL
-                if terminal:
+                chunk.append(f"id: {entry_id}\nevent: {name}\ndata: {data}\n\n")
+                if name in TERMINAL:
+                    terminal = True
                     break
             last_sent = time.monotonic()
             yield "".join(chunk).encode()
@@ -93,7 +94,7 @@ def sse_stream(store: JobStore, job_id: str, after: str, keepalive_s: float) -> 
 
 @router.get("/{job_id}/events", response_class=StreamingResponse,
             responses={200: {"content": {"text/event-stream": {}}}})
-def job_events(job_id: str, store: StoreDep, owner: OwnerDep, settings: SettingsDep,
+def job_events(job_id: str, request: Request, store: StoreDep, owner: OwnerDep, settings: SettingsDep,
                last_event_id_header: Optional[str] = Header(None, alias="Last-Event-ID"),
                last_event_id: Optional[str] = Query(None, description="Resume after this event id (as Last-Event-ID).")
                ) -> StreamingResponse:
@@ -101,5 +102,5 @@ def job_events(job_id: str, store: StoreDep, owner: OwnerDep, settings: Settings
     after = last_event_id_header or last_event_id or "0"
     if not _STREAM_ID.match(after):
         raise InvalidInput(f"Last-Event-ID must be an event id like 1700000000000-0, got {after!r}", "last_event_id")
-    return StreamingResponse(sse_stream(store, job_id, after, settings.sse_keepalive_s), media_type="text/event-stream",
+    return StreamingResponse(sse_stream(store, request.app.state.aredis, job_id, after, settings.sse_keepalive_s), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
