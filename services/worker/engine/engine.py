@@ -209,7 +209,8 @@ class Engine:
         multiple = self.size_multiple
         sizes = {}
         for name, native in (("width", model.native_width), ("height", model.native_height)):
-            value = getattr(request, name) or native
+            value = getattr(request, name)
+            value = native if value is None else value
             if not isinstance(value, int) or not multiple <= value <= 2 * native or value % multiple:
                 raise bad(name, f"{name} must be a multiple of {multiple} between {multiple} and {2 * native}, "
                                 f"got {value}")
