@@ -235,3 +235,20 @@ def test_a_failing_iteration_fails_only_its_requests(make_engine, tiny_model):
     with pytest.raises(ZeroDivisionError):
         failing_call.result(30)
     assert len(engine.submit(request("ok", num_inference_steps=2)).result(60).images) == 1
+
+
+DEFAULT_MODEL = __import__("pathlib").Path(__file__).resolve().parents[2] / "models" / "shapes-ldm"
+
+
+@pytest.mark.skipif(not (DEFAULT_MODEL / "model_index.json").is_file(), reason="models/shapes-ldm has not landed")
+def test_seed_parity_on_the_default_model(make_engine):
+    from services.worker.loading import load_model
+
+    model = load_model(DEFAULT_MODEL)
+    prompt = "a large red circle on a white background"
+    ours = make_engine(model=model).submit(request("d", prompt=prompt, seed=11, num_inference_steps=10)).result(120)
+    pipe = StableDiffusionPipeline.from_pretrained(DEFAULT_MODEL, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(prompt, num_inference_steps=10, guidance_scale=7.5,
+                  generator=torch.Generator("cpu").manual_seed(11)).images
+    assert psnr(pixels(ours.images), pixels(theirs)) >= 40
