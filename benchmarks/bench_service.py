@@ -74,7 +74,8 @@ def run_one(url: str, body: dict, out: dict, barrier: threading.Barrier) -> None
                         terminal = event
                         break
         image = client.get(f"/v1/jobs/{job['id']}/images/0") if terminal == "succeeded" else None
-    out.update(latency=time.perf_counter() - started, lags=lags, status=terminal,
+        timings = client.get(f"/v1/jobs/{job['id']}").json()["timings"]
+    out.update(queue_s=timings.get("queue_s", 0.0), run_s=timings.get("run_s", 0.0), latency=time.perf_counter() - started, lags=lags, status=terminal,
                ok=image is not None and image.status_code == 200)
 
 
@@ -106,7 +107,8 @@ def bench_service(model_path: Path, jobs: int, steps: int) -> dict:
     failed = [o for o in outs if not o.get("ok")]
     if failed:
         raise SystemExit(f"{len(failed)} jobs did not succeed: {failed[:2]}")
-    return {"wall_s": wall, "latencies": [o["latency"] for o in outs], "lags": [lag for o in outs for lag in o["lags"]]}
+    return {"wall_s": wall, "latencies": [o["latency"] for o in outs], "queue_s": [o["queue_s"] for o in outs],
+            "run_s": [o["run_s"] for o in outs], "lags": [lag for o in outs for lag in o["lags"]]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         "step_event_lag_p50_ms": round(1000 * statistics.median(service["lags"]), 2),
         "step_event_lag_p95_ms": round(1000 * percentile(service["lags"], 0.95), 2),
         "step_events": len(service["lags"]),
+        "service_queue_wait_p50_s": round(percentile(service["queue_s"], 0.5), 3),
+        "service_queue_wait_max_s": round(max(service["queue_s"]), 3),
+        "service_run_p50_s": round(percentile(service["run_s"], 0.5), 3),
     }
     print(json.dumps(result))
     return 0
