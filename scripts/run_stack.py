@@ -121,6 +121,12 @@ def main(argv: Optional[list[str]] = None) -> int:
               "`make train-model` or pass --model <diffusers folder>", file=sys.stderr)
         return 2
     procs: list[subprocess.Popen] = []
+
+    def interrupted(signum, _frame):  # Ctrl-C, and SIGTERM from a supervisor, even where SIGINT was ignored
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupted)
+    signal.signal(signal.SIGTERM, interrupted)
     try:
         redis_url = os.environ.get("REDIS_URL")
         if not redis_url:
