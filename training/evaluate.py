@@ -96,16 +96,18 @@ def sample(
     return pixels, unclipped.numpy()
 
 
-def eval_captions(full: bool = True) -> list[str]:
-    """Every caption of the full grammar (108 with a size word) plus the 54 without; or, short,
-    one size word per colour/shape/background (alternating) plus the 54 without."""
+def eval_captions(kind: str = "full") -> list[str]:
+    """full: every caption of the grammar (108 with a size word) plus the 54 without;
+    short: one size word per colour/shape/background (alternating) plus the 54 without;
+    sized: only the 54 with the alternating size word."""
     captions = []
     for i, (colour, shape, background) in enumerate(
         (c, s, b) for c in COLOURS for s in SHAPES for b in BACKGROUNDS
     ):
-        sizes = list(SIZES) if full else [list(SIZES)[i % 2]]
+        sizes = list(SIZES) if kind == "full" else [list(SIZES)[i % 2]]
         captions += [caption_for(colour, shape, background, size) for size in sizes]
-        captions.append(caption_for(colour, shape, background))
+        if kind != "sized":
+            captions.append(caption_for(colour, shape, background))
     return captions
 
 
@@ -174,7 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", type=Path, default=Path("models/shapes-ldm"))
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
     parser.add_argument("--seed", type=int, default=1234, help="picture i uses noise seed seed + i")
-    parser.add_argument("--short", action="store_true", help="54 captions with one size word each instead of all 108")
+    parser.add_argument("--captions", choices=("full", "short", "sized"), default="full",
+                        help="full: 108 with size + 54 without; short: 54 with one size word + 54 without; sized: the 54 with a size word")
     parser.add_argument("--docs", type=Path, default=DOCS_DIR, help="where model.md and contact_sheet.png go")
     parser.add_argument("--no-docs", action="store_true", help="print only")
     args = parser.parse_args(argv)
@@ -182,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(2)
     started = time.monotonic()
     model = ShapesModel.load(args.model)
-    captions = eval_captions(full=not args.short)
+    captions = eval_captions(args.captions)
     rows = [(caption, scale, args.seed + i) for scale in GUIDANCE_SCALES for i, caption in enumerate(captions)]
     pixels, unclipped = sample(model, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], args.steps)
     results, saturation, pixels_by_scale = {}, {}, {}
@@ -193,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
         outside = (unclipped[part] < -CLIP_MARGIN) | (unclipped[part] > 1 + CLIP_MARGIN)
         saturation[scale] = float(outside.mean())
     elapsed = time.monotonic() - started
-    command = f"python -m training.evaluate --model {args.model}" + (" --short" if args.short else "")
+    command = f"python -m training.evaluate --model {args.model} --captions {args.captions}"
     table = markdown_table(results, saturation, len(captions))
     section = (
         f"Made by `{command}` (DDIM {args.steps} steps, eta 0, noise seed {args.seed} + caption index, the same "
@@ -206,8 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{len(rows)} pictures in {elapsed:.0f} s")
     if not args.no_docs:
         # One row per colour x shape (18), the background rotating through the three.
-        sizeless = [i for i, caption in enumerate(captions) if parse_caption(caption)["size"] is None]
-        sheet_rows = [index for j, index in enumerate(sizeless) if j % 3 == (j // 3) % 3]
+        per_combo = len(captions) // 54
+        sheet_rows = [j * per_combo for j in range(54) if j % 3 == (j // 3) % 3]
         contact_sheet(captions, pixels_by_scale, sheet_rows, args.docs / "contact_sheet.png")
         write_docs(args.docs / "model.md", section)
         print(f"wrote {args.docs / 'model.md'} and {args.docs / 'contact_sheet.png'}")

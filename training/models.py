@@ -22,7 +22,9 @@ def build_vae(block_out_channels: tuple[int, ...] = (8, 16, 32)) -> AutoencoderK
         block_out_channels=block_out_channels,
         layers_per_block=1,
         latent_channels=LATENT_CHANNELS,
-        norm_num_groups=8,
+        # Several channels per group: one channel per group (instance norm) erases the per-picture
+        # colour level that the decoder has to reproduce, and reconstructions came out grey.
+        norm_num_groups=2,
         sample_size=IMAGE_SIZE,
     )
 

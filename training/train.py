@@ -73,6 +73,10 @@ def train_vae(args: argparse.Namespace, log: StageLog) -> AutoencoderKL:
     torch.manual_seed(args.seed)
     world = ShapesWorld(args.seed)
     vae = build_vae()
+    # Start the posterior narrow (std ~ e^-4): with the default std ~ 1 the sampled noise swamps the
+    # latent and, at this tiny KL weight, the decoder needs thousands of steps to learn around it.
+    with torch.no_grad():
+        vae.encoder.conv_out.bias[vae.config.latent_channels :].fill_(-8.0)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     log.write(f"AutoencoderKL {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M parameters")
     for step in (bar := tqdm(range(args.vae_steps), desc="vae", mininterval=5)):
@@ -217,11 +221,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="model folder to write (diffusers format)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs-dir", type=Path, default=RUNS_DIR, help="loss logs and stage checkpoints")
-    parser.add_argument("--vae-steps", type=int, default=400)
+    parser.add_argument("--vae-steps", type=int, default=350)
     parser.add_argument("--vae-batch", type=int, default=16)
-    parser.add_argument("--vae-lr", type=float, default=3e-3)
+    parser.add_argument("--vae-lr", type=float, default=2e-3)
     parser.add_argument("--latent-pictures", type=int, default=4096, help="pictures encoded once for the UNet stage")
-    parser.add_argument("--unet-steps", type=int, default=800)
+    parser.add_argument("--unet-steps", type=int, default=400)
     parser.add_argument("--unet-batch", type=int, default=32)
     parser.add_argument("--unet-lr", type=float, default=1e-3)
     parser.add_argument("--ema-decay", type=float, default=0.995)

@@ -6,7 +6,7 @@ from training.shapes import ShapesWorld
 
 
 def test_read_back_is_right_on_generated_pictures():
-    pixels, scenes = ShapesWorld(11).batch(300)
+    pixels, scenes = ShapesWorld(11).batch(120)
     for picture, scene in zip(pixels, scenes):
         result = read_back(picture)
         assert result.matches(scene.colour, scene.shape, scene.background) == {
