@@ -75,6 +75,14 @@ def check_prompt(model: dict, field: str, text: Optional[str]) -> None:
                            "(start and end tokens included)", field)
 
 
+def check_steps(model: dict, value: int) -> None:
+    """The schema allows 1..1000; the model's scheduler may allow fewer (leading spacing with an offset)."""
+    limit = model.get("max_inference_steps", model["num_train_timesteps"])
+    if not 1 <= value <= limit:
+        raise InvalidInput(f"num_inference_steps must be between 1 and {limit} for model {model['name']!r}, got {value}",
+                           "num_inference_steps")
+
+
 def check_images(settings: Settings, field: str, value: int) -> None:
     if not 1 <= value <= settings.max_num_images:
         raise InvalidInput(f"{field} must be between 1 and {settings.max_num_images}, got {value}", field)

@@ -100,4 +100,5 @@ class ModelInfo(BaseModel):
     max_prompt_tokens: int
     num_train_timesteps: int
     size_multiple: int
+    max_inference_steps: int = 1000
     workers: int = 0

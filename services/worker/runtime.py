@@ -19,6 +19,7 @@ from typing import Optional
 from services.common.jobstore import JobStore, events_key, job_key
 from services.common.settings import Settings
 from services.worker import metrics as worker_metrics
+from services.worker.diffusion.schedules import max_inference_steps
 from services.worker.engine.engine import Engine, RequestHandle
 from services.worker.engine.requests import StepEvent
 from services.worker.loading import LoadedModel, load_model
@@ -46,7 +47,8 @@ def model_info(model: LoadedModel, engine: Engine) -> dict:
     return {"name": model.name, "native_width": model.native_width, "native_height": model.native_height,
             "scheduler": f"{config.get('_class_name', 'DDIMScheduler')} / {config.get('beta_schedule', '?')}",
             "max_prompt_tokens": model.max_prompt_tokens, "num_train_timesteps": model.num_train_timesteps,
-            "size_multiple": engine.size_multiple, "tokenizer_path": str(Path(model.path) / "tokenizer")}
+            "size_multiple": engine.size_multiple,
+            "max_inference_steps": max_inference_steps(config), "tokenizer_path": str(Path(model.path) / "tokenizer")}
 
 
 class StepEventWriter:

@@ -24,7 +24,7 @@ def client(model_path):
                         max_body_bytes=4096, retry_after_s=7, max_num_images=4)
     JobStore.from_url(REDIS_URL).publish_model({
         "name": "tiny", "native_width": 32, "native_height": 32, "scheduler": "DDIMScheduler / scaled_linear",
-        "max_prompt_tokens": 77, "num_train_timesteps": 1000, "size_multiple": 8,
+        "max_prompt_tokens": 77, "num_train_timesteps": 1000, "size_multiple": 8, "max_inference_steps": 999,
         "tokenizer_path": str(model_path / "tokenizer")})
     with TestClient(create_app(settings), headers={"Authorization": f"Bearer {KEY}"}) as test_client:
         yield test_client
@@ -53,6 +53,17 @@ def test_the_job_record_holds_the_resolved_defaults(client):
     assert isinstance(params["seed"], int) and params["num_inference_steps"] == 50 and params["guidance_scale"] == 7.5
     events = JobStore.from_url(REDIS_URL).read_events(job["id"])
     assert [name for _, name, _ in events] == ["queued"]
+
+
+def test_steps_past_the_schedulers_limit_are_refused_before_queueing(client):
+    # leading spacing with steps_offset 1 allows 999 steps: the gateway says so instead of a failed job
+    for path, body in (("/v1/generations", {"prompt": "x", "num_inference_steps": 1000}),
+                       ("/v1/trajectories", {"kind": "reverse", "prompt": "x", "num_inference_steps": 1000})):
+        response = client.post(path, json=body)
+        assert response.status_code == 422
+        assert response.json()["error"]["param"] == "num_inference_steps"
+        assert "between 1 and 999" in response.json()["error"]["message"]
+    assert client.post("/v1/generations", json={"prompt": "x", "num_inference_steps": 999}).status_code == 202
 
 
 def test_a_body_over_the_limit_is_413(client):

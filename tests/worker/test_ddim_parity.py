@@ -11,7 +11,7 @@ from services.worker.diffusion.ddim import ddim_step
 from services.worker.diffusion.forward import alpha_bars_paper, forward_trajectory, q_sample
 from services.worker.diffusion.guidance import classifier_free_guidance
 from services.worker.diffusion.schedules import (
-    alphas_cumprod_from_config, final_alpha_cumprod, inference_timesteps, previous_timesteps,
+    alphas_cumprod_from_config, final_alpha_cumprod, inference_timesteps, max_inference_steps, previous_timesteps,
 )
 
 SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -200,3 +200,13 @@ def test_guidance_per_row_and_exact_at_one_and_zero():
     assert torch.allclose(out[1], c[1])
     assert torch.allclose(out[2], u[2] + 7.5 * (c[2] - u[2]))
     assert torch.equal(classifier_free_guidance(c, c, 7.5), c)  # a row with only ε_cond keeps it exactly
+
+
+@pytest.mark.parametrize("spacing,offset,expected", [("leading", 1, 999), ("leading", 0, 1000), ("trailing", 0, 1000),
+                                                     ("linspace", 0, 1000)])
+def test_max_inference_steps_is_the_most_diffusers_can_run(spacing, offset, expected):
+    config = {"num_train_timesteps": 1000, "timestep_spacing": spacing, "steps_offset": offset}
+    assert max_inference_steps(config) == expected
+    scheduler = DDIMScheduler(timestep_spacing=spacing, steps_offset=offset)
+    scheduler.set_timesteps(expected)
+    assert int(scheduler.timesteps.max()) < 1000

@@ -15,6 +15,7 @@ def create_generation(body: GenerationCreate, store: StoreDep, celery: CeleryDep
                       owner: OwnerDep) -> dict:
     model = submit.resolve_model(store, settings, body.model)
     width, height = submit.check_size(model, body.width, body.height)
+    submit.check_steps(model, body.num_inference_steps)
     submit.check_images(settings, "num_images", body.num_images)
     submit.check_prompt(model, "prompt", body.prompt)
     submit.check_prompt(model, "negative_prompt", body.negative_prompt)

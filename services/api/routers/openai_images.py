@@ -31,6 +31,7 @@ def openai_generate(body: OpenAIImageRequest, request: Request, store: StoreDep,
         width, height = submit.check_size(model, width, height)
     except InvalidInput as error:
         raise InvalidInput(f"size: {error.message}", "size") from None
+    submit.check_steps(model, body.num_inference_steps)
     submit.check_images(settings, "n", body.n)
     submit.check_prompt(model, "prompt", body.prompt)
     submit.check_prompt(model, "negative_prompt", body.negative_prompt)

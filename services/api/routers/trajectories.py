@@ -16,6 +16,7 @@ def create_trajectory(body: TrajectoryCreate, store: StoreDep, celery: CeleryDep
                       owner: OwnerDep) -> dict:
     model = submit.resolve_model(store, settings, body.model)
     width, height = submit.check_size(model, body.width, body.height)
+    submit.check_steps(model, body.num_inference_steps)
     params = body.model_dump()
     if body.kind == "forward":
         if body.image is None and body.prompt is None:

@@ -61,6 +61,15 @@ def final_alpha_cumprod(config: Mapping[str, Any], alphas_cumprod: torch.Tensor)
     return 1.0 if config.get("set_alpha_to_one", True) else float(alphas_cumprod[0])
 
 
+def max_inference_steps(config: Mapping[str, Any]) -> int:
+    """The most DDIM steps the scheduler config allows: T, less where leading spacing's offset would pass T."""
+    T = int(config.get("num_train_timesteps", 1000))
+    if config.get("timestep_spacing", "leading") != "leading":
+        return T
+    offset = int(config.get("steps_offset", 0))
+    return max(n for n in range(1, T + 1) if (n - 1) * (T // n) + offset < T)
+
+
 def inference_timesteps(config: Mapping[str, Any], num_inference_steps: int) -> list[int]:
     """The timesteps to denoise from, high to low, as diffusers' DDIMScheduler.set_timesteps picks them."""
     T = int(config.get("num_train_timesteps", 1000))
@@ -81,7 +90,7 @@ def inference_timesteps(config: Mapping[str, Any], num_inference_steps: int) -> 
     timesteps = [int(t) for t in steps.tolist()]
     if timesteps[0] >= T:
         # leading spacing with steps_offset > 0 runs past T at high step counts; diffusers would index out of range
-        limit = max(n for n in range(1, T + 1) if (n - 1) * (T // n) + int(config.get("steps_offset", 0)) < T)
+        limit = max_inference_steps(config)
         raise ValueError(f"num_inference_steps must be between 1 and {limit} for this model's scheduler "
                          f"({spacing} spacing, steps_offset {config.get('steps_offset', 0)}), got {num_inference_steps}")
     return timesteps
