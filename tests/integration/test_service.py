@@ -194,7 +194,7 @@ def test_trajectories_forward_reverse_and_sweep(real_stack):
     events_url = f"{real_stack.url}/v1/jobs/{sweep['id']}/events"
     events = read_events(events_url, real_stack.headers())
     sweep = wait_job(real_stack, sweep["id"])
-    assert sweep["status"] == "succeeded"
+    assert sweep["status"] == "succeeded", sweep["error"]
     assert [f["guidance_scale"] for f in sweep["frames"]] == [0, 1, 3, 7.5, 15]
     assert sum(e["event"] == "frame" for e in events) == 5
     pictures = {httpx.get(real_stack.url + f["url"], headers=real_stack.headers()).content for f in sweep["frames"]}
