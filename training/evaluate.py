@@ -49,11 +49,16 @@ class ShapesModel:
             scheduler=DDIMScheduler.from_pretrained(folder / "scheduler"),
         )
 
+    def to(self, device: str | torch.device) -> ShapesModel:
+        for part in (self.text_encoder, self.unet, self.vae):
+            part.to(device)
+        return self
+
     def embed(self, captions: list[str]) -> torch.Tensor:
         ids = self.tokenizer(
             captions, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
         ).input_ids
-        return self.text_encoder(ids)[0]  # (B, L, D)
+        return self.text_encoder(ids.to(self.unet.device))[0]  # (B, L, D)
 
 
 @torch.no_grad()
@@ -65,8 +70,10 @@ def sample(
     num_inference_steps: int = 50,
     chunk_rows: int = 512,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One picture per row: classifier-free guidance eps = eps_u + s (eps_c - eps_u) at every
-    scale (s = 0 is the unconditional model, s = 1 the conditional one), DDIM with eta = 0.
+    """One picture per row: classifier-free guidance out = out_u + s (out_c - out_u) on the UNet's
+    output (ε or v: the mix is linear in either) at every scale (s = 0 is the unconditional model,
+    s = 1 the conditional one), DDIM with eta = 0. The noise comes from CPU generators, as in
+    diffusers, whatever device the model is on.
 
     Returns (pixels uint8 (N, H, W, 3), unclipped decoder output float (N, 3, H, W) on [0, 1]).
     """
@@ -76,24 +83,24 @@ def sample(
     size = unet.config.sample_size
     latents = torch.stack(
         [torch.randn((unet.config.in_channels, size, size), generator=torch.Generator().manual_seed(seed)) for seed in seeds]
-    ) * scheduler.init_noise_sigma  # (N, C, h, w)
+    ).to(unet.device) * scheduler.init_noise_sigma  # (N, C, h, w)
     cond = model.embed(captions)
     uncond = model.embed([""]).expand_as(cond)
-    scale = torch.tensor(guidance_scales, dtype=latents.dtype)[:, None, None, None]
+    scale = torch.tensor(guidance_scales, dtype=latents.dtype, device=latents.device)[:, None, None, None]
     for t in scheduler.timesteps:
-        noise_pred = torch.empty_like(latents)
+        model_output = torch.empty_like(latents)
         for start in range(0, len(captions), chunk_rows):
             rows = slice(start, start + chunk_rows)
             x = latents[rows]
-            eps_uncond, eps_cond = unet(
+            out_uncond, out_cond = unet(
                 torch.cat([x, x]), t, torch.cat([uncond[rows], cond[rows]])
             ).sample.chunk(2)
-            noise_pred[rows] = eps_uncond + scale[rows] * (eps_cond - eps_uncond)
-        latents = scheduler.step(noise_pred, t, latents).prev_sample
+            model_output[rows] = out_uncond + scale[rows] * (out_cond - out_uncond)
+        latents = scheduler.step(model_output, t, latents).prev_sample
     decoded = torch.cat([vae.decode(chunk / vae.config.scaling_factor).sample for chunk in latents.split(256)])
     unclipped = (decoded + 1) / 2  # (N, 3, H, W)
-    pixels = (unclipped.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return pixels, unclipped.numpy()
+    pixels = (unclipped.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return pixels, unclipped.cpu().numpy()
 
 
 def eval_captions(kind: str = "full") -> list[str]:
@@ -180,11 +187,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="full: 108 with size + 54 without; short: 54 with one size word + 54 without; sized: the 54 with a size word")
     parser.add_argument("--docs", type=Path, default=DOCS_DIR, help="where model.md and contact_sheet.png go")
     parser.add_argument("--no-docs", action="store_true", help="print only")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda to go faster")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(2)
     started = time.monotonic()
-    model = ShapesModel.load(args.model)
+    model = ShapesModel.load(args.model).to(args.device)
     captions = eval_captions(args.captions)
     rows = [(caption, scale, args.seed + i) for scale in GUIDANCE_SCALES for i, caption in enumerate(captions)]
     pixels, unclipped = sample(model, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], args.steps)
@@ -197,10 +205,11 @@ def main(argv: list[str] | None = None) -> None:
         saturation[scale] = float(outside.mean())
     elapsed = time.monotonic() - started
     command = f"python -m training.evaluate --model {args.model} --captions {args.captions}"
+    where = "a 2-core CPU" if args.device == "cpu" else torch.cuda.get_device_name(args.device)
     table = markdown_table(results, saturation, len(captions))
     section = (
         f"Made by `{command}` (DDIM {args.steps} steps, eta 0, noise seed {args.seed} + caption index, the same "
-        f"noise at every scale; {len(rows)} pictures in {elapsed / 60:.1f} min on a 2-core CPU). "
+        f"noise at every scale; {len(rows)} pictures in {elapsed / 60:.1f} min on {where}). "
         f"A picture is right when the read-back of training/readback.py (SHAPES.md) matches its caption; "
         f"'clipped' is the share of decoder channel values more than 8/255 outside [0, 1].\n\n{table}\n\n"
         f"![contact sheet](contact_sheet.png)"

@@ -63,13 +63,20 @@ def build_unet(latent_size: int, block_out_channels: tuple[int, ...] = (32, 64, 
 
 
 def build_scheduler() -> DDIMScheduler:
-    """DDIM over the cosine schedule; trailing spacing starts sampling at t = 999 (pure noise)."""
+    """DDIM over the cosine schedule; trailing spacing starts sampling at t = 999 (pure noise).
+
+    The UNet predicts v = √ᾱ_t·ε − √(1−ᾱ_t)·x0 (Salimans & Ho 2022), not ε. Under
+    `squaredcos_cap_v2`, ᾱ_999 = 2.4e-9: DDIM's x̂0 = (x_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t multiplies any
+    error of an ε-predicting UNet by 1/√ᾱ_999 ≈ 2·10⁴ at the first step, and without sample
+    clipping the latents blow up (rms 1 → 99 in one step, measured on an ε model). From v,
+    x̂0 = √ᾱ_t·x_t − √(1−ᾱ_t)·v̂ is well conditioned at every t (Lin et al. 2024, sec. 3.2).
+    """
     return DDIMScheduler(
         num_train_timesteps=1000,
         beta_schedule="squaredcos_cap_v2",
         timestep_spacing="trailing",
         clip_sample=False,
         set_alpha_to_one=True,
-        prediction_type="epsilon",
-        steps_offset=0,
+        prediction_type="v_prediction",
+        steps_offset=1,  # unused by trailing spacing; 1 keeps diffusers from warning
     )

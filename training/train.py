@@ -2,8 +2,14 @@
 
     python -m training.train --out models/shapes-ldm --seed 0
 
-CPU-only and seeded (torch.set_num_threads(2)); each stage logs its loss to training/runs/<stage>.log
-and checkpoints, so a usable model folder exists before the end of the run.
+Seeded; runs on the CPU (2 threads) unless --device names a GPU, which only makes it faster. Each
+stage logs its loss to training/runs/<stage>.log and checkpoints, so a usable model folder exists
+before the end of the run.
+
+The denoiser's loss is the noise-prediction loss of Ho et al. written through v (Salimans & Ho 2022):
+the UNet outputs v̂, the noise it implies is ε̂ = √ᾱ_t·v̂ + √(1−ᾱ_t)·x_t, and
+‖v − v̂‖² = ‖ε − ε̂‖² / ᾱ_t, i.e. L = ‖ε − ε̂(x_t, t, c)‖² weighted by 1/ᾱ_t. Why v and not a
+plain ε output: see training/models.py:build_scheduler.
 """
 
 from __future__ import annotations
@@ -20,8 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, StableDiffusionPipeline
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from tqdm import tqdm
+from transformers import CLIPTextModel
 
 from training.models import build_scheduler, build_text_encoder, build_unet, build_vae
 from training.shapes import ShapesWorld, training_caption
@@ -50,9 +57,9 @@ class StageLog:
         return time.monotonic() - self.started
 
 
-def to_model_range(pixels: np.ndarray) -> torch.Tensor:
+def to_model_range(pixels: np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:
     """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1]."""
-    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    return torch.from_numpy(pixels).to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
 def psnr(reconstruction: torch.Tensor, target: torch.Tensor) -> float:
@@ -72,7 +79,7 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 def train_vae(args: argparse.Namespace, log: StageLog) -> AutoencoderKL:
     torch.manual_seed(args.seed)
     world = ShapesWorld(args.seed)
-    vae = build_vae()
+    vae = build_vae().to(args.device)
     # Start the posterior narrow (std ~ e^-4): with the default std ~ 1 the sampled noise swamps the
     # latent and, at this tiny KL weight, the decoder needs thousands of steps to learn around it.
     with torch.no_grad():
@@ -83,7 +90,7 @@ def train_vae(args: argparse.Namespace, log: StageLog) -> AutoencoderKL:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args.vae_steps, args.vae_lr, warmup=50)
         pixels, _ = world.batch(args.vae_batch)
-        x = to_model_range(pixels)
+        x = to_model_range(pixels, args.device)
         posterior = vae.encode(x).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample
         # L1 keeps edges and flat colours sharp; MSE is what PSNR measures.
@@ -104,7 +111,7 @@ def train_vae(args: argparse.Namespace, log: StageLog) -> AutoencoderKL:
 @torch.no_grad()
 def held_out_psnr(vae: AutoencoderKL, seed: int, count: int = 512) -> float:
     pixels, _ = ShapesWorld(seed + 10_000).batch(count)
-    x = to_model_range(pixels)
+    x = to_model_range(pixels, vae.device)
     reconstruction = torch.cat([vae.decode(vae.encode(chunk).latent_dist.mode()).sample for chunk in x.split(64)])
     return psnr(reconstruction, x)
 
@@ -116,7 +123,7 @@ def encode_buffer(vae: AutoencoderKL, seed: int, count: int, log: StageLog) -> d
     means, stds, scenes = [], [], []
     for _ in tqdm(range(0, count, 128), desc="encode", mininterval=5):
         pixels, batch_scenes = world.batch(128)
-        posterior = vae.encode(to_model_range(pixels)).latent_dist
+        posterior = vae.encode(to_model_range(pixels, vae.device)).latent_dist
         means.append(posterior.mean)
         stds.append(posterior.std)
         scenes += batch_scenes
@@ -127,7 +134,8 @@ def encode_buffer(vae: AutoencoderKL, seed: int, count: int, log: StageLog) -> d
 
 def latent_scaling_factor(buffer: dict, seed: int) -> float:
     generator = torch.Generator().manual_seed(seed)
-    sample = buffer["mean"][:4096] + buffer["std"][:4096] * torch.randn(buffer["mean"][:4096].shape, generator=generator)
+    mean, std = buffer["mean"][:4096].cpu(), buffer["std"][:4096].cpu()
+    sample = mean + std * torch.randn(mean.shape, generator=generator)
     return float(1.0 / sample.std())
 
 
@@ -160,8 +168,13 @@ def train_denoiser(args: argparse.Namespace, vae: AutoencoderKL, buffer: dict, t
     index_generator = torch.Generator().manual_seed(args.seed + 3)
     scaling_factor = vae.config.scaling_factor
     latent_size = buffer["mean"].shape[-1]
-    text_encoder = build_text_encoder(tokenizer)
-    unet = build_unet(latent_size)
+    device = args.device
+    if args.init_from:
+        text_encoder = CLIPTextModel.from_pretrained(args.init_from / "text_encoder").to(device).train()
+        unet = UNet2DConditionModel.from_pretrained(args.init_from / "unet").to(device).train()
+    else:
+        text_encoder = build_text_encoder(tokenizer).to(device)
+        unet = build_unet(latent_size).to(device)
     ema_unet = copy.deepcopy(unet).requires_grad_(False)
     ema_text_encoder = copy.deepcopy(text_encoder).requires_grad_(False)
     parameters = list(unet.parameters()) + list(text_encoder.parameters())
@@ -171,7 +184,7 @@ def train_denoiser(args: argparse.Namespace, vae: AutoencoderKL, buffer: dict, t
         f"text encoder {sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f}M parameters, "
         f"latent scaling factor {scaling_factor:.4f}"
     )
-    alphas_cumprod = build_scheduler().alphas_cumprod.to(torch.float64)  # (T,)
+    alphas_cumprod = build_scheduler().alphas_cumprod.to(device)  # (T,) ᾱ_t, float32 as the samplers read it
     token_cache: dict[str, torch.Tensor] = {}
 
     def token_ids(captions: list[str]) -> torch.Tensor:
@@ -180,7 +193,7 @@ def train_denoiser(args: argparse.Namespace, vae: AutoencoderKL, buffer: dict, t
                 token_cache[caption] = tokenizer(
                     caption, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
                 ).input_ids[0]
-        return torch.stack([token_cache[caption] for caption in captions])
+        return torch.stack([token_cache[caption] for caption in captions]).to(device)
 
     count = buffer["mean"].shape[0]
     running = None
@@ -188,15 +201,17 @@ def train_denoiser(args: argparse.Namespace, vae: AutoencoderKL, buffer: dict, t
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args.unet_steps, args.unet_lr, warmup=100)
         rows = torch.randint(0, count, (args.unet_batch,), generator=index_generator)
-        x0 = (buffer["mean"][rows] + buffer["std"][rows] * torch.randn_like(buffer["mean"][rows])) * scaling_factor
         captions = [training_caption(buffer["scenes"][row], caption_rng) for row in rows.tolist()]
+        rows = rows.to(device)
+        x0 = (buffer["mean"][rows] + buffer["std"][rows] * torch.randn_like(buffer["mean"][rows])) * scaling_factor
         encoder_hidden_states = text_encoder(token_ids(captions))[0]  # (B, L, D), as the pipeline reads it
-        t = torch.randint(0, len(alphas_cumprod), (args.unet_batch,))
-        alpha_bar_t = alphas_cumprod[t].float()[:, None, None, None]
+        t = torch.randint(0, len(alphas_cumprod), (args.unet_batch,), device=device)
+        alpha_bar_t = alphas_cumprod[t][:, None, None, None]
         noise = torch.randn_like(x0)
         x_t = alpha_bar_t.sqrt() * x0 + (1 - alpha_bar_t).sqrt() * noise  # q(x_t | x_0)
-        noise_pred = unet(x_t, t, encoder_hidden_states).sample
-        loss = F.mse_loss(noise_pred, noise)
+        v = alpha_bar_t.sqrt() * noise - (1 - alpha_bar_t).sqrt() * x0  # the UNet's target
+        v_pred = unet(x_t, t, encoder_hidden_states).sample
+        loss = F.mse_loss(v_pred, v)  # = mean ‖ε − ε̂‖² / ᾱ_t, see the module docstring
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -221,16 +236,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="model folder to write (diffusers format)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs-dir", type=Path, default=RUNS_DIR, help="loss logs and stage checkpoints")
-    parser.add_argument("--vae-steps", type=int, default=350)
-    parser.add_argument("--vae-batch", type=int, default=16)
+    parser.add_argument("--vae-steps", type=int, default=2500)
+    parser.add_argument("--vae-batch", type=int, default=32)
     parser.add_argument("--vae-lr", type=float, default=2e-3)
-    parser.add_argument("--latent-pictures", type=int, default=4096, help="pictures encoded once for the UNet stage")
-    parser.add_argument("--unet-steps", type=int, default=400)
-    parser.add_argument("--unet-batch", type=int, default=32)
+    parser.add_argument("--latent-pictures", type=int, default=16384, help="pictures encoded once for the UNet stage")
+    parser.add_argument("--unet-steps", type=int, default=7000)
+    parser.add_argument("--unet-batch", type=int, default=64)
     parser.add_argument("--unet-lr", type=float, default=1e-3)
     parser.add_argument("--ema-decay", type=float, default=0.995)
-    parser.add_argument("--checkpoint-every", type=int, default=100, help="UNet steps between model-folder saves")
+    parser.add_argument("--checkpoint-every", type=int, default=500, help="UNet steps between model-folder saves")
     parser.add_argument("--reuse-vae", action="store_true", help="load <runs-dir>/vae and its latents instead of training")
+    parser.add_argument("--device", default="cpu", help="cpu (the reference run), or cuda to go faster")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="a model folder to go on training: its VAE is kept (pictures re-encoded with --seed), "
+                             "its UNet and text encoder start the denoiser stage")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(2)
@@ -242,9 +261,13 @@ def main(argv: list[str] | None = None) -> None:
 
     vae_dir = args.runs_dir / "vae"
     log = StageLog(args.runs_dir, "vae")
-    if args.reuse_vae:
-        vae = AutoencoderKL.from_pretrained(vae_dir).eval()
-        buffer = torch.load(args.runs_dir / "latents.pt", weights_only=False)
+    if args.init_from:
+        vae = AutoencoderKL.from_pretrained(args.init_from / "vae").to(args.device).eval()
+        log.write(f"kept the VAE of {args.init_from}")
+        buffer = encode_buffer(vae, args.seed, args.latent_pictures, log)
+    elif args.reuse_vae:
+        vae = AutoencoderKL.from_pretrained(vae_dir).to(args.device).eval()
+        buffer = torch.load(args.runs_dir / "latents.pt", weights_only=False, map_location=args.device)
         log.write(f"reused {vae_dir} and its latent buffer")
     else:
         vae = train_vae(args, log)

@@ -31,7 +31,26 @@ def test_scheduler_is_cosine_trailing_ddim():
     assert config["num_train_timesteps"] == 1000
     assert config["timestep_spacing"] == "trailing"
     assert config["clip_sample"] is False
-    assert config["prediction_type"] == "epsilon"
+    assert config["prediction_type"] == "v_prediction"  # why: training/models.py:build_scheduler
+
+
+def test_first_ddim_step_from_pure_noise_stays_bounded():
+    """At t = 999 the cosine schedule leaves √ᾱ = 5e-5 of signal: a model whose x̂0 is ill conditioned
+    there (an ε-predicting one) throws the latents to rms ~100 in one step. Its first step must keep
+    them near unit scale, and x̂0 near the data's scale."""
+    from diffusers import DDIMScheduler
+
+    model = ShapesModel.load(MODEL)
+    scheduler = DDIMScheduler.from_config(model.scheduler.config)
+    scheduler.set_timesteps(50)
+    t = scheduler.timesteps[0]
+    latents = torch.randn((4, 4, 16, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        output = model.unet(latents, t, model.embed(["a large red circle on a white background"] * 4)).sample
+    step = scheduler.step(output, t, latents)
+    assert int(t) == 999
+    assert 0.5 < step.prev_sample.pow(2).mean().sqrt().item() < 1.5
+    assert step.pred_original_sample.pow(2).mean().sqrt().item() < 3.0
 
 
 def test_loads_with_stable_diffusion_pipeline_offline(monkeypatch):
