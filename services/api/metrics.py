@@ -8,7 +8,6 @@ Prometheus looks, not whenever a request happened to pass through this process.
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -20,10 +19,11 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
-    start_http_server,
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from services.common import metrics_server
 
 DEFAULT_API_METRICS_PORT = 9464
 DEFAULT_GRPC_METRICS_PORT = 9466  # the gRPC front door runs as its own process
@@ -186,25 +186,13 @@ def unregister_queue_depth(registry: CollectorRegistry = REGISTRY) -> None:
         _queue_depth_collector = None
 
 
-_servers: dict[int, Any] = {}
-
-
 def metrics_port_from_env() -> int:
     return int(os.environ.get("LATENTD_API_METRICS_PORT", DEFAULT_API_METRICS_PORT))
 
 
 def start_metrics_server(port: int | None = None, addr: str = "0.0.0.0") -> int:
-    """Serve /metrics on `port` (0 picks a free one) in a daemon thread; idempotent per fixed port.
-
-    Returns the bound port. Process metrics come with the default registry.
-    """
-    port = metrics_port_from_env() if port is None else port
-    if port and port in _servers:
-        return port
-    server, _thread = start_http_server(port, addr=addr)
-    bound = server.server_address[1]
-    _servers[bound] = server
-    return bound
+    """Serve /metrics on `port` (default $LATENTD_API_METRICS_PORT; 0 picks a free one); returns the bound port."""
+    return metrics_server.start(metrics_port_from_env() if port is None else port, addr=addr)
 
 
 class Timer:
@@ -220,16 +208,5 @@ class Timer:
 
 
 def serve_metrics_from_env(addr: str = "0.0.0.0") -> int | None:
-    """Start the metrics server on $LATENTD_API_METRICS_PORT (default {DEFAULT_API_METRICS_PORT}); "off" disables it.
-
-    A port already taken is logged, not fatal: a second process on the same host (tests, a
-    colocated replica) keeps serving its jobs; set a distinct port per process to scrape both.
-    """
-    value = os.environ.get("LATENTD_API_METRICS_PORT", str(DEFAULT_API_METRICS_PORT)).strip().lower()
-    if value in ("off", "none", "-1", ""):
-        return None
-    try:
-        return start_metrics_server(int(value), addr=addr)
-    except OSError as error:
-        logging.getLogger(__name__).warning("metrics server not started on port %s: %s", value, error)
-        return None
+    """Start the metrics server on $LATENTD_API_METRICS_PORT (default {DEFAULT_API_METRICS_PORT}); "off" disables it."""
+    return metrics_server.serve_from_env("LATENTD_API_METRICS_PORT", DEFAULT_API_METRICS_PORT, addr=addr)

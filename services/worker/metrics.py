@@ -9,15 +9,16 @@ error_type; never a job id.
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from services.common import metrics_server
 
 DEFAULT_WORKER_METRICS_PORT = 9465
 
@@ -169,38 +170,15 @@ def track_gpu_memory(model: str, device: Any) -> None:
     gpu_memory.track(model, device)
 
 
-_servers: dict[int, Any] = {}
-
-
 def metrics_port_from_env() -> int:
     return int(os.environ.get("LATENTD_WORKER_METRICS_PORT", DEFAULT_WORKER_METRICS_PORT))
 
 
 def start_metrics_server(port: int | None = None, addr: str = "0.0.0.0") -> int:
-    """Serve /metrics on `port` (0 picks a free one) in a daemon thread; idempotent per fixed port.
-
-    Returns the bound port. Process metrics (CPU, RSS, fds) come with the default registry.
-    """
-    port = metrics_port_from_env() if port is None else port
-    if port and port in _servers:
-        return port
-    server, _thread = start_http_server(port, addr=addr)
-    bound = server.server_address[1]
-    _servers[bound] = server
-    return bound
+    """Serve /metrics on `port` (default $LATENTD_WORKER_METRICS_PORT; 0 picks a free one); returns the bound port."""
+    return metrics_server.start(metrics_port_from_env() if port is None else port, addr=addr)
 
 
 def serve_metrics_from_env(addr: str = "0.0.0.0") -> int | None:
-    """Start the metrics server on $LATENTD_WORKER_METRICS_PORT (default {DEFAULT_WORKER_METRICS_PORT}); "off" disables it.
-
-    A port already taken is logged, not fatal: a second process on the same host (tests, a
-    colocated replica) keeps serving its jobs; set a distinct port per process to scrape both.
-    """
-    value = os.environ.get("LATENTD_WORKER_METRICS_PORT", str(DEFAULT_WORKER_METRICS_PORT)).strip().lower()
-    if value in ("off", "none", "-1", ""):
-        return None
-    try:
-        return start_metrics_server(int(value), addr=addr)
-    except OSError as error:
-        logging.getLogger(__name__).warning("metrics server not started on port %s: %s", value, error)
-        return None
+    """Start the metrics server on $LATENTD_WORKER_METRICS_PORT (default {DEFAULT_WORKER_METRICS_PORT}); "off" disables it."""
+    return metrics_server.serve_from_env("LATENTD_WORKER_METRICS_PORT", DEFAULT_WORKER_METRICS_PORT, addr=addr)
