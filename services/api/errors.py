@@ -9,6 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from services.api import metrics
 from services.common import schemas
 from services.common.errors import ServiceError
 
@@ -58,20 +59,33 @@ def error_response(status: int, error_type: str, message: str, param: str | None
                         status_code=status, headers=headers)
 
 
+# Refusals counted in latentd_rejections_total here, by status; the others are counted where they happen
+# (payload_too_large in the body-size middleware, queue_full and no_worker at submission).
+_REJECTION_REASONS = {422: "validation", 401: "auth"}
+
+
+def _count_rejection(status: int) -> None:
+    if status in _REJECTION_REASONS:
+        metrics.record_rejection(_REJECTION_REASONS[status])
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service(_: Request, exc: ServiceError) -> JSONResponse:
+        _count_rejection(exc.status_code)
         return error_response(exc.status_code, exc.error_type, exc.message, exc.param, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         message, param = validation_message(errors[0]) if errors else ("invalid request", None)
+        _count_rejection(422)
         return error_response(422, "invalid_request_error", message, param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         kinds = {404: "not_found_error", 405: "invalid_request_error", 401: "authentication_error"}
+        _count_rejection(exc.status_code)
         return error_response(exc.status_code, kinds.get(exc.status_code, "invalid_request_error"),
                               str(exc.detail), None, getattr(exc, "headers", None))
 

@@ -44,6 +44,7 @@ def resolve_model(store: JobStore, settings: Settings, name: Optional[str]) -> d
     if default and default in models:
         return models[default]
     if not models:
+        metrics.record_rejection("no_worker")
         raise Unavailable("no model is served yet: start a worker", "model")
     if len(models) == 1:
         return next(iter(models.values()))

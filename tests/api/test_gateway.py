@@ -85,6 +85,23 @@ def test_keys_are_required_and_checked(client):
     assert client.get("/livez").status_code == 200
 
 
+def test_refusals_are_counted_by_reason(client):
+    from prometheus_client import REGISTRY
+
+    def count(reason: str) -> float:
+        return REGISTRY.get_sample_value("latentd_rejections_total", {"reason": reason}) or 0.0
+
+    before = {reason: count(reason) for reason in ("validation", "auth", "payload_too_large")}
+    assert client.post("/v1/generations", json={"prompt": "x", "num_inference_steps": 0}).status_code == 422
+    assert client.post("/v1/generations", json={"prompt": "x", "num_images": 5}).status_code == 422
+    assert client.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.post("/v1/generations", content=json.dumps({"prompt": "x" * 5000}),
+                       headers={"content-type": "application/json"}).status_code == 413
+    assert client.post("/v1/generations", json={"prompt": "x"}).status_code == 202
+    assert {reason: count(reason) - before[reason] for reason in before} == {
+        "validation": 2, "auth": 1, "payload_too_large": 1}
+
+
 def test_readyz_is_503_without_a_live_worker(client):
     response = client.get("/readyz")
     assert response.status_code == 503 and response.json()["redis"] is True

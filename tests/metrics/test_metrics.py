@@ -168,9 +168,10 @@ def test_every_metric_moves_after_real_jobs(stack):
     wait_for(lambda: store.get(broken)["status"] == "failed", 60, "the broken job to fail")
     error_type = store.get(broken)["error"]["type"]
 
-    # 5. Refusals: a body over the limit (413), and a request for an unknown model.
+    # 5. Refusals: a body over the limit (413) and a step count out of range (422).
     assert http.post("/v1/generations", content=b"{" + b" " * 8000 + b"}",
                      headers={"content-type": "application/json"}).status_code == 413
+    assert http.post("/v1/generations", json={"prompt": "a red circle", "num_inference_steps": 0}).status_code == 422
 
     api1 = wait_for(lambda: (lambda f: f if value(f, "latentd_sse_readers") == 0 else None)(
         scrape(stack["api_metrics"])), 30, "the SSE reader to be released")
@@ -203,6 +204,7 @@ def test_every_metric_moves_after_real_jobs(stack):
     assert moved(api0, api1, "latentd_http_request_duration_seconds", "_count", route="/v1/generations") >= 3
     assert moved(api0, api1, "latentd_jobs_submitted", "_total", kind="generation", model=MODEL) == 3
     assert moved(api0, api1, "latentd_rejections", "_total", reason="payload_too_large") == 1
+    assert moved(api0, api1, "latentd_rejections", "_total", reason="validation") == 1
     assert value(api1, "latentd_queue_depth", model=MODEL) == 0  # it went up (above), now drained
     assert value(api1, "latentd_grpc_stream_readers") == 0  # the gRPC door is its own process
 
