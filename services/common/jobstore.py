@@ -6,7 +6,8 @@ Keys (all expire after `ttl_s` once written):
                                error, attempt, cancel, created_at (JSON where structured)
   latentd:job:<id>:events      stream of {event, data(JSON)}; the entry id is the SSE id
   latentd:job:<id>:blob:<name> bytes of one image or frame
-  latentd:pending:<model>      set of job ids queued or running (the bounded queue)
+  latentd:pending:<model>      set of job ids queued or running (the bounded queue; ids whose record
+                               expired unfinished are swept when the queue looks full)
   latentd:models               hash: model name -> JSON model info published by workers
 """
 from __future__ import annotations
@@ -116,6 +117,20 @@ class JobStore:
 
     def pending_count(self, model: str) -> int:
         return int(self.redis.scard(pending_key(model)))
+
+    def sweep_pending(self, model: str) -> int:
+        """Drop from the bounded queue the jobs whose record has expired unfinished (a worker lost
+        with its job after the TTL, say), so they no longer hold a slot. Returns how many went."""
+        members = [_s(member) for member in self.redis.smembers(pending_key(model))]
+        if not members:
+            return 0
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in members:
+            pipe.exists(job_key(job_id))
+        gone = [job_id for job_id, exists in zip(members, pipe.execute()) if not exists]
+        if gone:
+            self.redis.srem(pending_key(model), *gone)
+        return len(gone)
 
     def get(self, job_id: str) -> Optional[dict]:
         raw = self.redis.hgetall(job_key(job_id))

@@ -46,6 +46,16 @@ def test_cancelling_a_queued_job_frees_its_queue_slot(client):
     assert client.post("/v1/generations", json={"prompt": "x"}).status_code == 202
 
 
+def test_a_job_that_expired_unfinished_frees_its_queue_slot(client):
+    jobs = [client.post("/v1/generations", json={"prompt": "x"}).json() for _ in range(2)]
+    assert client.post("/v1/generations", json={"prompt": "x"}).status_code == 429
+    store = redis.Redis.from_url(REDIS_URL)
+    store.delete(f"latentd:job:{jobs[0]['id']}")  # what its TTL does to a job no worker ever finished
+    assert client.post("/v1/generations", json={"prompt": "x"}).status_code == 202
+    assert store.scard("latentd:pending:tiny") == 2
+    assert client.post("/v1/generations", json={"prompt": "x"}).status_code == 429  # the live ones still count
+
+
 def test_the_job_record_holds_the_resolved_defaults(client):
     job = client.post("/v1/generations", json={"prompt": "x"}).json()
     params = job["params"]
