@@ -115,6 +115,5 @@ def previous_timesteps(config: Mapping[str, Any], timesteps: list[int]) -> list[
 
 def gather(table: torch.Tensor, timesteps: torch.Tensor, final: float, ndim: int) -> torch.Tensor:
     """Per-row table[t] (table in float64) with t = −1 -> `final`, shaped (R, 1, ..., 1) for broadcasting."""
-    values = torch.where(timesteps >= 0, table.to(timesteps.device)[timesteps.clamp(min=0)],
-                         torch.tensor(final, dtype=table.dtype, device=timesteps.device))
+    values = torch.where(timesteps >= 0, table.to(timesteps.device)[timesteps.clamp(min=0)], final)
     return values.reshape(-1, *([1] * (ndim - 1)))

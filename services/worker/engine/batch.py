@@ -92,6 +92,15 @@ class UNetBatch:
         return self.latents.shape[0]
 
 
+def to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small per-row tensor built on the host, sent to `device` without waiting for the GPU: a copy
+    from pageable memory waits for every kernel queued before it, which would leave the GPU idle
+    while the engine thread prepares the next step."""
+    if device.type != "cuda":
+        return values.to(device)
+    return values.pin_memory().to(device, non_blocking=True)
+
+
 def build_unet_batch(members: list[ActiveRequest], dtype: torch.dtype) -> UNetBatch:
     latents, timesteps, embeds = [], [], []
     for member in members:
@@ -102,7 +111,7 @@ def build_unet_batch(members: list[ActiveRequest], dtype: torch.dtype) -> UNetBa
                 embeds.append(member_embeds)
                 timesteps.append(torch.full((member.num_images,), member.timestep, dtype=torch.long))
     device = members[0].latents.device
-    return UNetBatch(members=members, latents=torch.cat(latents).to(dtype), timesteps=torch.cat(timesteps).to(device),
+    return UNetBatch(members=members, latents=torch.cat(latents).to(dtype), timesteps=to_device(torch.cat(timesteps), device),
                      text_embeds=torch.cat(embeds))
 
 
@@ -123,5 +132,5 @@ def guided_outputs(batch: UNetBatch, model_output: torch.Tensor) -> torch.Tensor
         eps_uncond.append(uncond if uncond is not None else cond)
         eps_cond.append(cond if cond is not None else uncond)
         scales.append(torch.full((n,), member.guidance_scale, dtype=model_output.dtype))
-    scale = torch.cat(scales).to(model_output.device)  # (N,)
+    scale = to_device(torch.cat(scales), model_output.device)  # (N,)
     return classifier_free_guidance(torch.cat(eps_uncond), torch.cat(eps_cond), scale)

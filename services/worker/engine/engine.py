@@ -30,7 +30,7 @@ from PIL import Image
 
 from services.worker.diffusion.ddim import ddim_step
 from services.worker.diffusion.schedules import final_alpha_cumprod, inference_timesteps, previous_timesteps
-from services.worker.engine.batch import ActiveRequest, UNetBatch, build_unet_batch, guided_outputs
+from services.worker.engine.batch import ActiveRequest, UNetBatch, build_unet_batch, guided_outputs, to_device
 from services.worker.engine.errors import (
     EngineError, EngineStopped, InvalidRequestError, NonFiniteOutputError, RequestCancelled,
 )
@@ -104,6 +104,30 @@ class RequestHandle:
         self._events.put(_END)
 
 
+class UNetTimer:
+    """Time of the UNet call: wall time on the CPU; on CUDA, events around the launched kernels, read
+    after the step's one wait for the GPU, so timing adds no synchronisation of its own."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.start_event = torch.cuda.Event(enable_timing=True)
+            self.end_event = torch.cuda.Event(enable_timing=True)
+            self.start_event.record()
+        self.started, self.ended = time.monotonic(), None
+
+    def stop(self) -> None:
+        if self.cuda:
+            self.end_event.record()
+        self.ended = time.monotonic()
+
+    def seconds(self) -> float:
+        if self.cuda:
+            self.end_event.synchronize()
+            return self.start_event.elapsed_time(self.end_event) / 1000
+        return self.ended - self.started
+
+
 class Engine:
     def __init__(self, model: LoadedModel, *, max_batch_rows: int = 64,
                  on_step_events: Optional[Callable[[list[StepEvent]], None]] = None):
@@ -121,7 +145,7 @@ class Engine:
         self._stopping = False
         self._thread: Optional[threading.Thread] = None
         self._in_iteration: list[ActiveRequest] = []  # the requests an exception in this iteration fails
-        self._alphas_cumprod = model.alphas_cumprod
+        self._alphas_cumprod = model.alphas_cumprod.to(model.device)  # (T,) float64, gathered per row each step
         self._final_alpha_cumprod = final_alpha_cumprod(model.scheduler_config, model.alphas_cumprod)
         self._latent_rgb: Optional[torch.Tensor] = None  # (C + 1, 3), fitted on the first preview
         self.last_batch_rows = 0  # rows of the last UNet call, for metrics
@@ -271,16 +295,15 @@ class Engine:
         self._in_iteration = members
         self._iteration += 1
         batch = build_unet_batch(members, self.model.dtype)
-        started = time.monotonic()
+        timer = UNetTimer(self.model.device)
         model_output = self._execute(batch)
-        if model_output.is_cuda:  # CUDA runs async: time the forward, not its launch
-            torch.cuda.synchronize(model_output.device)
-        self.last_unet_s = time.monotonic() - started
+        timer.stop()
+        events = self._update(batch, model_output)  # waits for the GPU once (the finiteness check)
+        self.last_unet_s = timer.seconds()
         self.last_batch_rows = batch.num_rows
         worker_metrics.observe_unet_call(self.model.name, batch.num_rows, self.last_unet_s)
         for member in members:
             member.unet_s += self.last_unet_s
-        events = self._update(batch, model_output)
         worker_metrics.record_steps(self.model.name, len(events))
         if events:
             if self.on_step_events is not None:
@@ -376,15 +399,16 @@ class Engine:
         x_t = torch.cat([m.latents for m in members])  # (N, C, h, w)
         device = x_t.device
         per_row = [(m.timestep, m.prev_timestep, float(m.request.eta)) for m in members for _ in range(m.num_images)]
-        timesteps = torch.tensor([t for t, _, _ in per_row]).to(device)  # (N,)
-        prev_timesteps = torch.tensor([t_prev for _, t_prev, _ in per_row]).to(device)  # (N,)
-        eta = torch.tensor([e for _, _, e in per_row], dtype=torch.float64).to(device)  # (N,)
+        timesteps = to_device(torch.tensor([t for t, _, _ in per_row]), device)  # (N,)
+        prev_timesteps = to_device(torch.tensor([t_prev for _, t_prev, _ in per_row]), device)  # (N,)
+        eta = to_device(torch.tensor([e for _, _, e in per_row], dtype=torch.float64), device)  # (N,)
         noise = None
         if any(m.request.eta > 0 for m in members):
             # diffusers draws eta noise (randn_tensor of the output's shape and dtype) only when eta > 0
             noise = torch.cat([
                 torch.randn(m.latents.shape, generator=m.generator, dtype=self.model.dtype).float()
-                if m.request.eta > 0 else torch.zeros(m.latents.shape) for m in members]).to(device)
+                if m.request.eta > 0 else torch.zeros(m.latents.shape) for m in members])
+            noise = to_device(noise, device)
         out = ddim_step(eps, x_t, timesteps, prev_timesteps, self._alphas_cumprod, self._final_alpha_cumprod,
                         eta=eta, variance_noise=noise, prediction_type=self.model.prediction_type)
         finite = torch.isfinite(out.x_prev).flatten(1).all(1).tolist()  # (N,): one device sync per iteration
