@@ -157,6 +157,11 @@ def save_pipeline(folder: Path, vae, text_encoder, tokenizer, unet) -> None:
     pipeline.save_pretrained(staging, safe_serialization=True)
     # The tokenizer folder also carries the slow-tokenizer files.
     write_tokenizer(staging / "tokenizer")
+    # A part loaded with --init-from remembers where it came from: no local paths in a shipped folder.
+    for config_path in staging.glob("*/config.json"):
+        config = json.loads(config_path.read_text())
+        if config.pop("_name_or_path", None) is not None:
+            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if folder.exists():
         shutil.rmtree(folder)
     staging.rename(folder)

@@ -94,16 +94,17 @@ def checked_generations():
     return [(parse_caption(caption), read_back(picture)) for caption, picture in zip(CHECKED_CAPTIONS, pixels)]
 
 
-@pytest.mark.xfail(reason="the shipped model is undertrained: samples are blobs, see docs/model.md", strict=False)
 def test_generations_have_the_captions_background(checked_generations):
     assert [result.background for _, result in checked_generations] == [wanted["background"] for wanted, _ in checked_generations]
 
 
-@pytest.mark.xfail(reason="the shipped model is undertrained: samples are blobs, see docs/model.md", strict=False)
-def test_generations_read_back_as_their_captions(checked_generations):
-    wrong = [
-        (wanted, result)
-        for wanted, result in checked_generations
-        if not all(result.matches(wanted["colour"], wanted["shape"], wanted["background"]).values())
-    ]
-    assert not wrong, wrong
+def test_generations_have_the_captions_colour(checked_generations):
+    assert [result.colour for _, result in checked_generations] == [wanted["colour"] for wanted, _ in checked_generations]
+
+
+def test_generations_have_the_captions_shape_mostly(checked_generations):
+    """Shape is the model's weak attribute: 84.6 % right at guidance 7.5 over the full grammar
+    (docs/model.md); squares drawn with concave sides read back as circles. At least 5 of these 6
+    must be right: a model at chance on shape (1/3) passes this 1.8 % of the time."""
+    wrong = [(wanted, result) for wanted, result in checked_generations if result.shape != wanted["shape"]]
+    assert len(wrong) <= 1, wrong
