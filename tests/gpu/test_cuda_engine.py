@@ -1,0 +1,136 @@
+"""The engine on CUDA in half precision: against diffusers' pipeline in the same dtype, against
+float32 by what the pictures show, and alone vs batched. Skipped without a GPU; on one:
+
+    python -m pytest tests/gpu -s --noconftest
+
+Each test prints the PSNR it measured, so a run on a new card leaves figures, not just a verdict.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from services.worker.engine.engine import Engine
+from services.worker.engine.requests import GenerationRequest
+from services.worker.loading import load_model
+
+MODEL = Path(__file__).resolve().parents[2] / "models" / "shapes-ldm"
+PROMPT = "a large red circle on a white background"
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def pixels(images) -> np.ndarray:
+    return np.stack([np.asarray(image, dtype=np.float64) / 255 for image in images])
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a - b) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1 / mse)
+
+
+def request(request_id: str, **overrides) -> GenerationRequest:
+    fields = dict(prompt=PROMPT, seed=1234, num_inference_steps=50, guidance_scale=7.5, num_images=2)
+    fields.update(overrides)
+    return GenerationRequest(request_id=request_id, **fields)
+
+
+def generate(model, req: GenerationRequest, max_batch_rows: int = 64):
+    engine = Engine(model, max_batch_rows=max_batch_rows).start()
+    try:
+        return engine.submit(req).result(120).images
+    finally:
+        engine.stop()
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_cuda_engine_matches_diffusers_pipeline_in_the_same_dtype(dtype_name):
+    from diffusers import StableDiffusionPipeline
+
+    dtype = DTYPES[dtype_name]
+    ours = pixels(generate(load_model(MODEL, device="cuda", dtype=dtype), request(dtype_name)))
+    pipe = StableDiffusionPipeline.from_pretrained(MODEL, dtype=dtype, safety_checker=None).to("cuda")
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pixels(pipe(PROMPT, num_inference_steps=50, guidance_scale=7.5, num_images_per_prompt=2,
+                         generator=torch.Generator("cpu").manual_seed(1234)).images)
+    measured = psnr(ours, theirs)
+    print(f"\n[{torch.cuda.get_device_name()}] engine {dtype_name} vs StableDiffusionPipeline {dtype_name}: PSNR {measured:.1f} dB")
+    assert np.isfinite(ours).all()
+    assert measured >= 40
+
+
+# One caption per attribute value: every colour, shape and background at least once.
+CAPTIONS = [
+    "a large red circle on a white background",
+    "a large green square on a black background",
+    "a large blue triangle on a gray background",
+    "a yellow square on a black background",
+    "a large purple circle on a gray background",
+    "a orange triangle on a white background",
+]
+
+
+def generate_captions(model) -> np.ndarray:
+    engine = Engine(model).start()
+    try:
+        handles = [engine.submit(request(f"c{i}", prompt=caption, seed=i)) for i, caption in enumerate(CAPTIONS)]
+        return np.stack([np.asarray(image) for handle in handles for image in handle.result(120).images])
+    finally:
+        engine.stop()
+
+
+def right_count(pictures: np.ndarray) -> int:
+    """Pictures whose read-back (training/readback.py) matches their caption in all three attributes."""
+    from training.readback import read_back
+    from training.shapes import parse_caption
+
+    wanted = [parse_caption(caption) for caption in CAPTIONS for _ in range(2)]
+    return sum(all(read_back(picture).matches(w["colour"], w["shape"], w["background"]).values())
+               for picture, w in zip(pictures, wanted))
+
+
+@pytest.fixture(scope="module")
+def float32_pictures():
+    """CUDA float32 (TF32 convolutions, PyTorch's default) and, for the record, CPU float32."""
+    cuda = generate_captions(load_model(MODEL, device="cuda", dtype=torch.float32))
+    cpu = generate_captions(load_model(MODEL))
+    print(f"\n[{torch.cuda.get_device_name()}] float32 CUDA vs float32 CPU: PSNR {psnr(cuda / 255, cpu / 255):.1f} dB, "
+          f"right {right_count(cuda)}/{len(cuda)} (CUDA) and {right_count(cpu)}/{len(cpu)} (CPU)")
+    return cuda
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_cuda_half_precision_draws_what_float32_draws(dtype_name, float32_pictures):
+    """DDIM at eta 0 is deterministic but not contractive: rounding can move a shape, so pictures in
+    half precision are compared with float32 by what they show (read-back), and by PSNR for the record."""
+    half = generate_captions(load_model(MODEL, device="cuda", dtype=DTYPES[dtype_name]))
+    right_half, right_full = right_count(half), right_count(float32_pictures)
+    print(f"\n[{torch.cuda.get_device_name()}] engine {dtype_name} vs float32 on CUDA: "
+          f"PSNR {psnr(half / 255, float32_pictures / 255):.1f} dB; right {right_half}/{len(half)} vs {right_full}/{len(half)}")
+    assert right_half >= right_full - 1
+
+
+def test_cuda_batch_invariance():
+    """A request alone and among others with other settings: half-precision kernels change with the
+    batch shape, so the bar is a PSNR, not the CPU tests' 1/255."""
+    model = load_model(MODEL, device="cuda", dtype=torch.float16)
+    target = request("target", seed=7)
+    alone = pixels(generate(model, target))
+    engine = Engine(model, max_batch_rows=12).start()
+    try:
+        others = [engine.submit(request(f"other-{i}", prompt=f"a small {colour} square on a gray background",
+                                        seed=100 + i, num_inference_steps=steps, guidance_scale=scale))
+                  for i, (colour, steps, scale) in enumerate([("blue", 20, 1.0), ("green", 35, 3.0),
+                                                              ("yellow", 50, 15.0), ("purple", 10, 0.0)])]
+        batched = pixels(engine.submit(target).result(120).images)
+        for handle in others:
+            handle.result(120)
+    finally:
+        engine.stop()
+    measured = psnr(alone, batched)
+    print(f"\n[{torch.cuda.get_device_name()}] float16 alone vs batched among 4 others: PSNR {measured:.1f} dB")
+    assert measured >= 35
