@@ -189,7 +189,8 @@ def test_trajectories_forward_reverse_and_sweep(real_stack):
     assert [(f["step"], f["what"]) for f in reverse["frames"]] == [(2, "x_t"), (2, "x0_pred"), (4, "x_t"), (4, "x0_pred")]
 
     events_url = None
-    sweep = submit(real_stack, {"kind": "guidance_sweep", "prompt": "x", "num_inference_steps": 3, "seed": 5},
+    sweep = submit(real_stack, {"kind": "guidance_sweep", "prompt": "a large red circle on a white background",
+                                "num_inference_steps": 3, "seed": 5},
                    path="/v1/trajectories")
     events_url = f"{real_stack.url}/v1/jobs/{sweep['id']}/events"
     events = read_events(events_url, real_stack.headers())
