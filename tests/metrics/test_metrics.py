@@ -25,6 +25,7 @@ from tests.fixtures.tiny_model import build_tiny_model
 ROOT = Path(__file__).resolve().parents[2]
 REDIS_URL = "redis://127.0.0.1:6379/12"
 MODEL = "tiny-metrics"
+QUEUED_AT_LEAST_S = 0.5  # the queued jobs are held at least this long behind the long one
 
 
 def free_port() -> int:
@@ -143,7 +144,9 @@ def test_every_metric_moves_after_real_jobs(stack):
     during_worker = scrape(stack["worker_metrics"])
     assert value(during_worker, "latentd_engine_active_requests", model=MODEL) == 1
 
-    # 3. Cancel the long one; the queued ones then run and succeed.
+    # 3. Cancel the long one (after a known wait, which the queued jobs' wait must include); the
+    # queued ones then run and succeed.
+    time.sleep(QUEUED_AT_LEAST_S)
     assert http.post(f"/v1/jobs/{long_id}/cancel").status_code == 200
     for job_id in [long_id] + queued:
         wait_for(lambda: job_status(http, job_id) in ("succeeded", "failed", "cancelled"), 120, f"job {job_id}")
@@ -209,8 +212,8 @@ def test_every_metric_moves_after_real_jobs(stack):
     assert value(api1, "latentd_grpc_stream_readers") == 0  # the gRPC door is its own process
 
     assert moved(worker0, worker1, "latentd_queue_wait_seconds", "_count", model=MODEL) == 4
-    # the queued jobs waited at least while the long job ran
-    assert moved(worker0, worker1, "latentd_queue_wait_seconds", "_sum", model=MODEL) > 0.2
+    # the two queued jobs waited at least until the long job was cancelled
+    assert moved(worker0, worker1, "latentd_queue_wait_seconds", "_sum", model=MODEL) >= 2 * QUEUED_AT_LEAST_S
     assert moved(worker0, worker1, "latentd_job_run_seconds", "_count", model=MODEL, kind="generation") == 4
     assert moved(worker0, worker1, "latentd_steps", "_total", model=MODEL) >= 2 * 3 + 1
     assert moved(worker0, worker1, "latentd_images", "_total", model=MODEL) == 4
