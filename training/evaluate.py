@@ -28,6 +28,15 @@ GUIDANCE_SCALES = (0.0, 1.0, 3.0, 7.5, 15.0)
 CLIP_MARGIN = 8 / 255
 DOCS_DIR = Path(__file__).resolve().parent.parent / "docs"
 EVAL_START, EVAL_END = "<!-- eval:start -->", "<!-- eval:end -->"
+# A quick check that needs few pictures: every colour, shape and background at least once.
+SPOT_CHECK_CAPTIONS = [
+    "a large red circle on a white background",
+    "a large green square on a black background",
+    "a large blue triangle on a gray background",
+    "a yellow square on a black background",
+    "a large purple circle on a gray background",
+    "a orange triangle on a white background",
+]
 
 
 @dataclass

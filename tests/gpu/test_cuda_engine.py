@@ -16,6 +16,7 @@ import torch
 from services.worker.engine.engine import Engine
 from services.worker.engine.requests import GenerationRequest
 from services.worker.loading import load_model
+from training.evaluate import SPOT_CHECK_CAPTIONS
 
 MODEL = Path(__file__).resolve().parents[2] / "models" / "shapes-ldm"
 PROMPT = "a large red circle on a white background"
@@ -63,21 +64,12 @@ def test_cuda_engine_matches_diffusers_pipeline_in_the_same_dtype(dtype_name):
     assert measured >= 40
 
 
-# One caption per attribute value: every colour, shape and background at least once.
-CAPTIONS = [
-    "a large red circle on a white background",
-    "a large green square on a black background",
-    "a large blue triangle on a gray background",
-    "a yellow square on a black background",
-    "a large purple circle on a gray background",
-    "a orange triangle on a white background",
-]
 
 
 def generate_captions(model) -> np.ndarray:
     engine = Engine(model).start()
     try:
-        handles = [engine.submit(request(f"c{i}", prompt=caption, seed=i)) for i, caption in enumerate(CAPTIONS)]
+        handles = [engine.submit(request(f"c{i}", prompt=caption, seed=i)) for i, caption in enumerate(SPOT_CHECK_CAPTIONS)]
         return np.stack([np.asarray(image) for handle in handles for image in handle.result(120).images])
     finally:
         engine.stop()
@@ -88,7 +80,7 @@ def right_count(pictures: np.ndarray) -> int:
     from training.readback import read_back
     from training.shapes import parse_caption
 
-    wanted = [parse_caption(caption) for caption in CAPTIONS for _ in range(2)]
+    wanted = [parse_caption(caption) for caption in SPOT_CHECK_CAPTIONS for _ in range(2)]
     return sum(all(read_back(picture).matches(w["colour"], w["shape"], w["background"]).values())
                for picture, w in zip(pictures, wanted))
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.evaluate import ShapesModel, sample
+from training.evaluate import SPOT_CHECK_CAPTIONS, ShapesModel, sample
 from training.readback import read_back
 from training.shapes import parse_caption
 
@@ -76,15 +76,7 @@ def test_loads_with_the_engine_loader():
     assert model.count_prompt_tokens("a large red circle on a white background") == 10
 
 
-# One caption per attribute value family: every colour, shape and background appears at least once.
-CHECKED_CAPTIONS = [
-    "a large red circle on a white background",
-    "a large green square on a black background",
-    "a large blue triangle on a gray background",
-    "a yellow square on a black background",
-    "a large purple circle on a gray background",
-    "a orange triangle on a white background",
-]
+CHECKED_CAPTIONS = SPOT_CHECK_CAPTIONS
 
 
 @pytest.fixture(scope="module")
