@@ -34,6 +34,11 @@ def blob_key(job_id: str, name: str) -> str:
     return f"latentd:job:{job_id}:blob:{name}"
 
 
+def frame_blob_name(attempt: int, index: int) -> str:
+    """Blob name of trajectory frame `index` written by `attempt` (live, while the job runs, or at its end)."""
+    return f"a{attempt}-frame-{index}"
+
+
 def pending_key(model: str) -> str:
     return f"latentd:pending:{model}"
 

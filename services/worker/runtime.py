@@ -16,12 +16,12 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from services.common.jobstore import JobStore, events_key, job_key
+from services.common.jobstore import JobStore, blob_key, events_key, frame_blob_name, job_key
 from services.common.settings import Settings
 from services.worker import metrics as worker_metrics
 from services.worker.diffusion.schedules import max_inference_steps
 from services.worker.engine.engine import Engine, RequestHandle
-from services.worker.engine.requests import StepEvent
+from services.worker.engine.requests import StepEvent, TrajectoryFrame
 from services.worker.loading import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,13 @@ def model_info(model: LoadedModel, engine: Engine) -> dict:
             "max_inference_steps": max_inference_steps(config), "tokenizer_path": str(Path(model.path) / "tokenizer")}
 
 
+def reverse_frame_entries(frame: TrajectoryFrame) -> list[tuple[int, dict, object]]:
+    """A kept reverse-trajectory step as the job's frames: (index, metadata, image) for x_t, then x̂0."""
+    return [(2 * frame.index + k, {"step": frame.step, "timestep": frame.timestep, "alpha_bar": frame.alpha_bar,
+                                   "what": what}, images[0])
+            for k, (what, images) in enumerate((("x_t", frame.x_t), ("x0_pred", frame.x0_pred)))]
+
+
 class StepEventWriter:
     """on_step_events for one engine: one Redis pipeline per iteration."""
 
@@ -60,7 +67,7 @@ class StepEventWriter:
     def __call__(self, events: list[StepEvent]) -> None:
         emitted_at = time.time()
         pipe = self.store.redis.pipeline(transaction=False)
-        stepped: list[str] = []
+        stepped: list[tuple[str, int]] = []  # request id, position of its cancel/attempt read in the pipeline
         for event in events:
             job_id, attempt, index = parse_request_id(event.request_id)
             data = {"step": event.step, "total": event.total, "timestep": event.timestep, "attempt": attempt,
@@ -70,15 +77,22 @@ class StepEventWriter:
             if event.preview is not None:
                 data["preview"] = png_b64(event.preview)
             pipe.xadd(events_key(job_id), {"event": "step", "data": json.dumps(data)})
+            if event.frame is not None:  # a reverse trajectory's frame: stored and announced now, not at the end
+                for frame_index, meta, image in reverse_frame_entries(event.frame):
+                    pipe.set(blob_key(job_id, frame_blob_name(attempt, frame_index)), encode_image(image, "png"),
+                             ex=self.store.ttl_s)
+                    pipe.xadd(events_key(job_id), {"event": "frame", "data": json.dumps(dict(
+                        meta, index=frame_index, attempt=attempt, url=f"/v1/jobs/{job_id}/frames/{frame_index}",
+                        emitted_at=emitted_at))})
             pipe.hset(job_key(job_id), "progress", json.dumps({"step": event.step, "total": event.total}))
             pipe.hmget(job_key(job_id), "cancel", "attempt")
-            stepped.append(event.request_id)
+            stepped.append((event.request_id, len(pipe) - 1))
         try:
             replies = pipe.execute()
         except Exception:  # noqa: BLE001 - a Redis hiccup must not kill the engine thread
             log.exception("step-event write failed")
             return
-        for rid, (cancel, current) in zip(stepped, replies[2::3]):
+        for rid, (cancel, current) in ((rid, replies[position]) for rid, position in stepped):
             _, attempt, _ = parse_request_id(rid)
             superseded = current is not None and int(current) != attempt
             if cancel == b"1" or superseded:
@@ -185,17 +199,18 @@ class JobRun:
         finished = time.time()
         return dict(self.job["timings"], finished_at=finished, run_s=finished - self.started_at)
 
-    def succeed(self, images: list, frames: list[tuple[dict, object]] = ()) -> bool:
+    def succeed(self, images: list, frames: list[tuple[dict, object]] = (), frames_streamed: bool = False) -> bool:
+        """Write the result once. `frames_streamed`: their events went out live (StepEventWriter)."""
         fmt = self.params.get("output_format", "png")
         blobs, names, metas = {}, [], []
         for index, image in enumerate(images):
             names.append(f"a{self.attempt}-image-{index}")
             blobs[names[-1]] = encode_image(image, fmt)
         for index, (meta, image) in enumerate(frames):
-            name = f"a{self.attempt}-frame-{index}"
+            name = frame_blob_name(self.attempt, index)
             blobs[name] = encode_image(image, "png")
             metas.append(dict(meta, blob=name))
-        if frames:  # frame events first (they are not terminal), then the write-once result
+        if frames and not frames_streamed:  # frame events first (they are not terminal), then the result
             pipe = self.store.redis.pipeline(transaction=False)
             now = time.time()
             self.store.add_events(pipe, self.job_id, [("frame", dict(meta, index=i, attempt=self.attempt,

@@ -19,7 +19,7 @@ from services.worker.engine.engine import Engine
 from services.worker.engine.errors import EngineError, InvalidRequestError, NonFiniteOutputError, RequestCancelled
 from services.worker.engine.requests import GenerationRequest, GenerationResult
 from services.worker.loading import LoadedModel, to_pil
-from services.worker.runtime import JobRun, request_id
+from services.worker.runtime import JobRun, request_id, reverse_frame_entries
 
 
 def generation_request(run: JobRun, index: int | None = None, **overrides) -> GenerationRequest:
@@ -66,12 +66,8 @@ def reverse(run: JobRun) -> None:
     results = run_requests(run, [generation_request(run, num_images=1, trajectory_every=run.params["trajectory_every"])])
     if not results:
         return
-    frames = []
-    for frame in results[0].frames:
-        for what, images in (("x_t", frame.x_t), ("x0_pred", frame.x0_pred)):
-            meta = {"step": frame.step, "timestep": frame.timestep, "alpha_bar": frame.alpha_bar, "what": what}
-            frames.append((meta, images[0]))
-    run.succeed(results[0].images, frames)
+    frames = [(meta, image) for frame in results[0].frames for _, meta, image in reverse_frame_entries(frame)]
+    run.succeed(results[0].images, frames, frames_streamed=True)
 
 
 def guidance_sweep(run: JobRun) -> None:

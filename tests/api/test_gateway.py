@@ -112,6 +112,20 @@ def test_refusals_are_counted_by_reason(client):
         "validation": 2, "auth": 1, "payload_too_large": 1}
 
 
+def test_a_running_jobs_streamed_frames_can_be_fetched(client):
+    from services.common.jobstore import blob_key, frame_blob_name
+
+    job = client.post("/v1/trajectories", json={"kind": "reverse", "prompt": "x", "num_inference_steps": 4,
+                                                "trajectory_every": 2}).json()
+    store = JobStore.from_url(REDIS_URL)
+    attempt = store.claim(job["id"])  # what a worker does when it starts the job
+    store.redis.set(blob_key(job["id"], frame_blob_name(attempt, 0)), b"\x89PNG frame 0")  # what its step writer does
+    assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "running"
+    assert client.get(f"/v1/jobs/{job['id']}/frames/0").content == b"\x89PNG frame 0"
+    missing = client.get(f"/v1/jobs/{job['id']}/frames/1")
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "index"
+
+
 def test_readyz_is_503_without_a_live_worker(client):
     response = client.get("/readyz")
     assert response.status_code == 503 and response.json()["redis"] is True

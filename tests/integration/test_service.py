@@ -183,10 +183,18 @@ def test_trajectories_forward_reverse_and_sweep(real_stack):
     frame = httpx.get(real_stack.url + forward["frames"][0]["url"], headers=real_stack.headers())
     assert Image.open(io.BytesIO(frame.content)).getpixel((5, 5))[0] > 150  # t=0 is the red upload itself
 
-    reverse = wait_job(real_stack, submit(real_stack, {"kind": "reverse", "prompt": "x", "num_inference_steps": 4,
-                                                       "trajectory_every": 2}, path="/v1/trajectories")["id"])
+    reverse_id = submit(real_stack, {"kind": "reverse", "prompt": "x", "num_inference_steps": 4,
+                                     "trajectory_every": 2}, path="/v1/trajectories")["id"]
+    events = read_events(f"{real_stack.url}/v1/jobs/{reverse_id}/events", real_stack.headers())
+    reverse = wait_job(real_stack, reverse_id)
     assert reverse["status"] == "succeeded", reverse["error"]
     assert [(f["step"], f["what"]) for f in reverse["frames"]] == [(2, "x_t"), (2, "x0_pred"), (4, "x_t"), (4, "x0_pred")]
+    # frames stream live: step 2's frames come right after step 2, before step 3, once each
+    order = [(e["event"], e["data"].get("step"), e["data"].get("index")) for e in events if e["event"] in ("step", "frame")]
+    assert order[order.index(("step", 2, None)) + 1:][:2] == [("frame", 2, 0), ("frame", 2, 1)]
+    assert sum(e["event"] == "frame" for e in events) == 4
+    frame_url = next(e["data"]["url"] for e in events if e["event"] == "frame" and e["data"]["index"] == 3)
+    assert httpx.get(real_stack.url + frame_url, headers=real_stack.headers()).content[:4] == b"\x89PNG"
 
     events_url = None
     sweep = submit(real_stack, {"kind": "guidance_sweep", "prompt": "a large red circle on a white background",

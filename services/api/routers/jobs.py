@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 from services.api import metrics, submit
 from services.api.deps import OwnerDep, SettingsDep, StoreDep
 from services.common.errors import Conflict, InvalidInput, NotFound
-from services.common.jobstore import TERMINAL, JobStore, events_key
+from services.common.jobstore import TERMINAL, JobStore, events_key, frame_blob_name
 from services.common.schemas import Job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -58,7 +58,13 @@ def get_image(job_id: str, index: int, store: StoreDep, owner: OwnerDep) -> Resp
 
 @router.get("/{job_id}/frames/{index}", responses={200: {"content": {"image/png": {}}}})
 def get_frame(job_id: str, index: int, store: StoreDep, owner: OwnerDep) -> Response:
+    """A trajectory frame. A reverse trajectory's frames can be fetched while it runs, as soon as their
+    `frame` event is out; the others once the job has succeeded."""
     job = owned_job(store, job_id, owner)
+    if job["status"] == "running" and index >= len(job["frames"] or []) and index >= 0:
+        data = store.blob(job_id, frame_blob_name(job["attempt"], index))
+        if data is not None:
+            return Response(content=data, media_type=MEDIA_TYPES["png"])
     return _blob(store, job, job["frames"] or [], index, "frame")
 
 

@@ -425,15 +425,18 @@ class Engine:
                 continue
             step = member.step_index + 1
             request = member.request
+            frame = None
             if request.trajectory_every and step % request.trajectory_every == 0:
-                member.frames.append(self._trajectory_frame(step, timestep, member.latents, x0_pred))
+                frame = self._trajectory_frame(step, timestep, member.latents, x0_pred)
+                frame.index = len(member.frames)
+                member.frames.append(frame)
             preview = None
             if request.preview_every and step % request.preview_every == 0:
                 preview = self._preview(x0_pred)
             member.latents = x_prev
             member.step_index = step
             events.append(StepEvent(request_id=member.request_id, step=step, total=member.total_steps,
-                                    timestep=timestep, preview=preview))
+                                    timestep=timestep, preview=preview, frame=frame))
         return events
 
     def _trajectory_frame(self, step: int, timestep: int, x_t: torch.Tensor, x0_pred: torch.Tensor) -> TrajectoryFrame:

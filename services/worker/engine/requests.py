@@ -38,6 +38,7 @@ class StepEvent:
     total: int
     timestep: int  # the t that this step denoised from
     preview: Optional[Image.Image] = None
+    frame: Optional["TrajectoryFrame"] = None  # the trajectory frame kept at this step, if any
 
 
 @dataclass
@@ -47,6 +48,7 @@ class TrajectoryFrame:
     alpha_bar: float
     x_t: list[Image.Image]  # one per image of the request
     x0_pred: list[Image.Image]
+    index: int = 0  # 0, 1, 2, ...: the request's frames in the order they were kept
 
 
 @dataclass
