@@ -137,10 +137,8 @@ def test_cancel_while_waiting(make_engine):
         handle.result(60)
 
 
-@pytest.mark.parametrize("check_every,found_at", [(1, 1), (3, 3)])
-def test_nan_fails_only_that_request(make_engine, tiny_model, check_every, found_at):
-    """A prompt whose embedding is NaN poisons its own rows only: it fails typed, the others finish unchanged.
-    With the check every 3 iterations (as on CUDA, every 8) it is found at the third step."""
+def test_nan_fails_only_that_request(make_engine, tiny_model):
+    """A prompt whose embedding is NaN poisons its own rows only: it fails typed, the others finish unchanged."""
     def encode_prompts(prompts):
         embeds = tiny_model.encode_prompts(prompts)
         for i, prompt in enumerate(prompts):
@@ -152,10 +150,9 @@ def test_nan_fails_only_that_request(make_engine, tiny_model, check_every, found
     poisoned.encode_prompts = encode_prompts
     clean_alone = make_engine().submit(request("clean")).result(60)
     engine = make_engine(model=poisoned)
-    engine.finite_check_every = check_every
     bad = engine.submit(request("bad", prompt="poison"))
     clean = engine.submit(request("clean"))
-    with pytest.raises(NonFiniteOutputError, match=f"request bad: latents became non-finite at step {found_at}"):
+    with pytest.raises(NonFiniteOutputError, match="request bad: latents became non-finite at step 1"):
         bad.result(60)
     assert np.abs(pixels(clean.result(60).images) - pixels(clean_alone.images)).max() <= 1 / 255
 

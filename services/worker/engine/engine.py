@@ -48,7 +48,6 @@ MAX_ETA = 1.0
 MAX_SEED = 2**64 - 1
 DECODE_CHUNK = 16  # images per VAE call
 PREVIEW_MIN_SIZE = 64  # previews are upscaled (nearest) to at least this many pixels per side
-FINITE_CHECK_EVERY_CUDA = 8  # iterations between NaN/inf checks of the latents on CUDA (see Engine.__init__)
 _END = object()
 
 
@@ -122,9 +121,6 @@ class UNetTimer:
             self.end_event.record()
         self.ended = time.monotonic()
 
-    def done(self) -> bool:
-        return not self.cuda or self.end_event.query()
-
     def seconds(self) -> float:
         if self.cuda:
             self.end_event.synchronize()
@@ -154,11 +150,6 @@ class Engine:
         self._latent_rgb: Optional[torch.Tensor] = None  # (C + 1, 3), fitted on the first preview
         self.last_batch_rows = 0  # rows of the last UNet call, for metrics
         self.last_unet_s = 0.0
-        self._unet_timers: deque[tuple[UNetTimer, int, list[ActiveRequest]]] = deque()  # not read yet
-        # Checking the new latents for NaN/inf makes the engine thread wait for the GPU, which then
-        # idles while the next step is prepared: on CUDA the check runs every FINITE_CHECK_EVERY_CUDA
-        # iterations (and on every decoded picture), on the CPU every iteration.
-        self.finite_check_every = FINITE_CHECK_EVERY_CUDA if model.device.type == "cuda" else 1
 
     # ---- caller side (any thread) ----
 
@@ -307,9 +298,12 @@ class Engine:
         timer = UNetTimer(self.model.device)
         model_output = self._execute(batch)
         timer.stop()
-        events = self._update(batch, model_output)
-        self._unet_timers.append((timer, batch.num_rows, members))
-        self._observe_unet_times()
+        events = self._update(batch, model_output)  # waits for the GPU once (the finiteness check)
+        self.last_unet_s = timer.seconds()
+        self.last_batch_rows = batch.num_rows
+        worker_metrics.observe_unet_call(self.model.name, batch.num_rows, self.last_unet_s)
+        for member in members:
+            member.unet_s += self.last_unet_s
         worker_metrics.record_steps(self.model.name, len(events))
         if events:
             if self.on_step_events is not None:
@@ -417,16 +411,14 @@ class Engine:
             noise = to_device(noise, device)
         out = ddim_step(eps, x_t, timesteps, prev_timesteps, self._alphas_cumprod, self._final_alpha_cumprod,
                         eta=eta, variance_noise=noise, prediction_type=self.model.prediction_type)
-        finite = None  # (N,) when checked this iteration: one wait for the device
-        if self._iteration % self.finite_check_every == 0:
-            finite = torch.isfinite(out.x_prev).flatten(1).all(1).tolist()
+        finite = torch.isfinite(out.x_prev).flatten(1).all(1).tolist()  # (N,): one device sync per iteration
         events, row = [], 0
         for member in members:
             rows = slice(row, row + member.num_images)
             row += member.num_images
             timestep = member.timestep
             x_prev, x0_pred = out.x_prev[rows], out.x0_pred[rows]
-            if finite is not None and not all(finite[rows]):
+            if not all(finite[rows]):
                 self._retire(member, error=NonFiniteOutputError(
                     f"request {member.request_id}: latents became non-finite at step {member.step_index + 1} "
                     f"of {member.total_steps} (timestep {timestep})"))
@@ -468,21 +460,10 @@ class Engine:
         tiled = torch.cat(list(rgb), dim=2).unsqueeze(0)  # (1, 3, h·s, n·w·s)
         return to_pil(tiled)[0]
 
-    def _observe_unet_times(self, wait: bool = False) -> None:
-        """Record the UNet calls whose time is known: all of them on the CPU; on CUDA those the GPU
-        has finished, without waiting for the others unless `wait`."""
-        while self._unet_timers and (wait or self._unet_timers[0][0].done()):
-            timer, rows, members = self._unet_timers.popleft()
-            self.last_unet_s, self.last_batch_rows = timer.seconds(), rows
-            worker_metrics.observe_unet_call(self.model.name, rows, self.last_unet_s)
-            for member in members:
-                member.unet_s += self.last_unet_s
-
     def _finish(self, finished: list[ActiveRequest]) -> None:
         """Decode every finished request's latents in one batch (chunked) and retire them."""
         if not finished:
             return
-        self._observe_unet_times(wait=True)  # their unet_s goes into their timings
         started = time.monotonic()
         latents = torch.cat([m.latents for m in finished])
         pixels = torch.cat([self.model.decode_latents(latents[i:i + DECODE_CHUNK])
