@@ -226,9 +226,9 @@ def main(argv: list[str] | None = None) -> None:
     print(table)
     print(f"{len(rows)} pictures in {elapsed:.0f} s")
     if not args.no_docs:
-        # One row per colour x shape (18), the background rotating through the three.
+        # One row per colour x shape (18), the background and the size word (small, large, none) rotating.
         per_combo = len(captions) // 54
-        sheet_rows = [j * per_combo for j in range(54) if j % 3 == (j // 3) % 3]
+        sheet_rows = [j * per_combo + (j // 3) % per_combo for j in range(54) if j % 3 == (j // 3) % 3]
         contact_sheet(captions, pixels_by_scale, sheet_rows, args.docs / "contact_sheet.png")
         write_docs(args.docs / "model.md", section)
         print(f"wrote {args.docs / 'model.md'} and {args.docs / 'contact_sheet.png'}")
