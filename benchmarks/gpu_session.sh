@@ -23,13 +23,13 @@ timeout 150 python3 -m pytest tests/gpu -s -q --noconftest -p no:cacheprovider 2
 
 MODEL=/tmp/shapes-ldm-gpu
 if [ "$TRAIN_S" -gt 0 ]; then
-echo "== 2. training recipe on CUDA (at most ${TRAIN_S} s; checkpoints every 500 UNet steps)"
-timeout "$TRAIN_S" python3 -m training.train --device cuda --out "$MODEL" --runs-dir "$OUT/runs" > "$OUT/train.log" 2>&1
-echo "train exit $?"; tail -n 2 "$OUT/runs/vae.log" "$OUT/runs/unet.log" 2>/dev/null
-if [ -f "$MODEL/model_index.json" ]; then
-  timeout 120 python3 -m training.evaluate --device cuda --model "$MODEL" --captions full --no-docs 2>&1 | grep -v "Loading weights" | tee "$OUT/eval.log"
-  tar -C /tmp -cf "$OUT/shapes-ldm-gpu.tar" shapes-ldm-gpu
-fi
+  echo "== 2. training recipe on CUDA (at most ${TRAIN_S} s; checkpoints every 500 UNet steps)"
+  timeout "$TRAIN_S" python3 -m training.train --device cuda --out "$MODEL" --runs-dir "$OUT/runs" > "$OUT/train.log" 2>&1
+  echo "train exit $?"; tail -n 2 "$OUT/runs/vae.log" "$OUT/runs/unet.log" 2>/dev/null
+  if [ -f "$MODEL/model_index.json" ]; then
+    timeout 120 python3 -m training.evaluate --device cuda --model "$MODEL" --captions full --no-docs 2>&1 | grep -v "Loading weights" | tee "$OUT/eval.log"
+    tar -C /tmp -cf "$OUT/shapes-ldm-gpu.tar" shapes-ldm-gpu
+  fi
 fi
 
 echo "== 3. SD-1.5-sized engine benchmark"

@@ -115,8 +115,10 @@ def resolve_seed(seed: Optional[int]) -> int:
 
 def enqueue(store: JobStore, celery: Celery, settings: Settings, *, kind: str, model: str, owner: str,
             params: dict, input_image: Optional[str] = None) -> dict:
-    if store.pending_count(model) >= settings.max_queue_per_model and (
-            store.sweep_pending(model) == 0 or store.pending_count(model) >= settings.max_queue_per_model):
+    full = store.pending_count(model) >= settings.max_queue_per_model
+    if full and store.sweep_pending(model):  # ids of jobs that expired unfinished held some of the slots
+        full = store.pending_count(model) >= settings.max_queue_per_model
+    if full:
         metrics.record_rejection("queue_full")
         raise QueueFull(f"the queue of model {model!r} is full ({settings.max_queue_per_model} jobs); retry later",
                         None, headers={"Retry-After": str(settings.retry_after_s)})

@@ -200,7 +200,8 @@ class JobRun:
         return dict(self.job["timings"], finished_at=finished, run_s=finished - self.started_at)
 
     def succeed(self, images: list, frames: list[tuple[dict, object]] = (), frames_streamed: bool = False) -> bool:
-        """Write the result once. `frames_streamed`: their events went out live (StepEventWriter)."""
+        """Write the result once. `frames_streamed`: the step writer already stored the frames and sent
+        their events (a reverse trajectory); only their TTL is renewed to match the job's."""
         fmt = self.params.get("output_format", "png")
         blobs, names, metas = {}, [], []
         for index, image in enumerate(images):
@@ -208,9 +209,15 @@ class JobRun:
             blobs[names[-1]] = encode_image(image, fmt)
         for index, (meta, image) in enumerate(frames):
             name = frame_blob_name(self.attempt, index)
-            blobs[name] = encode_image(image, "png")
+            if not frames_streamed:
+                blobs[name] = encode_image(image, "png")
             metas.append(dict(meta, blob=name))
-        if frames and not frames_streamed:  # frame events first (they are not terminal), then the result
+        if frames_streamed:
+            pipe = self.store.redis.pipeline(transaction=False)
+            for meta in metas:
+                pipe.expire(blob_key(self.job_id, meta["blob"]), self.store.ttl_s)
+            pipe.execute()
+        elif frames:  # frame events first (they are not terminal), then the write-once result
             pipe = self.store.redis.pipeline(transaction=False)
             now = time.time()
             self.store.add_events(pipe, self.job_id, [("frame", dict(meta, index=i, attempt=self.attempt,

@@ -61,7 +61,7 @@ def get_frame(job_id: str, index: int, store: StoreDep, owner: OwnerDep) -> Resp
     """A trajectory frame. A reverse trajectory's frames can be fetched while it runs, as soon as their
     `frame` event is out; the others once the job has succeeded."""
     job = owned_job(store, job_id, owner)
-    if job["status"] == "running" and index >= len(job["frames"] or []) and index >= 0:
+    if job["status"] == "running" and index >= len(job["frames"] or []):
         data = store.blob(job_id, frame_blob_name(job["attempt"], index))
         if data is not None:
             return Response(content=data, media_type=MEDIA_TYPES["png"])
