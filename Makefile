@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test venv proto bench-engine bench-service train-model eval-model clean
+.PHONY: run test lint format venv proto bench-engine bench-service train-model eval-model clean
 
 $(STAMP): requirements/*.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,6 +25,15 @@ run: $(STAMP) proto
 ## The test suite (CI runs exactly this).
 test: $(STAMP) proto
 	$(BIN)/python -m pytest -q tests
+
+## Lint and format check (CI runs this before the tests).
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 bench-engine: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_engine

@@ -6,6 +6,7 @@ engine emitting a step event (its `emitted_at`, stamped on the engine thread) to
     python -m benchmarks.bench_service                      # models/shapes-ldm if present, else a tiny model
     python -m benchmarks.bench_service --model PATH --jobs 16 --steps 20
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,13 +23,21 @@ import httpx
 from scripts import run_stack
 
 DEFAULT_MODEL = Path("models/shapes-ldm")
-PROMPTS = ["a large red circle on a white background", "a blue square on a gray background",
-           "a small yellow triangle on a black background", "a green circle on a white background"]
+PROMPTS = [
+    "a large red circle on a white background",
+    "a blue square on a gray background",
+    "a small yellow triangle on a black background",
+    "a green circle on a white background",
+]
 
 
 def job_body(index: int, steps: int) -> dict:
-    return {"prompt": PROMPTS[index % len(PROMPTS)], "seed": 1000 + index, "num_inference_steps": steps,
-            "guidance_scale": 7.5}
+    return {
+        "prompt": PROMPTS[index % len(PROMPTS)],
+        "seed": 1000 + index,
+        "num_inference_steps": steps,
+        "guidance_scale": 7.5,
+    }
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -40,6 +49,7 @@ def bench_engine(model_path: Path, jobs: int, steps: int) -> dict:
     from services.worker.engine.engine import Engine
     from services.worker.engine.requests import GenerationRequest
     from services.worker.loading import load_model
+
     engine = Engine(load_model(model_path), max_batch_rows=64).start()
     try:
         engine.submit(GenerationRequest(request_id="warm", **job_body(0, 2))).result()
@@ -75,8 +85,14 @@ def run_one(url: str, body: dict, out: dict, barrier: threading.Barrier) -> None
                         break
         image = client.get(f"/v1/jobs/{job['id']}/images/0") if terminal == "succeeded" else None
         timings = client.get(f"/v1/jobs/{job['id']}").json()["timings"]
-    out.update(queue_s=timings.get("queue_s", 0.0), run_s=timings.get("run_s", 0.0), latency=time.perf_counter() - started, lags=lags, status=terminal,
-               ok=image is not None and image.status_code == 200)
+    out.update(
+        queue_s=timings.get("queue_s", 0.0),
+        run_s=timings.get("run_s", 0.0),
+        latency=time.perf_counter() - started,
+        lags=lags,
+        status=terminal,
+        ok=image is not None and image.status_code == 200,
+    )
 
 
 def bench_service(model_path: Path, jobs: int, steps: int) -> dict:
@@ -93,8 +109,9 @@ def bench_service(model_path: Path, jobs: int, steps: int) -> dict:
         run_one(url, job_body(0, 2), warm, threading.Barrier(1))
         outs = [{} for _ in range(jobs)]
         barrier = threading.Barrier(jobs + 1)
-        threads = [threading.Thread(target=run_one, args=(url, job_body(i, steps), outs[i], barrier))
-                   for i in range(jobs)]
+        threads = [
+            threading.Thread(target=run_one, args=(url, job_body(i, steps), outs[i], barrier)) for i in range(jobs)
+        ]
         for thread in threads:
             thread.start()
         barrier.wait()
@@ -107,8 +124,13 @@ def bench_service(model_path: Path, jobs: int, steps: int) -> dict:
     failed = [o for o in outs if not o.get("ok")]
     if failed:
         raise SystemExit(f"{len(failed)} jobs did not succeed: {failed[:2]}")
-    return {"wall_s": wall, "latencies": [o["latency"] for o in outs], "queue_s": [o["queue_s"] for o in outs],
-            "run_s": [o["run_s"] for o in outs], "lags": [lag for o in outs for lag in o["lags"]]}
+    return {
+        "wall_s": wall,
+        "latencies": [o["latency"] for o in outs],
+        "queue_s": [o["queue_s"] for o in outs],
+        "run_s": [o["run_s"] for o in outs],
+        "lags": [lag for o in outs for lag in o["lags"]],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,14 +145,19 @@ def main(argv: list[str] | None = None) -> int:
             model = DEFAULT_MODEL
         else:
             from tests.fixtures.tiny_model import build_tiny_model
+
             model = build_tiny_model(Path(tempfile.mkdtemp(prefix="latentd-bench-")) / "tiny")
     engine = bench_engine(model, args.jobs, args.steps)
     service = bench_service(model, args.jobs, args.steps)
     engine_ips, service_ips = args.jobs / engine["wall_s"], args.jobs / service["wall_s"]
     result = {
-        "bench": "service", "model": Path(model).resolve().name, "jobs": args.jobs, "steps": args.steps,
+        "bench": "service",
+        "model": Path(model).resolve().name,
+        "jobs": args.jobs,
+        "steps": args.steps,
         "machine": platform.processor() or platform.machine(),
-        "engine_images_per_s": round(engine_ips, 3), "service_images_per_s": round(service_ips, 3),
+        "engine_images_per_s": round(engine_ips, 3),
+        "service_images_per_s": round(service_ips, 3),
         "ratio": round(service_ips / engine_ips, 3),
         "added_latency_p50_s": round(percentile(service["latencies"], 0.5) - percentile(engine["latencies"], 0.5), 3),
         "added_latency_p95_s": round(percentile(service["latencies"], 0.95) - percentile(engine["latencies"], 0.95), 3),

@@ -6,6 +6,7 @@
 The output is git-ignored (`make proto` produces it); `--check` regenerates into a temporary
 folder and compares file by file, so CI fails on stale or hand-edited generated code.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,15 @@ def generate(out: Path) -> list[Path]:
 
     out.mkdir(parents=True, exist_ok=True)
     include = Path(grpc_tools.__file__).parent / "_proto"
-    args = ["grpc_tools.protoc", f"-I{PROTO_ROOT}", f"-I{include}", f"--python_out={out}",
-            f"--pyi_out={out}", f"--grpc_python_out={out}", *map(str, proto_files())]
+    args = [
+        "grpc_tools.protoc",
+        f"-I{PROTO_ROOT}",
+        f"-I{include}",
+        f"--python_out={out}",
+        f"--pyi_out={out}",
+        f"--grpc_python_out={out}",
+        *map(str, proto_files()),
+    ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed on " + " ".join(map(str, proto_files())))
     # protoc writes `from latentd.v1 import x_pb2`; make it relative so the package can live here.

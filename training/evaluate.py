@@ -65,7 +65,11 @@ class ShapesModel:
 
     def embed(self, captions: list[str]) -> torch.Tensor:
         ids = self.tokenizer(
-            captions, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+            captions,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
         ).input_ids
         return self.text_encoder(ids.to(self.unet.device))[0]  # (B, L, D)
 
@@ -90,9 +94,15 @@ def sample(
     scheduler = DDIMScheduler.from_config(model.scheduler.config)
     scheduler.set_timesteps(num_inference_steps)
     size = unet.config.sample_size
-    latents = torch.stack(
-        [torch.randn((unet.config.in_channels, size, size), generator=torch.Generator().manual_seed(seed)) for seed in seeds]
-    ).to(unet.device) * scheduler.init_noise_sigma  # (N, C, h, w)
+    latents = (
+        torch.stack(
+            [
+                torch.randn((unet.config.in_channels, size, size), generator=torch.Generator().manual_seed(seed))
+                for seed in seeds
+            ]
+        ).to(unet.device)
+        * scheduler.init_noise_sigma
+    )  # (N, C, h, w)
     cond = model.embed(captions)
     uncond = model.embed([""]).expand_as(cond)
     scale = torch.tensor(guidance_scales, dtype=latents.dtype, device=latents.device)[:, None, None, None]
@@ -101,9 +111,7 @@ def sample(
         for start in range(0, len(captions), chunk_rows):
             rows = slice(start, start + chunk_rows)
             x = latents[rows]
-            out_uncond, out_cond = unet(
-                torch.cat([x, x]), t, torch.cat([uncond[rows], cond[rows]])
-            ).sample.chunk(2)
+            out_uncond, out_cond = unet(torch.cat([x, x]), t, torch.cat([uncond[rows], cond[rows]])).sample.chunk(2)
             model_output[rows] = out_uncond + scale[rows] * (out_cond - out_uncond)
         latents = scheduler.step(model_output, t, latents).prev_sample
     decoded = torch.cat([vae.decode(chunk / vae.config.scaling_factor).sample for chunk in latents.split(256)])
@@ -117,9 +125,7 @@ def eval_captions(kind: str = "full") -> list[str]:
     short: one size word per colour/shape/background (alternating) plus the 54 without;
     sized: only the 54 with the alternating size word."""
     captions = []
-    for i, (colour, shape, background) in enumerate(
-        (c, s, b) for c in COLOURS for s in SHAPES for b in BACKGROUNDS
-    ):
+    for i, (colour, shape, background) in enumerate((c, s, b) for c in COLOURS for s in SHAPES for b in BACKGROUNDS):
         sizes = list(SIZES) if kind == "full" else [list(SIZES)[i % 2]]
         captions += [caption_for(colour, shape, background, size) for size in sizes]
         if kind != "sized":
@@ -164,7 +170,7 @@ def contact_sheet(captions: list[str], pixels_by_scale: dict[float, np.ndarray],
 def markdown_table(results: dict[float, dict[str, float]], saturation: dict[float, float], count: int) -> str:
     chance = chance_levels()
     lines = [
-        f"| guidance | colour right | shape right | background right | all three right | clipped channel values |",
+        "| guidance | colour right | shape right | background right | all three right | clipped channel values |",
         "| ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for scale, result in results.items():
@@ -192,8 +198,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", type=Path, default=Path("models/shapes-ldm"))
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
     parser.add_argument("--seed", type=int, default=1234, help="picture i uses noise seed seed + i")
-    parser.add_argument("--captions", choices=("full", "short", "sized"), default="full",
-                        help="full: 108 with size + 54 without; short: 54 with one size word + 54 without; sized: the 54 with a size word")
+    parser.add_argument(
+        "--captions",
+        choices=("full", "short", "sized"),
+        default="full",
+        help="full: 108 with size + 54 without; short: 54 with one size word + 54 without; sized: the 54 with a size word",
+    )
     parser.add_argument("--docs", type=Path, default=DOCS_DIR, help="where model.md and contact_sheet.png go")
     parser.add_argument("--no-docs", action="store_true", help="print only")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda to go faster")

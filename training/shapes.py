@@ -72,7 +72,9 @@ def parse_caption(caption: str) -> dict[str, str | None]:
     """Inverse of caption_for: {'size', 'colour', 'shape', 'background'} (size may be None)."""
     words = caption.split()
     if len(words) not in (7, 8) or words[0] != "a" or words[-1] != "background":
-        raise ValueError(f"caption must follow 'a [small|large] <colour> <shape> on a <background> background', got {caption!r}")
+        raise ValueError(
+            f"caption must follow 'a [small|large] <colour> <shape> on a <background> background', got {caption!r}"
+        )
     size = words[1] if len(words) == 8 else None
     colour, shape, _on, _a, background = words[-6:-1]
     if size not in (None, *SIZES) or colour not in COLOURS or shape not in SHAPES or background not in BACKGROUNDS:

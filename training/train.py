@@ -103,7 +103,9 @@ def train_vae(args: argparse.Namespace, log: StageLog) -> AutoencoderKL:
         optimizer.step()
         if step % 25 == 0 or step == args.vae_steps - 1:
             bar.set_postfix(loss=f"{loss.item():.4f}")
-            log.write(f"step {step} loss {loss.item():.5f} rec {rec_loss.item():.5f} kl {kl.item():.3f} psnr {psnr(reconstruction.detach(), x):.2f}")
+            log.write(
+                f"step {step} loss {loss.item():.5f} rec {rec_loss.item():.5f} kl {kl.item():.3f} psnr {psnr(reconstruction.detach(), x):.2f}"
+            )
     vae.eval()
     return vae
 
@@ -196,7 +198,11 @@ def train_denoiser(args: argparse.Namespace, vae: AutoencoderKL, buffer: dict, t
         for caption in captions:
             if caption not in token_cache:
                 token_cache[caption] = tokenizer(
-                    caption, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+                    caption,
+                    padding="max_length",
+                    max_length=tokenizer.model_max_length,
+                    truncation=True,
+                    return_tensors="pt",
                 ).input_ids[0]
         return torch.stack([token_cache[caption] for caption in captions]).to(device)
 
@@ -229,7 +235,9 @@ def train_denoiser(args: argparse.Namespace, vae: AutoencoderKL, buffer: dict, t
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 25 == 0 or step == args.unet_steps - 1:
             bar.set_postfix(loss=f"{running:.4f}")
-            log.write(f"step {step} loss {loss.item():.5f} ema_loss {running:.5f} lr {optimizer.param_groups[0]['lr']:.2e}")
+            log.write(
+                f"step {step} loss {loss.item():.5f} ema_loss {running:.5f} lr {optimizer.param_groups[0]['lr']:.2e}"
+            )
         last = step == args.unet_steps - 1
         if last or (args.checkpoint_every and (step + 1) % args.checkpoint_every == 0):
             save_pipeline(args.out, vae, ema_text_encoder, tokenizer, ema_unet)
@@ -250,11 +258,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--unet-lr", type=float, default=1e-3)
     parser.add_argument("--ema-decay", type=float, default=0.995)
     parser.add_argument("--checkpoint-every", type=int, default=500, help="UNet steps between model-folder saves")
-    parser.add_argument("--reuse-vae", action="store_true", help="load <runs-dir>/vae and its latents instead of training")
+    parser.add_argument(
+        "--reuse-vae", action="store_true", help="load <runs-dir>/vae and its latents instead of training"
+    )
     parser.add_argument("--device", default="cpu", help="cpu (the reference run), or cuda to go faster")
-    parser.add_argument("--init-from", type=Path, default=None,
-                        help="a model folder to go on training: its VAE is kept (pictures re-encoded with --seed), "
-                             "its UNet and text encoder start the denoiser stage")
+    parser.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="a model folder to go on training: its VAE is kept (pictures re-encoded with --seed), "
+        "its UNet and text encoder start the denoiser stage",
+    )
     args = parser.parse_args(argv)
 
     torch.set_num_threads(2)

@@ -1,9 +1,31 @@
 """Python client of latentd: sync and asyncio, over REST (http://) or gRPC (grpc://), one interface."""
+
 from .client import AsyncClient, Client
-from .errors import (AuthenticationError, ConflictError, InvalidRequestError, JobFailedError, LatentdError,
-                     NotFoundError, RateLimitError, UnavailableError)
+from .errors import (
+    AuthenticationError,
+    ConflictError,
+    InvalidRequestError,
+    JobFailedError,
+    LatentdError,
+    NotFoundError,
+    RateLimitError,
+    UnavailableError,
+)
 from .types import Artifact, Job, JobEvent, Model
 
-__all__ = ["Client", "AsyncClient", "Job", "JobEvent", "Model", "Artifact", "LatentdError", "AuthenticationError",
-           "NotFoundError", "ConflictError", "InvalidRequestError", "RateLimitError", "UnavailableError",
-           "JobFailedError"]
+__all__ = [
+    "Client",
+    "AsyncClient",
+    "Job",
+    "JobEvent",
+    "Model",
+    "Artifact",
+    "LatentdError",
+    "AuthenticationError",
+    "NotFoundError",
+    "ConflictError",
+    "InvalidRequestError",
+    "RateLimitError",
+    "UnavailableError",
+    "JobFailedError",
+]

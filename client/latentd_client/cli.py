@@ -6,6 +6,7 @@
     latentd models
 URL and key: --url / --api-key, or LATENTD_URL / LATENTD_API_KEY.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,7 +14,6 @@ import base64
 import io
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -105,10 +105,20 @@ def _numbered(path: Path, index: int, count: int) -> Path:
 
 # ---- commands -----------------------------------------------------------------------------
 def cmd_generate(client: Client, args) -> int:
-    job = client.generate(args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
-                          guidance_scale=args.guidance, eta=args.eta, seed=args.seed, width=args.width,
-                          height=args.height, num_images=args.num_images, output_format=args.format,
-                          preview_every=args.preview_every, model=args.model)
+    job = client.generate(
+        args.prompt,
+        negative_prompt=args.negative,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        eta=args.eta,
+        seed=args.seed,
+        width=args.width,
+        height=args.height,
+        num_images=args.num_images,
+        output_format=args.format,
+        preview_every=args.preview_every,
+        model=args.model,
+    )
     print(f"job {job.id} queued (seed {job.seed})", file=sys.stderr)
     job = follow(client, job.id, None if args.quiet else Progress())
     out = Path(args.output)
@@ -158,8 +168,14 @@ def write_frames(frames: list[bytes], labels: list[str], out_dir: Path, gif_ms: 
 
 def cmd_trajectory(client: Client, args) -> int:
     kind = {"forward": "forward", "reverse": "reverse", "sweep": "guidance_sweep"}[args.kind]
-    fields: dict[str, Any] = dict(prompt=args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
-                                  guidance_scale=args.guidance, seed=args.seed, model=args.model)
+    fields: dict[str, Any] = dict(
+        prompt=args.prompt,
+        negative_prompt=args.negative,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        seed=args.seed,
+        model=args.model,
+    )
     if args.image:
         fields["image"] = base64.b64encode(Path(args.image).read_bytes()).decode()
     if args.timesteps:
@@ -202,9 +218,14 @@ def cmd_models(client: Client, args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="latentd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", default=os.environ.get("LATENTD_URL", DEFAULT_URL),
-                        help="http(s)://host:port (REST) or grpc://host:port; env LATENTD_URL")
+    parser = argparse.ArgumentParser(
+        prog="latentd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("LATENTD_URL", DEFAULT_URL),
+        help="http(s)://host:port (REST) or grpc://host:port; env LATENTD_URL",
+    )
     parser.add_argument("--api-key", default=os.environ.get("LATENTD_API_KEY"), help="env LATENTD_API_KEY")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request (streams excepted)")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -1,11 +1,12 @@
 """One interface over REST and gRPC: `Client("http://127.0.0.1:8000")` or `Client("grpc://127.0.0.1:50051")`.
 
-    with Client(url, api_key=key) as client:
-        job = client.generate("a red circle on a white background", seed=1)
-        for event in client.events(job.id):      # resumes by itself after a dropped connection
-            print(event.type, event.step, event.total)
-        png = client.image(job.id, 0)
+with Client(url, api_key=key) as client:
+    job = client.generate("a red circle on a white background", seed=1)
+    for event in client.events(job.id):      # resumes by itself after a dropped connection
+        print(event.type, event.step, event.total)
+    png = client.image(job.id, 0)
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -27,8 +28,10 @@ _DROPPED = (httpx.TransportError, grpc.RpcError)
 def _transport_class(url: str, asynchronous: bool):
     if url.startswith(("grpc://", "grpcs://")):
         from .grpc_transport import AsyncGrpcTransport, GrpcTransport
+
         return AsyncGrpcTransport if asynchronous else GrpcTransport
     from .rest import AsyncRestTransport, RestTransport
+
     return AsyncRestTransport if asynchronous else RestTransport
 
 
@@ -44,14 +47,21 @@ def _check_final(job: Job) -> Job:
 
 
 class Client:
-    def __init__(self, url: str | None = None, api_key: str | None = None, *, timeout: float = 30.0,
-                 max_reconnects: int = 20, reconnect_delay: float = 0.5):
+    def __init__(
+        self,
+        url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float = 30.0,
+        max_reconnects: int = 20,
+        reconnect_delay: float = 0.5,
+    ):
         self.url = url or os.environ.get("LATENTD_URL") or DEFAULT_URL
         self.api_key = api_key if api_key is not None else os.environ.get("LATENTD_API_KEY")
         self.transport = _transport_class(self.url, False)(self.url, self.api_key, timeout)
         self.max_reconnects, self.reconnect_delay = max_reconnects, reconnect_delay
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -66,7 +76,9 @@ class Client:
 
     def trajectory(self, kind: str, **fields: Any) -> Job:
         """Submit a trajectory: kind forward | reverse | guidance_sweep; fields as in POST /v1/trajectories."""
-        return Job.from_dict(self.transport.submit_trajectory({"kind": kind, **{k: v for k, v in fields.items() if v is not None}}))
+        return Job.from_dict(
+            self.transport.submit_trajectory({"kind": kind, **{k: v for k, v in fields.items() if v is not None}})
+        )
 
     def get_job(self, job_id: str) -> Job:
         return Job.from_dict(self.transport.get_job(job_id))
@@ -113,14 +125,21 @@ class Client:
 
 
 class AsyncClient:
-    def __init__(self, url: str | None = None, api_key: str | None = None, *, timeout: float = 30.0,
-                 max_reconnects: int = 20, reconnect_delay: float = 0.5):
+    def __init__(
+        self,
+        url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float = 30.0,
+        max_reconnects: int = 20,
+        reconnect_delay: float = 0.5,
+    ):
         self.url = url or os.environ.get("LATENTD_URL") or DEFAULT_URL
         self.api_key = api_key if api_key is not None else os.environ.get("LATENTD_API_KEY")
         self.transport = _transport_class(self.url, True)(self.url, self.api_key, timeout)
         self.max_reconnects, self.reconnect_delay = max_reconnects, reconnect_delay
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -133,7 +152,9 @@ class AsyncClient:
         return Job.from_dict(await self.transport.submit_generation(_generation_body(prompt, **fields)))
 
     async def trajectory(self, kind: str, **fields: Any) -> Job:
-        return Job.from_dict(await self.transport.submit_trajectory({"kind": kind, **{k: v for k, v in fields.items() if v is not None}}))
+        return Job.from_dict(
+            await self.transport.submit_trajectory({"kind": kind, **{k: v for k, v in fields.items() if v is not None}})
+        )
 
     async def get_job(self, job_id: str) -> Job:
         return Job.from_dict(await self.transport.get_job(job_id))
@@ -172,6 +193,7 @@ class AsyncClient:
         async def follow():
             async for _event in self.events(job_id):
                 pass
+
         await asyncio.wait_for(follow(), timeout)
         return _check_final(await self.get_job(job_id))
 

@@ -1,12 +1,20 @@
 """Typed errors carrying the server's message; one class per REST status / gRPC code."""
+
 from __future__ import annotations
 
 
 class LatentdError(Exception):
     """Base: `message` is the server's, `type` and `param` as in the REST error body."""
 
-    def __init__(self, message: str, *, status: int | None = None, type: str | None = None,
-                 param: str | None = None, retry_after: float | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        type: str | None = None,
+        param: str | None = None,
+        retry_after: float | None = None,
+    ):
         super().__init__(message)
         self.message, self.status, self.type, self.param = message, status, type, param
         self.retry_after = retry_after
@@ -44,9 +52,17 @@ class JobFailedError(LatentdError):
         self.job = job
 
 
-_BY_STATUS = {401: AuthenticationError, 403: AuthenticationError, 404: NotFoundError,
-              409: ConflictError, 413: InvalidRequestError, 422: InvalidRequestError,
-              400: InvalidRequestError, 429: RateLimitError, 503: UnavailableError}
+_BY_STATUS = {
+    401: AuthenticationError,
+    403: AuthenticationError,
+    404: NotFoundError,
+    409: ConflictError,
+    413: InvalidRequestError,
+    422: InvalidRequestError,
+    400: InvalidRequestError,
+    429: RateLimitError,
+    503: UnavailableError,
+}
 
 
 def error_for_status(status: int, message: str, **kw) -> LatentdError:

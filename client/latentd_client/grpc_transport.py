@@ -1,5 +1,6 @@
 """gRPC transport and the proto <-> REST-JSON conversions (shared with services/api/grpc_server.py,
 so both front doors speak the same job record)."""
+
 from __future__ import annotations
 
 import base64
@@ -13,38 +14,70 @@ import grpc
 from services.common.grpc_gen.latentd.v1 import latentd_pb2 as pb
 from services.common.grpc_gen.latentd.v1 import latentd_pb2_grpc as pb_grpc
 
-from .errors import (AuthenticationError, ConflictError, InvalidRequestError, LatentdError, NotFoundError,
-                     RateLimitError, UnavailableError)
+from .errors import (
+    AuthenticationError,
+    ConflictError,
+    InvalidRequestError,
+    LatentdError,
+    NotFoundError,
+    RateLimitError,
+    UnavailableError,
+)
 from .types import JobEvent
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 PARAM_METADATA_KEY = "latentd-param"
 TYPE_METADATA_KEY = "latentd-error-type"
 
-STATUS = {"queued": pb.JOB_STATUS_QUEUED, "running": pb.JOB_STATUS_RUNNING, "succeeded": pb.JOB_STATUS_SUCCEEDED,
-          "failed": pb.JOB_STATUS_FAILED, "cancelled": pb.JOB_STATUS_CANCELLED}
-EVENT = {"queued": pb.EVENT_TYPE_QUEUED, "started": pb.EVENT_TYPE_STARTED, "step": pb.EVENT_TYPE_STEP,
-         "frame": pb.EVENT_TYPE_FRAME, "succeeded": pb.EVENT_TYPE_SUCCEEDED, "failed": pb.EVENT_TYPE_FAILED,
-         "cancelled": pb.EVENT_TYPE_CANCELLED}
+STATUS = {
+    "queued": pb.JOB_STATUS_QUEUED,
+    "running": pb.JOB_STATUS_RUNNING,
+    "succeeded": pb.JOB_STATUS_SUCCEEDED,
+    "failed": pb.JOB_STATUS_FAILED,
+    "cancelled": pb.JOB_STATUS_CANCELLED,
+}
+EVENT = {
+    "queued": pb.EVENT_TYPE_QUEUED,
+    "started": pb.EVENT_TYPE_STARTED,
+    "step": pb.EVENT_TYPE_STEP,
+    "frame": pb.EVENT_TYPE_FRAME,
+    "succeeded": pb.EVENT_TYPE_SUCCEEDED,
+    "failed": pb.EVENT_TYPE_FAILED,
+    "cancelled": pb.EVENT_TYPE_CANCELLED,
+}
 EVENT_NAME = {v: k for k, v in EVENT.items()}
 FORMAT = {"png": pb.OUTPUT_FORMAT_PNG, "jpeg": pb.OUTPUT_FORMAT_JPEG, "webp": pb.OUTPUT_FORMAT_WEBP}
 FORMAT_NAME = {v: k for k, v in FORMAT.items()}
-TRAJECTORY = {"forward": pb.TRAJECTORY_KIND_FORWARD, "reverse": pb.TRAJECTORY_KIND_REVERSE,
-              "guidance_sweep": pb.TRAJECTORY_KIND_GUIDANCE_SWEEP}
+TRAJECTORY = {
+    "forward": pb.TRAJECTORY_KIND_FORWARD,
+    "reverse": pb.TRAJECTORY_KIND_REVERSE,
+    "guidance_sweep": pb.TRAJECTORY_KIND_GUIDANCE_SWEEP,
+}
 TRAJECTORY_NAME = {v: k for k, v in TRAJECTORY.items()}
 SPACE = {"pixel": pb.NOISE_SPACE_PIXEL, "latent": pb.NOISE_SPACE_LATENT}
 SPACE_NAME = {v: k for k, v in SPACE.items()}
 ARTIFACT = {"image": pb.ARTIFACT_KIND_IMAGE, "frame": pb.ARTIFACT_KIND_FRAME}
 ARTIFACT_NAME = {v: k for k, v in ARTIFACT.items()}
 
-_GEN_OPTIONAL = ("num_inference_steps", "guidance_scale", "eta", "seed", "width", "height", "num_images",
-                 "preview_every")
+_GEN_OPTIONAL = (
+    "num_inference_steps",
+    "guidance_scale",
+    "eta",
+    "seed",
+    "width",
+    "height",
+    "num_images",
+    "preview_every",
+)
 
 
 # ---- request bodies -------------------------------------------------------------------------
 def generation_to_proto(body: dict[str, Any]) -> pb.GenerationParams:
-    params = pb.GenerationParams(model=body.get("model") or "", prompt=body.get("prompt") or "",
-                                 negative_prompt=body.get("negative_prompt") or "")
+    params = pb.GenerationParams(
+        model=body.get("model") or "",
+        prompt=body.get("prompt") or "",
+        negative_prompt=body.get("negative_prompt") or "",
+    )
     for name in _GEN_OPTIONAL:
         if body.get(name) is not None:
             setattr(params, name, body[name])
@@ -116,23 +149,46 @@ def job_to_proto(record: dict[str, Any]) -> pb.Job:
     job = Job.from_dict(record)
 
     def artifacts(items):
-        return [pb.Artifact(index=a.index, url=a.url, media_type=a.media_type,
-                            metadata_json=json.dumps(a.metadata) if a.metadata else "") for a in items]
+        return [
+            pb.Artifact(
+                index=a.index,
+                url=a.url,
+                media_type=a.media_type,
+                metadata_json=json.dumps(a.metadata) if a.metadata else "",
+            )
+            for a in items
+        ]
 
-    message = pb.Job(id=job.id, kind=pb.JOB_KIND_TRAJECTORY if job.kind == "trajectory" else pb.JOB_KIND_GENERATION,
-                     status=STATUS.get(job.status, pb.JOB_STATUS_UNSPECIFIED), model=job.model,
-                     params_json=json.dumps(job.params), step=job.step, total_steps=job.total_steps,
-                     created_at=job.created_at or 0, started_at=job.started_at or 0, finished_at=job.finished_at or 0,
-                     images=artifacts(job.images), frames=artifacts(job.frames), raw_json=json.dumps(record))
+    message = pb.Job(
+        id=job.id,
+        kind=pb.JOB_KIND_TRAJECTORY if job.kind == "trajectory" else pb.JOB_KIND_GENERATION,
+        status=STATUS.get(job.status, pb.JOB_STATUS_UNSPECIFIED),
+        model=job.model,
+        params_json=json.dumps(job.params),
+        step=job.step,
+        total_steps=job.total_steps,
+        created_at=job.created_at or 0,
+        started_at=job.started_at or 0,
+        finished_at=job.finished_at or 0,
+        images=artifacts(job.images),
+        frames=artifacts(job.frames),
+        raw_json=json.dumps(record),
+    )
     if job.error:
-        message.error.CopyFrom(pb.JobError(type=str(job.error.get("type") or ""), message=str(job.error.get("message") or ""),
-                                           param=str(job.error.get("param") or "")))
+        message.error.CopyFrom(
+            pb.JobError(
+                type=str(job.error.get("type") or ""),
+                message=str(job.error.get("message") or ""),
+                param=str(job.error.get("param") or ""),
+            )
+        )
     return message
 
 
 def event_to_proto(event: JobEvent) -> pb.JobEvent:
-    message = pb.JobEvent(id=event.id, type=EVENT.get(event.type, pb.EVENT_TYPE_UNSPECIFIED),
-                          data_json=json.dumps(event.data))
+    message = pb.JobEvent(
+        id=event.id, type=EVENT.get(event.type, pb.EVENT_TYPE_UNSPECIFIED), data_json=json.dumps(event.data)
+    )
     for name in ("step", "total", "timestep"):
         if isinstance(event.data.get(name), int):
             setattr(message, name, event.data[name])
@@ -152,22 +208,36 @@ def model_to_proto(record: dict[str, Any]) -> pb.Model:
     from .types import Model
 
     model = Model.from_dict(record)
-    return pb.Model(name=model.name, native_width=model.native_width, native_height=model.native_height,
-                    scheduler=model.scheduler, workers=int(record.get("workers") or 0), raw_json=json.dumps(record))
+    return pb.Model(
+        name=model.name,
+        native_width=model.native_width,
+        native_height=model.native_height,
+        scheduler=model.scheduler,
+        workers=int(record.get("workers") or 0),
+        raw_json=json.dumps(record),
+    )
 
 
 # ---- errors ---------------------------------------------------------------------------------
-_CODE_ERRORS = {grpc.StatusCode.UNAUTHENTICATED: AuthenticationError, grpc.StatusCode.PERMISSION_DENIED: AuthenticationError,
-                grpc.StatusCode.NOT_FOUND: NotFoundError, grpc.StatusCode.INVALID_ARGUMENT: InvalidRequestError,
-                grpc.StatusCode.FAILED_PRECONDITION: ConflictError, grpc.StatusCode.RESOURCE_EXHAUSTED: RateLimitError,
-                grpc.StatusCode.UNAVAILABLE: UnavailableError}
+_CODE_ERRORS = {
+    grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
+    grpc.StatusCode.PERMISSION_DENIED: AuthenticationError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequestError,
+    grpc.StatusCode.FAILED_PRECONDITION: ConflictError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: RateLimitError,
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+}
 
 
 def error_from_rpc(exc: grpc.RpcError) -> LatentdError:
     trailers = dict(exc.trailing_metadata() or ()) if hasattr(exc, "trailing_metadata") else {}
     cls = _CODE_ERRORS.get(exc.code(), LatentdError)
-    return cls(exc.details() or str(exc.code()), type=trailers.get(TYPE_METADATA_KEY),
-               param=trailers.get(PARAM_METADATA_KEY) or None)
+    return cls(
+        exc.details() or str(exc.code()),
+        type=trailers.get(TYPE_METADATA_KEY),
+        param=trailers.get(PARAM_METADATA_KEY) or None,
+    )
 
 
 def _target(url: str) -> str:
@@ -182,8 +252,11 @@ class GrpcTransport:
     def __init__(self, url: str, api_key: str | None = None, timeout: float = 30.0):
         self.url, self.timeout = url, timeout
         self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
-        self.channel = (grpc.secure_channel(_target(url), grpc.ssl_channel_credentials(), _OPTIONS)
-                        if url.startswith("grpcs://") else grpc.insecure_channel(_target(url), _OPTIONS))
+        self.channel = (
+            grpc.secure_channel(_target(url), grpc.ssl_channel_credentials(), _OPTIONS)
+            if url.startswith("grpcs://")
+            else grpc.insecure_channel(_target(url), _OPTIONS)
+        )
         self.stub = pb_grpc.LatentdServiceStub(self.channel)
 
     def close(self) -> None:
@@ -210,7 +283,9 @@ class GrpcTransport:
         return json.loads(self._unary(self.stub.CancelJob, pb.CancelJobRequest(job_id=job_id)).job.raw_json)
 
     def artifact(self, job_id, kind, index):
-        response = self._unary(self.stub.GetArtifact, pb.GetArtifactRequest(job_id=job_id, kind=ARTIFACT[kind], index=index))
+        response = self._unary(
+            self.stub.GetArtifact, pb.GetArtifactRequest(job_id=job_id, kind=ARTIFACT[kind], index=index)
+        )
         return response.data, response.media_type
 
     def models(self):
@@ -218,8 +293,9 @@ class GrpcTransport:
 
     def events(self, job_id: str, after: str | None = None) -> Iterator[JobEvent]:
         """One server stream; a dropped connection raises grpc.RpcError(UNAVAILABLE) (Client resumes)."""
-        stream = self.stub.StreamJobEvents(pb.StreamJobEventsRequest(job_id=job_id, after_event_id=after or ""),
-                                           metadata=self.metadata)
+        stream = self.stub.StreamJobEvents(
+            pb.StreamJobEventsRequest(job_id=job_id, after_event_id=after or ""), metadata=self.metadata
+        )
         try:
             for message in stream:
                 yield event_from_proto(message.event)
@@ -235,8 +311,11 @@ class AsyncGrpcTransport:
     def __init__(self, url: str, api_key: str | None = None, timeout: float = 30.0):
         self.url, self.timeout = url, timeout
         self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
-        self.channel = (grpc.aio.secure_channel(_target(url), grpc.ssl_channel_credentials(), _OPTIONS)
-                        if url.startswith("grpcs://") else grpc.aio.insecure_channel(_target(url), _OPTIONS))
+        self.channel = (
+            grpc.aio.secure_channel(_target(url), grpc.ssl_channel_credentials(), _OPTIONS)
+            if url.startswith("grpcs://")
+            else grpc.aio.insecure_channel(_target(url), _OPTIONS)
+        )
         self.stub = pb_grpc.LatentdServiceStub(self.channel)
 
     async def close(self) -> None:
@@ -263,15 +342,20 @@ class AsyncGrpcTransport:
         return json.loads((await self._unary(self.stub.CancelJob, pb.CancelJobRequest(job_id=job_id))).job.raw_json)
 
     async def artifact(self, job_id, kind, index):
-        r = await self._unary(self.stub.GetArtifact, pb.GetArtifactRequest(job_id=job_id, kind=ARTIFACT[kind], index=index))
+        r = await self._unary(
+            self.stub.GetArtifact, pb.GetArtifactRequest(job_id=job_id, kind=ARTIFACT[kind], index=index)
+        )
         return r.data, r.media_type
 
     async def models(self):
-        return [json.loads(m.raw_json) for m in (await self._unary(self.stub.ListModels, pb.ListModelsRequest())).models]
+        return [
+            json.loads(m.raw_json) for m in (await self._unary(self.stub.ListModels, pb.ListModelsRequest())).models
+        ]
 
     async def events(self, job_id: str, after: str | None = None) -> AsyncIterator[JobEvent]:
-        call = self.stub.StreamJobEvents(pb.StreamJobEventsRequest(job_id=job_id, after_event_id=after or ""),
-                                         metadata=self.metadata)
+        call = self.stub.StreamJobEvents(
+            pb.StreamJobEventsRequest(job_id=job_id, after_event_id=after or ""), metadata=self.metadata
+        )
         try:
             async for message in call:
                 yield event_from_proto(message.event)

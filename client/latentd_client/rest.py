@@ -1,4 +1,5 @@
 """REST transport (httpx): the JSON contract of DESIGN.md, SSE parsing, error mapping."""
+
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
@@ -32,8 +33,13 @@ def raise_for_response(response: httpx.Response) -> None:
     except ValueError:
         pass
     retry = response.headers.get("retry-after")
-    raise error_for_status(response.status_code, str(message), type=type_, param=param,
-                           retry_after=float(retry) if retry and retry.replace(".", "", 1).isdigit() else None)
+    raise error_for_status(
+        response.status_code,
+        str(message),
+        type=type_,
+        param=param,
+        retry_after=float(retry) if retry and retry.replace(".", "", 1).isdigit() else None,
+    )
 
 
 class SseParser:
@@ -114,8 +120,12 @@ class RestTransport:
 
     def events(self, job_id: str, after: str | None = None) -> Iterator[JobEvent]:
         """One SSE connection; raises httpx.TransportError when it drops (Client resumes)."""
-        with self.http.stream("GET", f"/v1/jobs/{job_id}/events", headers=_event_headers(self.api_key, after),
-                              timeout=httpx.Timeout(self.http.timeout.connect, read=None)) as response:
+        with self.http.stream(
+            "GET",
+            f"/v1/jobs/{job_id}/events",
+            headers=_event_headers(self.api_key, after),
+            timeout=httpx.Timeout(self.http.timeout.connect, read=None),
+        ) as response:
             if response.status_code >= 400:
                 response.read()
                 raise_for_response(response)
@@ -164,8 +174,12 @@ class AsyncRestTransport:
         return body.get("models", body.get("data", [])) if isinstance(body, dict) else body
 
     async def events(self, job_id: str, after: str | None = None) -> AsyncIterator[JobEvent]:
-        async with self.http.stream("GET", f"/v1/jobs/{job_id}/events", headers=_event_headers(self.api_key, after),
-                                    timeout=httpx.Timeout(self.http.timeout.connect, read=None)) as response:
+        async with self.http.stream(
+            "GET",
+            f"/v1/jobs/{job_id}/events",
+            headers=_event_headers(self.api_key, after),
+            timeout=httpx.Timeout(self.http.timeout.connect, read=None),
+        ) as response:
             if response.status_code >= 400:
                 await response.aread()
                 raise_for_response(response)

@@ -1,5 +1,6 @@
 """Typed results. Parsed defensively from the REST job record so new server fields do not break
 old clients; `raw` keeps the whole record."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,8 @@ class Artifact:
 @dataclass(frozen=True)
 class Job:
     id: str
-    kind: str                      # generation | trajectory
-    status: str                    # queued | running | succeeded | failed | cancelled
+    kind: str  # generation | trajectory
+    status: str  # queued | running | succeeded | failed | cancelled
     model: str
     params: dict[str, Any]
     step: int
@@ -44,7 +45,7 @@ class Job:
         return self.params.get("seed")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Job":
+    def from_dict(cls, d: dict[str, Any]) -> Job:
         params = d.get("params") or {}
         progress = d.get("progress") or {}
         timings = d.get("timings") or {}
@@ -57,9 +58,14 @@ class Job:
                     out.append(Artifact(i, item))
                 else:
                     meta = {k: v for k, v in item.items() if k not in ("index", "url", "media_type", "content_type")}
-                    out.append(Artifact(int(item.get("index", i)),
-                                        item.get("url") or f"/v1/jobs/{job_id}/{what}/{item.get('index', i)}",
-                                        item.get("media_type") or item.get("content_type") or "image/png", meta))
+                    out.append(
+                        Artifact(
+                            int(item.get("index", i)),
+                            item.get("url") or f"/v1/jobs/{job_id}/{what}/{item.get('index', i)}",
+                            item.get("media_type") or item.get("content_type") or "image/png",
+                            meta,
+                        )
+                    )
             return out
 
         def when(name: str) -> float | None:
@@ -67,19 +73,27 @@ class Job:
             return float(value) if isinstance(value, (int, float)) else None
 
         return cls(
-            id=job_id, kind=str(d.get("kind") or d.get("type") or "generation"), status=str(d.get("status", "")),
-            model=str(d.get("model") or params.get("model") or ""), params=params,
+            id=job_id,
+            kind=str(d.get("kind") or d.get("type") or "generation"),
+            status=str(d.get("status", "")),
+            model=str(d.get("model") or params.get("model") or ""),
+            params=params,
             step=int(progress.get("step", d.get("step", 0)) or 0),
             total_steps=int(progress.get("total", d.get("total_steps", params.get("num_inference_steps", 0))) or 0),
-            created_at=when("created_at"), started_at=when("started_at"), finished_at=when("finished_at"),
-            images=artifacts(d.get("images"), "images"), frames=artifacts(d.get("frames"), "frames"),
-            error=d.get("error") or None, raw=d)
+            created_at=when("created_at"),
+            started_at=when("started_at"),
+            finished_at=when("finished_at"),
+            images=artifacts(d.get("images"), "images"),
+            frames=artifacts(d.get("frames"), "frames"),
+            error=d.get("error") or None,
+            raw=d,
+        )
 
 
 @dataclass(frozen=True)
 class JobEvent:
-    id: str          # the stream entry id (SSE `id:`); resume after it
-    type: str        # queued | started | step | frame | succeeded | failed | cancelled
+    id: str  # the stream entry id (SSE `id:`); resume after it
+    type: str  # queued | started | step | frame | succeeded | failed | cancelled
     data: dict[str, Any]
 
     @property
@@ -100,7 +114,7 @@ class JobEvent:
         return self.data.get("preview")
 
     @classmethod
-    def from_sse(cls, event_id: str, name: str, data: str) -> "JobEvent":
+    def from_sse(cls, event_id: str, name: str, data: str) -> JobEvent:
         try:
             payload = json.loads(data) if data else {}
         except json.JSONDecodeError:
@@ -117,9 +131,16 @@ class Model:
     raw: dict[str, Any]
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Model":
+    def from_dict(cls, d: dict[str, Any]) -> Model:
         sched = d.get("scheduler") or d.get("scheduler_config") or ""
         if isinstance(sched, dict):
-            sched = " / ".join(str(v) for v in (sched.get("_class_name") or sched.get("class"), sched.get("beta_schedule")) if v)
-        return cls(str(d.get("name") or d.get("id") or ""), int(d.get("native_width") or d.get("width") or 0),
-                   int(d.get("native_height") or d.get("height") or 0), str(sched), d)
+            sched = " / ".join(
+                str(v) for v in (sched.get("_class_name") or sched.get("class"), sched.get("beta_schedule")) if v
+            )
+        return cls(
+            str(d.get("name") or d.get("id") or ""),
+            int(d.get("native_width") or d.get("width") or 0),
+            int(d.get("native_height") or d.get("height") or 0),
+            str(sched),
+            d,
+        )

@@ -1,4 +1,5 @@
 """python -m services.api: serve the gateway with uvicorn; with no API keys configured, loopback only."""
+
 from __future__ import annotations
 
 import argparse
@@ -26,10 +27,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=settings.port)
     args = parser.parse_args(argv)
     if not settings.key_hashes() and not is_loopback(args.host):
-        print(f"refusing to bind to {args.host}: no API keys are configured (set LATENTD_API_KEY_HASHES), "
-              "so the gateway serves open on loopback only", file=sys.stderr)
+        print(
+            f"refusing to bind to {args.host}: no API keys are configured (set LATENTD_API_KEY_HASHES), "
+            "so the gateway serves open on loopback only",
+            file=sys.stderr,
+        )
         return 2
     from services.api.app import create_app
+
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning", timeout_keep_alive=30)
     return 0
 

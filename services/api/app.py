@@ -1,9 +1,9 @@
 """The gateway's app factory: a lifespan that opens and closes Redis, one router per resource, one error shape."""
+
 from __future__ import annotations
 
 import time
 from contextlib import asynccontextmanager
-from typing import Optional
 
 import redis.asyncio as aioredis
 from celery import Celery
@@ -20,12 +20,16 @@ from services.common.tasks import queue_for
 def celery_client(settings: Settings) -> Celery:
     """A producer only: tasks are sent by name, the worker's code is never imported here."""
     client = Celery("latentd-gateway", broker=settings.redis_url)
-    client.conf.update(task_serializer="json", accept_content=["json"], broker_connection_retry_on_startup=True,
-                       broker_transport_options={"visibility_timeout": settings.visibility_timeout_s})
+    client.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+    )
     return client
 
 
-def create_app(settings: Optional[Settings] = None) -> FastAPI:
+def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
     @asynccontextmanager
@@ -45,8 +49,12 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
             app.state.store.redis.close()
             await app.state.aredis.aclose()
 
-    app = FastAPI(title="latentd", version="1", lifespan=lifespan,
-                  description="Latent diffusion inference: text to image, trajectories, streamed progress.")
+    app = FastAPI(
+        title="latentd",
+        version="1",
+        lifespan=lifespan,
+        description="Latent diffusion inference: text to image, trajectories, streamed progress.",
+    )
 
     @app.middleware("http")
     async def limit_body_and_observe(request: Request, call_next):
@@ -54,13 +62,21 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > settings.max_body_bytes:
             metrics.record_rejection("payload_too_large")
-            return JSONResponse({"error": {"type": "payload_too_large", "param": None,
-                                           "message": f"request body is {length} bytes; the limit is "
-                                                      f"{settings.max_body_bytes}"}}, status_code=413)
+            return JSONResponse(
+                {
+                    "error": {
+                        "type": "payload_too_large",
+                        "param": None,
+                        "message": f"request body is {length} bytes; the limit is {settings.max_body_bytes}",
+                    }
+                },
+                status_code=413,
+            )
         response = await call_next(request)
         route = request.scope.get("route")
-        metrics.observe_http_request(getattr(route, "path", "unmatched"), request.method, response.status_code,
-                                     time.perf_counter() - started)
+        metrics.observe_http_request(
+            getattr(route, "path", "unmatched"), request.method, response.status_code, time.perf_counter() - started
+        )
         return response
 
     errors.install(app)

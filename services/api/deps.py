@@ -1,4 +1,5 @@
 """Shared dependencies as Annotated aliases: settings, the job store, the Celery client, the caller's identity."""
+
 from __future__ import annotations
 
 import hmac

@@ -1,4 +1,5 @@
 """Map every error to DESIGN.md's shape {"error": {"type", "message", "param"}} at the HTTP edge."""
+
 from __future__ import annotations
 
 import logging
@@ -50,13 +51,17 @@ def validation_message(error: dict) -> tuple[str, str | None]:
         return f"{param} is required", param
     if kind == "json_invalid":
         return "the body is not valid JSON: " + error.get("msg", ""), None
-    return f"{param}: {error.get('msg', 'invalid value')}, got {given!r}" if param else error.get("msg", "invalid"), param
+    return f"{param}: {error.get('msg', 'invalid value')}, got {given!r}" if param else error.get(
+        "msg", "invalid"
+    ), param
 
 
-def error_response(status: int, error_type: str, message: str, param: str | None,
-                   headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"type": error_type, "message": message, "param": param}},
-                        status_code=status, headers=headers)
+def error_response(
+    status: int, error_type: str, message: str, param: str | None, headers: dict | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"type": error_type, "message": message, "param": param}}, status_code=status, headers=headers
+    )
 
 
 # Refusals counted in latentd_rejections_total here, by status; the others are counted where they happen
@@ -86,8 +91,13 @@ def install(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         kinds = {404: "not_found_error", 405: "invalid_request_error", 401: "authentication_error"}
         _count_rejection(exc.status_code)
-        return error_response(exc.status_code, kinds.get(exc.status_code, "invalid_request_error"),
-                              str(exc.detail), None, getattr(exc, "headers", None))
+        return error_response(
+            exc.status_code,
+            kinds.get(exc.status_code, "invalid_request_error"),
+            str(exc.detail),
+            None,
+            getattr(exc, "headers", None),
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -10,6 +10,7 @@ The caller's `authorization: Bearer <key>` metadata is forwarded as the HTTP hea
 Also served: grpc.health.v1 (NOT_SERVING while the gateway reports Redis or every worker of the
 model away, polled from /readyz and /v1/models) and server reflection.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,14 +22,13 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
-from typing import Any, Callable
 
 import grpc
 import httpx
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-
 from prometheus_client import Counter, Histogram
 
 from client.latentd_client import errors
@@ -36,7 +36,6 @@ from client.latentd_client import grpc_transport as conv
 from client.latentd_client.rest import SseParser, raise_for_response
 from services.api import metrics
 from services.common.grpc_gen.latentd.v1 import latentd_pb2 as pb
-from services.api import metrics
 from services.common.grpc_gen.latentd.v1 import latentd_pb2_grpc as pb_grpc
 
 log = logging.getLogger("latentd.grpc")
@@ -44,11 +43,15 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LatentdService"].full_name
 DEFAULT_PORT = 50051
 MAX_MESSAGE_BYTES = conv.MAX_MESSAGE_BYTES
 
-grpc_requests_total = Counter("latentd_grpc_requests_total", "gRPC calls answered, by method and status code.",
-                              ["method", "code"])
-grpc_request_duration_seconds = Histogram("latentd_grpc_request_duration_seconds",
-                                          "Time to answer a unary gRPC call (streams: not observed).", ["method"],
-                                          buckets=metrics.HTTP_LATENCY_BUCKETS)
+grpc_requests_total = Counter(
+    "latentd_grpc_requests_total", "gRPC calls answered, by method and status code.", ["method", "code"]
+)
+grpc_request_duration_seconds = Histogram(
+    "latentd_grpc_request_duration_seconds",
+    "Time to answer a unary gRPC call (streams: not observed).",
+    ["method"],
+    buckets=metrics.HTTP_LATENCY_BUCKETS,
+)
 
 # The one place where errors become status codes.
 _STATUS_OF_ERROR: dict[type, grpc.StatusCode] = {
@@ -87,6 +90,7 @@ def mapped_errors(handler: Callable) -> Callable:
     """Map exceptions to status codes at the edge, for unary and streaming handlers alike."""
     name = handler.__name__
     if getattr(handler, "_streaming", False):
+
         @functools.wraps(handler)
         def stream(self, request, context):
             context._latentd_method = name
@@ -100,6 +104,7 @@ def mapped_errors(handler: Callable) -> Callable:
                 grpc_requests_total.labels(name, "CANCELLED").inc()
             finally:
                 metrics.grpc_stream_readers.dec()
+
         return stream
 
     @functools.wraps(handler)
@@ -114,6 +119,7 @@ def mapped_errors(handler: Callable) -> Callable:
             _abort(context, exc)
         finally:
             grpc_request_duration_seconds.labels(name).observe(time.perf_counter() - started)
+
     return unary
 
 
@@ -141,8 +147,11 @@ class Gateway:
     def __init__(self, rest_url: str, timeout: float = 30.0):
         self.rest_url = rest_url.rstrip("/")
         self.timeout = timeout
-        self.http = httpx.Client(base_url=self.rest_url, timeout=timeout,
-                                 limits=httpx.Limits(max_connections=200, max_keepalive_connections=50))
+        self.http = httpx.Client(
+            base_url=self.rest_url,
+            timeout=timeout,
+            limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
+        )
 
     def call(self, context, method: str, path: str, **kw) -> httpx.Response:
         try:
@@ -216,8 +225,9 @@ class LatentdServicer(pb_grpc.LatentdServiceServicer):
             raise errors.InvalidRequestError(f"index must be >= 0, got {request.index}", param="index")
         kind = conv.ARTIFACT_NAME[request.kind]
         response = self.gateway.call(context, "GET", f"/v1/jobs/{_require_id(request.job_id)}/{kind}s/{request.index}")
-        return pb.GetArtifactResponse(data=response.content,
-                                      media_type=response.headers.get("content-type", "image/png"))
+        return pb.GetArtifactResponse(
+            data=response.content, media_type=response.headers.get("content-type", "image/png")
+        )
 
     @mapped_errors
     def ListModels(self, request, context):
@@ -289,18 +299,28 @@ class HealthWatcher(threading.Thread):
             self._ran = True
             try:
                 self.check_once()
-            except Exception:  # noqa: BLE001 - health must keep polling
+            except Exception:
                 log.warning("health check failed", exc_info=True)
 
 
-def build_server(rest_url: str, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT, max_workers: int = 64,
-                 health_interval_s: float = 1.0) -> tuple[grpc.Server, int, HealthWatcher]:
+def build_server(
+    rest_url: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    max_workers: int = 64,
+    health_interval_s: float = 1.0,
+) -> tuple[grpc.Server, int, HealthWatcher]:
     """The configured, not yet started server; returns (server, bound port, health watcher)."""
-    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-               ("grpc.keepalive_time_ms", 20_000), ("grpc.http2.max_pings_without_data", 0)]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="latentd-grpc"),
-                         options=options)
+    options = [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.keepalive_time_ms", 20_000),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="latentd-grpc"), options=options
+    )
     gateway = Gateway(rest_url)
     pb_grpc.add_LatentdServiceServicer_to_server(LatentdServicer(gateway), server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
@@ -316,18 +336,27 @@ def build_server(rest_url: str, *, host: str = "127.0.0.1", port: int = DEFAULT_
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="latentd gRPC front door")
-    parser.add_argument("--host", default=os.environ.get("LATENTD_GRPC_HOST", "127.0.0.1"),
-                        help="bind address (default 127.0.0.1; 0.0.0.0 only with API keys configured)")
+    parser.add_argument(
+        "--host",
+        default=os.environ.get("LATENTD_GRPC_HOST", "127.0.0.1"),
+        help="bind address (default 127.0.0.1; 0.0.0.0 only with API keys configured)",
+    )
     parser.add_argument("--port", type=int, default=int(os.environ.get("LATENTD_GRPC_PORT", DEFAULT_PORT)))
-    parser.add_argument("--rest-url", default=os.environ.get("LATENTD_REST_URL", "http://127.0.0.1:8000"),
-                        help="the REST gateway this server fronts")
+    parser.add_argument(
+        "--rest-url",
+        default=os.environ.get("LATENTD_REST_URL", "http://127.0.0.1:8000"),
+        help="the REST gateway this server fronts",
+    )
     args = parser.parse_args(argv)
     from services.api.__main__ import is_loopback
     from services.common.settings import get_settings
 
     if not get_settings().key_hashes() and not is_loopback(args.host):
-        print(f"refusing to bind to {args.host}: no API keys are configured (set LATENTD_API_KEY_HASHES), "
-              "so latentd serves open on loopback only", file=sys.stderr)
+        print(
+            f"refusing to bind to {args.host}: no API keys are configured (set LATENTD_API_KEY_HASHES), "
+            "so latentd serves open on loopback only",
+            file=sys.stderr,
+        )
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per proxied call is noise

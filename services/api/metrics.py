@@ -54,8 +54,7 @@ sse_readers = Gauge("latentd_sse_readers", "Server-Sent Events streams open now.
 grpc_stream_readers = Gauge("latentd_grpc_stream_readers", "gRPC event streams open now.")
 rejections_total = Counter(
     "latentd_rejections_total",
-    "Requests refused before queueing, by reason (validation, auth, quota, payload_too_large, "
-    "no_worker, queue_full).",
+    "Requests refused before queueing, by reason (validation, auth, quota, payload_too_large, no_worker, queue_full).",
     ["reason"],
 )
 
@@ -89,9 +88,7 @@ HEARTBEAT_KEY_PREFIX = "latentd:workers"
 DEFAULT_HEARTBEAT_STALE_AFTER_S = 30.0
 
 
-def count_live_workers(
-    redis_client: Any, stale_after_s: float = DEFAULT_HEARTBEAT_STALE_AFTER_S
-) -> dict[str, int]:
+def count_live_workers(redis_client: Any, stale_after_s: float = DEFAULT_HEARTBEAT_STALE_AFTER_S) -> dict[str, int]:
     """{model: workers whose consumer ran a heartbeat probe within `stale_after_s`}."""
     keys = list(redis_client.scan_iter(match=f"{HEARTBEAT_KEY_PREFIX}:*", count=500))
     if not keys:
@@ -144,9 +141,7 @@ class QueueDepthCollector(Collector):
     @staticmethod
     def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
         return (
-            GaugeMetricFamily(
-                "latentd_queue_depth", "Jobs waiting in the model's Celery queue.", labels=["model"]
-            ),
+            GaugeMetricFamily("latentd_queue_depth", "Jobs waiting in the model's Celery queue.", labels=["model"]),
             GaugeMetricFamily(
                 "latentd_workers_live",
                 "Workers of the model whose consumer proved alive (heartbeat probe consumed).",
@@ -198,7 +193,7 @@ def start_metrics_server(port: int | None = None, addr: str = "0.0.0.0") -> int:
 class Timer:
     """`with Timer() as t: ...; t.seconds` - monotonic wall time of a block."""
 
-    def __enter__(self) -> "Timer":
+    def __enter__(self) -> Timer:
         self._start = time.perf_counter()
         self.seconds = 0.0
         return self

@@ -1,14 +1,13 @@
 """Errors that cross the edge: each maps to one HTTP status and the error shape of DESIGN.md."""
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 
 class ServiceError(Exception):
     status_code = 400
     error_type = "invalid_request_error"
 
-    def __init__(self, message: str, param: Optional[str] = None, *, headers: Optional[dict] = None):
+    def __init__(self, message: str, param: str | None = None, *, headers: dict | None = None):
         super().__init__(message)
         self.message = message
         self.param = param

@@ -10,11 +10,13 @@ Keys (all expire after `ttl_s` once written):
                                expired unfinished are swept when the queue looks full)
   latentd:models               hash: model name -> JSON model info published by workers
 """
+
 from __future__ import annotations
 
 import json
 import time
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any
 
 import redis
 
@@ -102,15 +104,27 @@ class JobStore:
         self._cancel = client.register_script(_CANCEL)
 
     @classmethod
-    def from_url(cls, url: str, ttl_s: int = 3600) -> "JobStore":
+    def from_url(cls, url: str, ttl_s: int = 3600) -> JobStore:
         return cls(redis.Redis.from_url(url, health_check_interval=30), ttl_s)
 
     # ---- gateway side ----
     def create(self, job_id: str, *, kind: str, model: str, owner: str, params: dict) -> dict:
         now = time.time()
-        record = {"kind": kind, "model": model, "owner": owner, "status": "queued", "params": json.dumps(params),
-                  "progress": "{}", "timings": json.dumps({"queued_at": now}), "images": "[]", "frames": "[]",
-                  "error": "null", "attempt": 0, "cancel": "0", "created_at": now}
+        record = {
+            "kind": kind,
+            "model": model,
+            "owner": owner,
+            "status": "queued",
+            "params": json.dumps(params),
+            "progress": "{}",
+            "timings": json.dumps({"queued_at": now}),
+            "images": "[]",
+            "frames": "[]",
+            "error": "null",
+            "attempt": 0,
+            "cancel": "0",
+            "created_at": now,
+        }
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(job_key(job_id), mapping=record)
         pipe.expire(job_key(job_id), self.ttl_s)
@@ -137,14 +151,21 @@ class JobStore:
             self.redis.srem(pending_key(model), *gone)
         return len(gone)
 
-    def get(self, job_id: str) -> Optional[dict]:
+    def get(self, job_id: str) -> dict | None:
         raw = self.redis.hgetall(job_key(job_id))
         if not raw:
             return None
         fields = {_s(k): _s(v) for k, v in raw.items()}
-        job = {"id": job_id, "kind": fields["kind"], "model": fields["model"], "owner": fields["owner"],
-               "status": fields["status"], "attempt": int(fields.get("attempt", 0)),
-               "created_at": float(fields["created_at"]), "cancel": fields.get("cancel") == "1"}
+        job = {
+            "id": job_id,
+            "kind": fields["kind"],
+            "model": fields["model"],
+            "owner": fields["owner"],
+            "status": fields["status"],
+            "attempt": int(fields.get("attempt", 0)),
+            "created_at": float(fields["created_at"]),
+            "cancel": fields.get("cancel") == "1",
+        }
         for name in ("params", "progress", "timings", "images", "frames", "error"):
             job[name] = json.loads(fields.get(name) or "null")
         return job
@@ -153,8 +174,9 @@ class JobStore:
         data = json.dumps({"id": job_id, "emitted_at": time.time()})
         return _s(self._cancel(keys=[job_key(job_id), events_key(job_id), pending_key(model)], args=[data, job_id]))
 
-    def read_events(self, job_id: str, after: str = "0", block_ms: Optional[int] = None,
-                    count: int = 256) -> list[tuple[str, str, dict]]:
+    def read_events(
+        self, job_id: str, after: str = "0", block_ms: int | None = None, count: int = 256
+    ) -> list[tuple[str, str, dict]]:
         """Entries after `after` (a stream id; "0" for all), waiting up to block_ms for the first."""
         reply = self.redis.xread({events_key(job_id): after}, count=count, block=block_ms)
         entries = []
@@ -164,7 +186,7 @@ class JobStore:
                 entries.append((_s(entry_id), fields["event"], json.loads(fields["data"])))
         return entries
 
-    def blob(self, job_id: str, name: str) -> Optional[bytes]:
+    def blob(self, job_id: str, name: str) -> bytes | None:
         return self.redis.get(blob_key(job_id, name))
 
     # ---- models ----
@@ -175,7 +197,7 @@ class JobStore:
         return {_s(k): json.loads(v) for k, v in self.redis.hgetall(MODELS_KEY).items()}
 
     # ---- worker side ----
-    def claim(self, job_id: str) -> Optional[int]:
+    def claim(self, job_id: str) -> int | None:
         """A fenced attempt number, or None when the job is gone, over, or cancelled."""
         attempt = int(self._claim(keys=[job_key(job_id)]))
         return attempt if attempt > 0 else None
@@ -187,8 +209,9 @@ class JobStore:
     def emit(self, job_id: str, name: str, data: dict, **fields: Any) -> None:
         pipe = self.redis.pipeline(transaction=False)
         if fields:
-            pipe.hset(job_key(job_id), mapping={k: json.dumps(v) if not isinstance(v, str) else v
-                                                for k, v in fields.items()})
+            pipe.hset(
+                job_key(job_id), mapping={k: json.dumps(v) if not isinstance(v, str) else v for k, v in fields.items()}
+            )
         self.add_events(pipe, job_id, [(name, data)])
         pipe.expire(events_key(job_id), self.ttl_s)
         pipe.execute()
@@ -203,13 +226,27 @@ class JobStore:
             out.append((_s(cancel) == "1", current is not None and int(current) != attempt))
         return out
 
-    def finish(self, job_id: str, model: str, attempt: int, status: str, fields: dict, event: tuple[str, dict],
-               blobs: Optional[dict[str, bytes]] = None) -> bool:
+    def finish(
+        self,
+        job_id: str,
+        model: str,
+        attempt: int,
+        status: str,
+        fields: dict,
+        event: tuple[str, dict],
+        blobs: dict[str, bytes] | None = None,
+    ) -> bool:
         """Write the outcome once: False when another attempt holds the fence or the job is already over."""
         blobs = blobs or {}
         keys = [job_key(job_id), events_key(job_id)] + [blob_key(job_id, name) for name in blobs]
-        args = [str(attempt), self.ttl_s, status, json.dumps({k: json.dumps(v) for k, v in fields.items()}),
-                event[0], json.dumps(event[1])] + list(blobs.values())
+        args = [
+            str(attempt),
+            self.ttl_s,
+            status,
+            json.dumps({k: json.dumps(v) for k, v in fields.items()}),
+            event[0],
+            json.dumps(event[1]),
+        ] + list(blobs.values())
         written = bool(self._finish(keys=keys, args=args))
         if written:
             self.redis.srem(pending_key(model), job_id)

@@ -1,4 +1,5 @@
 """Settings of the gateway and the worker: read once from the environment (prefix LATENTD_) and injected."""
+
 from __future__ import annotations
 
 import hashlib
@@ -16,8 +17,9 @@ def hash_key(key: str) -> str:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LATENTD_", extra="ignore")
 
-    redis_url: str = Field("redis://127.0.0.1:6379/0",
-                           validation_alias=AliasChoices("LATENTD_REDIS_URL", "REDIS_URL", "redis_url"))
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0", validation_alias=AliasChoices("LATENTD_REDIS_URL", "REDIS_URL", "redis_url")
+    )
     host: str = "127.0.0.1"
     port: int = 8000
     # Comma-separated SHA-256 hex digests of the accepted API keys (or plain keys in api_keys, hashed on read).

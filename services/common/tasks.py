@@ -1,4 +1,5 @@
 """Celery task and queue names: the gateway sends tasks by name and never imports the worker."""
+
 from __future__ import annotations
 
 GENERATE_TASK = "latentd.generate"

@@ -5,6 +5,7 @@ Run it with the threads pool, so every task thread hands its job to the one engi
 The models come from LATENTD_WORKER_MODELS (comma-separated folders); they are loaded when the worker
 starts (before it consumes), their info is published in Redis, and the heartbeat runs while it consumes.
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,10 +33,16 @@ def create_celery() -> Celery:
     settings = get_settings()
     app = Celery("latentd-worker", broker=settings.redis_url, include=["services.worker.tasks"])
     app.conf.update(
-        task_serializer="json", accept_content=["json"], result_serializer="json", task_ignore_result=True,
-        task_acks_late=True, task_reject_on_worker_lost=True, worker_prefetch_multiplier=1,
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
         broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
-        broker_connection_retry_on_startup=True, worker_hijack_root_logger=False,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
         task_queues=[Queue(queue_for(name)) for name in model_names()],
         task_default_queue=queue_for(model_names()[0]) if model_names() else "latentd.default",
     )
@@ -50,6 +57,7 @@ app = create_celery()
 def _load_models(**_: object) -> None:
     from services.worker import metrics
     from services.worker.runtime import get_runtime
+
     metrics.serve_metrics_from_env()
     get_runtime().load(model_paths())
 
@@ -57,4 +65,5 @@ def _load_models(**_: object) -> None:
 @signals.worker_shutdown.connect(weak=False)
 def _stop_engines(**_: object) -> None:
     from services.worker.runtime import get_runtime
+
     get_runtime().stop()

@@ -131,11 +131,11 @@ class Heartbeat:
         while not self._stop.is_set():
             try:
                 self.beat()
-            except Exception:  # noqa: BLE001 - Redis blips must not kill the thread
+            except Exception:
                 log.warning("heartbeat failed; retrying in %.1fs", self.interval_s, exc_info=True)
             self._stop.wait(self.interval_s)
 
-    def start(self) -> "Heartbeat":
+    def start(self) -> Heartbeat:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="latentd-heartbeat", daemon=True)
             self._thread.start()
@@ -151,7 +151,7 @@ class Heartbeat:
             try:
                 keys = [heartbeat_key(m, self.worker) for m in self.models]
                 self.redis.delete(*keys, probe_queue(self.worker))
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.warning("could not remove heartbeat keys", exc_info=True)
 
 
@@ -186,9 +186,7 @@ def read_workers(redis_client: Any, model: str | None = None) -> list[WorkerInfo
             continue
         _, _, key_model, worker = key.split(":", 3)
         consumed = fields.get("consumed_at")
-        infos.append(
-            WorkerInfo(key_model, worker, float(fields["alive_at"]), float(consumed) if consumed else None)
-        )
+        infos.append(WorkerInfo(key_model, worker, float(fields["alive_at"]), float(consumed) if consumed else None))
     return infos
 
 
@@ -235,8 +233,9 @@ def install(
     def progress() -> float:
         from services.worker import metrics as worker_metrics
 
-        steps = sum(s.value for m in worker_metrics.steps_total.collect() for s in m.samples
-                    if s.name.endswith("_total"))
+        steps = sum(
+            s.value for m in worker_metrics.steps_total.collect() for s in m.samples if s.name.endswith("_total")
+        )
         return steps + state["finished"]
 
     @celery_app.task(name=PROBE_TASK_NAME, ignore_result=True, acks_late=False)
@@ -248,8 +247,13 @@ def install(
         controller = getattr(sender, "controller", None)
         state["concurrency"] = getattr(controller, "concurrency", None) or celery_app.conf.worker_concurrency
         beat = Heartbeat(
-            redis.Redis.from_url(redis_url), models, interval_s=interval_s, ttl_s=ttl_s,
-            celery_app=celery_app, saturated=saturated, progress=progress,
+            redis.Redis.from_url(redis_url),
+            models,
+            interval_s=interval_s,
+            ttl_s=ttl_s,
+            celery_app=celery_app,
+            saturated=saturated,
+            progress=progress,
         )
         # sender is the worker's Consumer: consume our own probe queue over its connection.
         sender.add_task_queue(probe_queue(beat.worker))
@@ -283,9 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if this host's heartbeat is stale")
     parser.add_argument("--list", action="store_true", help="print live workers per model")
-    parser.add_argument(
-        "--redis-url", default=os.environ.get("LATENTD_REDIS_URL", "redis://127.0.0.1:6379/0")
-    )
+    parser.add_argument("--redis-url", default=os.environ.get("LATENTD_REDIS_URL", "redis://127.0.0.1:6379/0"))
     parser.add_argument("--hostname", default=socket.gethostname())
     parser.add_argument(
         "--stale-after",

@@ -5,6 +5,7 @@ weights as safetensors: pickled weights (.bin, .ckpt, .pt, .pth) can run code on
 On CPU everything is float32; on CUDA the UNet and text encoder run in float16 (or bfloat16) while
 the VAE stays float32, because SD's VAE decoder overflows to NaN in float16.
 """
+
 from __future__ import annotations
 
 import json
@@ -62,8 +63,9 @@ class LoadedModel:
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Prompts -> text embeddings (B, L, D) in the model dtype, as diffusers' pipeline makes them:
         padded to max_length, truncated, last hidden state (the empty negative prompt goes through too)."""
-        tokens = self.tokenizer(prompts, padding="max_length", max_length=self.max_prompt_tokens,
-                                truncation=True, return_tensors="pt")
+        tokens = self.tokenizer(
+            prompts, padding="max_length", max_length=self.max_prompt_tokens, truncation=True, return_tensors="pt"
+        )
         attention_mask = None
         if getattr(self.text_encoder.config, "use_attention_mask", False):
             attention_mask = tokens.attention_mask.to(self.device)
@@ -110,8 +112,10 @@ def _check_folder(folder: Path) -> dict:
             continue
         pickled = [p.name for p in files if p.suffix in PICKLED_SUFFIXES]
         if pickled:
-            raise ModelLoadError(f"model folder {folder}: {name}/ holds only pickled weights ({', '.join(pickled)}); "
-                                 "latentd loads safetensors only (convert with save_pretrained(safe_serialization=True))")
+            raise ModelLoadError(
+                f"model folder {folder}: {name}/ holds only pickled weights ({', '.join(pickled)}); "
+                "latentd loads safetensors only (convert with save_pretrained(safe_serialization=True))"
+            )
         raise ModelLoadError(f"model folder {folder}: {name}/ has no .safetensors weights")
     if not (folder / "scheduler" / "scheduler_config.json").is_file():
         raise ModelLoadError(f"model folder {folder}: scheduler/scheduler_config.json is missing")
@@ -139,7 +143,7 @@ def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | None 
         alphas_cumprod = alphas_cumprod_from_config(scheduler_config)
     except ModelLoadError:
         raise
-    except Exception as error:  # noqa: BLE001 - any library failure becomes one error naming the folder
+    except Exception as error:
         raise ModelLoadError(f"model folder {folder} could not be loaded: {type(error).__name__}: {error}") from error
     for module in (unet, vae, text_encoder):
         module.to(device_).eval().requires_grad_(False)

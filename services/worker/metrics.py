@@ -60,21 +60,15 @@ vae_decode_seconds = Histogram(
     ["model"],
     buckets=VAE_BUCKETS,
 )
-steps_total = Counter(
-    "latentd_steps_total", "Denoising steps completed, summed over requests.", ["model"]
-)
+steps_total = Counter("latentd_steps_total", "Denoising steps completed, summed over requests.", ["model"])
 images_total = Counter("latentd_images_total", "Images produced.", ["model"])
 job_failures_total = Counter(
     "latentd_job_failures_total",
     "Jobs that failed, by error type (exception class name or a stable code).",
     ["model", "error_type"],
 )
-cancellations_total = Counter(
-    "latentd_cancellations_total", "Jobs cancelled while queued or running.", ["model"]
-)
-engine_active_requests = Gauge(
-    "latentd_engine_active_requests", "Requests in the engine's batch now.", ["model"]
-)
+cancellations_total = Counter("latentd_cancellations_total", "Jobs cancelled while queued or running.", ["model"])
+engine_active_requests = Gauge("latentd_engine_active_requests", "Requests in the engine's batch now.", ["model"])
 
 
 def observe_queue_wait(model: str, enqueued_at: float, started_at: float | None = None) -> None:

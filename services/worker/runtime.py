@@ -5,6 +5,7 @@ Request ids are "<job id>:<attempt>[:<index>]", so the writer knows each event's
 The same pipeline reads every stepped job's cancel flag and current attempt: a cancelled job, or an attempt
 superseded by a redelivered copy, leaves the batch at the next step.
 """
+
 from __future__ import annotations
 
 import base64
@@ -14,7 +15,6 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Optional
 
 from services.common.jobstore import JobStore, blob_key, events_key, frame_blob_name, job_key
 from services.common.settings import Settings
@@ -27,11 +27,11 @@ from services.worker.loading import LoadedModel, load_model
 log = logging.getLogger(__name__)
 
 
-def request_id(job_id: str, attempt: int, index: Optional[int] = None) -> str:
+def request_id(job_id: str, attempt: int, index: int | None = None) -> str:
     return f"{job_id}:{attempt}" if index is None else f"{job_id}:{attempt}:{index}"
 
 
-def parse_request_id(rid: str) -> tuple[str, int, Optional[int]]:
+def parse_request_id(rid: str) -> tuple[str, int, int | None]:
     parts = rid.split(":")
     return parts[0], int(parts[1]), int(parts[2]) if len(parts) > 2 else None
 
@@ -44,24 +44,35 @@ def png_b64(image) -> str:
 
 def model_info(model: LoadedModel, engine: Engine) -> dict:
     config = model.scheduler_config
-    return {"name": model.name, "native_width": model.native_width, "native_height": model.native_height,
-            "scheduler": f"{config.get('_class_name', 'DDIMScheduler')} / {config.get('beta_schedule', '?')}",
-            "max_prompt_tokens": model.max_prompt_tokens, "num_train_timesteps": model.num_train_timesteps,
-            "size_multiple": engine.size_multiple,
-            "max_inference_steps": max_inference_steps(config), "tokenizer_path": str(Path(model.path) / "tokenizer")}
+    return {
+        "name": model.name,
+        "native_width": model.native_width,
+        "native_height": model.native_height,
+        "scheduler": f"{config.get('_class_name', 'DDIMScheduler')} / {config.get('beta_schedule', '?')}",
+        "max_prompt_tokens": model.max_prompt_tokens,
+        "num_train_timesteps": model.num_train_timesteps,
+        "size_multiple": engine.size_multiple,
+        "max_inference_steps": max_inference_steps(config),
+        "tokenizer_path": str(Path(model.path) / "tokenizer"),
+    }
 
 
 def reverse_frame_entries(frame: TrajectoryFrame) -> list[tuple[int, dict, object]]:
     """A kept reverse-trajectory step as the job's frames: (index, metadata, image) for x_t, then x̂0."""
-    return [(2 * frame.index + k, {"step": frame.step, "timestep": frame.timestep, "alpha_bar": frame.alpha_bar,
-                                   "what": what}, images[0])
-            for k, (what, images) in enumerate((("x_t", frame.x_t), ("x0_pred", frame.x0_pred)))]
+    return [
+        (
+            2 * frame.index + k,
+            {"step": frame.step, "timestep": frame.timestep, "alpha_bar": frame.alpha_bar, "what": what},
+            images[0],
+        )
+        for k, (what, images) in enumerate((("x_t", frame.x_t), ("x0_pred", frame.x0_pred)))
+    ]
 
 
 class StepEventWriter:
     """on_step_events for one engine: one Redis pipeline per iteration."""
 
-    def __init__(self, store: JobStore, runtime: "Runtime"):
+    def __init__(self, store: JobStore, runtime: Runtime):
         self.store, self.runtime = store, runtime
 
     def __call__(self, events: list[StepEvent]) -> None:
@@ -70,8 +81,13 @@ class StepEventWriter:
         stepped: list[tuple[str, int]] = []  # request id, position of its cancel/attempt read in the pipeline
         for event in events:
             job_id, attempt, index = parse_request_id(event.request_id)
-            data = {"step": event.step, "total": event.total, "timestep": event.timestep, "attempt": attempt,
-                    "emitted_at": emitted_at}
+            data = {
+                "step": event.step,
+                "total": event.total,
+                "timestep": event.timestep,
+                "attempt": attempt,
+                "emitted_at": emitted_at,
+            }
             if index is not None:
                 data["index"] = index
             if event.preview is not None:
@@ -79,17 +95,32 @@ class StepEventWriter:
             pipe.xadd(events_key(job_id), {"event": "step", "data": json.dumps(data)})
             if event.frame is not None:  # a reverse trajectory's frame: stored and announced now, not at the end
                 for frame_index, meta, image in reverse_frame_entries(event.frame):
-                    pipe.set(blob_key(job_id, frame_blob_name(attempt, frame_index)), encode_image(image, "png"),
-                             ex=self.store.ttl_s)
-                    pipe.xadd(events_key(job_id), {"event": "frame", "data": json.dumps(dict(
-                        meta, index=frame_index, attempt=attempt, url=f"/v1/jobs/{job_id}/frames/{frame_index}",
-                        emitted_at=emitted_at))})
+                    pipe.set(
+                        blob_key(job_id, frame_blob_name(attempt, frame_index)),
+                        encode_image(image, "png"),
+                        ex=self.store.ttl_s,
+                    )
+                    pipe.xadd(
+                        events_key(job_id),
+                        {
+                            "event": "frame",
+                            "data": json.dumps(
+                                dict(
+                                    meta,
+                                    index=frame_index,
+                                    attempt=attempt,
+                                    url=f"/v1/jobs/{job_id}/frames/{frame_index}",
+                                    emitted_at=emitted_at,
+                                )
+                            ),
+                        },
+                    )
             pipe.hset(job_key(job_id), "progress", json.dumps({"step": event.step, "total": event.total}))
             pipe.hmget(job_key(job_id), "cancel", "attempt")
             stepped.append((event.request_id, len(pipe) - 1))
         try:
             replies = pipe.execute()
-        except Exception:  # noqa: BLE001 - a Redis hiccup must not kill the engine thread
+        except Exception:
             log.exception("step-event write failed")
             return
         for rid, (cancel, current) in ((rid, replies[position]) for rid, position in stepped):
@@ -114,8 +145,9 @@ class Runtime:
     def load(self, paths: list[str]) -> None:
         for path in paths:
             model = load_model(path, device=self.settings.worker_device)
-            engine = Engine(model, max_batch_rows=self.settings.max_batch_rows,
-                            on_step_events=StepEventWriter(self.store, self)).start()
+            engine = Engine(
+                model, max_batch_rows=self.settings.max_batch_rows, on_step_events=StepEventWriter(self.store, self)
+            ).start()
             self.engines[model.name] = engine
             worker_metrics.track_engine(model.name, lambda engine=engine: engine.active_requests)
             worker_metrics.track_gpu_memory(model.name, model.device)
@@ -137,25 +169,27 @@ class Runtime:
         with self._lock:
             self._handles.pop(handle.request_id, None)
 
-    def handle(self, rid: str) -> Optional[RequestHandle]:
+    def handle(self, rid: str) -> RequestHandle | None:
         with self._lock:
             return self._handles.get(rid)
 
 
-_runtime: Optional[Runtime] = None
+_runtime: Runtime | None = None
 _runtime_lock = threading.Lock()
 
 
-def get_runtime(settings: Optional[Settings] = None) -> Runtime:
+def get_runtime(settings: Settings | None = None) -> Runtime:
     global _runtime
     with _runtime_lock:
         if _runtime is None:
             from services.common.settings import get_settings
+
             _runtime = Runtime(settings or get_settings())
         return _runtime
 
 
 # ---- running one job (the Celery tasks call these) ----
+
 
 def encode_image(image, fmt: str) -> bytes:
     buffer = io.BytesIO()
@@ -168,8 +202,8 @@ class JobRun:
 
     def __init__(self, runtime: Runtime, job_id: str):
         self.runtime, self.store, self.job_id = runtime, runtime.store, job_id
-        self.job: Optional[dict] = None
-        self.attempt: Optional[int] = None
+        self.job: dict | None = None
+        self.attempt: int | None = None
         self.started_at = 0.0
 
     def claim(self) -> bool:
@@ -182,8 +216,9 @@ class JobRun:
         self.started_at = time.time()
         queued_at = self.job["timings"].get("queued_at", self.started_at)
         timings = dict(self.job["timings"], started_at=self.started_at, queue_s=self.started_at - queued_at)
-        self.store.emit(self.job_id, "started", {"attempt": self.attempt, "emitted_at": self.started_at},
-                        timings=timings)
+        self.store.emit(
+            self.job_id, "started", {"attempt": self.attempt, "emitted_at": self.started_at}, timings=timings
+        )
         self.job["timings"] = timings
         worker_metrics.observe_queue_wait(self.job["model"], queued_at, self.started_at)
         return True
@@ -220,29 +255,58 @@ class JobRun:
         elif frames:  # frame events first (they are not terminal), then the write-once result
             pipe = self.store.redis.pipeline(transaction=False)
             now = time.time()
-            self.store.add_events(pipe, self.job_id, [("frame", dict(meta, index=i, attempt=self.attempt,
-                                                                     url=f"/v1/jobs/{self.job_id}/frames/{i}",
-                                                                     emitted_at=now))
-                                                      for i, meta in enumerate(metas)])
+            self.store.add_events(
+                pipe,
+                self.job_id,
+                [
+                    (
+                        "frame",
+                        dict(
+                            meta,
+                            index=i,
+                            attempt=self.attempt,
+                            url=f"/v1/jobs/{self.job_id}/frames/{i}",
+                            emitted_at=now,
+                        ),
+                    )
+                    for i, meta in enumerate(metas)
+                ],
+            )
             if self._current():
                 pipe.execute()
         done = {"id": self.job_id, "images": len(names), "frames": len(metas), "emitted_at": time.time()}
-        return self.store.finish(self.job_id, self.job["model"], self.attempt, "succeeded",
-                                 {"images": names, "frames": metas, "timings": self._timings(),
-                                  "progress": {"done": True}}, ("succeeded", done), blobs)
+        return self.store.finish(
+            self.job_id,
+            self.job["model"],
+            self.attempt,
+            "succeeded",
+            {"images": names, "frames": metas, "timings": self._timings(), "progress": {"done": True}},
+            ("succeeded", done),
+            blobs,
+        )
 
-    def fail(self, error_type: str, message: str, param: Optional[str] = None) -> bool:
+    def fail(self, error_type: str, message: str, param: str | None = None) -> bool:
         error = {"type": error_type, "message": message, "param": param}
-        return self.store.finish(self.job_id, self.job["model"], self.attempt, "failed",
-                                 {"error": error, "timings": self._timings()},
-                                 ("failed", dict(error, emitted_at=time.time())))
+        return self.store.finish(
+            self.job_id,
+            self.job["model"],
+            self.attempt,
+            "failed",
+            {"error": error, "timings": self._timings()},
+            ("failed", dict(error, emitted_at=time.time())),
+        )
 
     def cancelled(self) -> bool:
         if not self._current():
             return False  # a redelivered copy took over: it finishes the job, not us
-        return self.store.finish(self.job_id, self.job["model"], self.attempt, "cancelled",
-                                 {"timings": self._timings()}, ("cancelled", {"id": self.job_id,
-                                                                              "emitted_at": time.time()}))
+        return self.store.finish(
+            self.job_id,
+            self.job["model"],
+            self.attempt,
+            "cancelled",
+            {"timings": self._timings()},
+            ("cancelled", {"id": self.job_id, "emitted_at": time.time()}),
+        )
 
     def _current(self) -> bool:
         current = self.store.redis.hget(job_key(self.job_id), "attempt")

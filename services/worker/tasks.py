@@ -1,5 +1,6 @@
 """Celery tasks: thin adapters. Each takes a job id, claims a fenced attempt, runs the job on the engine,
 and writes the result once (services.worker.runtime.JobRun). Errors become job failures here, at the edge."""
+
 from __future__ import annotations
 
 import logging
@@ -23,13 +24,18 @@ def run_job(job_id: str) -> str:
             run.fail("model_not_served", f"this worker does not serve model {run.job['model']!r}", "model")
         else:
             KINDS[run.job["kind"]](run)
-    except Exception as error:  # noqa: BLE001 - any failure ends the job with a reason, never silently
+    except Exception as error:
         log.exception("job %s failed", job_id)
         run.fail("internal_error", f"{type(error).__name__}: {error}")
     final = run.store.get(job_id)
     if final["attempt"] == run.attempt:  # a redelivered copy that took over counts its own run
-        worker_metrics.observe_job_end(run.job["model"], run.job["kind"], final["status"],
-                                       (final["error"] or {}).get("type"), time.time() - run.started_at)
+        worker_metrics.observe_job_end(
+            run.job["model"],
+            run.job["kind"],
+            final["status"],
+            (final["error"] or {}).get("type"),
+            time.time() - run.started_at,
+        )
     return final["status"]
 
 

@@ -6,6 +6,7 @@
 - forward: x0 (uploaded, or generated from prompt and seed), noised to every t with one ε fixed by noise_seed
   (x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε), in pixel or latent space; the VAE work runs on the engine thread (Engine.call).
 """
+
 from __future__ import annotations
 
 import base64
@@ -24,10 +25,18 @@ from services.worker.runtime import JobRun, request_id, reverse_frame_entries
 
 def generation_request(run: JobRun, index: int | None = None, **overrides) -> GenerationRequest:
     p = run.params
-    fields = dict(prompt=p.get("prompt") or "", seed=int(p["seed"]), negative_prompt=p.get("negative_prompt", ""),
-                  num_inference_steps=p["num_inference_steps"], guidance_scale=p["guidance_scale"], eta=p["eta"],
-                  width=p["width"], height=p["height"], num_images=p.get("num_images", 1),
-                  preview_every=p.get("preview_every", 0))
+    fields = dict(
+        prompt=p.get("prompt") or "",
+        seed=int(p["seed"]),
+        negative_prompt=p.get("negative_prompt", ""),
+        num_inference_steps=p["num_inference_steps"],
+        guidance_scale=p["guidance_scale"],
+        eta=p["eta"],
+        width=p["width"],
+        height=p["height"],
+        num_images=p.get("num_images", 1),
+        preview_every=p.get("preview_every", 0),
+    )
     fields.update(overrides)
     return GenerationRequest(request_id=request_id(run.job_id, run.attempt, index), **fields)
 
@@ -63,7 +72,9 @@ def generation(run: JobRun) -> None:
 
 
 def reverse(run: JobRun) -> None:
-    results = run_requests(run, [generation_request(run, num_images=1, trajectory_every=run.params["trajectory_every"])])
+    results = run_requests(
+        run, [generation_request(run, num_images=1, trajectory_every=run.params["trajectory_every"])]
+    )
     if not results:
         return
     frames = [(meta, image) for frame in results[0].frames for _, meta, image in reverse_frame_entries(frame)]
@@ -72,7 +83,9 @@ def reverse(run: JobRun) -> None:
 
 def guidance_sweep(run: JobRun) -> None:
     scales = run.params["guidance_scales"]
-    requests = [generation_request(run, index, num_images=1, guidance_scale=scale) for index, scale in enumerate(scales)]
+    requests = [
+        generation_request(run, index, num_images=1, guidance_scale=scale) for index, scale in enumerate(scales)
+    ]
     results = run_requests(run, requests)
     if results:
         frames = [({"guidance_scale": scale}, result.images[0]) for scale, result in zip(scales, results)]
@@ -86,14 +99,15 @@ def _uploaded_pixels(data: str, width: int, height: int) -> torch.Tensor:
     return pixels.permute(2, 0, 1).float().div(127.5).sub(1).unsqueeze(0)  # (1, 3, H, W) in [-1, 1]
 
 
-def _noise_frames(model: LoadedModel, pixels: torch.Tensor, timesteps: list[int], noise_seed: int,
-                  space: str) -> list[Image.Image]:
+def _noise_frames(
+    model: LoadedModel, pixels: torch.Tensor, timesteps: list[int], noise_seed: int, space: str
+) -> list[Image.Image]:
     """Runs on the engine thread: x0 -> x_t for every t, decoded to pictures."""
     with torch.inference_mode():
         if space == "latent":
             x0 = model.encode_images(pixels)  # (1, C, h, w)
             x_t = forward_trajectory(x0, timesteps, model.alphas_cumprod, noise_seed)  # (N, C, h, w)
-            images = [model.decode_latents(x_t[i:i + 8]) for i in range(0, x_t.shape[0], 8)]
+            images = [model.decode_latents(x_t[i : i + 8]) for i in range(0, x_t.shape[0], 8)]
             return to_pil(torch.cat(images))
         x_t = forward_trajectory(pixels.to(model.device), timesteps, model.alphas_cumprod, noise_seed)  # (N, 3, H, W)
         return to_pil((x_t / 2 + 0.5).clamp(0, 1))
@@ -121,13 +135,17 @@ def forward(run: JobRun) -> None:
     engine: Engine = run.engine()
     timesteps = p["timesteps"]
     try:
-        images = engine.call(lambda model: _noise_frames(model, pixels, timesteps, p["noise_seed"], p["space"])).result()
+        images = engine.call(
+            lambda model: _noise_frames(model, pixels, timesteps, p["noise_seed"], p["space"])
+        ).result()
         alpha_bars = alpha_bars_paper(engine.model.alphas_cumprod, timesteps).tolist()
     except (ValueError, EngineError) as error:
         run.fail("invalid_request_error", str(error), "timesteps")
         return
-    frames = [({"timestep": t, "alpha_bar": a, "space": p["space"]}, image)
-              for t, a, image in zip(timesteps, alpha_bars, images)]
+    frames = [
+        ({"timestep": t, "alpha_bar": a, "space": p["space"]}, image)
+        for t, a, image in zip(timesteps, alpha_bars, images)
+    ]
     run.succeed([source] if source is not None else [], frames)
 
 

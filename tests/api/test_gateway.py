@@ -1,5 +1,6 @@
 """The gateway alone (in process, real Redis in its own database, no worker): auth, limits, the bounded queue,
 the loopback rule and the documented contract."""
+
 from __future__ import annotations
 
 import json
@@ -20,12 +21,27 @@ KEY = "secret-key"
 @pytest.fixture
 def client(model_path):
     redis.Redis.from_url(REDIS_URL).flushdb()
-    settings = Settings(redis_url=REDIS_URL, api_key_hashes=hash_key(KEY), max_queue_per_model=2,
-                        max_body_bytes=4096, retry_after_s=7, max_num_images=4)
-    JobStore.from_url(REDIS_URL).publish_model({
-        "name": "tiny", "native_width": 32, "native_height": 32, "scheduler": "DDIMScheduler / scaled_linear",
-        "max_prompt_tokens": 77, "num_train_timesteps": 1000, "size_multiple": 8, "max_inference_steps": 999,
-        "tokenizer_path": str(model_path / "tokenizer")})
+    settings = Settings(
+        redis_url=REDIS_URL,
+        api_key_hashes=hash_key(KEY),
+        max_queue_per_model=2,
+        max_body_bytes=4096,
+        retry_after_s=7,
+        max_num_images=4,
+    )
+    JobStore.from_url(REDIS_URL).publish_model(
+        {
+            "name": "tiny",
+            "native_width": 32,
+            "native_height": 32,
+            "scheduler": "DDIMScheduler / scaled_linear",
+            "max_prompt_tokens": 77,
+            "num_train_timesteps": 1000,
+            "size_multiple": 8,
+            "max_inference_steps": 999,
+            "tokenizer_path": str(model_path / "tokenizer"),
+        }
+    )
     with TestClient(create_app(settings), headers={"Authorization": f"Bearer {KEY}"}) as test_client:
         yield test_client
     redis.Redis.from_url(REDIS_URL).flushdb()
@@ -67,8 +83,10 @@ def test_the_job_record_holds_the_resolved_defaults(client):
 
 def test_steps_past_the_schedulers_limit_are_refused_before_queueing(client):
     # leading spacing with steps_offset 1 allows 999 steps: the gateway says so instead of a failed job
-    for path, body in (("/v1/generations", {"prompt": "x", "num_inference_steps": 1000}),
-                       ("/v1/trajectories", {"kind": "reverse", "prompt": "x", "num_inference_steps": 1000})):
+    for path, body in (
+        ("/v1/generations", {"prompt": "x", "num_inference_steps": 1000}),
+        ("/v1/trajectories", {"kind": "reverse", "prompt": "x", "num_inference_steps": 1000}),
+    ):
         response = client.post(path, json=body)
         assert response.status_code == 422
         assert response.json()["error"]["param"] == "num_inference_steps"
@@ -77,8 +95,9 @@ def test_steps_past_the_schedulers_limit_are_refused_before_queueing(client):
 
 
 def test_a_body_over_the_limit_is_413(client):
-    response = client.post("/v1/generations", content=json.dumps({"prompt": "x" * 5000}),
-                           headers={"content-type": "application/json"})
+    response = client.post(
+        "/v1/generations", content=json.dumps({"prompt": "x" * 5000}), headers={"content-type": "application/json"}
+    )
     assert response.status_code == 413 and response.json()["error"]["type"] == "payload_too_large"
 
 
@@ -105,18 +124,26 @@ def test_refusals_are_counted_by_reason(client):
     assert client.post("/v1/generations", json={"prompt": "x", "num_inference_steps": 0}).status_code == 422
     assert client.post("/v1/generations", json={"prompt": "x", "num_images": 5}).status_code == 422
     assert client.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
-    assert client.post("/v1/generations", content=json.dumps({"prompt": "x" * 5000}),
-                       headers={"content-type": "application/json"}).status_code == 413
+    assert (
+        client.post(
+            "/v1/generations", content=json.dumps({"prompt": "x" * 5000}), headers={"content-type": "application/json"}
+        ).status_code
+        == 413
+    )
     assert client.post("/v1/generations", json={"prompt": "x"}).status_code == 202
     assert {reason: count(reason) - before[reason] for reason in before} == {
-        "validation": 2, "auth": 1, "payload_too_large": 1}
+        "validation": 2,
+        "auth": 1,
+        "payload_too_large": 1,
+    }
 
 
 def test_a_running_jobs_streamed_frames_can_be_fetched(client):
     from services.common.jobstore import blob_key, frame_blob_name
 
-    job = client.post("/v1/trajectories", json={"kind": "reverse", "prompt": "x", "num_inference_steps": 4,
-                                                "trajectory_every": 2}).json()
+    job = client.post(
+        "/v1/trajectories", json={"kind": "reverse", "prompt": "x", "num_inference_steps": 4, "trajectory_every": 2}
+    ).json()
     store = JobStore.from_url(REDIS_URL)
     attempt = store.claim(job["id"])  # what a worker does when it starts the job
     store.redis.set(blob_key(job["id"], frame_blob_name(attempt, 0)), b"\x89PNG frame 0")  # what its step writer does
@@ -133,6 +160,7 @@ def test_readyz_is_503_without_a_live_worker(client):
 
 def test_no_keys_means_loopback_only(monkeypatch, capsys):
     from services.common import settings as settings_module
+
     monkeypatch.setenv("LATENTD_API_KEY_HASHES", "")
     monkeypatch.setenv("LATENTD_API_KEYS", "")
     settings_module.get_settings.cache_clear()

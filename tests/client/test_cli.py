@@ -1,4 +1,5 @@
 """`latentd` end to end as a subprocess: PNG out, trajectory frames + GIF, errors exit non-zero."""
+
 import json
 import os
 import subprocess
@@ -17,16 +18,33 @@ REPO = Path(__file__).resolve().parents[2]
 
 def latentd(url, *args, key=API_KEY):
     env = os.environ | {"LATENTD_URL": url, "LATENTD_API_KEY": key}
-    return subprocess.run([sys.executable, "-m", "client.latentd_client.cli", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "client.latentd_client.cli", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 @pytest.mark.parametrize("transport", ["rest", "grpc"])
 def test_generate_writes_a_png_with_progress(tmp_path, gateway, grpc_target, transport):
     url = gateway.url if transport == "rest" else f"grpc://{grpc_target}"
     out = tmp_path / "out.png"
-    result = latentd(url, "generate", "a red circle on a white background", "--steps", "5", "--guidance", "7.5",
-                     "--seed", "1", "-o", str(out))
+    result = latentd(
+        url,
+        "generate",
+        "a red circle on a white background",
+        "--steps",
+        "5",
+        "--guidance",
+        "7.5",
+        "--seed",
+        "1",
+        "-o",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr
     assert "5/5" in result.stderr and "succeeded" in result.stderr
     with Image.open(out) as image:
@@ -34,8 +52,19 @@ def test_generate_writes_a_png_with_progress(tmp_path, gateway, grpc_target, tra
 
 
 def test_trajectory_writes_frames_gif_and_contact_sheet(tmp_path, gateway):
-    result = latentd(gateway.url, "trajectory", "forward", "--prompt", "a blue square", "--steps", "2",
-                     "--timesteps", "0,250,500,999", "--out-dir", str(tmp_path))
+    result = latentd(
+        gateway.url,
+        "trajectory",
+        "forward",
+        "--prompt",
+        "a blue square",
+        "--steps",
+        "2",
+        "--timesteps",
+        "0,250,500,999",
+        "--out-dir",
+        str(tmp_path),
+    )
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in tmp_path.glob("frame-*.png")) == [f"frame-00{i}.png" for i in range(4)]
     with Image.open(tmp_path / "trajectory.gif") as gif:
@@ -84,8 +113,9 @@ def test_jobs_watch_and_cancel(gateway):
     lines = [json.loads(line) for line in watched.stdout.splitlines() if line.startswith('{"id"')]
     assert lines[0]["event"] == "queued" and lines[-1]["event"] == "cancelled"
     resumed = latentd(gateway.url, "jobs", "watch", job.id, "--json", "--after", lines[0]["id"])
-    assert [l for l in resumed.stdout.splitlines() if l.startswith('{"id"')] == \
-        [json.dumps(l) for l in lines[1:]]
+    assert [line for line in resumed.stdout.splitlines() if line.startswith('{"id"')] == [
+        json.dumps(event) for event in lines[1:]
+    ]
 
 
 def test_progress_draws_previews_on_a_terminal(capsys):
@@ -97,8 +127,9 @@ def test_progress_draws_previews_on_a_terminal(capsys):
 
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), (0, 200, 0)).save(buf, "PNG")
-    event = JobEvent("1-0", "step", {"step": 2, "total": 4, "timestep": 500,
-                                     "preview": base64.b64encode(buf.getvalue()).decode()})
+    event = JobEvent(
+        "1-0", "step", {"step": 2, "total": 4, "timestep": 500, "preview": base64.b64encode(buf.getvalue()).decode()}
+    )
     err = io.StringIO()
     show = Progress(out=err, draw_previews=True)
     show(event)
@@ -110,6 +141,12 @@ def test_progress_draws_previews_on_a_terminal(capsys):
 
 def test_grpc_server_refuses_open_public_bind():
     env = {k: v for k, v in os.environ.items() if not k.startswith("LATENTD_API_KEY")}
-    result = subprocess.run([sys.executable, "-m", "services.api.grpc_server", "--host", "0.0.0.0", "--port", "0"],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "services.api.grpc_server", "--host", "0.0.0.0", "--port", "0"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2 and "no API keys are configured" in result.stderr

@@ -1,10 +1,17 @@
 """The Python client over REST and gRPC with one interface; resume after dropped connections."""
+
 import asyncio
 
 import pytest
 
-from client.latentd_client import (AsyncClient, AuthenticationError, Client, InvalidRequestError, JobFailedError,
-                                   NotFoundError)
+from client.latentd_client import (
+    AsyncClient,
+    AuthenticationError,
+    Client,
+    InvalidRequestError,
+    JobFailedError,
+    NotFoundError,
+)
 from tests.grpc.contract_gateway import API_KEY
 
 pytestmark = pytest.mark.timeout(60)

@@ -54,6 +54,7 @@ def _find(kind: str, name: str | None = None) -> dict:
 
 # -- docker-compose --------------------------------------------------------------------------
 
+
 def test_compose_file_is_valid_for_both_profiles():
     compose = _compose_command()
     if compose is None:
@@ -102,6 +103,7 @@ def test_dockerfiles_run_as_non_root_and_gateway_has_no_torch():
 
 # -- Prometheus ------------------------------------------------------------------------------
 
+
 def test_promtool_accepts_rules_and_config():
     if not shutil.which("promtool"):
         pytest.skip("no promtool: apt-get install --no-install-recommends prometheus")
@@ -114,8 +116,12 @@ def test_promtool_accepts_rules_and_config():
 def test_alert_rules_cover_the_four_operator_questions():
     alerts = {r["alert"]: r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]}
     exprs = " ".join(r["expr"] for r in alerts.values())
-    for metric in ("latentd_queue_depth", "latentd_workers_live", "latentd_job_failures_total",
-                   "latentd_queue_wait_seconds_bucket"):
+    for metric in (
+        "latentd_queue_depth",
+        "latentd_workers_live",
+        "latentd_job_failures_total",
+        "latentd_queue_wait_seconds_bucket",
+    ):
         assert metric in exprs, f"no alert on {metric}"
 
 
@@ -132,6 +138,7 @@ def test_prometheusrule_matches_the_compose_rules_file(tmp_path):
 
 # -- Kubernetes ------------------------------------------------------------------------------
 
+
 def test_kubernetes_manifests_pass_schema_validation():
     kv = shutil.which("kubernetes-validate") or str(Path(sys.executable).parent / "kubernetes-validate")
     if not Path(kv).exists():
@@ -140,8 +147,11 @@ def test_kubernetes_manifests_pass_schema_validation():
     result = _run([kv, "--strict", "--no-warn", *map(str, builtin)])
     assert result.returncode == 0, result.stdout + result.stderr
     passed = result.stdout.count(" passed for resource ")
-    builtin_docs = [d for p, d in _k8s_docs() if "." not in d["apiVersion"].split("/")[0] or
-                    d["apiVersion"].startswith(("apps/", "autoscaling/"))]
+    builtin_docs = [
+        d
+        for p, d in _k8s_docs()
+        if "." not in d["apiVersion"].split("/")[0] or d["apiVersion"].startswith(("apps/", "autoscaling/"))
+    ]
     assert passed == len(builtin_docs), result.stdout
 
 
@@ -180,11 +190,18 @@ def test_podmonitor_port_exists_on_every_pod_it_selects():
     monitor = _find("PodMonitor")
     selector = monitor["spec"]["selector"]["matchLabels"]
     endpoints = [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]]
-    selected = [d for _, d in _k8s_docs() if d["kind"] == "Deployment"
-                and selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()]
+    selected = [
+        d
+        for _, d in _k8s_docs()
+        if d["kind"] == "Deployment" and selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()
+    ]
     assert len(selected) >= 2
-    ports_of = {d["metadata"]["name"]: {p["name"] for c in d["spec"]["template"]["spec"]["containers"]
-                                        for p in c.get("ports", [])} for d in selected}
+    ports_of = {
+        d["metadata"]["name"]: {
+            p["name"] for c in d["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])
+        }
+        for d in selected
+    }
     for name, ports in ports_of.items():
         assert "metrics" in ports, name  # every gateway and worker pod is scraped
     for port in endpoints:
@@ -209,7 +226,7 @@ def _defined_metric_names() -> set[str]:
     import services.worker.metrics as worker_metrics
 
     names = set()
-    for collector in list(REGISTRY._collector_to_names):  # noqa: SLF001 - the registry's own index
+    for collector in list(REGISTRY._collector_to_names):
         describe = getattr(collector, "describe", None)
         families = describe() if describe else []
         for family in families:
@@ -245,9 +262,16 @@ def test_dashboard_and_alerts_query_only_defined_metrics():
 
 def test_dashboard_shows_what_operators_need():
     exprs = " ".join(_dashboard_exprs())
-    for metric in ("latentd_queue_depth", "latentd_queue_wait_seconds_bucket", "latentd_job_run_seconds_bucket",
-                   "latentd_images_total", "latentd_batch_rows", "latentd_unet_step_seconds_bucket",
-                   "latentd_job_failures_total", "latentd_gpu_memory_bytes"):
+    for metric in (
+        "latentd_queue_depth",
+        "latentd_queue_wait_seconds_bucket",
+        "latentd_job_run_seconds_bucket",
+        "latentd_images_total",
+        "latentd_batch_rows",
+        "latentd_unet_step_seconds_bucket",
+        "latentd_job_failures_total",
+        "latentd_gpu_memory_bytes",
+    ):
         assert metric in exprs, f"dashboard lacks {metric}"
     dashboard = json.loads(DASHBOARD.read_text())
     ids = [p["id"] for p in dashboard["panels"]]

@@ -5,6 +5,7 @@ float32 by what the pictures show, and alone vs batched. Skipped without a GPU; 
 
 Each test prints the PSNR it measured, so a run on a new card leaves figures, not just a verdict.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -56,20 +57,29 @@ def test_cuda_engine_matches_diffusers_pipeline_in_the_same_dtype(dtype_name):
     ours = pixels(generate(load_model(MODEL, device="cuda", dtype=dtype), request(dtype_name)))
     pipe = StableDiffusionPipeline.from_pretrained(MODEL, dtype=dtype, safety_checker=None).to("cuda")
     pipe.set_progress_bar_config(disable=True)
-    theirs = pixels(pipe(PROMPT, num_inference_steps=50, guidance_scale=7.5, num_images_per_prompt=2,
-                         generator=torch.Generator("cpu").manual_seed(1234)).images)
+    theirs = pixels(
+        pipe(
+            PROMPT,
+            num_inference_steps=50,
+            guidance_scale=7.5,
+            num_images_per_prompt=2,
+            generator=torch.Generator("cpu").manual_seed(1234),
+        ).images
+    )
     measured = psnr(ours, theirs)
-    print(f"\n[{torch.cuda.get_device_name()}] engine {dtype_name} vs StableDiffusionPipeline {dtype_name}: PSNR {measured:.1f} dB")
+    print(
+        f"\n[{torch.cuda.get_device_name()}] engine {dtype_name} vs StableDiffusionPipeline {dtype_name}: PSNR {measured:.1f} dB"
+    )
     assert np.isfinite(ours).all()
     assert measured >= 40
-
-
 
 
 def generate_captions(model) -> np.ndarray:
     engine = Engine(model).start()
     try:
-        handles = [engine.submit(request(f"c{i}", prompt=caption, seed=i)) for i, caption in enumerate(SPOT_CHECK_CAPTIONS)]
+        handles = [
+            engine.submit(request(f"c{i}", prompt=caption, seed=i)) for i, caption in enumerate(SPOT_CHECK_CAPTIONS)
+        ]
         return np.stack([np.asarray(image) for handle in handles for image in handle.result(120).images])
     finally:
         engine.stop()
@@ -81,8 +91,10 @@ def right_count(pictures: np.ndarray) -> int:
     from training.shapes import parse_caption
 
     wanted = [parse_caption(caption) for caption in SPOT_CHECK_CAPTIONS for _ in range(2)]
-    return sum(all(read_back(picture).matches(w["colour"], w["shape"], w["background"]).values())
-               for picture, w in zip(pictures, wanted))
+    return sum(
+        all(read_back(picture).matches(w["colour"], w["shape"], w["background"]).values())
+        for picture, w in zip(pictures, wanted)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +102,10 @@ def float32_pictures():
     """CUDA float32 (TF32 convolutions, PyTorch's default) and, for the record, CPU float32."""
     cuda = generate_captions(load_model(MODEL, device="cuda", dtype=torch.float32))
     cpu = generate_captions(load_model(MODEL))
-    print(f"\n[{torch.cuda.get_device_name()}] float32 CUDA vs float32 CPU: PSNR {psnr(cuda / 255, cpu / 255):.1f} dB, "
-          f"right {right_count(cuda)}/{len(cuda)} (CUDA) and {right_count(cpu)}/{len(cpu)} (CPU)")
+    print(
+        f"\n[{torch.cuda.get_device_name()}] float32 CUDA vs float32 CPU: PSNR {psnr(cuda / 255, cpu / 255):.1f} dB, "
+        f"right {right_count(cuda)}/{len(cuda)} (CUDA) and {right_count(cpu)}/{len(cpu)} (CPU)"
+    )
     return cuda
 
 
@@ -101,8 +115,10 @@ def test_cuda_half_precision_draws_what_float32_draws(dtype_name, float32_pictur
     half precision are compared with float32 by what they show (read-back), and by PSNR for the record."""
     half = generate_captions(load_model(MODEL, device="cuda", dtype=DTYPES[dtype_name]))
     right_half, right_full = right_count(half), right_count(float32_pictures)
-    print(f"\n[{torch.cuda.get_device_name()}] engine {dtype_name} vs float32 on CUDA: "
-          f"PSNR {psnr(half / 255, float32_pictures / 255):.1f} dB; right {right_half}/{len(half)} vs {right_full}/{len(half)}")
+    print(
+        f"\n[{torch.cuda.get_device_name()}] engine {dtype_name} vs float32 on CUDA: "
+        f"PSNR {psnr(half / 255, float32_pictures / 255):.1f} dB; right {right_half}/{len(half)} vs {right_full}/{len(half)}"
+    )
     assert right_half >= right_full - 1
 
 
@@ -114,10 +130,20 @@ def test_cuda_batch_invariance():
     alone = pixels(generate(model, target))
     engine = Engine(model, max_batch_rows=12).start()
     try:
-        others = [engine.submit(request(f"other-{i}", prompt=f"a small {colour} square on a gray background",
-                                        seed=100 + i, num_inference_steps=steps, guidance_scale=scale))
-                  for i, (colour, steps, scale) in enumerate([("blue", 20, 1.0), ("green", 35, 3.0),
-                                                              ("yellow", 50, 15.0), ("purple", 10, 0.0)])]
+        others = [
+            engine.submit(
+                request(
+                    f"other-{i}",
+                    prompt=f"a small {colour} square on a gray background",
+                    seed=100 + i,
+                    num_inference_steps=steps,
+                    guidance_scale=scale,
+                )
+            )
+            for i, (colour, steps, scale) in enumerate(
+                [("blue", 20, 1.0), ("green", 35, 3.0), ("yellow", 50, 15.0), ("purple", 10, 0.0)]
+            )
+        ]
         batched = pixels(engine.submit(target).result(120).images)
         for handle in others:
             handle.result(120)

@@ -1,4 +1,5 @@
 """Fixtures: real Redis (its own database), the contract gateway, and the real gRPC server in-process."""
+
 import grpc
 import pytest
 import redis

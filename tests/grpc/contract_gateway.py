@@ -4,6 +4,7 @@ resume while the real gateway is not importable; tests against the real stack us
 
 It can also drop SSE connections on purpose (`drop_after` events), which the real one cannot.
 """
+
 from __future__ import annotations
 
 import io
@@ -26,7 +27,7 @@ class ContractGateway:
         self.redis = redis.Redis.from_url(redis_url, decode_responses=True)
         self.step_delay_s, self.max_queued = step_delay_s, max_queued
         self.worker_alive = True
-        self.drop_after: int | None = None   # SSE: close the connection after this many events
+        self.drop_after: int | None = None  # SSE: close the connection after this many events
         self.sse_readers = 0
         self.cancelled: set[str] = set()
         gateway = self
@@ -115,19 +116,45 @@ class ContractGateway:
     def submit(self, h, body, kind):
         steps = body.get("num_inference_steps", 50)
         if not isinstance(steps, int) or not 1 <= steps <= 1000:
-            return self.error(h, 422, "invalid_request_error",
-                              f"num_inference_steps must be between 1 and 1000, got {steps}", "num_inference_steps")
+            return self.error(
+                h,
+                422,
+                "invalid_request_error",
+                f"num_inference_steps must be between 1 and 1000, got {steps}",
+                "num_inference_steps",
+            )
         if not body.get("prompt") and not body.get("image"):
             return self.error(h, 422, "invalid_request_error", "prompt is required", "prompt")
-        queued = sum(1 for k in self.redis.scan_iter("contract:job:*")
-                     if (j := json.loads(self.redis.get(k) or "{}")).get("status") in ("queued", "running"))
+        queued = sum(
+            1
+            for k in self.redis.scan_iter("contract:job:*")
+            if json.loads(self.redis.get(k) or "{}").get("status") in ("queued", "running")
+        )
         if queued >= self.max_queued:
-            return self.error(h, 429, "rate_limit_error", "the queue is full; retry later", headers=[("retry-after", "2")])
-        params = {"model": "tiny", "num_inference_steps": steps, "guidance_scale": 7.5, "eta": 0.0,
-                  "seed": body.get("seed", 1234), "num_images": 1} | body
-        job = {"id": uuid.uuid4().hex, "kind": kind, "status": "queued", "model": "tiny", "params": params,
-               "progress": {"step": 0, "total": steps}, "timings": {}, "created_at": time.time(), "images": [], "frames": [],
-               "error": None}
+            return self.error(
+                h, 429, "rate_limit_error", "the queue is full; retry later", headers=[("retry-after", "2")]
+            )
+        params = {
+            "model": "tiny",
+            "num_inference_steps": steps,
+            "guidance_scale": 7.5,
+            "eta": 0.0,
+            "seed": body.get("seed", 1234),
+            "num_images": 1,
+        } | body
+        job = {
+            "id": uuid.uuid4().hex,
+            "kind": kind,
+            "status": "queued",
+            "model": "tiny",
+            "params": params,
+            "progress": {"step": 0, "total": steps},
+            "timings": {},
+            "created_at": time.time(),
+            "images": [],
+            "frames": [],
+            "error": None,
+        }
         self.save(job)
         self.emit(job["id"], "queued", {"status": "queued"})
         threading.Thread(target=self.work, args=(job["id"],), daemon=True).start()
@@ -148,8 +175,9 @@ class ContractGateway:
             self.emit(job_id, "step", {"step": step, "total": total, "timestep": 999 - step * 999 // total})
             job["progress"]["step"] = step
         if job["kind"] == "trajectory":
-            job["frames"] = [{"url": f"/v1/jobs/{job_id}/frames/{i}", "timestep": t}
-                             for i, t in enumerate((0, 250, 500, 999))]
+            job["frames"] = [
+                {"url": f"/v1/jobs/{job_id}/frames/{i}", "timestep": t} for i, t in enumerate((0, 250, 500, 999))
+            ]
             for i in range(4):
                 self.emit(job_id, "frame", {"index": i})
         job["images"] = [f"/v1/jobs/{job_id}/images/0"]

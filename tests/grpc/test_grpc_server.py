@@ -1,6 +1,6 @@
 """The gRPC front door: every RPC, streaming, resume, auth, status codes, health, reflection."""
+
 import json
-import threading
 import time
 
 import grpc
@@ -36,8 +36,9 @@ def test_submit_get_and_stream_every_step(channel):
     assert all(e.event.total == 6 for e in events if e.event.type == pb.EVENT_TYPE_STEP)
     done = stub(channel).GetJob(pb.GetJobRequest(job_id=job.id), metadata=AUTH).job
     assert done.status == pb.JOB_STATUS_SUCCEEDED and done.step == 6 and len(done.images) == 1
-    art = stub(channel).GetArtifact(pb.GetArtifactRequest(job_id=job.id, kind=pb.ARTIFACT_KIND_IMAGE, index=0),
-                                    metadata=AUTH)
+    art = stub(channel).GetArtifact(
+        pb.GetArtifactRequest(job_id=job.id, kind=pb.ARTIFACT_KIND_IMAGE, index=0), metadata=AUTH
+    )
     assert art.data.startswith(b"\x89PNG") and art.media_type == "image/png"
 
 
@@ -45,8 +46,12 @@ def test_resume_from_event_id_gives_the_rest_exactly(channel):
     job = submit(channel, steps=5)
     full = [e.event for e in stub(channel).StreamJobEvents(pb.StreamJobEventsRequest(job_id=job.id), metadata=AUTH)]
     cut = full[3].id
-    rest = [e.event for e in stub(channel).StreamJobEvents(
-        pb.StreamJobEventsRequest(job_id=job.id, after_event_id=cut), metadata=AUTH)]
+    rest = [
+        e.event
+        for e in stub(channel).StreamJobEvents(
+            pb.StreamJobEventsRequest(job_id=job.id, after_event_id=cut), metadata=AUTH
+        )
+    ]
     assert [e.id for e in rest] == [e.id for e in full[4:]]
 
 
@@ -59,8 +64,12 @@ def test_generate_stream_first_job_then_events(channel):
 
 
 def test_trajectory_and_models(channel):
-    params = pb.TrajectoryParams(kind=pb.TRAJECTORY_KIND_FORWARD, generation=pb.GenerationParams(prompt="x", num_inference_steps=2),
-                                 timesteps=[0, 250, 500, 999], noise_seed=3)
+    params = pb.TrajectoryParams(
+        kind=pb.TRAJECTORY_KIND_FORWARD,
+        generation=pb.GenerationParams(prompt="x", num_inference_steps=2),
+        timesteps=[0, 250, 500, 999],
+        noise_seed=3,
+    )
     job = stub(channel).SubmitTrajectory(pb.SubmitTrajectoryRequest(params=params), metadata=AUTH).job
     assert job.kind == pb.JOB_KIND_TRAJECTORY
     sent = json.loads(job.params_json)
@@ -98,8 +107,10 @@ def test_invalid_argument_names_the_field(channel):
 
 
 def test_not_found(channel):
-    for call in (lambda: stub(channel).GetJob(pb.GetJobRequest(job_id="nope"), metadata=AUTH),
-                 lambda: list(stub(channel).StreamJobEvents(pb.StreamJobEventsRequest(job_id="nope"), metadata=AUTH))):
+    for call in (
+        lambda: stub(channel).GetJob(pb.GetJobRequest(job_id="nope"), metadata=AUTH),
+        lambda: list(stub(channel).StreamJobEvents(pb.StreamJobEventsRequest(job_id="nope"), metadata=AUTH)),
+    ):
         with pytest.raises(grpc.RpcError) as err:
             call()
         assert err.value.code() == grpc.StatusCode.NOT_FOUND and "nope" in err.value.details()
@@ -171,10 +182,16 @@ def test_reflection_client_calls_without_generated_code(grpc_target):
     base = [sys.executable, "-m", "client.latentd_client.reflect"]
     listed = subprocess.run(base + [grpc_target, "list"], capture_output=True, text=True, timeout=30)
     assert "latentd.v1.LatentdService" in listed.stdout.split()
-    called = subprocess.run(base + ["-H", AUTH[0][0] + ": " + AUTH[0][1], grpc_target,
-                                    "latentd.v1.LatentdService/ListModels"], capture_output=True, text=True, timeout=30)
+    called = subprocess.run(
+        base + ["-H", AUTH[0][0] + ": " + AUTH[0][1], grpc_target, "latentd.v1.LatentdService/ListModels"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert called.returncode == 0 and json.loads(called.stdout)["models"][0]["name"] == "tiny"
-    denied = subprocess.run(base + [grpc_target, "latentd.v1.LatentdService/ListModels"], capture_output=True, text=True, timeout=30)
+    denied = subprocess.run(
+        base + [grpc_target, "latentd.v1.LatentdService/ListModels"], capture_output=True, text=True, timeout=30
+    )
     assert denied.returncode == 1 and "UNAUTHENTICATED" in denied.stderr
 
 

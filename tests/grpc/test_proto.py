@@ -1,4 +1,5 @@
 """The generated gRPC code must match the proto: CI fails on drift (make test runs make proto first)."""
+
 import shutil
 import subprocess
 import sys
@@ -10,8 +11,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def run_check(out: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "scripts.gen_proto", "--check", "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "scripts.gen_proto", "--check", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_checked_in_generation_matches_proto():
@@ -38,8 +44,15 @@ def test_proto_style():
         assert enum.values[0].number == 0 and enum.values[0].name.endswith("_UNSPECIFIED"), enum.name
     service = file.services_by_name["LatentdService"]
     assert {m.name for m in service.methods} == {
-        "SubmitGeneration", "SubmitTrajectory", "GetJob", "CancelJob", "StreamJobEvents",
-        "GenerateStream", "GetArtifact", "ListModels"}
+        "SubmitGeneration",
+        "SubmitTrajectory",
+        "GetJob",
+        "CancelJob",
+        "StreamJobEvents",
+        "GenerateStream",
+        "GetArtifact",
+        "ListModels",
+    }
     for method in service.methods:  # one request and one response message per RPC
         assert method.input_type.name == f"{method.name}Request"
         assert method.output_type.name == f"{method.name}Response"

@@ -1,5 +1,6 @@
 """Through the real service (tests/conftest.py `real_stack`: own redis-server, a Celery worker process on the
 tiny or trained model, the gateway under uvicorn): the gRPC server, the client and `latentd` end to end."""
+
 import json
 import os
 import signal
@@ -46,21 +47,30 @@ def test_grpc_generate_stream_through_the_real_worker(real_stack, live_grpc):
         events = [r.event for r in replies[1:]]
         assert [e.step for e in events if e.type == pb.EVENT_TYPE_STEP] == [1, 2, 3]
         assert events[-1].type == pb.EVENT_TYPE_SUCCEEDED
-        resumed = [r.event.id for r in stub.StreamJobEvents(
-            pb.StreamJobEventsRequest(job_id=job.id, after_event_id=events[1].id), metadata=auth(real_stack))]
+        resumed = [
+            r.event.id
+            for r in stub.StreamJobEvents(
+                pb.StreamJobEventsRequest(job_id=job.id, after_event_id=events[1].id), metadata=auth(real_stack)
+            )
+        ]
         assert resumed == [e.id for e in events[2:]]
         done = stub.GetJob(pb.GetJobRequest(job_id=job.id), metadata=auth(real_stack)).job
         assert done.status == pb.JOB_STATUS_SUCCEEDED and json.loads(done.params_json)["seed"] == 1
-        png = stub.GetArtifact(pb.GetArtifactRequest(job_id=job.id, kind=pb.ARTIFACT_KIND_IMAGE, index=0),
-                               metadata=auth(real_stack)).data
+        png = stub.GetArtifact(
+            pb.GetArtifactRequest(job_id=job.id, kind=pb.ARTIFACT_KIND_IMAGE, index=0), metadata=auth(real_stack)
+        ).data
         assert png.startswith(b"\x89PNG")
         models = stub.ListModels(pb.ListModelsRequest(), metadata=auth(real_stack)).models
         assert real_stack.model in [m.name for m in models]
-        for metadata, code in (((), grpc.StatusCode.UNAUTHENTICATED),
-                               (auth(real_stack), grpc.StatusCode.INVALID_ARGUMENT)):
+        for metadata, code in (
+            ((), grpc.StatusCode.UNAUTHENTICATED),
+            (auth(real_stack), grpc.StatusCode.INVALID_ARGUMENT),
+        ):
             with pytest.raises(grpc.RpcError) as err:
-                stub.SubmitGeneration(pb.SubmitGenerationRequest(params=pb.GenerationParams(prompt="x", num_inference_steps=0)),
-                                      metadata=metadata)
+                stub.SubmitGeneration(
+                    pb.SubmitGenerationRequest(params=pb.GenerationParams(prompt="x", num_inference_steps=0)),
+                    metadata=metadata,
+                )
             assert err.value.code() == code
         assert "num_inference_steps" in err.value.details()
         with pytest.raises(grpc.RpcError) as err:  # another key's job does not exist
@@ -85,21 +95,53 @@ def test_client_both_transports(real_stack, live_grpc, transport):
 
 def latentd(url, key, *args):
     env = os.environ | {"LATENTD_URL": url, "LATENTD_API_KEY": key}
-    return subprocess.run([sys.executable, "-m", "client.latentd_client.cli", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=240)
+    return subprocess.run(
+        [sys.executable, "-m", "client.latentd_client.cli", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
 
 
 def test_cli_png_and_gif(real_stack, live_grpc, tmp_path):
     out = tmp_path / "out.png"
-    result = latentd(f"grpc://{live_grpc}", real_stack.keys[0], "generate", "a red circle on a white background",
-                     "--steps", "3", "--guidance", "7.5", "--seed", "1", "-o", str(out))
+    result = latentd(
+        f"grpc://{live_grpc}",
+        real_stack.keys[0],
+        "generate",
+        "a red circle on a white background",
+        "--steps",
+        "3",
+        "--guidance",
+        "7.5",
+        "--seed",
+        "1",
+        "-o",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr
     assert "3/3" in result.stderr
     with Image.open(out) as image:
         assert image.format == "PNG"
     frames = tmp_path / "frames"
-    result = latentd(real_stack.url, real_stack.keys[0], "trajectory", "forward", "--prompt", "a blue square",
-                     "--steps", "2", "--timesteps", "0,500,1000", "--noise-seed", "3", "--out-dir", str(frames))
+    result = latentd(
+        real_stack.url,
+        real_stack.keys[0],
+        "trajectory",
+        "forward",
+        "--prompt",
+        "a blue square",
+        "--steps",
+        "2",
+        "--timesteps",
+        "0,500,1000",
+        "--noise-seed",
+        "3",
+        "--out-dir",
+        str(frames),
+    )
     assert result.returncode == 0, result.stderr
     with Image.open(frames / "trajectory.gif") as gif:
         assert gif.format == "GIF" and gif.n_frames == 3

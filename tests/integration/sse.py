@@ -1,4 +1,5 @@
 """A small Server-Sent Events reader for the tests (what a browser's EventSource does)."""
+
 from __future__ import annotations
 
 import json
@@ -6,8 +7,9 @@ import json
 import httpx
 
 
-def read_events(url: str, headers: dict, *, last_event_id: str | None = None, timeout: float = 60.0,
-                stop_after: int | None = None) -> list[dict]:
+def read_events(
+    url: str, headers: dict, *, last_event_id: str | None = None, timeout: float = 60.0, stop_after: int | None = None
+) -> list[dict]:
     headers = dict(headers)
     if last_event_id:
         headers["Last-Event-ID"] = last_event_id

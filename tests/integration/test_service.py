@@ -1,9 +1,9 @@
 """End to end against the real stack: gateway (uvicorn) -> Redis -> Celery worker (threads) -> engine -> SSE."""
+
 from __future__ import annotations
 
 import base64
 import io
-import threading
 import time
 
 import httpx
@@ -121,7 +121,13 @@ def _png_b64(size=(40, 40)) -> str:
 
 
 BAD_INPUTS = [  # (path, body, status, param, words the message must hold)
-    ("/v1/generations", {"prompt": "x", "num_inference_steps": 0}, 422, "num_inference_steps", ["between 1 and 1000", "0"]),
+    (
+        "/v1/generations",
+        {"prompt": "x", "num_inference_steps": 0},
+        422,
+        "num_inference_steps",
+        ["between 1 and 1000", "0"],
+    ),
     ("/v1/generations", {"prompt": "x", "guidance_scale": -1}, 422, "guidance_scale", ["between 0 and 100", "-1"]),
     ("/v1/generations", {"prompt": "x", "width": 63}, 422, "width", ["multiple of", "63"]),
     ("/v1/generations", {"prompt": "word " * 200}, 422, "prompt", ["tokens", "at most"]),
@@ -132,17 +138,30 @@ BAD_INPUTS = [  # (path, body, status, param, words the message must hold)
     ("/v1/generations", {"num_inference_steps": 5}, 422, "prompt", ["required"]),
     ("/v1/trajectories", {"kind": "forward", "image": "bm90IGFuIGltYWdl"}, 422, "image", ["PNG or JPEG"]),
     ("/v1/trajectories", {"kind": "forward", "image": "%%%"}, 422, "image", ["base64"]),
-    ("/v1/trajectories", {"kind": "forward", "image": _png_b64(), "timesteps": [0, 1001]}, 422, "timesteps.1",
-     ["between 0 and", "1001"]),
+    (
+        "/v1/trajectories",
+        {"kind": "forward", "image": _png_b64(), "timesteps": [0, 1001]},
+        422,
+        "timesteps.1",
+        ["between 0 and", "1001"],
+    ),
     ("/v1/trajectories", {"kind": "forward", "image": _png_b64(), "timesteps": [-1]}, 422, "timesteps.0", ["-1"]),
     ("/v1/trajectories", {"kind": "sideways", "prompt": "x"}, 422, "kind", ["forward"]),
-    ("/v1/trajectories", {"kind": "guidance_sweep", "prompt": "x", "guidance_scales": [1, -2]}, 422,
-     "guidance_scales.1", ["between 0 and 100"]),
+    (
+        "/v1/trajectories",
+        {"kind": "guidance_sweep", "prompt": "x", "guidance_scales": [1, -2]},
+        422,
+        "guidance_scales.1",
+        ["between 0 and 100"],
+    ),
 ]
 
 
-@pytest.mark.parametrize("path,body,status,param,words", BAD_INPUTS,
-                         ids=[f"{p.rsplit('/', 1)[1]}-{i}" for i, (p, *_rest) in enumerate(BAD_INPUTS)])
+@pytest.mark.parametrize(
+    "path,body,status,param,words",
+    BAD_INPUTS,
+    ids=[f"{p.rsplit('/', 1)[1]}-{i}" for i, (p, *_rest) in enumerate(BAD_INPUTS)],
+)
 def test_bad_input_names_the_field_and_range(real_stack, path, body, status, param, words):
     response = httpx.post(real_stack.url + path, json=body, headers=real_stack.headers(), timeout=30)
     assert response.status_code == status, response.text
@@ -158,8 +177,11 @@ def test_bad_input_names_the_field_and_range(real_stack, path, body, status, par
 def test_unknown_job_and_broken_json(real_stack):
     missing = httpx.get(f"{real_stack.url}/v1/jobs/does-not-exist", headers=real_stack.headers())
     assert missing.status_code == 404 and missing.json()["error"]["param"] == "id"
-    broken = httpx.post(real_stack.url + "/v1/generations", content=b"{not json",
-                        headers=dict(real_stack.headers(), **{"content-type": "application/json"}))
+    broken = httpx.post(
+        real_stack.url + "/v1/generations",
+        content=b"{not json",
+        headers=dict(real_stack.headers(), **{"content-type": "application/json"}),
+    )
     assert broken.status_code == 422 and "error" in broken.json()
     assert httpx.get(real_stack.url + "/readyz").status_code == 200
 
@@ -173,8 +195,14 @@ def test_models_lists_what_a_live_worker_serves(real_stack):
 
 def test_trajectories_forward_reverse_and_sweep(real_stack):
     T = httpx.get(real_stack.url + "/v1/models", headers=real_stack.headers()).json()["data"][0]["num_train_timesteps"]
-    forward = wait_job(real_stack, submit(real_stack, {"kind": "forward", "image": _png_b64(), "noise_seed": 3,
-                                                       "space": "pixel"}, path="/v1/trajectories")["id"])
+    forward = wait_job(
+        real_stack,
+        submit(
+            real_stack,
+            {"kind": "forward", "image": _png_b64(), "noise_seed": 3, "space": "pixel"},
+            path="/v1/trajectories",
+        )["id"],
+    )
     assert forward["status"] == "succeeded", forward["error"]
     ts = [f["timestep"] for f in forward["frames"]]
     assert ts[0] == 0 and ts[-1] == T and len(ts) == len(set(ts))
@@ -183,23 +211,40 @@ def test_trajectories_forward_reverse_and_sweep(real_stack):
     frame = httpx.get(real_stack.url + forward["frames"][0]["url"], headers=real_stack.headers())
     assert Image.open(io.BytesIO(frame.content)).getpixel((5, 5))[0] > 150  # t=0 is the red upload itself
 
-    reverse_id = submit(real_stack, {"kind": "reverse", "prompt": "x", "num_inference_steps": 4,
-                                     "trajectory_every": 2}, path="/v1/trajectories")["id"]
+    reverse_id = submit(
+        real_stack,
+        {"kind": "reverse", "prompt": "x", "num_inference_steps": 4, "trajectory_every": 2},
+        path="/v1/trajectories",
+    )["id"]
     events = read_events(f"{real_stack.url}/v1/jobs/{reverse_id}/events", real_stack.headers())
     reverse = wait_job(real_stack, reverse_id)
     assert reverse["status"] == "succeeded", reverse["error"]
-    assert [(f["step"], f["what"]) for f in reverse["frames"]] == [(2, "x_t"), (2, "x0_pred"), (4, "x_t"), (4, "x0_pred")]
+    assert [(f["step"], f["what"]) for f in reverse["frames"]] == [
+        (2, "x_t"),
+        (2, "x0_pred"),
+        (4, "x_t"),
+        (4, "x0_pred"),
+    ]
     # frames stream live: step 2's frames come right after step 2, before step 3, once each
-    order = [(e["event"], e["data"].get("step"), e["data"].get("index")) for e in events if e["event"] in ("step", "frame")]
-    assert order[order.index(("step", 2, None)) + 1:][:2] == [("frame", 2, 0), ("frame", 2, 1)]
+    order = [
+        (e["event"], e["data"].get("step"), e["data"].get("index")) for e in events if e["event"] in ("step", "frame")
+    ]
+    assert order[order.index(("step", 2, None)) + 1 :][:2] == [("frame", 2, 0), ("frame", 2, 1)]
     assert sum(e["event"] == "frame" for e in events) == 4
     frame_url = next(e["data"]["url"] for e in events if e["event"] == "frame" and e["data"]["index"] == 3)
     assert httpx.get(real_stack.url + frame_url, headers=real_stack.headers()).content[:4] == b"\x89PNG"
 
     events_url = None
-    sweep = submit(real_stack, {"kind": "guidance_sweep", "prompt": "a large red circle on a white background",
-                                "num_inference_steps": 3, "seed": 5},
-                   path="/v1/trajectories")
+    sweep = submit(
+        real_stack,
+        {
+            "kind": "guidance_sweep",
+            "prompt": "a large red circle on a white background",
+            "num_inference_steps": 3,
+            "seed": 5,
+        },
+        path="/v1/trajectories",
+    )
     events_url = f"{real_stack.url}/v1/jobs/{sweep['id']}/events"
     events = read_events(events_url, real_stack.headers())
     sweep = wait_job(real_stack, sweep["id"])
@@ -212,14 +257,17 @@ def test_trajectories_forward_reverse_and_sweep(real_stack):
 
 def test_openai_client_generates_images(real_stack):
     import openai
+
     client = openai.OpenAI(base_url=real_stack.url + "/v1", api_key=real_stack.keys[0], max_retries=0, timeout=120)
-    response = client.images.generate(prompt="a green triangle", n=2, response_format="b64_json",
-                                      extra_body={"num_inference_steps": 3, "seed": 11})
+    response = client.images.generate(
+        prompt="a green triangle", n=2, response_format="b64_json", extra_body={"num_inference_steps": 3, "seed": 11}
+    )
     assert len(response.data) == 2
     pictures = [Image.open(io.BytesIO(base64.b64decode(item.b64_json))) for item in response.data]
     assert pictures[0].format == "PNG" and pictures[0].tobytes() != pictures[1].tobytes()
-    by_url = client.images.generate(prompt="a green triangle", n=1, response_format="url",
-                                    extra_body={"num_inference_steps": 3, "seed": 11})
+    by_url = client.images.generate(
+        prompt="a green triangle", n=1, response_format="url", extra_body={"num_inference_steps": 3, "seed": 11}
+    )
     fetched = httpx.get(by_url.data[0].url, headers=real_stack.headers())
     again = Image.open(io.BytesIO(fetched.content)).tobytes()
     # the same seed gives the same picture; batched with a second image, float sums may differ by one level
@@ -235,7 +283,9 @@ def test_sigkill_mid_job_is_redelivered_and_finishes_exactly_once(real_stack):
     read_events(url, real_stack.headers(), stop_after=4)  # it is running: two steps done
     real_stack.kill_worker()
     time.sleep(1)
-    assert httpx.get(f"{real_stack.url}/v1/jobs/{job['id']}", headers=real_stack.headers()).json()["status"] == "running"
+    assert (
+        httpx.get(f"{real_stack.url}/v1/jobs/{job['id']}", headers=real_stack.headers()).json()["status"] == "running"
+    )
     real_stack.start_worker()
     done = wait_job(real_stack, job["id"], timeout_s=180)
     assert done["status"] == "succeeded" and done["attempt"] >= 2
@@ -248,9 +298,11 @@ def test_sigkill_mid_job_is_redelivered_and_finishes_exactly_once(real_stack):
     events = read_events(url, real_stack.headers())
     assert sum(e["event"] in TERMINAL for e in events) == 1
     from scripts.run_stack import wait_ready
+
     wait_ready(real_stack.url, timeout_s=120)
 
 
 def real_stack_visibility() -> int:
     from tests.conftest import VISIBILITY_TIMEOUT_S
+
     return VISIBILITY_TIMEOUT_S

@@ -10,8 +10,11 @@ REDIS_URL = os.environ["LATENTD_TEST_REDIS_URL"]
 
 app = Celery("heartbeat-test", broker=REDIS_URL)
 app.conf.update(
-    task_serializer="json", accept_content=["json"], worker_prefetch_multiplier=1,
-    broker_connection_retry_on_startup=True, worker_hijack_root_logger=False,
+    task_serializer="json",
+    accept_content=["json"],
+    worker_prefetch_multiplier=1,
+    broker_connection_retry_on_startup=True,
+    worker_hijack_root_logger=False,
 )
 
 

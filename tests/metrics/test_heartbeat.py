@@ -21,9 +21,20 @@ REDIS_URL = "redis://127.0.0.1:6379/14"
 
 def _check(stale_after_s: float) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "services.worker.heartbeat", "--check", "--redis-url", REDIS_URL,
-         "--stale-after", str(stale_after_s)],
-        capture_output=True, text=True, cwd=ROOT, timeout=30,
+        [
+            sys.executable,
+            "-m",
+            "services.worker.heartbeat",
+            "--check",
+            "--redis-url",
+            REDIS_URL,
+            "--stale-after",
+            str(stale_after_s),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=30,
     )
 
 
@@ -49,10 +60,31 @@ def client():
 def celery_worker(client):
     env = {**os.environ, "LATENTD_TEST_REDIS_URL": REDIS_URL}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "tests.metrics.heartbeat_app", "worker", "-P", "threads",
-         "-c", "2", "-n", "hbtest@%h", "-Q", "tiny-queue", "--without-gossip", "--without-mingle",
-         "-l", "WARNING"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "tests.metrics.heartbeat_app",
+            "worker",
+            "-P",
+            "threads",
+            "-c",
+            "2",
+            "-n",
+            "hbtest@%h",
+            "-Q",
+            "tiny-queue",
+            "--without-gossip",
+            "--without-mingle",
+            "-l",
+            "WARNING",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     yield proc
     proc.terminate()
@@ -72,8 +104,9 @@ def test_check_fails_without_any_heartbeat(client):
 
 @pytest.mark.timeout(120)
 def test_heartbeat_proves_consumption_and_catches_a_stalled_consumer(client, celery_worker):
-    live = _wait_for(lambda: heartbeat.live_workers(client, "tiny-model", stale_after_s=5), 60,
-                     "the worker's probe to be consumed")
+    live = _wait_for(
+        lambda: heartbeat.live_workers(client, "tiny-model", stale_after_s=5), 60, "the worker's probe to be consumed"
+    )
     (worker_id,) = live["tiny-model"]
     assert worker_id == f"{socket.gethostname()}-{celery_worker.pid}"
     assert count_live_workers(client, stale_after_s=5) == {"tiny-model": 1}
@@ -85,7 +118,9 @@ def test_heartbeat_proves_consumption_and_catches_a_stalled_consumer(client, cel
     from celery import Celery
 
     replies = Celery("control", broker=REDIS_URL).control.cancel_consumer(
-        heartbeat.probe_queue(worker_id), destination=[f"hbtest@{socket.gethostname()}"], reply=True,
+        heartbeat.probe_queue(worker_id),
+        destination=[f"hbtest@{socket.gethostname()}"],
+        reply=True,
         timeout=10,
     )
     assert replies, "worker did not answer the control command"
@@ -113,8 +148,14 @@ def test_shutdown_removes_the_heartbeat(client, celery_worker):
 @pytest.mark.timeout(60)
 def test_a_saturated_worker_counts_as_consuming_only_while_it_makes_progress(client):
     state = {"saturated": True, "progress": 0}
-    beat = heartbeat.Heartbeat(client, ["tiny-model"], worker="busy-1", ttl_s=10,
-                               saturated=lambda: state["saturated"], progress=lambda: state["progress"])
+    beat = heartbeat.Heartbeat(
+        client,
+        ["tiny-model"],
+        worker="busy-1",
+        ttl_s=10,
+        saturated=lambda: state["saturated"],
+        progress=lambda: state["progress"],
+    )
     beat.beat()  # first beat: no progress seen yet
     assert heartbeat.live_workers(client, stale_after_s=5) == {}
     state["progress"] = 7  # the engine stepped since the last beat

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 import urllib.request
 
 import pytest
@@ -123,6 +122,7 @@ def test_queue_depth_scrape_survives_redis_down():
 def test_http_metrics_use_route_templates():
     api_metrics.observe_http_request("/v1/jobs/{job_id}", "GET", 404, 0.01)
     families = scrape(api_metrics.start_metrics_server(0, addr="127.0.0.1"))
-    assert sample(families, "latentd_http_requests", "_total", route="/v1/jobs/{job_id}", method="GET",
-                  status="404") >= 1
+    assert (
+        sample(families, "latentd_http_requests", "_total", route="/v1/jobs/{job_id}", method="GET", status="404") >= 1
+    )
     assert families["latentd_http_request_duration_seconds"].type == "histogram"

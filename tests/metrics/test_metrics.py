@@ -4,7 +4,6 @@ scraped; each metric must exist with its type and a value that moved."""
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -44,8 +43,11 @@ def value(families: dict, name: str, suffix: str = "", **labels) -> float:
     family = families.get(name)
     if family is None:
         return 0.0
-    return sum(s.value for s in family.samples
-               if s.name == name + suffix and all(s.labels.get(k) == v for k, v in labels.items()))
+    return sum(
+        s.value
+        for s in family.samples
+        if s.name == name + suffix and all(s.labels.get(k) == v for k, v in labels.items())
+    )
 
 
 def wait_for(predicate, timeout_s: float, what: str):
@@ -64,19 +66,54 @@ def stack(tmp_path_factory):
     r = redis.Redis.from_url(REDIS_URL)
     r.flushdb()
     api_port, api_metrics, worker_metrics = free_port(), free_port(), free_port()
-    env = {**os.environ, "LATENTD_REDIS_URL": REDIS_URL, "LATENTD_WORKER_MODELS": str(model_dir),
-           "LATENTD_WORKER_DEVICE": "cpu", "LATENTD_MAX_BATCH_ROWS": "8", "LATENTD_DEFAULT_MODEL": MODEL,
-           "LATENTD_API_METRICS_PORT": str(api_metrics), "LATENTD_WORKER_METRICS_PORT": str(worker_metrics),
-           "LATENTD_MAX_BODY_BYTES": "4096", "LATENTD_API_KEYS": "", "LATENTD_API_KEY_HASHES": ""}
+    env = {
+        **os.environ,
+        "LATENTD_REDIS_URL": REDIS_URL,
+        "LATENTD_WORKER_MODELS": str(model_dir),
+        "LATENTD_WORKER_DEVICE": "cpu",
+        "LATENTD_MAX_BATCH_ROWS": "8",
+        "LATENTD_DEFAULT_MODEL": MODEL,
+        "LATENTD_API_METRICS_PORT": str(api_metrics),
+        "LATENTD_WORKER_METRICS_PORT": str(worker_metrics),
+        "LATENTD_MAX_BODY_BYTES": "4096",
+        "LATENTD_API_KEYS": "",
+        "LATENTD_API_KEY_HASHES": "",
+    }
     log_dir = tmp_path_factory.mktemp("logs")
     # One pool thread: a long job holds it, so the jobs behind it wait in the queue (queue depth).
     worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "services.worker.celery_app", "worker", "--pool", "threads",
-         "--concurrency", "1", "-Q", f"latentd.{MODEL}", "-n", "metrics@%h", "--without-gossip",
-         "--without-mingle", "-l", "WARNING"],
-        cwd=ROOT, env=env, stdout=open(log_dir / "worker.log", "w"), stderr=subprocess.STDOUT)
-    gateway = subprocess.Popen([sys.executable, "-m", "services.api", "--host", "127.0.0.1", "--port", str(api_port)],
-                               cwd=ROOT, env=env, stdout=open(log_dir / "gateway.log", "w"), stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "services.worker.celery_app",
+            "worker",
+            "--pool",
+            "threads",
+            "--concurrency",
+            "1",
+            "-Q",
+            f"latentd.{MODEL}",
+            "-n",
+            "metrics@%h",
+            "--without-gossip",
+            "--without-mingle",
+            "-l",
+            "WARNING",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=open(log_dir / "worker.log", "w"),
+        stderr=subprocess.STDOUT,
+    )
+    gateway = subprocess.Popen(
+        [sys.executable, "-m", "services.api", "--host", "127.0.0.1", "--port", str(api_port)],
+        cwd=ROOT,
+        env=env,
+        stdout=open(log_dir / "gateway.log", "w"),
+        stderr=subprocess.STDOUT,
+    )
     http = httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=30)
 
     def ready():
@@ -90,8 +127,7 @@ def stack(tmp_path_factory):
 
     try:
         wait_for(ready, 120, "a ready gateway with a live worker")
-        yield {"http": http, "api_metrics": api_metrics, "worker_metrics": worker_metrics, "redis": r,
-               "logs": log_dir}
+        yield {"http": http, "api_metrics": api_metrics, "worker_metrics": worker_metrics, "redis": r, "logs": log_dir}
     finally:
         http.close()
         for proc in (gateway, worker):
@@ -117,7 +153,7 @@ def submit(http: httpx.Client, **fields) -> str:
 
 @pytest.mark.timeout(600)
 def test_every_metric_moves_after_real_jobs(stack):
-    http, redis_client = stack["http"], stack["redis"]
+    http = stack["http"]
     api0, worker0 = scrape(stack["api_metrics"]), scrape(stack["worker_metrics"])
 
     # 1. A long job holds the single pool thread; an SSE reader follows it.
@@ -137,8 +173,13 @@ def test_every_metric_moves_after_real_jobs(stack):
 
     # 2. Two jobs behind it wait in the queue.
     queued = [submit(http, num_images=2, seed=s) for s in (2, 3)]
-    during_api = wait_for(lambda: (lambda f: f if value(f, "latentd_queue_depth", model=MODEL) >= 1 else None)(
-        scrape(stack["api_metrics"])), 30, "queue depth >= 1")
+    during_api = wait_for(
+        lambda: (lambda f: f if value(f, "latentd_queue_depth", model=MODEL) >= 1 else None)(
+            scrape(stack["api_metrics"])
+        ),
+        30,
+        "queue depth >= 1",
+    )
     assert value(during_api, "latentd_sse_readers") >= 1
     assert value(during_api, "latentd_workers_live", model=MODEL) == 1
     during_worker = scrape(stack["worker_metrics"])
@@ -149,7 +190,9 @@ def test_every_metric_moves_after_real_jobs(stack):
     time.sleep(QUEUED_AT_LEAST_S)
     assert http.post(f"/v1/jobs/{long_id}/cancel").status_code == 200
     for job_id in [long_id] + queued:
-        wait_for(lambda: job_status(http, job_id) in ("succeeded", "failed", "cancelled"), 120, f"job {job_id}")
+        wait_for(
+            lambda job_id=job_id: job_status(http, job_id) in ("succeeded", "failed", "cancelled"), 120, f"job {job_id}"
+        )
     assert job_status(http, long_id) == "cancelled"
     assert [job_status(http, j) for j in queued] == ["succeeded", "succeeded"]
     reader.join(timeout=30)
@@ -162,8 +205,9 @@ def test_every_metric_moves_after_real_jobs(stack):
     from services.common.tasks import GENERATE_TASK, queue_for
 
     broken = uuid.uuid4().hex
-    JobStore.from_url(REDIS_URL, 600).create(broken, kind="generation", model=MODEL, owner="metrics-test",
-                                              params={"model": MODEL})
+    JobStore.from_url(REDIS_URL, 600).create(
+        broken, kind="generation", model=MODEL, owner="metrics-test", params={"model": MODEL}
+    )
     producer = Celery("metrics-test", broker=REDIS_URL)
     producer.conf.update(task_serializer="json")
     producer.send_task(GENERATE_TASK, args=[broken], queue=queue_for(MODEL))
@@ -172,26 +216,44 @@ def test_every_metric_moves_after_real_jobs(stack):
     error_type = store.get(broken)["error"]["type"]
 
     # 5. Refusals: a body over the limit (413) and a step count out of range (422).
-    assert http.post("/v1/generations", content=b"{" + b" " * 8000 + b"}",
-                     headers={"content-type": "application/json"}).status_code == 413
+    assert (
+        http.post(
+            "/v1/generations", content=b"{" + b" " * 8000 + b"}", headers={"content-type": "application/json"}
+        ).status_code
+        == 413
+    )
     assert http.post("/v1/generations", json={"prompt": "a red circle", "num_inference_steps": 0}).status_code == 422
 
-    api1 = wait_for(lambda: (lambda f: f if value(f, "latentd_sse_readers") == 0 else None)(
-        scrape(stack["api_metrics"])), 30, "the SSE reader to be released")
+    api1 = wait_for(
+        lambda: (lambda f: f if value(f, "latentd_sse_readers") == 0 else None)(scrape(stack["api_metrics"])),
+        30,
+        "the SSE reader to be released",
+    )
     worker1 = scrape(stack["worker_metrics"])
 
     expected_api = {
-        "latentd_http_requests": "counter", "latentd_http_request_duration_seconds": "histogram",
-        "latentd_jobs_submitted": "counter", "latentd_queue_depth": "gauge", "latentd_sse_readers": "gauge",
-        "latentd_grpc_stream_readers": "gauge", "latentd_rejections": "counter", "latentd_workers_live": "gauge",
+        "latentd_http_requests": "counter",
+        "latentd_http_request_duration_seconds": "histogram",
+        "latentd_jobs_submitted": "counter",
+        "latentd_queue_depth": "gauge",
+        "latentd_sse_readers": "gauge",
+        "latentd_grpc_stream_readers": "gauge",
+        "latentd_rejections": "counter",
+        "latentd_workers_live": "gauge",
         "process_cpu_seconds": "counter",
     }
     expected_worker = {
-        "latentd_queue_wait_seconds": "histogram", "latentd_job_run_seconds": "histogram",
-        "latentd_unet_step_seconds": "histogram", "latentd_batch_rows": "histogram",
-        "latentd_vae_decode_seconds": "histogram", "latentd_steps": "counter", "latentd_images": "counter",
-        "latentd_job_failures": "counter", "latentd_cancellations": "counter",
-        "latentd_engine_active_requests": "gauge", "latentd_gpu_memory_bytes": "gauge",
+        "latentd_queue_wait_seconds": "histogram",
+        "latentd_job_run_seconds": "histogram",
+        "latentd_unet_step_seconds": "histogram",
+        "latentd_batch_rows": "histogram",
+        "latentd_vae_decode_seconds": "histogram",
+        "latentd_steps": "counter",
+        "latentd_images": "counter",
+        "latentd_job_failures": "counter",
+        "latentd_cancellations": "counter",
+        "latentd_engine_active_requests": "gauge",
+        "latentd_gpu_memory_bytes": "gauge",
         "process_resident_memory_bytes": "gauge",
     }
     for families, expected in ((api1, expected_api), (worker1, expected_worker)):
@@ -202,8 +264,9 @@ def test_every_metric_moves_after_real_jobs(stack):
     def moved(before, after, name, suffix, **labels):
         return value(after, name, suffix, **labels) - value(before, name, suffix, **labels)
 
-    assert moved(api0, api1, "latentd_http_requests", "_total", route="/v1/generations", method="POST",
-                 status="202") == 3
+    assert (
+        moved(api0, api1, "latentd_http_requests", "_total", route="/v1/generations", method="POST", status="202") == 3
+    )
     assert moved(api0, api1, "latentd_http_request_duration_seconds", "_count", route="/v1/generations") >= 3
     assert moved(api0, api1, "latentd_jobs_submitted", "_total", kind="generation", model=MODEL) == 3
     assert moved(api0, api1, "latentd_rejections", "_total", reason="payload_too_large") == 1

@@ -10,7 +10,9 @@ def test_read_back_is_right_on_generated_pictures():
     for picture, scene in zip(pixels, scenes):
         result = read_back(picture)
         assert result.matches(scene.colour, scene.shape, scene.background) == {
-            "colour": True, "shape": True, "background": True,
+            "colour": True,
+            "shape": True,
+            "background": True,
         }, (scene, result)
 
 

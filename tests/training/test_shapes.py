@@ -11,8 +11,8 @@ from training.shapes import (
     ShapesWorld,
     all_captions,
     parse_caption,
-    render,
     random_scene,
+    render,
     training_caption,
 )
 

@@ -1,7 +1,6 @@
 """The shipped default model: the folder's contract, loading, and a few checked generations."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -60,8 +59,12 @@ def test_loads_with_stable_diffusion_pipeline_offline(monkeypatch):
     pipeline = StableDiffusionPipeline.from_pretrained(MODEL)
     pipeline.set_progress_bar_config(disable=True)
     image = pipeline(
-        "a large red square on a white background", num_inference_steps=4, guidance_scale=7.5,
-        height=64, width=64, generator=torch.Generator().manual_seed(0),
+        "a large red square on a white background",
+        num_inference_steps=4,
+        guidance_scale=7.5,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(0),
     ).images[0]
     assert image.size == (64, 64)
     assert pipeline.scheduler.timesteps[0] == 999  # trailing spacing starts from pure noise
@@ -87,11 +90,15 @@ def checked_generations():
 
 
 def test_generations_have_the_captions_background(checked_generations):
-    assert [result.background for _, result in checked_generations] == [wanted["background"] for wanted, _ in checked_generations]
+    assert [result.background for _, result in checked_generations] == [
+        wanted["background"] for wanted, _ in checked_generations
+    ]
 
 
 def test_generations_have_the_captions_colour(checked_generations):
-    assert [result.colour for _, result in checked_generations] == [wanted["colour"] for wanted, _ in checked_generations]
+    assert [result.colour for _, result in checked_generations] == [
+        wanted["colour"] for wanted, _ in checked_generations
+    ]
 
 
 def test_generations_have_the_captions_shape_mostly(checked_generations):

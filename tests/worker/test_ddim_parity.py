@@ -1,4 +1,5 @@
 """The DDIM update, schedules and forward process against diffusers' DDIMScheduler (pure tensor math)."""
+
 from __future__ import annotations
 
 import itertools
@@ -11,7 +12,11 @@ from services.worker.diffusion.ddim import ddim_step
 from services.worker.diffusion.forward import alpha_bars_paper, forward_trajectory, q_sample
 from services.worker.diffusion.guidance import classifier_free_guidance
 from services.worker.diffusion.schedules import (
-    alphas_cumprod_from_config, final_alpha_cumprod, inference_timesteps, max_inference_steps, previous_timesteps,
+    alphas_cumprod_from_config,
+    final_alpha_cumprod,
+    inference_timesteps,
+    max_inference_steps,
+    previous_timesteps,
 )
 
 SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -20,9 +25,17 @@ STEPS = (1, 10, 50, 1000)
 
 
 def make_scheduler(schedule: str, spacing: str, prediction_type: str = "epsilon", set_alpha_to_one: bool = False):
-    return DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule=schedule,
-                         clip_sample=False, set_alpha_to_one=set_alpha_to_one, steps_offset=1,
-                         timestep_spacing=spacing, prediction_type=prediction_type)
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule=schedule,
+        clip_sample=False,
+        set_alpha_to_one=set_alpha_to_one,
+        steps_offset=1,
+        timestep_spacing=spacing,
+        prediction_type=prediction_type,
+    )
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
@@ -36,6 +49,7 @@ def test_alphas_cumprod_match_diffusers(schedule):
 def test_cosine_schedule_is_improved_ddpm():
     ac = alphas_cumprod_from_config({"beta_schedule": "squaredcos_cap_v2", "num_train_timesteps": 1000})
     import math
+
     f = lambda t: math.cos((t / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
     assert abs(float(ac[499]) - f(500) / f(0)) < 1e-9  # ᾱ after 500 steps, before the cap applies
     betas = 1 - ac[1:] / ac[:-1]
@@ -67,9 +81,17 @@ def _run_ours(config, steps, x, outputs, noises, eta, prediction_type):
     results = []
     for i, (t, t_prev) in enumerate(zip(ts, prev)):
         R = x.shape[0]
-        out = ddim_step(outputs[i], x, torch.full((R,), t), torch.full((R,), t_prev), ac, final,
-                        eta=torch.full((R,), eta), variance_noise=noises[i] if eta > 0 else None,
-                        prediction_type=prediction_type)
+        out = ddim_step(
+            outputs[i],
+            x,
+            torch.full((R,), t),
+            torch.full((R,), t_prev),
+            ac,
+            final,
+            eta=torch.full((R,), eta),
+            variance_noise=noises[i] if eta > 0 else None,
+            prediction_type=prediction_type,
+        )
         results.append(out.x_prev)
     return ts, prev, results
 
@@ -84,8 +106,9 @@ def consistent_inputs(ac, t, prediction_type, g, shape=(2, 4, 4, 4)):
     return x_t, target + 1e-3 * a_t**0.5 * torch.randn(shape, generator=g)
 
 
-@pytest.mark.parametrize("schedule,spacing,prediction_type",
-                         list(itertools.product(SCHEDULES, SPACINGS, ("epsilon", "v_prediction"))))
+@pytest.mark.parametrize(
+    "schedule,spacing,prediction_type", list(itertools.product(SCHEDULES, SPACINGS, ("epsilon", "v_prediction")))
+)
 def test_ddim_step_matches_diffusers(schedule, spacing, prediction_type):
     """Steps of 1/10/50/1000-step runs, eta 0 and 1 with the same noise; max abs error ≤ 1e-5 (float32)."""
     g = torch.Generator().manual_seed(0)
@@ -111,14 +134,23 @@ def test_ddim_step_matches_diffusers(schedule, spacing, prediction_type):
             t, t_prev = ts[i], prev[i]
             x, model_output = consistent_inputs(ac, t, prediction_type, g)
             noise = torch.randn(x.shape, generator=g)
-            ours = ddim_step(model_output, x, torch.full((2,), t), torch.full((2,), t_prev), ac, final,
-                             eta=torch.full((2,), eta), variance_noise=noise if eta > 0 else None,
-                             prediction_type=prediction_type).x_prev
+            ours = ddim_step(
+                model_output,
+                x,
+                torch.full((2,), t),
+                torch.full((2,), t_prev),
+                ac,
+                final,
+                eta=torch.full((2,), eta),
+                variance_noise=noise if eta > 0 else None,
+                prediction_type=prediction_type,
+            ).x_prev
             assert ours.dtype == torch.float32
             diffusers_prev = t - 1000 // steps
             if t_prev == diffusers_prev or (t_prev == -1 and diffusers_prev < 0):
-                theirs = reference.step(model_output.double(), t, x.double(), eta=eta,
-                                        variance_noise=noise.double()).prev_sample
+                theirs = reference.step(
+                    model_output.double(), t, x.double(), eta=eta, variance_noise=noise.double()
+                ).prev_sample
                 if float(ac[t]) > 1e-3:
                     theirs32 = scheduler.step(model_output, t, x, eta=eta, variance_noise=noise).prev_sample
                     assert (ours - theirs32).abs().max().item() <= 1e-5, (steps, eta, t, "float32")
@@ -166,9 +198,10 @@ def test_rows_at_different_steps_share_one_call():
     eta = torch.tensor([0.0, 1.0, 0.5])
     together = ddim_step(eps, x, t, t_prev, ac, final, eta, noise).x_prev
     for r in range(3):
-        alone = ddim_step(eps[r:r + 1], x[r:r + 1], t[r:r + 1], t_prev[r:r + 1], ac, final, eta[r:r + 1],
-                          noise[r:r + 1]).x_prev
-        assert torch.equal(alone, together[r:r + 1])
+        alone = ddim_step(
+            eps[r : r + 1], x[r : r + 1], t[r : r + 1], t_prev[r : r + 1], ac, final, eta[r : r + 1], noise[r : r + 1]
+        ).x_prev
+        assert torch.equal(alone, together[r : r + 1])
 
 
 def test_forward_process():
@@ -202,8 +235,9 @@ def test_guidance_per_row_and_exact_at_one_and_zero():
     assert torch.equal(classifier_free_guidance(c, c, 7.5), c)  # a row with only ε_cond keeps it exactly
 
 
-@pytest.mark.parametrize("spacing,offset,expected", [("leading", 1, 999), ("leading", 0, 1000), ("trailing", 0, 1000),
-                                                     ("linspace", 0, 1000)])
+@pytest.mark.parametrize(
+    "spacing,offset,expected", [("leading", 1, 999), ("leading", 0, 1000), ("trailing", 0, 1000), ("linspace", 0, 1000)]
+)
 def test_max_inference_steps_is_the_most_diffusers_can_run(spacing, offset, expected):
     config = {"num_train_timesteps": 1000, "timestep_spacing": spacing, "steps_offset": offset}
     assert max_inference_steps(config) == expected

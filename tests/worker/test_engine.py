@@ -1,4 +1,5 @@
 """The engine against diffusers' pipeline and against itself (alone vs batched), on the tiny model."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,14 +42,28 @@ def pipeline(tiny_model_path):
 @pytest.mark.parametrize("guidance_scale,eta,num_images", [(7.5, 0.0, 1), (1.0, 0.0, 2), (3.0, 1.0, 1)])
 def test_seed_parity_with_diffusers_pipeline(make_engine, pipeline, guidance_scale, eta, num_images):
     engine = make_engine()
-    ours = engine.submit(request("p", guidance_scale=guidance_scale, eta=eta, num_images=num_images, seed=42)).result(60)
-    theirs = pipeline("a red circle", num_inference_steps=STEPS, guidance_scale=guidance_scale, eta=eta,
-                      num_images_per_prompt=num_images, generator=torch.Generator("cpu").manual_seed(42)).images
+    ours = engine.submit(request("p", guidance_scale=guidance_scale, eta=eta, num_images=num_images, seed=42)).result(
+        60
+    )
+    theirs = pipeline(
+        "a red circle",
+        num_inference_steps=STEPS,
+        guidance_scale=guidance_scale,
+        eta=eta,
+        num_images_per_prompt=num_images,
+        generator=torch.Generator("cpu").manual_seed(42),
+    ).images
     assert len(ours.images) == num_images and ours.seed == 42
     assert psnr(pixels(ours.images), pixels(theirs)) >= 40
     # and a different seed gives a different picture, so the comparison can fail
-    other = pipeline("a red circle", num_inference_steps=STEPS, guidance_scale=guidance_scale, eta=eta,
-                     num_images_per_prompt=num_images, generator=torch.Generator("cpu").manual_seed(43)).images
+    other = pipeline(
+        "a red circle",
+        num_inference_steps=STEPS,
+        guidance_scale=guidance_scale,
+        eta=eta,
+        num_images_per_prompt=num_images,
+        generator=torch.Generator("cpu").manual_seed(43),
+    ).images
     assert psnr(pixels(ours.images), pixels(other)) < 40
 
 
@@ -57,14 +72,24 @@ def test_seed_parity_cosine_trailing_v_prediction(make_engine, tmp_path):
     from services.worker.loading import load_model
     from tests.fixtures.tiny_model import build_tiny_model
 
-    folder = build_tiny_model(tmp_path / "cosine-v", seed=3, prediction_type="v_prediction",
-                              beta_schedule="squaredcos_cap_v2", timestep_spacing="trailing")
+    folder = build_tiny_model(
+        tmp_path / "cosine-v",
+        seed=3,
+        prediction_type="v_prediction",
+        beta_schedule="squaredcos_cap_v2",
+        timestep_spacing="trailing",
+    )
     engine = make_engine(model=load_model(folder))
     ours = engine.submit(request("v", seed=9, guidance_scale=3.0, eta=1.0)).result(60)
     pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
-    theirs = pipe("a red circle", num_inference_steps=STEPS, guidance_scale=3.0, eta=1.0,
-                  generator=torch.Generator("cpu").manual_seed(9)).images
+    theirs = pipe(
+        "a red circle",
+        num_inference_steps=STEPS,
+        guidance_scale=3.0,
+        eta=1.0,
+        generator=torch.Generator("cpu").manual_seed(9),
+    ).images
     assert psnr(pixels(ours.images), pixels(theirs)) >= 40
 
 
@@ -74,12 +99,28 @@ def test_batch_invariance(make_engine):
     alone = make_engine().submit(target).result(60)
     engine = make_engine(max_batch_rows=12)  # fewer rows than asked for: batches change from step to step
     others = [
-        request(f"other-{i}", prompt=prompt, seed=100 + i, num_inference_steps=steps, guidance_scale=scale, eta=eta,
-                negative_prompt=negative, num_images=n)
-        for i, (prompt, steps, scale, eta, negative, n) in enumerate([
-            ("a blue square", 5, 0.0, 0.0, "", 1), ("a green triangle", 12, 1.0, 1.0, "", 2),
-            ("yellow", 3, 3.0, 0.0, "red", 1), ("", 9, 7.5, 0.2, "", 3), ("a red circle", 8, 7.5, 0.0, "", 1),
-            ("a purple thing", 20, 12.0, 1.0, "blue", 1), ("orange", 1, 2.0, 0.0, "", 2)])]
+        request(
+            f"other-{i}",
+            prompt=prompt,
+            seed=100 + i,
+            num_inference_steps=steps,
+            guidance_scale=scale,
+            eta=eta,
+            negative_prompt=negative,
+            num_images=n,
+        )
+        for i, (prompt, steps, scale, eta, negative, n) in enumerate(
+            [
+                ("a blue square", 5, 0.0, 0.0, "", 1),
+                ("a green triangle", 12, 1.0, 1.0, "", 2),
+                ("yellow", 3, 3.0, 0.0, "red", 1),
+                ("", 9, 7.5, 0.2, "", 3),
+                ("a red circle", 8, 7.5, 0.0, "", 1),
+                ("a purple thing", 20, 12.0, 1.0, "blue", 1),
+                ("orange", 1, 2.0, 0.0, "", 2),
+            ]
+        )
+    ]
     handles = [engine.submit(r) for r in others[:4]] + [engine.submit(target)] + [engine.submit(r) for r in others[4:]]
     batched = handles[4].result(60)
     for handle in handles:
@@ -139,6 +180,7 @@ def test_cancel_while_waiting(make_engine):
 
 def test_nan_fails_only_that_request(make_engine, tiny_model):
     """A prompt whose embedding is NaN poisons its own rows only: it fails typed, the others finish unchanged."""
+
     def encode_prompts(prompts):
         embeds = tiny_model.encode_prompts(prompts)
         for i, prompt in enumerate(prompts):
@@ -183,16 +225,19 @@ def test_long_request_does_not_starve_later_short_ones(make_engine):
     assert max(long_steps_when_short_done.values()) <= 45, long_steps_when_short_done
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("num_inference_steps", 0, "num_inference_steps must be between 1 and 1000, got 0"),
-    ("num_inference_steps", 1000, "num_inference_steps must be between 1 and 999 for this model's scheduler"),
-    ("guidance_scale", -1.0, "guidance_scale must be between 0 and 100, got -1.0"),
-    ("eta", 2.0, "eta must be between 0 and 1, got 2.0"),
-    ("num_images", 0, "num_images must be between 1 and 16, got 0"),
-    ("width", 30, "width must be a multiple of 8 between 8 and 64, got 30"),
-    ("seed", -1, "seed must be between 0 and"),
-    ("prompt", "a " * 80, "prompt is 82 tokens long; the model takes at most 77"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("num_inference_steps", 0, "num_inference_steps must be between 1 and 1000, got 0"),
+        ("num_inference_steps", 1000, "num_inference_steps must be between 1 and 999 for this model's scheduler"),
+        ("guidance_scale", -1.0, "guidance_scale must be between 0 and 100, got -1.0"),
+        ("eta", 2.0, "eta must be between 0 and 1, got 2.0"),
+        ("num_images", 0, "num_images must be between 1 and 16, got 0"),
+        ("width", 30, "width must be a multiple of 8 between 8 and 64, got 30"),
+        ("seed", -1, "seed must be between 0 and"),
+        ("prompt", "a " * 80, "prompt is 82 tokens long; the model takes at most 77"),
+    ],
+)
 def test_bad_input_is_named(make_engine, field, value, message):
     engine = make_engine()
     with pytest.raises(InvalidRequestError, match=message) as error:
@@ -210,6 +255,7 @@ def test_call_runs_on_the_engine_thread(make_engine):
 def test_stop_fails_pending_requests(make_engine, tiny_model):
     from services.worker.engine.engine import Engine
     from services.worker.engine.errors import EngineStopped
+
     engine = Engine(tiny_model).start()
     handle = engine.submit(request("x", num_inference_steps=500))
     time.sleep(0.2)
@@ -249,6 +295,7 @@ def test_seed_parity_on_the_default_model(make_engine):
     ours = make_engine(model=model).submit(request("d", prompt=prompt, seed=11, num_inference_steps=10)).result(120)
     pipe = StableDiffusionPipeline.from_pretrained(DEFAULT_MODEL, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
-    theirs = pipe(prompt, num_inference_steps=10, guidance_scale=7.5,
-                  generator=torch.Generator("cpu").manual_seed(11)).images
+    theirs = pipe(
+        prompt, num_inference_steps=10, guidance_scale=7.5, generator=torch.Generator("cpu").manual_seed(11)
+    ).images
     assert psnr(pixels(ours.images), pixels(theirs)) >= 40

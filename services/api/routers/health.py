@@ -1,4 +1,5 @@
 """/livez: the process answers. /readyz: Redis answers and a live worker serves a model."""
+
 from __future__ import annotations
 
 from fastapi import APIRouter

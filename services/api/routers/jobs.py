@@ -1,9 +1,10 @@
 """A job: read it, stream its events (SSE), fetch its images and frames, cancel it."""
+
 from __future__ import annotations
 
 import re
 import time
-from typing import AsyncIterator, Optional
+from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
@@ -98,15 +99,24 @@ async def sse_stream(store: JobStore, aredis, job_id: str, after: str, keepalive
         metrics.sse_readers.dec()
 
 
-@router.get("/{job_id}/events", response_class=StreamingResponse,
-            responses={200: {"content": {"text/event-stream": {}}}})
-def job_events(job_id: str, request: Request, store: StoreDep, owner: OwnerDep, settings: SettingsDep,
-               last_event_id_header: Optional[str] = Header(None, alias="Last-Event-ID"),
-               last_event_id: Optional[str] = Query(None, description="Resume after this event id (as Last-Event-ID).")
-               ) -> StreamingResponse:
+@router.get(
+    "/{job_id}/events", response_class=StreamingResponse, responses={200: {"content": {"text/event-stream": {}}}}
+)
+def job_events(
+    job_id: str,
+    request: Request,
+    store: StoreDep,
+    owner: OwnerDep,
+    settings: SettingsDep,
+    last_event_id_header: str | None = Header(None, alias="Last-Event-ID"),
+    last_event_id: str | None = Query(None, description="Resume after this event id (as Last-Event-ID)."),
+) -> StreamingResponse:
     owned_job(store, job_id, owner)
     after = last_event_id_header or last_event_id or "0"
     if not _STREAM_ID.match(after):
         raise InvalidInput(f"Last-Event-ID must be an event id like 1700000000000-0, got {after!r}", "last_event_id")
-    return StreamingResponse(sse_stream(store, request.app.state.aredis, job_id, after, settings.sse_keepalive_s), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        sse_stream(store, request.app.state.aredis, job_id, after, settings.sse_keepalive_s),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

@@ -1,4 +1,5 @@
 """POST /v1/images/generations: OpenAI Images API compatible and synchronous (waits for the job)."""
+
 from __future__ import annotations
 
 import base64
@@ -21,8 +22,14 @@ class JobFailed(ServiceError):
 
 
 @router.post("/generations")
-def openai_generate(body: OpenAIImageRequest, request: Request, store: StoreDep, celery: CeleryDep,
-                    settings: SettingsDep, owner: OwnerDep) -> dict:
+def openai_generate(
+    body: OpenAIImageRequest,
+    request: Request,
+    store: StoreDep,
+    celery: CeleryDep,
+    settings: SettingsDep,
+    owner: OwnerDep,
+) -> dict:
     model = submit.resolve_model(store, settings, body.model)
     width = height = None
     if body.size:
@@ -35,10 +42,20 @@ def openai_generate(body: OpenAIImageRequest, request: Request, store: StoreDep,
     submit.check_images(settings, "n", body.n)
     submit.check_prompt(model, "prompt", body.prompt)
     submit.check_prompt(model, "negative_prompt", body.negative_prompt)
-    params = dict(model=model["name"], prompt=body.prompt, negative_prompt=body.negative_prompt,
-                  num_inference_steps=body.num_inference_steps, guidance_scale=body.guidance_scale, eta=body.eta,
-                  seed=submit.resolve_seed(body.seed), width=width, height=height, num_images=body.n,
-                  output_format=body.output_format, preview_every=0)
+    params = dict(
+        model=model["name"],
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt,
+        num_inference_steps=body.num_inference_steps,
+        guidance_scale=body.guidance_scale,
+        eta=body.eta,
+        seed=submit.resolve_seed(body.seed),
+        width=width,
+        height=height,
+        num_images=body.n,
+        output_format=body.output_format,
+        preview_every=0,
+    )
     job = submit.enqueue(store, celery, settings, kind="generation", model=model["name"], owner=owner, params=params)
     deadline, after = time.monotonic() + settings.openai_timeout_s, "0"
     while time.monotonic() < deadline:

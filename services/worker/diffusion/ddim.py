@@ -13,6 +13,7 @@ Notation (<variable name> -> <name in paper>)
 
 No clipping or thresholding of x0_pred: latents are not bounded.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,9 +31,17 @@ class DDIMOutput:
     x0_pred: torch.Tensor  # (R, C, h, w)
 
 
-def ddim_step(model_output: torch.Tensor, x_t: torch.Tensor, timesteps: torch.Tensor, prev_timesteps: torch.Tensor,
-              alphas_cumprod: torch.Tensor, final_alpha_cumprod: float, eta: torch.Tensor | float = 0.0,
-              variance_noise: torch.Tensor | None = None, prediction_type: str = "epsilon") -> DDIMOutput:
+def ddim_step(
+    model_output: torch.Tensor,
+    x_t: torch.Tensor,
+    timesteps: torch.Tensor,
+    prev_timesteps: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    final_alpha_cumprod: float,
+    eta: torch.Tensor | float = 0.0,
+    variance_noise: torch.Tensor | None = None,
+    prediction_type: str = "epsilon",
+) -> DDIMOutput:
     """x_t (R, C, h, w), t and t_prev (R,) long (t_prev = −1: after the last step), eta (R,) or float,
     variance_noise (R, C, h, w) or None (needed where eta > 0) -> x_{t−1} and x̂0."""
     ndim = x_t.ndim

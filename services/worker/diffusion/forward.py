@@ -9,6 +9,7 @@ Notation (<variable name> -> <name in paper>)
 diffusers' training timestep t − 1 (alphas_cumprod[t − 1]). One ε, fixed by the seed, serves all t,
 so the frames show the same noise growing.
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,8 +32,9 @@ def alpha_bars_paper(alphas_cumprod: torch.Tensor, timesteps: list[int] | torch.
     return with_clean[t]
 
 
-def forward_trajectory(x0: torch.Tensor, timesteps: list[int] | torch.Tensor, alphas_cumprod: torch.Tensor,
-                       noise_seed: int) -> torch.Tensor:
+def forward_trajectory(
+    x0: torch.Tensor, timesteps: list[int] | torch.Tensor, alphas_cumprod: torch.Tensor, noise_seed: int
+) -> torch.Tensor:
     """x_t for every t (paper's t in [0, T]) from one ε: x0 (C, H, W) or (1, C, H, W) -> (len(t), C, H, W)."""
     x0 = x0.reshape(1, *x0.shape[-3:])  # (1, C, H, W)
     generator = torch.Generator("cpu").manual_seed(noise_seed)

@@ -8,10 +8,12 @@ Notation (<variable name> -> <name in paper>)
 Indices follow diffusers: alphas_cumprod[t] is ᾱ for the t-th training timestep, t in [0, T−1].
 Tables are computed once, in float64, as pure functions of the config.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -91,8 +93,10 @@ def inference_timesteps(config: Mapping[str, Any], num_inference_steps: int) -> 
     if timesteps[0] >= T:
         # leading spacing with steps_offset > 0 runs past T at high step counts; diffusers would index out of range
         limit = max_inference_steps(config)
-        raise ValueError(f"num_inference_steps must be between 1 and {limit} for this model's scheduler "
-                         f"({spacing} spacing, steps_offset {config.get('steps_offset', 0)}), got {num_inference_steps}")
+        raise ValueError(
+            f"num_inference_steps must be between 1 and {limit} for this model's scheduler "
+            f"({spacing} spacing, steps_offset {config.get('steps_offset', 0)}), got {num_inference_steps}"
+        )
     return timesteps
 
 

@@ -5,11 +5,12 @@ A request of n images takes n rows at guidance 0 (unconditional only) or 1 (cond
 rows of the chosen requests; `guided_outputs` splits the UNet output back and applies each request's
 guidance, giving one ε̂ row per image, in member order.
 """
+
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -27,10 +28,10 @@ class ActiveRequest:
     latent_shape: tuple[int, int, int]  # (C, h, w)
     submitted_at: float
     admitted_at: float = 0.0
-    generator: Optional[torch.Generator] = None
-    latents: Optional[torch.Tensor] = None  # (n, C, h, w) float32: x_t before step `step_index`
-    cond_embeds: Optional[torch.Tensor] = None  # (n, L, D), None at guidance 0
-    uncond_embeds: Optional[torch.Tensor] = None  # (n, L, D), None at guidance 1
+    generator: torch.Generator | None = None
+    latents: torch.Tensor | None = None  # (n, C, h, w) float32: x_t before step `step_index`
+    cond_embeds: torch.Tensor | None = None  # (n, L, D), None at guidance 0
+    uncond_embeds: torch.Tensor | None = None  # (n, L, D), None at guidance 1
     step_index: int = 0  # DDIM updates done
     last_served: int = -1  # engine iteration of the last step, for round-robin
     frames: list[TrajectoryFrame] = field(default_factory=list)
@@ -104,15 +105,21 @@ def to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
 def build_unet_batch(members: list[ActiveRequest], dtype: torch.dtype) -> UNetBatch:
     latents, timesteps, embeds = [], [], []
     for member in members:
-        for needed, member_embeds in ((member.needs_uncond, member.uncond_embeds),
-                                      (member.needs_cond, member.cond_embeds)):
+        for needed, member_embeds in (
+            (member.needs_uncond, member.uncond_embeds),
+            (member.needs_cond, member.cond_embeds),
+        ):
             if needed:
                 latents.append(member.latents)
                 embeds.append(member_embeds)
                 timesteps.append(torch.full((member.num_images,), member.timestep, dtype=torch.long))
     device = members[0].latents.device
-    return UNetBatch(members=members, latents=torch.cat(latents).to(dtype), timesteps=to_device(torch.cat(timesteps), device),
-                     text_embeds=torch.cat(embeds))
+    return UNetBatch(
+        members=members,
+        latents=torch.cat(latents).to(dtype),
+        timesteps=to_device(torch.cat(timesteps), device),
+        text_embeds=torch.cat(embeds),
+    )
 
 
 def guided_outputs(batch: UNetBatch, model_output: torch.Tensor) -> torch.Tensor:
@@ -124,10 +131,10 @@ def guided_outputs(batch: UNetBatch, model_output: torch.Tensor) -> torch.Tensor
         n = member.num_images
         uncond = cond = None
         if member.needs_uncond:
-            uncond = model_output[row:row + n]
+            uncond = model_output[row : row + n]
             row += n
         if member.needs_cond:
-            cond = model_output[row:row + n]
+            cond = model_output[row : row + n]
             row += n
         eps_uncond.append(uncond if uncond is not None else cond)
         eps_cond.append(cond if cond is not None else uncond)

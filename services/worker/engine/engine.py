@@ -12,6 +12,7 @@ Each iteration is schedule -> execute -> update (as vLLM's EngineCore.step):
 Every random draw of a request comes from its own CPU generator, in diffusers' order (initial latents,
 then the eta noise of each step), so its pictures do not depend on what it was batched with.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -22,20 +23,25 @@ import queue
 import threading
 import time
 from collections import deque
-from typing import Callable, Iterator, Optional, TypeVar
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from services.worker import metrics as worker_metrics
 from services.worker.diffusion.ddim import ddim_step
 from services.worker.diffusion.schedules import final_alpha_cumprod, inference_timesteps, previous_timesteps
 from services.worker.engine.batch import ActiveRequest, UNetBatch, build_unet_batch, guided_outputs, to_device
 from services.worker.engine.errors import (
-    EngineError, EngineStopped, InvalidRequestError, NonFiniteOutputError, RequestCancelled,
+    EngineError,
+    EngineStopped,
+    InvalidRequestError,
+    NonFiniteOutputError,
+    RequestCancelled,
 )
 from services.worker.engine.requests import GenerationRequest, GenerationResult, StepEvent, TrajectoryFrame
-from services.worker import metrics as worker_metrics
 from services.worker.loading import LoadedModel, to_pil
 
 log = logging.getLogger(__name__)
@@ -61,7 +67,7 @@ class RequestHandle:
         self._cancel_requested = threading.Event()
         self._wake = wake
 
-    def events(self, timeout: Optional[float] = None) -> Iterator[StepEvent]:
+    def events(self, timeout: float | None = None) -> Iterator[StepEvent]:
         """Step events as they come; ends when the request ends. timeout: seconds to wait for each event."""
         while True:
             try:
@@ -73,7 +79,7 @@ class RequestHandle:
                 return
             yield item
 
-    def result(self, timeout: Optional[float] = None) -> GenerationResult:
+    def result(self, timeout: float | None = None) -> GenerationResult:
         try:
             return self._future.result(timeout)
         except concurrent.futures.TimeoutError:
@@ -94,7 +100,7 @@ class RequestHandle:
     def _emit(self, event: StepEvent) -> None:
         self._events.put(event)
 
-    def _finish(self, result: Optional[GenerationResult] = None, error: Optional[BaseException] = None) -> None:
+    def _finish(self, result: GenerationResult | None = None, error: BaseException | None = None) -> None:
         if self._future.done():
             return
         if error is not None:
@@ -129,8 +135,13 @@ class UNetTimer:
 
 
 class Engine:
-    def __init__(self, model: LoadedModel, *, max_batch_rows: int = 64,
-                 on_step_events: Optional[Callable[[list[StepEvent]], None]] = None):
+    def __init__(
+        self,
+        model: LoadedModel,
+        *,
+        max_batch_rows: int = 64,
+        on_step_events: Callable[[list[StepEvent]], None] | None = None,
+    ):
         if max_batch_rows < 1:
             raise ValueError(f"max_batch_rows must be at least 1, got {max_batch_rows}")
         self.model = model
@@ -143,23 +154,23 @@ class Engine:
         self._sequence = itertools.count()
         self._iteration = 0
         self._stopping = False
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         self._in_iteration: list[ActiveRequest] = []  # the requests an exception in this iteration fails
         self._alphas_cumprod = model.alphas_cumprod.to(model.device)  # (T,) float64, gathered per row each step
         self._final_alpha_cumprod = final_alpha_cumprod(model.scheduler_config, model.alphas_cumprod)
-        self._latent_rgb: Optional[torch.Tensor] = None  # (C + 1, 3), fitted on the first preview
+        self._latent_rgb: torch.Tensor | None = None  # (C + 1, 3), fitted on the first preview
         self.last_batch_rows = 0  # rows of the last UNet call, for metrics
         self.last_unet_s = 0.0
 
     # ---- caller side (any thread) ----
 
-    def start(self) -> "Engine":
+    def start(self) -> Engine:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name=f"engine-{self.model.name}", daemon=True)
             self._thread.start()
         return self
 
-    def stop(self, timeout: Optional[float] = 30.0) -> None:
+    def stop(self, timeout: float | None = 30.0) -> None:
         with self._lock:
             self._stopping = True
             self._lock.notify_all()
@@ -177,9 +188,15 @@ class Engine:
         """Validate and queue a request. Raises InvalidRequestError (naming the field) for bad input."""
         timesteps, shape = self._validate(request)
         handle = RequestHandle(request.request_id, self._wake)
-        active = ActiveRequest(request=request, handle=handle, sequence=next(self._sequence), timesteps=timesteps,
-                               prev_timesteps=previous_timesteps(self.model.scheduler_config, timesteps),
-                               latent_shape=shape, submitted_at=time.monotonic())
+        active = ActiveRequest(
+            request=request,
+            handle=handle,
+            sequence=next(self._sequence),
+            timesteps=timesteps,
+            prev_timesteps=previous_timesteps(self.model.scheduler_config, timesteps),
+            latent_shape=shape,
+            submitted_at=time.monotonic(),
+        )
         with self._lock:
             if self._stopping:
                 raise EngineStopped("the engine is stopped")
@@ -187,7 +204,7 @@ class Engine:
             self._lock.notify_all()
         return handle
 
-    def call(self, fn: Callable[[LoadedModel], T]) -> "concurrent.futures.Future[T]":
+    def call(self, fn: Callable[[LoadedModel], T]) -> concurrent.futures.Future[T]:
         """Run fn(model) on the engine thread between iterations (e.g. VAE work for forward trajectories)."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
@@ -220,7 +237,11 @@ class Engine:
         scale = request.guidance_scale
         if not isinstance(scale, (int, float)) or not math.isfinite(scale) or not 0 <= scale <= MAX_GUIDANCE_SCALE:
             raise bad("guidance_scale", f"guidance_scale must be between 0 and {MAX_GUIDANCE_SCALE:g}, got {scale}")
-        if not isinstance(request.eta, (int, float)) or not math.isfinite(request.eta) or not 0 <= request.eta <= MAX_ETA:
+        if (
+            not isinstance(request.eta, (int, float))
+            or not math.isfinite(request.eta)
+            or not 0 <= request.eta <= MAX_ETA
+        ):
             raise bad("eta", f"eta must be between 0 and {MAX_ETA:g}, got {request.eta}")
         if not isinstance(request.num_images, int) or not 1 <= request.num_images <= MAX_NUM_IMAGES:
             raise bad("num_images", f"num_images must be between 1 and {MAX_NUM_IMAGES}, got {request.num_images}")
@@ -236,8 +257,9 @@ class Engine:
             value = getattr(request, name)
             value = native if value is None else value
             if not isinstance(value, int) or not multiple <= value <= 2 * native or value % multiple:
-                raise bad(name, f"{name} must be a multiple of {multiple} between {multiple} and {2 * native}, "
-                                f"got {value}")
+                raise bad(
+                    name, f"{name} must be a multiple of {multiple} between {multiple} and {2 * native}, got {value}"
+                )
             sizes[name] = value
         for name in ("prompt", "negative_prompt"):
             text = getattr(request, name)
@@ -245,8 +267,11 @@ class Engine:
                 raise bad(name, f"{name} must be a string")
             tokens = model.count_prompt_tokens(text)
             if tokens > model.max_prompt_tokens:
-                raise bad(name, f"{name} is {tokens} tokens long; the model takes at most {model.max_prompt_tokens} "
-                                "(start and end tokens included)")
+                raise bad(
+                    name,
+                    f"{name} is {tokens} tokens long; the model takes at most {model.max_prompt_tokens} "
+                    "(start and end tokens included)",
+                )
         f = model.vae_scale_factor
         return timesteps, (model.latent_channels, sizes["height"] // f, sizes["width"] // f)
 
@@ -276,12 +301,16 @@ class Engine:
                             future.set_exception(error)
                 try:
                     self.step()
-                except Exception as error:  # noqa: BLE001 - the engine must outlive one bad iteration
+                except Exception as error:
                     # only the requests of the failed iteration fail; the rest go on
                     log.exception("engine iteration failed")
                     for active in self._in_iteration:
-                        self._retire(active, error=EngineError(
-                            f"request {active.request_id} failed in the engine: {type(error).__name__}: {error}"))
+                        self._retire(
+                            active,
+                            error=EngineError(
+                                f"request {active.request_id} failed in the engine: {type(error).__name__}: {error}"
+                            ),
+                        )
                 finally:
                     self._in_iteration = []
 
@@ -309,7 +338,7 @@ class Engine:
             if self.on_step_events is not None:
                 try:
                     self.on_step_events(events)
-                except Exception:  # noqa: BLE001 - a broken listener must not stop the engine
+                except Exception:
                     log.exception("on_step_events failed")
             for member, event in events_by_member(members, events):
                 member.handle._emit(event)
@@ -348,8 +377,12 @@ class Engine:
 
     def _cancelled(self, active: ActiveRequest) -> bool:
         if active.handle.cancel_requested:
-            self._retire(active, error=RequestCancelled(
-                f"request {active.request_id} was cancelled after {active.step_index} of {active.total_steps} steps"))
+            self._retire(
+                active,
+                error=RequestCancelled(
+                    f"request {active.request_id} was cancelled after {active.step_index} of {active.total_steps} steps"
+                ),
+            )
             return True
         return False
 
@@ -389,8 +422,11 @@ class Engine:
         outputs = []
         for start in range(0, batch.num_rows, self.max_batch_rows):
             rows = slice(start, start + self.max_batch_rows)
-            outputs.append(self.model.unet(batch.latents[rows], batch.timesteps[rows],
-                                           encoder_hidden_states=batch.text_embeds[rows]).sample)
+            outputs.append(
+                self.model.unet(
+                    batch.latents[rows], batch.timesteps[rows], encoder_hidden_states=batch.text_embeds[rows]
+                ).sample
+            )
         return torch.cat(outputs).float()  # (R, C, h, w)
 
     def _update(self, batch: UNetBatch, model_output: torch.Tensor) -> list[StepEvent]:
@@ -405,12 +441,26 @@ class Engine:
         noise = None
         if any(m.request.eta > 0 for m in members):
             # diffusers draws eta noise (randn_tensor of the output's shape and dtype) only when eta > 0
-            noise = torch.cat([
-                torch.randn(m.latents.shape, generator=m.generator, dtype=self.model.dtype).float()
-                if m.request.eta > 0 else torch.zeros(m.latents.shape) for m in members])
+            noise = torch.cat(
+                [
+                    torch.randn(m.latents.shape, generator=m.generator, dtype=self.model.dtype).float()
+                    if m.request.eta > 0
+                    else torch.zeros(m.latents.shape)
+                    for m in members
+                ]
+            )
             noise = to_device(noise, device)
-        out = ddim_step(eps, x_t, timesteps, prev_timesteps, self._alphas_cumprod, self._final_alpha_cumprod,
-                        eta=eta, variance_noise=noise, prediction_type=self.model.prediction_type)
+        out = ddim_step(
+            eps,
+            x_t,
+            timesteps,
+            prev_timesteps,
+            self._alphas_cumprod,
+            self._final_alpha_cumprod,
+            eta=eta,
+            variance_noise=noise,
+            prediction_type=self.model.prediction_type,
+        )
         finite = torch.isfinite(out.x_prev).flatten(1).all(1).tolist()  # (N,): one device sync per iteration
         events, row = [], 0
         for member in members:
@@ -419,9 +469,13 @@ class Engine:
             timestep = member.timestep
             x_prev, x0_pred = out.x_prev[rows], out.x0_pred[rows]
             if not all(finite[rows]):
-                self._retire(member, error=NonFiniteOutputError(
-                    f"request {member.request_id}: latents became non-finite at step {member.step_index + 1} "
-                    f"of {member.total_steps} (timestep {timestep})"))
+                self._retire(
+                    member,
+                    error=NonFiniteOutputError(
+                        f"request {member.request_id}: latents became non-finite at step {member.step_index + 1} "
+                        f"of {member.total_steps} (timestep {timestep})"
+                    ),
+                )
                 continue
             step = member.step_index + 1
             request = member.request
@@ -435,16 +489,29 @@ class Engine:
                 preview = self._preview(x0_pred)
             member.latents = x_prev
             member.step_index = step
-            events.append(StepEvent(request_id=member.request_id, step=step, total=member.total_steps,
-                                    timestep=timestep, preview=preview, frame=frame))
+            events.append(
+                StepEvent(
+                    request_id=member.request_id,
+                    step=step,
+                    total=member.total_steps,
+                    timestep=timestep,
+                    preview=preview,
+                    frame=frame,
+                )
+            )
         return events
 
     def _trajectory_frame(self, step: int, timestep: int, x_t: torch.Tensor, x0_pred: torch.Tensor) -> TrajectoryFrame:
         n = x_t.shape[0]
         pixels = self.model.decode_latents(torch.cat([x_t, x0_pred]))  # (2n, 3, H, W)
         images = to_pil(torch.nan_to_num(pixels))
-        return TrajectoryFrame(step=step, timestep=timestep, alpha_bar=float(self._alphas_cumprod[timestep]),
-                               x_t=images[:n], x0_pred=images[n:])
+        return TrajectoryFrame(
+            step=step,
+            timestep=timestep,
+            alpha_bar=float(self._alphas_cumprod[timestep]),
+            x_t=images[:n],
+            x0_pred=images[n:],
+        )
 
     def _preview(self, x0_pred: torch.Tensor) -> Image.Image:
         """x̂0 at latent resolution through a linear latent -> RGB map (no VAE call), images side by side."""
@@ -452,7 +519,9 @@ class Engine:
             self._latent_rgb = fit_latent_rgb(self.model)
         weights = self._latent_rgb.to(x0_pred.device)
         n, C, h, w = x0_pred.shape
-        flat = torch.cat([x0_pred.permute(0, 2, 3, 1).reshape(-1, C), torch.ones(n * h * w, 1, device=x0_pred.device)], 1)
+        flat = torch.cat(
+            [x0_pred.permute(0, 2, 3, 1).reshape(-1, C), torch.ones(n * h * w, 1, device=x0_pred.device)], 1
+        )
         rgb = (flat @ weights).reshape(n, h, w, 3).permute(0, 3, 1, 2)  # (n, 3, h, w) in [-1, 1]
         rgb = torch.nan_to_num((rgb / 2 + 0.5).clamp(0, 1))
         scale = max(1, math.ceil(PREVIEW_MIN_SIZE / max(h, w)))
@@ -466,28 +535,39 @@ class Engine:
             return
         started = time.monotonic()
         latents = torch.cat([m.latents for m in finished])
-        pixels = torch.cat([self.model.decode_latents(latents[i:i + DECODE_CHUNK])
-                            for i in range(0, latents.shape[0], DECODE_CHUNK)])
+        pixels = torch.cat(
+            [self.model.decode_latents(latents[i : i + DECODE_CHUNK]) for i in range(0, latents.shape[0], DECODE_CHUNK)]
+        )
         decode_s = time.monotonic() - started
         worker_metrics.observe_vae_decode(self.model.name, decode_s)
         row = 0
         for member in finished:
-            member_pixels = pixels[row:row + member.num_images]
+            member_pixels = pixels[row : row + member.num_images]
             row += member.num_images
             if not torch.isfinite(member_pixels).all():
-                self._retire(member, error=NonFiniteOutputError(
-                    f"request {member.request_id}: the decoded image is non-finite"))
+                self._retire(
+                    member, error=NonFiniteOutputError(f"request {member.request_id}: the decoded image is non-finite")
+                )
                 continue
             result = GenerationResult(
-                request_id=member.request_id, images=to_pil(member_pixels), frames=member.frames,
+                request_id=member.request_id,
+                images=to_pil(member_pixels),
+                frames=member.frames,
                 seed=member.request.seed,
-                timings={"queue_s": member.admitted_at - member.submitted_at, "run_s": member.elapsed(),
-                         "unet_s": member.unet_s, "decode_s": decode_s, "steps": float(member.total_steps)})
+                timings={
+                    "queue_s": member.admitted_at - member.submitted_at,
+                    "run_s": member.elapsed(),
+                    "unet_s": member.unet_s,
+                    "decode_s": decode_s,
+                    "steps": float(member.total_steps),
+                },
+            )
             worker_metrics.record_images(self.model.name, len(result.images))
             self._retire(member, result=result)
 
-    def _retire(self, active: ActiveRequest, result: Optional[GenerationResult] = None,
-                error: Optional[BaseException] = None) -> None:
+    def _retire(
+        self, active: ActiveRequest, result: GenerationResult | None = None, error: BaseException | None = None
+    ) -> None:
         if active in self._active:
             self._active.remove(active)
         active.handle._finish(result, error)

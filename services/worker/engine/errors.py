@@ -1,7 +1,6 @@
 """Typed engine errors. The Celery task maps them to job failures at the edge."""
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 
 class EngineError(Exception):
@@ -19,7 +18,7 @@ class NonFiniteOutputError(EngineError):
 class InvalidRequestError(EngineError, ValueError):
     """A field of the request is out of range; `field` names it (raised by Engine.submit)."""
 
-    def __init__(self, message: str, field: Optional[str] = None):
+    def __init__(self, message: str, field: str | None = None):
         super().__init__(message)
         self.field = field
 

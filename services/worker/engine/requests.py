@@ -3,10 +3,10 @@
 The Celery tasks, the benchmarks and the tests talk to the engine only through these types
 and `Engine.submit(request) -> RequestHandle`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from PIL import Image
 
@@ -22,8 +22,8 @@ class GenerationRequest:
     num_inference_steps: int = 50
     guidance_scale: float = 7.5
     eta: float = 0.0
-    width: Optional[int] = None  # None: the model's native size
-    height: Optional[int] = None
+    width: int | None = None  # None: the model's native size
+    height: int | None = None
     num_images: int = 1
     preview_every: int = 0  # 0: no previews; k: a small decoded x0_pred every k steps
     trajectory_every: int = 0  # 0: none; k: keep every k-th step's x_t and x0_pred, decoded
@@ -37,8 +37,8 @@ class StepEvent:
     step: int  # 1-based: the number of DDIM updates done so far
     total: int
     timestep: int  # the t that this step denoised from
-    preview: Optional[Image.Image] = None
-    frame: Optional["TrajectoryFrame"] = None  # the trajectory frame kept at this step, if any
+    preview: Image.Image | None = None
+    frame: TrajectoryFrame | None = None  # the trajectory frame kept at this step, if any
 
 
 @dataclass
