@@ -16,7 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    UNet2DConditionModel,
+)
 from PIL import Image, ImageDraw
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -74,6 +81,34 @@ class ShapesModel:
         return self.text_encoder(ids.to(self.unet.device))[0]  # (B, L, D)
 
 
+# How a pipeline user picks each of the engine's samplers in diffusers: the scheduler class, built with
+# `from_config(the model's scheduler config, **overrides)`.
+DIFFUSERS_SCHEDULERS: dict[str, tuple[type, dict]] = {
+    "ddim": (DDIMScheduler, {}),
+    "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmpp_2m_karras": (
+        DPMSolverMultistepScheduler,
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+    ),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler_ancestral": (EulerAncestralDiscreteScheduler, {}),
+}
+
+
+def diffusers_scheduler(sampler: str, config):
+    """The diffusers scheduler that a pipeline user would swap in for `sampler`."""
+    cls, overrides = DIFFUSERS_SCHEDULERS[sampler]
+    return cls.from_config(config, **overrides)
+
+
+def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, guidance_rescale: float) -> torch.Tensor:
+    """diffusers' rescale_noise_cfg (Lin et al. 2024, sec. 3.4): the guided output's per-row std pulled
+    back towards the conditional one's, by the factor guidance_rescale."""
+    dims = list(range(1, cond.ndim))
+    rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return guidance_rescale * rescaled + (1 - guidance_rescale) * guided
+
+
 @torch.no_grad()
 def sample(
     model: ShapesModel,
@@ -82,38 +117,43 @@ def sample(
     seeds: list[int],
     num_inference_steps: int = 50,
     chunk_rows: int = 512,
+    sampler: str = "ddim",
+    guidance_rescale: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One picture per row: classifier-free guidance out = out_u + s (out_c - out_u) on the UNet's
     output (ε or v: the mix is linear in either) at every scale (s = 0 is the unconditional model,
-    s = 1 the conditional one), DDIM with eta = 0. The noise comes from CPU generators, as in
-    diffusers, whatever device the model is on.
+    s = 1 the conditional one), then guidance rescale on the rows with s > 1 (as diffusers' pipeline),
+    then one step of the sampler's diffusers scheduler (DDIM with eta = 0). The noise (initial
+    latents, and Euler ancestral's noise at each step) comes from one CPU generator per row, seeded
+    with its seed, as in diffusers, whatever device the model is on.
 
     Returns (pixels uint8 (N, H, W, 3), unclipped decoder output float (N, 3, H, W) on [0, 1]).
     """
     unet, vae = model.unet, model.vae
-    scheduler = DDIMScheduler.from_config(model.scheduler.config)
+    scheduler = diffusers_scheduler(sampler, model.scheduler.config)
     scheduler.set_timesteps(num_inference_steps)
     size = unet.config.sample_size
-    latents = (
-        torch.stack(
-            [
-                torch.randn((unet.config.in_channels, size, size), generator=torch.Generator().manual_seed(seed))
-                for seed in seeds
-            ]
-        ).to(unet.device)
-        * scheduler.init_noise_sigma
-    )  # (N, C, h, w)
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    noise = [torch.randn((unet.config.in_channels, size, size), generator=generator) for generator in generators]
+    latents = torch.stack(noise).to(unet.device) * float(scheduler.init_noise_sigma)  # (N, C, h, w)
     cond = model.embed(captions)
     uncond = model.embed([""]).expand_as(cond)
     scale = torch.tensor(guidance_scales, dtype=latents.dtype, device=latents.device)[:, None, None, None]
+    rescaled_rows = (scale.flatten() > 1) & (guidance_rescale > 0)  # (N,)
+    step_kwargs = {"generator": generators} if sampler == "euler_ancestral" else {}
     for t in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(latents, t)
         model_output = torch.empty_like(latents)
         for start in range(0, len(captions), chunk_rows):
             rows = slice(start, start + chunk_rows)
-            x = latents[rows]
+            x = model_input[rows]
             out_uncond, out_cond = unet(torch.cat([x, x]), t, torch.cat([uncond[rows], cond[rows]])).sample.chunk(2)
-            model_output[rows] = out_uncond + scale[rows] * (out_cond - out_uncond)
-        latents = scheduler.step(model_output, t, latents).prev_sample
+            guided = out_uncond + scale[rows] * (out_cond - out_uncond)
+            if rescaled_rows[rows].any():
+                rescaled = rescale_guidance(guided, out_cond, guidance_rescale)
+                guided = torch.where(rescaled_rows[rows, None, None, None], rescaled, guided)
+            model_output[rows] = guided
+        latents = scheduler.step(model_output, t, latents, **step_kwargs).prev_sample
     decoded = torch.cat([vae.decode(chunk / vae.config.scaling_factor).sample for chunk in latents.split(256)])
     unclipped = (decoded + 1) / 2  # (N, 3, H, W)
     pixels = (unclipped.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
