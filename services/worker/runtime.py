@@ -19,7 +19,6 @@ from pathlib import Path
 from services.common.jobstore import JobStore, blob_key, events_key, frame_blob_name, job_key
 from services.common.settings import Settings
 from services.worker import metrics as worker_metrics
-from services.worker.diffusion.schedules import max_inference_steps
 from services.worker.engine.engine import Engine, RequestHandle
 from services.worker.engine.requests import StepEvent, TrajectoryFrame
 from services.worker.loading import LoadedModel, load_model
@@ -52,8 +51,14 @@ def model_info(model: LoadedModel, engine: Engine) -> dict:
         "max_prompt_tokens": model.max_prompt_tokens,
         "num_train_timesteps": model.num_train_timesteps,
         "size_multiple": engine.size_multiple,
-        "max_inference_steps": max_inference_steps(config),
+        "max_inference_steps": engine.samplers[engine.default_sampler].max_steps(),  # the default sampler's
         "tokenizer_path": str(Path(model.path) / "tokenizer"),
+        # the samplers this model supports (sampler_names.SAMPLERS less those its scheduler config rules out),
+        # the one a request without `sampler` gets, and each one's step limit
+        "samplers": list(engine.samplers),
+        "default_sampler": engine.default_sampler,
+        "sampler_max_inference_steps": {name: sampler.max_steps() for name, sampler in engine.samplers.items()},
+        "default_guidance_rescale": model.default_guidance_rescale,
     }
 
 
