@@ -102,7 +102,7 @@ def test_generations_have_the_captions_colour(checked_generations):
 
 
 def test_generations_have_the_captions_shape_mostly(checked_generations):
-    """Shape is the model's weak attribute: 84.6 % right at guidance 7.5 over the full grammar
+    """Shape is the model's weak attribute: 93.8 % right at guidance 7.5 over the full grammar
     (docs/model.md); squares drawn with concave sides read back as circles. At least 5 of these 6
     must be right: a model at chance on shape (1/3) passes this 1.8 % of the time."""
     wrong = [(wanted, result) for wanted, result in checked_generations if result.shape != wanted["shape"]]
