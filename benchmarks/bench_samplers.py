@@ -60,7 +60,7 @@ def engine_images_per_second(
 
 
 def sampler_throughput(
-    model_path: Path, configs=COST_CONFIGS, requests: int = 16, device: str = "cpu", repeats: int = 2
+    model_path: Path, configs=COST_CONFIGS, requests: int = 16, device: str = "cpu", repeats: int = 3
 ) -> dict[str, float]:
     """{"<sampler> <steps>": images/s} through one engine on the model (the best of `repeats` runs each, runs
     interleaved across configurations, so a burst of load on a shared machine hits all of them alike)."""

@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
     if cost_rows:
         section += (
             "\n\nQuality per cost, from the same run: images/s through the engine with 16 one-image requests in "
-            f"flight (guidance {COST_SCALE:g}, `benchmarks/bench_samplers.py`, best of 2; 1-minute load average "
+            f"flight (guidance {COST_SCALE:g}, `benchmarks/bench_samplers.py`, best of 3; 1-minute load average "
             f"{os.getloadavg()[0]:.1f} at the end on a CPU shared with other work, so expect ±30 %):\n\n"
             f"{cost_table(cost_rows)}"
         )
