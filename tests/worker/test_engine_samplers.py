@@ -20,6 +20,8 @@ from services.worker.runtime import model_info
 from tests.fixtures.tiny_model import build_tiny_model
 from training.evaluate import diffusers_scheduler
 
+# diffusers builds σ with np.array(tensor), which numpy 2 warns about on every set_timesteps
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 STEPS = 8
 PROMPT = "a red circle"
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "shapes-ldm"

@@ -21,6 +21,8 @@ from services.worker.diffusion.schedules import alphas_cumprod_from_config
 from training.evaluate import diffusers_scheduler
 from training.evaluate import rescale_guidance as evaluate_rescale
 
+# diffusers builds σ with np.array(tensor), which numpy 2 warns about on every set_timesteps
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SPACINGS = ("leading", "trailing", "linspace")
 PREDICTIONS = ("epsilon", "v_prediction")
