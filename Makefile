@@ -56,7 +56,7 @@ train-model: $(STAMP)
 		--seed 2 --unet-steps 6000 --unet-lr 3e-4 --checkpoint-every 1000 --runs-dir training/runs/go-on-2
 
 ## Accuracy by guidance (DDIM 50) and by sampler, and images/s per sampler through the engine, on held-out
-## noise seeds; rewrites the tables in README.md and docs/model.md (about 6 minutes on a 2-core CPU).
+## noise seeds; rewrites the tables in README.md and docs/model.md (19 and 25 minutes on the shared 2-core CPU).
 eval-model: $(STAMP)
 	$(BIN)/python -m training.evaluate --model models/shapes-ldm
 
