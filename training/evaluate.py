@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     section = (
         f"Made by `{command}` (DDIM {args.steps} steps, eta 0, noise seed {args.seed} + caption index, the same "
         f"noise at every scale; {len(rows)} pictures in {elapsed / 60:.1f} min on {where}). "
-        f"A picture is right when the read-back of training/readback.py (SHAPES.md) matches its caption; "
+        f"A picture is right when the read-back of training/readback.py (docs/shapes.md) matches its caption; "
         f"'clipped' is the share of decoder channel values more than 8/255 outside [0, 1].\n\n{table}\n\n"
         f"![contact sheet](contact_sheet.png)"
     )

@@ -1,4 +1,4 @@
-"""REST transport (httpx): the JSON contract of DESIGN.md, SSE parsing, error mapping."""
+"""REST transport (httpx): the JSON contract of docs/api.md, SSE parsing, error mapping."""
 
 from __future__ import annotations
 

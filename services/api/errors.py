@@ -1,4 +1,4 @@
-"""Map every error to DESIGN.md's shape {"error": {"type", "message", "param"}} at the HTTP edge."""
+"""Map every error to the API's error shape {"error": {"type", "message", "param"}} at the HTTP edge."""
 
 from __future__ import annotations
 

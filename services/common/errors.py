@@ -1,4 +1,4 @@
-"""Errors that cross the edge: each maps to one HTTP status and the error shape of DESIGN.md."""
+"""Errors that cross the edge: each maps to one HTTP status and the error shape of docs/api.md."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A small stand-in for the REST gateway's contract (DESIGN.md, REST), backed by real Redis streams,
+"""A small stand-in for the REST gateway's contract (docs/api.md), backed by real Redis streams,
 with a thread that plays the worker. Used to test the gRPC translation layer and the client's
 resume while the real gateway is not importable; tests against the real stack use `real_stack`.
 
