@@ -124,6 +124,17 @@ def start_api(redis_url: str, port: int, *, log=None, **settings) -> subprocess.
     )
 
 
+def start_grpc(redis_url: str, port: int, *, log=None, **settings) -> subprocess.Popen:
+    env = child_env(redis_url, **settings)
+    return subprocess.Popen(
+        [PYTHON, "-m", "services.api.grpc_server", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT if log else None,
+    )
+
+
 def wait_ready(url: str, timeout_s: float = 120.0, procs: tuple = ()) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -181,14 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         procs.append(start_worker(redis_url, model, concurrency=args.concurrency))
         procs.append(start_api(redis_url, args.port))
         rest_url = f"http://127.0.0.1:{args.port}"
-        if (ROOT / "services" / "api" / "grpc_server.py").exists():
-            procs.append(
-                subprocess.Popen(
-                    [PYTHON, "-m", "services.api.grpc_server", "--rest-url", rest_url, "--port", str(args.grpc_port)],
-                    cwd=ROOT,
-                    env=child_env(redis_url),
-                )
-            )
+        procs.append(start_grpc(redis_url, args.grpc_port))
         wait_ready(rest_url, timeout_s=300, procs=tuple(procs))
         print(
             f"latentd is up\n  REST  {rest_url}  (docs: {rest_url}/docs)\n  gRPC  127.0.0.1:{args.grpc_port}\n"

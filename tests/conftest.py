@@ -1,5 +1,6 @@
 """Shared fixtures: the model folder (the trained default model when it exists, else the tiny one) and a real
-stack (its own redis-server, a Celery worker subprocess on the threads pool, the gateway under uvicorn)."""
+stack (its own redis-server, a Celery worker subprocess on the threads pool, the gateway under uvicorn and the
+gRPC door, each started as deploy/ starts them)."""
 
 from __future__ import annotations
 
@@ -46,6 +47,9 @@ class Stack:
     log_dir: Path = None
     worker: subprocess.Popen = None
     api: subprocess.Popen = None
+    grpc: subprocess.Popen = None
+    grpc_target: str = ""
+    grpc_metrics_port: int = 0
     workers_started: int = 0
     settings: dict = field(default_factory=dict)
 
@@ -88,13 +92,22 @@ def real_stack(own_redis, model_path, tmp_path_factory) -> Stack:
         visibility_timeout_s=VISIBILITY_TIMEOUT_S,
         sse_keepalive_s=1,
     )
+    grpc_port, stack.grpc_metrics_port = run_stack.free_port(), run_stack.free_port()
+    stack.grpc_target = f"127.0.0.1:{grpc_port}"
+    stack.grpc = run_stack.start_grpc(
+        own_redis,
+        grpc_port,
+        log=open(log_dir / "grpc.log", "w"),
+        api_key_hashes=",".join(hash_key(k) for k in API_KEYS),
+        grpc_metrics_port=stack.grpc_metrics_port,
+    )
     try:
-        run_stack.wait_ready(stack.url, timeout_s=180, procs=(stack.worker, stack.api))
+        run_stack.wait_ready(stack.url, timeout_s=180, procs=(stack.worker, stack.api, stack.grpc))
     except RuntimeError:
         for log in sorted(log_dir.iterdir()):
             print(log.name, log.read_text()[-3000:])
-        run_stack.stop([stack.worker, stack.api])
+        run_stack.stop([stack.worker, stack.api, stack.grpc])
         raise
     yield stack
-    run_stack.stop([stack.worker, stack.api])
+    run_stack.stop([stack.worker, stack.api, stack.grpc])
     redis.Redis.from_url(own_redis).flushdb()

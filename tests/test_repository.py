@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 from pathlib import Path
@@ -22,3 +23,17 @@ def test_no_file_refers_to_documents_outside_the_repository():
         offenders += [f"{name}:{n}" for n, line in enumerate(text.splitlines(), 1) if OUTSIDE.search(line)]
     offenders = [o for o in offenders if not o.startswith("tests/test_repository.py")]
     assert not offenders, f"refer to files outside the repository (bring what they need into docs/): {offenders}"
+
+
+def test_services_never_import_the_client_package():
+    """The doors share the core; the client imports the services' protobuf conversions, never the reverse."""
+    offenders = []
+    for path in sorted((ROOT / "services").rglob("*.py")):
+        if "grpc_gen" in path.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n == "client" or n.startswith("client.")]
+    assert not offenders, offenders

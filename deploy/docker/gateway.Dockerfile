@@ -25,7 +25,6 @@ COPY requirements/common.txt requirements/api.txt requirements/
 RUN pip install -r requirements/api.txt
 
 COPY services/ services/
-COPY client/ client/
 COPY proto/ proto/
 COPY --from=proto /src/services/common/grpc_gen/ services/common/grpc_gen/
 

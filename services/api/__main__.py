@@ -8,7 +8,7 @@ import sys
 
 import uvicorn
 
-from services.common.settings import get_settings
+from services.common.settings import Settings, get_settings
 
 
 def is_loopback(host: str) -> bool:
@@ -20,18 +20,25 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def open_bind_refusal(settings: Settings, host: str, what: str = "the gateway") -> str | None:
+    """Why `host` may not be bound (no API keys, not loopback), in the words the README uses; None if it may."""
+    if settings.key_hashes() or is_loopback(host):
+        return None
+    return (
+        f"refusing to bind to {host}: no API keys are configured (set LATENTD_API_KEYS to comma-separated keys, "
+        f"or LATENTD_API_KEY_HASHES to their SHA-256 hex digests), so {what} serves open on loopback only"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     settings = get_settings()
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host", default=settings.host)
     parser.add_argument("--port", type=int, default=settings.port)
     args = parser.parse_args(argv)
-    if not settings.key_hashes() and not is_loopback(args.host):
-        print(
-            f"refusing to bind to {args.host}: no API keys are configured (set LATENTD_API_KEY_HASHES), "
-            "so the gateway serves open on loopback only",
-            file=sys.stderr,
-        )
+    refusal = open_bind_refusal(settings, args.host)
+    if refusal:
+        print(refusal, file=sys.stderr)
         return 2
     from services.api.app import create_app
 

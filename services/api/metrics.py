@@ -1,4 +1,4 @@
-"""Gateway metrics: requests, submissions, stream readers, rejections, queue depth.
+"""Gateway metrics: requests, stream readers, queue depth (jobs submitted and refusals: services/core/metrics.py).
 
 Served by `start_metrics_server(port)` on a port of its own (not the public API port). Labels are
 bounded sets (route template, method, status, kind, model, reason); never a job id or an API key.
@@ -9,7 +9,6 @@ Prometheus looks, not whenever a request happened to pass through this process.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -23,7 +22,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from services.common import metrics_server
+from services.common import metrics_server, workers
 
 DEFAULT_API_METRICS_PORT = 9464
 DEFAULT_GRPC_METRICS_PORT = 9466  # the gRPC front door runs as its own process
@@ -45,32 +44,14 @@ http_request_duration_seconds = Histogram(
     ["route", "method"],
     buckets=HTTP_LATENCY_BUCKETS,
 )
-jobs_submitted_total = Counter(
-    "latentd_jobs_submitted_total",
-    "Jobs accepted and queued, by kind (generation, forward, reverse, guidance_sweep) and model.",
-    ["kind", "model"],
-)
 sse_readers = Gauge("latentd_sse_readers", "Server-Sent Events streams open now.")
 grpc_stream_readers = Gauge("latentd_grpc_stream_readers", "gRPC event streams open now.")
-rejections_total = Counter(
-    "latentd_rejections_total",
-    "Requests refused before queueing, by reason (validation, auth, quota, payload_too_large, no_worker, queue_full).",
-    ["reason"],
-)
 
 
 def observe_http_request(route: str, method: str, status: int, duration_s: float) -> None:
     """Record one answered request; `route` is the route template, never the raw path."""
     http_requests_total.labels(route=route, method=method, status=str(status)).inc()
     http_request_duration_seconds.labels(route=route, method=method).observe(duration_s)
-
-
-def record_submission(kind: str, model: str) -> None:
-    jobs_submitted_total.labels(kind=kind, model=model).inc()
-
-
-def record_rejection(reason: str) -> None:
-    rejections_total.labels(reason=reason).inc()
 
 
 def celery_queue_length(redis_client: Any, queue: str) -> int:
@@ -82,34 +63,11 @@ def celery_queue_length(redis_client: Any, queue: str) -> int:
     return int(sum(pipe.execute()))
 
 
-# Same key layout and freshness rule as services/worker/heartbeat.py (the writer); read here
-# without importing the worker package, which pulls in torch.
-HEARTBEAT_KEY_PREFIX = "latentd:workers"
-DEFAULT_HEARTBEAT_STALE_AFTER_S = 30.0
-
-
-def count_live_workers(redis_client: Any, stale_after_s: float = DEFAULT_HEARTBEAT_STALE_AFTER_S) -> dict[str, int]:
-    """{model: workers whose consumer ran a heartbeat probe within `stale_after_s`}."""
-    keys = list(redis_client.scan_iter(match=f"{HEARTBEAT_KEY_PREFIX}:*", count=500))
-    if not keys:
-        return {}
-    pipe = redis_client.pipeline(transaction=False)
-    for key in keys:
-        pipe.hget(key, "consumed_at")
-    now = time.time()
-    live: dict[str, int] = {}
-    for key, consumed_at in zip(keys, pipe.execute()):
-        model = (key.decode() if isinstance(key, bytes) else key).split(":", 3)[2]
-        fresh = consumed_at is not None and now - float(consumed_at) <= stale_after_s
-        live[model] = live.get(model, 0) + int(fresh)
-    return live
-
-
 class QueueDepthCollector(Collector):
     """`latentd_queue_depth{model}` and `latentd_workers_live{model}`, read from Redis at scrape.
 
-    `models` returns the models to report (e.g. the settings' model list); `queue_for` maps a
-    model to its Celery queue name. A model with a heartbeat but not in `models` is reported too.
+    `models` returns the models to report (those workers published); `queue_for` maps a model to its
+    Celery queue name.
     """
 
     def __init__(
@@ -117,7 +75,7 @@ class QueueDepthCollector(Collector):
         redis_client: Any,
         models: Callable[[], Iterable[str]],
         queue_for: Callable[[str], str],
-        stale_after_s: float = DEFAULT_HEARTBEAT_STALE_AFTER_S,
+        stale_after_s: float = workers.DEFAULT_STALE_AFTER_S,
     ) -> None:
         self._redis = redis_client
         self._models = models
@@ -130,10 +88,11 @@ class QueueDepthCollector(Collector):
     def collect(self) -> Iterable[GaugeMetricFamily]:
         depth, live = self._families()
         try:
-            workers = count_live_workers(self._redis, self._stale_after_s)
-            for model in sorted(set(self._models()) | set(workers)):
+            models = sorted(set(self._models()))
+            serving = workers.live_workers(self._redis, models, self._stale_after_s)
+            for model in models:
                 depth.add_metric([model], celery_queue_length(self._redis, self._queue_for(model)))
-                live.add_metric([model], workers.get(model, 0))
+                live.add_metric([model], len(serving.get(model, ())))
         except Exception:  # noqa: BLE001 - Redis down must not break the scrape of other metrics
             return []
         return [depth, live]
@@ -188,18 +147,6 @@ def metrics_port_from_env() -> int:
 def start_metrics_server(port: int | None = None, addr: str = "0.0.0.0") -> int:
     """Serve /metrics on `port` (default $LATENTD_API_METRICS_PORT; 0 picks a free one); returns the bound port."""
     return metrics_server.start(metrics_port_from_env() if port is None else port, addr=addr)
-
-
-class Timer:
-    """`with Timer() as t: ...; t.seconds` - monotonic wall time of a block."""
-
-    def __enter__(self) -> Timer:
-        self._start = time.perf_counter()
-        self.seconds = 0.0
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.seconds = time.perf_counter() - self._start
 
 
 def serve_metrics_from_env(addr: str = "0.0.0.0") -> int | None:

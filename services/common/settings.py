@@ -28,13 +28,15 @@ class Settings(BaseSettings):
     default_model: str = ""
     max_body_bytes: int = 8 * 1024 * 1024
     max_num_images: int = 8
-    max_steps: int = 1000
     max_queue_per_model: int = 64
     retry_after_s: int = 2
     result_ttl_s: int = 3600
     sse_keepalive_s: float = 15.0
     openai_timeout_s: float = 600.0
     worker_stale_after_s: float = 30.0
+    # the gateway's Redis pool: short commands share it; the event hub holds one connection for its reads
+    redis_max_connections: int = 8
+    redis_timeout_s: float = 2.0
     # worker side
     worker_models: str = "models/shapes-ldm"  # comma-separated model folders
     worker_device: str = "cpu"

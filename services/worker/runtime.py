@@ -1,22 +1,23 @@
 """The worker process's runtime: one engine per model (loaded once, started with the worker) and the
-Redis step-event writer, which runs on the engine thread once per iteration with one pipeline for all jobs.
+Redis step-event writer, which runs on the engine thread once per iteration with one round trip for all jobs.
 
 Request ids are "<job id>:<attempt>[:<index>]", so the writer knows each event's job and fence without a lookup.
-The same pipeline reads every stepped job's cancel flag and current attempt: a cancelled job, or an attempt
-superseded by a redelivered copy, leaves the batch at the next step.
+The same round trip reads every stepped job's cancel flag and current attempt (JobStore.write_steps): a
+cancelled job, or an attempt superseded by a redelivered copy, leaves the batch at the next step.
 """
 
 from __future__ import annotations
 
 import base64
 import io
-import json
 import logging
 import threading
 import time
 from pathlib import Path
 
-from services.common.jobstore import JobStore, blob_key, events_key, frame_blob_name, job_key
+from services.common.jobs import JobRecord
+from services.common.jobstore import JobStore, StepWrite, frame_blob_name, image_blob_name
+from services.common.models import ModelInfo
 from services.common.settings import Settings
 from services.worker import metrics as worker_metrics
 from services.worker.diffusion.schedules import max_inference_steps
@@ -37,24 +38,28 @@ def parse_request_id(rid: str) -> tuple[str, int, int | None]:
 
 
 def png_b64(image) -> str:
+    return base64.b64encode(encode_image(image, "png")).decode()
+
+
+def encode_image(image, fmt: str) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
+    image.convert("RGB").save(buffer, format={"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}[fmt])
+    return buffer.getvalue()
 
 
-def model_info(model: LoadedModel, engine: Engine) -> dict:
+def model_info(model: LoadedModel, engine: Engine) -> ModelInfo:
     config = model.scheduler_config
-    return {
-        "name": model.name,
-        "native_width": model.native_width,
-        "native_height": model.native_height,
-        "scheduler": f"{config.get('_class_name', 'DDIMScheduler')} / {config.get('beta_schedule', '?')}",
-        "max_prompt_tokens": model.max_prompt_tokens,
-        "num_train_timesteps": model.num_train_timesteps,
-        "size_multiple": engine.size_multiple,
-        "max_inference_steps": max_inference_steps(config),
-        "tokenizer_path": str(Path(model.path) / "tokenizer"),
-    }
+    return ModelInfo(
+        name=model.name,
+        native_width=model.native_width,
+        native_height=model.native_height,
+        scheduler=f"{config.get('_class_name', 'DDIMScheduler')} / {config.get('beta_schedule', '?')}",
+        max_prompt_tokens=model.max_prompt_tokens,
+        num_train_timesteps=model.num_train_timesteps,
+        size_multiple=engine.size_multiple,
+        max_inference_steps=max_inference_steps(config),
+        tokenizer_path=str(Path(model.path) / "tokenizer"),
+    )
 
 
 def reverse_frame_entries(frame: TrajectoryFrame) -> list[tuple[int, dict, object]]:
@@ -69,16 +74,24 @@ def reverse_frame_entries(frame: TrajectoryFrame) -> list[tuple[int, dict, objec
     ]
 
 
+def frame_event(job_id: str, attempt: int, index: int, meta: dict, emitted_at: float) -> dict:
+    return meta | {
+        "index": index,
+        "attempt": attempt,
+        "url": f"/v1/jobs/{job_id}/frames/{index}",
+        "emitted_at": emitted_at,
+    }
+
+
 class StepEventWriter:
-    """on_step_events for one engine: one Redis pipeline per iteration."""
+    """on_step_events for one engine: one Redis round trip per iteration."""
 
     def __init__(self, store: JobStore, runtime: Runtime):
         self.store, self.runtime = store, runtime
 
     def __call__(self, events: list[StepEvent]) -> None:
         emitted_at = time.time()
-        pipe = self.store.redis.pipeline(transaction=False)
-        stepped: list[tuple[str, int]] = []  # request id, position of its cancel/attempt read in the pipeline
+        writes = []
         for event in events:
             job_id, attempt, index = parse_request_id(event.request_id)
             data = {
@@ -92,42 +105,22 @@ class StepEventWriter:
                 data["index"] = index
             if event.preview is not None:
                 data["preview"] = png_b64(event.preview)
-            pipe.xadd(events_key(job_id), {"event": "step", "data": json.dumps(data)})
+            frames = []
             if event.frame is not None:  # a reverse trajectory's frame: stored and announced now, not at the end
-                for frame_index, meta, image in reverse_frame_entries(event.frame):
-                    pipe.set(
-                        blob_key(job_id, frame_blob_name(attempt, frame_index)),
-                        encode_image(image, "png"),
-                        ex=self.store.ttl_s,
-                    )
-                    pipe.xadd(
-                        events_key(job_id),
-                        {
-                            "event": "frame",
-                            "data": json.dumps(
-                                dict(
-                                    meta,
-                                    index=frame_index,
-                                    attempt=attempt,
-                                    url=f"/v1/jobs/{job_id}/frames/{frame_index}",
-                                    emitted_at=emitted_at,
-                                )
-                            ),
-                        },
-                    )
-            pipe.hset(job_key(job_id), "progress", json.dumps({"step": event.step, "total": event.total}))
-            pipe.hmget(job_key(job_id), "cancel", "attempt")
-            stepped.append((event.request_id, len(pipe) - 1))
+                frames = [
+                    (i, frame_event(job_id, attempt, i, meta, emitted_at), encode_image(image, "png"))
+                    for i, meta, image in reverse_frame_entries(event.frame)
+                ]
+            progress = {"step": event.step, "total": event.total}
+            writes.append(StepWrite(job_id, attempt, data, progress, frames))
         try:
-            replies = pipe.execute()
+            controls = self.store.write_steps(writes)
         except Exception:
             log.exception("step-event write failed")
             return
-        for rid, (cancel, current) in ((rid, replies[position]) for rid, position in stepped):
-            _, attempt, _ = parse_request_id(rid)
-            superseded = current is not None and int(current) != attempt
-            if cancel == b"1" or superseded:
-                handle = self.runtime.handle(rid)
+        for event, (cancel, superseded) in zip(events, controls):
+            if cancel or superseded:
+                handle = self.runtime.handle(event.request_id)
                 if handle is not None:
                     handle.cancel()
 
@@ -191,18 +184,12 @@ def get_runtime(settings: Settings | None = None) -> Runtime:
 # ---- running one job (the Celery tasks call these) ----
 
 
-def encode_image(image, fmt: str) -> bytes:
-    buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, format={"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}[fmt])
-    return buffer.getvalue()
-
-
 class JobRun:
     """One claimed attempt of one job: start it, then finish it exactly once (or step aside)."""
 
     def __init__(self, runtime: Runtime, job_id: str):
         self.runtime, self.store, self.job_id = runtime, runtime.store, job_id
-        self.job: dict | None = None
+        self.job: JobRecord | None = None
         self.attempt: int | None = None
         self.started_at = 0.0
 
@@ -214,25 +201,22 @@ class JobRun:
         if self.attempt is None:
             return False
         self.started_at = time.time()
-        queued_at = self.job["timings"].get("queued_at", self.started_at)
-        timings = dict(self.job["timings"], started_at=self.started_at, queue_s=self.started_at - queued_at)
-        self.store.emit(
-            self.job_id, "started", {"attempt": self.attempt, "emitted_at": self.started_at}, timings=timings
-        )
-        self.job["timings"] = timings
-        worker_metrics.observe_queue_wait(self.job["model"], queued_at, self.started_at)
+        queued_at = self.job.timings.get("queued_at", self.started_at)
+        self.job.timings |= {"started_at": self.started_at, "queue_s": self.started_at - queued_at}
+        self.store.started(self.job_id, self.attempt, self.job.timings)
+        worker_metrics.observe_queue_wait(self.job.model, queued_at, self.started_at)
         return True
 
     @property
     def params(self) -> dict:
-        return self.job["params"]
+        return self.job.params
 
     def engine(self) -> Engine:
-        return self.runtime.engine(self.job["model"])
+        return self.runtime.engine(self.job.model)
 
     def _timings(self) -> dict:
         finished = time.time()
-        return dict(self.job["timings"], finished_at=finished, run_s=finished - self.started_at)
+        return self.job.timings | {"finished_at": finished, "run_s": finished - self.started_at}
 
     def succeed(self, images: list, frames: list[tuple[dict, object]] = (), frames_streamed: bool = False) -> bool:
         """Write the result once. `frames_streamed`: the step writer already stored the frames and sent
@@ -240,7 +224,7 @@ class JobRun:
         fmt = self.params.get("output_format", "png")
         blobs, names, metas = {}, [], []
         for index, image in enumerate(images):
-            names.append(f"a{self.attempt}-image-{index}")
+            names.append(image_blob_name(self.attempt, index))
             blobs[names[-1]] = encode_image(image, fmt)
         for index, (meta, image) in enumerate(frames):
             name = frame_blob_name(self.attempt, index)
@@ -248,48 +232,28 @@ class JobRun:
                 blobs[name] = encode_image(image, "png")
             metas.append(dict(meta, blob=name))
         if frames_streamed:
-            pipe = self.store.redis.pipeline(transaction=False)
-            for meta in metas:
-                pipe.expire(blob_key(self.job_id, meta["blob"]), self.store.ttl_s)
-            pipe.execute()
+            self.store.renew_blobs(self.job_id, [meta["blob"] for meta in metas])
         elif frames:  # frame events first (they are not terminal), then the write-once result
-            pipe = self.store.redis.pipeline(transaction=False)
             now = time.time()
-            self.store.add_events(
-                pipe,
-                self.job_id,
-                [
-                    (
-                        "frame",
-                        dict(
-                            meta,
-                            index=i,
-                            attempt=self.attempt,
-                            url=f"/v1/jobs/{self.job_id}/frames/{i}",
-                            emitted_at=now,
-                        ),
-                    )
-                    for i, meta in enumerate(metas)
-                ],
-            )
-            if self._current():
-                pipe.execute()
+            events = [frame_event(self.job_id, self.attempt, i, meta, now) for i, (meta, _) in enumerate(frames)]
+            self.store.add_frames(self.job_id, self.attempt, events)
+        steps = self.job.total_steps
         done = {"id": self.job_id, "images": len(names), "frames": len(metas), "emitted_at": time.time()}
+        fields = {
+            "images": names,
+            "frames": metas,
+            "timings": self._timings(),
+            "progress": {"step": steps, "total": steps, "done": True},
+        }
         return self.store.finish(
-            self.job_id,
-            self.job["model"],
-            self.attempt,
-            "succeeded",
-            {"images": names, "frames": metas, "timings": self._timings(), "progress": {"done": True}},
-            ("succeeded", done),
-            blobs,
+            self.job_id, self.job.model, self.attempt, "succeeded", fields, ("succeeded", done), blobs
         )
 
     def fail(self, error_type: str, message: str, param: str | None = None) -> bool:
         error = {"type": error_type, "message": message, "param": param}
         return self.store.finish(
             self.job_id,
-            self.job["model"],
+            self.job.model,
             self.attempt,
             "failed",
             {"error": error, "timings": self._timings()},
@@ -297,17 +261,13 @@ class JobRun:
         )
 
     def cancelled(self) -> bool:
-        if not self._current():
+        if self.store.current_attempt(self.job_id) != self.attempt:
             return False  # a redelivered copy took over: it finishes the job, not us
         return self.store.finish(
             self.job_id,
-            self.job["model"],
+            self.job.model,
             self.attempt,
             "cancelled",
             {"timings": self._timings()},
             ("cancelled", {"id": self.job_id, "emitted_at": time.time()}),
         )
-
-    def _current(self) -> bool:
-        current = self.store.redis.hget(job_key(self.job_id), "attempt")
-        return current is not None and int(current) == self.attempt

@@ -20,23 +20,20 @@ def run_job(job_id: str) -> str:
     if not run.claim():
         return "skipped"  # gone, already over, or cancelled while queued
     try:
-        if run.job["model"] not in run.runtime.engines:
-            run.fail("model_not_served", f"this worker does not serve model {run.job['model']!r}", "model")
+        if run.job.model not in run.runtime.engines:
+            run.fail("model_not_served", f"this worker does not serve model {run.job.model!r}", "model")
         else:
-            KINDS[run.job["kind"]](run)
+            KINDS[run.job.kind](run)
     except Exception as error:
         log.exception("job %s failed", job_id)
         run.fail("internal_error", f"{type(error).__name__}: {error}")
     final = run.store.get(job_id)
-    if final["attempt"] == run.attempt:  # a redelivered copy that took over counts its own run
-        worker_metrics.observe_job_end(
-            run.job["model"],
-            run.job["kind"],
-            final["status"],
-            (final["error"] or {}).get("type"),
-            time.time() - run.started_at,
-        )
-    return final["status"]
+    if final is None:
+        return "expired"
+    if final.attempt == run.attempt:  # a redelivered copy that took over counts its own run
+        error_type = (final.error or {}).get("type")
+        worker_metrics.observe_job_end(final.model, final.kind, final.status, error_type, time.time() - run.started_at)
+    return final.status
 
 
 @app.task(name=GENERATE_TASK)

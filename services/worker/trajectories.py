@@ -9,12 +9,12 @@
 
 from __future__ import annotations
 
-import base64
 import io
 
 import torch
 from PIL import Image
 
+from services.common.jobstore import INPUT_BLOB
 from services.worker.diffusion.forward import alpha_bars_paper, forward_trajectory
 from services.worker.engine.engine import Engine
 from services.worker.engine.errors import EngineError, InvalidRequestError, NonFiniteOutputError, RequestCancelled
@@ -92,9 +92,8 @@ def guidance_sweep(run: JobRun) -> None:
         run.succeed([frame[1] for frame in frames], frames)
 
 
-def _uploaded_pixels(data: str, width: int, height: int) -> torch.Tensor:
-    payload = data.split(",", 1)[1] if data.startswith("data:") else data
-    image = Image.open(io.BytesIO(base64.b64decode(payload))).convert("RGB").resize((width, height), Image.BICUBIC)
+def _pixels(picture: Image.Image, width: int, height: int) -> torch.Tensor:
+    image = picture.convert("RGB").resize((width, height), Image.BICUBIC)
     pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(height, width, 3)
     return pixels.permute(2, 0, 1).float().div(127.5).sub(1).unsqueeze(0)  # (1, 3, H, W) in [-1, 1]
 
@@ -116,12 +115,12 @@ def _noise_frames(
 def forward(run: JobRun) -> None:
     p = run.params
     if p.get("has_image"):
-        data = run.store.blob(run.job_id, "input")
+        data = run.store.blob(run.job_id, INPUT_BLOB)
         if data is None:
             run.fail("invalid_request_error", "the uploaded image has expired", "image")
             return
         try:
-            pixels = _uploaded_pixels(data.decode(), p["width"], p["height"])
+            pixels = _pixels(Image.open(io.BytesIO(data)), p["width"], p["height"])
         except Exception as error:  # noqa: BLE001 - a picture PIL cannot read is the caller's error
             run.fail("invalid_request_error", f"image could not be decoded: {error}", "image")
             return
@@ -131,7 +130,7 @@ def forward(run: JobRun) -> None:
         if not results:
             return
         source = results[0].images[0]
-        pixels = _uploaded_pixels(base64.b64encode(_png(source)).decode(), p["width"], p["height"])
+        pixels = _pixels(source, p["width"], p["height"])
     engine: Engine = run.engine()
     timesteps = p["timesteps"]
     try:
@@ -147,12 +146,6 @@ def forward(run: JobRun) -> None:
         for t, a, image in zip(timesteps, alpha_bars, images)
     ]
     run.succeed([source] if source is not None else [], frames)
-
-
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 KINDS = {"generation": generation, "reverse": reverse, "guidance_sweep": guidance_sweep, "forward": forward}

@@ -11,7 +11,8 @@ from fastapi.testclient import TestClient
 
 from services.api.__main__ import main as serve_main
 from services.api.app import create_app
-from services.common.jobstore import JobStore
+from services.common.jobstore import JobStore, events_key
+from services.common.models import ModelInfo
 from services.common.settings import Settings, hash_key
 
 REDIS_URL = "redis://127.0.0.1:6379/11"
@@ -30,17 +31,19 @@ def client(model_path):
         max_num_images=4,
     )
     JobStore.from_url(REDIS_URL).publish_model(
-        {
-            "name": "tiny",
-            "native_width": 32,
-            "native_height": 32,
-            "scheduler": "DDIMScheduler / scaled_linear",
-            "max_prompt_tokens": 77,
-            "num_train_timesteps": 1000,
-            "size_multiple": 8,
-            "max_inference_steps": 999,
-            "tokenizer_path": str(model_path / "tokenizer"),
-        }
+        ModelInfo.from_dict(
+            {
+                "name": "tiny",
+                "native_width": 32,
+                "native_height": 32,
+                "scheduler": "DDIMScheduler / scaled_linear",
+                "max_prompt_tokens": 77,
+                "num_train_timesteps": 1000,
+                "size_multiple": 8,
+                "max_inference_steps": 999,
+                "tokenizer_path": str(model_path / "tokenizer"),
+            }
+        )
     )
     with TestClient(create_app(settings), headers={"Authorization": f"Bearer {KEY}"}) as test_client:
         yield test_client
@@ -77,8 +80,8 @@ def test_the_job_record_holds_the_resolved_defaults(client):
     params = job["params"]
     assert params["model"] == "tiny" and (params["width"], params["height"]) == (32, 32)
     assert isinstance(params["seed"], int) and params["num_inference_steps"] == 50 and params["guidance_scale"] == 7.5
-    events = JobStore.from_url(REDIS_URL).read_events(job["id"])
-    assert [name for _, name, _ in events] == ["queued"]
+    events = redis.Redis.from_url(REDIS_URL).xrange(events_key(job["id"]))
+    assert [fields[b"event"] for _, fields in events] == [b"queued"]
 
 
 def test_steps_past_the_schedulers_limit_are_refused_before_queueing(client):
@@ -168,7 +171,9 @@ def test_no_keys_means_loopback_only(monkeypatch, capsys):
         assert serve_main(["--host", "0.0.0.0", "--port", "1"]) == 2
     finally:
         settings_module.get_settings.cache_clear()
-    assert "refusing to bind to 0.0.0.0" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # the variables the README documents, both of them
+    assert "refusing to bind to 0.0.0.0" in err and "LATENTD_API_KEYS" in err and "LATENTD_API_KEY_HASHES" in err
 
 
 def test_openapi_documents_limits_and_defaults(client):
@@ -176,3 +181,21 @@ def test_openapi_documents_limits_and_defaults(client):
     steps = schema["num_inference_steps"]
     assert (steps["minimum"], steps["maximum"], steps["default"]) == (1, 1000, 50) and steps["description"]
     assert schema["guidance_scale"]["default"] == 7.5
+
+
+def test_one_seed_limit_for_every_door(client):
+    """2**63 - 1 is the largest seed (the proto's int64): REST refuses 2**63 with the rules' message."""
+    assert client.post("/v1/generations", json={"prompt": "x", "seed": 2**63 - 1}).status_code == 202
+    refused = client.post("/v1/generations", json={"prompt": "x", "seed": 2**63})
+    assert refused.status_code == 422
+    assert refused.json()["error"] == {
+        "type": "invalid_request_error",
+        "message": "seed must be between 0 and 9223372036854775807, got 9223372036854775808",
+        "param": "seed",
+    }
+
+
+def test_prompts_are_limited_in_characters_before_tokenizing(client):
+    refused = client.post("/v1/generations", json={"prompt": "x" * 4001})
+    assert refused.status_code == 422 and refused.json()["error"]["param"] == "prompt"
+    assert refused.json()["error"]["message"] == "prompt must be at most 4000 characters, got 4001"

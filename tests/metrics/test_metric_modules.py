@@ -10,6 +10,7 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.api import metrics as api_metrics
+from services.common import workers
 from services.worker import heartbeat
 from services.worker import metrics as worker_metrics
 
@@ -105,7 +106,7 @@ def test_queue_depth_and_live_workers_come_from_redis_at_scrape(client):
     families = scrape(port)
     assert sample(families, "latentd_workers_live", model="depth-test") == 1
     assert sample(families, "latentd_queue_depth", model="depth-test") == 4
-    assert heartbeat.live_workers(client, stale_after_s=5) == {"depth-test": ["host-1"]}
+    assert workers.live_workers(client, ["depth-test"], stale_after_s=5) == {"depth-test": ["host-1"]}
 
 
 def test_queue_depth_scrape_survives_redis_down():

@@ -16,6 +16,7 @@ then the eta noise of each step), so its pictures do not depend on what it was b
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import itertools
 import logging
 import math
@@ -30,9 +31,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from services.common import rules
+from services.common.errors import InvalidInput
 from services.worker import metrics as worker_metrics
 from services.worker.diffusion.ddim import ddim_step
-from services.worker.diffusion.schedules import final_alpha_cumprod, inference_timesteps, previous_timesteps
+from services.worker.diffusion.schedules import (
+    final_alpha_cumprod,
+    inference_timesteps,
+    max_inference_steps,
+    previous_timesteps,
+)
 from services.worker.engine.batch import ActiveRequest, UNetBatch, build_unet_batch, guided_outputs, to_device
 from services.worker.engine.errors import (
     EngineError,
@@ -48,10 +56,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 INIT_NOISE_SIGMA = 1.0  # DDIMScheduler.init_noise_sigma
-MAX_NUM_IMAGES = 16
-MAX_GUIDANCE_SCALE = 100.0
-MAX_ETA = 1.0
-MAX_SEED = 2**64 - 1
 DECODE_CHUNK = 16  # images per VAE call
 PREVIEW_MIN_SIZE = 64  # previews are upscaled (nearest) to at least this many pixels per side
 _END = object()
@@ -219,61 +223,44 @@ class Engine:
             self._lock.notify_all()
 
     def _validate(self, request: GenerationRequest) -> tuple[list[int], tuple[int, int, int]]:
-        model = self.model
-
-        def bad(field: str, message: str) -> InvalidRequestError:
-            return InvalidRequestError(message, field)
-
+        """The service's rules (services/common/rules.py, the same the gateway applies), then the scheduler's own."""
         if not isinstance(request.request_id, str) or not request.request_id:
-            raise bad("request_id", "request_id must be a non-empty string")
-        T_ = model.num_train_timesteps
-        steps = request.num_inference_steps
-        if not isinstance(steps, int) or not 1 <= steps <= T_:
-            raise bad("num_inference_steps", f"num_inference_steps must be between 1 and {T_}, got {steps}")
+            raise InvalidRequestError("request_id must be a non-empty string", "request_id")
         try:
-            timesteps = inference_timesteps(model.scheduler_config, steps)
+            width, height = rules.check_generation(
+                self.limits,
+                prompt=request.prompt,
+                negative_prompt=request.negative_prompt,
+                num_inference_steps=request.num_inference_steps,
+                guidance_scale=request.guidance_scale,
+                eta=request.eta,
+                seed=request.seed,
+                width=request.width,
+                height=request.height,
+                num_images=request.num_images,
+                preview_every=request.preview_every,
+                trajectory_every=request.trajectory_every,
+            )
+            timesteps = inference_timesteps(self.model.scheduler_config, request.num_inference_steps)
+        except InvalidInput as error:
+            raise InvalidRequestError(error.message, error.param) from None
         except ValueError as error:
-            raise bad("num_inference_steps", str(error)) from None
-        scale = request.guidance_scale
-        if not isinstance(scale, (int, float)) or not math.isfinite(scale) or not 0 <= scale <= MAX_GUIDANCE_SCALE:
-            raise bad("guidance_scale", f"guidance_scale must be between 0 and {MAX_GUIDANCE_SCALE:g}, got {scale}")
-        if (
-            not isinstance(request.eta, (int, float))
-            or not math.isfinite(request.eta)
-            or not 0 <= request.eta <= MAX_ETA
-        ):
-            raise bad("eta", f"eta must be between 0 and {MAX_ETA:g}, got {request.eta}")
-        if not isinstance(request.num_images, int) or not 1 <= request.num_images <= MAX_NUM_IMAGES:
-            raise bad("num_images", f"num_images must be between 1 and {MAX_NUM_IMAGES}, got {request.num_images}")
-        if not isinstance(request.seed, int) or not 0 <= request.seed <= MAX_SEED:
-            raise bad("seed", f"seed must be between 0 and {MAX_SEED}, got {request.seed}")
-        for name in ("preview_every", "trajectory_every"):
-            value = getattr(request, name)
-            if not isinstance(value, int) or not 0 <= value <= steps:
-                raise bad(name, f"{name} must be between 0 and num_inference_steps ({steps}), got {value}")
-        multiple = self.size_multiple
-        sizes = {}
-        for name, native in (("width", model.native_width), ("height", model.native_height)):
-            value = getattr(request, name)
-            value = native if value is None else value
-            if not isinstance(value, int) or not multiple <= value <= 2 * native or value % multiple:
-                raise bad(
-                    name, f"{name} must be a multiple of {multiple} between {multiple} and {2 * native}, got {value}"
-                )
-            sizes[name] = value
-        for name in ("prompt", "negative_prompt"):
-            text = getattr(request, name)
-            if not isinstance(text, str):
-                raise bad(name, f"{name} must be a string")
-            tokens = model.count_prompt_tokens(text)
-            if tokens > model.max_prompt_tokens:
-                raise bad(
-                    name,
-                    f"{name} is {tokens} tokens long; the model takes at most {model.max_prompt_tokens} "
-                    "(start and end tokens included)",
-                )
-        f = model.vae_scale_factor
-        return timesteps, (model.latent_channels, sizes["height"] // f, sizes["width"] // f)
+            raise InvalidRequestError(str(error), "num_inference_steps") from None
+        f = self.model.vae_scale_factor
+        return timesteps, (self.model.latent_channels, height // f, width // f)
+
+    @functools.cached_property
+    def limits(self) -> rules.ModelLimits:
+        model = self.model
+        return rules.ModelLimits(
+            name=model.name,
+            native_width=model.native_width,
+            native_height=model.native_height,
+            size_multiple=self.size_multiple,
+            max_inference_steps=max_inference_steps(model.scheduler_config),
+            max_prompt_tokens=model.max_prompt_tokens,
+            count_tokens=model.count_prompt_tokens,
+        )
 
     @property
     def size_multiple(self) -> int:

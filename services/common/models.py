@@ -1,0 +1,82 @@
+"""A served model as workers publish it in Redis (`latentd:models`) and as the doors show it.
+
+The worker fills a `ModelInfo` from the model it loaded; the gateway reads it back to resolve and
+check requests (`limits()`), and shows `view()` on GET /v1/models and `to_proto()` on gRPC ListModels.
+Fields a newer worker adds that this gateway does not know yet ride along in `extra` and are shown.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.common.rules import ModelLimits
+
+# Not shown to clients: where the worker keeps its tokenizer.
+PRIVATE_FIELDS = ("tokenizer_path",)
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    native_width: int
+    native_height: int
+    scheduler: str
+    max_prompt_tokens: int
+    num_train_timesteps: int
+    size_multiple: int
+    max_inference_steps: int
+    tokenizer_path: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelInfo:
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in data.items() if k in names}
+        known.setdefault("max_inference_steps", data.get("num_train_timesteps", 1000))
+        return cls(**known, extra={k: v for k, v in data.items() if k not in names})
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> ModelInfo:
+        return cls.from_dict(json.loads(text))
+
+    def to_json(self) -> str:
+        data = dataclasses.asdict(self)
+        return json.dumps(data.pop("extra") | data)
+
+    def limits(self, count_tokens: Callable[[str], int] | None = None) -> ModelLimits:
+        return ModelLimits(
+            name=self.name,
+            native_width=self.native_width,
+            native_height=self.native_height,
+            size_multiple=self.size_multiple,
+            max_inference_steps=self.max_inference_steps,
+            max_prompt_tokens=self.max_prompt_tokens,
+            count_tokens=count_tokens,
+        )
+
+    def view(self, workers: int) -> dict[str, Any]:
+        """The public entry of GET /v1/models (OpenAI's `id` and `object` included)."""
+        data = dataclasses.asdict(self)
+        public = {k: v for k, v in data.pop("extra").items() if k not in PRIVATE_FIELDS}
+        public |= {k: v for k, v in data.items() if k not in PRIVATE_FIELDS}
+        return public | {"id": self.name, "object": "model", "workers": workers}
+
+    def to_proto(self, workers: int):
+        from services.common.grpc_gen.latentd.v1 import latentd_pb2 as pb
+
+        return pb.Model(
+            name=self.name,
+            native_width=self.native_width,
+            native_height=self.native_height,
+            scheduler=self.scheduler,
+            workers=workers,
+            raw_json=json.dumps(self.view(workers)),
+            max_prompt_tokens=self.max_prompt_tokens,
+            num_train_timesteps=self.num_train_timesteps,
+            size_multiple=self.size_multiple,
+            max_inference_steps=self.max_inference_steps,
+        )

@@ -1,0 +1,186 @@
+"""The one set of limits and validation rules: every door (REST, the OpenAI route, gRPC) and the engine's own
+guard call these, so a request is refused the same way, with the same message, wherever it comes in.
+
+Rules raise `InvalidInput(message, param)`; the message names the field and the allowed range
+("num_inference_steps must be between 1 and 1000, got 0"). Limits that depend on the model (sizes, steps,
+prompt tokens) take a `ModelLimits`: the gateway builds one from the model info a worker published, the
+engine from the model it loaded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from services.common.errors import InvalidInput
+
+MAX_STEPS = 1000
+MAX_IMAGES = 16  # per job; a deployment may allow fewer (Settings.max_num_images)
+MIN_SIDE = 8
+MAX_SIDE = 2048
+MAX_GUIDANCE = 100.0
+MAX_ETA = 1.0
+MAX_SEED = 2**63 - 1  # the proto's int64; torch.Generator takes any of these
+MAX_PROMPT_CHARS = 4000  # checked before any tokenizing
+MAX_TIMESTEPS = 1001
+MAX_GUIDANCE_SCALES = 16
+DEFAULT_GUIDANCE_SCALES = (0.0, 1.0, 3.0, 7.5, 15.0)
+DEFAULT_FORWARD_TIMESTEPS = tuple(range(0, 1001, 50))
+OUTPUT_FORMATS = ("png", "jpeg", "webp")
+TRAJECTORY_KINDS = ("forward", "reverse", "guidance_sweep")
+NOISE_SPACES = ("pixel", "latent")
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What a model allows. `count_tokens` is None where the tokenizer is not at hand (then the engine counts)."""
+
+    name: str
+    native_width: int
+    native_height: int
+    size_multiple: int
+    max_inference_steps: int
+    max_prompt_tokens: int
+    count_tokens: Callable[[str], int] | None = None
+
+    @property
+    def max_width(self) -> int:
+        return 2 * self.native_width
+
+    @property
+    def max_height(self) -> int:
+        return 2 * self.native_height
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def between(field: str, value: Any, low: float, high: float, *, integer: bool = False, param: str | None = None) -> Any:
+    """`value` if it is a number (an int where `integer`) in [low, high]; else InvalidInput naming the field."""
+    kind_ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not kind_ok or (isinstance(value, float) and not math.isfinite(value)):
+        noun = "an integer" if integer else "a number"
+        raise InvalidInput(
+            f"{field} must be {noun} between {_fmt(low)} and {_fmt(high)}, got {value!r}", param or field
+        )
+    if not low <= value <= high:
+        raise InvalidInput(f"{field} must be between {_fmt(low)} and {_fmt(high)}, got {_fmt(value)}", param or field)
+    return value
+
+
+def check_size(
+    limits: ModelLimits, width: int | None, height: int | None, *, param: str | None = None
+) -> tuple[int, int]:
+    """The pixel size, the model's native one where None: a multiple of size_multiple up to twice native."""
+    sizes = []
+    for field, value, native, high in (
+        ("width", width, limits.native_width, limits.max_width),
+        ("height", height, limits.native_height, limits.max_height),
+    ):
+        value = native if value is None else value
+        multiple = limits.size_multiple
+        if isinstance(value, bool) or not isinstance(value, int) or value % multiple or not multiple <= value <= high:
+            raise InvalidInput(
+                f"{field} must be a multiple of {multiple} between {multiple} and {high}, got {value}", param or field
+            )
+        sizes.append(value)
+    return sizes[0], sizes[1]
+
+
+def check_steps(limits: ModelLimits, steps: int) -> int:
+    """1..MAX_STEPS, and no more than the model's scheduler allows (leading spacing with an offset allows fewer)."""
+    between("num_inference_steps", steps, 1, MAX_STEPS, integer=True)
+    if steps > limits.max_inference_steps:
+        raise InvalidInput(
+            f"num_inference_steps must be between 1 and {limits.max_inference_steps} for model "
+            f"{limits.name!r}, got {steps}",
+            "num_inference_steps",
+        )
+    return steps
+
+
+def check_every(field: str, value: int, steps: int, low: int = 0) -> int:
+    """preview_every, trajectory_every: 0 (or `low`) .. the job's step count."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > steps and value <= MAX_STEPS:
+        raise InvalidInput(f"{field} must be between {low} and num_inference_steps ({steps}), got {value}", field)
+    return between(field, value, low, steps, integer=True)
+
+
+def check_prompt(limits: ModelLimits, field: str, text: Any) -> str:
+    """A string of at most MAX_PROMPT_CHARS characters (checked first, cheaply) and the model's token limit."""
+    if not isinstance(text, str):
+        raise InvalidInput(f"{field} must be a string", field)
+    if len(text) > MAX_PROMPT_CHARS:
+        raise InvalidInput(f"{field} must be at most {MAX_PROMPT_CHARS} characters, got {len(text)}", field)
+    if text and limits.count_tokens is not None:
+        tokens = limits.count_tokens(text)
+        if tokens > limits.max_prompt_tokens:
+            raise InvalidInput(
+                f"{field} is {tokens} tokens long; model {limits.name!r} takes at most "
+                f"{limits.max_prompt_tokens} (start and end tokens included)",
+                field,
+            )
+    return text
+
+
+def check_generation(
+    limits: ModelLimits,
+    *,
+    prompt: str,
+    negative_prompt: str = "",
+    num_inference_steps: int,
+    guidance_scale: float,
+    eta: float = 0.0,
+    seed: int,
+    width: int | None,
+    height: int | None,
+    num_images: int = 1,
+    max_num_images: int = MAX_IMAGES,
+    preview_every: int = 0,
+    trajectory_every: int = 0,
+    images_field: str = "num_images",
+) -> tuple[int, int]:
+    """Every rule of one generation request; returns the resolved (width, height)."""
+    check_steps(limits, num_inference_steps)
+    between("guidance_scale", guidance_scale, 0.0, MAX_GUIDANCE)
+    between("eta", eta, 0.0, MAX_ETA)
+    between("seed", seed, 0, MAX_SEED, integer=True)
+    between(images_field, num_images, 1, min(max_num_images, MAX_IMAGES), integer=True)
+    check_every("preview_every", preview_every, num_inference_steps)
+    check_every("trajectory_every", trajectory_every, num_inference_steps)
+    size = check_size(limits, width, height)
+    check_prompt(limits, "prompt", prompt)
+    check_prompt(limits, "negative_prompt", negative_prompt)
+    return size
+
+
+def check_timesteps(num_train_timesteps: int, timesteps: Iterable[int]) -> list[int]:
+    """Forward-trajectory timesteps: the paper's t in [0, T], at least one, at most MAX_TIMESTEPS."""
+    timesteps = list(timesteps)
+    if not 1 <= len(timesteps) <= MAX_TIMESTEPS:
+        raise InvalidInput(
+            f"timesteps must hold between 1 and {MAX_TIMESTEPS} values, got {len(timesteps)}", "timesteps"
+        )
+    for index, t in enumerate(timesteps):
+        between("timesteps", t, 0, num_train_timesteps, integer=True, param=f"timesteps.{index}")
+    return timesteps
+
+
+def default_timesteps(num_train_timesteps: int) -> list[int]:
+    """0..1000 by 50, clipped to the model's T."""
+    return sorted({min(t, num_train_timesteps) for t in DEFAULT_FORWARD_TIMESTEPS})
+
+
+def check_guidance_scales(scales: Iterable[float]) -> list[float]:
+    scales = list(scales)
+    if not 1 <= len(scales) <= MAX_GUIDANCE_SCALES:
+        raise InvalidInput(
+            f"guidance_scales must hold between 1 and {MAX_GUIDANCE_SCALES} values, got {len(scales)}",
+            "guidance_scales",
+        )
+    for index, scale in enumerate(scales):
+        between("guidance_scales", scale, 0.0, MAX_GUIDANCE, param=f"guidance_scales.{index}")
+    return scales

@@ -1,0 +1,400 @@
+"""The application core: everything a door does, with no HTTP and no gRPC in it.
+
+    core = await Core.open(settings)
+    owner = core.authenticate(authorization_header)
+    job = await core.submit_generation(owner, GenerationCreate(prompt="a red circle"))
+    async for event in core.follow(owner, job.id, after="0"):
+        ...
+
+The REST routers, the OpenAI route and the gRPC servicer are thin adapters over one Core: they translate
+their transport's request into a call here and the result (a JobRecord, a JobEvent, a ServiceError) back.
+The Core resolves the model and defaults, checks every rule (services/common/rules.py), writes the job
+(services/common/jobstore.py), sends its Celery task by name, and follows its events (events.EventHub).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import io
+import logging
+import secrets
+import uuid
+from collections.abc import AsyncIterator, Callable
+from functools import lru_cache
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+import redis.exceptions
+from celery import Celery
+
+from services.common import rules, workers
+from services.common.errors import (
+    Conflict,
+    InvalidInput,
+    JobFailed,
+    NotFound,
+    RateLimited,
+    ServiceError,
+    Unauthorized,
+    Unavailable,
+)
+from services.common.jobs import JobEvent, JobRecord
+from services.common.jobstore import AsyncJobStore, frame_blob_name
+from services.common.models import ModelInfo
+from services.common.settings import Settings, hash_key
+from services.common.tasks import GENERATE_TASK, TRAJECTORY_TASK, queue_for
+from services.core import metrics
+from services.core.events import EventHub
+from services.core.schemas import GenerationCreate, OpenAIImageRequest, TrajectoryCreate
+from services.core.validation import parse
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+ANONYMOUS = "anonymous"
+ARTIFACT_KINDS = ("image", "frame")
+
+
+@lru_cache(maxsize=16)
+def _token_counter(path: str) -> Callable[[str], int] | None:
+    """The model's own tokenizer (transformers' tokenizers need no torch), or None where its folder is not
+    on this machine (then the worker's engine counts tokens and fails the job with the same message)."""
+    try:
+        from transformers import CLIPTokenizer
+
+        tokenizer = CLIPTokenizer.from_pretrained(path)
+    except Exception as error:  # noqa: BLE001 - the folder may live on the worker's disk only
+        log.warning("cannot load tokenizer from %s (%s); prompt length checked by the worker", path, error)
+        return None
+    return lambda text: len(tokenizer(text, truncation=False).input_ids)
+
+
+def decode_image(data: str | bytes, param: str = "image") -> bytes:
+    """A PNG or JPEG picture, from bytes or base64 (a data: URL is accepted); InvalidInput otherwise."""
+    from PIL import Image
+
+    try:
+        if isinstance(data, str):
+            payload = data.split(",", 1)[1] if data.startswith("data:") else data
+            data = base64.b64decode(payload, validate=True)
+        with Image.open(io.BytesIO(data)) as image:
+            if image.format not in ("PNG", "JPEG"):
+                raise ValueError(f"format {image.format}")
+            image.verify()
+    except (binascii.Error, ValueError, OSError) as error:
+        raise InvalidInput(f"{param} must be a base64-encoded PNG or JPEG picture ({error})", param) from None
+    return data
+
+
+def translate_redis_errors(error: redis.exceptions.RedisError, retry_after_s: float) -> Unavailable:
+    return Unavailable(f"the job store (Redis) is unreachable: {error}", None, retry_after_s=retry_after_s)
+
+
+class TaskSender:
+    """Sends a job's Celery task by name to its model's queue; the worker's code is never imported here."""
+
+    def __init__(self, settings: Settings):
+        self.celery = Celery("latentd-gateway", broker=settings.redis_url)
+        self.celery.conf.update(
+            task_serializer="json",
+            accept_content=["json"],
+            broker_connection_retry_on_startup=True,
+            broker_connection_max_retries=1,
+            broker_pool_limit=2,
+            broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        )
+
+    async def send(self, kind: str, job_id: str, model: str) -> None:
+        task = GENERATE_TASK if kind == "generation" else TRAJECTORY_TASK
+        # kombu's producer blocks; a thread keeps the event loop free while it writes to Redis
+        await asyncio.to_thread(self.celery.send_task, task, args=[job_id], queue=queue_for(model))
+
+    def close(self) -> None:
+        self.celery.close()
+
+
+class Core:
+    def __init__(self, settings: Settings, store: AsyncJobStore, hub: EventHub, tasks: TaskSender):
+        self.settings = settings
+        self.store = store
+        self.hub = hub
+        self.tasks = tasks
+        self.key_hashes = settings.key_hashes()
+
+    @classmethod
+    async def open(cls, settings: Settings) -> Core:
+        pool = aioredis.BlockingConnectionPool.from_url(  # a request waits for a free connection, never opens more
+            settings.redis_url,
+            max_connections=settings.redis_max_connections,
+            timeout=settings.redis_timeout_s,
+            socket_connect_timeout=settings.redis_timeout_s,
+            socket_timeout=settings.redis_timeout_s + 1.0,  # longer than the event hub's blocking read
+            health_check_interval=30,
+        )
+        client = aioredis.Redis(connection_pool=pool)
+        store = AsyncJobStore(client, settings.result_ttl_s)
+        core = cls(settings, store, EventHub(store), TaskSender(settings))
+        core.hub.start()
+        return core
+
+    async def close(self) -> None:
+        await self.hub.stop()
+        self.tasks.close()
+        await self.store.redis.aclose()
+
+    # ---- identity --------------------------------------------------------------------------------
+    def authenticate(self, authorization: str | None) -> str:
+        """The caller's key hash (the owner of the jobs it makes) from `Bearer <key>`; anonymous when the
+        service runs without keys. Unauthorized for a missing or unknown key."""
+        if not self.key_hashes:
+            return ANONYMOUS
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'", None)
+        digest = hash_key(token.strip())
+        matched = False
+        for stored in self.key_hashes:  # every stored hash, each in constant time
+            matched |= hmac.compare_digest(digest, stored)
+        if not matched:
+            raise Unauthorized("invalid API key", None)
+        return digest
+
+    # ---- models ----------------------------------------------------------------------------------
+    async def live_models(self) -> list[tuple[ModelInfo, int]]:
+        """(model, live workers) for each model a live worker serves, by name."""
+        models = await self._redis(self.store.models())
+        live = await self._redis(
+            workers.live_workers_async(self.store.redis, models, self.settings.worker_stale_after_s)
+        )
+        return [(models[name], len(live[name])) for name in sorted(models) if name in live]
+
+    async def resolve_model(self, name: str | None) -> ModelInfo:
+        models = await self._redis(self.store.models())
+        if name:
+            if name not in models:
+                known = ", ".join(sorted(models)) or "none yet"
+                raise NotFound(f"unknown model {name!r}; served models: {known}", "model")
+            return models[name]
+        default = self.settings.default_model
+        if default and default in models:
+            return models[default]
+        if not models:
+            metrics.record_rejection("no_worker")
+            raise Unavailable(
+                "no model is served yet: start a worker", "model", retry_after_s=self.settings.retry_after_s
+            )
+        if len(models) == 1:
+            return next(iter(models.values()))
+        live = await self._redis(
+            workers.live_workers_async(self.store.redis, models, self.settings.worker_stale_after_s)
+        )
+        return models[max(sorted(models), key=lambda m: len(live.get(m, ())))]
+
+    def limits(self, model: ModelInfo) -> rules.ModelLimits:
+        return model.limits(_token_counter(model.tokenizer_path) if model.tokenizer_path else None)
+
+    async def readiness(self) -> dict[str, Any]:
+        """ready: Redis answers and a live worker serves some model; with the reason when not."""
+        try:
+            await self.store.redis.ping()
+            live = {info.name: count for info, count in await self.live_models()}
+        except (ServiceError, redis.exceptions.RedisError) as error:
+            return {"status": "unavailable", "redis": False, "reason": str(error)}
+        if not live:
+            return {"status": "unavailable", "redis": True, "workers": {}, "reason": "no live worker"}
+        return {"status": "ready", "redis": True, "workers": live}
+
+    # ---- submitting ------------------------------------------------------------------------------
+    async def submit_generation(self, owner: str, body: GenerationCreate | dict) -> JobRecord:
+        body = body if isinstance(body, GenerationCreate) else parse(GenerationCreate, body)
+        model = await self.resolve_model(body.model)
+        seed = self.resolve_seed(body.seed)
+        width, height = rules.check_generation(
+            self.limits(model),
+            **body.model_dump(exclude={"model", "seed", "output_format", "width", "height"}),
+            seed=seed,
+            width=body.width,
+            height=body.height,
+            max_num_images=self.settings.max_num_images,
+        )
+        params = body.model_dump() | {"model": model.name, "seed": seed, "width": width, "height": height}
+        return await self._enqueue("generation", model, owner, params)
+
+    async def submit_trajectory(self, owner: str, body: TrajectoryCreate | dict) -> JobRecord:
+        body = body if isinstance(body, TrajectoryCreate) else parse(TrajectoryCreate, body)
+        model = await self.resolve_model(body.model)
+        kind, image = body.kind, None
+        if kind == "forward":
+            if body.image is None and not body.prompt:
+                raise InvalidInput("a forward trajectory needs an image or a prompt", "image")
+            image = decode_image(body.image) if body.image is not None else None
+            timesteps = rules.default_timesteps(model.num_train_timesteps) if body.timesteps is None else body.timesteps
+            timesteps = rules.check_timesteps(model.num_train_timesteps, timesteps)
+        elif not body.prompt:
+            raise InvalidInput(f"a {kind} trajectory needs a prompt", "prompt")
+        if kind == "guidance_sweep":
+            rules.check_guidance_scales(body.guidance_scales)
+        seed = self.resolve_seed(body.seed)
+        width, height = rules.check_generation(
+            self.limits(model),
+            prompt=body.prompt or "",
+            negative_prompt=body.negative_prompt,
+            num_inference_steps=body.num_inference_steps,
+            guidance_scale=body.guidance_scale,
+            eta=body.eta,
+            seed=seed,
+            width=body.width,
+            height=body.height,
+        )
+        if kind == "reverse":
+            rules.check_every("trajectory_every", body.trajectory_every, body.num_inference_steps, low=1)
+        params = body.model_dump(exclude={"image"}) | {
+            "model": model.name,
+            "prompt": body.prompt or "",
+            "seed": seed,
+            "width": width,
+            "height": height,
+            "timesteps": timesteps if kind == "forward" else None,
+            "has_image": image is not None,
+        }
+        return await self._enqueue(kind, model, owner, params, input_image=image)
+
+    async def submit_openai(self, owner: str, body: OpenAIImageRequest) -> JobRecord:
+        """The OpenAI Images API's generation, as a generation job (`n` images of `size`)."""
+        model = await self.resolve_model(body.model)
+        width = height = None
+        if body.size:
+            width, height = (int(v) for v in body.size.split("x"))
+        try:
+            width, height = rules.check_size(self.limits(model), width, height)
+        except InvalidInput as error:
+            raise InvalidInput(f"size: {error.message}", "size") from None
+        generation = GenerationCreate(
+            model=model.name,
+            prompt=body.prompt,
+            negative_prompt=body.negative_prompt,
+            num_inference_steps=body.num_inference_steps,
+            guidance_scale=body.guidance_scale,
+            eta=body.eta,
+            seed=body.seed,
+            width=width,
+            height=height,
+            num_images=body.n,
+            output_format=body.output_format,
+        )
+        seed = self.resolve_seed(generation.seed)
+        rules.check_generation(
+            self.limits(model),
+            **generation.model_dump(exclude={"model", "seed", "output_format", "num_images"}),
+            seed=seed,
+            num_images=body.n,
+            images_field="n",
+            max_num_images=self.settings.max_num_images,
+        )
+        params = generation.model_dump() | {"seed": seed}
+        return await self._enqueue("generation", model, owner, params)
+
+    @staticmethod
+    def resolve_seed(seed: int | None) -> int:
+        return secrets.randbits(63) if seed is None else seed
+
+    async def _enqueue(
+        self, kind: str, model: ModelInfo, owner: str, params: dict, input_image: bytes | None = None
+    ) -> JobRecord:
+        limit = self.settings.max_queue_per_model
+        full = await self._redis(self.store.pending_count(model.name)) >= limit
+        if full and await self._redis(self.store.sweep_pending(model.name)):
+            full = await self._redis(self.store.pending_count(model.name)) >= limit  # expired ids held slots
+        if full:
+            metrics.record_rejection("queue_full")
+            raise RateLimited(
+                f"the queue of model {model.name!r} is full ({limit} jobs); retry later",
+                None,
+                retry_after_s=self.settings.retry_after_s,
+            )
+        job_id = uuid.uuid4().hex
+        job = await self._redis(
+            self.store.create(job_id, kind=kind, model=model.name, owner=owner, params=params, input_image=input_image)
+        )
+        try:
+            await self.tasks.send(kind, job_id, model.name)
+        except Exception as error:  # the record exists; the broker refused: fail the job, never strand it
+            log.exception("could not send the task of job %s", job_id)
+            await self.store.cancel(job_id, model.name)
+            raise Unavailable(
+                f"the job queue is unreachable: {error}", None, retry_after_s=self.settings.retry_after_s
+            ) from error
+        metrics.record_submission(kind, model.name)
+        return job
+
+    # ---- reading ---------------------------------------------------------------------------------
+    async def job(self, owner: str, job_id: str) -> JobRecord:
+        job = await self._redis(self.store.get(job_id)) if job_id else None
+        if job is None or job.owner != owner:  # another key's job does not exist for this caller
+            raise NotFound(f"no job {job_id!r}", "id")
+        return job
+
+    async def cancel(self, owner: str, job_id: str) -> JobRecord:
+        job = await self.job(owner, job_id)
+        outcome = await self._redis(self.store.cancel(job_id, job.model))
+        if outcome in ("succeeded", "failed"):
+            raise Conflict(f"job {job_id} already {outcome}; only queued or running jobs can be cancelled", "id")
+        return await self.job(owner, job_id)
+
+    async def artifact(self, owner: str, job_id: str, kind: str, index: int) -> tuple[bytes, str]:
+        """(bytes, media type) of image or frame `index`. A reverse trajectory's frames answer while it runs,
+        as soon as their `frame` event is out; the others once the job has succeeded."""
+        if kind not in ARTIFACT_KINDS:
+            raise InvalidInput(f"kind must be one of {', '.join(ARTIFACT_KINDS)}, got {kind!r}", "kind")
+        rules.between("index", index, 0, 10**6, integer=True)
+        job = await self.job(owner, job_id)
+        names = job.images if kind == "image" else [frame["blob"] for frame in job.frames]
+        media_type = job.media_type if kind == "image" else "image/png"
+        if kind == "frame" and job.status == "running" and index >= len(names):
+            data = await self._redis(self.store.blob(job_id, frame_blob_name(job.attempt, index)))
+            if data is not None:
+                return data, media_type
+        if index >= len(names):
+            raise NotFound(f"job {job_id} has no {kind} {index} (it has {len(names)})", "index")
+        data = await self._redis(self.store.blob(job_id, names[index]))
+        if data is None:
+            raise NotFound(f"{kind} {index} of job {job_id} has expired", "index")
+        return data, media_type
+
+    async def follow(
+        self, owner: str, job_id: str, after: str = "0", idle_s: float | None = None
+    ) -> AsyncIterator[JobEvent | None]:
+        """The job's events after `after`, through its terminal event (None every idle_s without one)."""
+        await self.job(owner, job_id)
+        async for event in self.hub.follow(job_id, after, idle_s):
+            yield event
+
+    async def wait(self, owner: str, job_id: str, timeout_s: float) -> JobRecord:
+        """Wait (without a thread) for the job to end; the final job, or JobFailed / Unavailable (timeout)."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                async for _ in self.follow(owner, job_id):
+                    pass
+        except TimeoutError:
+            job = await self.job(owner, job_id)
+            await self._redis(self.store.cancel(job_id, job.model))
+            raise Unavailable(f"job {job_id} did not finish within {timeout_s:g} s", None) from None
+        job = await self.job(owner, job_id)
+        if job.status != "succeeded":
+            error = job.error or {}
+            raise JobFailed(f"job {job_id} {job.status}: {error.get('message', job.status)}", error.get("param"))
+        return job
+
+    async def blobs(self, job: JobRecord) -> list[bytes]:
+        """The stored images of a finished job, in order."""
+        return [await self._redis(self.store.blob(job.id, name)) or b"" for name in job.images]
+
+    # ---- errors --------------------------------------------------------------------------------
+    async def _redis(self, awaitable: Any) -> Any:
+        """Await a job-store call; Redis away becomes 503 with Retry-After, never a 500 or a hang."""
+        try:
+            return await awaitable
+        except redis.exceptions.RedisError as error:
+            raise translate_redis_errors(error, self.settings.retry_after_s) from error
