@@ -17,7 +17,9 @@ from scripts import run_stack
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = ROOT / "models" / "shapes-ldm"
 API_KEYS = ("key-alice", "key-bob")
-VISIBILITY_TIMEOUT_S = 4  # short, so a job whose worker was SIGKILLed is redelivered quickly
+# Short leases, so a job whose worker was SIGKILLed runs again within a few seconds (deploy: 15 s and 2 s).
+LEASE_S = 3.0
+REAP_INTERVAL_S = 0.5
 
 
 @pytest.fixture(scope="session")
@@ -60,7 +62,7 @@ class Stack:
         self.workers_started += 1
         log = open(self.log_dir / f"worker-{self.workers_started}.log", "w")
         self.worker = run_stack.start_worker(
-            self.redis_url, self.model_path, concurrency=16, log=log, visibility_timeout_s=VISIBILITY_TIMEOUT_S
+            self.redis_url, self.model_path, concurrency=16, log=log, lease_s=LEASE_S, reap_interval_s=REAP_INTERVAL_S
         )
 
     def kill_worker(self) -> None:
@@ -89,7 +91,6 @@ def real_stack(own_redis, model_path, tmp_path_factory) -> Stack:
         port,
         log=open(log_dir / "api.log", "w"),
         api_key_hashes=",".join(hash_key(k) for k in API_KEYS),
-        visibility_timeout_s=VISIBILITY_TIMEOUT_S,
         sse_keepalive_s=1,
     )
     grpc_port, stack.grpc_metrics_port = run_stack.free_port(), run_stack.free_port()

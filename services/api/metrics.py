@@ -23,14 +23,10 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from services.common import metrics_server, workers
+from services.common.tasks import celery_queue_length
 
 DEFAULT_API_METRICS_PORT = 9464
 DEFAULT_GRPC_METRICS_PORT = 9466  # the gRPC front door runs as its own process
-# Celery's Redis transport keeps priority levels 1..9 in sibling lists named
-# "<queue>\x06\x16<priority>"; the plain name holds priority 0.
-CELERY_PRIORITY_SEP = "\x06\x16"
-CELERY_PRIORITY_STEPS = (3, 6, 9)
-
 HTTP_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 http_requests_total = Counter(
@@ -52,15 +48,6 @@ def observe_http_request(route: str, method: str, status: int, duration_s: float
     """Record one answered request; `route` is the route template, never the raw path."""
     http_requests_total.labels(route=route, method=method, status=str(status)).inc()
     http_request_duration_seconds.labels(route=route, method=method).observe(duration_s)
-
-
-def celery_queue_length(redis_client: Any, queue: str) -> int:
-    """Messages waiting in a Celery queue on the Redis transport, all priority levels summed."""
-    keys = [queue] + [f"{queue}{CELERY_PRIORITY_SEP}{p}" for p in CELERY_PRIORITY_STEPS]
-    pipe = redis_client.pipeline(transaction=False)
-    for key in keys:
-        pipe.llen(key)
-    return int(sum(pipe.execute()))
 
 
 class QueueDepthCollector(Collector):

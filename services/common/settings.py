@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = 8 * 1024 * 1024
     max_num_images: int = 8
     max_queue_per_model: int = 64
+    # one API key's share of a model's queue (queued + running); 0: a quarter of max_queue_per_model
+    max_queue_per_key: int = 0
     retry_after_s: int = 2
     result_ttl_s: int = 3600
     sse_keepalive_s: float = 15.0
@@ -41,7 +43,16 @@ class Settings(BaseSettings):
     worker_models: str = "models/shapes-ldm"  # comma-separated model folders
     worker_device: str = "cpu"
     max_batch_rows: int = 64
+    # the broker's redelivery of an unacknowledged task: only a backstop, leases requeue lost jobs first
     visibility_timeout_s: int = 3600
+    lease_s: float = 15.0  # a lost worker's jobs are requeued within lease_s + reap_interval_s
+    reap_interval_s: float = 2.0
+    max_lost: int = 3  # a job whose worker was lost this many times fails instead of looping
+    drain_grace_s: float = 45.0  # on SIGTERM: finish what the engine holds for this long, requeue the rest
+
+    @property
+    def owner_queue_limit(self) -> int:
+        return self.max_queue_per_key or max(1, self.max_queue_per_model // 4)
 
     def key_hashes(self) -> set[str]:
         hashes = {h.strip().lower() for h in self.api_key_hashes.split(",") if h.strip()}

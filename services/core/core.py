@@ -42,10 +42,10 @@ from services.common.errors import (
     Unavailable,
 )
 from services.common.jobs import JobEvent, JobRecord
-from services.common.jobstore import AsyncJobStore, frame_blob_name
+from services.common.jobstore import AsyncJobStore, QueueFull, frame_blob_name
 from services.common.models import ModelInfo
 from services.common.settings import Settings, hash_key
-from services.common.tasks import GENERATE_TASK, TRAJECTORY_TASK, queue_for
+from services.common.tasks import RUN_TASK, queue_for
 from services.core import metrics
 from services.core.events import EventHub
 from services.core.schemas import GenerationCreate, OpenAIImageRequest, TrajectoryCreate
@@ -106,10 +106,10 @@ class TaskSender:
             broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
         )
 
-    async def send(self, kind: str, job_id: str, model: str) -> None:
-        task = GENERATE_TASK if kind == "generation" else TRAJECTORY_TASK
+    async def send(self, model: str) -> None:
+        """One task per queued job: the worker that gets it takes the model's next job in fair order."""
         # kombu's producer blocks; a thread keeps the event loop free while it writes to Redis
-        await asyncio.to_thread(self.celery.send_task, task, args=[job_id], queue=queue_for(model))
+        await asyncio.to_thread(self.celery.send_task, RUN_TASK, args=[model], queue=queue_for(model))
 
     def close(self) -> None:
         self.celery.close()
@@ -303,31 +303,44 @@ class Core:
     async def _enqueue(
         self, kind: str, model: ModelInfo, owner: str, params: dict, input_image: bytes | None = None
     ) -> JobRecord:
-        limit = self.settings.max_queue_per_model
-        full = await self._redis(self.store.pending_count(model.name)) >= limit
-        if full and await self._redis(self.store.sweep_pending(model.name)):
-            full = await self._redis(self.store.pending_count(model.name)) >= limit  # expired ids held slots
-        if full:
-            metrics.record_rejection("queue_full")
-            raise RateLimited(
-                f"the queue of model {model.name!r} is full ({limit} jobs); retry later",
-                None,
-                retry_after_s=self.settings.retry_after_s,
-            )
+        settings = self.settings
         job_id = uuid.uuid4().hex
-        job = await self._redis(
-            self.store.create(job_id, kind=kind, model=model.name, owner=owner, params=params, input_image=input_image)
-        )
+        create = dict(kind=kind, model=model.name, owner=owner, params=params, input_image=input_image)
+        limits = dict(max_pending=settings.max_queue_per_model, max_owned=settings.owner_queue_limit)
         try:
-            await self.tasks.send(kind, job_id, model.name)
-        except Exception as error:  # the record exists; the broker refused: fail the job, never strand it
+            try:
+                job = await self._redis(self.store.create(job_id, **create, **limits))
+            except QueueFull:
+                if not await self._redis(self.store.sweep(model.name, owner)):  # expired ids may hold slots
+                    raise
+                job = await self._redis(self.store.create(job_id, **create, **limits))
+        except QueueFull as full:
+            raise self._refusal(full, model) from None
+        try:
+            await self.tasks.send(model.name)
+        except Exception as error:  # the record exists; the broker refused: end the job, never strand it
             log.exception("could not send the task of job %s", job_id)
-            await self.store.cancel(job_id, model.name)
+            await self.store.cancel(job)
             raise Unavailable(
-                f"the job queue is unreachable: {error}", None, retry_after_s=self.settings.retry_after_s
+                f"the job queue is unreachable: {error}", None, retry_after_s=settings.retry_after_s
             ) from error
         metrics.record_submission(kind, model.name)
         return job
+
+    def _refusal(self, full: QueueFull, model: ModelInfo) -> RateLimited:
+        settings = self.settings
+        if full.scope == "model":
+            metrics.record_rejection("queue_full")
+            message = f"the queue of model {model.name!r} is full ({settings.max_queue_per_model} jobs); retry later"
+        else:
+            metrics.record_rejection("quota")
+            limit = settings.owner_queue_limit
+            message = (
+                f"this API key already has {limit} {'job' if limit == 1 else 'jobs'} queued or running on model "
+                f"{model.name!r}, its share of the model's queue (max_queue_per_key = {limit}); retry when one "
+                "of them finishes"
+            )
+        return RateLimited(message, None, retry_after_s=settings.retry_after_s)
 
     # ---- reading ---------------------------------------------------------------------------------
     async def job(self, owner: str, job_id: str) -> JobRecord:
@@ -338,7 +351,7 @@ class Core:
 
     async def cancel(self, owner: str, job_id: str) -> JobRecord:
         job = await self.job(owner, job_id)
-        outcome = await self._redis(self.store.cancel(job_id, job.model))
+        outcome = await self._redis(self.store.cancel(job))
         if outcome in ("succeeded", "failed"):
             raise Conflict(f"job {job_id} already {outcome}; only queued or running jobs can be cancelled", "id")
         return await self.job(owner, job_id)
@@ -379,7 +392,7 @@ class Core:
                     pass
         except TimeoutError:
             job = await self.job(owner, job_id)
-            await self._redis(self.store.cancel(job_id, job.model))
+            await self._redis(self.store.cancel(job))
             raise Unavailable(f"job {job_id} did not finish within {timeout_s:g} s", None) from None
         job = await self.job(owner, job_id)
         if job.status != "succeeded":

@@ -23,6 +23,7 @@ from services.worker import metrics as worker_metrics
 from services.worker.diffusion.schedules import max_inference_steps
 from services.worker.engine.engine import Engine, RequestHandle
 from services.worker.engine.requests import StepEvent, TrajectoryFrame
+from services.worker.heartbeat import worker_id
 from services.worker.loading import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
@@ -128,11 +129,13 @@ class StepEventWriter:
 class Runtime:
     """Per-process singleton: the models this worker serves, their engines, the open request handles."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, worker: str | None = None):
         self.settings = settings
+        self.worker = worker or worker_id()
         self.store = JobStore.from_url(settings.redis_url, settings.result_ttl_s)
         self.engines: dict[str, Engine] = {}
         self._handles: dict[str, RequestHandle] = {}
+        self._held: dict[str, dict[str, int]] = {}  # model -> {job id: attempt} this worker runs
         self._lock = threading.Lock()
 
     def load(self, paths: list[str]) -> None:
@@ -166,6 +169,26 @@ class Runtime:
         with self._lock:
             return self._handles.get(rid)
 
+    def hold(self, model: str, job_id: str, attempt: int) -> None:
+        with self._lock:
+            self._held.setdefault(model, {})[job_id] = attempt
+
+    def release(self, model: str, job_id: str) -> None:
+        with self._lock:
+            self._held.get(model, {}).pop(job_id, None)
+
+    def held(self) -> dict[str, list[tuple[str, int]]]:
+        """{model: [(job id, attempt)]} of the attempts this worker runs now (their leases to renew)."""
+        with self._lock:
+            return {model: list(jobs.items()) for model, jobs in self._held.items() if jobs}
+
+    def cancel_job(self, job_id: str) -> None:
+        """Drop every engine request of the job (a superseded or requeued attempt)."""
+        with self._lock:
+            handles = [h for rid, h in self._handles.items() if parse_request_id(rid)[0] == job_id]
+        for handle in handles:
+            handle.cancel()
+
 
 _runtime: Runtime | None = None
 _runtime_lock = threading.Lock()
@@ -185,27 +208,35 @@ def get_runtime(settings: Settings | None = None) -> Runtime:
 
 
 class JobRun:
-    """One claimed attempt of one job: start it, then finish it exactly once (or step aside)."""
+    """One claimed attempt of one job: taken in fair order with a lease, finished exactly once (or left to
+    the attempt that superseded it)."""
 
-    def __init__(self, runtime: Runtime, job_id: str):
-        self.runtime, self.store, self.job_id = runtime, runtime.store, job_id
+    def __init__(self, runtime: Runtime, job_id: str, attempt: int):
+        self.runtime, self.store, self.job_id, self.attempt = runtime, runtime.store, job_id, attempt
         self.job: JobRecord | None = None
-        self.attempt: int | None = None
         self.started_at = 0.0
 
-    def claim(self) -> bool:
-        self.job = self.store.get(self.job_id)
-        if self.job is None:
-            return False
-        self.attempt = self.store.claim(self.job_id)
-        if self.attempt is None:
-            return False
-        self.started_at = time.time()
-        queued_at = self.job.timings.get("queued_at", self.started_at)
-        self.job.timings |= {"started_at": self.started_at, "queue_s": self.started_at - queued_at}
-        self.store.started(self.job_id, self.attempt, self.job.timings)
-        worker_metrics.observe_queue_wait(self.job.model, queued_at, self.started_at)
-        return True
+    @classmethod
+    def take(cls, runtime: Runtime, model: str) -> JobRun | None:
+        """The model's next job in fair order, claimed with a lease and started; None when none waits."""
+        taken = runtime.store.take(model, runtime.settings.lease_s, runtime.worker)
+        if taken is None:
+            return None
+        run = cls(runtime, *taken)
+        runtime.hold(model, run.job_id, run.attempt)
+        run.job = runtime.store.get(run.job_id)
+        if run.job is None:  # expired in the instant between
+            runtime.release(model, run.job_id)
+            return None
+        run.started_at = time.time()
+        queued_at = run.job.timings.get("queued_at", run.started_at)
+        run.job.timings |= {"started_at": run.started_at, "queue_s": run.started_at - queued_at}
+        run.store.started(run.job_id, run.attempt, run.job.timings)
+        worker_metrics.observe_queue_wait(run.job.model, queued_at, run.started_at)
+        return run
+
+    def release(self) -> None:
+        self.runtime.release(self.job.model, self.job_id)
 
     @property
     def params(self) -> dict:
@@ -245,15 +276,12 @@ class JobRun:
             "timings": self._timings(),
             "progress": {"step": steps, "total": steps, "done": True},
         }
-        return self.store.finish(
-            self.job_id, self.job.model, self.attempt, "succeeded", fields, ("succeeded", done), blobs
-        )
+        return self.store.finish(self.job, self.attempt, "succeeded", fields, ("succeeded", done), blobs)
 
     def fail(self, error_type: str, message: str, param: str | None = None) -> bool:
         error = {"type": error_type, "message": message, "param": param}
         return self.store.finish(
-            self.job_id,
-            self.job.model,
+            self.job,
             self.attempt,
             "failed",
             {"error": error, "timings": self._timings()},
@@ -261,11 +289,10 @@ class JobRun:
         )
 
     def cancelled(self) -> bool:
-        if self.store.current_attempt(self.job_id) != self.attempt:
-            return False  # a redelivered copy took over: it finishes the job, not us
+        if not self.store.holds(self.job_id, self.attempt):
+            return False  # requeued meanwhile: the attempt that takes it over finishes it, not us
         return self.store.finish(
-            self.job_id,
-            self.job.model,
+            self.job,
             self.attempt,
             "cancelled",
             {"timings": self._timings()},

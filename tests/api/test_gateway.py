@@ -26,6 +26,7 @@ def client(model_path):
         redis_url=REDIS_URL,
         api_key_hashes=hash_key(KEY),
         max_queue_per_model=2,
+        max_queue_per_key=2,
         max_body_bytes=4096,
         retry_after_s=7,
         max_num_images=4,
@@ -148,7 +149,8 @@ def test_a_running_jobs_streamed_frames_can_be_fetched(client):
         "/v1/trajectories", json={"kind": "reverse", "prompt": "x", "num_inference_steps": 4, "trajectory_every": 2}
     ).json()
     store = JobStore.from_url(REDIS_URL)
-    attempt = store.claim(job["id"])  # what a worker does when it starts the job
+    taken, attempt = store.take("tiny", 15, "test-worker")  # what a worker does when it starts the job
+    assert taken == job["id"]
     store.redis.set(blob_key(job["id"], frame_blob_name(attempt, 0)), b"\x89PNG frame 0")  # what its step writer does
     assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "running"
     assert client.get(f"/v1/jobs/{job['id']}/frames/0").content == b"\x89PNG frame 0"

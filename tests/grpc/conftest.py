@@ -74,7 +74,9 @@ def door():
     """A door whose model has no worker (jobs stay queued) and whose queue holds 2 jobs."""
     redis.Redis.from_url(DOOR_REDIS_URL).flushdb()
     JobStore.from_url(DOOR_REDIS_URL).publish_model(TINY)
-    settings = Settings(redis_url=DOOR_REDIS_URL, api_key_hashes=hash_key(DOOR_KEY), max_queue_per_model=2)
+    settings = Settings(
+        redis_url=DOOR_REDIS_URL, api_key_hashes=hash_key(DOOR_KEY), max_queue_per_model=2, max_queue_per_key=2
+    )
     door = InProcessDoor(settings)
     yield door
     door.close()

@@ -277,32 +277,25 @@ def test_openai_client_generates_images(real_stack):
     assert "multiple of" in str(caught.value)
 
 
-def test_sigkill_mid_job_is_redelivered_and_finishes_exactly_once(real_stack):
+def test_sigkill_mid_job_is_requeued_when_its_lease_lapses_and_finishes_exactly_once(real_stack):
     job = submit(real_stack, {"prompt": "survivor", "num_inference_steps": 12})
     url = f"{real_stack.url}/v1/jobs/{job['id']}/events"
     read_events(url, real_stack.headers(), stop_after=4)  # it is running: two steps done
     real_stack.kill_worker()
-    time.sleep(1)
+    time.sleep(0.5)
     assert (
         httpx.get(f"{real_stack.url}/v1/jobs/{job['id']}", headers=real_stack.headers()).json()["status"] == "running"
     )
-    real_stack.start_worker()
-    done = wait_job(real_stack, job["id"], timeout_s=180)
-    assert done["status"] == "succeeded" and done["attempt"] >= 2
+    real_stack.start_worker()  # its reaper finds the lapsed lease; the broker's visibility timeout is an hour
+    done = wait_job(real_stack, job["id"], timeout_s=120)
+    assert done["status"] == "succeeded" and done["attempt"] == 2
     events = read_events(url, real_stack.headers())
     assert sum(e["event"] == "succeeded" for e in events) == 1
-    assert sum(e["event"] == "started" for e in events) == done["attempt"]
+    assert sum(e["event"] == "started" for e in events) == 2
+    requeued = [e["data"] for e in events if e["event"] == "queued" and e["data"].get("requeued")]
+    assert len(requeued) == 1 and "lease" in requeued[0]["reason"]
     last_start = max(i for i, e in enumerate(events) if e["event"] == "started")
     assert [e["data"]["step"] for e in events[last_start:] if e["event"] == "step"] == list(range(1, 13))
-    time.sleep(real_stack_visibility() + 1)  # a late duplicate, if any, must not write a second result
-    events = read_events(url, real_stack.headers())
-    assert sum(e["event"] in TERMINAL for e in events) == 1
     from scripts.run_stack import wait_ready
 
     wait_ready(real_stack.url, timeout_s=120)
-
-
-def real_stack_visibility() -> int:
-    from tests.conftest import VISIBILITY_TIMEOUT_S
-
-    return VISIBILITY_TIMEOUT_S

@@ -205,7 +205,7 @@ def test_every_metric_moves_after_real_jobs(stack):
     from celery import Celery
 
     from services.common.jobstore import AsyncJobStore, JobStore
-    from services.common.tasks import GENERATE_TASK, queue_for
+    from services.common.tasks import RUN_TASK, queue_for
 
     broken = uuid.uuid4().hex
 
@@ -219,7 +219,7 @@ def test_every_metric_moves_after_real_jobs(stack):
     asyncio.run(create_broken())
     producer = Celery("metrics-test", broker=REDIS_URL)
     producer.conf.update(task_serializer="json")
-    producer.send_task(GENERATE_TASK, args=[broken], queue=queue_for(MODEL))
+    producer.send_task(RUN_TASK, args=[MODEL], queue=queue_for(MODEL))
     store = JobStore.from_url(REDIS_URL, 600)
     wait_for(lambda: store.get(broken).status == "failed", 60, "the broken job to fail")
     error_type = store.get(broken).error["type"]
