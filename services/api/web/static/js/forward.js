@@ -23,7 +23,7 @@ export function timestepsFor(T, stride) {
 }
 
 export function initForward() {
-  const panel = new JobPanel("fwd");
+  const panel = new JobPanel("fwd", { aliases: { timesteps: "stride" } });
   const form = panel.form;
   const slider = $("#fwd-t");
   const frame = $("#fwd-frame");

@@ -7,7 +7,7 @@ import { regimeFor, SWEEP_SCALES } from "./regimes.js";
 import { $, el, formValues, seedValue, UrlBag } from "./ui.js";
 
 export function initSweep() {
-  const panel = new JobPanel("sweep", { aliases: { guidance_scales: "prompt" } });
+  const panel = new JobPanel("sweep");
   const form = panel.form;
   const grid = $("#sweep-grid");
   const urls = new UrlBag();
