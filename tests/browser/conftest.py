@@ -31,8 +31,10 @@ JOB_TIMEOUT_MS = 90_000  # a few small jobs on a shared 2-core CPU
 expect.set_options(timeout=JOB_TIMEOUT_MS)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser():
+    """One Chromium for tests/browser, closed when the package is done: the sync API keeps an asyncio loop
+    running in this thread while it is open, and later tests call asyncio.run()."""
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is missing: `apt-get install chromium` (.ci/run installs it)")
     with sync_playwright() as playwright:
