@@ -51,6 +51,7 @@ class Traffic:
     requested: list[str] = field(default_factory=list)
     blocked: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    failed_pictures: list[str] = field(default_factory=list)  # images and frames the gateway refused
 
 
 @pytest.fixture
@@ -75,6 +76,12 @@ def page(browser, real_stack, traffic, request) -> Page:
 
     page.route("**/*", only_the_gateway)
     page.on("pageerror", lambda error: traffic.errors.append(str(error)))
+
+    def check_picture(response):
+        if re.search(r"/v1/jobs/[^/]+/(images|frames)/", response.url) and response.status >= 400:
+            traffic.failed_pictures.append(f"{response.status} {response.url}")
+
+    page.on("response", check_picture)
     yield page
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     name = re.sub(r"[^\w.-]+", "_", request.node.name)
@@ -84,6 +91,7 @@ def page(browser, real_stack, traffic, request) -> Page:
         context.close()
     assert not traffic.blocked, f"the page reached past the gateway: {traffic.blocked}"
     assert not traffic.errors, f"uncaught errors in the page: {traffic.errors}"
+    assert not traffic.failed_pictures, f"pictures the page asked for too early or wrongly: {traffic.failed_pictures}"
 
 
 def give_key(page: Page, key: str = API_KEYS[0]) -> None:

@@ -51,8 +51,8 @@ export function initForward() {
     const f = frames[i];
     if (!f) return;
     const a = f.alpha_bar;
-    if (f.url) {
-      frame.src = f.url;
+    if (f.src) {
+      frame.src = f.src;
       frame.hidden = false;
     }
     frame.alt = `x_t at t = ${f.timestep}`;
@@ -93,23 +93,20 @@ export function initForward() {
     frames = [];
     slider.disabled = true;
     slider.value = "0";
-    const loads = [];
     const result = await panel.run("v1/trajectories", body, {
       onEvent: (name, data) => {
         if (name === "started") frames = [];
-        if (name !== "frame") return;
-        const f = { ...data, url: null };
-        frames[data.index] = f;
-        loads.push(
-          fetchBlob(data.url).then((blob) => {
-            f.url = urls.add(blob);
-          }),
-        );
+        if (name === "frame") frames[data.index] = { ...data, src: null };
       },
     });
     if (!result || result.outcome !== "succeeded") return;
     try {
-      await Promise.all(loads);
+      // a forward trajectory's frame URLs answer once the job has succeeded: fetched after it
+      await Promise.all(
+        frames.filter(Boolean).map(async (f) => {
+          f.src = urls.add(await fetchBlob(f.url));
+        }),
+      );
     } catch (error) {
       panel.status(`Could not fetch the frames: ${error.message}`, true);
     }

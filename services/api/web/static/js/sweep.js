@@ -53,21 +53,27 @@ export function initSweep() {
       item.img.removeAttribute("src");
       item.progress.value = 0;
     }
-    await panel.run("v1/trajectories", body, {
+    const frames = []; // a sweep's frame URLs answer once the job has succeeded: fetched after it
+    const result = await panel.run("v1/trajectories", body, {
       parts: SWEEP_SCALES.length,
       onEvent: (name, data) => {
         const item = items[data.index ?? -1];
         if (name === "step" && item) item.progress.value = data.step / data.total;
-        if (name !== "frame" || !item) return;
-        fetchBlob(data.url)
-          .then((blob) => {
-            item.img.src = urls.add(blob);
-            item.img.alt = `"${v.prompt}" at guidance scale ${data.guidance_scale}: ${item.regime.label}`;
-            item.img.hidden = false;
-            item.progress.value = 1;
-          })
-          .catch((error) => panel.status(`Could not fetch the picture at scale ${item.scale}: ${error.message}`));
+        if (name === "frame" && item) frames.push({ item, ...data });
       },
     });
+    if (result?.outcome !== "succeeded") return;
+    try {
+      await Promise.all(
+        frames.map(async ({ item, url, guidance_scale: scale }) => {
+          item.img.src = urls.add(await fetchBlob(url));
+          item.img.alt = `"${v.prompt}" at guidance scale ${scale}: ${item.regime.label}`;
+          item.img.hidden = false;
+          item.progress.value = 1;
+        }),
+      );
+    } catch (error) {
+      panel.status(`Could not fetch the pictures: ${error.message}`, true);
+    }
   });
 }
