@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         procs.append(start_grpc(redis_url, args.grpc_port))
         wait_ready(rest_url, timeout_s=300, procs=tuple(procs))
         print(
-            f"latentd is up\n  REST  {rest_url}  (docs: {rest_url}/docs)\n  gRPC  127.0.0.1:{args.grpc_port}\n"
+            f"latentd is up\n  page  {rest_url}/\n  REST  {rest_url}  (docs: {rest_url}/docs)\n  gRPC  127.0.0.1:{args.grpc_port}\n"
             f"  Redis {redis_url}\nCtrl-C stops everything.",
             flush=True,
         )

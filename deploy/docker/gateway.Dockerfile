@@ -24,6 +24,7 @@ WORKDIR /app
 COPY requirements/common.txt requirements/api.txt requirements/
 RUN pip install -r requirements/api.txt
 
+# services/ carries the page at / (services/api/web/static/); requirements/api.txt the offline /docs assets
 COPY services/ services/
 COPY proto/ proto/
 COPY --from=proto /src/services/common/grpc_gen/ services/common/grpc_gen/

@@ -10,7 +10,7 @@ import redis
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from services.api import errors, metrics
+from services.api import errors, metrics, web
 from services.api.routers import generations, health, jobs, models, openai_images, trajectories
 from services.common.errors import PayloadTooLarge
 from services.common.jobstore import MODELS_KEY
@@ -42,6 +42,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="latentd",
         version="1",
         lifespan=lifespan,
+        docs_url=None,  # /docs and /redoc come from services.api.web, with their assets served locally
+        redoc_url=None,
         description="Latent diffusion inference: text to image, trajectories, streamed progress.",
     )
 
@@ -63,4 +65,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     for router in (generations, trajectories, jobs, models, openai_images, health):
         app.include_router(router.router)
+    web.install(app)
     return app
