@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 from urllib.parse import urlparse
@@ -39,6 +40,9 @@ _CODE_ERRORS = {
 _OPTIONS = [
     ("grpc.max_receive_message_length", protocol.MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", protocol.MAX_MESSAGE_BYTES),
+    # a dropped connection is dialled again soon (gRPC's default waits 1 s, then up to 2 minutes)
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 5000),
 ]
 
 
@@ -111,6 +115,10 @@ class GrpcTransport:
 
     def events(self, job_id: str, after: str | None = None) -> Iterator[JobEvent]:
         """One server stream; StreamDropped when it breaks (the client resumes)."""
+        try:  # after a drop the channel reconnects first; a stream opened before would fail at once
+            grpc.channel_ready_future(self.channel).result(timeout=self.timeout)
+        except grpc.FutureTimeoutError:
+            raise StreamDropped(f"no connection to {self.url} within {self.timeout:g} s") from None
         call = self.stub.StreamJobEvents(_stream_request(job_id, after), metadata=self.metadata)
         try:
             for message in call:
@@ -167,6 +175,10 @@ class AsyncGrpcTransport:
         return [Model.from_proto(m) for m in reply.models]
 
     async def events(self, job_id: str, after: str | None = None) -> AsyncIterator[JobEvent]:
+        try:  # after a drop the channel reconnects first; a stream opened before would fail at once
+            await asyncio.wait_for(self.channel.channel_ready(), self.timeout)
+        except TimeoutError:
+            raise StreamDropped(f"no connection to {self.url} within {self.timeout:g} s") from None
         call = self.stub.StreamJobEvents(_stream_request(job_id, after), metadata=self.metadata)
         try:
             async for message in call:

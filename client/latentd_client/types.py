@@ -211,5 +211,7 @@ class Model:
             "size_multiple": message.size_multiple,
             "max_inference_steps": message.max_inference_steps,
             "workers": message.workers,
+            "queue_depth": message.queue_depth,
+            "default": message.is_default,
         }
         return cls(message.name, message.native_width, message.native_height, message.scheduler, raw)

@@ -188,7 +188,7 @@ class LatentdServicer(pb_grpc.LatentdServiceServicer):
 
     @edge
     async def ListModels(self, request, context, owner):
-        return pb.ListModelsResponse(models=[info.to_proto(workers) for info, workers in await self.core.live_models()])
+        return pb.ListModelsResponse(models=[served.to_proto() for served in await self.core.live_models()])
 
     @edge
     @streaming

@@ -369,6 +369,15 @@ class AsyncJobStore:
     async def blob(self, job_id: str, name: str) -> bytes | None:
         return await self.redis.get(blob_key(job_id, name))
 
+    async def queued_counts(self, models: list[str]) -> dict[str, int]:
+        """{model: jobs queued, not yet running}: the model's queue less the jobs holding a lease."""
+        pipe = self.redis.pipeline(transaction=False)
+        for model in models:
+            pipe.scard(pending_key(model))
+            pipe.zcard(leases_key(model))
+        replies = await pipe.execute()
+        return {model: max(0, replies[2 * i] - replies[2 * i + 1]) for i, model in enumerate(models)}
+
     async def models(self) -> dict[str, ModelInfo]:
         return {_s(k): ModelInfo.from_json(v) for k, v in (await self.redis.hgetall(MODELS_KEY)).items()}
 
@@ -525,12 +534,15 @@ class JobStore:
             out.append((_s(cancel) == "1", superseded))
         return out
 
-    def add_frames(self, job_id: str, attempt: int, frames: list[dict]) -> bool:
-        """Frame events (not terminal) before the result, only while `attempt` is current."""
+    def add_frames(self, job_id: str, attempt: int, frames: list[tuple[int, dict, bytes]]) -> bool:
+        """Frames (index, event data, PNG) before the result, only while `attempt` holds the fence: each
+        picture is stored before its event goes out, so a client may fetch a frame as soon as it hears of it."""
         if not self.holds(job_id, attempt):
             return False
         pipe = self.redis.pipeline(transaction=False)
-        for data in frames:
+        for index, _, png in frames:
+            pipe.set(blob_key(job_id, frame_blob_name(attempt, index)), png, ex=self.ttl_s)
+        for _, data, _ in frames:
             pipe.xadd(events_key(job_id), _event_fields("frame", data))
         pipe.execute()
         return True

@@ -58,14 +58,15 @@ class ModelInfo:
             count_tokens=count_tokens,
         )
 
-    def view(self, workers: int) -> dict[str, Any]:
+    def view(self, workers: int, queue_depth: int = 0, default: bool = False) -> dict[str, Any]:
         """The public entry of GET /v1/models (OpenAI's `id` and `object` included)."""
         data = dataclasses.asdict(self)
         public = {k: v for k, v in data.pop("extra").items() if k not in PRIVATE_FIELDS}
         public |= {k: v for k, v in data.items() if k not in PRIVATE_FIELDS}
-        return public | {"id": self.name, "object": "model", "workers": workers}
+        live = {"workers": workers, "queue_depth": queue_depth, "default": default}
+        return public | {"id": self.name, "object": "model"} | live
 
-    def to_proto(self, workers: int):
+    def to_proto(self, workers: int, queue_depth: int = 0, default: bool = False):
         from services.common.grpc_gen.latentd.v1 import latentd_pb2 as pb
 
         return pb.Model(
@@ -74,9 +75,27 @@ class ModelInfo:
             native_height=self.native_height,
             scheduler=self.scheduler,
             workers=workers,
-            raw_json=json.dumps(self.view(workers)),
+            raw_json=json.dumps(self.view(workers, queue_depth, default)),
             max_prompt_tokens=self.max_prompt_tokens,
             num_train_timesteps=self.num_train_timesteps,
             size_multiple=self.size_multiple,
             max_inference_steps=self.max_inference_steps,
+            queue_depth=queue_depth,
+            is_default=default,
         )
+
+
+@dataclass
+class ServedModel:
+    """A model a live worker serves, as the doors list it."""
+
+    info: ModelInfo
+    workers: int
+    queue_depth: int
+    default: bool
+
+    def view(self) -> dict[str, Any]:
+        return self.info.view(self.workers, self.queue_depth, self.default)
+
+    def to_proto(self):
+        return self.info.to_proto(self.workers, self.queue_depth, self.default)

@@ -43,7 +43,7 @@ from services.common.errors import (
 )
 from services.common.jobs import JobEvent, JobRecord
 from services.common.jobstore import AsyncJobStore, QueueFull, frame_blob_name
-from services.common.models import ModelInfo
+from services.common.models import ModelInfo, ServedModel
 from services.common.settings import Settings, hash_key
 from services.common.tasks import RUN_TASK, queue_for
 from services.core import metrics
@@ -162,13 +162,14 @@ class Core:
         return digest
 
     # ---- models ----------------------------------------------------------------------------------
-    async def live_models(self) -> list[tuple[ModelInfo, int]]:
-        """(model, live workers) for each model a live worker serves, by name."""
+    async def live_models(self) -> list[ServedModel]:
+        """Each model a live worker serves, by name, with its workers, queue depth and whether it is the default."""
         models = await self._redis(self.store.models())
-        live = await self._redis(
-            workers.live_workers_async(self.store.redis, models, self.settings.worker_stale_after_s)
-        )
-        return [(models[name], len(live[name])) for name in sorted(models) if name in live]
+        live = await self._live(models)
+        served = [name for name in sorted(models) if name in live]
+        depth = await self._redis(self.store.queued_counts(served))
+        default = self._default(models, live) if models else None
+        return [ServedModel(models[n], len(live[n]), depth[n], n == default) for n in served]
 
     async def resolve_model(self, name: str | None) -> ModelInfo:
         models = await self._redis(self.store.models())
@@ -177,20 +178,23 @@ class Core:
                 known = ", ".join(sorted(models)) or "none yet"
                 raise NotFound(f"unknown model {name!r}; served models: {known}", "model")
             return models[name]
-        default = self.settings.default_model
-        if default and default in models:
-            return models[default]
         if not models:
             metrics.record_rejection("no_worker")
             raise Unavailable(
                 "no model is served yet: start a worker", "model", retry_after_s=self.settings.retry_after_s
             )
-        if len(models) == 1:
-            return next(iter(models.values()))
-        live = await self._redis(
-            workers.live_workers_async(self.store.redis, models, self.settings.worker_stale_after_s)
-        )
-        return models[max(sorted(models), key=lambda m: len(live.get(m, ())))]
+        live = await self._live(models) if len(models) > 1 else {}
+        return models[self._default(models, live)]
+
+    def _default(self, models: dict[str, ModelInfo], live: dict[str, list[str]]) -> str:
+        """The model of requests that name none: the setting's, else the only one, else the most served."""
+        if self.settings.default_model in models:
+            return self.settings.default_model
+        return max(sorted(models), key=lambda m: len(live.get(m, ())))
+
+    async def _live(self, models: dict[str, ModelInfo]) -> dict[str, list[str]]:
+        stale_s = self.settings.worker_stale_after_s
+        return await self._redis(workers.live_workers_async(self.store.redis, models, stale_s))
 
     def limits(self, model: ModelInfo) -> rules.ModelLimits:
         return model.limits(_token_counter(model.tokenizer_path) if model.tokenizer_path else None)
@@ -199,7 +203,7 @@ class Core:
         """ready: Redis answers and a live worker serves some model; with the reason when not."""
         try:
             await self.store.redis.ping()
-            live = {info.name: count for info, count in await self.live_models()}
+            live = {served.info.name: served.workers for served in await self.live_models()}
         except (ServiceError, redis.exceptions.RedisError) as error:
             return {"status": "unavailable", "redis": False, "reason": str(error)}
         if not live:

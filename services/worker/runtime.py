@@ -253,21 +253,23 @@ class JobRun:
         """Write the result once. `frames_streamed`: the step writer already stored the frames and sent
         their events (a reverse trajectory); only their TTL is renewed to match the job's."""
         fmt = self.params.get("output_format", "png")
-        blobs, names, metas = {}, [], []
+        blobs, names = {}, []
         for index, image in enumerate(images):
             names.append(image_blob_name(self.attempt, index))
             blobs[names[-1]] = encode_image(image, fmt)
-        for index, (meta, image) in enumerate(frames):
-            name = frame_blob_name(self.attempt, index)
-            if not frames_streamed:
-                blobs[name] = encode_image(image, "png")
-            metas.append(dict(meta, blob=name))
+        metas = [dict(meta, blob=frame_blob_name(self.attempt, index)) for index, (meta, _) in enumerate(frames)]
         if frames_streamed:
             self.store.renew_blobs(self.job_id, [meta["blob"] for meta in metas])
-        elif frames:  # frame events first (they are not terminal), then the write-once result
+        elif frames:  # frames (pictures, then events; not terminal) before the write-once result
             now = time.time()
-            events = [frame_event(self.job_id, self.attempt, i, meta, now) for i, (meta, _) in enumerate(frames)]
-            self.store.add_frames(self.job_id, self.attempt, events)
+            self.store.add_frames(
+                self.job_id,
+                self.attempt,
+                [
+                    (i, frame_event(self.job_id, self.attempt, i, meta, now), encode_image(image, "png"))
+                    for i, (meta, image) in enumerate(frames)
+                ],
+            )
         steps = self.job.total_steps
         done = {"id": self.job_id, "images": len(names), "frames": len(metas), "emitted_at": time.time()}
         fields = {

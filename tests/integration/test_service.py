@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import time
 
 import httpx
@@ -299,3 +300,28 @@ def test_sigkill_mid_job_is_requeued_when_its_lease_lapses_and_finishes_exactly_
     from scripts.run_stack import wait_ready
 
     wait_ready(real_stack.url, timeout_s=120)
+
+
+def test_every_frame_can_be_fetched_as_soon_as_its_event_arrives(real_stack):
+    """Forward and sweep frames are stored before their events go out, as reverse frames are."""
+    for body in (
+        {"kind": "guidance_sweep", "prompt": "a red circle", "num_inference_steps": 2, "guidance_scales": [1, 7.5]},
+        {"kind": "forward", "prompt": "a red circle", "num_inference_steps": 2, "timesteps": [0, 500, 1000]},
+    ):
+        job = submit(real_stack, body, path="/v1/trajectories")
+        url = f"{real_stack.url}/v1/jobs/{job['id']}/events"
+        headers = real_stack.headers()
+        with httpx.stream("GET", url, headers=headers, timeout=60) as response:
+            for line in response.iter_lines():
+                if line.startswith("data:") and '"url"' in line:
+                    frame_url = json.loads(line[5:])["url"]
+                    picture = httpx.get(real_stack.url + frame_url, headers=headers, timeout=10)
+                    assert picture.status_code == 200 and picture.content.startswith(b"\x89PNG"), frame_url
+                if line.startswith("event: succeeded"):
+                    break
+
+
+def test_models_list_their_queue_depth_and_the_default(real_stack):
+    models = httpx.get(f"{real_stack.url}/v1/models", headers=real_stack.headers(), timeout=10).json()["data"]
+    (model,) = [m for m in models if m["name"] == real_stack.model]
+    assert model["default"] is True and model["queue_depth"] >= 0 and model["workers"] >= 1

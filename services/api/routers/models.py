@@ -11,5 +11,5 @@ router = APIRouter(prefix="/v1", tags=["models"])
 
 @router.get("/models")
 async def list_models(core: CoreDep, _owner: OwnerDep) -> dict:
-    data = [info.view(workers) for info, workers in await core.live_models()]
+    data = [served.view() for served in await core.live_models()]
     return {"object": "list", "data": data, "models": data}
