@@ -1,22 +1,36 @@
-"""Evaluate the default model on the shapes world: sample captions at several guidance scales,
-read colour, shape and background back from the pixels (training/readback.py), and report.
+"""Evaluate the default model on the shapes world: sample captions at several guidance scales and with
+several samplers, read colour, shape and background back from the pixels (training/readback.py), time
+the same samplers through the engine, and report.
 
-    python -m training.evaluate --model models/shapes-ldm
+    python -m training.evaluate --model models/shapes-ldm      # make eval-model
 
-Prints the table, writes it into docs/model.md (between the eval markers) and writes the
-contact sheet docs/contact_sheet.png (captions x scales).
+Prints the tables and one JSON line, writes them into docs/model.md and README.md (between the eval
+markers) and writes the contact sheet docs/contact_sheet.png (captions x scales).
+
+Noise seeds: picture i (caption index i) uses seed HELD_OUT_SEED + i, a range that training never uses
+(training/train.py:training_seeds) and that no model or default was chosen on; tuning looks at
+TUNING_SEED + i (`--seed 1234`), the range the figures were reported on before samplers landed.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    UNet2DConditionModel,
+)
 from PIL import Image, ImageDraw
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -24,9 +38,13 @@ from training.readback import read_back
 from training.shapes import BACKGROUNDS, COLOURS, SHAPES, SIZES, caption_for, parse_caption
 
 GUIDANCE_SCALES = (0.0, 1.0, 3.0, 7.5, 15.0)
+TUNING_SEED = 1234  # noise seeds TUNING_SEED + i: what models, recipes and defaults were chosen on
+HELD_OUT_SEED = 500_000  # noise seeds HELD_OUT_SEED + i: the reported figures; never trained or tuned on
+COST_SCALE = 7.5  # the guidance scale of the quality-per-cost rows
 # A channel value counts as clipped when the decoder puts it this far outside [0, 1].
 CLIP_MARGIN = 8 / 255
 DOCS_DIR = Path(__file__).resolve().parent.parent / "docs"
+README = Path(__file__).resolve().parent.parent / "README.md"
 EVAL_START, EVAL_END = "<!-- eval:start -->", "<!-- eval:end -->"
 # A quick check that needs few pictures: every colour, shape and background at least once.
 SPOT_CHECK_CAPTIONS = [
@@ -74,6 +92,34 @@ class ShapesModel:
         return self.text_encoder(ids.to(self.unet.device))[0]  # (B, L, D)
 
 
+# How a pipeline user picks each of the engine's samplers in diffusers: the scheduler class, built with
+# `from_config(the model's scheduler config, **overrides)`.
+DIFFUSERS_SCHEDULERS: dict[str, tuple[type, dict]] = {
+    "ddim": (DDIMScheduler, {}),
+    "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmpp_2m_karras": (
+        DPMSolverMultistepScheduler,
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+    ),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler_ancestral": (EulerAncestralDiscreteScheduler, {}),
+}
+
+
+def diffusers_scheduler(sampler: str, config):
+    """The diffusers scheduler that a pipeline user would swap in for `sampler`."""
+    cls, overrides = DIFFUSERS_SCHEDULERS[sampler]
+    return cls.from_config(config, **overrides)
+
+
+def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, guidance_rescale: float) -> torch.Tensor:
+    """diffusers' rescale_noise_cfg (Lin et al. 2024, sec. 3.4): the guided output's per-row std pulled
+    back towards the conditional one's, by the factor guidance_rescale."""
+    dims = list(range(1, cond.ndim))
+    rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return guidance_rescale * rescaled + (1 - guidance_rescale) * guided
+
+
 @torch.no_grad()
 def sample(
     model: ShapesModel,
@@ -82,38 +128,43 @@ def sample(
     seeds: list[int],
     num_inference_steps: int = 50,
     chunk_rows: int = 512,
+    sampler: str = "ddim",
+    guidance_rescale: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One picture per row: classifier-free guidance out = out_u + s (out_c - out_u) on the UNet's
     output (ε or v: the mix is linear in either) at every scale (s = 0 is the unconditional model,
-    s = 1 the conditional one), DDIM with eta = 0. The noise comes from CPU generators, as in
-    diffusers, whatever device the model is on.
+    s = 1 the conditional one), then guidance rescale on the rows with s > 1 (as diffusers' pipeline),
+    then one step of the sampler's diffusers scheduler (DDIM with eta = 0). The noise (initial
+    latents, and Euler ancestral's noise at each step) comes from one CPU generator per row, seeded
+    with its seed, as in diffusers, whatever device the model is on.
 
     Returns (pixels uint8 (N, H, W, 3), unclipped decoder output float (N, 3, H, W) on [0, 1]).
     """
     unet, vae = model.unet, model.vae
-    scheduler = DDIMScheduler.from_config(model.scheduler.config)
+    scheduler = diffusers_scheduler(sampler, model.scheduler.config)
     scheduler.set_timesteps(num_inference_steps)
     size = unet.config.sample_size
-    latents = (
-        torch.stack(
-            [
-                torch.randn((unet.config.in_channels, size, size), generator=torch.Generator().manual_seed(seed))
-                for seed in seeds
-            ]
-        ).to(unet.device)
-        * scheduler.init_noise_sigma
-    )  # (N, C, h, w)
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    noise = [torch.randn((unet.config.in_channels, size, size), generator=generator) for generator in generators]
+    latents = torch.stack(noise).to(unet.device) * float(scheduler.init_noise_sigma)  # (N, C, h, w)
     cond = model.embed(captions)
     uncond = model.embed([""]).expand_as(cond)
     scale = torch.tensor(guidance_scales, dtype=latents.dtype, device=latents.device)[:, None, None, None]
+    rescaled_rows = (scale.flatten() > 1) & (guidance_rescale > 0)  # (N,)
+    step_kwargs = {"generator": generators} if sampler == "euler_ancestral" else {}
     for t in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(latents, t)
         model_output = torch.empty_like(latents)
         for start in range(0, len(captions), chunk_rows):
             rows = slice(start, start + chunk_rows)
-            x = latents[rows]
+            x = model_input[rows]
             out_uncond, out_cond = unet(torch.cat([x, x]), t, torch.cat([uncond[rows], cond[rows]])).sample.chunk(2)
-            model_output[rows] = out_uncond + scale[rows] * (out_cond - out_uncond)
-        latents = scheduler.step(model_output, t, latents).prev_sample
+            guided = out_uncond + scale[rows] * (out_cond - out_uncond)
+            if rescaled_rows[rows].any():
+                rescaled = rescale_guidance(guided, out_cond, guidance_rescale)
+                guided = torch.where(rescaled_rows[rows, None, None, None], rescaled, guided)
+            model_output[rows] = guided
+        latents = scheduler.step(model_output, t, latents, **step_kwargs).prev_sample
     decoded = torch.cat([vae.decode(chunk / vae.config.scaling_factor).sample for chunk in latents.split(256)])
     unclipped = (decoded + 1) / 2  # (N, 3, H, W)
     pixels = (unclipped.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -167,21 +218,35 @@ def contact_sheet(captions: list[str], pixels_by_scale: dict[float, np.ndarray],
     sheet.save(path)
 
 
-def markdown_table(results: dict[float, dict[str, float]], saturation: dict[float, float], count: int) -> str:
+def markdown_table(rows: list[tuple[str, int, float, dict[str, float], float]], count: int) -> str:
+    """rows: (sampler, steps, guidance scale, scores, clipped share)."""
     chance = chance_levels()
     lines = [
-        "| guidance | colour right | shape right | background right | all three right | clipped channel values |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| sampler | steps | guidance | colour right | shape right | background right | all three right "
+        "| clipped channel values |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for scale, result in results.items():
+    for sampler, steps, scale, result, clipped in rows:
         lines.append(
-            f"| {scale:g} | {result['colour']:.1%} | {result['shape']:.1%} | {result['background']:.1%} "
-            f"| **{result['all']:.1%}** | {saturation[scale]:.2%} |"
+            f"| {sampler} | {steps} | {scale:g} | {result['colour']:.1%} | {result['shape']:.1%} "
+            f"| {result['background']:.1%} | **{result['all']:.1%}** | {clipped:.2%} |"
         )
     lines.append(
-        f"| chance | {chance['colour']:.1%} | {chance['shape']:.1%} | {chance['background']:.1%} | {chance['all']:.1%} | |"
+        f"| chance | | | {chance['colour']:.1%} | {chance['shape']:.1%} | {chance['background']:.1%} "
+        f"| {chance['all']:.1%} | |"
     )
-    return "\n".join(lines) + f"\n\n{count} pictures per scale."
+    return "\n".join(lines) + f"\n\n{count} pictures per row."
+
+
+def cost_table(rows: list[tuple[str, int, float, float | None]]) -> str:
+    """rows: (sampler, steps, all three right at COST_SCALE, engine images/s or None)."""
+    lines = [
+        f"| sampler | steps | all three right at guidance {COST_SCALE:g} | engine images/s, 16 in flight |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for sampler, steps, right, speed in rows:
+        lines.append(f"| {sampler} | {steps} | **{right:.1%}** | {'' if speed is None else f'{speed:.2f}'} |")
+    return "\n".join(lines)
 
 
 def write_docs(doc_path: Path, section: str) -> None:
@@ -193,55 +258,140 @@ def write_docs(doc_path: Path, section: str) -> None:
     doc_path.write_text(f"{before}{EVAL_START}\n{section}\n{EVAL_END}{after}")
 
 
+def evaluate(
+    model: ShapesModel,
+    captions: list[str],
+    seed: int,
+    sampler: str,
+    steps: int,
+    scales: tuple[float, ...],
+    guidance_rescale: float,
+) -> tuple[dict[float, dict[str, float]], dict[float, float], dict[float, np.ndarray]]:
+    """Scores, clipped share and pixels per scale: every caption at every scale, noise seed seed + caption index."""
+    rows = [(caption, scale, seed + i) for scale in scales for i, caption in enumerate(captions)]
+    pixels, unclipped = sample(
+        model,
+        [r[0] for r in rows],
+        [r[1] for r in rows],
+        [r[2] for r in rows],
+        steps,
+        sampler=sampler,
+        guidance_rescale=guidance_rescale,
+    )
+    results, clipped, pixels_by_scale = {}, {}, {}
+    for k, scale in enumerate(scales):
+        part = slice(k * len(captions), (k + 1) * len(captions))
+        pixels_by_scale[scale] = pixels[part]
+        results[scale] = score(captions, pixels[part])
+        outside = (unclipped[part] < -CLIP_MARGIN) | (unclipped[part] > 1 + CLIP_MARGIN)
+        clipped[scale] = float(outside.mean())
+    return results, clipped, pixels_by_scale
+
+
 def main(argv: list[str] | None = None) -> None:
+    from benchmarks.bench_samplers import COST_CONFIGS, sampler_throughput
+    from services.worker.loading import read_defaults
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=Path("models/shapes-ldm"))
-    parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    parser.add_argument("--seed", type=int, default=1234, help="picture i uses noise seed seed + i")
+    parser.add_argument("--sampler", default="ddim", help="the sampler of the guidance table")
+    parser.add_argument("--steps", type=int, default=50, help="its steps")
+    parser.add_argument(
+        "--seed", type=int, default=HELD_OUT_SEED, help=f"picture i uses noise seed seed + i (tuning: {TUNING_SEED})"
+    )
+    parser.add_argument(
+        "--guidance-rescale",
+        type=float,
+        default=None,
+        help="φ where guidance > 1 (default: the model's latentd.json default, else 0)",
+    )
     parser.add_argument(
         "--captions",
         choices=("full", "short", "sized"),
         default="full",
         help="full: 108 with size + 54 without; short: 54 with one size word + 54 without; sized: the 54 with a size word",
     )
+    parser.add_argument("--no-cost", action="store_true", help="skip the other samplers and the engine timing")
     parser.add_argument("--docs", type=Path, default=DOCS_DIR, help="where model.md and contact_sheet.png go")
+    parser.add_argument("--readme", type=Path, default=README, help="the README whose eval section is rewritten")
     parser.add_argument("--no-docs", action="store_true", help="print only")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda to go faster")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(2)
     started = time.monotonic()
+    scheduler_config = json.loads((args.model / "scheduler" / "scheduler_config.json").read_text())
+    rescale = args.guidance_rescale
+    if rescale is None:
+        rescale = read_defaults(args.model, scheduler_config)["default_guidance_rescale"]
     model = ShapesModel.load(args.model).to(args.device)
     captions = eval_captions(args.captions)
-    rows = [(caption, scale, args.seed + i) for scale in GUIDANCE_SCALES for i, caption in enumerate(captions)]
-    pixels, unclipped = sample(model, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], args.steps)
-    results, saturation, pixels_by_scale = {}, {}, {}
-    for k, scale in enumerate(GUIDANCE_SCALES):
-        part = slice(k * len(captions), (k + 1) * len(captions))
-        pixels_by_scale[scale] = pixels[part]
-        results[scale] = score(captions, pixels[part])
-        outside = (unclipped[part] < -CLIP_MARGIN) | (unclipped[part] > 1 + CLIP_MARGIN)
-        saturation[scale] = float(outside.mean())
-    elapsed = time.monotonic() - started
-    command = f"python -m training.evaluate --model {args.model} --captions {args.captions}"
-    where = "a 2-core CPU" if args.device == "cpu" else torch.cuda.get_device_name(args.device)
-    table = markdown_table(results, saturation, len(captions))
-    section = (
-        f"Made by `{command}` (DDIM {args.steps} steps, eta 0, noise seed {args.seed} + caption index, the same "
-        f"noise at every scale; {len(rows)} pictures in {elapsed / 60:.1f} min on {where}). "
-        f"A picture is right when the read-back of training/readback.py (docs/shapes.md) matches its caption; "
-        f"'clipped' is the share of decoder channel values more than 8/255 outside [0, 1].\n\n{table}\n\n"
-        f"![contact sheet](contact_sheet.png)"
+    results, clipped, pixels_by_scale = evaluate(
+        model, captions, args.seed, args.sampler, args.steps, GUIDANCE_SCALES, rescale
     )
+    rows = [(args.sampler, args.steps, scale, results[scale], clipped[scale]) for scale in GUIDANCE_SCALES]
+    cost_rows: list[tuple[str, int, float, float | None]] = []
+    speeds: dict[str, float] = {}
+    if not args.no_cost:
+        for sampler, steps in COST_CONFIGS:
+            if (sampler, steps) == (args.sampler, args.steps):
+                right = results[COST_SCALE]["all"]
+            else:
+                other, other_clipped, _ = evaluate(model, captions, args.seed, sampler, steps, (COST_SCALE,), rescale)
+                rows.append((sampler, steps, COST_SCALE, other[COST_SCALE], other_clipped[COST_SCALE]))
+                right = other[COST_SCALE]["all"]
+            cost_rows.append((sampler, steps, right, None))
+    pictures = sum(len(captions) for _ in rows)
+    sampled_s = time.monotonic() - started
+    if not args.no_cost:
+        speeds = sampler_throughput(args.model, device=args.device)
+        cost_rows = [(sampler, steps, right, speeds[f"{sampler} {steps}"]) for sampler, steps, right, _ in cost_rows]
+    command = "python -m training.evaluate" + (
+        "" if args.model == Path("models/shapes-ldm") else f" --model {args.model}"
+    )
+    where = "a 2-core CPU" if args.device == "cpu" else torch.cuda.get_device_name(args.device)
+    table = markdown_table(rows, len(captions))
+    rescale_note = f"guidance rescale {rescale:g} where guidance > 1" if rescale else "no guidance rescale"
+    section = (
+        f"Made by `{command}` (`make eval-model`): {len(captions)} captions ({args.captions} grammar), noise seed "
+        f"{args.seed} + caption index (held out: never used to train or tune), the same noise in every row, "
+        f"eta 0, {rescale_note}; {pictures} pictures in {sampled_s / 60:.1f} min on {where}. A picture is right "
+        f"when the read-back of training/readback.py matches its caption; 'clipped' is the share of decoder "
+        f"channel values more than 8/255 outside [0, 1].\n\n{table}"
+    )
+    if cost_rows:
+        section += (
+            "\n\nQuality per cost, from the same run: images/s through the engine with 16 one-image requests in "
+            f"flight (guidance {COST_SCALE:g}, `benchmarks/bench_samplers.py`, best of 2; 1-minute load average "
+            f"{os.getloadavg()[0]:.1f} at the end on a CPU shared with other work, so expect ±30 %):\n\n"
+            f"{cost_table(cost_rows)}"
+        )
     print(table)
-    print(f"{len(rows)} pictures in {elapsed:.0f} s")
+    if cost_rows:
+        print(cost_table(cost_rows))
+    print(
+        json.dumps(
+            {
+                "model": str(args.model),
+                "seed": args.seed,
+                "guidance_rescale": rescale,
+                "all_three_right": {f"{s} {n} @{g:g}": round(r["all"], 4) for s, n, g, r, _ in rows},
+                "engine_images_per_s_16_in_flight": {k: round(v, 3) for k, v in speeds.items()},
+                "sampling_s": round(sampled_s, 1),
+            }
+        )
+    )
     if not args.no_docs:
         # One row per colour x shape (18), the background and the size word (small, large, none) rotating.
         per_combo = len(captions) // 54
         sheet_rows = [j * per_combo + (j // 3) % per_combo for j in range(54) if j % 3 == (j // 3) % 3]
         contact_sheet(captions, pixels_by_scale, sheet_rows, args.docs / "contact_sheet.png")
-        write_docs(args.docs / "model.md", section)
-        print(f"wrote {args.docs / 'model.md'} and {args.docs / 'contact_sheet.png'}")
+        write_docs(args.docs / "model.md", section + "\n\n![contact sheet](contact_sheet.png)")
+        if args.readme.exists() and EVAL_START in args.readme.read_text():
+            write_docs(
+                args.readme, section + "\n\n![contact sheet: captions × guidance scales](docs/contact_sheet.png)"
+            )
+        print(f"wrote {args.docs / 'model.md'}, {args.readme} and {args.docs / 'contact_sheet.png'}")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,15 @@ from training.vocab import write_tokenizer
 
 RUNS_DIR = Path(__file__).resolve().parent / "runs"
 KL_WEIGHT = 1e-6
+HELD_OUT_PSNR_OFFSET = 10_000  # ShapesWorld(seed + this): the VAE's held-out pictures
+BUFFER_OFFSET = 20_000  # ShapesWorld(seed + this): the pictures encoded for the UNet stage
+
+
+def training_seeds(seed: int) -> set[int]:
+    """Every seed a run with --seed `seed` gives a random generator: the VAE stage and the global torch seed
+    (seed), the denoiser's torch seed, caption dropout and batch indices (seed + 1, 2, 3), and the two
+    picture worlds. training/evaluate.py's held-out noise seeds must stay clear of these."""
+    return {seed, seed + 1, seed + 2, seed + 3, seed + HELD_OUT_PSNR_OFFSET, seed + BUFFER_OFFSET}
 
 
 class StageLog:
@@ -112,7 +121,7 @@ def train_vae(args: argparse.Namespace, log: StageLog) -> AutoencoderKL:
 
 @torch.no_grad()
 def held_out_psnr(vae: AutoencoderKL, seed: int, count: int = 512) -> float:
-    pixels, _ = ShapesWorld(seed + 10_000).batch(count)
+    pixels, _ = ShapesWorld(seed + HELD_OUT_PSNR_OFFSET).batch(count)
     x = to_model_range(pixels, vae.device)
     reconstruction = torch.cat([vae.decode(vae.encode(chunk).latent_dist.mode()).sample for chunk in x.split(64)])
     return psnr(reconstruction, x)
@@ -121,7 +130,7 @@ def held_out_psnr(vae: AutoencoderKL, seed: int, count: int = 512) -> float:
 @torch.no_grad()
 def encode_buffer(vae: AutoencoderKL, seed: int, count: int, log: StageLog) -> dict:
     """Posterior mean/std of `count` fresh pictures, with their scenes for captions."""
-    world = ShapesWorld(seed + 20_000)
+    world = ShapesWorld(seed + BUFFER_OFFSET)
     means, stds, scenes = [], [], []
     for _ in tqdm(range(0, count, 128), desc="encode", mininterval=5):
         pixels, batch_scenes = world.batch(128)
@@ -263,6 +272,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--device", default="cpu", help="cpu (the reference run), or cuda to go faster")
     parser.add_argument(
+        "--threads", type=int, default=2, help="torch CPU threads (1 wastes less on a CPU other jobs share)"
+    )
+    parser.add_argument(
         "--init-from",
         type=Path,
         default=None,
@@ -271,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)

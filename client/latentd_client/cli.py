@@ -118,6 +118,8 @@ def cmd_generate(client: Client, args) -> int:
         output_format=args.format,
         preview_every=args.preview_every,
         model=args.model,
+        sampler=args.sampler,
+        guidance_rescale=args.guidance_rescale,
     )
     print(f"job {job.id} queued (seed {job.seed})", file=sys.stderr)
     job = follow(client, job.id, None if args.quiet else Progress())
@@ -175,6 +177,8 @@ def cmd_trajectory(client: Client, args) -> int:
         guidance_scale=args.guidance,
         seed=args.seed,
         model=args.model,
+        sampler=args.sampler,
+        guidance_rescale=args.guidance_rescale,
     )
     if args.image:
         fields["image"] = base64.b64encode(Path(args.image).read_bytes()).decode()
@@ -213,7 +217,8 @@ def cmd_models(client: Client, args) -> int:
     if args.json:
         print(json.dumps([m.raw for m in models], indent=2))
     for m in models if not args.json else []:
-        print(f"{m.name}\t{m.native_width}x{m.native_height}\t{m.scheduler}")
+        samplers = ",".join(m.raw.get("samplers") or [])
+        print(f"{m.name}\t{m.native_width}x{m.native_height}\t{m.scheduler}\t{samplers}")
     return 0
 
 
@@ -239,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--steps", type=int, help="num_inference_steps (server default 50)")
         p.add_argument("--guidance", type=float, help="guidance_scale (server default 7.5)")
         p.add_argument("--seed", type=int)
+        p.add_argument("--sampler", help="ddim, dpmpp_2m, dpmpp_2m_karras, euler, euler_ancestral (`latentd models`)")
+        p.add_argument("--guidance-rescale", type=float, help="0..1, after guidance (server default: the model's)")
         p.add_argument("--model")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 

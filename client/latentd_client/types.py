@@ -213,5 +213,8 @@ class Model:
             "workers": message.workers,
             "queue_depth": message.queue_depth,
             "default": message.is_default,
+            "samplers": list(message.samplers),
+            "default_sampler": message.default_sampler,
+            "default_guidance_rescale": message.default_guidance_rescale,
         }
         return cls(message.name, message.native_width, message.native_height, message.scheduler, raw)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.common.rules import ModelLimits
+from services.common.rules import DEFAULT_SAMPLER, ModelLimits
 
 # Not shown to clients: where the worker keeps its tokenizer.
 PRIVATE_FIELDS = ("tokenizer_path",)
@@ -30,6 +30,10 @@ class ModelInfo:
     size_multiple: int
     max_inference_steps: int
     tokenizer_path: str = ""
+    samplers: list[str] = field(default_factory=lambda: [DEFAULT_SAMPLER])  # those its scheduler config allows
+    default_sampler: str = DEFAULT_SAMPLER  # what a request without `sampler` gets
+    sampler_max_inference_steps: dict[str, int] = field(default_factory=dict)  # each sampler's step limit
+    default_guidance_rescale: float = 0.0  # what a request without `guidance_rescale` gets
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -56,6 +60,10 @@ class ModelInfo:
             max_inference_steps=self.max_inference_steps,
             max_prompt_tokens=self.max_prompt_tokens,
             count_tokens=count_tokens,
+            samplers=tuple(self.samplers),
+            default_sampler=self.default_sampler,
+            sampler_max_steps=dict(self.sampler_max_inference_steps),
+            default_guidance_rescale=self.default_guidance_rescale,
         )
 
     def view(self, workers: int, queue_depth: int = 0, default: bool = False) -> dict[str, Any]:
@@ -82,6 +90,9 @@ class ModelInfo:
             max_inference_steps=self.max_inference_steps,
             queue_depth=queue_depth,
             is_default=default,
+            samplers=self.samplers,
+            default_sampler=self.default_sampler,
+            default_guidance_rescale=self.default_guidance_rescale,
         )
 
 

@@ -61,6 +61,7 @@ GENERATION_SCALARS = (
     "height",
     "num_images",
     "preview_every",
+    "guidance_rescale",
 )
 # Typed frame metadata on Artifact (the rest of a frame's metadata travels in metadata_json).
 FRAME_SCALARS = ("timestep", "alpha_bar", "step", "guidance_scale")
@@ -83,6 +84,8 @@ def generation_to_proto(body: dict[str, Any]) -> pb.GenerationParams:
             setattr(params, name, body[name])
     if body.get("output_format"):
         params.output_format = FORMAT[body["output_format"]]
+    if body.get("sampler"):
+        params.sampler = body["sampler"]
     return params
 
 
@@ -99,6 +102,8 @@ def generation_from_proto(params: pb.GenerationParams) -> dict[str, Any]:
             body[name] = f32(value) if isinstance(value, float) else value
     if params.output_format:
         body["output_format"] = FORMAT_NAME.get(params.output_format, params.output_format)
+    if params.sampler:
+        body["sampler"] = params.sampler
     return body
 
 

@@ -10,9 +10,9 @@ engine from the model it loaded.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 from services.common.errors import InvalidInput
 
@@ -29,6 +29,14 @@ MAX_GUIDANCE_SCALES = 16
 DEFAULT_GUIDANCE_SCALES = (0.0, 1.0, 3.0, 7.5, 15.0)
 DEFAULT_FORWARD_TIMESTEPS = tuple(range(0, 1001, 50))
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
+# DDIM (Song et al. 2021); DPM-Solver++(2M) (Lu et al. 2022) on the scheduler's timesteps, and on Karras
+# et al.'s σ spacing; Euler (Karras et al. 2022) and Euler ancestral (k-diffusion), each as its diffusers
+# scheduler configured from the model's scheduler config. A model supports these less the ones its
+# scheduler config rules out (GET /v1/models lists them).
+SAMPLERS: tuple[str, ...] = ("ddim", "dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_ancestral")
+DEFAULT_SAMPLER = "ddim"  # a model's own default, if it names one (latentd.json), wins
+ETA_SAMPLERS: tuple[str, ...] = ("ddim",)  # eta > 0 is refused with any other sampler (field `eta`)
+MIN_GUIDANCE_RESCALE, MAX_GUIDANCE_RESCALE = 0.0, 1.0  # φ of Lin et al. 2024; applied where guidance_scale > 1
 TRAJECTORY_KINDS = ("forward", "reverse", "guidance_sweep")
 NOISE_SPACES = ("pixel", "latent")
 
@@ -44,6 +52,11 @@ class ModelLimits:
     max_inference_steps: int
     max_prompt_tokens: int
     count_tokens: Callable[[str], int] | None = None
+    samplers: tuple[str, ...] = (DEFAULT_SAMPLER,)
+    default_sampler: str = DEFAULT_SAMPLER
+    sampler_max_steps: Mapping[str, int] = field(default_factory=dict)  # where a sampler allows fewer steps
+    default_guidance_rescale: float = 0.0
+    unsupported_samplers: Mapping[str, str] = field(default_factory=dict)  # name -> why this model rules it out
 
     @property
     def max_width(self) -> int:
@@ -61,12 +74,12 @@ def _fmt(value: Any) -> str:
 def between(field: str, value: Any, low: float, high: float, *, integer: bool = False, param: str | None = None) -> Any:
     """`value` if it is a number (an int where `integer`) in [low, high]; else InvalidInput naming the field."""
     kind_ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not kind_ok or (isinstance(value, float) and not math.isfinite(value)):
+    if isinstance(value, bool) or not kind_ok:
         noun = "an integer" if integer else "a number"
         raise InvalidInput(
             f"{field} must be {noun} between {_fmt(low)} and {_fmt(high)}, got {value!r}", param or field
         )
-    if not low <= value <= high:
+    if not (isinstance(value, int) or math.isfinite(value)) or not low <= value <= high:
         raise InvalidInput(f"{field} must be between {_fmt(low)} and {_fmt(high)}, got {_fmt(value)}", param or field)
     return value
 
@@ -76,7 +89,7 @@ def check_size(
 ) -> tuple[int, int]:
     """The pixel size, the model's native one where None: a multiple of size_multiple up to twice native."""
     sizes = []
-    for field, value, native, high in (
+    for name, value, native, high in (
         ("width", width, limits.native_width, limits.max_width),
         ("height", height, limits.native_height, limits.max_height),
     ):
@@ -84,19 +97,33 @@ def check_size(
         multiple = limits.size_multiple
         if isinstance(value, bool) or not isinstance(value, int) or value % multiple or not multiple <= value <= high:
             raise InvalidInput(
-                f"{field} must be a multiple of {multiple} between {multiple} and {high}, got {value}", param or field
+                f"{name} must be a multiple of {multiple} between {multiple} and {high}, got {value}", param or name
             )
         sizes.append(value)
     return sizes[0], sizes[1]
 
 
-def check_steps(limits: ModelLimits, steps: int) -> int:
-    """1..MAX_STEPS, and no more than the model's scheduler allows (leading spacing with an offset allows fewer)."""
-    between("num_inference_steps", steps, 1, MAX_STEPS, integer=True)
-    if steps > limits.max_inference_steps:
+def check_sampler(limits: ModelLimits, sampler: str | None) -> str:
+    """The sampler's name, the model's default where None; one of those the model supports."""
+    name = limits.default_sampler if sampler is None else sampler
+    if name not in limits.samplers:
+        why = f" ({limits.unsupported_samplers[name]})" if name in limits.unsupported_samplers else ""
         raise InvalidInput(
-            f"num_inference_steps must be between 1 and {limits.max_inference_steps} for model "
-            f"{limits.name!r}, got {steps}",
+            f"sampler must be one of {', '.join(limits.samplers)} for model {limits.name!r}, got {name!r}{why}",
+            "sampler",
+        )
+    return name
+
+
+def check_steps(limits: ModelLimits, steps: int, sampler: str | None = None) -> int:
+    """1..MAX_STEPS, and no more than the model's scheduler allows with this sampler (leading spacing with an
+    offset allows fewer)."""
+    between("num_inference_steps", steps, 1, MAX_STEPS, integer=True)
+    limit = limits.sampler_max_steps.get(sampler, limits.max_inference_steps) if sampler else limits.max_inference_steps
+    if steps > limit:
+        with_sampler = f" with sampler {sampler!r}" if limit != limits.max_inference_steps else ""
+        raise InvalidInput(
+            f"num_inference_steps must be between 1 and {limit} for model {limits.name!r}{with_sampler}, got {steps}",
             "num_inference_steps",
         )
     return steps
@@ -126,6 +153,15 @@ def check_prompt(limits: ModelLimits, field: str, text: Any) -> str:
     return text
 
 
+class Resolved(NamedTuple):
+    """What a request leaves to the model's defaults, filled in."""
+
+    width: int
+    height: int
+    sampler: str
+    guidance_rescale: float
+
+
 def check_generation(
     limits: ModelLimits,
     *,
@@ -141,12 +177,22 @@ def check_generation(
     max_num_images: int = MAX_IMAGES,
     preview_every: int = 0,
     trajectory_every: int = 0,
+    sampler: str | None = None,
+    guidance_rescale: float | None = None,
     images_field: str = "num_images",
-) -> tuple[int, int]:
-    """Every rule of one generation request; returns the resolved (width, height)."""
-    check_steps(limits, num_inference_steps)
+) -> Resolved:
+    """Every rule of one generation request; returns the size, sampler and guidance rescale it resolves to."""
+    sampler = check_sampler(limits, sampler)
+    check_steps(limits, num_inference_steps, sampler)
     between("guidance_scale", guidance_scale, 0.0, MAX_GUIDANCE)
     between("eta", eta, 0.0, MAX_ETA)
+    if eta > 0 and sampler not in ETA_SAMPLERS:
+        raise InvalidInput(
+            f"eta applies to the {', '.join(ETA_SAMPLERS)} sampler only; got eta {_fmt(eta)} with sampler {sampler!r}",
+            "eta",
+        )
+    rescale = limits.default_guidance_rescale if guidance_rescale is None else guidance_rescale
+    between("guidance_rescale", rescale, MIN_GUIDANCE_RESCALE, MAX_GUIDANCE_RESCALE)
     between("seed", seed, 0, MAX_SEED, integer=True)
     between(images_field, num_images, 1, min(max_num_images, MAX_IMAGES), integer=True)
     check_every("preview_every", preview_every, num_inference_steps)
@@ -154,7 +200,7 @@ def check_generation(
     size = check_size(limits, width, height)
     check_prompt(limits, "prompt", prompt)
     check_prompt(limits, "negative_prompt", negative_prompt)
-    return size
+    return Resolved(size[0], size[1], sampler, float(rescale))
 
 
 def check_timesteps(num_train_timesteps: int, timesteps: Iterable[int]) -> list[int]:

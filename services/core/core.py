@@ -214,17 +214,8 @@ class Core:
     async def submit_generation(self, owner: str, body: GenerationCreate | dict) -> JobRecord:
         body = body if isinstance(body, GenerationCreate) else parse(GenerationCreate, body)
         model = await self.resolve_model(body.model)
-        seed = self.resolve_seed(body.seed)
-        width, height = rules.check_generation(
-            self.limits(model),
-            **body.model_dump(exclude={"model", "seed", "output_format", "width", "height"}),
-            seed=seed,
-            width=body.width,
-            height=body.height,
-            max_num_images=self.settings.max_num_images,
-        )
-        params = body.model_dump() | {"model": model.name, "seed": seed, "width": width, "height": height}
-        return await self._enqueue("generation", model, owner, params)
+        resolved = self._resolve(model, body.model_dump(exclude={"model", "output_format"}))
+        return await self._enqueue("generation", model, owner, body.model_dump() | resolved)
 
     async def submit_trajectory(self, owner: str, body: TrajectoryCreate | dict) -> JobRecord:
         body = body if isinstance(body, TrajectoryCreate) else parse(TrajectoryCreate, body)
@@ -240,29 +231,19 @@ class Core:
             raise InvalidInput(f"a {kind} trajectory needs a prompt", "prompt")
         if kind == "guidance_sweep":
             rules.check_guidance_scales(body.guidance_scales)
-        seed = self.resolve_seed(body.seed)
-        width, height = rules.check_generation(
-            self.limits(model),
-            prompt=body.prompt or "",
-            negative_prompt=body.negative_prompt,
-            num_inference_steps=body.num_inference_steps,
-            guidance_scale=body.guidance_scale,
-            eta=body.eta,
-            seed=seed,
-            width=body.width,
-            height=body.height,
-        )
+        generation = body.model_dump(include=set(GenerationCreate.model_fields) - {"model", "output_format"})
+        resolved = self._resolve(model, generation | {"prompt": body.prompt or ""})
         if kind == "reverse":
             rules.check_every("trajectory_every", body.trajectory_every, body.num_inference_steps, low=1)
-        params = body.model_dump(exclude={"image"}) | {
-            "model": model.name,
-            "prompt": body.prompt or "",
-            "seed": seed,
-            "width": width,
-            "height": height,
-            "timesteps": timesteps if kind == "forward" else None,
-            "has_image": image is not None,
-        }
+        params = (
+            body.model_dump(exclude={"image"})
+            | resolved
+            | {
+                "prompt": body.prompt or "",
+                "timesteps": timesteps if kind == "forward" else None,
+                "has_image": image is not None,
+            }
+        )
         return await self._enqueue(kind, model, owner, params, input_image=image)
 
     async def submit_openai(self, owner: str, body: OpenAIImageRequest) -> JobRecord:
@@ -275,30 +256,22 @@ class Core:
             width, height = rules.check_size(self.limits(model), width, height)
         except InvalidInput as error:
             raise InvalidInput(f"size: {error.message}", "size") from None
-        generation = GenerationCreate(
-            model=model.name,
-            prompt=body.prompt,
-            negative_prompt=body.negative_prompt,
-            num_inference_steps=body.num_inference_steps,
-            guidance_scale=body.guidance_scale,
-            eta=body.eta,
-            seed=body.seed,
-            width=width,
-            height=height,
-            num_images=body.n,
-            output_format=body.output_format,
-        )
-        seed = self.resolve_seed(generation.seed)
-        rules.check_generation(
+        fields = body.model_dump(include=set(GenerationCreate.model_fields)) | {"width": width, "height": height}
+        generation = GenerationCreate(**fields, num_images=body.n)
+        resolved = self._resolve(model, generation.model_dump(exclude={"model", "output_format"}), images_field="n")
+        return await self._enqueue("generation", model, owner, generation.model_dump() | resolved)
+
+    def _resolve(self, model: ModelInfo, fields: dict[str, Any], images_field: str = "num_images") -> dict[str, Any]:
+        """Check a generation's fields against every rule; the values it leaves to the service, filled in."""
+        seed = self.resolve_seed(fields.pop("seed", None))
+        resolved = rules.check_generation(
             self.limits(model),
-            **generation.model_dump(exclude={"model", "seed", "output_format", "num_images"}),
+            **fields,
             seed=seed,
-            num_images=body.n,
-            images_field="n",
             max_num_images=self.settings.max_num_images,
+            images_field=images_field,
         )
-        params = generation.model_dump() | {"seed": seed}
-        return await self._enqueue("generation", model, owner, params)
+        return {"model": model.name, "seed": seed} | resolved._asdict()
 
     @staticmethod
     def resolve_seed(seed: int | None) -> int:

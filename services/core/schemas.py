@@ -12,6 +12,7 @@ from services.common.rules import (
     DEFAULT_GUIDANCE_SCALES,
     MAX_ETA,
     MAX_GUIDANCE,
+    MAX_GUIDANCE_RESCALE,
     MAX_GUIDANCE_SCALES,
     MAX_IMAGES,
     MAX_PROMPT_CHARS,
@@ -19,7 +20,9 @@ from services.common.rules import (
     MAX_SIDE,
     MAX_STEPS,
     MAX_TIMESTEPS,
+    MIN_GUIDANCE_RESCALE,
     MIN_SIDE,
+    SAMPLERS,
 )
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -51,7 +54,21 @@ class GenerationCreate(_Strict):
         le=MAX_GUIDANCE,
         description="Classifier-free guidance: 0 ignores the prompt, 1 is plain conditional.",
     )
-    eta: float = Field(0.0, ge=0.0, le=MAX_ETA, description="DDIM eta: 0 deterministic, 1 DDPM-like.")
+    eta: float = Field(
+        0.0, ge=0.0, le=MAX_ETA, description="DDIM eta: 0 deterministic, 1 DDPM-like; the ddim sampler only."
+    )
+    sampler: str | None = Field(
+        None,
+        description=f"Sampler: one of {', '.join(SAMPLERS)} that the model supports (GET /v1/models lists them); "
+        "null: the model's default_sampler.",
+    )
+    guidance_rescale: float | None = Field(
+        None,
+        ge=MIN_GUIDANCE_RESCALE,
+        le=MAX_GUIDANCE_RESCALE,
+        description="Guidance rescale φ (Lin et al. 2024), applied after CFG where guidance_scale > 1; tames the "
+        "over-saturation of high scales. null: the model's default_guidance_rescale.",
+    )
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random seed; null draws one and reports it.")
     width: int | None = Field(
         None,
@@ -87,6 +104,18 @@ class TrajectoryCreate(_Strict):
         7.5, ge=0.0, le=MAX_GUIDANCE, description="Guidance scale (reverse, forward's generated image)."
     )
     eta: float = Field(0.0, ge=0.0, le=MAX_ETA, description="DDIM eta.")
+    sampler: str | None = Field(
+        None,
+        description=f"Sampler: one of {', '.join(SAMPLERS)} that the model supports (GET /v1/models lists them); "
+        "null: the model's default_sampler.",
+    )
+    guidance_rescale: float | None = Field(
+        None,
+        ge=MIN_GUIDANCE_RESCALE,
+        le=MAX_GUIDANCE_RESCALE,
+        description="Guidance rescale φ (Lin et al. 2024), applied after CFG where guidance_scale > 1; tames the "
+        "over-saturation of high scales. null: the model's default_guidance_rescale.",
+    )
     width: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE, description="Pixels; default native.")
     height: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE, description="Pixels; default native.")
     image: str | None = Field(
@@ -126,6 +155,18 @@ class OpenAIImageRequest(_Strict):
     num_inference_steps: int = Field(50, ge=1, le=MAX_STEPS)
     guidance_scale: float = Field(7.5, ge=0.0, le=MAX_GUIDANCE)
     eta: float = Field(0.0, ge=0.0, le=MAX_ETA)
+    sampler: str | None = Field(
+        None,
+        description=f"Sampler: one of {', '.join(SAMPLERS)} that the model supports (GET /v1/models lists them); "
+        "null: the model's default_sampler.",
+    )
+    guidance_rescale: float | None = Field(
+        None,
+        ge=MIN_GUIDANCE_RESCALE,
+        le=MAX_GUIDANCE_RESCALE,
+        description="Guidance rescale φ (Lin et al. 2024), applied after CFG where guidance_scale > 1; tames the "
+        "over-saturation of high scales. null: the model's default_guidance_rescale.",
+    )
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     output_format: OutputFormat = "png"
 

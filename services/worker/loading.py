@@ -2,6 +2,8 @@
 
 The folder holds model_index.json, unet/, vae/, text_encoder/, tokenizer/ and scheduler/, with the
 weights as safetensors: pickled weights (.bin, .ckpt, .pt, .pth) can run code on load and are refused.
+An optional latentd.json next to model_index.json holds the model's recommended request defaults
+(`default_sampler`, `default_guidance_rescale`); diffusers ignores it.
 On CPU everything is float32; on CUDA the UNet and text encoder run in float16 (or bfloat16) while
 the VAE stays float32, because SD's VAE decoder overflows to NaN in float16.
 """
@@ -17,11 +19,20 @@ import numpy as np
 import torch
 from PIL import Image
 
+from services.common.rules import (
+    DEFAULT_SAMPLER,
+    MAX_GUIDANCE_RESCALE,
+    MIN_GUIDANCE_RESCALE,
+    SAMPLERS,
+)
+from services.worker.diffusion.samplers import unsupported_samplers
 from services.worker.diffusion.schedules import alphas_cumprod_from_config
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder")
 PICKLED_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+DEFAULTS_FILE = "latentd.json"  # the model's recommended request defaults, read by latentd only
+DEFAULTS_KEYS = ("default_sampler", "default_guidance_rescale")
 
 
 class ModelLoadError(Exception):
@@ -46,6 +57,8 @@ class LoadedModel:
     max_prompt_tokens: int
     num_train_timesteps: int
     alphas_cumprod: torch.Tensor  # float64 (T,)
+    default_sampler: str = DEFAULT_SAMPLER  # a request with sampler None gets this (latentd.json)
+    default_guidance_rescale: float = 0.0  # a request with guidance_rescale None gets this (latentd.json)
 
     @property
     def prediction_type(self) -> str:
@@ -122,6 +135,35 @@ def _check_folder(folder: Path) -> dict:
     return index
 
 
+def read_defaults(folder: Path, scheduler_config: dict) -> dict:
+    """The model's latentd.json, checked: {"default_sampler": name, "default_guidance_rescale": φ}, both optional."""
+    path = folder / DEFAULTS_FILE
+    defaults = {"default_sampler": DEFAULT_SAMPLER, "default_guidance_rescale": 0.0}
+    if not path.is_file():
+        return defaults
+    try:
+        given = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ModelLoadError(f"model folder {folder}: {DEFAULTS_FILE} is not valid JSON ({error})") from None
+    if not isinstance(given, dict) or set(given) - set(DEFAULTS_KEYS):
+        raise ModelLoadError(f"model folder {folder}: {DEFAULTS_FILE} may hold only {', '.join(DEFAULTS_KEYS)}")
+    defaults.update(given)
+    sampler, rescale = defaults["default_sampler"], defaults["default_guidance_rescale"]
+    ruled_out = unsupported_samplers(scheduler_config)
+    if sampler not in SAMPLERS or sampler in ruled_out:
+        raise ModelLoadError(
+            f"model folder {folder}: {DEFAULTS_FILE} default_sampler must be one of "
+            f"{', '.join(n for n in SAMPLERS if n not in ruled_out)}, got {sampler!r}"
+        )
+    if not isinstance(rescale, (int, float)) or not MIN_GUIDANCE_RESCALE <= rescale <= MAX_GUIDANCE_RESCALE:
+        raise ModelLoadError(
+            f"model folder {folder}: {DEFAULTS_FILE} default_guidance_rescale must be between "
+            f"{MIN_GUIDANCE_RESCALE:g} and {MAX_GUIDANCE_RESCALE:g}, got {rescale!r}"
+        )
+    defaults["default_guidance_rescale"] = float(rescale)
+    return defaults
+
+
 def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None) -> LoadedModel:
     """Load the model at `path`. dtype defaults to float32 on CPU and float16 on CUDA."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -141,6 +183,7 @@ def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | None 
         tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
         scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
         alphas_cumprod = alphas_cumprod_from_config(scheduler_config)
+        defaults = read_defaults(folder, scheduler_config)
     except ModelLoadError:
         raise
     except Exception as error:
@@ -167,4 +210,5 @@ def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | None 
         max_prompt_tokens=int(tokenizer.model_max_length),
         num_train_timesteps=int(scheduler_config.get("num_train_timesteps", 1000)),
         alphas_cumprod=alphas_cumprod,
+        **defaults,
     )

@@ -20,7 +20,6 @@ from services.common.jobstore import JobStore, StepWrite, frame_blob_name, image
 from services.common.models import ModelInfo
 from services.common.settings import Settings
 from services.worker import metrics as worker_metrics
-from services.worker.diffusion.schedules import max_inference_steps
 from services.worker.engine.engine import Engine, RequestHandle
 from services.worker.engine.requests import StepEvent, TrajectoryFrame
 from services.worker.heartbeat import worker_id
@@ -58,8 +57,12 @@ def model_info(model: LoadedModel, engine: Engine) -> ModelInfo:
         max_prompt_tokens=model.max_prompt_tokens,
         num_train_timesteps=model.num_train_timesteps,
         size_multiple=engine.size_multiple,
-        max_inference_steps=max_inference_steps(config),
+        max_inference_steps=engine.limits.max_inference_steps,  # the default sampler's
         tokenizer_path=str(Path(model.path) / "tokenizer"),
+        samplers=list(engine.limits.samplers),
+        default_sampler=engine.limits.default_sampler,
+        sampler_max_inference_steps=dict(engine.limits.sampler_max_steps),
+        default_guidance_rescale=engine.limits.default_guidance_rescale,
     )
 
 

@@ -201,3 +201,16 @@ def test_prompts_are_limited_in_characters_before_tokenizing(client):
     refused = client.post("/v1/generations", json={"prompt": "x" * 4001})
     assert refused.status_code == 422 and refused.json()["error"]["param"] == "prompt"
     assert refused.json()["error"]["message"] == "prompt must be at most 4000 characters, got 4001"
+
+
+def test_samplers_and_guidance_rescale_are_checked_by_the_model_and_resolved(client):
+    job = client.post("/v1/generations", json={"prompt": "x", "num_inference_steps": 5}).json()
+    assert job["params"]["sampler"] == "ddim" and job["params"]["guidance_rescale"] == 0.0
+    for body, param, message in (
+        ({"sampler": "plms"}, "sampler", "sampler must be one of ddim for model 'tiny', got 'plms'"),
+        ({"guidance_rescale": 1.5}, "guidance_rescale", "guidance_rescale must be between 0 and 1, got 1.5"),
+        ({"eta": 0.5, "sampler": "plms"}, "sampler", "sampler must be one of ddim"),
+    ):
+        refused = client.post("/v1/generations", json={"prompt": "x"} | body)
+        assert refused.status_code == 422 and refused.json()["error"]["param"] == param
+        assert refused.json()["error"]["message"].startswith(message)

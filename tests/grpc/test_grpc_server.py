@@ -302,7 +302,10 @@ def test_rest_and_grpc_show_the_same_job_of_every_kind(channel, real_stack):
     from client.latentd_client.types import Job
 
     bodies = [
-        ("/v1/generations", {"prompt": "a red circle", "num_inference_steps": 2, "seed": 1, "guidance_scale": 3.0}),
+        (
+            "/v1/generations",
+            {"prompt": "a red circle", "num_inference_steps": 2, "seed": 1, "guidance_scale": 3.0, "sampler": "euler"},
+        ),
         (
             "/v1/trajectories",
             {"kind": "forward", "prompt": "a red circle", "num_inference_steps": 2, "timesteps": [0, 500]},

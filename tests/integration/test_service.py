@@ -325,3 +325,23 @@ def test_models_list_their_queue_depth_and_the_default(real_stack):
     models = httpx.get(f"{real_stack.url}/v1/models", headers=real_stack.headers(), timeout=10).json()["data"]
     (model,) = [m for m in models if m["name"] == real_stack.model]
     assert model["default"] is True and model["queue_depth"] >= 0 and model["workers"] >= 1
+
+
+def test_a_request_picks_its_sampler_and_the_model_lists_them(real_stack):
+    models = httpx.get(f"{real_stack.url}/v1/models", headers=real_stack.headers(), timeout=10).json()["data"]
+    (model,) = [m for m in models if m["name"] == real_stack.model]
+    assert "dpmpp_2m" in model["samplers"] and model["default_sampler"] in model["samplers"]
+    body = {"prompt": "a red circle", "num_inference_steps": 4, "sampler": "dpmpp_2m", "guidance_rescale": 0.5}
+    done = wait_job(real_stack, submit(real_stack, body)["id"])
+    assert done["status"] == "succeeded" and done["params"]["sampler"] == "dpmpp_2m"
+    refused = httpx.post(
+        real_stack.url + "/v1/generations",
+        json={"prompt": "x", "sampler": "euler", "eta": 0.5},
+        headers=real_stack.headers(),
+        timeout=10,
+    )
+    assert refused.status_code == 422 and refused.json()["error"] == {
+        "type": "invalid_request_error",
+        "message": "eta applies to the ddim sampler only; got eta 0.5 with sampler 'euler'",
+        "param": "eta",
+    }

@@ -124,6 +124,7 @@ def test_heartbeat_proves_consumption_and_catches_a_stalled_consumer(client, cel
     )
     assert replies, "worker did not answer the control command"
     key = workers.worker_key(worker_id)
+    time.sleep(1.0)  # a probe the consumer had already fetched may still run once
     consumed_before = float(client.hget(key, "consumed_at"))
     time.sleep(2.5)
     info = {k.decode(): float(v) for k, v in client.hgetall(key).items() if k in (b"alive_at", b"consumed_at")}

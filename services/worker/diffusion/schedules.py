@@ -1,12 +1,19 @@
-"""Noise schedules: the ᾱ_t table and the inference timesteps, from a diffusers scheduler config.
+"""Noise schedules: the ᾱ_t table, the σ table, and each sampler's inference timesteps, from a diffusers
+scheduler config.
 
 Notation (<variable name> -> <name in paper>)
 - betas -> β_t, the variance added at training step t (Ho et al. 2020, eq. 2)
 - alphas_cumprod -> ᾱ_t = ∏_{s≤t} (1 − β_s) (Ho et al. 2020, eq. 4)
 - num_train_timesteps -> T
+- sigmas -> σ_t = √((1 − ᾱ_t)/ᾱ_t), the noise level of the same x_t written as x0 + σ·ε, i.e. the
+  variance-exploding scale of Karras et al. 2022 (x_VE = x_VP·√(σ² + 1)); λ_t = −log σ_t is the
+  half log-SNR of DPM-Solver (Lu et al. 2022, sec. 3)
+- karras_sigmas -> σ_i of Karras et al. 2022, eq. 5, with ρ = 7
 
 Indices follow diffusers: alphas_cumprod[t] is ᾱ for the t-th training timestep, t in [0, T−1].
-Tables are computed once, in float64, as pure functions of the config.
+Tables are computed once, in float64, as pure functions of the config. Each sampler picks its
+timesteps as its diffusers scheduler's set_timesteps does (DDIM, Euler and DPM-Solver differ in how
+they space them), checked against diffusers in tests/worker.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -79,14 +87,15 @@ def inference_timesteps(config: Mapping[str, Any], num_inference_steps: int) -> 
         raise ValueError(f"num_inference_steps must be between 1 and {T}, got {num_inference_steps}")
     spacing = config.get("timestep_spacing", "leading")
     if spacing == "linspace":
-        steps = torch.linspace(0, T - 1, num_inference_steps, dtype=torch.float64).round().flip(0)
+        # numpy's linspace, as diffusers: torch's rounds differently in the last bit, and round() breaks .5 ties
+        # by it (61 steps: t = 166.5 is one or the other)
+        steps = np.linspace(0, T - 1, num_inference_steps).round()[::-1]
     elif spacing == "leading":
         step_ratio = T // num_inference_steps
-        steps = (torch.arange(num_inference_steps, dtype=torch.float64) * step_ratio).round().flip(0)
+        steps = (np.arange(num_inference_steps, dtype=np.float64) * step_ratio).round()[::-1]
         steps = steps + int(config.get("steps_offset", 0))
     elif spacing == "trailing":
-        step_ratio = T / num_inference_steps
-        steps = torch.round(torch.arange(T, 0, -step_ratio, dtype=torch.float64)) - 1
+        steps = trailing_timesteps(T, T, num_inference_steps)
     else:
         raise ValueError(f"timestep_spacing must be one of {', '.join(TIMESTEP_SPACINGS)}, got {spacing!r}")
     timesteps = [int(t) for t in steps.tolist()]
@@ -121,3 +130,104 @@ def gather(table: torch.Tensor, timesteps: torch.Tensor, final: float, ndim: int
     """Per-row table[t] (table in float64) with t = −1 -> `final`, shaped (R, 1, ..., 1) for broadcasting."""
     values = torch.where(timesteps >= 0, table.to(timesteps.device)[timesteps.clamp(min=0)], final)
     return values.reshape(-1, *([1] * (ndim - 1)))
+
+
+def trailing_timesteps(T: int, last: int, num_inference_steps: int) -> np.ndarray:
+    """`trailing` spacing: round(last − k·T/steps) − 1 for k = 0..steps−1, float64 (steps,).
+
+    diffusers writes np.arange(last, 0, −T/steps).round() − 1, which for 62 step counts up to 1000
+    (61, 103, 121, ...) yields one element more, ≈ 0, i.e. a step at t = −1 that indexes ᾱ from the
+    end of the table; the first `steps` elements are these."""
+    return np.round(last - np.arange(num_inference_steps, dtype=np.float64) * (T / num_inference_steps)) - 1
+
+
+def sigma_table(alphas_cumprod: torch.Tensor) -> np.ndarray:
+    """σ_t = √((1 − ᾱ_t)/ᾱ_t) for t in [0, T−1], float64 (T,)."""
+    ac = alphas_cumprod.double().cpu().numpy()
+    return np.sqrt((1 - ac) / ac)
+
+
+def interpolate_sigmas(table: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
+    """σ at (possibly fractional) timesteps, linear between table entries, as np.interp (clamped at the ends)."""
+    return np.interp(timesteps, np.arange(len(table), dtype=np.float64), table)
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, num_inference_steps: int, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. 2022, eq. 5: σ_i = (σ_max^(1/ρ) + i/(N−1)·(σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ, i = 0..N−1."""
+    ramp = np.linspace(0, 1, num_inference_steps)
+    min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+def sigma_to_timestep(sigmas: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """The fractional timestep of each σ: linear in log σ between the two table entries around it (diffusers'
+    _sigma_to_t, clamped to [0, T−1])."""
+    log_table = np.log(table)  # (T,) increasing in t
+    log_sigma = np.log(np.maximum(sigmas, 1e-10))  # (N,)
+    low = np.cumsum(log_sigma[None, :] - log_table[:, None] >= 0, axis=0).argmax(axis=0).clip(max=len(table) - 2)
+    w = np.clip((log_table[low] - log_sigma) / (log_table[low] - log_table[low + 1]), 0, 1)
+    return (1 - w) * low + w * (low + 1)
+
+
+def euler_timesteps(config: Mapping[str, Any], num_inference_steps: int) -> np.ndarray:
+    """The timesteps of EulerDiscreteScheduler / EulerAncestralDiscreteScheduler.set_timesteps, high to low,
+    float64 holding float32 values (the UNet is called with them; `linspace` gives fractional ones)."""
+    T = int(config.get("num_train_timesteps", 1000))
+    n = num_inference_steps
+    if not 1 <= n <= T:
+        raise ValueError(f"num_inference_steps must be between 1 and {T}, got {n}")
+    spacing = config.get("timestep_spacing", "leading")
+    if spacing == "linspace":
+        steps = np.linspace(0, T - 1, n, dtype=np.float32)[::-1]
+    elif spacing == "leading":
+        steps = (np.arange(0, n) * (T // n)).round()[::-1].astype(np.float32) + int(config.get("steps_offset", 0))
+    elif spacing == "trailing":
+        steps = trailing_timesteps(T, T, n).astype(np.float32)
+    else:
+        raise ValueError(f"timestep_spacing must be one of {', '.join(TIMESTEP_SPACINGS)}, got {spacing!r}")
+    if steps[0] > T - 1:
+        raise ValueError(_too_many_steps(config, max_inference_steps(config), n))
+    return steps.astype(np.float64)
+
+
+def dpm_solver_timesteps(config: Mapping[str, Any], num_inference_steps: int) -> np.ndarray:
+    """The timesteps of DPMSolverMultistepScheduler.set_timesteps (no λ clipping), high to low, int64. Its
+    `linspace` and `leading` spacings divide [0, T) into steps + 1 parts and drop t = 0, unlike DDIM's."""
+    T = int(config.get("num_train_timesteps", 1000))
+    n = num_inference_steps
+    limit = max_dpm_solver_steps(config)
+    if not 1 <= n <= limit:
+        raise ValueError(
+            _too_many_steps(config, limit, n)
+            if n > 0
+            else f"num_inference_steps must be between 1 and {limit}, got {n}"
+        )
+    spacing = config.get("timestep_spacing", "leading")
+    if spacing == "linspace":
+        steps = np.linspace(0, T - 1, n + 1).round()[::-1][:-1]
+    elif spacing == "leading":
+        steps = (np.arange(0, n + 1) * (T // (n + 1))).round()[::-1][:-1] + int(config.get("steps_offset", 0))
+    elif spacing == "trailing":
+        steps = trailing_timesteps(T, T, n)
+    else:
+        raise ValueError(f"timestep_spacing must be one of {', '.join(TIMESTEP_SPACINGS)}, got {spacing!r}")
+    return steps.astype(np.int64)
+
+
+def max_dpm_solver_steps(config: Mapping[str, Any]) -> int:
+    """The most DPM-Solver steps whose timesteps are distinct (h ≠ 0) and inside the table."""
+    T = int(config.get("num_train_timesteps", 1000))
+    spacing = config.get("timestep_spacing", "leading")
+    if spacing == "trailing":
+        return T
+    if spacing == "linspace":
+        return T - 1  # steps + 1 rounded points on [0, T − 1] are distinct up to steps + 1 = T
+    offset = int(config.get("steps_offset", 0))
+    return max(n for n in range(1, T) if T // (n + 1) >= 1 and n * (T // (n + 1)) + offset < T)
+
+
+def _too_many_steps(config: Mapping[str, Any], limit: int, n: int) -> str:
+    return (
+        f"num_inference_steps must be between 1 and {limit} for this model's scheduler "
+        f"({config.get('timestep_spacing', 'leading')} spacing, steps_offset {config.get('steps_offset', 0)}), got {n}"
+    )

@@ -2,8 +2,9 @@
 
 A request of n images takes n rows at guidance 0 (unconditional only) or 1 (conditional only) and
 2n rows otherwise, unconditional first as in diffusers' pipeline. `build_unet_batch` concatenates the
-rows of the chosen requests; `guided_outputs` splits the UNet output back and applies each request's
-guidance, giving one ε̂ row per image, in member order.
+rows of the chosen requests (each scaled for the UNet as its sampler says, at its own timestep);
+`guided_outputs` splits the UNet output back and applies each request's guidance and guidance rescale,
+giving one model-output row per image, in member order.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from typing import Any
 
 import torch
 
-from services.worker.diffusion.guidance import classifier_free_guidance
+from services.worker.diffusion.guidance import classifier_free_guidance, rescale_guidance
+from services.worker.diffusion.samplers import Sampler, SamplerState
 from services.worker.engine.requests import GenerationRequest, TrajectoryFrame
 
 
@@ -23,16 +25,16 @@ class ActiveRequest:
     request: GenerationRequest
     handle: Any  # RequestHandle
     sequence: int  # arrival order, for fairness ties
-    timesteps: list[int]
-    prev_timesteps: list[int]
+    sampler: Sampler
+    state: SamplerState  # the request's plan, its position in it, and its multistep history
+    guidance_rescale: float  # φ (the request's, or the model's default)
     latent_shape: tuple[int, int, int]  # (C, h, w)
     submitted_at: float
     admitted_at: float = 0.0
     generator: torch.Generator | None = None
-    latents: torch.Tensor | None = None  # (n, C, h, w) float32: x_t before step `step_index`
+    latents: torch.Tensor | None = None  # (n, C, h, w) float32: x before step `step_index`, on the sampler's scale
     cond_embeds: torch.Tensor | None = None  # (n, L, D), None at guidance 0
     uncond_embeds: torch.Tensor | None = None  # (n, L, D), None at guidance 1
-    step_index: int = 0  # DDIM updates done
     last_served: int = -1  # engine iteration of the last step, for round-robin
     frames: list[TrajectoryFrame] = field(default_factory=list)
     unet_s: float = 0.0
@@ -62,20 +64,36 @@ class ActiveRequest:
         return self.num_images * (int(self.needs_cond) + int(self.needs_uncond))
 
     @property
+    def step_index(self) -> int:
+        """Sampler updates done (the plan's step that runs next)."""
+        return self.state.step_index
+
+    @property
     def total_steps(self) -> int:
-        return len(self.timesteps)
+        return self.state.plan.num_steps
 
     @property
     def finished(self) -> bool:
-        return self.step_index >= len(self.timesteps)
+        return self.state.finished
+
+    @property
+    def model_timestep(self) -> float:
+        """The UNet's t for the next step (fractional only for Euler on linspace spacing)."""
+        return self.state.plan.timesteps[self.step_index]
 
     @property
     def timestep(self) -> int:
-        return self.timesteps[self.step_index]
+        return round(self.model_timestep)
 
     @property
-    def prev_timestep(self) -> int:
-        return self.prev_timesteps[self.step_index]
+    def input_scale(self) -> float:
+        """The UNet sees latents·input_scale (1/√(σ̂² + 1) on the Euler family's scale, else 1)."""
+        return self.state.plan.input_scale(self.step_index)
+
+    def model_input(self) -> torch.Tensor:
+        """The latents as the UNet sees them (n, C, h, w) float32."""
+        scale = self.input_scale
+        return self.latents if scale == 1.0 else (self.latents.double() * scale).float()
 
     def elapsed(self) -> float:
         return time.monotonic() - self.admitted_at
@@ -84,8 +102,8 @@ class ActiveRequest:
 @dataclass
 class UNetBatch:
     members: list[ActiveRequest]
-    latents: torch.Tensor  # (R, C, h, w)
-    timesteps: torch.Tensor  # (R,) long
+    latents: torch.Tensor  # (R, C, h, w), scaled for the UNet
+    timesteps: torch.Tensor  # (R,) float32 (the UNet embeds float and integer t alike)
     text_embeds: torch.Tensor  # (R, L, D)
 
     @property
@@ -105,14 +123,15 @@ def to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
 def build_unet_batch(members: list[ActiveRequest], dtype: torch.dtype) -> UNetBatch:
     latents, timesteps, embeds = [], [], []
     for member in members:
+        model_input = member.model_input()
         for needed, member_embeds in (
             (member.needs_uncond, member.uncond_embeds),
             (member.needs_cond, member.cond_embeds),
         ):
             if needed:
-                latents.append(member.latents)
+                latents.append(model_input)
                 embeds.append(member_embeds)
-                timesteps.append(torch.full((member.num_images,), member.timestep, dtype=torch.long))
+                timesteps.append(torch.full((member.num_images,), member.model_timestep, dtype=torch.float32))
     device = members[0].latents.device
     return UNetBatch(
         members=members,
@@ -123,9 +142,10 @@ def build_unet_batch(members: list[ActiveRequest], dtype: torch.dtype) -> UNetBa
 
 
 def guided_outputs(batch: UNetBatch, model_output: torch.Tensor) -> torch.Tensor:
-    """UNet output (R, C, h, w) -> guided ε̂ (N, C, h, w), N = images of all members, in member order.
-    A member with only one kind of row passes it as both, so s = 1 and s = 0 return it exactly."""
-    eps_uncond, eps_cond, scales = [], [], []
+    """UNet output (R, C, h, w) -> guided output (N, C, h, w), N = images of all members, in member order.
+    A member with only one kind of row passes it as both, so s = 1 and s = 0 return it exactly. Guidance
+    rescale applies where s > 1, as in diffusers' pipeline (which guides at all only where s > 1)."""
+    eps_uncond, eps_cond, scales, rescales = [], [], [], []
     row = 0
     for member in batch.members:
         n = member.num_images
@@ -139,5 +159,12 @@ def guided_outputs(batch: UNetBatch, model_output: torch.Tensor) -> torch.Tensor
         eps_uncond.append(uncond if uncond is not None else cond)
         eps_cond.append(cond if cond is not None else uncond)
         scales.append(torch.full((n,), member.guidance_scale, dtype=model_output.dtype))
+        rescales.append(member.guidance_rescale if member.guidance_scale > 1 else 0.0)
     scale = to_device(torch.cat(scales), model_output.device)  # (N,)
-    return classifier_free_guidance(torch.cat(eps_uncond), torch.cat(eps_cond), scale)
+    eps_uncond, eps_cond = torch.cat(eps_uncond), torch.cat(eps_cond)
+    guided = classifier_free_guidance(eps_uncond, eps_cond, scale)
+    if any(rescales):
+        counts = torch.tensor([m.num_images for m in batch.members])
+        phi = torch.tensor(rescales, dtype=model_output.dtype).repeat_interleave(counts)  # (N,)
+        guided = rescale_guidance(guided, eps_cond, to_device(phi, model_output.device))
+    return guided

@@ -5,12 +5,15 @@ Each iteration is schedule -> execute -> update (as vLLM's EngineCore.step):
   seeded generator), drop cancelled ones, and pick requests round-robin (least recently stepped
   first, then oldest) until the row budget `max_batch_rows` is full;
 - execute: one UNet call over all their rows (each row at its own timestep);
-- update: classifier-free guidance and one DDIM update per row (vectorised), a NaN check per request,
-  step events (one `on_step_events` call per iteration and one event per request handle), previews
-  and trajectory frames every k steps; then finished requests are VAE-decoded in one batch and retired.
+- update: classifier-free guidance and guidance rescale per row, then one update per sampler for all
+  the rows using it (vectorised: requests with different samplers, step counts and guidance share the
+  UNet call), a NaN check per request, step events (one `on_step_events` call per iteration and one
+  event per request handle), previews and trajectory frames every k steps; then finished requests
+  are VAE-decoded in one batch and retired.
 
 Every random draw of a request comes from its own CPU generator, in diffusers' order (initial latents,
-then the eta noise of each step), so its pictures do not depend on what it was batched with.
+then the noise of each step where its sampler draws any: DDIM with eta > 0, Euler ancestral), so its
+pictures do not depend on what it was batched with.
 """
 
 from __future__ import annotations
@@ -34,13 +37,7 @@ from PIL import Image
 from services.common import rules
 from services.common.errors import InvalidInput
 from services.worker import metrics as worker_metrics
-from services.worker.diffusion.ddim import ddim_step
-from services.worker.diffusion.schedules import (
-    final_alpha_cumprod,
-    inference_timesteps,
-    max_inference_steps,
-    previous_timesteps,
-)
+from services.worker.diffusion.samplers import Sampler, SamplerState, build_samplers, unsupported_samplers
 from services.worker.engine.batch import ActiveRequest, UNetBatch, build_unet_batch, guided_outputs, to_device
 from services.worker.engine.errors import (
     EngineError,
@@ -55,7 +52,6 @@ from services.worker.loading import LoadedModel, to_pil
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-INIT_NOISE_SIGMA = 1.0  # DDIMScheduler.init_noise_sigma
 DECODE_CHUNK = 16  # images per VAE call
 PREVIEW_MIN_SIZE = 64  # previews are upscaled (nearest) to at least this many pixels per side
 _END = object()
@@ -160,8 +156,9 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._in_iteration: list[ActiveRequest] = []  # the requests an exception in this iteration fails
-        self._alphas_cumprod = model.alphas_cumprod.to(model.device)  # (T,) float64, gathered per row each step
-        self._final_alpha_cumprod = final_alpha_cumprod(model.scheduler_config, model.alphas_cumprod)
+        # one sampler object per name this model's scheduler config supports, bound to it (plans cached per step count)
+        self.samplers: dict[str, Sampler] = build_samplers(model.scheduler_config, model.alphas_cumprod, model.device)
+        self.unsupported_samplers = unsupported_samplers(model.scheduler_config)
         self._latent_rgb: torch.Tensor | None = None  # (C + 1, 3), fitted on the first preview
         self.last_batch_rows = 0  # rows of the last UNet call, for metrics
         self.last_unet_s = 0.0
@@ -190,14 +187,15 @@ class Engine:
 
     def submit(self, request: GenerationRequest) -> RequestHandle:
         """Validate and queue a request. Raises InvalidRequestError (naming the field) for bad input."""
-        timesteps, shape = self._validate(request)
+        sampler, state, guidance_rescale, shape = self._validate(request)
         handle = RequestHandle(request.request_id, self._wake)
         active = ActiveRequest(
             request=request,
             handle=handle,
             sequence=next(self._sequence),
-            timesteps=timesteps,
-            prev_timesteps=previous_timesteps(self.model.scheduler_config, timesteps),
+            sampler=sampler,
+            state=state,
+            guidance_rescale=guidance_rescale,
             latent_shape=shape,
             submitted_at=time.monotonic(),
         )
@@ -222,12 +220,16 @@ class Engine:
         with self._lock:
             self._lock.notify_all()
 
-    def _validate(self, request: GenerationRequest) -> tuple[list[int], tuple[int, int, int]]:
-        """The service's rules (services/common/rules.py, the same the gateway applies), then the scheduler's own."""
+    @property
+    def default_sampler(self) -> str:
+        return self.model.default_sampler
+
+    def _validate(self, request: GenerationRequest) -> tuple[Sampler, SamplerState, float, tuple[int, int, int]]:
+        """The service's rules (services/common/rules.py, the same the doors apply), then the sampler's plan."""
         if not isinstance(request.request_id, str) or not request.request_id:
             raise InvalidRequestError("request_id must be a non-empty string", "request_id")
         try:
-            width, height = rules.check_generation(
+            resolved = rules.check_generation(
                 self.limits,
                 prompt=request.prompt,
                 negative_prompt=request.negative_prompt,
@@ -240,14 +242,19 @@ class Engine:
                 num_images=request.num_images,
                 preview_every=request.preview_every,
                 trajectory_every=request.trajectory_every,
+                sampler=request.sampler,
+                guidance_rescale=request.guidance_rescale,
             )
-            timesteps = inference_timesteps(self.model.scheduler_config, request.num_inference_steps)
         except InvalidInput as error:
             raise InvalidRequestError(error.message, error.param) from None
+        sampler = self.samplers[resolved.sampler]
+        try:
+            plan = sampler.plan(request.num_inference_steps)
         except ValueError as error:
-            raise InvalidRequestError(str(error), "num_inference_steps") from None
+            raise InvalidRequestError(f"{error} (sampler {resolved.sampler})", "num_inference_steps") from None
         f = self.model.vae_scale_factor
-        return timesteps, (self.model.latent_channels, height // f, width // f)
+        shape = (self.model.latent_channels, resolved.height // f, resolved.width // f)
+        return sampler, SamplerState(plan=plan, eta=float(request.eta)), resolved.guidance_rescale, shape
 
     @functools.cached_property
     def limits(self) -> rules.ModelLimits:
@@ -257,9 +264,14 @@ class Engine:
             native_width=model.native_width,
             native_height=model.native_height,
             size_multiple=self.size_multiple,
-            max_inference_steps=max_inference_steps(model.scheduler_config),
+            max_inference_steps=self.samplers[self.default_sampler].max_steps(),
             max_prompt_tokens=model.max_prompt_tokens,
             count_tokens=model.count_prompt_tokens,
+            samplers=tuple(self.samplers),
+            default_sampler=self.default_sampler,
+            sampler_max_steps={name: sampler.max_steps() for name, sampler in self.samplers.items()},
+            default_guidance_rescale=model.default_guidance_rescale,
+            unsupported_samplers=dict(self.unsupported_samplers),
         )
 
     @property
@@ -358,7 +370,8 @@ class Engine:
             # diffusers' prepare_latents: randn on the CPU generator in the model dtype, then to the device
             active.generator = torch.Generator("cpu").manual_seed(request.seed)
             latents = torch.randn((n, *active.latent_shape), generator=active.generator, dtype=model.dtype)
-            active.latents = latents.to(model.device).float() * INIT_NOISE_SIGMA  # (n, C, h, w)
+            # × the sampler's init_noise_sigma (1, or σ̂_max for the Euler family), in float32
+            active.latents = latents.to(model.device).float() * active.state.plan.init_noise_sigma  # (n, C, h, w)
             active.admitted_at = time.monotonic()
             self._active.append(active)
 
@@ -418,64 +431,53 @@ class Engine:
 
     def _update(self, batch: UNetBatch, model_output: torch.Tensor) -> list[StepEvent]:
         members = batch.members
-        eps = guided_outputs(batch, model_output)  # (N, C, h, w)
+        guided = guided_outputs(batch, model_output)  # (N, C, h, w)
         x_t = torch.cat([m.latents for m in members])  # (N, C, h, w)
         device = x_t.device
-        per_row = [(m.timestep, m.prev_timestep, float(m.request.eta)) for m in members for _ in range(m.num_images)]
-        timesteps = to_device(torch.tensor([t for t, _, _ in per_row]), device)  # (N,)
-        prev_timesteps = to_device(torch.tensor([t_prev for _, t_prev, _ in per_row]), device)  # (N,)
-        eta = to_device(torch.tensor([e for _, _, e in per_row], dtype=torch.float64), device)  # (N,)
         noise = None
-        if any(m.request.eta > 0 for m in members):
-            # diffusers draws eta noise (randn_tensor of the output's shape and dtype) only when eta > 0
+        if any(m.sampler.draws_noise(m.state) for m in members):
+            # each request's step noise from its own generator (randn of its latents' shape, in the model dtype),
+            # drawn only where its sampler draws, as diffusers' schedulers do
             noise = torch.cat(
                 [
                     torch.randn(m.latents.shape, generator=m.generator, dtype=self.model.dtype).float()
-                    if m.request.eta > 0
+                    if m.sampler.draws_noise(m.state)
                     else torch.zeros(m.latents.shape)
                     for m in members
                 ]
             )
             noise = to_device(noise, device)
-        out = ddim_step(
-            eps,
-            x_t,
-            timesteps,
-            prev_timesteps,
-            self._alphas_cumprod,
-            self._final_alpha_cumprod,
-            eta=eta,
-            variance_noise=noise,
-            prediction_type=self.model.prediction_type,
-        )
-        finite = torch.isfinite(out.x_prev).flatten(1).all(1).tolist()  # (N,): one device sync per iteration
+        # what each member's step was, read before the samplers advance the states: (step index, t, input scale)
+        before = [(m.step_index, m.timestep, m.input_scale) for m in members]
+        x_prev, x0_pred = self._step_samplers(members, guided, x_t, noise)
+        finite = torch.isfinite(x_prev).flatten(1).all(1).tolist()  # (N,): one device sync per iteration
         events, row = [], 0
-        for member in members:
+        for member, (index, timestep, input_scale) in zip(members, before):
             rows = slice(row, row + member.num_images)
             row += member.num_images
-            timestep = member.timestep
-            x_prev, x0_pred = out.x_prev[rows], out.x0_pred[rows]
+            member_x_prev, member_x0_pred = x_prev[rows], x0_pred[rows]
+            step = index + 1
             if not all(finite[rows]):
                 self._retire(
                     member,
                     error=NonFiniteOutputError(
-                        f"request {member.request_id}: latents became non-finite at step {member.step_index + 1} "
+                        f"request {member.request_id}: latents became non-finite at step {step} "
                         f"of {member.total_steps} (timestep {timestep})"
                     ),
                 )
                 continue
-            step = member.step_index + 1
             request = member.request
             frame = None
             if request.trajectory_every and step % request.trajectory_every == 0:
-                frame = self._trajectory_frame(step, timestep, member.latents, x0_pred)
+                # x_t as the UNet saw it (the DDPM scale, whatever the sampler's)
+                x_in = member.latents if input_scale == 1.0 else (member.latents.double() * input_scale).float()
+                frame = self._trajectory_frame(step, timestep, member.state.plan.alpha_bar(index), x_in, member_x0_pred)
                 frame.index = len(member.frames)
                 member.frames.append(frame)
             preview = None
             if request.preview_every and step % request.preview_every == 0:
-                preview = self._preview(x0_pred)
-            member.latents = x_prev
-            member.step_index = step
+                preview = self._preview(member_x0_pred)
+            member.latents = member_x_prev
             events.append(
                 StepEvent(
                     request_id=member.request_id,
@@ -488,17 +490,45 @@ class Engine:
             )
         return events
 
-    def _trajectory_frame(self, step: int, timestep: int, x_t: torch.Tensor, x0_pred: torch.Tensor) -> TrajectoryFrame:
+    def _step_samplers(
+        self, members: list[ActiveRequest], model_output: torch.Tensor, x_t: torch.Tensor, noise: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One update of every row, grouped by sampler: each sampler steps all its rows at once. Returns
+        (x_prev, x0_pred) (N, C, h, w) in member order; advances every member's sampler state."""
+        groups: dict[str, list[int]] = {}
+        for k, member in enumerate(members):
+            groups.setdefault(member.sampler.name, []).append(k)
+        if len(groups) == 1:
+            sampler = members[0].sampler
+            return sampler.step([m.state for m in members], [m.num_images for m in members], model_output, x_t, noise)
+        starts = [0]
+        for member in members:
+            starts.append(starts[-1] + member.num_images)
+        x_prev, x0_pred = torch.empty_like(x_t), torch.empty_like(x_t)
+        for name, ks in groups.items():
+            rows = torch.cat([torch.arange(starts[k], starts[k + 1]) for k in ks]).to(x_t.device)
+            group_noise = None
+            if noise is not None and any(members[k].sampler.draws_noise(members[k].state) for k in ks):
+                group_noise = noise.index_select(0, rows)
+            out_x, out_x0 = self.samplers[name].step(
+                [members[k].state for k in ks],
+                [members[k].num_images for k in ks],
+                model_output.index_select(0, rows),
+                x_t.index_select(0, rows),
+                group_noise,
+            )
+            x_prev.index_copy_(0, rows, out_x)
+            x0_pred.index_copy_(0, rows, out_x0)
+        return x_prev, x0_pred
+
+    def _trajectory_frame(
+        self, step: int, timestep: int, alpha_bar: float, x_t: torch.Tensor, x0_pred: torch.Tensor
+    ) -> TrajectoryFrame:
+        """x_t (n, C, h, w) and x̂0, decoded."""
         n = x_t.shape[0]
         pixels = self.model.decode_latents(torch.cat([x_t, x0_pred]))  # (2n, 3, H, W)
         images = to_pil(torch.nan_to_num(pixels))
-        return TrajectoryFrame(
-            step=step,
-            timestep=timestep,
-            alpha_bar=float(self._alphas_cumprod[timestep]),
-            x_t=images[:n],
-            x0_pred=images[n:],
-        )
+        return TrajectoryFrame(step=step, timestep=timestep, alpha_bar=alpha_bar, x_t=images[:n], x0_pred=images[n:])
 
     def _preview(self, x0_pred: torch.Tensor) -> Image.Image:
         """x̂0 at latent resolution through a linear latent -> RGB map (no VAE call), images side by side."""

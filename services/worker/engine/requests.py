@@ -21,7 +21,9 @@ class GenerationRequest:
     negative_prompt: str = ""
     num_inference_steps: int = 50
     guidance_scale: float = 7.5
-    eta: float = 0.0
+    eta: float = 0.0  # DDIM's η; > 0 with another sampler is refused
+    sampler: str | None = None  # a name of rules.SAMPLERS the model supports; None: the model's default
+    guidance_rescale: float | None = None  # φ in [0, 1], applied where guidance_scale > 1; None: the model's default
     width: int | None = None  # None: the model's native size
     height: int | None = None
     num_images: int = 1
@@ -34,9 +36,9 @@ class StepEvent:
     """Emitted once per request per denoising step (one batch of these per engine iteration)."""
 
     request_id: str
-    step: int  # 1-based: the number of DDIM updates done so far
+    step: int  # 1-based: the number of sampler updates done so far
     total: int
-    timestep: int  # the t that this step denoised from
+    timestep: int  # the t that this step denoised from (rounded: Euler on linspace spacing has fractional ones)
     preview: Image.Image | None = None
     frame: TrajectoryFrame | None = None  # the trajectory frame kept at this step, if any
 

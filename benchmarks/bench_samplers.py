@@ -1,0 +1,105 @@
+"""Images/s through the engine, 16 requests in flight, for each sampler configuration of the quality-per-cost
+table: DDIM 50, DPM-Solver++(2M) at 20 and at 10, Euler ancestral at 30 (guidance 7.5, the default model's
+evaluation captions). `make eval-model` runs this after the accuracy columns and prints both in one JSON line.
+
+    python -m benchmarks.bench_samplers                 # models/shapes-ldm
+    python -m benchmarks.bench_samplers --model PATH --requests 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from services.worker.engine.engine import Engine
+from services.worker.engine.requests import GenerationRequest
+from services.worker.loading import load_model
+
+DEFAULT_MODEL = Path("models/shapes-ldm")
+# (sampler, steps): the configurations the README compares
+COST_CONFIGS: tuple[tuple[str, int], ...] = (("ddim", 50), ("dpmpp_2m", 20), ("dpmpp_2m", 10), ("euler_ancestral", 30))
+PROMPTS = (
+    "a large red circle on a white background",
+    "a small blue square on a gray background",
+    "a green triangle on a black background",
+    "a small yellow square on a white background",
+)
+
+
+def engine_images_per_second(
+    engine: Engine,
+    sampler: str,
+    steps: int,
+    requests: int = 16,
+    guidance_scale: float = 7.5,
+    seed: int = 0,
+    prompts: tuple[str, ...] = PROMPTS,
+) -> float:
+    """Submit `requests` one-image requests at once (all in flight together) and time them to the last."""
+    batch = [
+        GenerationRequest(
+            request_id=f"bench-{sampler}-{steps}-{i}",
+            prompt=prompts[i % len(prompts)],
+            seed=seed + i,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            sampler=sampler,
+        )
+        for i in range(requests)
+    ]
+    started = time.perf_counter()
+    handles = [engine.submit(r) for r in batch]
+    for handle in handles:
+        handle.result()
+    return requests / (time.perf_counter() - started)
+
+
+def sampler_throughput(
+    model_path: Path, configs=COST_CONFIGS, requests: int = 16, device: str = "cpu", repeats: int = 2
+) -> dict[str, float]:
+    """{"<sampler> <steps>": images/s} through one engine on the model (the best of `repeats` runs each, runs
+    interleaved across configurations, so a burst of load on a shared machine hits all of them alike)."""
+    model = load_model(model_path, device=device)
+    engine = Engine(model, max_batch_rows=64).start()
+    try:
+        for sampler, _ in configs:  # warm-up: first-call costs of each row count and sampler
+            engine_images_per_second(engine, sampler, 2, requests=2)
+        best: dict[str, float] = {}
+        for _ in range(repeats):
+            for sampler, steps in configs:
+                key = f"{sampler} {steps}"
+                best[key] = max(best.get(key, 0.0), engine_images_per_second(engine, sampler, steps, requests))
+        return best
+    finally:
+        engine.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    figures = sampler_throughput(args.model, requests=args.requests, device=args.device)
+    print(
+        json.dumps(
+            {
+                "model": str(args.model),
+                "device": args.device,
+                "requests_in_flight": args.requests,
+                "guidance_scale": 7.5,
+                "engine_images_per_s": {k: round(v, 3) for k, v in figures.items()},
+                "load_average_1min": round(os.getloadavg()[0], 2),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,375 @@
+"""The sampler seam: one object per sampler name and model, which turns the model's scheduler config and
+a request's step count into the request's plan, and steps the rows of all requests using it at once.
+
+What a sampler knows, for each request kind:
+(a) `plan(steps)`: the UNet's timestep at each step and the noise levels σ̂ around it, from the scheduler
+    config (float64, pure, cached per step count), as the sampler's diffusers scheduler's set_timesteps;
+(b) `plan.init_noise_sigma` (x_T = ε·init_noise_sigma) and `plan.input_scale(i)` (the UNet sees x·scale:
+    1/√(σ̂² + 1) for the Euler family, whose x lives on the variance-exploding scale; 1 otherwise);
+(c) `step(states, counts, model_output, x, noise)`: one vectorised update over the rows of every request
+    using this sampler, with per-row coefficients gathered from each request's own plan at its own step;
+    a multistep history (DPM-Solver++'s previous x0 prediction) lives in the request's SamplerState;
+(d) `draws_noise(state)`: whether this step takes one randn draw (the request's latents' shape, model dtype)
+    from the request's own CPU generator, after the initial latents, in diffusers' order (DDIM with
+    eta > 0 and Euler ancestral draw at every step; the others never).
+
+The math is in ddim.py, dpm_solver.py, euler.py and euler_ancestral.py (one algorithm per file); this
+module is bookkeeping. A later sampler (flow matching's x_next = x + (σ_next − σ)·v on a shifted σ
+schedule; image-to-image starting at step k of a plan with noised image latents) is one more class:
+a plan, an input scale, a step. `SamplerState.steps_done` counts the request's own updates, so a
+multistep history starts fresh wherever the request starts.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from services.common.rules import SAMPLERS
+from services.worker.diffusion.ddim import ddim_step
+from services.worker.diffusion.dpm_solver import dpm_solver_2m_step
+from services.worker.diffusion.euler import euler_step
+from services.worker.diffusion.euler_ancestral import euler_ancestral_step
+from services.worker.diffusion.schedules import (
+    dpm_solver_timesteps,
+    euler_timesteps,
+    final_alpha_cumprod,
+    inference_timesteps,
+    interpolate_sigmas,
+    karras_sigmas,
+    max_dpm_solver_steps,
+    max_inference_steps,
+    previous_timesteps,
+    sigma_table,
+    sigma_to_timestep,
+)
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One request's schedule: what its sampler does at each of its steps (float64, computed once)."""
+
+    timesteps: tuple[float, ...]  # (n,) the UNet's t at step i (integers but for Euler on linspace spacing)
+    sigmas: tuple[float, ...]  # (n + 1,) σ̂_i = √((1 − ᾱ)/ᾱ) of the sample before step i; σ̂_n: after the last
+    init_noise_sigma: float = 1.0  # x_T = ε·init_noise_sigma
+    scale_input: bool = False  # the UNet sees x/√(σ̂_i² + 1) (x on the variance-exploding scale)
+    prev_timesteps: tuple[int, ...] = ()  # DDIM: the t each step goes to (−1: after the last)
+    orders: tuple[int, ...] = ()  # DPM-Solver++(2M): the solver order of each step, for a request run from step 0
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    def input_scale(self, i: int) -> float:
+        return 1 / math.sqrt(self.sigmas[i] ** 2 + 1) if self.scale_input else 1.0
+
+    def alpha_bar(self, i: int) -> float:
+        """ᾱ of the sample before step i (for trajectory frames)."""
+        return 1 / (self.sigmas[i] ** 2 + 1)
+
+
+@dataclass
+class SamplerState:
+    """A request's progress through its plan: the part of the sampler that lives in the request."""
+
+    plan: Plan
+    eta: float = 0.0  # DDIM only
+    step_index: int = 0  # the plan's step that runs next
+    steps_done: int = 0  # updates this request has made (a request may start past step 0: image to image)
+    x0_prev: torch.Tensor | None = None  # DPM-Solver++(2M): the last step's x0 prediction (n, C, h, w), float64
+
+    @property
+    def finished(self) -> bool:
+        return self.step_index >= self.plan.num_steps
+
+
+def per_row(values: Sequence[float], counts: Sequence[int], device: torch.device, dtype=torch.float64) -> torch.Tensor:
+    """One value per request -> one per row (R,), on `device` without waiting for queued GPU work."""
+    rows = torch.tensor(values, dtype=dtype).repeat_interleave(torch.tensor(counts))
+    if device.type != "cuda":
+        return rows.to(device)
+    return rows.pin_memory().to(device, non_blocking=True)
+
+
+class Sampler:
+    """Base: a sampler bound to one model's scheduler config (and the device its rows live on)."""
+
+    name = ""
+    takes_eta = False
+    # scheduler config keys that would change what the diffusers scheduler does, and the values it does here
+    config_defaults: Mapping[str, Any] = {}
+
+    def __init__(self, config: Mapping[str, Any], alphas_cumprod: torch.Tensor, device: torch.device | str = "cpu"):
+        self.config = dict(config)
+        self.alphas_cumprod = alphas_cumprod.double()  # (T,) float64
+        self.device = torch.device(device)
+        self.prediction_type = self.config.get("prediction_type", "epsilon")
+        self.plan = functools.lru_cache(maxsize=256)(self._plan)
+
+    @classmethod
+    def unsupported(cls, config: Mapping[str, Any]) -> str | None:
+        """Why this sampler cannot follow its diffusers scheduler on this config, or None."""
+        if config.get("prediction_type", "epsilon") not in PREDICTION_TYPES:
+            return f"prediction_type {config.get('prediction_type')!r} (supported: {', '.join(PREDICTION_TYPES)})"
+        for key, default in cls.config_defaults.items():
+            value = config.get(key, default)
+            if value != default and value is not None:
+                return f"scheduler config {key} = {value!r} (supported: {default!r})"
+        return None
+
+    def max_steps(self) -> int:
+        return max_inference_steps(self.config)
+
+    def _plan(self, num_inference_steps: int) -> Plan:
+        raise NotImplementedError
+
+    def start(self, num_inference_steps: int, eta: float = 0.0) -> SamplerState:
+        """A new request's state; raises ValueError (naming the limit) for a step count the schedule cannot do."""
+        return SamplerState(plan=self.plan(num_inference_steps), eta=eta)
+
+    def draws_noise(self, state: SamplerState) -> bool:
+        return False
+
+    def step(
+        self,
+        states: Sequence[SamplerState],
+        counts: Sequence[int],
+        model_output: torch.Tensor,
+        x: torch.Tensor,
+        noise: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One update of every row: states[k] owns counts[k] consecutive rows of model_output, x and noise
+        (R, C, h, w). Returns (x_next, x0_pred), each (R, C, h, w) in x's dtype, and advances the states."""
+        raise NotImplementedError
+
+    def _advance(self, states: Sequence[SamplerState]) -> None:
+        for state in states:
+            state.step_index += 1
+            state.steps_done += 1
+
+    def _sigmas(self, states: Sequence[SamplerState], counts: Sequence[int], offset: int) -> torch.Tensor:
+        return per_row([s.plan.sigmas[s.step_index + offset] for s in states], counts, self.device)
+
+
+class DDIMSampler(Sampler):
+    """DDIM (ddim.py) on the scheduler's own timesteps; eta per request."""
+
+    name = "ddim"
+    takes_eta = True
+
+    def __init__(self, config, alphas_cumprod, device="cpu"):
+        super().__init__(config, alphas_cumprod, device)
+        self.final_alpha_cumprod = final_alpha_cumprod(self.config, self.alphas_cumprod)
+        self.table = self.alphas_cumprod.to(self.device)
+
+    def _plan(self, num_inference_steps: int) -> Plan:
+        timesteps = inference_timesteps(self.config, num_inference_steps)
+        prev = previous_timesteps(self.config, timesteps)
+        alpha_bars = [float(self.alphas_cumprod[t]) for t in timesteps] + [self.final_alpha_cumprod]
+        sigmas = tuple(math.sqrt((1 - a) / a) for a in alpha_bars)
+        return Plan(timesteps=tuple(float(t) for t in timesteps), sigmas=sigmas, prev_timesteps=tuple(prev))
+
+    def draws_noise(self, state: SamplerState) -> bool:
+        return state.eta > 0
+
+    def step(self, states, counts, model_output, x, noise):
+        t = per_row([s.plan.timesteps[s.step_index] for s in states], counts, self.device, torch.long)
+        t_prev = per_row([s.plan.prev_timesteps[s.step_index] for s in states], counts, self.device, torch.long)
+        eta = per_row([s.eta for s in states], counts, self.device)
+        out = ddim_step(
+            model_output,
+            x,
+            t,
+            t_prev,
+            self.table,
+            self.final_alpha_cumprod,
+            eta=eta,
+            variance_noise=noise,
+            prediction_type=self.prediction_type,
+        )
+        self._advance(states)
+        return out.x_prev, out.x0_pred
+
+
+class DPMSolver2MSampler(Sampler):
+    """DPM-Solver++(2M) (dpm_solver.py) as DPMSolverMultistepScheduler.from_config(config,
+    algorithm_type="dpmsolver++", solver_order=2): its timesteps, σ̂ interpolated at them, σ̂ = 0 after
+    the last step (final_sigmas_type "zero"; "sigma_min" is read too), first order at the first step
+    and at the last (lower_order_final, euler_at_final read from the config)."""
+
+    name = "dpmpp_2m"
+    karras = False
+    config_defaults = {
+        "solver_type": "midpoint",
+        "thresholding": False,
+        "use_exponential_sigmas": False,
+        "use_beta_sigmas": False,
+        "use_lu_lambdas": False,
+        "use_flow_sigmas": False,
+        "variance_type": None,
+        "lambda_min_clipped": -math.inf,
+        "rescale_betas_zero_snr": False,
+    }
+
+    def max_steps(self) -> int:
+        return int(self.config.get("num_train_timesteps", 1000)) if self.karras else max_dpm_solver_steps(self.config)
+
+    def _plan(self, num_inference_steps: int) -> Plan:
+        n = num_inference_steps
+        table = sigma_table(self.alphas_cumprod)  # (T,) σ̂_t
+        if self.karras:
+            if not 1 <= n <= self.max_steps():
+                raise ValueError(f"num_inference_steps must be between 1 and {self.max_steps()}, got {n}")
+            sigmas = karras_sigmas(float(table[0]), float(table[-1]), n)
+            timesteps = sigma_to_timestep(sigmas, table)
+            if self.config.get("beta_schedule") != "squaredcos_cap_v2":
+                timesteps = timesteps.round()
+            timesteps = timesteps.astype(np.int64)  # diffusers' int64 cast truncates the unrounded ones
+        else:
+            timesteps = dpm_solver_timesteps(self.config, n)
+            sigmas = interpolate_sigmas(table, timesteps)
+        final = 0.0 if self.config.get("final_sigmas_type", "zero") == "zero" else float(table[0])
+        lower_order_final = (
+            self.config.get("euler_at_final", False)
+            or (self.config.get("lower_order_final", True) and n < 15)
+            or final == 0.0
+        )
+        orders = tuple(1 if i == 0 or (i == n - 1 and lower_order_final) else 2 for i in range(n))
+        return Plan(
+            timesteps=tuple(float(t) for t in timesteps),
+            sigmas=(*(float(s) for s in sigmas), final),
+            orders=orders,
+        )
+
+    def step(self, states, counts, model_output, x, noise):
+        sigma, sigma_next = self._sigmas(states, counts, 0), self._sigmas(states, counts, 1)
+        sigma_prev = per_row(
+            [s.plan.sigmas[max(s.step_index - 1, 0)] for s in states], counts, self.device
+        )  # unused at order 1
+        order = per_row(
+            [1 if s.x0_prev is None else s.plan.orders[s.step_index] for s in states], counts, self.device, torch.long
+        )
+        x0_prev = None
+        if any(s.x0_prev is not None for s in states):
+            x0_prev = torch.cat(
+                [
+                    s.x0_prev
+                    if s.x0_prev is not None
+                    else torch.zeros((c, *x.shape[1:]), dtype=torch.float64, device=x.device)
+                    for s, c in zip(states, counts)
+                ]
+            )
+        out = dpm_solver_2m_step(model_output, x, sigma, sigma_next, sigma_prev, x0_prev, order, self.prediction_type)
+        row = 0
+        for state, count in zip(states, counts):
+            state.x0_prev = out.x0_pred[row : row + count]
+            row += count
+        self._advance(states)
+        for state in states:
+            if state.finished:
+                state.x0_prev = None
+        return out.x_next, out.x0_pred.to(x.dtype)
+
+
+class DPMSolver2MKarrasSampler(DPMSolver2MSampler):
+    """DPM-Solver++(2M) on Karras et al.'s σ spacing (use_karras_sigmas=True): σ̂ from ρ = 7 between the
+    table's ends, the UNet's timestep interpolated in log σ̂ (rounded, but truncated for the cosine
+    schedule, as diffusers). Not offered on the capped cosine schedule: there σ̂_999 ≈ 2·10⁴ is 30×
+    σ̂_998, Karras spacing puts about half the steps at t ≈ 998, and diffusers' scheduler cannot run it
+    (duplicate first timesteps put its step index one ahead, and it indexes past its σ table)."""
+
+    name = "dpmpp_2m_karras"
+    karras = True
+
+    @classmethod
+    def unsupported(cls, config):
+        if config.get("beta_schedule") == "squaredcos_cap_v2":
+            return "Karras σ spacing on the capped cosine schedule (squaredcos_cap_v2)"
+        return super().unsupported(config)
+
+
+class EulerSampler(Sampler):
+    """Euler (euler.py) as EulerDiscreteScheduler.from_config(config): its timesteps (fractional on
+    linspace spacing), σ̂ interpolated linearly at them, then 0 (final_sigmas_type "sigma_min" is read
+    too); x_T = ε·σ̂_max (ε·√(σ̂_max² + 1) for leading spacing); the UNet sees x/√(σ̂² + 1)."""
+
+    name = "euler"
+    config_defaults = {
+        "interpolation_type": "linear",
+        "use_karras_sigmas": False,
+        "use_exponential_sigmas": False,
+        "use_beta_sigmas": False,
+        "timestep_type": "discrete",
+        "rescale_betas_zero_snr": False,
+    }
+    final_sigma_from_config = True
+
+    def _plan(self, num_inference_steps: int) -> Plan:
+        timesteps = euler_timesteps(self.config, num_inference_steps)
+        table = sigma_table(self.alphas_cumprod)
+        sigmas = interpolate_sigmas(table, timesteps)
+        final = 0.0
+        if self.final_sigma_from_config and self.config.get("final_sigmas_type", "zero") == "sigma_min":
+            final = float(table[0])
+        sigma_max = float(sigmas.max())
+        leading = self.config.get("timestep_spacing", "leading") == "leading"
+        return Plan(
+            timesteps=tuple(float(t) for t in timesteps),
+            sigmas=(*(float(s) for s in sigmas), final),
+            init_noise_sigma=math.sqrt(sigma_max**2 + 1) if leading else sigma_max,
+            scale_input=True,
+        )
+
+    def step(self, states, counts, model_output, x, noise):
+        sigma, sigma_next = self._sigmas(states, counts, 0), self._sigmas(states, counts, 1)
+        out = euler_step(model_output, x, sigma, sigma_next, self.prediction_type)
+        self._advance(states)
+        return out.x_next, out.x0_pred
+
+
+class EulerAncestralSampler(EulerSampler):
+    """Euler ancestral (euler_ancestral.py) as EulerAncestralDiscreteScheduler.from_config(config): the
+    Euler plan with σ̂ = 0 after the last step, and one noise draw per step."""
+
+    name = "euler_ancestral"
+    config_defaults = {"rescale_betas_zero_snr": False}
+    final_sigma_from_config = False
+
+    def draws_noise(self, state: SamplerState) -> bool:
+        return True
+
+    def step(self, states, counts, model_output, x, noise):
+        if noise is None:
+            raise ValueError("euler_ancestral needs the rows' noise")
+        sigma, sigma_next = self._sigmas(states, counts, 0), self._sigmas(states, counts, 1)
+        out = euler_ancestral_step(model_output, x, sigma, sigma_next, noise, self.prediction_type)
+        self._advance(states)
+        return out.x_next, out.x0_pred
+
+
+SAMPLER_CLASSES: dict[str, type[Sampler]] = {
+    cls.name: cls
+    for cls in (DDIMSampler, DPMSolver2MSampler, DPMSolver2MKarrasSampler, EulerSampler, EulerAncestralSampler)
+}
+assert tuple(SAMPLER_CLASSES) == SAMPLERS
+
+
+def unsupported_samplers(config: Mapping[str, Any]) -> dict[str, str]:
+    """{name: why} for the samplers this scheduler config rules out."""
+    return {name: reason for name, cls in SAMPLER_CLASSES.items() if (reason := cls.unsupported(config))}
+
+
+def build_samplers(
+    config: Mapping[str, Any], alphas_cumprod: torch.Tensor, device: torch.device | str = "cpu"
+) -> dict[str, Sampler]:
+    """The samplers a model supports, bound to its scheduler config, in SAMPLERS order."""
+    ruled_out = unsupported_samplers(config)
+    return {name: cls(config, alphas_cumprod, device) for name, cls in SAMPLER_CLASSES.items() if name not in ruled_out}

@@ -1,0 +1,234 @@
+"""Samplers and guidance rescale through the engine: against diffusers' StableDiffusionPipeline with the
+scheduler swapped as a pipeline user would, alone vs batched with other samplers, and what is refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from services.common.rules import SAMPLERS
+from services.worker.engine.errors import InvalidRequestError
+from services.worker.engine.requests import GenerationRequest
+from services.worker.loading import ModelLoadError, load_model
+from services.worker.runtime import model_info
+from tests.fixtures.tiny_model import build_tiny_model
+from training.evaluate import diffusers_scheduler
+
+STEPS = 8
+PROMPT = "a red circle"
+DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "shapes-ldm"
+COSINE_SAMPLERS = tuple(name for name in SAMPLERS if name != "dpmpp_2m_karras")  # see DPMSolver2MKarrasSampler
+
+
+def request(request_id: str, **overrides) -> GenerationRequest:
+    fields = dict(prompt=PROMPT, seed=1234, num_inference_steps=STEPS, guidance_scale=7.5)
+    fields.update(overrides)
+    return GenerationRequest(request_id=request_id, **fields)
+
+
+def pixels(images) -> np.ndarray:
+    return np.stack([np.asarray(image, dtype=np.float64) / 255 for image in images])
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a - b) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1 / mse)
+
+
+def pipeline_for(folder, sampler: str) -> StableDiffusionPipeline:
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    pipe.scheduler = diffusers_scheduler(sampler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def pipeline_images(pipe, prompt=PROMPT, steps=STEPS, seed=1234, **kwargs):
+    return pipe(prompt, num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(seed), **kwargs).images
+
+
+@pytest.fixture(scope="module")
+def cosine_v_model(tmp_path_factory):
+    """The default model's schedule (cosine, trailing) with a v-predicting tiny UNet."""
+    folder = build_tiny_model(
+        tmp_path_factory.mktemp("models") / "cosine-v",
+        seed=3,
+        prediction_type="v_prediction",
+        beta_schedule="squaredcos_cap_v2",
+        timestep_spacing="trailing",
+    )
+    return folder, load_model(folder)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_seed_parity_with_the_pipeline(make_engine, tiny_model, tiny_model_path, sampler):
+    """ε-prediction, scaled_linear, leading (SD 1.x's schedule): 2 images at guidance 7.5, and 1 at guidance 1."""
+    engine = make_engine()
+    pipe = pipeline_for(tiny_model_path, sampler)
+    ours = engine.submit(request("p", sampler=sampler, num_images=2)).result(60)
+    theirs = pipeline_images(pipe, guidance_scale=7.5, num_images_per_prompt=2)
+    assert psnr(pixels(ours.images), pixels(theirs)) >= 40
+    ours = engine.submit(request("q", sampler=sampler, guidance_scale=1.0, seed=5)).result(60)
+    assert psnr(pixels(ours.images), pixels(pipeline_images(pipe, guidance_scale=1.0, seed=5))) >= 40
+    # another seed gives another picture, so the comparison can fail
+    assert psnr(pixels(ours.images), pixels(pipeline_images(pipe, guidance_scale=1.0, seed=6))) < 40
+
+
+@pytest.mark.parametrize("sampler", COSINE_SAMPLERS)
+def test_seed_parity_cosine_trailing_v_prediction(make_engine, cosine_v_model, sampler):
+    folder, model = cosine_v_model
+    ours = make_engine(model=model).submit(request("v", sampler=sampler, seed=9, guidance_scale=3.0)).result(60)
+    theirs = pipeline_images(pipeline_for(folder, sampler), guidance_scale=3.0, seed=9)
+    assert psnr(pixels(ours.images), pixels(theirs)) >= 40
+
+
+@pytest.mark.skipif(not (DEFAULT_MODEL / "model_index.json").is_file(), reason="models/shapes-ldm has not landed")
+@pytest.mark.parametrize("sampler", COSINE_SAMPLERS)
+def test_seed_parity_on_the_default_model(make_engine, sampler):
+    prompt = "a large red circle on a white background"
+    model = load_model(DEFAULT_MODEL)
+    ours = (
+        make_engine(model=model)
+        .submit(request("d", prompt=prompt, sampler=sampler, seed=11, num_inference_steps=10))
+        .result(120)
+    )
+    theirs = pipeline_images(pipeline_for(DEFAULT_MODEL, sampler), prompt=prompt, steps=10, seed=11, guidance_scale=7.5)
+    assert psnr(pixels(ours.images), pixels(theirs)) >= 40
+
+
+@pytest.mark.parametrize("sampler", ("ddim", "dpmpp_2m", "euler_ancestral"))
+def test_guidance_rescale_parity_with_the_pipeline(make_engine, tiny_model_path, sampler):
+    engine = make_engine()
+    pipe = pipeline_for(tiny_model_path, sampler)
+    ours = engine.submit(request("r", sampler=sampler, guidance_rescale=0.7, seed=3)).result(60)
+    theirs = pipeline_images(pipe, guidance_scale=7.5, guidance_rescale=0.7, seed=3)
+    matched = psnr(pixels(ours.images), pixels(theirs))
+    assert matched >= 40
+    # the comparison can fail: without rescale the pipeline's picture is much further off
+    plain = pipeline_images(pipe, guidance_scale=7.5, seed=3)
+    assert psnr(pixels(ours.images), pixels(plain)) < matched - 10
+    # at guidance ≤ 1 the pipeline neither guides nor rescales; the engine does not rescale either
+    low = engine.submit(request("s", sampler=sampler, guidance_scale=1.0, guidance_rescale=0.7, seed=3)).result(60)
+    assert psnr(pixels(low.images), pixels(pipeline_images(pipe, guidance_scale=1.0, seed=3))) >= 40
+
+
+def test_batch_invariance_across_samplers(make_engine):
+    """Each sampler's request alone, and among requests with other samplers, step counts, guidance, rescale
+    and image counts (fewer rows than asked for, so batches change from step to step): ≤ 1/255."""
+    targets = [
+        request(f"target-{name}", sampler=name, seed=70 + k, num_images=1 + k % 2, guidance_rescale=0.5 * (k % 2))
+        for k, name in enumerate(SAMPLERS)
+    ]
+    alone = {t.request_id: make_engine().submit(t).result(60) for t in targets}
+    others = [
+        request(
+            f"other-{k}", prompt=prompt, sampler=name, seed=100 + k, num_inference_steps=steps, guidance_scale=scale
+        )
+        for k, (prompt, name, steps, scale) in enumerate(
+            [
+                ("a blue square", "euler_ancestral", 5, 0.0),
+                ("a green triangle", "dpmpp_2m", 12, 1.0),
+                ("yellow", "euler", 3, 3.0),
+                ("", "dpmpp_2m_karras", 9, 12.0),
+                ("orange", "ddim", 20, 2.0),
+            ]
+        )
+    ]
+    engine = make_engine(max_batch_rows=10)
+    handles = [engine.submit(r) for pair in zip(others, targets) for r in pair]
+    for handle in handles:
+        result = handle.result(60)
+        if result.request_id in alone:
+            diff = np.abs(pixels(alone[result.request_id].images) - pixels(result.images)).max()
+            assert diff <= 1 / 255 + 1e-9, (result.request_id, diff)
+
+
+def test_default_sampler_and_steps_and_frames(make_engine):
+    engine = make_engine()
+    assert engine.default_sampler == "ddim" and list(engine.samplers) == list(SAMPLERS)
+    default = engine.submit(request("a")).result(60)
+    explicit = engine.submit(request("b", sampler="ddim")).result(60)
+    assert np.array_equal(pixels(default.images), pixels(explicit.images))
+    handle = engine.submit(request("e", sampler="euler", trajectory_every=4, preview_every=4))
+    events = list(handle.events(timeout=60))
+    result = handle.result(60)
+    assert [e.step for e in events] == list(range(1, STEPS + 1))
+    assert [e.timestep for e in events] == sorted((e.timestep for e in events), reverse=True)
+    assert [f.step for f in result.frames] == [4, 8] and 0 < result.frames[0].alpha_bar < 1
+    assert events[3].preview is not None
+
+
+@pytest.mark.parametrize(
+    "overrides,field,message",
+    [
+        (
+            dict(sampler="plms"),
+            "sampler",
+            "sampler must be one of ddim, dpmpp_2m, dpmpp_2m_karras, euler, euler_ancestral",
+        ),
+        (
+            dict(sampler="euler", eta=0.5),
+            "eta",
+            "eta applies to the ddim sampler only; got eta 0.5 with sampler 'euler'",
+        ),
+        (dict(guidance_rescale=1.5), "guidance_rescale", "guidance_rescale must be between 0 and 1, got 1.5"),
+        (dict(guidance_rescale=-0.1), "guidance_rescale", "guidance_rescale must be between 0 and 1"),
+        (dict(guidance_rescale=float("nan")), "guidance_rescale", "guidance_rescale must be between 0 and 1"),
+        (
+            dict(sampler="dpmpp_2m", num_inference_steps=999),
+            "num_inference_steps",
+            "num_inference_steps must be between 1 and 998 for model 'tiny-sd' with sampler 'dpmpp_2m', got 999",
+        ),
+    ],
+)
+def test_bad_sampler_input_is_named(make_engine, overrides, field, message):
+    with pytest.raises(InvalidRequestError, match=message) as error:
+        make_engine().submit(request("bad", **overrides))
+    assert error.value.field == field
+
+
+def test_karras_is_not_offered_on_the_capped_cosine_schedule(make_engine, cosine_v_model):
+    _, model = cosine_v_model
+    engine = make_engine(model=model)
+    assert list(engine.samplers) == list(COSINE_SAMPLERS)
+    with pytest.raises(InvalidRequestError, match="squaredcos_cap_v2") as error:
+        engine.submit(request("k", sampler="dpmpp_2m_karras"))
+    assert error.value.field == "sampler"
+
+
+def test_model_defaults_from_latentd_json(make_engine, tiny_model_path, tmp_path):
+    folder = tmp_path / "with-defaults"
+    shutil.copytree(tiny_model_path, folder)
+    (folder / "latentd.json").write_text(
+        json.dumps({"default_sampler": "euler_ancestral", "default_guidance_rescale": 0.5})
+    )
+    model = load_model(folder)
+    assert (model.default_sampler, model.default_guidance_rescale) == ("euler_ancestral", 0.5)
+    engine = make_engine(model=model)
+    info = model_info(model, engine)
+    assert info.samplers == list(SAMPLERS) and info.default_sampler == "euler_ancestral"
+    assert info.default_guidance_rescale == 0.5 and info.sampler_max_inference_steps["dpmpp_2m"] == 998
+    by_default = engine.submit(request("d")).result(60)
+    explicit = engine.submit(request("e", sampler="euler_ancestral", guidance_rescale=0.5)).result(60)
+    assert np.array_equal(pixels(by_default.images), pixels(explicit.images))
+    # the pipeline ignores the file
+    assert StableDiffusionPipeline.from_pretrained(folder, safety_checker=None) is not None
+    for bad, complaint in (
+        ({"default_sampler": "plms"}, "default_sampler must be one of"),
+        ({"default_guidance_rescale": 2}, "default_guidance_rescale must be between 0 and 1"),
+        ({"default_steps": 20}, "may hold only default_sampler, default_guidance_rescale"),
+    ):
+        (folder / "latentd.json").write_text(json.dumps(bad))
+        with pytest.raises(ModelLoadError, match=complaint):
+            load_model(folder)
+
+
+def test_model_info_of_the_default_model_lists_what_it_supports(tiny_model, make_engine):
+    info = model_info(tiny_model, make_engine())
+    assert info.samplers == list(SAMPLERS) and info.default_sampler == "ddim"
+    assert info.default_guidance_rescale == 0.0 and info.max_inference_steps == 999

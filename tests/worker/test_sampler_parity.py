@@ -1,0 +1,241 @@
+"""The samplers' plans and updates against diffusers' schedulers (pure tensor math, no model).
+
+Each sampler is compared with the scheduler a pipeline user would swap in:
+`Scheduler.from_config(the model's scheduler config, **overrides)` (training/evaluate.py:DIFFUSERS_SCHEDULERS),
+over the schedules, spacings and prediction types of test_ddim_parity.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from services.common.rules import SAMPLERS
+from services.worker.diffusion.guidance import rescale_guidance
+from services.worker.diffusion.samplers import SAMPLER_CLASSES, build_samplers, unsupported_samplers
+from services.worker.diffusion.schedules import alphas_cumprod_from_config
+from training.evaluate import diffusers_scheduler
+from training.evaluate import rescale_guidance as evaluate_rescale
+
+SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+SPACINGS = ("leading", "trailing", "linspace")
+PREDICTIONS = ("epsilon", "v_prediction")
+SIGMA_SAMPLERS = ("dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_ancestral")
+STEPS = (1, 7, 10, 50, 1000)
+
+
+def model_config(schedule: str, spacing: str, prediction_type: str = "epsilon") -> dict:
+    """A model's scheduler config as shipped (a DDIMScheduler's, as the tiny model and SD 1.x carry)."""
+    return dict(
+        DDIMScheduler(
+            num_train_timesteps=1000,
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule=schedule,
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+            timestep_spacing=spacing,
+            prediction_type=prediction_type,
+        ).config
+    )
+
+
+def reference(name: str, config: dict, steps: int, alphas_cumprod: torch.Tensor | None = None):
+    """diffusers' scheduler for `name`, set to `steps`; with alphas_cumprod, on our float64 ᾱ table."""
+    scheduler = diffusers_scheduler(name, config)
+    if alphas_cumprod is not None:
+        scheduler.alphas_cumprod = alphas_cumprod
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+def test_names_are_the_registry():
+    assert tuple(SAMPLER_CLASSES) == SAMPLERS
+    assert SAMPLERS == ("ddim", "dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_ancestral")
+
+
+@pytest.mark.parametrize("name,schedule,spacing", list(itertools.product(SIGMA_SAMPLERS, SCHEDULES, SPACINGS)))
+def test_plan_matches_diffusers(name, schedule, spacing):
+    """Timesteps (what the UNet sees) exactly, σ̂ and init_noise_sigma to float32 rounding (diffusers stores
+    them in float32), for 1/7/10/50/1000 steps; on our float64 ᾱ table, then on diffusers' own float32 one."""
+    config = model_config(schedule, spacing)
+    ac = alphas_cumprod_from_config(config)
+    if name == "dpmpp_2m_karras" and schedule == "squaredcos_cap_v2":
+        assert "squaredcos_cap_v2" in unsupported_samplers(config)[name]
+        assert name not in build_samplers(config, ac)
+        return
+    sampler = build_samplers(config, ac)[name]
+    for steps in STEPS:
+        try:
+            plan = sampler.plan(steps)
+        except ValueError as error:
+            # leading + steps_offset 1: t would reach T; DPM-Solver needs distinct timesteps (see max_dpm_solver_steps)
+            assert steps > sampler.max_steps(), error  # DPM-Solver on linspace: T − 1 (T + 1 rounded points)
+            assert f"between 1 and {sampler.max_steps()}" in str(error)
+            continue
+        ref = reference(name, config, steps, ac)
+        ref_timesteps = ref.timesteps.double().tolist()
+        if spacing == "trailing" and len(ref_timesteps) == steps + 1:
+            # diffusers' np.arange(T, 0, −T/steps) gains an element ≈ 0 (t = −1) for 62 step counts (7 of these)
+            assert ref_timesteps[-1] == -1 and list(plan.timesteps) == ref_timesteps[:-1]
+            continue
+        assert list(plan.timesteps) == ref_timesteps, steps
+        ref_sigmas = ref.sigmas.double()
+        assert torch.allclose(torch.tensor(plan.sigmas, dtype=torch.float64), ref_sigmas, rtol=1e-7, atol=0), steps
+        assert math.isclose(plan.init_noise_sigma, float(ref.init_noise_sigma), rel_tol=1e-7), steps
+        # diffusers' own float32 ᾱ: the same timesteps (the Karras ones at 1000 steps may round across a boundary)
+        own = reference(name, config, steps)
+        if not (name == "dpmpp_2m_karras" and steps == 1000):
+            assert list(plan.timesteps) == own.timesteps.double().tolist(), steps
+        # σ̂ near t = 0 comes from 1 − ᾱ ≈ 4e-5 (cosine) in float32 there: 3 to 4 digits
+        assert torch.allclose(torch.tensor(plan.sigmas, dtype=torch.float64), own.sigmas.double(), rtol=1e-3, atol=0), (
+            steps
+        )
+
+
+def consistent_output(x, plan, i, x0, prediction_type, g):
+    """A model output for the sample x at step i that is right about x0 up to a small error, as in real
+    sampling (x̂0 stays O(1)): ε implied by x and x0, or v = √ᾱ·ε − √(1−ᾱ)·x0."""
+    x_vp = x.double() * plan.input_scale(i)
+    a = plan.alpha_bar(i)
+    eps = (x_vp - a**0.5 * x0) / (1 - a) ** 0.5 + 1e-3 * a**0.5 * torch.randn(x.shape, generator=g, dtype=torch.float64)
+    out = eps if prediction_type == "epsilon" else a**0.5 * eps - (1 - a) ** 0.5 * x0
+    return out.float()
+
+
+@pytest.mark.parametrize(
+    "name,schedule,spacing,prediction_type",
+    [
+        combo
+        for combo in itertools.product(SIGMA_SAMPLERS, SCHEDULES, SPACINGS, PREDICTIONS)
+        if not (combo[0] == "dpmpp_2m_karras" and combo[1] == "squaredcos_cap_v2")
+    ],
+)
+def test_update_matches_diffusers(name, schedule, spacing, prediction_type):
+    """Every step of 1/7/10/50-step runs (the multistep history included), fed the same sample and model
+    output: our update vs diffusers' `.step` on the same σ̂ in float64, max error ≤ 1e-5. The Euler family's
+    sample lives on the variance-exploding scale (|x| ~ σ̂, 2·10⁴ at the cosine schedule's t = 999), so its
+    error is measured on x/√(σ̂² + 1), the scale the UNet sees next and DDIM's 1e-5 refers to."""
+    config = model_config(schedule, spacing, prediction_type)
+    ac = alphas_cumprod_from_config(config)
+    sampler = build_samplers(config, ac)[name]
+    g = torch.Generator().manual_seed(0)
+    for steps in (1, 7, 10, 50):
+        plan = sampler.plan(steps)
+        ref = reference(name, config, steps, ac)
+        ref.sigmas = torch.tensor(plan.sigmas, dtype=torch.float64)  # checked against diffusers' own above
+        state = sampler.start(steps)
+        x0 = torch.randn((2, 4, 4, 4), generator=g, dtype=torch.float64)
+        x = (torch.randn((2, 4, 4, 4), generator=g) * plan.init_noise_sigma).float()
+        for i, t in enumerate(ref.timesteps[: plan.num_steps]):
+            scaled = ref.scale_model_input(x, t)
+            assert torch.allclose(scaled.double(), x.double() * plan.input_scale(i), rtol=1e-6), (steps, i)
+            model_output = consistent_output(x, plan, i, x0, prediction_type, g)
+            kwargs, noise = {}, None
+            if sampler.draws_noise(state):
+                seed = int(torch.randint(0, 2**31, (1,), generator=g))
+                kwargs["generator"] = torch.Generator().manual_seed(seed)
+                noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+            theirs = ref.step(model_output.double(), t, x, **kwargs).prev_sample
+            ours, x0_pred = sampler.step([state], [2], model_output, x, noise)
+            assert ours.dtype == torch.float32 and x0_pred.shape == x.shape
+            scale = 1 / math.sqrt(plan.sigmas[i + 1] ** 2 + 1) if plan.scale_input else 1.0
+            err = ((ours.double() - theirs) * scale).abs().max().item()
+            assert err <= 1e-5, (steps, i, float(t), err)
+            x = ours
+        assert state.finished and state.steps_done == plan.num_steps and state.x0_prev is None
+
+
+@pytest.mark.parametrize("name", SIGMA_SAMPLERS)
+def test_float32_diffusers_agrees_where_well_conditioned(name):
+    """Against diffusers exactly as shipped (its float32 ᾱ and σ̂) on SD's schedule (σ̂ ≤ 14.6): within 1e-4
+    on the UNet's scale over a 20-step run, fed the same inputs."""
+    config = model_config("scaled_linear", "leading", "epsilon")
+    sampler = build_samplers(config, alphas_cumprod_from_config(config))[name]
+    plan, state = sampler.plan(20), sampler.start(20)
+    ref = reference(name, config, 20)
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn((2, 4, 4, 4), generator=g, dtype=torch.float64)
+    x = (torch.randn((2, 4, 4, 4), generator=g) * plan.init_noise_sigma).float()
+    for i, t in enumerate(ref.timesteps):
+        ref.scale_model_input(x, t)
+        model_output = consistent_output(x, plan, i, x0, "epsilon", g)
+        kwargs, noise = {}, None
+        if sampler.draws_noise(state):
+            kwargs["generator"] = torch.Generator().manual_seed(i)
+            noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(i))
+        theirs = ref.step(model_output, t, x, **kwargs).prev_sample
+        ours, _ = sampler.step([state], [2], model_output, x, noise)
+        scale = 1 / math.sqrt(plan.sigmas[i + 1] ** 2 + 1) if plan.scale_input else 1.0
+        assert ((ours.double() - theirs.double()) * scale).abs().max().item() <= 1e-4, i
+        x = ours
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_rows_of_different_requests_share_one_call(name):
+    """One call over three requests at different steps of different schedules (with their histories) equals
+    each request stepped alone, bit for bit."""
+    config = model_config("scaled_linear", "leading", "v_prediction")
+    sampler = build_samplers(config, alphas_cumprod_from_config(config))[name]
+    g = torch.Generator().manual_seed(2)
+    counts = [1, 2, 3]
+
+    def states_at(progress):
+        states = []
+        for steps, done, count in zip((10, 25, 4), progress, counts):
+            state = sampler.start(steps, eta=0.5 if sampler.takes_eta else 0.0)
+            for _ in range(done):
+                x = torch.randn((count, 4, 4, 4), generator=torch.Generator().manual_seed(done))
+                out = torch.randn((count, 4, 4, 4), generator=torch.Generator().manual_seed(done + 1))
+                noise = torch.randn_like(x) if sampler.draws_noise(state) else None
+                sampler.step([state], [count], out, x, noise)
+            states.append(state)
+        return states
+
+    progress = (0, 7, 3)
+    x = torch.randn((6, 4, 4, 4), generator=g)
+    out = torch.randn((6, 4, 4, 4), generator=g)
+    noise = torch.randn((6, 4, 4, 4), generator=g)
+    together_states = states_at(progress)
+    uses_noise = any(sampler.draws_noise(s) for s in together_states)
+    together = sampler.step(together_states, counts, out, x, noise if uses_noise else None)
+    alone_states, row = states_at(progress), 0
+    for state, count in zip(alone_states, counts):
+        rows = slice(row, row + count)
+        alone = sampler.step([state], [count], out[rows], x[rows], noise[rows] if uses_noise else None)
+        assert torch.equal(alone[0], together[0][rows]) and torch.equal(alone[1], together[1][rows])
+        row += count
+    assert [s.step_index for s in alone_states] == [s.step_index for s in together_states] == [1, 8, 4]
+
+
+def test_dpm_solver_history_starts_with_the_request():
+    """The 2M update needs the previous x0 prediction: a request's first update is first order wherever it
+    starts (image to image will start past step 0), and the last is first order (σ̂ = 0 after it)."""
+    config = model_config("scaled_linear", "leading", "epsilon")
+    sampler = build_samplers(config, alphas_cumprod_from_config(config))["dpmpp_2m"]
+    plan = sampler.plan(20)
+    assert plan.orders == (1,) + (2,) * 18 + (1,)
+    assert plan.sigmas[-1] == 0.0
+    assert sampler.plan(10).orders == (1,) + (2,) * 8 + (1,)
+
+
+def test_guidance_rescale_is_diffusers_formula_per_row():
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    g = torch.Generator().manual_seed(3)
+    guided, cond = torch.randn((3, 4, 8, 8), generator=g) * 3, torch.randn((3, 4, 8, 8), generator=g)
+    phi = torch.tensor([0.0, 0.7, 1.0])
+    ours = rescale_guidance(guided, cond, phi)
+    assert torch.equal(ours[0], guided[0])  # φ = 0: exactly the guided output
+    for r in (1, 2):
+        theirs = rescale_noise_cfg(guided[r : r + 1], cond[r : r + 1], guidance_rescale=float(phi[r]))
+        assert (ours[r : r + 1] - theirs).abs().max().item() <= 1e-6
+        assert torch.equal(evaluate_rescale(guided[r : r + 1], cond[r : r + 1], float(phi[r])), theirs)
+    assert math.isclose(float(ours[2].std()), float(cond[2].std()), rel_tol=1e-5)  # φ = 1: cond's std
+    flat = torch.zeros((1, 4, 2, 2))
+    assert torch.equal(rescale_guidance(flat, flat, 0.0), flat)  # no 0/0 where φ = 0
