@@ -67,7 +67,12 @@ class Resume:
         return min(self.delay_s * self.failures, 5.0)
 
 
-class Client:
+class _Connection:
+    """What both clients are made of: the URL (http(s):// for REST, grpc(s):// for gRPC), the key, the
+    transport of that URL, and the reconnect settings of `events`."""
+
+    asynchronous = False
+
     def __init__(
         self,
         url: str | None = None,
@@ -79,9 +84,11 @@ class Client:
     ):
         self.url = url or os.environ.get("LATENTD_URL") or DEFAULT_URL
         self.api_key = api_key if api_key is not None else os.environ.get("LATENTD_API_KEY")
-        self.transport = _transport_class(self.url, False)(self.url, self.api_key, timeout)
+        self.transport = _transport_class(self.url, self.asynchronous)(self.url, self.api_key, timeout)
         self.max_reconnects, self.reconnect_delay = max_reconnects, reconnect_delay
 
+
+class Client(_Connection):
     def __enter__(self) -> Client:
         return self
 
@@ -137,20 +144,8 @@ class Client:
         return _check_final(self.get_job(job_id))
 
 
-class AsyncClient:
-    def __init__(
-        self,
-        url: str | None = None,
-        api_key: str | None = None,
-        *,
-        timeout: float = 30.0,
-        max_reconnects: int = 20,
-        reconnect_delay: float = 0.5,
-    ):
-        self.url = url or os.environ.get("LATENTD_URL") or DEFAULT_URL
-        self.api_key = api_key if api_key is not None else os.environ.get("LATENTD_API_KEY")
-        self.transport = _transport_class(self.url, True)(self.url, self.api_key, timeout)
-        self.max_reconnects, self.reconnect_delay = max_reconnects, reconnect_delay
+class AsyncClient(_Connection):
+    asynchronous = True
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -34,7 +34,24 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class GenerationCreate(_Strict):
+class _Sampling(_Strict):
+    """How the denoising runs, for every kind of request that denoises."""
+
+    sampler: str | None = Field(
+        None,
+        description=f"Sampler: one of {', '.join(SAMPLERS)} that the model supports (GET /v1/models lists them); "
+        "null: the model's default_sampler.",
+    )
+    guidance_rescale: float | None = Field(
+        None,
+        ge=MIN_GUIDANCE_RESCALE,
+        le=MAX_GUIDANCE_RESCALE,
+        description="Guidance rescale φ (Lin et al. 2024), applied after CFG where guidance_scale > 1; tames the "
+        "over-saturation of high scales. null: the model's default_guidance_rescale.",
+    )
+
+
+class GenerationCreate(_Sampling):
     model: str | None = Field(None, description="Model name from GET /v1/models; default: the service's default model.")
     prompt: str = Field(
         ...,
@@ -57,18 +74,6 @@ class GenerationCreate(_Strict):
     eta: float = Field(
         0.0, ge=0.0, le=MAX_ETA, description="DDIM eta: 0 deterministic, 1 DDPM-like; the ddim sampler only."
     )
-    sampler: str | None = Field(
-        None,
-        description=f"Sampler: one of {', '.join(SAMPLERS)} that the model supports (GET /v1/models lists them); "
-        "null: the model's default_sampler.",
-    )
-    guidance_rescale: float | None = Field(
-        None,
-        ge=MIN_GUIDANCE_RESCALE,
-        le=MAX_GUIDANCE_RESCALE,
-        description="Guidance rescale φ (Lin et al. 2024), applied after CFG where guidance_scale > 1; tames the "
-        "over-saturation of high scales. null: the model's default_guidance_rescale.",
-    )
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random seed; null draws one and reports it.")
     width: int | None = Field(
         None,
@@ -89,7 +94,7 @@ class GenerationCreate(_Strict):
     )
 
 
-class TrajectoryCreate(_Strict):
+class TrajectoryCreate(_Sampling):
     kind: Literal["forward", "reverse", "guidance_sweep"] = Field(..., description="Which trajectory.")
     model: str | None = Field(None, description="Model name; default the service's default model.")
     prompt: str | None = Field(
@@ -104,18 +109,6 @@ class TrajectoryCreate(_Strict):
         7.5, ge=0.0, le=MAX_GUIDANCE, description="Guidance scale (reverse, forward's generated image)."
     )
     eta: float = Field(0.0, ge=0.0, le=MAX_ETA, description="DDIM eta.")
-    sampler: str | None = Field(
-        None,
-        description=f"Sampler: one of {', '.join(SAMPLERS)} that the model supports (GET /v1/models lists them); "
-        "null: the model's default_sampler.",
-    )
-    guidance_rescale: float | None = Field(
-        None,
-        ge=MIN_GUIDANCE_RESCALE,
-        le=MAX_GUIDANCE_RESCALE,
-        description="Guidance rescale φ (Lin et al. 2024), applied after CFG where guidance_scale > 1; tames the "
-        "over-saturation of high scales. null: the model's default_guidance_rescale.",
-    )
     width: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE, description="Pixels; default native.")
     height: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE, description="Pixels; default native.")
     image: str | None = Field(
@@ -142,7 +135,7 @@ class TrajectoryCreate(_Strict):
     output_format: OutputFormat = Field("png", description="Encoding of the stored images.")
 
 
-class OpenAIImageRequest(_Strict):
+class OpenAIImageRequest(_Sampling):
     prompt: str = Field(..., max_length=MAX_PROMPT_CHARS, description="Text to draw.")
     model: str | None = Field(None, description="Model name; default the service's default model.")
     n: int = Field(1, ge=1, le=MAX_IMAGES, description="Number of images.")
@@ -155,18 +148,6 @@ class OpenAIImageRequest(_Strict):
     num_inference_steps: int = Field(50, ge=1, le=MAX_STEPS)
     guidance_scale: float = Field(7.5, ge=0.0, le=MAX_GUIDANCE)
     eta: float = Field(0.0, ge=0.0, le=MAX_ETA)
-    sampler: str | None = Field(
-        None,
-        description=f"Sampler: one of {', '.join(SAMPLERS)} that the model supports (GET /v1/models lists them); "
-        "null: the model's default_sampler.",
-    )
-    guidance_rescale: float | None = Field(
-        None,
-        ge=MIN_GUIDANCE_RESCALE,
-        le=MAX_GUIDANCE_RESCALE,
-        description="Guidance rescale φ (Lin et al. 2024), applied after CFG where guidance_scale > 1; tames the "
-        "over-saturation of high scales. null: the model's default_guidance_rescale.",
-    )
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     output_format: OutputFormat = "png"
 
