@@ -224,6 +224,14 @@ def test_a_bad_input_shows_the_error_next_to_its_field(opened):
     expect(page.locator("#gen-steps-error")).to_have_count(0)
     expect(page.locator("#gen-steps")).not_to_have_attribute("aria-invalid", "true")
 
+    # the sampler menu lists what the model supports; a rescale out of range is named at its field
+    assert "dpmpp_2m" in page.locator("#gen-sampler option").all_inner_texts()
+    page.fill("#gen-prompt", "a small red circle")
+    page.fill("#gen-rescale", "2")
+    page.click("#gen-submit")
+    expect(page.locator("#gen-rescale-error")).to_have_text("guidance_rescale must be between 0 and 1, got 2")
+    page.fill("#gen-rescale", "")
+
     page.check("#fwd-src-upload")
     page.click("#fwd-submit")
     expect(page.locator("#fwd-image-error")).to_have_text("a forward trajectory needs an image or a prompt")

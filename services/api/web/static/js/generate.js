@@ -16,7 +16,9 @@ const PARAM_ROWS = [
   ["seed", (j) => String(j.params.seed)],
   ["size", (j) => `${j.params.width} × ${j.params.height}`],
   ["steps", (j) => j.params.num_inference_steps],
+  ["sampler", (j) => j.params.sampler],
   ["guidance scale", (j) => j.params.guidance_scale],
+  ["guidance rescale", (j) => j.params.guidance_rescale],
   ["eta", (j) => j.params.eta],
   ["images", (j) => j.params.num_images],
   ["negative prompt", (j) => j.params.negative_prompt || "—"],
@@ -68,7 +70,21 @@ export function initGenerate() {
 
   const sizeSelect = $("#gen-size");
   const modelSelect = $("#gen-model");
-  const fillSizes = () => sizeSelect.replaceChildren(...sizeOptions(modelNamed(modelSelect.value)));
+  const samplerSelect = $("#gen-sampler");
+  const fillSizes = () => {
+    const model = modelNamed(modelSelect.value);
+    sizeSelect.replaceChildren(...sizeOptions(model));
+    const names = model?.samplers || [];
+    samplerSelect.replaceChildren(
+      ...names.map((name) =>
+        el("option", {
+          value: name,
+          text: name === model.default_sampler ? `${name} (default)` : name,
+          selected: name === model.default_sampler,
+        }),
+      ),
+    );
+  };
   modelSelect.addEventListener("change", fillSizes);
   onModels(fillSizes);
 
@@ -116,6 +132,8 @@ export function initGenerate() {
       seed: randomSeed.checked ? null : seedValue(seed),
       output_format: "png",
     };
+    if (v.sampler) body.sampler = v.sampler;
+    if (v.guidance_rescale !== null && v.guidance_rescale !== undefined) body.guidance_rescale = v.guidance_rescale;
     if (v.model) body.model = v.model;
     if (width && height) Object.assign(body, { width, height });
     const ratio = width && height ? `${width} / ${height}` : model ? `${model.native_width} / ${model.native_height}` : "1 / 1";
