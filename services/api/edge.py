@@ -10,6 +10,7 @@ or kept, so a client streaming gigabytes costs at most `max_body_bytes` of memor
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 
@@ -21,6 +22,7 @@ from services.common.errors import PayloadTooLarge
 from services.core import metrics as core_metrics
 
 SMALL_BODY = 64 * 1024  # bodies up to this size are read without asking the budget
+LINGER_S = 2.0  # after a 413: how long what the client still sends is read and dropped (nothing kept)
 
 
 class BodyTooLarge(HTTPException):
@@ -85,26 +87,32 @@ class Edge:
         started = time.perf_counter()
         limit = self.max_body_bytes
         status = 500
-        response_started = False
+        response_started = too_large = False
 
         async def observed_send(message: Message) -> None:
             nonlocal status, response_started
             if message["type"] == "http.response.start":
                 status, response_started = message["status"], True
+            if too_large and message["type"] == "http.response.body" and not message.get("more_body", False):
+                await send(message | {"more_body": True})  # the 413 goes out now; the connection closes after
+                await self._linger(receive)
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
             await send(message)
 
         declared = _declared_length(scope)
         received = reserved = 0
         try:
             if declared is not None and declared > limit:
+                too_large = True
                 raise BodyTooLarge(limit, declared)
 
             async def limited_receive() -> Message:
-                nonlocal received, reserved
+                nonlocal received, reserved, too_large
                 message = await receive()
                 if message["type"] == "http.request":
                     received += len(message.get("body", b""))
                     if received > limit:
+                        too_large = True
                         raise BodyTooLarge(limit)
                     if not reserved and received > SMALL_BODY and message.get("more_body", False):
                         reserved = await self.budget.take(declared if declared is not None else limit)
@@ -124,6 +132,18 @@ class Edge:
             metrics.observe_http_request(
                 getattr(route, "path", "unmatched"), scope["method"], status, time.perf_counter() - started
             )
+
+    async def _linger(self, receive: Receive) -> None:
+        """Read and drop what the client is still sending, for a moment, before the connection closes: closed
+        with unread bytes, the socket would be reset, and a reset can destroy the 413 in the client's buffer
+        before it reads it (a server's lingering close), and a client that reads only once it has sent its
+        body would never see it. Bounded in time; each chunk is dropped as it comes, so nothing is kept."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(LINGER_S):
+                while True:
+                    message = await receive()
+                    if message["type"] != "http.request" or not message.get("more_body", False):
+                        return
 
     @staticmethod
     async def _refuse(send: Send, error: BodyTooLarge) -> None:

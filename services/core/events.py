@@ -225,10 +225,10 @@ class EventHub:
                 events += page
                 if page:
                     last = page[-1].id
-                if len(page) < HISTORY_PAGE:
-                    break
                 if len(events) > self.log_limit:
                     events, dropped = events[-self.log_limit :], True
+                if len(page) < HISTORY_PAGE:
+                    break
         except StreamBroken as error:
             if self._watches.get(watch.job_id) is watch:
                 del self._watches[watch.job_id]
