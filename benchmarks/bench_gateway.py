@@ -332,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--uploads", type=int, default=20)
     parser.add_argument("--upload-mib", type=int, default=64)
     parser.add_argument("--worker-concurrency", type=int, default=32, help="as make run starts the worker")
+    parser.add_argument("--worker-batch-rows", type=int, default=0, help="LATENTD_MAX_BATCH_ROWS (0: the default)")
     args = parser.parse_args(argv)
     only = [s for s in args.only.split(",") if s]
     model = args.model
@@ -344,13 +345,21 @@ def main(argv: list[str] | None = None) -> int:
             model = build_tiny_model(Path(tempfile.mkdtemp(prefix="latentd-bench-")) / "tiny")
     name = Path(model).resolve().name
     log_dir = Path(tempfile.mkdtemp(prefix="latentd-bench-gateway-"))
-    result: dict = {"bench": "gateway", "model": name, "gateway_processes": args.processes, "logs": str(log_dir)}
+    result: dict = {
+        "bench": "gateway",
+        "model": name,
+        "gateway_processes": args.processes,
+        "worker_concurrency": args.worker_concurrency,
+        "worker_batch_rows": args.worker_batch_rows or "default",
+        "logs": str(log_dir),
+    }
     procs = []
     try:
         redis_proc, redis_url = run_stack.start_redis()
         procs.append(redis_proc)
+        rows = {"max_batch_rows": args.worker_batch_rows} if args.worker_batch_rows else {}
         worker = run_stack.start_worker(
-            redis_url, model, concurrency=args.worker_concurrency, log=open(log_dir / "worker.log", "w")
+            redis_url, model, concurrency=args.worker_concurrency, log=open(log_dir / "worker.log", "w"), **rows
         )
         procs.append(worker)
         # the flood runs on the default limits (a model queue of 64, a quarter of it per key); the other

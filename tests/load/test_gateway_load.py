@@ -218,3 +218,33 @@ def test_a_flooding_key_gets_its_share_and_the_quiet_keys_job_goes_next(gateway,
         f"http://127.0.0.1:{port}/v1/jobs/{quiet.json()['id']}", headers={"Authorization": f"Bearer {KEYS[1]}"}
     )
     assert done.status_code == 200
+
+
+def test_several_server_processes_share_a_port_and_one_metrics_endpoint(own_redis):
+    """LATENTD_PROCESSES: the parent serves the metrics of all its server processes, summed."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port, metrics_port = run_stack.free_port(), run_stack.free_port()
+    proc = run_stack.start_api(own_redis, port, processes=2, api_metrics_port=metrics_port)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/livez", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert len(load.process_tree(proc.pid)) >= 3  # the parent and two servers
+        for _ in range(40):
+            assert httpx.get(f"{url}/livez", headers={"Connection": "close"}).status_code == 200
+        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+        samples = {
+            (s.name, s.labels.get("route")): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+        assert samples[("latentd_http_requests_total", "/livez")] >= 40
+        assert ("latentd_sse_readers", None) in samples
+    finally:
+        run_stack.stop([proc])
