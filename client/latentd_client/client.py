@@ -98,13 +98,14 @@ class Client(_Connection):
     def close(self) -> None:
         self.transport.close()
 
-    def generate(self, prompt: str, **fields: Any) -> Job:
-        """Submit a generation (fields as in POST /v1/generations); returns the queued job."""
-        return self.transport.submit_generation(_body(prompt=prompt, **fields))
+    def generate(self, prompt: str, *, idempotency_key: str | None = None, **fields: Any) -> Job:
+        """Submit a generation (fields as in POST /v1/generations); returns the queued job. With an
+        `idempotency_key`, sending the same call again (after a timeout, say) returns the first job."""
+        return self.transport.submit_generation(_body(prompt=prompt, **fields), idempotency_key)
 
-    def trajectory(self, kind: str, **fields: Any) -> Job:
+    def trajectory(self, kind: str, *, idempotency_key: str | None = None, **fields: Any) -> Job:
         """Submit a trajectory: kind forward | reverse | guidance_sweep; fields as in POST /v1/trajectories."""
-        return self.transport.submit_trajectory(_body(kind=kind, **fields))
+        return self.transport.submit_trajectory(_body(kind=kind, **fields), idempotency_key)
 
     def get_job(self, job_id: str) -> Job:
         return self.transport.get_job(job_id)
@@ -156,11 +157,11 @@ class AsyncClient(_Connection):
     async def close(self) -> None:
         await self.transport.close()
 
-    async def generate(self, prompt: str, **fields: Any) -> Job:
-        return await self.transport.submit_generation(_body(prompt=prompt, **fields))
+    async def generate(self, prompt: str, *, idempotency_key: str | None = None, **fields: Any) -> Job:
+        return await self.transport.submit_generation(_body(prompt=prompt, **fields), idempotency_key)
 
-    async def trajectory(self, kind: str, **fields: Any) -> Job:
-        return await self.transport.submit_trajectory(_body(kind=kind, **fields))
+    async def trajectory(self, kind: str, *, idempotency_key: str | None = None, **fields: Any) -> Job:
+        return await self.transport.submit_trajectory(_body(kind=kind, **fields), idempotency_key)
 
     async def get_job(self, job_id: str) -> Job:
         return await self.transport.get_job(job_id)

@@ -67,6 +67,11 @@ def _artifact_request(job_id: str, kind: str, index: int) -> pb.GetArtifactReque
     return pb.GetArtifactRequest(job_id=job_id, kind=protocol.ARTIFACT[kind], index=index)
 
 
+def _with_key(metadata: tuple, idempotency_key: str | None) -> tuple:
+    """The REST Idempotency-Key as metadata: a retry with the same key and request returns the first job."""
+    return metadata + (("idempotency-key", idempotency_key),) if idempotency_key else metadata
+
+
 def _stream_request(job_id: str, after: str | None) -> pb.StreamJobEventsRequest:
     return pb.StreamJobEventsRequest(job_id=job_id, after_event_id=after or "")
 
@@ -86,19 +91,19 @@ class GrpcTransport:
     def close(self) -> None:
         self.channel.close()
 
-    def _unary(self, method, request):
+    def _unary(self, method, request, idempotency_key: str | None = None):
         try:
-            return method(request, metadata=self.metadata, timeout=self.timeout)
+            return method(request, metadata=_with_key(self.metadata, idempotency_key), timeout=self.timeout)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
 
-    def submit_generation(self, body: dict[str, Any]) -> Job:
+    def submit_generation(self, body: dict[str, Any], idempotency_key: str | None = None) -> Job:
         request = pb.SubmitGenerationRequest(params=protocol.generation_to_proto(body))
-        return Job.from_proto(self._unary(self.stub.SubmitGeneration, request).job)
+        return Job.from_proto(self._unary(self.stub.SubmitGeneration, request, idempotency_key).job)
 
-    def submit_trajectory(self, body: dict[str, Any]) -> Job:
+    def submit_trajectory(self, body: dict[str, Any], idempotency_key: str | None = None) -> Job:
         request = pb.SubmitTrajectoryRequest(params=protocol.trajectory_to_proto(body))
-        return Job.from_proto(self._unary(self.stub.SubmitTrajectory, request).job)
+        return Job.from_proto(self._unary(self.stub.SubmitTrajectory, request, idempotency_key).job)
 
     def get_job(self, job_id: str) -> Job:
         return Job.from_proto(self._unary(self.stub.GetJob, pb.GetJobRequest(job_id=job_id)).job)
@@ -146,19 +151,19 @@ class AsyncGrpcTransport:
     async def close(self) -> None:
         await self.channel.close()
 
-    async def _unary(self, method, request):
+    async def _unary(self, method, request, idempotency_key: str | None = None):
         try:
-            return await method(request, metadata=self.metadata, timeout=self.timeout)
+            return await method(request, metadata=_with_key(self.metadata, idempotency_key), timeout=self.timeout)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
 
-    async def submit_generation(self, body: dict[str, Any]) -> Job:
+    async def submit_generation(self, body: dict[str, Any], idempotency_key: str | None = None) -> Job:
         request = pb.SubmitGenerationRequest(params=protocol.generation_to_proto(body))
-        return Job.from_proto((await self._unary(self.stub.SubmitGeneration, request)).job)
+        return Job.from_proto((await self._unary(self.stub.SubmitGeneration, request, idempotency_key)).job)
 
-    async def submit_trajectory(self, body: dict[str, Any]) -> Job:
+    async def submit_trajectory(self, body: dict[str, Any], idempotency_key: str | None = None) -> Job:
         request = pb.SubmitTrajectoryRequest(params=protocol.trajectory_to_proto(body))
-        return Job.from_proto((await self._unary(self.stub.SubmitTrajectory, request)).job)
+        return Job.from_proto((await self._unary(self.stub.SubmitTrajectory, request, idempotency_key)).job)
 
     async def get_job(self, job_id: str) -> Job:
         return Job.from_proto((await self._unary(self.stub.GetJob, pb.GetJobRequest(job_id=job_id))).job)

@@ -20,6 +20,11 @@ def _headers(api_key: str | None) -> dict[str, str]:
     return headers
 
 
+def _idempotency(key: str | None) -> dict[str, str]:
+    """A retry with the same key and body returns the first job (200), never a second one."""
+    return {"idempotency-key": key} if key else {}
+
+
 def raise_for_response(response: httpx.Response) -> None:
     if response.status_code < 400:
         return
@@ -94,11 +99,15 @@ class RestTransport:
         raise_for_response(response)
         return response
 
-    def submit_generation(self, body: dict[str, Any]) -> Job:
-        return Job.from_dict(self._call("POST", "/v1/generations", json=body).json())
+    def submit_generation(self, body: dict[str, Any], idempotency_key: str | None = None) -> Job:
+        return Job.from_dict(
+            self._call("POST", "/v1/generations", json=body, headers=_idempotency(idempotency_key)).json()
+        )
 
-    def submit_trajectory(self, body: dict[str, Any]) -> Job:
-        return Job.from_dict(self._call("POST", "/v1/trajectories", json=body).json())
+    def submit_trajectory(self, body: dict[str, Any], idempotency_key: str | None = None) -> Job:
+        return Job.from_dict(
+            self._call("POST", "/v1/trajectories", json=body, headers=_idempotency(idempotency_key)).json()
+        )
 
     def get_job(self, job_id: str) -> Job:
         return Job.from_dict(self._call("GET", f"/v1/jobs/{job_id}").json())
@@ -148,11 +157,13 @@ class AsyncRestTransport:
         raise_for_response(response)
         return response
 
-    async def submit_generation(self, body: dict[str, Any]) -> Job:
-        return Job.from_dict((await self._call("POST", "/v1/generations", json=body)).json())
+    async def submit_generation(self, body: dict[str, Any], idempotency_key: str | None = None) -> Job:
+        response = await self._call("POST", "/v1/generations", json=body, headers=_idempotency(idempotency_key))
+        return Job.from_dict(response.json())
 
-    async def submit_trajectory(self, body: dict[str, Any]) -> Job:
-        return Job.from_dict((await self._call("POST", "/v1/trajectories", json=body)).json())
+    async def submit_trajectory(self, body: dict[str, Any], idempotency_key: str | None = None) -> Job:
+        response = await self._call("POST", "/v1/trajectories", json=body, headers=_idempotency(idempotency_key))
+        return Job.from_dict(response.json())
 
     async def get_job(self, job_id: str) -> Job:
         return Job.from_dict((await self._call("GET", f"/v1/jobs/{job_id}")).json())

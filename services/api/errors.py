@@ -16,7 +16,13 @@ from services.core.core import translate_redis_errors
 from services.core.validation import refusal
 
 log = logging.getLogger(__name__)
-_HTTP_TYPES = {404: "not_found_error", 405: "invalid_request_error", 401: "authentication_error"}
+_HTTP_TYPES = {
+    404: "not_found_error",
+    405: "invalid_request_error",
+    401: "authentication_error",
+    413: "payload_too_large",  # services/api/edge.py's body limit
+    503: "service_unavailable",  # and its budget of bodies in memory
+}
 
 
 def error_response(error: ServiceError) -> JSONResponse:

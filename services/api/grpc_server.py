@@ -57,6 +57,9 @@ log = logging.getLogger("latentd.grpc")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LatentdService"].full_name
 DEFAULT_PORT = 50051
 DEFAULT_METRICS_PORT = 9466
+# the REST Idempotency-Key header, as metadata: the same key and request within the result TTL return the
+# job the first call made (GenerateStream follows it from its first event); another request is FAILED_PRECONDITION
+IDEMPOTENCY_METADATA_KEY = "idempotency-key"
 
 grpc_requests_total = Counter(
     "latentd_grpc_requests_total", "gRPC calls answered, by method and status code.", ["method", "code"]
@@ -151,8 +154,12 @@ def streaming(handler: Callable) -> Callable:
     return handler
 
 
+def _metadata(context: grpc.aio.ServicerContext, name: str) -> str | None:
+    return next((value for key, value in context.invocation_metadata() or () if key == name), None)
+
+
 def _authorization(context: grpc.aio.ServicerContext) -> str | None:
-    return next((value for key, value in context.invocation_metadata() or () if key == "authorization"), None)
+    return _metadata(context, "authorization")
 
 
 class LatentdServicer(pb_grpc.LatentdServiceServicer):
@@ -162,12 +169,14 @@ class LatentdServicer(pb_grpc.LatentdServiceServicer):
 
     @edge
     async def SubmitGeneration(self, request, context, owner):
-        job = await self.core.submit_generation(owner, protocol.generation_from_proto(request.params))
+        body = protocol.generation_from_proto(request.params)
+        job = await self.core.submit_generation(owner, body, _metadata(context, IDEMPOTENCY_METADATA_KEY))
         return pb.SubmitGenerationResponse(job=job.to_proto())
 
     @edge
     async def SubmitTrajectory(self, request, context, owner):
-        job = await self.core.submit_trajectory(owner, protocol.trajectory_from_proto(request.params))
+        body = protocol.trajectory_from_proto(request.params)
+        job = await self.core.submit_trajectory(owner, body, _metadata(context, IDEMPOTENCY_METADATA_KEY))
         return pb.SubmitTrajectoryResponse(job=job.to_proto())
 
     @edge
@@ -199,7 +208,8 @@ class LatentdServicer(pb_grpc.LatentdServiceServicer):
     @edge
     @streaming
     async def GenerateStream(self, request, context, owner):
-        job = await self.core.submit_generation(owner, protocol.generation_from_proto(request.params))
+        body = protocol.generation_from_proto(request.params)
+        job = await self.core.submit_generation(owner, body, _metadata(context, IDEMPOTENCY_METADATA_KEY))
         yield pb.GenerateStreamResponse(job=job.to_proto())
         finished = False
         try:

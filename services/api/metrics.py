@@ -1,6 +1,8 @@
 """Gateway metrics: requests, stream readers, queue depth (jobs submitted and refusals: services/core/metrics.py).
 
-Served by `start_metrics_server(port)` on a port of its own (not the public API port). Labels are
+Served by `start_metrics_server(port)` on a port of its own (not the public API port); with several server
+processes (LATENTD_PROCESSES), by the parent process in prometheus_client's multiprocess mode
+(`serve_multiprocess`): one scrape target per gateway container, summed over its processes. Labels are
 bounded sets (route template, method, status, kind, model, reason); never a job id or an API key.
 Queue depth is read from Redis at scrape time by `QueueDepthCollector`, so it is exact whenever
 Prometheus looks, not whenever a request happened to pass through this process.
@@ -18,6 +20,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    start_http_server,
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -40,8 +43,9 @@ http_request_duration_seconds = Histogram(
     ["route", "method"],
     buckets=HTTP_LATENCY_BUCKETS,
 )
-sse_readers = Gauge("latentd_sse_readers", "Server-Sent Events streams open now.")
-grpc_stream_readers = Gauge("latentd_grpc_stream_readers", "gRPC event streams open now.")
+# livesum: with several server processes (multiprocess mode), the sum over the processes alive now
+sse_readers = Gauge("latentd_sse_readers", "Server-Sent Events streams open now.", multiprocess_mode="livesum")
+grpc_stream_readers = Gauge("latentd_grpc_stream_readers", "gRPC event streams open now.", multiprocess_mode="livesum")
 
 
 def observe_http_request(route: str, method: str, status: int, duration_s: float) -> None:
@@ -139,3 +143,48 @@ def start_metrics_server(port: int | None = None, addr: str = "0.0.0.0") -> int:
 def serve_metrics_from_env(addr: str = "0.0.0.0") -> int | None:
     """Start the metrics server on $LATENTD_API_METRICS_PORT (default {DEFAULT_API_METRICS_PORT}); "off" disables it."""
     return metrics_server.serve_from_env("LATENTD_API_METRICS_PORT", DEFAULT_API_METRICS_PORT, addr=addr)
+
+
+def serve_multiprocess(
+    redis_client: Any, models: Callable[[], Iterable[str]], queue_for: Callable[[str], str]
+) -> int | None:
+    """In the parent of several server processes: serve /metrics on $LATENTD_API_METRICS_PORT from the files
+    every process writes under $PROMETHEUS_MULTIPROC_DIR (counters and histograms summed, `latentd_sse_readers`
+    summed over the live processes), plus the queue depth read from Redis at scrape. The process_* metrics
+    are per process and are not exported in this mode."""
+    from prometheus_client import multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    registry.register(QueueDepthCollector(redis_client, models, queue_for))
+    value = os.environ.get("LATENTD_API_METRICS_PORT", str(DEFAULT_API_METRICS_PORT)).strip().lower()
+    if value in ("off", "none", "-1", ""):
+        return None
+    try:
+        server, _thread = start_http_server(int(value), addr="0.0.0.0", registry=registry)
+        return server.server_address[1]
+    except OSError as error:
+        import logging
+
+        logging.getLogger(__name__).warning("metrics server not started on port %s: %s", value, error)
+        return None
+
+
+def forget_dead_processes(directory: str) -> list[int]:
+    """Drop the live gauges of server processes that have exited (killed, restarted by the supervisor), so
+    `latentd_sse_readers` does not count the readers of a process that is gone."""
+    from prometheus_client import multiprocess
+
+    gone = set()
+    for name in os.listdir(directory):
+        if name.startswith("gauge_live") and name.endswith(".db"):
+            pid = int(name.rsplit("_", 1)[1][:-3])
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                gone.add(pid)
+            except PermissionError:
+                pass
+    for pid in gone:
+        multiprocess.mark_process_dead(pid, directory)
+    return sorted(gone)

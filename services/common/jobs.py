@@ -35,6 +35,8 @@ class JobRecord:
     error: dict[str, Any] | None = None
     attempt: int = 0
     cancel_requested: bool = False
+    # set by a submit that returned the job an earlier submit with the same Idempotency-Key made
+    replayed: bool = field(default=False, compare=False)
 
     @classmethod
     def from_redis(cls, job_id: str, raw: dict) -> JobRecord | None:

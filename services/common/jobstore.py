@@ -13,6 +13,8 @@ Keys (all expire after `ttl_s` once written):
   latentd:clock:<model>        the turn last served: a key that starts queueing enters at it
   latentd:leases:<model>       sorted set: running job id -> when its worker's lease lapses (Redis time)
   latentd:models               hash: model name -> JSON ModelInfo published by workers
+  latentd:idem:<key>:<sha256>  "<job id> <request fingerprint>": a client's Idempotency-Key, scoped to its API
+                               key, set with the job it made (same TTL)
 Worker liveness keys are in services/common/workers.py.
 
 Dispatch. The gateway queues a job on its key's own list and sends one Celery task ("run one job of this
@@ -32,6 +34,8 @@ current attempt, in one Lua script.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import time
 from collections.abc import Iterable
@@ -130,20 +134,34 @@ local function leave(job_id)
 end
 """
 
-# Enqueue: admission (the model's queue and the key's share), the record, the `queued` event, the key's queue.
-# KEYS: dispatch keys, job, events[, input blob]. ARGV: job id, owner, ttl, max pending, max owned,
-# queued event data, input blob or '', then the record's fields as name, value pairs.
+# Enqueue: the idempotency key, admission (the model's queue and the key's share), the record, the `queued`
+# event, the key's queue. An idempotency key already used by a job that still exists answers that job and its
+# request's fingerprint, before any admission check: a retry is never refused for a full queue.
+# KEYS: dispatch keys, job, events, idempotency key[, input blob]. ARGV: job id, owner, ttl, max pending,
+# max owned, queued event data, input blob or '', request fingerprint ('': no idempotency key), job key
+# prefix, then the record's fields as name, value pairs.
 _ENQUEUE = (
     _ENTER
     + """
+local ttl = tonumber(ARGV[3])
+if ARGV[8] ~= '' then
+  local prior = redis.call('GET', KEYS[8])
+  if prior then
+    local space = string.find(prior, ' ', 1, true)
+    local prior_id = string.sub(prior, 1, space - 1)
+    if redis.call('EXISTS', ARGV[9] .. prior_id) == 1 then
+      return {'existing', prior_id, string.sub(prior, space + 1)}
+    end
+  end
+end
 if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[4]) then return 'model_full' end
 if redis.call('SCARD', KEYS[2]) >= tonumber(ARGV[5]) then return 'owner_full' end
-local ttl = tonumber(ARGV[3])
-redis.call('HSET', KEYS[6], unpack(ARGV, 8, #ARGV))
+redis.call('HSET', KEYS[6], unpack(ARGV, 10, #ARGV))
 redis.call('EXPIRE', KEYS[6], ttl)
 redis.call('XADD', KEYS[7], '*', 'event', 'queued', 'data', ARGV[6])
 redis.call('EXPIRE', KEYS[7], ttl)
-if KEYS[8] then redis.call('SET', KEYS[8], ARGV[7], 'EX', ttl) end
+if ARGV[8] ~= '' then redis.call('SET', KEYS[8], ARGV[1] .. ' ' .. ARGV[8], 'EX', ttl) end
+if KEYS[9] then redis.call('SET', KEYS[9], ARGV[7], 'EX', ttl) end
 redis.call('SADD', KEYS[1], ARGV[1])
 redis.call('SADD', KEYS[2], ARGV[1])
 enter(ARGV[1], ARGV[2], false)
@@ -311,6 +329,19 @@ def new_record(job_id: str, *, kind: str, model: str, owner: str, params: dict, 
     }
 
 
+def idempotency_key(owner: str, key: str) -> str:
+    """Where a client's Idempotency-Key lives: scoped to its API key, hashed (any string a client sends)."""
+    return f"latentd:idem:{owner}:{hashlib.sha256(key.encode()).hexdigest()}"
+
+
+class IdempotencyConflict(Exception):
+    """The Idempotency-Key was used by job `job_id` for a request with another fingerprint."""
+
+    def __init__(self, job_id: str):
+        super().__init__(job_id)
+        self.job_id = job_id
+
+
 class QueueFull(Exception):
     """The model's queue (`scope` "model") or the key's share of it (`scope` "owner") is full."""
 
@@ -323,6 +354,51 @@ def _record_args(record: dict[str, Any]) -> list[Any]:
     return [item for pair in record.items() for item in pair]
 
 
+class _Batched:
+    """Reads that arrive together share one round trip: each caller adds its command, and one pipeline sends
+    all that came in during the same turn of the event loop. Under load (a hundred clients polling their jobs)
+    that is one write and one read on the socket for dozens of requests; alone, one extra loop turn."""
+
+    def __init__(self, client: aioredis.Redis, command: str, *args: Any):
+        self.client, self.command, self.args = client, command, args
+        self._pending: list[tuple[str, asyncio.Future]] = []
+        self._tasks: set[asyncio.Task] = set()
+
+    async def __call__(self, key: str) -> Any:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._pending.append((key, future))
+        if len(self._pending) == 1:
+            loop.call_soon(self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        task = asyncio.get_running_loop().create_task(self._send(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, batch: list[tuple[str, asyncio.Future]]) -> None:
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for key, _ in batch:
+                pipe.execute_command(self.command, key, *self.args)
+            replies = await pipe.execute(raise_on_error=False)
+        except BaseException as error:  # every caller gets the error (Redis away: a 503), then it goes on
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            if not isinstance(error, Exception):
+                raise
+            return
+        for (_, future), reply in zip(batch, replies):
+            if not future.done():
+                if isinstance(reply, Exception):
+                    future.set_exception(reply)
+                else:
+                    future.set_result(reply)
+
+
 class AsyncJobStore:
     """The gateway's side: queue, read, cancel, stored pictures, event history and live reads."""
 
@@ -331,6 +407,8 @@ class AsyncJobStore:
         self.ttl_s = ttl_s
         self._enqueue = client.register_script(_ENQUEUE)
         self._cancel = client.register_script(_CANCEL)
+        self._hgetall = _Batched(client, "HGETALL")
+        self._owner = _Batched(client, "HGET", "owner")
 
     async def create(
         self,
@@ -343,22 +421,61 @@ class AsyncJobStore:
         max_pending: int = 10**9,
         max_owned: int = 10**9,
         input_image: bytes | None = None,
+        idempotency: tuple[str, str] | None = None,
     ) -> JobRecord:
-        """Queue a new job on its key's queue; QueueFull when the model's queue or the key's share is full."""
+        """Queue a new job on its key's queue; QueueFull when the model's queue or the key's share is full.
+        With `idempotency` (the client's Idempotency-Key, the request's fingerprint): the job that key already
+        made, marked `replayed`, when the fingerprints match; IdempotencyConflict when they do not."""
         now = time.time()
         record = new_record(job_id, kind=kind, model=model, owner=owner, params=params, now=now)
-        keys = dispatch_keys(model, owner) + [job_key(job_id), events_key(job_id)]
+        key, fingerprint = idempotency or ("", "")
+        keys = dispatch_keys(model, owner) + [job_key(job_id), events_key(job_id), idempotency_key(owner, key)]
         if input_image is not None:  # the upload rides in Redis next to the job, not in the Celery message
             keys.append(blob_key(job_id, INPUT_BLOB))
         queued = json.dumps({"id": job_id, "emitted_at": now})
-        args = [job_id, owner, self.ttl_s, max_pending, max_owned, queued, input_image or b""]
-        outcome = _s(await self._enqueue(keys=keys, args=args + _record_args(record)))
+        args = [
+            job_id,
+            owner,
+            self.ttl_s,
+            max_pending,
+            max_owned,
+            queued,
+            input_image or b"",
+            fingerprint,
+            "latentd:job:",
+        ]
+        outcome = await self._enqueue(keys=keys, args=args + _record_args(record))
+        if isinstance(outcome, list):  # the Idempotency-Key's job
+            prior_id, prior_fingerprint = _s(outcome[1]), _s(outcome[2])
+            if prior_fingerprint != fingerprint:
+                raise IdempotencyConflict(prior_id)
+            prior = await self.get(prior_id)
+            if prior is None:  # expired between the script and the read: the key is free now
+                return await self.create(
+                    job_id,
+                    kind=kind,
+                    model=model,
+                    owner=owner,
+                    params=params,
+                    max_pending=max_pending,
+                    max_owned=max_owned,
+                    input_image=input_image,
+                    idempotency=idempotency,
+                )
+            prior.replayed = True
+            return prior
+        outcome = _s(outcome)
         if outcome != "queued":
             raise QueueFull("model" if outcome == "model_full" else "owner")
         return JobRecord.from_redis(job_id, record)
 
     async def get(self, job_id: str) -> JobRecord | None:
-        return JobRecord.from_redis(job_id, await self.redis.hgetall(job_key(job_id)))
+        """The job (None: no such job); concurrent reads share a round trip."""
+        return JobRecord.from_redis(job_id, await self._hgetall(job_key(job_id)))
+
+    async def owner(self, job_id: str) -> str | None:
+        """The key hash that owns the job (None: no such job); concurrent reads share a round trip."""
+        return _s(await self._owner(job_key(job_id)))
 
     async def cancel(self, job: JobRecord) -> str:
         """'cancelled' (it was queued), 'cancelling' (running: it stops at its next step), the final status, or 'missing'."""

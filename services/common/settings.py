@@ -22,11 +22,15 @@ class Settings(BaseSettings):
     )
     host: str = "127.0.0.1"
     port: int = 8000
+    # server processes of the REST gateway on its one port; 0: one per CPU the container may use
+    processes: int = 1
     # Comma-separated SHA-256 hex digests of the accepted API keys (or plain keys in api_keys, hashed on read).
     api_key_hashes: str = ""
     api_keys: str = ""
     default_model: str = ""
-    max_body_bytes: int = 8 * 1024 * 1024
+    max_body_bytes: int = 8 * 1024 * 1024  # per request, chunked or not
+    # request bodies one gateway process holds in memory at once; 0: 4 x max_body_bytes
+    max_body_buffer_bytes: int = 0
     max_num_images: int = 8
     max_queue_per_model: int = 64
     # one API key's share of a model's queue (queued + running); 0: a quarter of max_queue_per_model

@@ -17,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import hmac
 import io
+import json
 import logging
 import secrets
 import uuid
@@ -29,6 +31,7 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 import redis.exceptions
 from celery import Celery
+from pydantic import BaseModel
 
 from services.common import rules, workers
 from services.common.errors import (
@@ -42,7 +45,7 @@ from services.common.errors import (
     Unavailable,
 )
 from services.common.jobs import JobEvent, JobRecord
-from services.common.jobstore import AsyncJobStore, QueueFull, frame_blob_name
+from services.common.jobstore import AsyncJobStore, IdempotencyConflict, QueueFull, frame_blob_name
 from services.common.models import ModelInfo, ServedModel
 from services.common.settings import Settings, hash_key
 from services.common.tasks import RUN_TASK, queue_for
@@ -54,6 +57,8 @@ from services.core.validation import parse
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 ANONYMOUS = "anonymous"
+MAX_IDEMPOTENCY_KEY = 255
+IDEMPOTENCY_PARAM = "Idempotency-Key"
 ARTIFACT_KINDS = ("image", "frame")
 
 
@@ -211,14 +216,23 @@ class Core:
         return {"status": "ready", "redis": True, "workers": live}
 
     # ---- submitting ------------------------------------------------------------------------------
-    async def submit_generation(self, owner: str, body: GenerationCreate | dict) -> JobRecord:
+    async def submit_generation(
+        self, owner: str, body: GenerationCreate | dict, idempotency_key: str | None = None
+    ) -> JobRecord:
+        """Queue a generation. With an `idempotency_key` (Idempotency-Key), a repeat of the same request
+        within the result TTL returns the first job (`replayed`); another request with it is a Conflict."""
         body = body if isinstance(body, GenerationCreate) else parse(GenerationCreate, body)
+        idempotency = self.idempotency("generation", body, idempotency_key)
         model = await self.resolve_model(body.model)
         resolved = self._resolve(model, body.model_dump(exclude={"model", "output_format"}))
-        return await self._enqueue("generation", model, owner, body.model_dump() | resolved)
+        params = body.model_dump() | resolved
+        return await self._enqueue("generation", model, owner, params, idempotency=idempotency)
 
-    async def submit_trajectory(self, owner: str, body: TrajectoryCreate | dict) -> JobRecord:
+    async def submit_trajectory(
+        self, owner: str, body: TrajectoryCreate | dict, idempotency_key: str | None = None
+    ) -> JobRecord:
         body = body if isinstance(body, TrajectoryCreate) else parse(TrajectoryCreate, body)
+        idempotency = self.idempotency("trajectory", body, idempotency_key)
         model = await self.resolve_model(body.model)
         kind, image = body.kind, None
         if kind == "forward":
@@ -244,10 +258,13 @@ class Core:
                 "has_image": image is not None,
             }
         )
-        return await self._enqueue(kind, model, owner, params, input_image=image)
+        return await self._enqueue(kind, model, owner, params, input_image=image, idempotency=idempotency)
 
-    async def submit_openai(self, owner: str, body: OpenAIImageRequest) -> JobRecord:
+    async def submit_openai(
+        self, owner: str, body: OpenAIImageRequest, idempotency_key: str | None = None
+    ) -> JobRecord:
         """The OpenAI Images API's generation, as a generation job (`n` images of `size`)."""
+        idempotency = self.idempotency("openai", body, idempotency_key)
         model = await self.resolve_model(body.model)
         width = height = None
         if body.size:
@@ -259,7 +276,8 @@ class Core:
         fields = body.model_dump(include=set(GenerationCreate.model_fields)) | {"width": width, "height": height}
         generation = GenerationCreate(**fields, num_images=body.n)
         resolved = self._resolve(model, generation.model_dump(exclude={"model", "output_format"}), images_field="n")
-        return await self._enqueue("generation", model, owner, generation.model_dump() | resolved)
+        params = generation.model_dump() | resolved
+        return await self._enqueue("generation", model, owner, params, idempotency=idempotency)
 
     def _resolve(self, model: ModelInfo, fields: dict[str, Any], images_field: str = "num_images") -> dict[str, Any]:
         """Check a generation's fields against every rule; the values it leaves to the service, filled in."""
@@ -277,12 +295,34 @@ class Core:
     def resolve_seed(seed: int | None) -> int:
         return secrets.randbits(63) if seed is None else seed
 
+    @staticmethod
+    def idempotency(endpoint: str, body: BaseModel, key: str | None) -> tuple[str, str] | None:
+        """(the client's Idempotency-Key, the request's fingerprint), or None without a key. The fingerprint
+        is a hash of the endpoint and the validated request as sent (before a null seed is drawn), so a
+        retry matches whichever door it comes in by, and the same fields in another order match too."""
+        if key is None:
+            return None
+        if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY or not key.isascii() or not key.isprintable():
+            raise InvalidInput(
+                f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters", IDEMPOTENCY_PARAM
+            )
+        canonical = json.dumps([endpoint, body.model_dump(mode="json")], sort_keys=True, separators=(",", ":"))
+        return key, hashlib.sha256(canonical.encode()).hexdigest()
+
     async def _enqueue(
-        self, kind: str, model: ModelInfo, owner: str, params: dict, input_image: bytes | None = None
+        self,
+        kind: str,
+        model: ModelInfo,
+        owner: str,
+        params: dict,
+        input_image: bytes | None = None,
+        idempotency: tuple[str, str] | None = None,
     ) -> JobRecord:
         settings = self.settings
         job_id = uuid.uuid4().hex
-        create = dict(kind=kind, model=model.name, owner=owner, params=params, input_image=input_image)
+        create = dict(
+            kind=kind, model=model.name, owner=owner, params=params, input_image=input_image, idempotency=idempotency
+        )
         limits = dict(max_pending=settings.max_queue_per_model, max_owned=settings.owner_queue_limit)
         try:
             try:
@@ -293,6 +333,14 @@ class Core:
                 job = await self._redis(self.store.create(job_id, **create, **limits))
         except QueueFull as full:
             raise self._refusal(full, model) from None
+        except IdempotencyConflict as conflict:
+            raise Conflict(
+                f"Idempotency-Key {idempotency[0]!r} was already used for job {conflict.job_id} with a different "
+                "request; a retry must send the same request, a new request needs a new key",
+                IDEMPOTENCY_PARAM,
+            ) from None
+        if job.replayed:
+            return job  # its task was sent by the submit that made it
         try:
             await self.tasks.send(model.name)
         except Exception as error:  # the record exists; the broker refused: end the job, never strand it
@@ -357,9 +405,21 @@ class Core:
         self, owner: str, job_id: str, after: str = "0", idle_s: float | None = None
     ) -> AsyncIterator[JobEvent | None]:
         """The job's events after `after`, through its terminal event (None every idle_s without one)."""
-        await self.job(owner, job_id)
-        async for event in self.hub.follow(job_id, after, idle_s):
-            yield event
+        async for batch in await self.events(owner, job_id, after, idle_s):
+            if not batch:
+                yield None
+            for event in batch:
+                yield event
+
+    async def events(
+        self, owner: str, job_id: str, after: str = "0", idle_s: float | None = None
+    ) -> AsyncIterator[list[JobEvent]]:
+        """NotFound now, or the job's events in batches (all those at hand each time; [] every idle_s without
+        one) from the process's one event reader. The owner is checked once per job and process, not once
+        per reader: a thousand readers of one job cost one Redis read, not a thousand."""
+        if not job_id or await self._redis(self.hub.owner(job_id)) != owner:
+            raise NotFound(f"no job {job_id!r}", "id")
+        return self.hub.follow_batches(job_id, after, idle_s, owner=owner)
 
     async def wait(self, owner: str, job_id: str, timeout_s: float) -> JobRecord:
         """Wait (without a thread) for the job to end; the final job, or JobFailed / Unavailable (timeout)."""

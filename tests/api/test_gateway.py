@@ -214,3 +214,58 @@ def test_samplers_and_guidance_rescale_are_checked_by_the_model_and_resolved(cli
         refused = client.post("/v1/generations", json={"prompt": "x"} | body)
         assert refused.status_code == 422 and refused.json()["error"]["param"] == param
         assert refused.json()["error"]["message"].startswith(message)
+
+
+def test_a_retry_with_the_same_idempotency_key_and_body_returns_the_first_job(client):
+    body = {"prompt": "a red circle", "num_inference_steps": 5}  # seed null: drawn once, by the first request
+    first = client.post("/v1/generations", json=body, headers={"Idempotency-Key": "retry-1"})
+    assert first.status_code == 202 and "Idempotent-Replayed" not in first.headers
+    again = client.post("/v1/generations", json=dict(reversed(body.items())), headers={"Idempotency-Key": "retry-1"})
+    assert again.status_code == 200 and again.headers["Idempotent-Replayed"] == "true"
+    assert again.json()["id"] == first.json()["id"]
+    assert again.json()["params"]["seed"] == first.json()["params"]["seed"]
+    assert redis.Redis.from_url(REDIS_URL).scard("latentd:pending:tiny") == 1  # one job, not two
+    # the queue is full now for this key's next new job (limit 2), but a retry is never refused for it
+    assert client.post("/v1/generations", json=body).status_code == 202
+    assert client.post("/v1/generations", json=body).status_code == 429
+    assert client.post("/v1/generations", json=body, headers={"Idempotency-Key": "retry-1"}).status_code == 200
+
+
+def test_the_same_idempotency_key_with_another_body_is_409(client):
+    first = client.post("/v1/generations", json={"prompt": "a red circle"}, headers={"Idempotency-Key": "k-2"})
+    other = client.post("/v1/generations", json={"prompt": "a blue square"}, headers={"Idempotency-Key": "k-2"})
+    assert other.status_code == 409
+    error = other.json()["error"]
+    assert error["type"] == "conflict_error" and error["param"] == "Idempotency-Key"
+    assert first.json()["id"] in error["message"] and "different request" in error["message"]
+    # a trajectory is another request, even with the same fields
+    trajectory = client.post(
+        "/v1/trajectories", json={"kind": "reverse", "prompt": "a red circle"}, headers={"Idempotency-Key": "k-2"}
+    )
+    assert trajectory.status_code == 409
+
+
+def test_idempotency_keys_belong_to_their_api_key(client, monkeypatch):
+    other_key = "second-key"
+    client.app.state.core.key_hashes.add(hash_key(other_key))
+    mine = client.post("/v1/generations", json={"prompt": "x"}, headers={"Idempotency-Key": "shared"})
+    theirs = client.post(
+        "/v1/generations",
+        json={"prompt": "x"},
+        headers={"Idempotency-Key": "shared", "Authorization": f"Bearer {other_key}"},
+    )
+    assert mine.status_code == theirs.status_code == 202 and mine.json()["id"] != theirs.json()["id"]
+
+
+def test_a_malformed_idempotency_key_is_422(client):
+    for value in ("", "x" * 256, "caf\u00e9".encode()):  # an empty one, a long one, one not in ASCII
+        response = client.post("/v1/generations", json={"prompt": "x"}, headers={"Idempotency-Key": value})
+        assert response.status_code == 422, value
+        assert response.json()["error"]["param"] == "Idempotency-Key"
+
+
+def test_openapi_documents_the_idempotency_key(client):
+    operation = client.get("/openapi.json").json()["paths"]["/v1/generations"]["post"]
+    header = next(p for p in operation["parameters"] if p["name"] == "Idempotency-Key")
+    assert header["in"] == "header" and "409" in header["description"]
+    assert {"200", "202"} <= set(operation["responses"])

@@ -2,6 +2,7 @@
 connections (a proxy cuts them) with one reconnect rule for the sync and the async client."""
 
 import asyncio
+import time
 
 import pytest
 
@@ -9,6 +10,7 @@ from client.latentd_client import (
     AsyncClient,
     AuthenticationError,
     Client,
+    ConflictError,
     InvalidRequestError,
     JobFailedError,
     NotFoundError,
@@ -101,3 +103,14 @@ def test_async_client(url, real_stack):
     types, done, png = asyncio.run(run())
     assert types[0] == "queued" and types[-1] == "succeeded" and types.count("step") == 3
     assert done.status == "succeeded" and png.startswith(b"\x89PNG")
+
+
+def test_a_retried_submit_with_an_idempotency_key_returns_the_first_job(url, real_stack):
+    key = f"client-retry-{url[:4]}-{time.monotonic_ns()}"
+    with Client(url, real_stack.keys[0]) as client:
+        first = client.generate("a red circle", num_inference_steps=2, idempotency_key=key)
+        again = client.generate("a red circle", num_inference_steps=2, idempotency_key=key)
+        assert again.id == first.id and again.seed == first.seed
+        with pytest.raises(ConflictError):
+            client.generate("a blue square", num_inference_steps=2, idempotency_key=key)
+        client.wait(first.id, timeout=60)

@@ -330,3 +330,24 @@ def test_rest_and_grpc_show_the_same_job_of_every_kind(channel, real_stack):
         for field in ("kind", "status", "params", "images", "frames", "error", "attempt", "step"):
             assert getattr(over_grpc, field) == getattr(rest, field), (body, field)
         assert rest.kind == body.get("kind", "generation") and rest.status == "succeeded"
+
+
+def test_idempotency_key_metadata_makes_a_retry_return_the_first_job(door):
+    with grpc.insecure_channel(door.target) as channel:
+        params = pb.GenerationParams(prompt="a red circle", num_inference_steps=10)
+        metadata = auth(DOOR_KEY) + (("idempotency-key", "grpc-retry-1"),)
+        first = stub(channel).SubmitGeneration(pb.SubmitGenerationRequest(params=params), metadata=metadata).job
+        again = stub(channel).SubmitGeneration(pb.SubmitGenerationRequest(params=params), metadata=metadata).job
+        assert again.id == first.id and again.generation.seed == first.generation.seed
+        # the queue holds 2: a second new job fits, a third does not, the retry still does
+        stub(channel).SubmitGeneration(pb.SubmitGenerationRequest(params=params), metadata=auth(DOOR_KEY))
+        assert (
+            stub(channel).SubmitGeneration(pb.SubmitGenerationRequest(params=params), metadata=metadata).job.id
+            == first.id
+        )
+        other = pb.GenerationParams(prompt="a blue square", num_inference_steps=10)
+        with pytest.raises(grpc.RpcError) as err:
+            stub(channel).SubmitGeneration(pb.SubmitGenerationRequest(params=other), metadata=metadata)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert first.id in err.value.details() and dict(err.value.trailing_metadata())["latentd-param"] == "Idempotency-Key"
+    assert redis.Redis.from_url(DOOR_REDIS_URL).scard("latentd:pending:tiny") == 2

@@ -7,15 +7,17 @@ import base64
 
 from fastapi import APIRouter, Request
 
-from services.api.deps import CoreDep, OwnerDep
+from services.api.deps import CoreDep, IdempotencyKey, OwnerDep
 from services.core.schemas import OpenAIImageRequest
 
 router = APIRouter(prefix="/v1/images", tags=["openai"])
 
 
 @router.post("/generations")
-async def openai_generate(body: OpenAIImageRequest, request: Request, core: CoreDep, owner: OwnerDep) -> dict:
-    job = await core.submit_openai(owner, body)
+async def openai_generate(
+    body: OpenAIImageRequest, request: Request, core: CoreDep, owner: OwnerDep, idempotency_key: IdempotencyKey = None
+) -> dict:
+    job = await core.submit_openai(owner, body, idempotency_key)  # a retry with its key waits for the first job
     job = await core.wait(owner, job.id, core.settings.openai_timeout_s)
     if body.response_format == "b64_json":
         data = [{"b64_json": base64.b64encode(blob).decode()} for blob in await core.blobs(job)]

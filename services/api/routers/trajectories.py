@@ -4,12 +4,17 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from services.api.deps import CoreDep, OwnerDep
+from services.api.deps import CoreDep, IdempotencyKey, OwnerDep, submitted
+from services.api.routers.generations import REPLAY
 from services.core.schemas import Job, TrajectoryCreate
 
 router = APIRouter(prefix="/v1", tags=["trajectories"])
 
 
-@router.post("/trajectories", status_code=202, response_model=Job)
-async def create_trajectory(body: TrajectoryCreate, core: CoreDep, owner: OwnerDep) -> dict:
-    return (await core.submit_trajectory(owner, body)).view()
+@router.post(
+    "/trajectories", status_code=202, response_model=Job, responses={200: {"model": Job, "description": REPLAY}}
+)
+async def create_trajectory(
+    body: TrajectoryCreate, core: CoreDep, owner: OwnerDep, idempotency_key: IdempotencyKey = None
+):
+    return submitted(await core.submit_trajectory(owner, body, idempotency_key))
