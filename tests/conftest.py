@@ -33,6 +33,14 @@ def model_path(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def family_paths(tmp_path_factory) -> dict[str, Path]:
+    """Tiny SDXL, SD3, Flux(-dev) and Flux-schnell folders built from config (tests/fixtures/tiny_families.py)."""
+    from tests.fixtures.tiny_families import build_tiny_families
+
+    return build_tiny_families(tmp_path_factory.mktemp("families"))
+
+
+@pytest.fixture(scope="session")
 def own_redis():
     proc, url = run_stack.start_redis()
     yield url

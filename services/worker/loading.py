@@ -15,6 +15,7 @@ the VAE stays float32, because SD's VAE decoder overflows to NaN in float16.
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,10 @@ class LoadedModel:
     default_guidance_scale: float = 7.5  # a request with guidance_scale None (the family's pipeline default)
     default_num_inference_steps: int = 50  # a request with num_inference_steps None
     options: dict = field(default_factory=dict)  # latentd.json as given
+    # a second copy of the limit's tokenizer, for counting on callers' threads: a tokenizer call sets the Rust
+    # tokenizer's padding and truncation, so counting on the one the engine thread encodes with races it
+    counting_tokenizer: Any = None
+    _counting_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     # ---- facts (from the family's reading of the configs) ----
     @property
@@ -128,8 +133,10 @@ class LoadedModel:
 
     # ---- what the engine calls (each the family's) ----
     def count_prompt_tokens(self, prompt: str) -> int:
-        """Tokens the prompt takes in the tokenizer the limit is for (compare with max_prompt_tokens)."""
-        return self.family.count_prompt_tokens(self, prompt)
+        """Tokens the prompt takes in the tokenizer the limit is for (compare with max_prompt_tokens); any thread."""
+        tokenizer = self.counting_tokenizer or self.components[self.facts.tokenizer]
+        with self._counting_lock:
+            return len(tokenizer(prompt, truncation=False).input_ids)
 
     def encode_prompts(self, prompts: list[str]) -> list[Conditioning]:
         """Prompts -> one conditioning dict per prompt (tensors without a batch dimension), as the family's
@@ -270,6 +277,7 @@ def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | None 
         options = read_options(folder)
         components = family.load(folder, index, device_, dtype)
         facts = family.describe(index, components, options)
+        counting_tokenizer = type(components[facts.tokenizer]).from_pretrained(folder / facts.tokenizer)
         alphas_cumprod = None if family.flow else alphas_cumprod_from_config(scheduler_config)
     except ModelLoadError as error:
         if str(folder) in str(error):
@@ -296,5 +304,6 @@ def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | None 
         num_train_timesteps=int(scheduler_config.get("num_train_timesteps", 1000)),
         alphas_cumprod=alphas_cumprod,
         options=options,
+        counting_tokenizer=counting_tokenizer,
         **defaults,
     )

@@ -19,8 +19,8 @@ class GenerationRequest:
     prompt: str
     seed: int
     negative_prompt: str = ""
-    num_inference_steps: int | None = 50  # None: the model's default
-    guidance_scale: float | None = 7.5  # None: the model's default (its family's pipeline's)
+    num_inference_steps: int | None = None  # None: the model's default (50 for SD and SDXL, 28 for SD3 and Flux)
+    guidance_scale: float | None = None  # None: the model's default (7.5 SD, 5 SDXL, 7 SD3, 3.5 Flux)
     eta: float = 0.0  # DDIM's η; > 0 with another sampler is refused
     sampler: str | None = None  # a name of rules.SAMPLERS the model supports; None: the model's default
     guidance_rescale: float | None = None  # φ in [0, 1], applied where guidance_scale > 1; None: the model's default

@@ -173,10 +173,6 @@ class Family:
 
     # ---- text ----
 
-    def count_prompt_tokens(self, model: LoadedModel, prompt: str) -> int:
-        """Tokens the prompt takes in the tokenizer whose limit is checked (start and end tokens included)."""
-        return len(model.components[model.facts.tokenizer](prompt, truncation=False).input_ids)
-
     def encode_prompts(self, model: LoadedModel, prompts: list[str]) -> list[Conditioning]:
         """One conditioning dict per prompt. All prompts in one text-encoder call where `batch_prompts`; else one
         call per prompt, as the pipeline makes them: a batch of one and a batch of several round differently in

@@ -53,10 +53,6 @@ class FlowFamily(Family):
     def scaling(self, vae_config) -> LatentScaling:
         return LatentScaling(float(vae_config.scaling_factor), float(getattr(vae_config, "shift_factor", 0.0) or 0.0))
 
-    def count_prompt_tokens(self, model, prompt: str) -> int:
-        """T5's tokens, the end token included: prompts are checked against the T5 limit; CLIP truncates at 77."""
-        return len(model.components[self.t5_tokenizer](prompt, truncation=False).input_ids)
-
 
 class StableDiffusion3(FlowFamily):
     name = "sd3"
