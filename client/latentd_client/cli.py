@@ -249,7 +249,7 @@ def cmd_models(client: Client, args) -> int:
     for m in models if not args.json else []:
         samplers = ",".join(m.raw.get("samplers") or [])
         family = m.raw.get("family") or "sd"
-        print(f"{m.name}\t{family}\t{m.native_width}x{m.native_height}\t{m.scheduler}\t{samplers}")
+        print(f"{m.name}\t{m.native_width}x{m.native_height}\t{m.scheduler}\t{samplers}\t{family}")
     return 0
 
 
