@@ -8,8 +8,9 @@ An optional latentd.json next to model_index.json holds the model's recommended 
 (`default_sampler`, `default_guidance_rescale`, `default_guidance_scale`, `default_num_inference_steps`) and,
 for the families that read them, `max_sequence_length` (SD3, Flux: T5's tokens) and `native_width` /
 `native_height` (Flux); diffusers ignores the file.
-On CPU everything is float32; on CUDA the backbone and text encoders run in float16 (or bfloat16) while
-the VAE stays float32, because SD's VAE decoder overflows to NaN in float16.
+On CPU everything is float32; on CUDA the backbone and text encoders run in the family's half precision
+(float16 for SD and SDXL, bfloat16 for SD3 and Flux; LATENTD_WORKER_DTYPE overrides) while the VAE stays
+float32, because SD's VAE decoder overflows to NaN in float16.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from services.worker.diffusion.schedules import alphas_cumprod_from_config
 from services.worker.families import Conditioning, Family, LatentScaling, ModelFacts, ModelLoadError, family_for
 from services.worker.families.base import PICKLED_SUFFIXES, read_json
 
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}  # LATENTD_WORKER_DTYPE
 DEFAULTS_FILE = "latentd.json"  # the model's recommended request defaults, read by latentd only
 DEFAULTS_KEYS = ("default_sampler", "default_guidance_rescale", "default_guidance_scale", "default_num_inference_steps")
 
@@ -263,12 +265,13 @@ def read_defaults(folder: Path, scheduler_config: dict, family: Family | None = 
 
 
 def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None) -> LoadedModel:
-    """Load the model at `path`. dtype defaults to float32 on CPU and float16 on CUDA."""
+    """Load the model at `path`. dtype defaults to float32 on CPU and to the family's on CUDA (float16 for SD and
+    SDXL, bfloat16 for SD3 and Flux)."""
     folder = Path(path).resolve()
     index, family = _check_folder(folder)
     device_ = torch.device(device)
     if dtype is None:
-        dtype = torch.float16 if device_.type == "cuda" else torch.float32
+        dtype = family.cuda_dtype if device_.type == "cuda" else torch.float32
     if device_.type == "cpu" and dtype != torch.float32:
         raise ModelLoadError(f"model folder {folder}: dtype {dtype} is not supported on CPU; use float32")
     try:

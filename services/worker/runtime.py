@@ -23,7 +23,7 @@ from services.worker import metrics as worker_metrics
 from services.worker.engine.engine import Engine, RequestHandle
 from services.worker.engine.requests import StepEvent, TrajectoryFrame
 from services.worker.heartbeat import worker_id
-from services.worker.loading import LoadedModel, load_model
+from services.worker.loading import DTYPES, LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,10 @@ class Runtime:
 
     def load(self, paths: list[str]) -> None:
         for path in paths:
-            model = load_model(path, device=self.settings.worker_device)
+            if self.settings.worker_dtype and self.settings.worker_dtype not in DTYPES:
+                raise ValueError(f"LATENTD_WORKER_DTYPE must be one of {', '.join(DTYPES)} or empty")
+            dtype = DTYPES[self.settings.worker_dtype] if self.settings.worker_dtype else None
+            model = load_model(path, device=self.settings.worker_device, dtype=dtype)
             engine = Engine(
                 model, max_batch_rows=self.settings.max_batch_rows, on_step_events=StepEventWriter(self.store, self)
             ).start()

@@ -393,3 +393,40 @@ def test_flow_trajectories_carry_sigma(models, engines):
     noise = torch.randn(x0.shape, generator=torch.Generator("cpu").manual_seed(2))
     assert torch.equal(frames[0], x0[0]) and torch.allclose(frames[1], 0.5 * x0[0] + 0.5 * noise[0], atol=1e-6)
     assert noise_levels(models["sdxl"], [0, 1000])[0] == {"alpha_bar": 1.0}
+
+
+# ---- the VAE's scaling; latentd.json -------------------------------------------------------------------
+
+
+def test_latent_scaling_is_each_pipelines_and_round_trips():
+    from services.worker.families import LatentScaling
+
+    z = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    plain = LatentScaling(0.13025)
+    shifted = LatentScaling(1.5305, shift_factor=0.0609)
+    per_channel = LatentScaling(0.5, latents_mean=(0.1, -0.2, 0.3, 0.0), latents_std=(1.5, 0.5, 2.0, 1.0))
+    assert torch.equal(plain.to_vae(z), z / 0.13025)  # StableDiffusionXLPipeline without latents_mean/std
+    assert torch.equal(shifted.to_vae(z), z / 1.5305 + 0.0609)  # StableDiffusion3Pipeline, FluxPipeline
+    mean, std = (
+        torch.tensor(per_channel.latents_mean).view(1, 4, 1, 1),
+        torch.tensor(per_channel.latents_std).view(1, 4, 1, 1),
+    )
+    assert torch.equal(per_channel.to_vae(z), z * std / 0.5 + mean)  # StableDiffusionXLPipeline with them
+    for scaling in (plain, shifted, per_channel):
+        assert torch.allclose(scaling.from_vae(scaling.to_vae(z)), z, atol=1e-6)
+
+
+def test_latentd_json_sets_a_models_defaults_and_refuses_what_its_family_does_not_read(family_paths, tmp_path):
+    folder = shutil.copytree(family_paths["flux-schnell"], tmp_path / "schnell")
+    (folder / "latentd.json").write_text(
+        json.dumps({"default_num_inference_steps": 4, "default_guidance_scale": 0.0, "native_width": 48})
+    )
+    model = load_model(folder)
+    assert (model.default_num_inference_steps, model.default_guidance_scale, model.native_width) == (4, 0.0, 48)
+    (folder / "latentd.json").write_text(json.dumps({"default_guidance_rescale": 0.5}))
+    with pytest.raises(ModelLoadError, match="default_guidance_rescale does not apply to Flux"):
+        load_model(folder)
+    sdxl = shutil.copytree(family_paths["sdxl"], tmp_path / "sdxl")
+    (sdxl / "latentd.json").write_text(json.dumps({"max_sequence_length": 64}))
+    with pytest.raises(ModelLoadError, match="may hold only"):
+        load_model(sdxl)

@@ -118,6 +118,7 @@ class Family:
     default_guidance_scale = rules.DEFAULT_GUIDANCE_SCALE
     options: tuple[str, ...] = ()  # latentd.json keys this family reads beyond the common ones
     batch_prompts = False  # encode all of an iteration's prompts in one call (see encode_prompts)
+    cuda_dtype = torch.float16  # the backbone's and text encoders' dtype on CUDA unless the worker says otherwise
 
     # ---- loading ----
 

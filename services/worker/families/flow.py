@@ -40,6 +40,7 @@ MAX_SEQUENCE_LENGTH = 512  # the pipelines refuse longer T5 sequences
 class FlowFamily(Family):
     backbone = "transformer"
     flow = True
+    cuda_dtype = torch.bfloat16  # as their model cards run them: their activations overflow float16
     options = ("max_sequence_length",)
     default_max_sequence_length = 512
     t5_tokenizer = ""
