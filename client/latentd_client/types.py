@@ -189,6 +189,16 @@ class Model:
     scheduler: str
     raw: dict[str, Any]
 
+    @property
+    def family(self) -> str:
+        """sd, sdxl, sd3 or flux (a server from before families serves sd)."""
+        return str(self.raw.get("family") or "sd")
+
+    @property
+    def params(self) -> list[str]:
+        """The request fields this model reads (empty from a server from before families)."""
+        return list(self.raw.get("params") or [])
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Model:
         return cls(
@@ -216,5 +226,15 @@ class Model:
             "samplers": list(message.samplers),
             "default_sampler": message.default_sampler,
             "default_guidance_rescale": message.default_guidance_rescale,
+            "family": message.family or "sd",
+            "pipeline": message.pipeline or "StableDiffusionPipeline",
+            "prediction_type": message.prediction_type,
+            "flow_shift": message.flow_shift if message.HasField("flow_shift") else None,
+            "dynamic_shift": message.dynamic_shift,
+            "guidance_form": message.guidance_form or "cfg",
+            "true_cfg": message.true_cfg,
+            "default_guidance_scale": message.default_guidance_scale,
+            "default_num_inference_steps": message.default_num_inference_steps,
+            "params": list(message.params),
         }
         return cls(message.name, message.native_width, message.native_height, message.scheduler, raw)

@@ -13,10 +13,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.common.rules import DEFAULT_SAMPLER, ModelLimits
+from services.common.rules import (
+    DEFAULT_GUIDANCE_SCALE,
+    DEFAULT_NUM_INFERENCE_STEPS,
+    DEFAULT_PARAMS,
+    DEFAULT_SAMPLER,
+    ModelLimits,
+)
 
-# Not shown to clients: where the worker keeps its tokenizer.
-PRIVATE_FIELDS = ("tokenizer_path",)
+# Not shown to clients: where the worker keeps the tokenizer whose limit is checked, and its class.
+PRIVATE_FIELDS = ("tokenizer_path", "tokenizer_class")
 
 
 @dataclass
@@ -34,6 +40,18 @@ class ModelInfo:
     default_sampler: str = DEFAULT_SAMPLER  # what a request without `sampler` gets
     sampler_max_inference_steps: dict[str, int] = field(default_factory=dict)  # each sampler's step limit
     default_guidance_rescale: float = 0.0  # what a request without `guidance_rescale` gets
+    # the family (a worker from before families serves Stable Diffusion 1.x/2.x: these defaults)
+    family: str = "sd"  # sd | sdxl | sd3 | flux
+    pipeline: str = "StableDiffusionPipeline"  # the diffusers pipeline class of its folder
+    prediction_type: str = "epsilon"  # epsilon | v_prediction | flow (the velocity ε − x0 of rectified flow)
+    flow_shift: float | None = None  # flow models: the σ schedule's static shift s (None where it is dynamic)
+    dynamic_shift: bool = False  # flow models: the shift μ follows the picture's token count (Flux-dev)
+    guidance_form: str = "cfg"  # cfg | distilled (the backbone embeds guidance_scale: Flux-dev) | none
+    true_cfg: bool = False  # Flux: true_cfg_scale > 1 guides with the negative prompt too
+    default_guidance_scale: float = DEFAULT_GUIDANCE_SCALE  # what a request without `guidance_scale` gets
+    default_num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS  # ... without `num_inference_steps`
+    params: list[str] = field(default_factory=lambda: list(DEFAULT_PARAMS))  # the request fields it reads
+    tokenizer_class: str = "CLIPTokenizer"
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -64,6 +82,10 @@ class ModelInfo:
             default_sampler=self.default_sampler,
             sampler_max_steps=dict(self.sampler_max_inference_steps),
             default_guidance_rescale=self.default_guidance_rescale,
+            family=self.family,
+            params=tuple(self.params),
+            default_num_inference_steps=self.default_num_inference_steps,
+            default_guidance_scale=self.default_guidance_scale,
         )
 
     def view(self, workers: int, queue_depth: int = 0, default: bool = False) -> dict[str, Any]:
@@ -93,6 +115,16 @@ class ModelInfo:
             samplers=self.samplers,
             default_sampler=self.default_sampler,
             default_guidance_rescale=self.default_guidance_rescale,
+            family=self.family,
+            pipeline=self.pipeline,
+            prediction_type=self.prediction_type,
+            flow_shift=self.flow_shift,
+            dynamic_shift=self.dynamic_shift,
+            guidance_form=self.guidance_form,
+            true_cfg=self.true_cfg,
+            default_guidance_scale=self.default_guidance_scale,
+            default_num_inference_steps=self.default_num_inference_steps,
+            params=self.params,
         )
 
 

@@ -62,9 +62,16 @@ GENERATION_SCALARS = (
     "num_images",
     "preview_every",
     "guidance_rescale",
+    "true_cfg_scale",
+    "original_width",
+    "original_height",
+    "crop_top",
+    "crop_left",
+    "target_width",
+    "target_height",
 )
 # Typed frame metadata on Artifact (the rest of a frame's metadata travels in metadata_json).
-FRAME_SCALARS = ("timestep", "alpha_bar", "step", "guidance_scale")
+FRAME_SCALARS = ("timestep", "alpha_bar", "step", "guidance_scale", "sigma")
 
 
 def f32(value: float) -> float:

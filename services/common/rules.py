@@ -31,12 +31,43 @@ DEFAULT_FORWARD_TIMESTEPS = tuple(range(0, 1001, 50))
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 # DDIM (Song et al. 2021); DPM-Solver++(2M) (Lu et al. 2022) on the scheduler's timesteps, and on Karras
 # et al.'s σ spacing; Euler (Karras et al. 2022) and Euler ancestral (k-diffusion), each as its diffusers
-# scheduler configured from the model's scheduler config. A model supports these less the ones its
-# scheduler config rules out (GET /v1/models lists them).
-SAMPLERS: tuple[str, ...] = ("ddim", "dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_ancestral")
+# scheduler configured from the model's scheduler config; and flow_euler, flow matching's Euler step on the
+# shifted σ schedule of a flow model (SD3, Flux: FlowMatchEulerDiscreteScheduler), the only one those take.
+# A model supports these less the ones its scheduler config rules out (GET /v1/models lists them).
+DDPM_SAMPLERS: tuple[str, ...] = ("ddim", "dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_ancestral")
+FLOW_SAMPLERS: tuple[str, ...] = ("flow_euler",)
+SAMPLERS: tuple[str, ...] = DDPM_SAMPLERS + FLOW_SAMPLERS
 DEFAULT_SAMPLER = "ddim"  # a model's own default, if it names one (latentd.json), wins
 ETA_SAMPLERS: tuple[str, ...] = ("ddim",)  # eta > 0 is refused with any other sampler (field `eta`)
 MIN_GUIDANCE_RESCALE, MAX_GUIDANCE_RESCALE = 0.0, 1.0  # φ of Lin et al. 2024; applied where guidance_scale > 1
+DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_GUIDANCE_SCALE = 50, 7.5  # a model that names none (SD 1.x/2.x pipelines')
+MIN_TRUE_CFG_SCALE = 1.0  # Flux's true CFG: 1 is off (its pipeline guides where true_cfg_scale > 1)
+MAX_CONDITIONING_SIDE = 8192  # SDXL's size conditioning (original and target size, crop offsets), in pixels
+# The model families (services/worker/families/): Stable Diffusion 1.x/2.x, SDXL, SD3, Flux.
+FAMILIES: tuple[str, ...] = ("sd", "sdxl", "sd3", "flux")
+# Request fields every family reads; the rest apply only where a model lists them (ModelLimits.params,
+# GET /v1/models `params`) and are refused by name elsewhere.
+COMMON_PARAMS: tuple[str, ...] = (
+    "prompt",
+    "negative_prompt",
+    "num_inference_steps",
+    "guidance_scale",
+    "seed",
+    "width",
+    "height",
+    "num_images",
+    "preview_every",
+    "sampler",
+)
+SIZE_CONDITIONING_PARAMS: tuple[str, ...] = (  # SDXL's micro-conditioning (Podell et al. 2023, sec. 2.2)
+    "original_width",
+    "original_height",
+    "crop_top",
+    "crop_left",
+    "target_width",
+    "target_height",
+)
+DEFAULT_PARAMS: tuple[str, ...] = (*COMMON_PARAMS, "eta", "guidance_rescale")  # a model that does not say (SD)
 TRAJECTORY_KINDS = ("forward", "reverse", "guidance_sweep")
 NOISE_SPACES = ("pixel", "latent")
 
@@ -57,6 +88,10 @@ class ModelLimits:
     sampler_max_steps: Mapping[str, int] = field(default_factory=dict)  # where a sampler allows fewer steps
     default_guidance_rescale: float = 0.0
     unsupported_samplers: Mapping[str, str] = field(default_factory=dict)  # name -> why this model rules it out
+    family: str = "sd"
+    params: tuple[str, ...] = DEFAULT_PARAMS  # the request fields this model reads
+    default_num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS
+    default_guidance_scale: float = DEFAULT_GUIDANCE_SCALE
 
     @property
     def max_width(self) -> int:
@@ -153,6 +188,15 @@ def check_prompt(limits: ModelLimits, field: str, text: Any) -> str:
     return text
 
 
+def check_applies(limits: ModelLimits, field: str, value: Any) -> None:
+    """A field this model does not read must be left out (None): refused by name, with the families it is for."""
+    if value is not None and field not in limits.params:
+        raise InvalidInput(
+            f"{field} does not apply to model {limits.name!r} ({limits.family} family); leave it out",
+            field,
+        )
+
+
 class Resolved(NamedTuple):
     """What a request leaves to the model's defaults, filled in."""
 
@@ -160,6 +204,8 @@ class Resolved(NamedTuple):
     height: int
     sampler: str
     guidance_rescale: float
+    num_inference_steps: int
+    guidance_scale: float
 
 
 def check_generation(
@@ -167,8 +213,8 @@ def check_generation(
     *,
     prompt: str,
     negative_prompt: str = "",
-    num_inference_steps: int,
-    guidance_scale: float,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
     eta: float = 0.0,
     seed: int,
     width: int | None,
@@ -179,11 +225,21 @@ def check_generation(
     trajectory_every: int = 0,
     sampler: str | None = None,
     guidance_rescale: float | None = None,
+    true_cfg_scale: float | None = None,
+    original_width: int | None = None,
+    original_height: int | None = None,
+    crop_top: int | None = None,
+    crop_left: int | None = None,
+    target_width: int | None = None,
+    target_height: int | None = None,
     images_field: str = "num_images",
 ) -> Resolved:
-    """Every rule of one generation request; returns the size, sampler and guidance rescale it resolves to."""
+    """Every rule of one generation request; returns the size, sampler, guidance rescale, steps and guidance
+    scale it resolves to (None: the model's default). Fields the model's family does not read are refused."""
     sampler = check_sampler(limits, sampler)
-    check_steps(limits, num_inference_steps, sampler)
+    steps = limits.default_num_inference_steps if num_inference_steps is None else num_inference_steps
+    check_steps(limits, steps, sampler)
+    guidance_scale = limits.default_guidance_scale if guidance_scale is None else guidance_scale
     between("guidance_scale", guidance_scale, 0.0, MAX_GUIDANCE)
     between("eta", eta, 0.0, MAX_ETA)
     if eta > 0 and sampler not in ETA_SAMPLERS:
@@ -191,16 +247,31 @@ def check_generation(
             f"eta applies to the {', '.join(ETA_SAMPLERS)} sampler only; got eta {_fmt(eta)} with sampler {sampler!r}",
             "eta",
         )
+    check_applies(limits, "guidance_rescale", guidance_rescale or None)  # 0 is "none" wherever it is not read
     rescale = limits.default_guidance_rescale if guidance_rescale is None else guidance_rescale
     between("guidance_rescale", rescale, MIN_GUIDANCE_RESCALE, MAX_GUIDANCE_RESCALE)
+    check_applies(limits, "true_cfg_scale", true_cfg_scale)
+    if true_cfg_scale is not None:
+        between("true_cfg_scale", true_cfg_scale, MIN_TRUE_CFG_SCALE, MAX_GUIDANCE)
+    for name, value, low in (
+        ("original_width", original_width, 1),
+        ("original_height", original_height, 1),
+        ("crop_top", crop_top, 0),
+        ("crop_left", crop_left, 0),
+        ("target_width", target_width, 1),
+        ("target_height", target_height, 1),
+    ):
+        check_applies(limits, name, value)
+        if value is not None:
+            between(name, value, low, MAX_CONDITIONING_SIDE, integer=True)
     between("seed", seed, 0, MAX_SEED, integer=True)
     between(images_field, num_images, 1, min(max_num_images, MAX_IMAGES), integer=True)
-    check_every("preview_every", preview_every, num_inference_steps)
-    check_every("trajectory_every", trajectory_every, num_inference_steps)
+    check_every("preview_every", preview_every, steps)
+    check_every("trajectory_every", trajectory_every, steps)
     size = check_size(limits, width, height)
     check_prompt(limits, "prompt", prompt)
     check_prompt(limits, "negative_prompt", negative_prompt)
-    return Resolved(size[0], size[1], sampler, float(rescale))
+    return Resolved(size[0], size[1], sampler, float(rescale), steps, float(guidance_scale))
 
 
 def check_timesteps(num_train_timesteps: int, timesteps: Iterable[int]) -> list[int]:

@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     # worker side
     worker_models: str = "models/shapes-ldm"  # comma-separated model folders
     worker_device: str = "cpu"
+    # the backbone's and text encoders' dtype on CUDA: float16, bfloat16 or float32; "" is the family's own
+    # (float16 for SD and SDXL, bfloat16 for SD3 and Flux, whose activations overflow float16); CPU is float32
+    worker_dtype: str = ""
     max_batch_rows: int = 64
     # the broker's redelivery of an unacknowledged task: only a backstop, leases requeue lost jobs first
     visibility_timeout_s: int = 3600

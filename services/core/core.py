@@ -62,18 +62,30 @@ IDEMPOTENCY_PARAM = "Idempotency-Key"
 ARTIFACT_KINDS = ("image", "frame")
 
 
-@lru_cache(maxsize=16)
-def _token_counter(path: str) -> Callable[[str], int] | None:
-    """The model's own tokenizer (transformers' tokenizers need no torch), or None where its folder is not
-    on this machine (then the worker's engine counts tokens and fails the job with the same message)."""
-    try:
-        from transformers import CLIPTokenizer
+TOKENIZER_CLASSES = ("CLIPTokenizer", "T5TokenizerFast")
+FAMILY_ONLY_PARAMS = ("true_cfg_scale", *rules.SIZE_CONDITIONING_PARAMS)  # the tokenizers whose limits models publish
 
-        tokenizer = CLIPTokenizer.from_pretrained(path)
+
+@lru_cache(maxsize=16)
+def _token_counter(path: str, class_name: str = "CLIPTokenizer") -> Callable[[str], int] | None:
+    """The model's own tokenizer (CLIP's, or T5's for SD3 and Flux: transformers' tokenizers need no torch), or
+    None where its folder is not on this machine (then the worker's engine counts tokens and fails the job with
+    the same message)."""
+    try:
+        import transformers
+
+        if class_name not in TOKENIZER_CLASSES:
+            raise ValueError(f"unknown tokenizer class {class_name!r}")
+        tokenizer = getattr(transformers, class_name).from_pretrained(path)
     except Exception as error:  # noqa: BLE001 - the folder may live on the worker's disk only
         log.warning("cannot load tokenizer from %s (%s); prompt length checked by the worker", path, error)
         return None
     return lambda text: len(tokenizer(text, truncation=False).input_ids)
+
+
+def _params(params: dict[str, Any]) -> dict[str, Any]:
+    """A job's resolved params, without the fields of other families left unset (both doors show the same)."""
+    return {k: v for k, v in params.items() if not (k in FAMILY_ONLY_PARAMS and v is None)}
 
 
 def decode_image(data: str | bytes, param: str = "image") -> bytes:
@@ -202,7 +214,8 @@ class Core:
         return await self._redis(workers.live_workers_async(self.store.redis, models, stale_s))
 
     def limits(self, model: ModelInfo) -> rules.ModelLimits:
-        return model.limits(_token_counter(model.tokenizer_path) if model.tokenizer_path else None)
+        counter = _token_counter(model.tokenizer_path, model.tokenizer_class) if model.tokenizer_path else None
+        return model.limits(counter)
 
     async def readiness(self) -> dict[str, Any]:
         """ready: Redis answers and a live worker serves some model; with the reason when not."""
@@ -225,7 +238,7 @@ class Core:
         idempotency = self.idempotency("generation", body, idempotency_key)
         model = await self.resolve_model(body.model)
         resolved = self._resolve(model, body.model_dump(exclude={"model", "output_format"}))
-        params = body.model_dump() | resolved
+        params = _params(body.model_dump() | resolved)
         return await self._enqueue("generation", model, owner, params, idempotency=idempotency)
 
     async def submit_trajectory(
@@ -248,8 +261,8 @@ class Core:
         generation = body.model_dump(include=set(GenerationCreate.model_fields) - {"model", "output_format"})
         resolved = self._resolve(model, generation | {"prompt": body.prompt or ""})
         if kind == "reverse":
-            rules.check_every("trajectory_every", body.trajectory_every, body.num_inference_steps, low=1)
-        params = (
+            rules.check_every("trajectory_every", body.trajectory_every, resolved["num_inference_steps"], low=1)
+        params = _params(
             body.model_dump(exclude={"image"})
             | resolved
             | {
@@ -276,7 +289,7 @@ class Core:
         fields = body.model_dump(include=set(GenerationCreate.model_fields)) | {"width": width, "height": height}
         generation = GenerationCreate(**fields, num_images=body.n)
         resolved = self._resolve(model, generation.model_dump(exclude={"model", "output_format"}), images_field="n")
-        params = generation.model_dump() | resolved
+        params = _params(generation.model_dump() | resolved)
         return await self._enqueue("generation", model, owner, params, idempotency=idempotency)
 
     def _resolve(self, model: ModelInfo, fields: dict[str, Any], images_field: str = "num_images") -> dict[str, Any]:

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.common.rules import (
     DEFAULT_GUIDANCE_SCALES,
+    MAX_CONDITIONING_SIDE,
     MAX_ETA,
     MAX_GUIDANCE,
     MAX_GUIDANCE_RESCALE,
@@ -22,6 +23,7 @@ from services.common.rules import (
     MAX_TIMESTEPS,
     MIN_GUIDANCE_RESCALE,
     MIN_SIDE,
+    MIN_TRUE_CFG_SCALE,
     SAMPLERS,
 )
 
@@ -51,7 +53,39 @@ class _Sampling(_Strict):
     )
 
 
-class GenerationCreate(_Sampling):
+STEPS_DESCRIPTION = (
+    "Denoising steps; null: the model's default_num_inference_steps (GET /v1/models: 50 for SD and SDXL, 28 for SD3 "
+    "and Flux). The model's scheduler may allow fewer."
+)
+GUIDANCE_DESCRIPTION = (
+    "Guidance scale: classifier-free guidance for SD, SDXL and SD3 (0 ignores the prompt, 1 is plain conditional; "
+    "SDXL and SD3 guide only above 1), the value Flux-dev's transformer embeds, ignored by Flux-schnell "
+    "(GET /v1/models guidance_form). null: the model's default_guidance_scale."
+)
+
+
+def _conditioning_side(description: str, low: int = 1):
+    return Field(None, ge=low, le=MAX_CONDITIONING_SIDE, description=f"SDXL only: {description}")
+
+
+class _FamilyFields(_Sampling):
+    """Fields of some model families only (GET /v1/models `params`); a model that does not read one refuses it."""
+
+    true_cfg_scale: float | None = Field(
+        None,
+        ge=MIN_TRUE_CFG_SCALE,
+        le=MAX_GUIDANCE,
+        description="Flux only: true classifier-free guidance with negative_prompt where > 1 (a second row per image).",
+    )
+    original_width: int | None = _conditioning_side("the original size conditioning, pixels; null: width.")
+    original_height: int | None = _conditioning_side("the original size conditioning, pixels; null: height.")
+    crop_top: int | None = _conditioning_side("the crop conditioning's top edge, pixels; null: 0.", low=0)
+    crop_left: int | None = _conditioning_side("the crop conditioning's left edge, pixels; null: 0.", low=0)
+    target_width: int | None = _conditioning_side("the target size conditioning, pixels; null: width.")
+    target_height: int | None = _conditioning_side("the target size conditioning, pixels; null: height.")
+
+
+class GenerationCreate(_FamilyFields):
     model: str | None = Field(None, description="Model name from GET /v1/models; default: the service's default model.")
     prompt: str = Field(
         ...,
@@ -62,15 +96,8 @@ class GenerationCreate(_Sampling):
     negative_prompt: str = Field(
         "", max_length=MAX_PROMPT_CHARS, description="Text to steer away from (the unconditional row of CFG)."
     )
-    num_inference_steps: int = Field(
-        50, ge=1, le=MAX_STEPS, description="Denoising steps; the model's scheduler may allow fewer (GET /v1/models)."
-    )
-    guidance_scale: float = Field(
-        7.5,
-        ge=0.0,
-        le=MAX_GUIDANCE,
-        description="Classifier-free guidance: 0 ignores the prompt, 1 is plain conditional.",
-    )
+    num_inference_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description=STEPS_DESCRIPTION)
+    guidance_scale: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE, description=GUIDANCE_DESCRIPTION)
     eta: float = Field(
         0.0, ge=0.0, le=MAX_ETA, description="DDIM eta: 0 deterministic, 1 DDPM-like; the ddim sampler only."
     )
@@ -94,7 +121,7 @@ class GenerationCreate(_Sampling):
     )
 
 
-class TrajectoryCreate(_Sampling):
+class TrajectoryCreate(_FamilyFields):
     kind: Literal["forward", "reverse", "guidance_sweep"] = Field(..., description="Which trajectory.")
     model: str | None = Field(None, description="Model name; default the service's default model.")
     prompt: str | None = Field(
@@ -102,11 +129,17 @@ class TrajectoryCreate(_Sampling):
     )
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="Negative prompt.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed; null draws one.")
-    num_inference_steps: int = Field(
-        50, ge=1, le=MAX_STEPS, description="Steps (reverse, guidance_sweep, and a forward job's generated image)."
+    num_inference_steps: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_STEPS,
+        description="Steps (reverse, guidance_sweep, and a forward job's generated image); null: the model's default.",
     )
-    guidance_scale: float = Field(
-        7.5, ge=0.0, le=MAX_GUIDANCE, description="Guidance scale (reverse, forward's generated image)."
+    guidance_scale: float | None = Field(
+        None,
+        ge=0.0,
+        le=MAX_GUIDANCE,
+        description="Guidance scale (reverse, forward's generated image); null: the model's default.",
     )
     eta: float = Field(0.0, ge=0.0, le=MAX_ETA, description="DDIM eta.")
     width: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE, description="Pixels; default native.")
@@ -145,8 +178,8 @@ class OpenAIImageRequest(_Sampling):
     style: str | None = Field(None, description="Accepted for compatibility; ignored.")
     user: str | None = Field(None, description="Accepted for compatibility; ignored.")
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
-    num_inference_steps: int = Field(50, ge=1, le=MAX_STEPS)
-    guidance_scale: float = Field(7.5, ge=0.0, le=MAX_GUIDANCE)
+    num_inference_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description=STEPS_DESCRIPTION)
+    guidance_scale: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE, description=GUIDANCE_DESCRIPTION)
     eta: float = Field(0.0, ge=0.0, le=MAX_ETA)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     output_format: OutputFormat = "png"

@@ -23,7 +23,7 @@ from services.worker import metrics as worker_metrics
 from services.worker.engine.engine import Engine, RequestHandle
 from services.worker.engine.requests import StepEvent, TrajectoryFrame
 from services.worker.heartbeat import worker_id
-from services.worker.loading import LoadedModel, load_model
+from services.worker.loading import DTYPES, LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
@@ -47,22 +47,45 @@ def encode_image(image, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
+def scheduler_description(config: dict) -> str:
+    """The scheduler class and its training schedule: "DDIMScheduler / scaled_linear", or for flow matching
+    "FlowMatchEulerDiscreteScheduler / shift 3" (or "/ dynamic shift 0.5..1.15")."""
+    name = config.get("_class_name", "DDIMScheduler")
+    if name != "FlowMatchEulerDiscreteScheduler":
+        return f"{name} / {config.get('beta_schedule', '?')}"
+    if config.get("use_dynamic_shifting"):
+        return f"{name} / dynamic shift {config.get('base_shift', 0.5):g}..{config.get('max_shift', 1.15):g}"
+    return f"{name} / shift {float(config.get('shift', 1.0)):g}"
+
+
 def model_info(model: LoadedModel, engine: Engine) -> ModelInfo:
     config = model.scheduler_config
+    flow = model.family.flow
     return ModelInfo(
         name=model.name,
         native_width=model.native_width,
         native_height=model.native_height,
-        scheduler=f"{config.get('_class_name', 'DDIMScheduler')} / {config.get('beta_schedule', '?')}",
+        scheduler=scheduler_description(config),
         max_prompt_tokens=model.max_prompt_tokens,
         num_train_timesteps=model.num_train_timesteps,
         size_multiple=engine.size_multiple,
         max_inference_steps=engine.limits.max_inference_steps,  # the default sampler's
-        tokenizer_path=str(Path(model.path) / "tokenizer"),
+        tokenizer_path=str(Path(model.path) / model.facts.tokenizer),
+        tokenizer_class=model.facts.tokenizer_class,
         samplers=list(engine.limits.samplers),
         default_sampler=engine.limits.default_sampler,
         sampler_max_inference_steps=dict(engine.limits.sampler_max_steps),
         default_guidance_rescale=engine.limits.default_guidance_rescale,
+        family=model.family.name,
+        pipeline=model.family.pipeline,
+        prediction_type=model.prediction_type,
+        flow_shift=float(config.get("shift", 1.0)) if flow and not config.get("use_dynamic_shifting") else None,
+        dynamic_shift=bool(flow and config.get("use_dynamic_shifting")),
+        guidance_form=model.facts.guidance_form,
+        true_cfg=model.family.true_cfg,
+        default_guidance_scale=model.default_guidance_scale,
+        default_num_inference_steps=model.default_num_inference_steps,
+        params=list(model.facts.params),
     )
 
 
@@ -71,7 +94,7 @@ def reverse_frame_entries(frame: TrajectoryFrame) -> list[tuple[int, dict, objec
     return [
         (
             2 * frame.index + k,
-            {"step": frame.step, "timestep": frame.timestep, "alpha_bar": frame.alpha_bar, "what": what},
+            {"step": frame.step, "timestep": frame.timestep, **frame.noise_level, "what": what},
             images[0],
         )
         for k, (what, images) in enumerate((("x_t", frame.x_t), ("x0_pred", frame.x0_pred)))
@@ -143,7 +166,10 @@ class Runtime:
 
     def load(self, paths: list[str]) -> None:
         for path in paths:
-            model = load_model(path, device=self.settings.worker_device)
+            if self.settings.worker_dtype and self.settings.worker_dtype not in DTYPES:
+                raise ValueError(f"LATENTD_WORKER_DTYPE must be one of {', '.join(DTYPES)} or empty")
+            dtype = DTYPES[self.settings.worker_dtype] if self.settings.worker_dtype else None
+            model = load_model(path, device=self.settings.worker_device, dtype=dtype)
             engine = Engine(
                 model, max_batch_rows=self.settings.max_batch_rows, on_step_events=StepEventWriter(self.store, self)
             ).start()

@@ -181,8 +181,11 @@ def test_no_keys_means_loopback_only(monkeypatch, capsys):
 def test_openapi_documents_limits_and_defaults(client):
     schema = client.get("/openapi.json").json()["components"]["schemas"]["GenerationCreate"]["properties"]
     steps = schema["num_inference_steps"]
-    assert (steps["minimum"], steps["maximum"], steps["default"]) == (1, 1000, 50) and steps["description"]
-    assert schema["guidance_scale"]["default"] == 7.5
+    bounds = next(kind for kind in steps["anyOf"] if kind.get("type") == "integer")
+    assert (bounds["minimum"], bounds["maximum"], steps.get("default")) == (1, 1000, None)
+    assert "default_num_inference_steps" in steps["description"]  # null: the model's own default (SD: 50)
+    assert "default_guidance_scale" in schema["guidance_scale"]["description"]
+    assert "Flux only" in schema["true_cfg_scale"]["description"] and "SDXL only" in schema["crop_top"]["description"]
 
 
 def test_one_seed_limit_for_every_door(client):

@@ -182,11 +182,11 @@ def test_nan_fails_only_that_request(make_engine, tiny_model):
     """A prompt whose embedding is NaN poisons its own rows only: it fails typed, the others finish unchanged."""
 
     def encode_prompts(prompts):
-        embeds = tiny_model.encode_prompts(prompts)
-        for i, prompt in enumerate(prompts):
-            if prompt == "poison":
-                embeds[i] = float("nan")
-        return embeds
+        encoded = tiny_model.encode_prompts(prompts)  # one conditioning dict per prompt
+        return [
+            {key: torch.full_like(value, float("nan")) for key, value in c.items()} if prompt == "poison" else c
+            for prompt, c in zip(prompts, encoded)
+        ]
 
     poisoned = dataclasses.replace(tiny_model)
     poisoned.encode_prompts = encode_prompts

@@ -12,7 +12,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from services.common.rules import SAMPLERS
+from services.common.rules import DDPM_SAMPLERS as SAMPLERS  # the DDPM-family models' samplers
 from services.worker.engine.errors import InvalidRequestError
 from services.worker.engine.requests import GenerationRequest
 from services.worker.loading import ModelLoadError, load_model

@@ -14,7 +14,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from services.common.rules import SAMPLERS
+from services.common.rules import DDPM_SAMPLERS as SAMPLERS  # the DDPM-family models' samplers
+from services.common.rules import SAMPLERS as ALL_SAMPLERS
 from services.worker.diffusion.guidance import rescale_guidance
 from services.worker.diffusion.samplers import SAMPLER_CLASSES, build_samplers, unsupported_samplers
 from services.worker.diffusion.schedules import alphas_cumprod_from_config
@@ -55,7 +56,7 @@ def reference(name: str, config: dict, steps: int, alphas_cumprod: torch.Tensor 
 
 
 def test_names_are_the_registry():
-    assert tuple(SAMPLER_CLASSES) == SAMPLERS
+    assert tuple(SAMPLER_CLASSES) == ALL_SAMPLERS == SAMPLERS + ("flow_euler",)
     assert SAMPLERS == ("ddim", "dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_ancestral")
 
 

@@ -59,6 +59,22 @@ export function initForward() {
     $("#fwd-caption").textContent = `x_t at t = ${f.timestep} (${f.space} space)`;
     $("#fwd-t-out").value = String(f.timestep);
     $("#fwd-t-value").textContent = String(f.timestep);
+    if (f.sigma !== undefined) {
+      // a flow-matching model (SD3, Flux): the straight line x_σ = (1 − σ)·x_0 + σ·ε, σ = t/T
+      const s = f.sigma;
+      $("#fwd-abar-label").textContent = "σ";
+      $("#fwd-sqrt-abar-label").textContent = "1 − σ";
+      $("#fwd-sqrt-noise-label").textContent = "σ";
+      $("#fwd-abar").textContent = fixed(s);
+      $("#fwd-sqrt-abar").textContent = fixed(1 - s);
+      $("#fwd-sqrt-noise").textContent = fixed(s);
+      $("#fwd-formula").textContent = `x_σ = ${fixed(1 - s)} · x_0 + ${fixed(s)} · ε`;
+      slider.setAttribute("aria-valuetext", `t = ${f.timestep}, σ = ${fixed(s)}`);
+      return;
+    }
+    $("#fwd-abar-label").innerHTML = "ᾱ<sub>t</sub>";
+    $("#fwd-sqrt-abar-label").innerHTML = "√ᾱ<sub>t</sub>";
+    $("#fwd-sqrt-noise-label").innerHTML = "√(1−ᾱ<sub>t</sub>)";
     $("#fwd-abar").textContent = fixed(a);
     $("#fwd-sqrt-abar").textContent = fixed(Math.sqrt(a));
     $("#fwd-sqrt-noise").textContent = fixed(Math.sqrt(Math.max(0, 1 - a)));
