@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format venv proto bench-engine bench-samplers bench-service train-model eval-model clean
+.PHONY: run test lint format venv proto bench-engine bench-samplers bench-service bench-gateway family-parity train-model eval-model clean
 
 $(STAMP): requirements/*.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -44,6 +44,14 @@ bench-samplers: $(STAMP)
 
 bench-service: $(STAMP) proto
 	$(BIN)/python -m benchmarks.bench_service
+
+## The gateway under load and abuse (SSE fan-out, reads, OpenAI waiters, a flooding key, huge bodies); needs wrk.
+bench-gateway: $(STAMP) proto
+	$(BIN)/python -m benchmarks.bench_gateway
+
+## SDXL, SD3 and Flux (tiny fixtures built from config): the engine against each pipeline, batched against alone.
+family-parity: $(STAMP)
+	$(BIN)/python -m benchmarks.family_parity
 
 # The shipped model: 7000 UNet steps, then 3000 more on fresh pictures (seed 1) from a lower learning rate,
 # then 6000 more on fresh pictures again (seed 2). About 2.5 hours on a 2-core CPU; add DEVICE=cuda to go faster.

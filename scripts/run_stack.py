@@ -82,9 +82,13 @@ def child_env(redis_url: str, **settings: object) -> dict:
     return env
 
 
-def start_worker(redis_url: str, model_path: Path, *, concurrency: int = 32, log=None, **settings) -> subprocess.Popen:
-    name = Path(model_path).resolve().name
-    env = child_env(redis_url, worker_models=str(model_path), **settings)
+def start_worker(
+    redis_url: str, model_path: Path | str | list, *, concurrency: int = 32, log=None, **settings
+) -> subprocess.Popen:
+    """A Celery worker serving one model folder, or several (a list: one engine each, one queue each)."""
+    paths = [model_path] if isinstance(model_path, (str, Path)) else list(model_path)
+    queues = ",".join(f"latentd.{Path(path).resolve().name}" for path in paths)
+    env = child_env(redis_url, worker_models=",".join(str(path) for path in paths), **settings)
     return subprocess.Popen(
         [
             PYTHON,
@@ -98,7 +102,7 @@ def start_worker(redis_url: str, model_path: Path, *, concurrency: int = 32, log
             "--concurrency",
             str(concurrency),
             "-Q",
-            f"latentd.{name}",
+            queues,
             "-l",
             "warning",
             "--without-gossip",
@@ -117,6 +121,17 @@ def start_api(redis_url: str, port: int, *, log=None, **settings) -> subprocess.
     env = child_env(redis_url, **settings)
     return subprocess.Popen(
         [PYTHON, "-m", "services.api", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT if log else None,
+    )
+
+
+def start_grpc(redis_url: str, port: int, *, log=None, **settings) -> subprocess.Popen:
+    env = child_env(redis_url, **settings)
+    return subprocess.Popen(
+        [PYTHON, "-m", "services.api.grpc_server", "--host", "127.0.0.1", "--port", str(port)],
         cwd=ROOT,
         env=env,
         stdout=log,
@@ -153,19 +168,24 @@ def stop(procs: list) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default=os.environ.get("LATENTD_MODEL_PATH", str(DEFAULT_MODEL)))
+    parser.add_argument(
+        "--model",
+        default=os.environ.get("LATENTD_MODEL_PATH", str(DEFAULT_MODEL)),
+        help="a diffusers model folder, or several separated by commas (one worker serves them all)",
+    )
     parser.add_argument("--port", type=int, default=int(os.environ.get("LATENTD_PORT", 8000)))
     parser.add_argument("--grpc-port", type=int, default=int(os.environ.get("LATENTD_GRPC_PORT", 50051)))
     parser.add_argument("--concurrency", type=int, default=32)
     args = parser.parse_args(argv)
-    model = Path(args.model)
-    if not (model / "model_index.json").exists():
-        print(
-            f"model folder {model} is missing or incomplete (no model_index.json): train it with "
-            "`make train-model` or pass --model <diffusers folder>",
-            file=sys.stderr,
-        )
-        return 2
+    models = [Path(path.strip()) for path in args.model.split(",") if path.strip()]
+    for model in models:
+        if not (model / "model_index.json").exists():
+            print(
+                f"model folder {model} is missing or incomplete (no model_index.json): train it with "
+                "`make train-model` or pass --model <diffusers folder>",
+                file=sys.stderr,
+            )
+            return 2
     procs: list[subprocess.Popen] = []
 
     def interrupted(signum, _frame):  # Ctrl-C, and SIGTERM from a supervisor, even where SIGINT was ignored
@@ -178,20 +198,13 @@ def main(argv: list[str] | None = None) -> int:
         if not redis_url:
             redis_proc, redis_url = start_redis()
             procs.append(redis_proc)
-        procs.append(start_worker(redis_url, model, concurrency=args.concurrency))
+        procs.append(start_worker(redis_url, models, concurrency=args.concurrency))
         procs.append(start_api(redis_url, args.port))
         rest_url = f"http://127.0.0.1:{args.port}"
-        if (ROOT / "services" / "api" / "grpc_server.py").exists():
-            procs.append(
-                subprocess.Popen(
-                    [PYTHON, "-m", "services.api.grpc_server", "--rest-url", rest_url, "--port", str(args.grpc_port)],
-                    cwd=ROOT,
-                    env=child_env(redis_url),
-                )
-            )
+        procs.append(start_grpc(redis_url, args.grpc_port))
         wait_ready(rest_url, timeout_s=300, procs=tuple(procs))
         print(
-            f"latentd is up\n  REST  {rest_url}  (docs: {rest_url}/docs)\n  gRPC  127.0.0.1:{args.grpc_port}\n"
+            f"latentd is up\n  page  {rest_url}/\n  REST  {rest_url}  (docs: {rest_url}/docs)\n  gRPC  127.0.0.1:{args.grpc_port}\n"
             f"  Redis {redis_url}\nCtrl-C stops everything.",
             flush=True,
         )

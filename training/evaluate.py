@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> None:
         f"Made by `{command}` (`make eval-model`): {len(captions)} captions ({args.captions} grammar), noise seed "
         f"{args.seed} + caption index (held out: never used to train or tune), the same noise in every row, "
         f"eta 0, {rescale_note}; {pictures} pictures in {sampled_s / 60:.1f} min on {where}. A picture is right "
-        f"when the read-back of training/readback.py matches its caption; 'clipped' is the share of decoder "
+        f"when the read-back of training/readback.py (docs/shapes.md) matches its caption; 'clipped' is the share of decoder "
         f"channel values more than 8/255 outside [0, 1].\n\n{table}"
     )
     if cost_rows:

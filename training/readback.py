@@ -1,4 +1,4 @@
-"""Read background, colour and shape back from a picture's pixels alone (docs/model.md, "The shapes world").
+"""Read background, colour and shape back from a picture's pixels alone (docs/shapes.md).
 
 - background: the palette background nearest the median of the border pixels;
 - colour: the palette colour nearest the median of the pixels that differ from the background;

@@ -1,4 +1,4 @@
-"""The shapes world (docs/model.md, "The shapes world"): seeded pictures and their captions.
+"""The shapes world of docs/shapes.md: seeded pictures and their captions.
 
 One picture is one shape (circle, square, upright isosceles triangle) of one palette colour on a
 plain background, 64 x 64, drawn at 4x with PIL and box-filtered down (anti-aliasing).
@@ -113,7 +113,7 @@ def render(scene: Scene) -> Image.Image:
 
 
 def training_caption(scene: Scene, rng: random.Random) -> str:
-    """The caption with the training dropout: '' w.p. 0.1, else size dropped w.p. 0.3."""
+    """The caption with the training dropout of docs/shapes.md: '' w.p. 0.1, else size dropped w.p. 0.3."""
     if rng.random() < CAPTION_DROP_PROB:
         return ""
     return scene.caption(with_size=rng.random() >= SIZE_DROP_PROB)

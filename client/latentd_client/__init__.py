@@ -9,6 +9,7 @@ from .errors import (
     LatentdError,
     NotFoundError,
     RateLimitError,
+    StreamDropped,
     UnavailableError,
 )
 from .types import Artifact, Job, JobEvent, Model
@@ -27,5 +28,6 @@ __all__ = [
     "InvalidRequestError",
     "RateLimitError",
     "UnavailableError",
+    "StreamDropped",
     "JobFailedError",
 ]

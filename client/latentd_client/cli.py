@@ -118,6 +118,9 @@ def cmd_generate(client: Client, args) -> int:
         output_format=args.format,
         preview_every=args.preview_every,
         model=args.model,
+        sampler=args.sampler,
+        guidance_rescale=args.guidance_rescale,
+        **family_fields(args),
     )
     print(f"job {job.id} queued (seed {job.seed})", file=sys.stderr)
     job = follow(client, job.id, None if args.quiet else Progress())
@@ -130,7 +133,35 @@ def cmd_generate(client: Client, args) -> int:
     return 0
 
 
+def _size(text: str | None, flag: str) -> tuple[int, int] | tuple[None, None]:
+    """ "WIDTHxHEIGHT" (or "TOP,LEFT" for --crop) -> two ints."""
+    if not text:
+        return None, None
+    parts = text.replace(",", "x").split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise SystemExit(f"{flag} takes two integers, e.g. {'8,0' if flag == '--crop' else '1024x768'}; got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def family_fields(args) -> dict[str, Any]:
+    """The fields of some model families only (`latentd models` lists what each model reads)."""
+    original_width, original_height = _size(args.original_size, "--original-size")
+    target_width, target_height = _size(args.target_size, "--target-size")
+    crop_top, crop_left = _size(args.crop, "--crop")
+    return dict(
+        true_cfg_scale=args.true_cfg,
+        original_width=original_width,
+        original_height=original_height,
+        crop_top=crop_top,
+        crop_left=crop_left,
+        target_width=target_width,
+        target_height=target_height,
+    )
+
+
 def _frame_label(frame_meta: dict[str, Any], index: int) -> str:
+    if "sigma" in frame_meta and "step" not in frame_meta:  # a flow model's forward frame
+        return f"sigma={frame_meta['sigma']:.2f}"
     for key in ("timestep", "guidance_scale", "step"):
         if key in frame_meta:
             return f"{key}={frame_meta[key]}"
@@ -175,6 +206,9 @@ def cmd_trajectory(client: Client, args) -> int:
         guidance_scale=args.guidance,
         seed=args.seed,
         model=args.model,
+        sampler=args.sampler,
+        guidance_rescale=args.guidance_rescale,
+        **{k: v for k, v in family_fields(args).items() if v is not None},
     )
     if args.image:
         fields["image"] = base64.b64encode(Path(args.image).read_bytes()).decode()
@@ -213,7 +247,9 @@ def cmd_models(client: Client, args) -> int:
     if args.json:
         print(json.dumps([m.raw for m in models], indent=2))
     for m in models if not args.json else []:
-        print(f"{m.name}\t{m.native_width}x{m.native_height}\t{m.scheduler}")
+        samplers = ",".join(m.raw.get("samplers") or [])
+        family = m.raw.get("family") or "sd"
+        print(f"{m.name}\t{m.native_width}x{m.native_height}\t{m.scheduler}\t{samplers}\t{family}")
     return 0
 
 
@@ -236,9 +272,18 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--prompt")
         p.add_argument("--negative", help="negative prompt")
-        p.add_argument("--steps", type=int, help="num_inference_steps (server default 50)")
-        p.add_argument("--guidance", type=float, help="guidance_scale (server default 7.5)")
+        p.add_argument("--steps", type=int, help="num_inference_steps (server default: the model's, 50 for SD)")
+        p.add_argument("--guidance", type=float, help="guidance_scale (server default: the model's, 7.5 for SD)")
         p.add_argument("--seed", type=int)
+        p.add_argument(
+            "--sampler",
+            help="ddim, dpmpp_2m, dpmpp_2m_karras, euler, euler_ancestral; flow_euler for SD3 and Flux (`latentd models`)",
+        )
+        p.add_argument("--guidance-rescale", type=float, help="0..1, after guidance (server default: the model's)")
+        p.add_argument("--true-cfg", type=float, help="Flux: true_cfg_scale, > 1 guides with --negative too")
+        p.add_argument("--original-size", help="SDXL: original size conditioning WIDTHxHEIGHT (default: the size)")
+        p.add_argument("--crop", help="SDXL: crop conditioning TOP,LEFT in pixels (default 0,0)")
+        p.add_argument("--target-size", help="SDXL: target size conditioning WIDTHxHEIGHT (default: the size)")
         p.add_argument("--model")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 

@@ -15,14 +15,10 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import grpc
-import httpx
-
-from .errors import JobFailedError, LatentdError, UnavailableError
+from .errors import JobFailedError, LatentdError, StreamDropped, UnavailableError
 from .types import Job, JobEvent, Model
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-_DROPPED = (httpx.TransportError, grpc.RpcError)
 
 
 def _transport_class(url: str, asynchronous: bool):
@@ -35,8 +31,8 @@ def _transport_class(url: str, asynchronous: bool):
     return AsyncRestTransport if asynchronous else RestTransport
 
 
-def _generation_body(prompt: str, **fields: Any) -> dict[str, Any]:
-    return {"prompt": prompt, **{k: v for k, v in fields.items() if v is not None}}
+def _body(**fields: Any) -> dict[str, Any]:
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 def _check_final(job: Job) -> Job:
@@ -46,7 +42,37 @@ def _check_final(job: Job) -> Job:
     return job
 
 
-class Client:
+class Resume:
+    """The reconnect rule of both clients: each new stream starts after the last event id seen, so nothing is
+    missed or repeated; a stream that breaks (or ends without a terminal event) is opened again after a short,
+    growing pause; `max_reconnects` breaks in a row without an event in between give up."""
+
+    def __init__(self, job_id: str, after: str | None, max_reconnects: int, delay_s: float):
+        self.job_id, self.last = job_id, after
+        self.max_reconnects, self.delay_s = max_reconnects, delay_s
+        self.failures = 0
+
+    def saw(self, event: JobEvent) -> bool:
+        """Record `event`; True when it ends the job."""
+        self.last, self.failures = event.id or self.last, 0
+        return event.terminal
+
+    def broke(self, cause: BaseException | None = None) -> float:
+        """Seconds to wait before reconnecting; UnavailableError once out of tries."""
+        self.failures += 1
+        if self.failures > self.max_reconnects:
+            raise UnavailableError(
+                f"event stream of job {self.job_id} broke {self.failures} times in a row: {cause or 'ended early'}"
+            ) from cause
+        return min(self.delay_s * self.failures, 5.0)
+
+
+class _Connection:
+    """What both clients are made of: the URL (http(s):// for REST, grpc(s):// for gRPC), the key, the
+    transport of that URL, and the reconnect settings of `events`."""
+
+    asynchronous = False
+
     def __init__(
         self,
         url: str | None = None,
@@ -58,9 +84,11 @@ class Client:
     ):
         self.url = url or os.environ.get("LATENTD_URL") or DEFAULT_URL
         self.api_key = api_key if api_key is not None else os.environ.get("LATENTD_API_KEY")
-        self.transport = _transport_class(self.url, False)(self.url, self.api_key, timeout)
+        self.transport = _transport_class(self.url, self.asynchronous)(self.url, self.api_key, timeout)
         self.max_reconnects, self.reconnect_delay = max_reconnects, reconnect_delay
 
+
+class Client(_Connection):
     def __enter__(self) -> Client:
         return self
 
@@ -70,24 +98,23 @@ class Client:
     def close(self) -> None:
         self.transport.close()
 
-    def generate(self, prompt: str, **fields: Any) -> Job:
-        """Submit a generation (fields as in POST /v1/generations); returns the queued job."""
-        return Job.from_dict(self.transport.submit_generation(_generation_body(prompt, **fields)))
+    def generate(self, prompt: str, *, idempotency_key: str | None = None, **fields: Any) -> Job:
+        """Submit a generation (fields as in POST /v1/generations); returns the queued job. With an
+        `idempotency_key`, sending the same call again (after a timeout, say) returns the first job."""
+        return self.transport.submit_generation(_body(prompt=prompt, **fields), idempotency_key)
 
-    def trajectory(self, kind: str, **fields: Any) -> Job:
+    def trajectory(self, kind: str, *, idempotency_key: str | None = None, **fields: Any) -> Job:
         """Submit a trajectory: kind forward | reverse | guidance_sweep; fields as in POST /v1/trajectories."""
-        return Job.from_dict(
-            self.transport.submit_trajectory({"kind": kind, **{k: v for k, v in fields.items() if v is not None}})
-        )
+        return self.transport.submit_trajectory(_body(kind=kind, **fields), idempotency_key)
 
     def get_job(self, job_id: str) -> Job:
-        return Job.from_dict(self.transport.get_job(job_id))
+        return self.transport.get_job(job_id)
 
     def cancel(self, job_id: str) -> Job:
-        return Job.from_dict(self.transport.cancel_job(job_id))
+        return self.transport.cancel_job(job_id)
 
     def models(self) -> list[Model]:
-        return [Model.from_dict(m) for m in self.transport.models()]
+        return self.transport.models()
 
     def image(self, job_id: str, index: int = 0) -> bytes:
         return self.transport.artifact(job_id, "image", index)[0]
@@ -96,24 +123,18 @@ class Client:
         return self.transport.artifact(job_id, "frame", index)[0]
 
     def events(self, job_id: str, after: str | None = None) -> Iterator[JobEvent]:
-        """Every event of the job from `after` (exclusive) to the terminal one. A dropped connection
-        is resumed from the last event id seen, so nothing is missed or repeated."""
-        last, failures = after, 0
+        """Every event of the job from `after` (exclusive) to the terminal one, across dropped connections."""
+        resume = Resume(job_id, after, self.max_reconnects, self.reconnect_delay)
         while True:
+            cause = None
             try:
-                for event in self.transport.events(job_id, last):
-                    last, failures = event.id or last, 0
+                for event in self.transport.events(job_id, resume.last):
                     yield event
-                    if event.terminal:
+                    if resume.saw(event):
                         return
-                if self.get_job(job_id).done and failures:  # stream ended cleanly without a terminal event
-                    return
-                failures += 1
-            except _DROPPED as exc:
-                failures += 1
-                if failures > self.max_reconnects:
-                    raise UnavailableError(f"event stream of job {job_id} dropped {failures} times: {exc}") from exc
-            time.sleep(min(self.reconnect_delay * failures, 5.0))
+            except StreamDropped as exc:
+                cause = exc
+            time.sleep(resume.broke(cause))
 
     def wait(self, job_id: str, timeout: float | None = None) -> Job:
         """Follow the events until the job ends; returns the final job or raises JobFailedError."""
@@ -124,20 +145,8 @@ class Client:
         return _check_final(self.get_job(job_id))
 
 
-class AsyncClient:
-    def __init__(
-        self,
-        url: str | None = None,
-        api_key: str | None = None,
-        *,
-        timeout: float = 30.0,
-        max_reconnects: int = 20,
-        reconnect_delay: float = 0.5,
-    ):
-        self.url = url or os.environ.get("LATENTD_URL") or DEFAULT_URL
-        self.api_key = api_key if api_key is not None else os.environ.get("LATENTD_API_KEY")
-        self.transport = _transport_class(self.url, True)(self.url, self.api_key, timeout)
-        self.max_reconnects, self.reconnect_delay = max_reconnects, reconnect_delay
+class AsyncClient(_Connection):
+    asynchronous = True
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -148,22 +157,20 @@ class AsyncClient:
     async def close(self) -> None:
         await self.transport.close()
 
-    async def generate(self, prompt: str, **fields: Any) -> Job:
-        return Job.from_dict(await self.transport.submit_generation(_generation_body(prompt, **fields)))
+    async def generate(self, prompt: str, *, idempotency_key: str | None = None, **fields: Any) -> Job:
+        return await self.transport.submit_generation(_body(prompt=prompt, **fields), idempotency_key)
 
-    async def trajectory(self, kind: str, **fields: Any) -> Job:
-        return Job.from_dict(
-            await self.transport.submit_trajectory({"kind": kind, **{k: v for k, v in fields.items() if v is not None}})
-        )
+    async def trajectory(self, kind: str, *, idempotency_key: str | None = None, **fields: Any) -> Job:
+        return await self.transport.submit_trajectory(_body(kind=kind, **fields), idempotency_key)
 
     async def get_job(self, job_id: str) -> Job:
-        return Job.from_dict(await self.transport.get_job(job_id))
+        return await self.transport.get_job(job_id)
 
     async def cancel(self, job_id: str) -> Job:
-        return Job.from_dict(await self.transport.cancel_job(job_id))
+        return await self.transport.cancel_job(job_id)
 
     async def models(self) -> list[Model]:
-        return [Model.from_dict(m) for m in await self.transport.models()]
+        return await self.transport.models()
 
     async def image(self, job_id: str, index: int = 0) -> bytes:
         return (await self.transport.artifact(job_id, "image", index))[0]
@@ -172,22 +179,17 @@ class AsyncClient:
         return (await self.transport.artifact(job_id, "frame", index))[0]
 
     async def events(self, job_id: str, after: str | None = None) -> AsyncIterator[JobEvent]:
-        last, failures = after, 0
+        resume = Resume(job_id, after, self.max_reconnects, self.reconnect_delay)
         while True:
+            cause = None
             try:
-                async for event in self.transport.events(job_id, last):
-                    last, failures = event.id or last, 0
+                async for event in self.transport.events(job_id, resume.last):
                     yield event
-                    if event.terminal:
+                    if resume.saw(event):
                         return
-                if (await self.get_job(job_id)).done and failures:
-                    return
-                failures += 1
-            except _DROPPED as exc:
-                failures += 1
-                if failures > self.max_reconnects:
-                    raise UnavailableError(f"event stream of job {job_id} dropped {failures} times: {exc}") from exc
-            await asyncio.sleep(min(self.reconnect_delay * failures, 5.0))
+            except StreamDropped as exc:
+                cause = exc
+            await asyncio.sleep(resume.broke(cause))
 
     async def wait(self, job_id: str, timeout: float | None = None) -> Job:
         async def follow():
@@ -198,4 +200,4 @@ class AsyncClient:
         return _check_final(await self.get_job(job_id))
 
 
-__all__ = ["Client", "AsyncClient", "LatentdError"]
+__all__ = ["AsyncClient", "Client", "LatentdError", "Resume"]

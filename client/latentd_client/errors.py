@@ -67,3 +67,8 @@ _BY_STATUS = {
 
 def error_for_status(status: int, message: str, **kw) -> LatentdError:
     return _BY_STATUS.get(status, LatentdError)(message, status=status, **kw)
+
+
+class StreamDropped(UnavailableError):
+    """An event stream broke (connection lost, server restarting, Redis away): `Client.events` resumes it
+    from the last event id it saw. Raised to callers only once reconnecting has failed too often."""

@@ -1,4 +1,4 @@
-"""REST transport (httpx): the JSON contract of DESIGN.md, SSE parsing, error mapping."""
+"""REST transport (httpx): the JSON contract of docs/api.md, SSE parsing, error mapping."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from typing import Any
 
 import httpx
 
-from .errors import LatentdError, UnavailableError, error_for_status
-from .types import JobEvent
+from .errors import StreamDropped, UnavailableError, error_for_status
+from .types import Job, JobEvent, Model
 
-USER_AGENT = "latentd-client/0.1"
+USER_AGENT = "latentd-client/0.2"
 
 
 def _headers(api_key: str | None) -> dict[str, str]:
@@ -18,6 +18,11 @@ def _headers(api_key: str | None) -> dict[str, str]:
     if api_key:
         headers["authorization"] = f"Bearer {api_key}"
     return headers
+
+
+def _idempotency(key: str | None) -> dict[str, str]:
+    """A retry with the same key and body returns the first job (200), never a second one."""
+    return {"idempotency-key": key} if key else {}
 
 
 def raise_for_response(response: httpx.Response) -> None:
@@ -54,6 +59,8 @@ class SseParser:
                 return None
             event = JobEvent.from_sse(self.event_id, self.name, "\n".join(self.data))
             self.name, self.data = "", []
+            if event.type == "error":  # the server cannot go on with this stream: resume from the last id
+                raise StreamDropped(event.data.get("message") or "the server ended the stream")
             return event
         if line.startswith(":"):
             return None
@@ -68,18 +75,18 @@ class SseParser:
         return None
 
 
-def _event_headers(api_key: str | None, after: str | None) -> dict[str, str]:
-    headers = _headers(api_key) | {"accept": "text/event-stream"}
-    if after:
-        headers["last-event-id"] = after
-    return headers
+def _event_headers(after: str | None) -> dict[str, str]:
+    return {"accept": "text/event-stream"} | ({"last-event-id": after} if after else {})
+
+
+def _models(body: Any) -> list[Model]:
+    return [Model.from_dict(m) for m in body.get("models", body.get("data", []))]
 
 
 class RestTransport:
     def __init__(self, url: str, api_key: str | None = None, timeout: float = 30.0):
         self.url = url.rstrip("/")
         self.http = httpx.Client(base_url=self.url, headers=_headers(api_key), timeout=timeout)
-        self.api_key = api_key
 
     def close(self) -> None:
         self.http.close()
@@ -92,55 +99,52 @@ class RestTransport:
         raise_for_response(response)
         return response
 
-    def submit_generation(self, body: dict[str, Any]) -> dict[str, Any]:
-        return self._call("POST", "/v1/generations", json=body).json()
+    def submit_generation(self, body: dict[str, Any], idempotency_key: str | None = None) -> Job:
+        return Job.from_dict(
+            self._call("POST", "/v1/generations", json=body, headers=_idempotency(idempotency_key)).json()
+        )
 
-    def submit_trajectory(self, body: dict[str, Any]) -> dict[str, Any]:
-        return self._call("POST", "/v1/trajectories", json=body).json()
+    def submit_trajectory(self, body: dict[str, Any], idempotency_key: str | None = None) -> Job:
+        return Job.from_dict(
+            self._call("POST", "/v1/trajectories", json=body, headers=_idempotency(idempotency_key)).json()
+        )
 
-    def get_job(self, job_id: str) -> dict[str, Any]:
-        return self._call("GET", f"/v1/jobs/{job_id}").json()
+    def get_job(self, job_id: str) -> Job:
+        return Job.from_dict(self._call("GET", f"/v1/jobs/{job_id}").json())
 
-    def cancel_job(self, job_id: str) -> dict[str, Any]:
-        return self._call("POST", f"/v1/jobs/{job_id}/cancel").json()
+    def cancel_job(self, job_id: str) -> Job:
+        return Job.from_dict(self._call("POST", f"/v1/jobs/{job_id}/cancel").json())
 
     def artifact(self, job_id: str, kind: str, index: int) -> tuple[bytes, str]:
         response = self._call("GET", f"/v1/jobs/{job_id}/{kind}s/{index}")
         return response.content, response.headers.get("content-type", "image/png")
 
-    def models(self) -> list[dict[str, Any]]:
-        body = self._call("GET", "/v1/models").json()
-        return body.get("models", body.get("data", [])) if isinstance(body, dict) else body
-
-    def ready(self) -> bool:
-        try:
-            return self.http.get("/readyz").status_code == 200
-        except httpx.TransportError:
-            return False
+    def models(self) -> list[Model]:
+        return _models(self._call("GET", "/v1/models").json())
 
     def events(self, job_id: str, after: str | None = None) -> Iterator[JobEvent]:
-        """One SSE connection; raises httpx.TransportError when it drops (Client resumes)."""
-        with self.http.stream(
-            "GET",
-            f"/v1/jobs/{job_id}/events",
-            headers=_event_headers(self.api_key, after),
-            timeout=httpx.Timeout(self.http.timeout.connect, read=None),
-        ) as response:
-            if response.status_code >= 400:
-                response.read()
-                raise_for_response(response)
-            parser = SseParser()
-            for line in response.iter_lines():
-                event = parser.feed(line)
-                if event is not None:
-                    yield event
+        """One SSE connection; StreamDropped when it breaks (the client resumes)."""
+        timeout = httpx.Timeout(self.http.timeout.connect, read=None)
+        try:
+            with self.http.stream(
+                "GET", f"/v1/jobs/{job_id}/events", headers=_event_headers(after), timeout=timeout
+            ) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise_for_response(response)
+                parser = SseParser()
+                for line in response.iter_lines():
+                    event = parser.feed(line)
+                    if event is not None:
+                        yield event
+        except httpx.TransportError as exc:
+            raise StreamDropped(str(exc)) from exc
 
 
 class AsyncRestTransport:
     def __init__(self, url: str, api_key: str | None = None, timeout: float = 30.0):
         self.url = url.rstrip("/")
         self.http = httpx.AsyncClient(base_url=self.url, headers=_headers(api_key), timeout=timeout)
-        self.api_key = api_key
 
     async def close(self) -> None:
         await self.http.aclose()
@@ -153,42 +157,40 @@ class AsyncRestTransport:
         raise_for_response(response)
         return response
 
-    async def submit_generation(self, body):
-        return (await self._call("POST", "/v1/generations", json=body)).json()
+    async def submit_generation(self, body: dict[str, Any], idempotency_key: str | None = None) -> Job:
+        response = await self._call("POST", "/v1/generations", json=body, headers=_idempotency(idempotency_key))
+        return Job.from_dict(response.json())
 
-    async def submit_trajectory(self, body):
-        return (await self._call("POST", "/v1/trajectories", json=body)).json()
+    async def submit_trajectory(self, body: dict[str, Any], idempotency_key: str | None = None) -> Job:
+        response = await self._call("POST", "/v1/trajectories", json=body, headers=_idempotency(idempotency_key))
+        return Job.from_dict(response.json())
 
-    async def get_job(self, job_id):
-        return (await self._call("GET", f"/v1/jobs/{job_id}")).json()
+    async def get_job(self, job_id: str) -> Job:
+        return Job.from_dict((await self._call("GET", f"/v1/jobs/{job_id}")).json())
 
-    async def cancel_job(self, job_id):
-        return (await self._call("POST", f"/v1/jobs/{job_id}/cancel")).json()
+    async def cancel_job(self, job_id: str) -> Job:
+        return Job.from_dict((await self._call("POST", f"/v1/jobs/{job_id}/cancel")).json())
 
-    async def artifact(self, job_id, kind, index):
+    async def artifact(self, job_id: str, kind: str, index: int) -> tuple[bytes, str]:
         response = await self._call("GET", f"/v1/jobs/{job_id}/{kind}s/{index}")
         return response.content, response.headers.get("content-type", "image/png")
 
-    async def models(self):
-        body = (await self._call("GET", "/v1/models")).json()
-        return body.get("models", body.get("data", [])) if isinstance(body, dict) else body
+    async def models(self) -> list[Model]:
+        return _models((await self._call("GET", "/v1/models")).json())
 
     async def events(self, job_id: str, after: str | None = None) -> AsyncIterator[JobEvent]:
-        async with self.http.stream(
-            "GET",
-            f"/v1/jobs/{job_id}/events",
-            headers=_event_headers(self.api_key, after),
-            timeout=httpx.Timeout(self.http.timeout.connect, read=None),
-        ) as response:
-            if response.status_code >= 400:
-                await response.aread()
-                raise_for_response(response)
-            parser = SseParser()
-            async for line in response.aiter_lines():
-                event = parser.feed(line)
-                if event is not None:
-                    yield event
-
-
-RETRYABLE = (httpx.TransportError, httpx.RemoteProtocolError)
-__all__ = ["RestTransport", "AsyncRestTransport", "SseParser", "RETRYABLE", "LatentdError"]
+        timeout = httpx.Timeout(self.http.timeout.connect, read=None)
+        try:
+            async with self.http.stream(
+                "GET", f"/v1/jobs/{job_id}/events", headers=_event_headers(after), timeout=timeout
+            ) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    raise_for_response(response)
+                parser = SseParser()
+                async for line in response.aiter_lines():
+                    event = parser.feed(line)
+                    if event is not None:
+                        yield event
+        except httpx.TransportError as exc:
+            raise StreamDropped(str(exc)) from exc

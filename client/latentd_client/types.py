@@ -1,5 +1,6 @@
-"""Typed results. Parsed defensively from the REST job record so new server fields do not break
-old clients; `raw` keeps the whole record."""
+"""Typed results, read from the REST job record (`from_dict`) or from the typed protobuf fields (`from_proto`),
+so a job looks the same whichever door it came through. Parsed defensively so new server fields do not break
+old clients; `raw` holds the job as REST shows it."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ class Artifact:
 @dataclass(frozen=True)
 class Job:
     id: str
-    kind: str  # generation | trajectory
+    kind: str  # generation | forward | reverse | guidance_sweep
     status: str  # queued | running | succeeded | failed | cancelled
     model: str
     params: dict[str, Any]
@@ -34,6 +35,7 @@ class Job:
     images: list[Artifact]
     frames: list[Artifact]
     error: dict[str, Any] | None
+    attempt: int
     raw: dict[str, Any]
 
     @property
@@ -46,26 +48,21 @@ class Job:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Job:
+        """From GET /v1/jobs/{id}."""
         params = d.get("params") or {}
         progress = d.get("progress") or {}
         timings = d.get("timings") or {}
-        job_id = str(d.get("id") or d.get("job_id") or "")
+        job_id = str(d.get("id") or "")
 
         def artifacts(items, what: str) -> list[Artifact]:
             out = []
             for i, item in enumerate(items or []):
                 if isinstance(item, str):
                     out.append(Artifact(i, item))
-                else:
-                    meta = {k: v for k, v in item.items() if k not in ("index", "url", "media_type", "content_type")}
-                    out.append(
-                        Artifact(
-                            int(item.get("index", i)),
-                            item.get("url") or f"/v1/jobs/{job_id}/{what}/{item.get('index', i)}",
-                            item.get("media_type") or item.get("content_type") or "image/png",
-                            meta,
-                        )
-                    )
+                    continue
+                meta = {k: v for k, v in item.items() if k not in ("index", "url", "media_type")}
+                url = item.get("url") or f"/v1/jobs/{job_id}/{what}/{i}"
+                out.append(Artifact(int(item.get("index", i)), url, item.get("media_type") or "image/png", meta))
             return out
 
         def when(name: str) -> float | None:
@@ -74,19 +71,75 @@ class Job:
 
         return cls(
             id=job_id,
-            kind=str(d.get("kind") or d.get("type") or "generation"),
+            kind=str(d.get("kind") or "generation"),
             status=str(d.get("status", "")),
             model=str(d.get("model") or params.get("model") or ""),
             params=params,
-            step=int(progress.get("step", d.get("step", 0)) or 0),
-            total_steps=int(progress.get("total", d.get("total_steps", params.get("num_inference_steps", 0))) or 0),
+            step=int(progress.get("step") or 0),
+            total_steps=int(progress.get("total") or params.get("num_inference_steps") or 0),
             created_at=when("created_at"),
             started_at=when("started_at"),
             finished_at=when("finished_at"),
             images=artifacts(d.get("images"), "images"),
             frames=artifacts(d.get("frames"), "frames"),
             error=d.get("error") or None,
+            attempt=int(d.get("attempt") or 0),
             raw=d,
+        )
+
+    @classmethod
+    def from_proto(cls, message) -> Job:
+        """From a latentd.v1.Job, by its typed fields."""
+        from services.common import protocol
+
+        kind = protocol.TRAJECTORY_NAME.get(message.trajectory_kind, "generation")
+        error = (
+            {"type": message.error.type, "message": message.error.message, "param": message.error.param or None}
+            if message.HasField("error")
+            else None
+        )
+        images = [Artifact(a.index, a.url, a.media_type) for a in message.images]
+        frames = [Artifact(a.index, a.url, a.media_type, protocol.artifact_metadata(a)) for a in message.frames]
+        params = protocol.params_from_proto(message)
+        raw = {
+            "id": message.id,
+            "kind": kind,
+            "model": message.model,
+            "status": protocol.STATUS_NAME.get(message.status, ""),
+            "params": params,
+            "progress": {"step": message.step, "total": message.total_steps},
+            "timings": {
+                k: v
+                for k, v in (
+                    ("started_at", message.started_at),
+                    ("finished_at", message.finished_at),
+                    ("queue_s", message.queue_seconds),
+                    ("run_s", message.run_seconds),
+                )
+                if v
+            },
+            "images": [a.url for a in images],
+            "frames": [a.metadata | {"url": a.url} for a in frames],
+            "error": error,
+            "attempt": message.attempt,
+            "created_at": message.created_at,
+        }
+        return cls(
+            id=message.id,
+            kind=kind,
+            status=raw["status"],
+            model=message.model,
+            params=params,
+            step=message.step,
+            total_steps=message.total_steps,
+            created_at=message.created_at or None,
+            started_at=message.started_at or None,
+            finished_at=message.finished_at or None,
+            images=images,
+            frames=frames,
+            error=error,
+            attempt=message.attempt,
+            raw=raw,
         )
 
 
@@ -110,7 +163,7 @@ class JobEvent:
 
     @property
     def preview(self) -> str | None:
-        """Preview image as the server sent it (base64 PNG or data URL)."""
+        """Preview image as the server sent it (base64 PNG)."""
         return self.data.get("preview")
 
     @classmethod
@@ -121,6 +174,12 @@ class JobEvent:
             payload = {"data": data}
         return cls(event_id, name or "message", payload if isinstance(payload, dict) else {"data": payload})
 
+    @classmethod
+    def from_proto(cls, message) -> JobEvent:
+        from services.common import protocol
+
+        return cls(*protocol.event_from_proto(message))
+
 
 @dataclass(frozen=True)
 class Model:
@@ -130,17 +189,52 @@ class Model:
     scheduler: str
     raw: dict[str, Any]
 
+    @property
+    def family(self) -> str:
+        """sd, sdxl, sd3 or flux (a server from before families serves sd)."""
+        return str(self.raw.get("family") or "sd")
+
+    @property
+    def params(self) -> list[str]:
+        """The request fields this model reads (empty from a server from before families)."""
+        return list(self.raw.get("params") or [])
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Model:
-        sched = d.get("scheduler") or d.get("scheduler_config") or ""
-        if isinstance(sched, dict):
-            sched = " / ".join(
-                str(v) for v in (sched.get("_class_name") or sched.get("class"), sched.get("beta_schedule")) if v
-            )
         return cls(
             str(d.get("name") or d.get("id") or ""),
-            int(d.get("native_width") or d.get("width") or 0),
-            int(d.get("native_height") or d.get("height") or 0),
-            str(sched),
+            int(d.get("native_width") or 0),
+            int(d.get("native_height") or 0),
+            str(d.get("scheduler") or ""),
             d,
         )
+
+    @classmethod
+    def from_proto(cls, message) -> Model:
+        raw = {
+            "name": message.name,
+            "native_width": message.native_width,
+            "native_height": message.native_height,
+            "scheduler": message.scheduler,
+            "max_prompt_tokens": message.max_prompt_tokens,
+            "num_train_timesteps": message.num_train_timesteps,
+            "size_multiple": message.size_multiple,
+            "max_inference_steps": message.max_inference_steps,
+            "workers": message.workers,
+            "queue_depth": message.queue_depth,
+            "default": message.is_default,
+            "samplers": list(message.samplers),
+            "default_sampler": message.default_sampler,
+            "default_guidance_rescale": message.default_guidance_rescale,
+            "family": message.family or "sd",
+            "pipeline": message.pipeline or "StableDiffusionPipeline",
+            "prediction_type": message.prediction_type,
+            "flow_shift": message.flow_shift if message.HasField("flow_shift") else None,
+            "dynamic_shift": message.dynamic_shift,
+            "guidance_form": message.guidance_form or "cfg",
+            "true_cfg": message.true_cfg,
+            "default_guidance_scale": message.default_guidance_scale,
+            "default_num_inference_steps": message.default_num_inference_steps,
+            "params": list(message.params),
+        }
+        return cls(message.name, message.native_width, message.native_height, message.scheduler, raw)

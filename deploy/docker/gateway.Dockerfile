@@ -24,8 +24,8 @@ WORKDIR /app
 COPY requirements/common.txt requirements/api.txt requirements/
 RUN pip install -r requirements/api.txt
 
+# services/ carries the page at / (services/api/web/static/); requirements/api.txt the offline /docs assets
 COPY services/ services/
-COPY client/ client/
 COPY proto/ proto/
 COPY --from=proto /src/services/common/grpc_gen/ services/common/grpc_gen/
 
@@ -35,6 +35,10 @@ USER 10001
 
 # 8000 REST/SSE, 50051 gRPC, 9464 gateway metrics, 9466 gRPC metrics (metrics ports not public).
 EXPOSE 8000 50051 9464 9466
+# As many REST server processes as the container may use CPUs (its cgroup quota, else its cpuset); set
+# LATENTD_PROCESSES to a number to override. The parent serves their metrics, summed, on 9464.
+ENV LATENTD_PROCESSES=0
+
 HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
     CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/livez', timeout=2).status != 200)"
 CMD ["python", "-m", "services.api"]

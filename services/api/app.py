@@ -1,32 +1,21 @@
-"""The gateway's app factory: a lifespan that opens and closes Redis, one router per resource, one error shape."""
+"""The gateway's app factory: a lifespan that opens the application core (Redis, the event hub, the Celery
+producer) and closes it, one router per resource, one error shape."""
 
 from __future__ import annotations
 
-import time
+import os
 from contextlib import asynccontextmanager
 
-import redis.asyncio as aioredis
-from celery import Celery
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+import redis
+from fastapi import FastAPI
 
-from services.api import errors, metrics
+from services.api import errors, metrics, web
+from services.api.edge import Edge
 from services.api.routers import generations, health, jobs, models, openai_images, trajectories
-from services.common.jobstore import JobStore
+from services.common.jobstore import MODELS_KEY
 from services.common.settings import Settings, get_settings
 from services.common.tasks import queue_for
-
-
-def celery_client(settings: Settings) -> Celery:
-    """A producer only: tasks are sent by name, the worker's code is never imported here."""
-    client = Celery("latentd-gateway", broker=settings.redis_url)
-    client.conf.update(
-        task_serializer="json",
-        accept_content=["json"],
-        broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
-    )
-    return client
+from services.core import Core
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -34,52 +23,37 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.settings = settings
-        app.state.key_hashes = settings.key_hashes()
-        app.state.store = JobStore.from_url(settings.redis_url, settings.result_ttl_s)
-        app.state.celery = celery_client(settings)
-        app.state.aredis = aioredis.Redis.from_url(settings.redis_url)  # SSE readers wait on XREAD without a thread
-        metrics.register_queue_depth(app.state.store.redis, lambda: app.state.store.models().keys(), queue_for)
-        metrics.serve_metrics_from_env()
+        app.state.core = await Core.open(settings)
+        # one of several server processes: the parent serves the metrics of all (services/api/__main__.py)
+        own_metrics = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        scrape_redis = redis.Redis.from_url(settings.redis_url, socket_timeout=2)  # read at scrape time only
+        if own_metrics:
+            metrics.register_queue_depth(
+                scrape_redis, lambda: [name.decode() for name in scrape_redis.hkeys(MODELS_KEY)], queue_for
+            )
+            metrics.serve_metrics_from_env()
         try:
             yield
         finally:
-            metrics.unregister_queue_depth()
-            app.state.celery.close()
-            app.state.store.redis.close()
-            await app.state.aredis.aclose()
+            if own_metrics:
+                metrics.unregister_queue_depth()
+            scrape_redis.close()
+            await app.state.core.close()
 
     app = FastAPI(
         title="latentd",
         version="1",
         lifespan=lifespan,
+        docs_url=None,  # /docs and /redoc come from services.api.web, with their assets served locally
+        redoc_url=None,
         description="Latent diffusion inference: text to image, trajectories, streamed progress.",
     )
 
-    @app.middleware("http")
-    async def limit_body_and_observe(request: Request, call_next):
-        started = time.perf_counter()
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > settings.max_body_bytes:
-            metrics.record_rejection("payload_too_large")
-            return JSONResponse(
-                {
-                    "error": {
-                        "type": "payload_too_large",
-                        "param": None,
-                        "message": f"request body is {length} bytes; the limit is {settings.max_body_bytes}",
-                    }
-                },
-                status_code=413,
-            )
-        response = await call_next(request)
-        route = request.scope.get("route")
-        metrics.observe_http_request(
-            getattr(route, "path", "unmatched"), request.method, response.status_code, time.perf_counter() - started
-        )
-        return response
-
+    app.add_middleware(
+        Edge, max_body_bytes=settings.max_body_bytes, max_body_buffer_bytes=settings.max_body_buffer_bytes
+    )
     errors.install(app)
     for router in (generations, trajectories, jobs, models, openai_images, health):
         app.include_router(router.router)
+    web.install(app)
     return app

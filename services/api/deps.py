@@ -1,52 +1,43 @@
-"""Shared dependencies as Annotated aliases: settings, the job store, the Celery client, the caller's identity."""
+"""Shared dependencies as Annotated aliases: the application core and the caller's identity.
+
+Both are `async def`: FastAPI runs a plain `def` dependency in its thread pool, a thread hop per request
+for what is a dictionary lookup and one SHA-256."""
 
 from __future__ import annotations
 
-import hmac
 from typing import Annotated
 
-from celery import Celery
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Request
+from fastapi.responses import JSONResponse
 
-from services.common.errors import Unauthorized
-from services.common.jobstore import JobStore
-from services.common.settings import Settings, hash_key
-
-ANONYMOUS = "anonymous"
+from services.common.jobs import JobRecord
+from services.core import Core
 
 
-def get_settings(request: Request) -> Settings:
-    return request.app.state.settings
+async def get_core(request: Request) -> Core:
+    return request.app.state.core
 
 
-def get_store(request: Request) -> JobStore:
-    return request.app.state.store
-
-
-def get_celery(request: Request) -> Celery:
-    return request.app.state.celery
-
-
-def get_owner(request: Request) -> str:
+async def get_owner(request: Request) -> str:
     """The caller's key hash (the owner of the jobs it makes); anonymous when no keys are configured."""
-    hashes: set[str] = request.app.state.key_hashes
-    if not hashes:
-        return ANONYMOUS
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'", None)
-    digest = hash_key(token.strip())
-    # compare against every stored hash, in constant time each
-    matched = False
-    for stored in hashes:
-        matched |= hmac.compare_digest(digest, stored)
-    if not matched:
-        raise Unauthorized("invalid API key", None)
-    return digest
+    return request.app.state.core.authenticate(request.headers.get("authorization"))
 
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-StoreDep = Annotated[JobStore, Depends(get_store)]
-CeleryDep = Annotated[Celery, Depends(get_celery)]
+CoreDep = Annotated[Core, Depends(get_core)]
 OwnerDep = Annotated[str, Depends(get_owner)]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        description="Makes a retry safe: the same key with the same body within the result TTL (an hour by "
+        "default) answers 200 with the job the first request made, not a new job; the same key with another "
+        "body is 409. Scoped to the API key; 1 to 255 printable ASCII characters.",
+    ),
+]
+
+
+def submitted(job: JobRecord) -> dict | JSONResponse:
+    """202 with a new job; 200 with the job an earlier request with the same Idempotency-Key made."""
+    if job.replayed:
+        return JSONResponse(job.view(), status_code=200, headers={"Idempotent-Replayed": "true"})
+    return job.view()

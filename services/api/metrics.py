@@ -1,6 +1,8 @@
-"""Gateway metrics: requests, submissions, stream readers, rejections, queue depth.
+"""Gateway metrics: requests, stream readers, queue depth (jobs submitted and refusals: services/core/metrics.py).
 
-Served by `start_metrics_server(port)` on a port of its own (not the public API port). Labels are
+Served by `start_metrics_server(port)` on a port of its own (not the public API port); with several server
+processes (LATENTD_PROCESSES), by the parent process in prometheus_client's multiprocess mode
+(`serve_multiprocess`): one scrape target per gateway container, summed over its processes. Labels are
 bounded sets (route template, method, status, kind, model, reason); never a job id or an API key.
 Queue depth is read from Redis at scrape time by `QueueDepthCollector`, so it is exact whenever
 Prometheus looks, not whenever a request happened to pass through this process.
@@ -9,7 +11,6 @@ Prometheus looks, not whenever a request happened to pass through this process.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -19,19 +20,16 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    start_http_server,
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from services.common import metrics_server
+from services.common import metrics_server, workers
+from services.common.tasks import celery_queue_length
 
 DEFAULT_API_METRICS_PORT = 9464
 DEFAULT_GRPC_METRICS_PORT = 9466  # the gRPC front door runs as its own process
-# Celery's Redis transport keeps priority levels 1..9 in sibling lists named
-# "<queue>\x06\x16<priority>"; the plain name holds priority 0.
-CELERY_PRIORITY_SEP = "\x06\x16"
-CELERY_PRIORITY_STEPS = (3, 6, 9)
-
 HTTP_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 http_requests_total = Counter(
@@ -45,18 +43,9 @@ http_request_duration_seconds = Histogram(
     ["route", "method"],
     buckets=HTTP_LATENCY_BUCKETS,
 )
-jobs_submitted_total = Counter(
-    "latentd_jobs_submitted_total",
-    "Jobs accepted and queued, by kind (generation, forward, reverse, guidance_sweep) and model.",
-    ["kind", "model"],
-)
-sse_readers = Gauge("latentd_sse_readers", "Server-Sent Events streams open now.")
-grpc_stream_readers = Gauge("latentd_grpc_stream_readers", "gRPC event streams open now.")
-rejections_total = Counter(
-    "latentd_rejections_total",
-    "Requests refused before queueing, by reason (validation, auth, quota, payload_too_large, no_worker, queue_full).",
-    ["reason"],
-)
+# livesum: with several server processes (multiprocess mode), the sum over the processes alive now
+sse_readers = Gauge("latentd_sse_readers", "Server-Sent Events streams open now.", multiprocess_mode="livesum")
+grpc_stream_readers = Gauge("latentd_grpc_stream_readers", "gRPC event streams open now.", multiprocess_mode="livesum")
 
 
 def observe_http_request(route: str, method: str, status: int, duration_s: float) -> None:
@@ -65,51 +54,11 @@ def observe_http_request(route: str, method: str, status: int, duration_s: float
     http_request_duration_seconds.labels(route=route, method=method).observe(duration_s)
 
 
-def record_submission(kind: str, model: str) -> None:
-    jobs_submitted_total.labels(kind=kind, model=model).inc()
-
-
-def record_rejection(reason: str) -> None:
-    rejections_total.labels(reason=reason).inc()
-
-
-def celery_queue_length(redis_client: Any, queue: str) -> int:
-    """Messages waiting in a Celery queue on the Redis transport, all priority levels summed."""
-    keys = [queue] + [f"{queue}{CELERY_PRIORITY_SEP}{p}" for p in CELERY_PRIORITY_STEPS]
-    pipe = redis_client.pipeline(transaction=False)
-    for key in keys:
-        pipe.llen(key)
-    return int(sum(pipe.execute()))
-
-
-# Same key layout and freshness rule as services/worker/heartbeat.py (the writer); read here
-# without importing the worker package, which pulls in torch.
-HEARTBEAT_KEY_PREFIX = "latentd:workers"
-DEFAULT_HEARTBEAT_STALE_AFTER_S = 30.0
-
-
-def count_live_workers(redis_client: Any, stale_after_s: float = DEFAULT_HEARTBEAT_STALE_AFTER_S) -> dict[str, int]:
-    """{model: workers whose consumer ran a heartbeat probe within `stale_after_s`}."""
-    keys = list(redis_client.scan_iter(match=f"{HEARTBEAT_KEY_PREFIX}:*", count=500))
-    if not keys:
-        return {}
-    pipe = redis_client.pipeline(transaction=False)
-    for key in keys:
-        pipe.hget(key, "consumed_at")
-    now = time.time()
-    live: dict[str, int] = {}
-    for key, consumed_at in zip(keys, pipe.execute()):
-        model = (key.decode() if isinstance(key, bytes) else key).split(":", 3)[2]
-        fresh = consumed_at is not None and now - float(consumed_at) <= stale_after_s
-        live[model] = live.get(model, 0) + int(fresh)
-    return live
-
-
 class QueueDepthCollector(Collector):
     """`latentd_queue_depth{model}` and `latentd_workers_live{model}`, read from Redis at scrape.
 
-    `models` returns the models to report (e.g. the settings' model list); `queue_for` maps a
-    model to its Celery queue name. A model with a heartbeat but not in `models` is reported too.
+    `models` returns the models to report (those workers published); `queue_for` maps a model to its
+    Celery queue name.
     """
 
     def __init__(
@@ -117,7 +66,7 @@ class QueueDepthCollector(Collector):
         redis_client: Any,
         models: Callable[[], Iterable[str]],
         queue_for: Callable[[str], str],
-        stale_after_s: float = DEFAULT_HEARTBEAT_STALE_AFTER_S,
+        stale_after_s: float = workers.DEFAULT_STALE_AFTER_S,
     ) -> None:
         self._redis = redis_client
         self._models = models
@@ -130,10 +79,11 @@ class QueueDepthCollector(Collector):
     def collect(self) -> Iterable[GaugeMetricFamily]:
         depth, live = self._families()
         try:
-            workers = count_live_workers(self._redis, self._stale_after_s)
-            for model in sorted(set(self._models()) | set(workers)):
+            models = sorted(set(self._models()))
+            serving = workers.live_workers(self._redis, models, self._stale_after_s)
+            for model in models:
                 depth.add_metric([model], celery_queue_length(self._redis, self._queue_for(model)))
-                live.add_metric([model], workers.get(model, 0))
+                live.add_metric([model], len(serving.get(model, ())))
         except Exception:  # noqa: BLE001 - Redis down must not break the scrape of other metrics
             return []
         return [depth, live]
@@ -190,18 +140,51 @@ def start_metrics_server(port: int | None = None, addr: str = "0.0.0.0") -> int:
     return metrics_server.start(metrics_port_from_env() if port is None else port, addr=addr)
 
 
-class Timer:
-    """`with Timer() as t: ...; t.seconds` - monotonic wall time of a block."""
-
-    def __enter__(self) -> Timer:
-        self._start = time.perf_counter()
-        self.seconds = 0.0
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.seconds = time.perf_counter() - self._start
-
-
 def serve_metrics_from_env(addr: str = "0.0.0.0") -> int | None:
     """Start the metrics server on $LATENTD_API_METRICS_PORT (default {DEFAULT_API_METRICS_PORT}); "off" disables it."""
     return metrics_server.serve_from_env("LATENTD_API_METRICS_PORT", DEFAULT_API_METRICS_PORT, addr=addr)
+
+
+def serve_multiprocess(
+    redis_client: Any, models: Callable[[], Iterable[str]], queue_for: Callable[[str], str]
+) -> int | None:
+    """In the parent of several server processes: serve /metrics on $LATENTD_API_METRICS_PORT from the files
+    every process writes under $PROMETHEUS_MULTIPROC_DIR (counters and histograms summed, `latentd_sse_readers`
+    summed over the live processes), plus the queue depth read from Redis at scrape. The process_* metrics
+    are per process and are not exported in this mode."""
+    from prometheus_client import multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    registry.register(QueueDepthCollector(redis_client, models, queue_for))
+    value = os.environ.get("LATENTD_API_METRICS_PORT", str(DEFAULT_API_METRICS_PORT)).strip().lower()
+    if value in ("off", "none", "-1", ""):
+        return None
+    try:
+        server, _thread = start_http_server(int(value), addr="0.0.0.0", registry=registry)
+        return server.server_address[1]
+    except OSError as error:
+        import logging
+
+        logging.getLogger(__name__).warning("metrics server not started on port %s: %s", value, error)
+        return None
+
+
+def forget_dead_processes(directory: str) -> list[int]:
+    """Drop the live gauges of server processes that have exited (killed, restarted by the supervisor), so
+    `latentd_sse_readers` does not count the readers of a process that is gone."""
+    from prometheus_client import multiprocess
+
+    gone = set()
+    for name in os.listdir(directory):
+        if name.startswith("gauge_live") and name.endswith(".db"):
+            pid = int(name.rsplit("_", 1)[1][:-3])
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                gone.add(pid)
+            except PermissionError:
+                pass
+    for pid in gone:
+        multiprocess.mark_process_dead(pid, directory)
+    return sorted(gone)

@@ -1,4 +1,5 @@
-"""Errors that cross the edge: each maps to one HTTP status and the error shape of DESIGN.md."""
+"""Errors that cross an edge. Each carries the error shape of docs/api.md, `{"error": {"type", "message", "param"}}`,
+and maps to one HTTP status (here) and one gRPC status code (services/api/grpc_server.py)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,17 @@ class ServiceError(Exception):
     status_code = 400
     error_type = "invalid_request_error"
 
-    def __init__(self, message: str, param: str | None = None, *, headers: dict | None = None):
+    def __init__(self, message: str, param: str | None = None, *, retry_after_s: float | None = None):
         super().__init__(message)
         self.message = message
         self.param = param
-        self.headers = headers or {}
+        self.retry_after_s = retry_after_s
 
     def body(self) -> dict:
         return {"error": {"type": self.error_type, "message": self.message, "param": self.param}}
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, round(self.retry_after_s)))} if self.retry_after_s else {}
 
 
 class InvalidInput(ServiceError):
@@ -42,7 +46,7 @@ class PayloadTooLarge(ServiceError):
     error_type = "payload_too_large"
 
 
-class QueueFull(ServiceError):
+class RateLimited(ServiceError):
     status_code = 429
     error_type = "rate_limit_error"
 
@@ -50,3 +54,17 @@ class QueueFull(ServiceError):
 class Unavailable(ServiceError):
     status_code = 503
     error_type = "service_unavailable"
+
+
+class JobFailed(ServiceError):
+    """A synchronous call (the OpenAI route) waited for a job that ended failed or cancelled."""
+
+    status_code = 500
+    error_type = "server_error"
+
+
+class InternalError(ServiceError):
+    """A bug: answered without a traceback, logged where it happened."""
+
+    status_code = 500
+    error_type = "internal_error"

@@ -1,27 +1,55 @@
-"""The Redis job store: job record (hash), event stream (Redis Streams), stored images and frames (TTL),
-the fenced claim and the write-once result. Shared by the gateway and the workers; no torch, no FastAPI.
+"""The Redis job store: every key and every operation on jobs that the gateway and the workers use.
 
 Keys (all expire after `ttl_s` once written):
   latentd:job:<id>             hash: kind, model, owner, status, params, progress, timings, images, frames,
-                               error, attempt, cancel, created_at (JSON where structured)
+                               error, attempt, cancel, created_at (JSON where structured; see jobs.JobRecord)
   latentd:job:<id>:events      stream of {event, data(JSON)}; the entry id is the SSE id
-  latentd:job:<id>:blob:<name> bytes of one image or frame
-  latentd:pending:<model>      set of job ids queued or running (the bounded queue; ids whose record
-                               expired unfinished are swept when the queue looks full)
-  latentd:models               hash: model name -> JSON model info published by workers
+  latentd:job:<id>:blob:<name> bytes of one image or frame, or the uploaded input picture ("input")
+  latentd:pending:<model>      set of job ids queued or running (the model's bounded queue; ids whose
+                               record expired unfinished are swept when the queue looks full)
+  latentd:owned:<model>:<key>  set of the job ids one API key has queued or running (its share of the queue)
+  latentd:queue:<model>:<key>  list: one API key's queued job ids, oldest first
+  latentd:turns:<model>        sorted set: API key -> its turn; the key with the lowest turn goes next
+  latentd:clock:<model>        the turn last served: a key that starts queueing enters at it
+  latentd:leases:<model>       sorted set: running job id -> when its worker's lease lapses (Redis time)
+  latentd:models               hash: model name -> JSON ModelInfo published by workers
+  latentd:idem:<key>:<sha256>  "<job id> <request fingerprint>": a client's Idempotency-Key, scoped to its API
+                               key, set with the job it made (same TTL)
+Worker liveness keys are in services/common/workers.py.
+
+Dispatch. The gateway queues a job on its key's own list and sends one Celery task ("run one job of this
+model") per job; the task that gets it takes the next job in fair order: keys in turn (round-robin by
+turns), each key's jobs oldest first. So a key with 100 jobs waiting delays another key's single job by
+about one job, not by 100. Taking also claims: it bumps the job's fenced `attempt`, marks it running and
+gives its worker a lease, in one script, so a worker that dies at any point leaves a lease that lapses.
+A worker renews its leases every few seconds; the reaper (any worker of the model, one at a time) puts
+the job of a lapsed lease back at the head of its key's queue as a new attempt and sends a task for it;
+the fence keeps a late copy of the lost attempt from writing anything. A job whose worker was lost
+`max_lost` times fails with a reason instead of looping.
+
+The gateway's side is `AsyncJobStore` (redis.asyncio, one bounded pool per process); the worker's side is
+`JobStore` (blocking redis, on the task threads and the engine thread). The result is written once, by the
+current attempt, in one Lua script.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+import redis.asyncio as aioredis
 
-TERMINAL = ("succeeded", "failed", "cancelled")
+from services.common.jobs import TERMINAL, JobEvent, JobRecord
+from services.common.models import ModelInfo
+
 MODELS_KEY = "latentd:models"
+INPUT_BLOB = "input"
 
 
 def job_key(job_id: str) -> str:
@@ -36,6 +64,10 @@ def blob_key(job_id: str, name: str) -> str:
     return f"latentd:job:{job_id}:blob:{name}"
 
 
+def image_blob_name(attempt: int, index: int) -> str:
+    return f"a{attempt}-image-{index}"
+
+
 def frame_blob_name(attempt: int, index: int) -> str:
     """Blob name of trajectory frame `index` written by `attempt` (live, while the job runs, or at its end)."""
     return f"a{attempt}-frame-{index}"
@@ -45,191 +77,603 @@ def pending_key(model: str) -> str:
     return f"latentd:pending:{model}"
 
 
+def owned_key(model: str, owner: str) -> str:
+    return f"latentd:owned:{model}:{owner}"
+
+
+def queue_key(model: str, owner: str) -> str:
+    return f"latentd:queue:{model}:{owner}"
+
+
+def turns_key(model: str) -> str:
+    return f"latentd:turns:{model}"
+
+
+def clock_key(model: str) -> str:
+    return f"latentd:clock:{model}"
+
+
+def leases_key(model: str) -> str:
+    return f"latentd:leases:{model}"
+
+
+def dispatch_keys(model: str, owner: str) -> list[str]:
+    """The keys every dispatch script takes, in this order."""
+    return [pending_key(model), owned_key(model, owner), queue_key(model, owner), turns_key(model), clock_key(model)]
+
+
 def _s(value: Any) -> Any:
     return value.decode() if isinstance(value, bytes) else value
 
 
-# Claim: a fenced attempt number, unless the job is already over (or cancelled while queued).
-_CLAIM = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return -2 end
-if status == 'succeeded' or status == 'failed' or status == 'cancelled' then return -1 end
-if redis.call('HGET', KEYS[1], 'cancel') == '1' then return -1 end
-local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
-redis.call('HSET', KEYS[1], 'status', 'running', 'progress', '{}')
-return attempt
+def _entries(items: Iterable) -> list[JobEvent]:
+    return [JobEvent(_s(entry_id), _s(fields[b"event"]), _s(fields[b"data"])) for entry_id, fields in items]
+
+
+def _event_fields(name: str, data: dict) -> dict[str, str]:
+    return {"event": name, "data": json.dumps(data)}
+
+
+# Lua helpers shared by the scripts below. Dispatch keys, always KEYS[1..5]: pending, owned, queue, turns, clock.
+_NOW = """
+local function now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+"""
+_ENTER = """
+local function enter(job_id, owner, head)
+  if head then redis.call('LPUSH', KEYS[3], job_id) else redis.call('RPUSH', KEYS[3], job_id) end
+  if not redis.call('ZSCORE', KEYS[4], owner) then
+    redis.call('ZADD', KEYS[4], tonumber(redis.call('GET', KEYS[5]) or '0'), owner)
+  end
+end
+local function leave(job_id)
+  redis.call('SREM', KEYS[1], job_id)
+  redis.call('SREM', KEYS[2], job_id)
+end
 """
 
-# Finish: written once, by the attempt that holds the fence. KEYS: job, events, blob keys...;
-# ARGV: attempt, ttl, status, fields JSON, event name, event data, blobs...
-_FINISH = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if status == 'succeeded' or status == 'failed' or status == 'cancelled' then return 0 end
-if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return 0 end
+# Enqueue: the idempotency key, admission (the model's queue and the key's share), the record, the `queued`
+# event, the key's queue. An idempotency key already used by a job that still exists answers that job and its
+# request's fingerprint, before any admission check: a retry is never refused for a full queue.
+# KEYS: dispatch keys, job, events, idempotency key[, input blob]. ARGV: job id, owner, ttl, max pending,
+# max owned, queued event data, input blob or '', request fingerprint ('': no idempotency key), job key
+# prefix, then the record's fields as name, value pairs.
+_ENQUEUE = (
+    _ENTER
+    + """
+local ttl = tonumber(ARGV[3])
+if ARGV[8] ~= '' then
+  local prior = redis.call('GET', KEYS[8])
+  if prior then
+    local space = string.find(prior, ' ', 1, true)
+    local prior_id = string.sub(prior, 1, space - 1)
+    if redis.call('EXISTS', ARGV[9] .. prior_id) == 1 then
+      return {'existing', prior_id, string.sub(prior, space + 1)}
+    end
+  end
+end
+if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[4]) then return 'model_full' end
+if redis.call('SCARD', KEYS[2]) >= tonumber(ARGV[5]) then return 'owner_full' end
+redis.call('HSET', KEYS[6], unpack(ARGV, 10, #ARGV))
+redis.call('EXPIRE', KEYS[6], ttl)
+redis.call('XADD', KEYS[7], '*', 'event', 'queued', 'data', ARGV[6])
+redis.call('EXPIRE', KEYS[7], ttl)
+if ARGV[8] ~= '' then redis.call('SET', KEYS[8], ARGV[1] .. ' ' .. ARGV[8], 'EX', ttl) end
+if KEYS[9] then redis.call('SET', KEYS[9], ARGV[7], 'EX', ttl) end
+redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('SADD', KEYS[2], ARGV[1])
+enter(ARGV[1], ARGV[2], false)
+return 'queued'
+"""
+)
+
+# Take and claim the next job in fair order: the key with the lowest turn gives its oldest job, and its
+# turn moves on by one. The claim bumps the fenced attempt and starts the worker's lease, atomically.
+# KEYS: turns, clock, leases. ARGV: queue key prefix, job key prefix, lease seconds, worker id.
+# Returns {job id, attempt} or false.
+_TAKE = (
+    _NOW
+    + """
+for _ = 1, 256 do
+  local head = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  if #head == 0 then return false end
+  local owner, turn = head[1], tonumber(head[2])
+  local queue = ARGV[1] .. owner
+  local job_id = redis.call('LPOP', queue)
+  if (not job_id) or redis.call('LLEN', queue) == 0 then
+    redis.call('ZREM', KEYS[1], owner)
+  else
+    redis.call('ZADD', KEYS[1], turn + 1, owner)
+  end
+  if job_id then
+    redis.call('SET', KEYS[2], turn)
+    local job = ARGV[2] .. job_id
+    if redis.call('HGET', job, 'status') == 'queued' and redis.call('HGET', job, 'cancel') ~= '1' then
+      local attempt = redis.call('HINCRBY', job, 'attempt', 1)
+      redis.call('HSET', job, 'status', 'running', 'progress', '{}', 'worker', ARGV[4])
+      redis.call('ZADD', KEYS[3], now() + tonumber(ARGV[3]), job_id)
+      return {job_id, attempt}
+    end
+  end
+end
+return false
+"""
+)
+
+# Renew the leases of the attempts a worker runs. KEYS: leases, then one job key per attempt.
+# ARGV: lease seconds, then the job id and attempt of each. Returns the job ids that are no longer ours.
+_RENEW = (
+    _NOW
+    + """
+local lost = {}
+local deadline = now() + tonumber(ARGV[1])
+for i = 2, #KEYS do
+  local job_id, attempt = ARGV[2 * i - 2], ARGV[2 * i - 1]
+  if redis.call('HGET', KEYS[i], 'attempt') == attempt and redis.call('HGET', KEYS[i], 'status') == 'running' then
+    redis.call('ZADD', KEYS[1], deadline, job_id)
+  else
+    table.insert(lost, job_id)
+  end
+end
+return lost
+"""
+)
+
+# Requeue a running job whose worker is gone (the reaper, after its lease lapsed) or going (a draining
+# worker, for its own attempt): back to the head of its key's queue, for a new attempt. The old attempt is
+# fenced out from now on: only a running job's current attempt may step or finish it. A job cancelled
+# meanwhile ends cancelled; one lost `max_lost` times ends failed.
+# KEYS: dispatch keys, job, events, leases. ARGV: job id, owner, ttl, attempt ('' : the reaper, which
+# requeues only a still-lapsed lease), counts as a loss ('1'/'0'), max lost, queued event data,
+# failed event data (the error's JSON), cancelled event data.
+_REQUEUE = (
+    _NOW
+    + _ENTER
+    + """
+local job, events, leases, job_id = KEYS[6], KEYS[7], KEYS[8], ARGV[1]
+local status = redis.call('HGET', job, 'status')
+if status ~= 'running' then redis.call('ZREM', leases, job_id); return 'over' end
+if ARGV[4] == '' then
+  local deadline = redis.call('ZSCORE', leases, job_id)
+  if deadline and tonumber(deadline) > now() then return 'alive' end
+elseif redis.call('HGET', job, 'attempt') ~= ARGV[4] then
+  return 'moved'
+end
+redis.call('ZREM', leases, job_id)
+local ttl = tonumber(ARGV[3])
+local function finish(final, name, data)
+  redis.call('HSET', job, 'status', final)
+  redis.call('XADD', events, '*', 'event', name, 'data', data)
+  redis.call('EXPIRE', job, ttl)
+  redis.call('EXPIRE', events, ttl)
+  leave(job_id)
+end
+if redis.call('HGET', job, 'cancel') == '1' then finish('cancelled', 'cancelled', ARGV[9]); return 'cancelled' end
+if ARGV[5] == '1' and redis.call('HINCRBY', job, 'lost', 1) >= tonumber(ARGV[6]) then
+  redis.call('HSET', job, 'error', ARGV[8])
+  finish('failed', 'failed', ARGV[8])
+  return 'failed'
+end
+redis.call('HSET', job, 'status', 'queued', 'progress', '{}')
+redis.call('XADD', events, '*', 'event', 'queued', 'data', ARGV[7])
+enter(job_id, ARGV[2], true)
+return 'requeued'
+"""
+)
+
+# Finish: written once, by the attempt that holds the fence (the job runs, and this is its attempt).
+# KEYS: dispatch keys, job, events, leases, blob keys... ARGV: attempt, ttl, status, fields JSON, event
+# name, event data, job id, blobs...
+_FINISH = (
+    _ENTER
+    + """
+local job, events = KEYS[6], KEYS[7]
+if redis.call('HGET', job, 'status') ~= 'running' then return 0 end
+if redis.call('HGET', job, 'attempt') ~= ARGV[1] then return 0 end
 local ttl = tonumber(ARGV[2])
-for i = 3, #KEYS do
-  redis.call('SET', KEYS[i], ARGV[i + 4], 'EX', ttl)
+for i = 9, #KEYS do
+  redis.call('SET', KEYS[i], ARGV[i - 1], 'EX', ttl)
 end
 local fields = cjson.decode(ARGV[4])
-for k, v in pairs(fields) do redis.call('HSET', KEYS[1], k, v) end
-redis.call('HSET', KEYS[1], 'status', ARGV[3])
-redis.call('XADD', KEYS[2], '*', 'event', ARGV[5], 'data', ARGV[6])
-redis.call('EXPIRE', KEYS[1], ttl)
-redis.call('EXPIRE', KEYS[2], ttl)
+for k, v in pairs(fields) do redis.call('HSET', job, k, v) end
+redis.call('HSET', job, 'status', ARGV[3])
+redis.call('XADD', events, '*', 'event', ARGV[5], 'data', ARGV[6])
+redis.call('EXPIRE', job, ttl)
+redis.call('EXPIRE', events, ttl)
+redis.call('ZREM', KEYS[8], ARGV[7])
+leave(ARGV[7])
 return 1
 """
+)
 
 # Cancel: a queued job ends now; a running one gets the flag its worker reads once per engine iteration.
-_CANCEL = """
-local status = redis.call('HGET', KEYS[1], 'status')
+# KEYS: dispatch keys, job, events. ARGV: cancelled event data, job id.
+_CANCEL = (
+    _ENTER
+    + """
+local job = KEYS[6]
+local status = redis.call('HGET', job, 'status')
 if not status then return 'missing' end
 if status == 'succeeded' or status == 'failed' or status == 'cancelled' then return status end
-redis.call('HSET', KEYS[1], 'cancel', '1')
+redis.call('HSET', job, 'cancel', '1')
 if status == 'queued' then
-  redis.call('HSET', KEYS[1], 'status', 'cancelled')
-  redis.call('XADD', KEYS[2], '*', 'event', 'cancelled', 'data', ARGV[1])
-  redis.call('SREM', KEYS[3], ARGV[2])
+  redis.call('HSET', job, 'status', 'cancelled')
+  redis.call('XADD', KEYS[7], '*', 'event', 'cancelled', 'data', ARGV[1])
+  redis.call('LREM', KEYS[3], 0, ARGV[2])
+  leave(ARGV[2])
   return 'cancelled'
 end
 return 'cancelling'
 """
+)
+
+
+def new_record(job_id: str, *, kind: str, model: str, owner: str, params: dict, now: float) -> dict[str, Any]:
+    """The hash fields of a job as it is queued."""
+    return {
+        "kind": kind,
+        "model": model,
+        "owner": owner,
+        "status": "queued",
+        "params": json.dumps(params),
+        "progress": "{}",
+        "timings": json.dumps({"queued_at": now}),
+        "images": "[]",
+        "frames": "[]",
+        "error": "null",
+        "attempt": 0,
+        "cancel": "0",
+        "created_at": now,
+    }
+
+
+def idempotency_key(owner: str, key: str) -> str:
+    """Where a client's Idempotency-Key lives: scoped to its API key, hashed (any string a client sends)."""
+    return f"latentd:idem:{owner}:{hashlib.sha256(key.encode()).hexdigest()}"
+
+
+class IdempotencyConflict(Exception):
+    """The Idempotency-Key was used by job `job_id` for a request with another fingerprint."""
+
+    def __init__(self, job_id: str):
+        super().__init__(job_id)
+        self.job_id = job_id
+
+
+class QueueFull(Exception):
+    """The model's queue (`scope` "model") or the key's share of it (`scope` "owner") is full."""
+
+    def __init__(self, scope: str):
+        super().__init__(scope)
+        self.scope = scope
+
+
+def _record_args(record: dict[str, Any]) -> list[Any]:
+    return [item for pair in record.items() for item in pair]
+
+
+class _Batched:
+    """Reads that arrive together share one round trip: each caller adds its command, and one pipeline sends
+    all that came in during the same turn of the event loop. Under load (a hundred clients polling their jobs)
+    that is one write and one read on the socket for dozens of requests; alone, one extra loop turn."""
+
+    def __init__(self, client: aioredis.Redis, command: str, *args: Any):
+        self.client, self.command, self.args = client, command, args
+        self._pending: list[tuple[str, asyncio.Future]] = []
+        self._tasks: set[asyncio.Task] = set()
+
+    async def __call__(self, key: str) -> Any:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._pending.append((key, future))
+        if len(self._pending) == 1:
+            loop.call_soon(self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        task = asyncio.get_running_loop().create_task(self._send(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, batch: list[tuple[str, asyncio.Future]]) -> None:
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for key, _ in batch:
+                pipe.execute_command(self.command, key, *self.args)
+            replies = await pipe.execute(raise_on_error=False)
+        except BaseException as error:  # every caller gets the error (Redis away: a 503), then it goes on
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            if not isinstance(error, Exception):
+                raise
+            return
+        for (_, future), reply in zip(batch, replies):
+            if not future.done():
+                if isinstance(reply, Exception):
+                    future.set_exception(reply)
+                else:
+                    future.set_result(reply)
+
+
+class AsyncJobStore:
+    """The gateway's side: queue, read, cancel, stored pictures, event history and live reads."""
+
+    def __init__(self, client: aioredis.Redis, ttl_s: int = 3600):
+        self.redis = client
+        self.ttl_s = ttl_s
+        self._enqueue = client.register_script(_ENQUEUE)
+        self._cancel = client.register_script(_CANCEL)
+        self._hgetall = _Batched(client, "HGETALL")
+        self._owner = _Batched(client, "HGET", "owner")
+
+    async def create(
+        self,
+        job_id: str,
+        *,
+        kind: str,
+        model: str,
+        owner: str,
+        params: dict,
+        max_pending: int = 10**9,
+        max_owned: int = 10**9,
+        input_image: bytes | None = None,
+        idempotency: tuple[str, str] | None = None,
+    ) -> JobRecord:
+        """Queue a new job on its key's queue; QueueFull when the model's queue or the key's share is full.
+        With `idempotency` (the client's Idempotency-Key, the request's fingerprint): the job that key already
+        made, marked `replayed`, when the fingerprints match; IdempotencyConflict when they do not."""
+        now = time.time()
+        record = new_record(job_id, kind=kind, model=model, owner=owner, params=params, now=now)
+        key, fingerprint = idempotency or ("", "")
+        keys = dispatch_keys(model, owner) + [job_key(job_id), events_key(job_id), idempotency_key(owner, key)]
+        if input_image is not None:  # the upload rides in Redis next to the job, not in the Celery message
+            keys.append(blob_key(job_id, INPUT_BLOB))
+        queued = json.dumps({"id": job_id, "emitted_at": now})
+        args = [
+            job_id,
+            owner,
+            self.ttl_s,
+            max_pending,
+            max_owned,
+            queued,
+            input_image or b"",
+            fingerprint,
+            "latentd:job:",
+        ]
+        outcome = await self._enqueue(keys=keys, args=args + _record_args(record))
+        if isinstance(outcome, list):  # the Idempotency-Key's job
+            prior_id, prior_fingerprint = _s(outcome[1]), _s(outcome[2])
+            if prior_fingerprint != fingerprint:
+                raise IdempotencyConflict(prior_id)
+            prior = await self.get(prior_id)
+            if prior is None:  # expired between the script and the read: the key is free now
+                return await self.create(
+                    job_id,
+                    kind=kind,
+                    model=model,
+                    owner=owner,
+                    params=params,
+                    max_pending=max_pending,
+                    max_owned=max_owned,
+                    input_image=input_image,
+                    idempotency=idempotency,
+                )
+            prior.replayed = True
+            return prior
+        outcome = _s(outcome)
+        if outcome != "queued":
+            raise QueueFull("model" if outcome == "model_full" else "owner")
+        return JobRecord.from_redis(job_id, record)
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        """The job (None: no such job); concurrent reads share a round trip."""
+        return JobRecord.from_redis(job_id, await self._hgetall(job_key(job_id)))
+
+    async def owner(self, job_id: str) -> str | None:
+        """The key hash that owns the job (None: no such job); concurrent reads share a round trip."""
+        return _s(await self._owner(job_key(job_id)))
+
+    async def cancel(self, job: JobRecord) -> str:
+        """'cancelled' (it was queued), 'cancelling' (running: it stops at its next step), the final status, or 'missing'."""
+        data = json.dumps({"id": job.id, "emitted_at": time.time()})
+        keys = dispatch_keys(job.model, job.owner) + [job_key(job.id), events_key(job.id)]
+        return _s(await self._cancel(keys=keys, args=[data, job.id]))
+
+    async def blob(self, job_id: str, name: str) -> bytes | None:
+        return await self.redis.get(blob_key(job_id, name))
+
+    async def queued_counts(self, models: list[str]) -> dict[str, int]:
+        """{model: jobs queued, not yet running}: the model's queue less the jobs holding a lease."""
+        pipe = self.redis.pipeline(transaction=False)
+        for model in models:
+            pipe.scard(pending_key(model))
+            pipe.zcard(leases_key(model))
+        replies = await pipe.execute()
+        return {model: max(0, replies[2 * i] - replies[2 * i + 1]) for i, model in enumerate(models)}
+
+    async def models(self) -> dict[str, ModelInfo]:
+        return {_s(k): ModelInfo.from_json(v) for k, v in (await self.redis.hgetall(MODELS_KEY)).items()}
+
+    async def sweep(self, model: str, owner: str) -> int:
+        """Drop from the model's queue and the key's share the jobs whose record has expired unfinished (lost
+        with every worker of the model, say), so they no longer hold a slot. Returns how many went."""
+        gone = 0
+        for key in (pending_key(model), owned_key(model, owner)):
+            members = [_s(member) for member in await self.redis.smembers(key)]
+            if not members:
+                continue
+            pipe = self.redis.pipeline(transaction=False)
+            for job_id in members:
+                pipe.exists(job_key(job_id))
+            expired = [job_id for job_id, exists in zip(members, await pipe.execute()) if not exists]
+            if expired:
+                await self.redis.srem(key, *expired)
+                gone += len(expired)
+        return gone
+
+    async def events_after(self, job_id: str, after: str = "0", count: int = 1024) -> list[JobEvent]:
+        """The stored events after the entry id `after` ("0": from the first), oldest first."""
+        start = "-" if after in ("0", "0-0") else f"({after}"
+        return _entries(await self.redis.xrange(events_key(job_id), min=start, count=count))
+
+    async def read_live(self, cursors: dict[str, str], block_ms: int, count: int = 256) -> dict[str, list[JobEvent]]:
+        """One blocking XREAD over many jobs' streams: {job id: events after its cursor}."""
+        reply = await self.redis.xread({events_key(j): c for j, c in cursors.items()}, count=count, block=block_ms)
+        return {_s(stream).split(":")[2]: _entries(items) for stream, items in reply or []}
+
+
+@dataclass
+class StepWrite:
+    """What one engine step of one job writes: its `step` event, the frames kept at this step, its progress."""
+
+    job_id: str
+    attempt: int
+    event: dict[str, Any]
+    progress: dict[str, Any]
+    frames: list[tuple[int, dict[str, Any], bytes]] = field(default_factory=list)  # (index, event data, PNG)
 
 
 class JobStore:
+    """The worker's side: take and claim jobs in fair order, hold their leases, stream their events, write
+    their result once, and put back the jobs of lost workers."""
+
     def __init__(self, client: redis.Redis, ttl_s: int = 3600):
         self.redis = client
         self.ttl_s = ttl_s
-        self._claim = client.register_script(_CLAIM)
+        self._take = client.register_script(_TAKE)
+        self._renew = client.register_script(_RENEW)
+        self._requeue = client.register_script(_REQUEUE)
         self._finish = client.register_script(_FINISH)
-        self._cancel = client.register_script(_CANCEL)
 
     @classmethod
     def from_url(cls, url: str, ttl_s: int = 3600) -> JobStore:
         return cls(redis.Redis.from_url(url, health_check_interval=30), ttl_s)
 
-    # ---- gateway side ----
-    def create(self, job_id: str, *, kind: str, model: str, owner: str, params: dict) -> dict:
-        now = time.time()
-        record = {
-            "kind": kind,
-            "model": model,
-            "owner": owner,
-            "status": "queued",
-            "params": json.dumps(params),
-            "progress": "{}",
-            "timings": json.dumps({"queued_at": now}),
-            "images": "[]",
-            "frames": "[]",
-            "error": "null",
-            "attempt": 0,
-            "cancel": "0",
-            "created_at": now,
-        }
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(job_key(job_id), mapping=record)
-        pipe.expire(job_key(job_id), self.ttl_s)
-        pipe.xadd(events_key(job_id), {"event": "queued", "data": json.dumps({"id": job_id, "emitted_at": now})})
-        pipe.expire(events_key(job_id), self.ttl_s)
-        pipe.sadd(pending_key(model), job_id)
-        pipe.execute()
-        return self.get(job_id)
-
-    def pending_count(self, model: str) -> int:
-        return int(self.redis.scard(pending_key(model)))
-
-    def sweep_pending(self, model: str) -> int:
-        """Drop from the bounded queue the jobs whose record has expired unfinished (a worker lost
-        with its job after the TTL, say), so they no longer hold a slot. Returns how many went."""
-        members = [_s(member) for member in self.redis.smembers(pending_key(model))]
-        if not members:
-            return 0
-        pipe = self.redis.pipeline(transaction=False)
-        for job_id in members:
-            pipe.exists(job_key(job_id))
-        gone = [job_id for job_id, exists in zip(members, pipe.execute()) if not exists]
-        if gone:
-            self.redis.srem(pending_key(model), *gone)
-        return len(gone)
-
-    def get(self, job_id: str) -> dict | None:
-        raw = self.redis.hgetall(job_key(job_id))
-        if not raw:
-            return None
-        fields = {_s(k): _s(v) for k, v in raw.items()}
-        job = {
-            "id": job_id,
-            "kind": fields["kind"],
-            "model": fields["model"],
-            "owner": fields["owner"],
-            "status": fields["status"],
-            "attempt": int(fields.get("attempt", 0)),
-            "created_at": float(fields["created_at"]),
-            "cancel": fields.get("cancel") == "1",
-        }
-        for name in ("params", "progress", "timings", "images", "frames", "error"):
-            job[name] = json.loads(fields.get(name) or "null")
-        return job
-
-    def cancel(self, job_id: str, model: str) -> str:
-        data = json.dumps({"id": job_id, "emitted_at": time.time()})
-        return _s(self._cancel(keys=[job_key(job_id), events_key(job_id), pending_key(model)], args=[data, job_id]))
-
-    def read_events(
-        self, job_id: str, after: str = "0", block_ms: int | None = None, count: int = 256
-    ) -> list[tuple[str, str, dict]]:
-        """Entries after `after` (a stream id; "0" for all), waiting up to block_ms for the first."""
-        reply = self.redis.xread({events_key(job_id): after}, count=count, block=block_ms)
-        entries = []
-        for _stream, items in reply or []:
-            for entry_id, fields in items:
-                fields = {_s(k): _s(v) for k, v in fields.items()}
-                entries.append((_s(entry_id), fields["event"], json.loads(fields["data"])))
-        return entries
+    def get(self, job_id: str) -> JobRecord | None:
+        return JobRecord.from_redis(job_id, self.redis.hgetall(job_key(job_id)))
 
     def blob(self, job_id: str, name: str) -> bytes | None:
         return self.redis.get(blob_key(job_id, name))
 
-    # ---- models ----
-    def publish_model(self, info: dict) -> None:
-        self.redis.hset(MODELS_KEY, info["name"], json.dumps(info))
+    def publish_model(self, info: ModelInfo) -> None:
+        self.redis.hset(MODELS_KEY, info.name, info.to_json())
 
-    def models(self) -> dict[str, dict]:
-        return {_s(k): json.loads(v) for k, v in self.redis.hgetall(MODELS_KEY).items()}
+    def take(self, model: str, lease_s: float, worker: str) -> tuple[str, int] | None:
+        """The next job of `model` in fair order, claimed for `worker` with a lease: (job id, attempt)."""
+        keys = [turns_key(model), clock_key(model), leases_key(model)]
+        taken = self._take(keys=keys, args=[f"latentd:queue:{model}:", "latentd:job:", lease_s, worker])
+        return (_s(taken[0]), int(taken[1])) if taken else None
 
-    # ---- worker side ----
-    def claim(self, job_id: str) -> int | None:
-        """A fenced attempt number, or None when the job is gone, over, or cancelled."""
-        attempt = int(self._claim(keys=[job_key(job_id)]))
-        return attempt if attempt > 0 else None
+    def renew(self, model: str, held: list[tuple[str, int]], lease_s: float) -> list[str]:
+        """Renew the leases of the attempts this worker runs; returns the job ids that are no longer its own."""
+        if not held:
+            return []
+        keys = [leases_key(model)] + [job_key(job_id) for job_id, _ in held]
+        args = [lease_s] + [item for job_id, attempt in held for item in (job_id, attempt)]
+        return [_s(job_id) for job_id in self._renew(keys=keys, args=args)]
 
-    def add_events(self, pipe: Any, job_id: str, events: Iterable[tuple[str, dict]]) -> None:
-        for name, data in events:
-            pipe.xadd(events_key(job_id), {"event": name, "data": json.dumps(data)})
-
-    def emit(self, job_id: str, name: str, data: dict, **fields: Any) -> None:
+    def queued_count(self, model: str) -> int:
+        """Jobs of `model` waiting in the keys' queues (each should have a task in the broker)."""
+        owners = [_s(owner) for owner in self.redis.zrange(turns_key(model), 0, -1)]
         pipe = self.redis.pipeline(transaction=False)
-        if fields:
-            pipe.hset(
-                job_key(job_id), mapping={k: json.dumps(v) if not isinstance(v, str) else v for k, v in fields.items()}
-            )
-        self.add_events(pipe, job_id, [(name, data)])
+        for owner in owners:
+            pipe.llen(queue_key(model, owner))
+        return int(sum(pipe.execute())) if owners else 0
+
+    def lapsed(self, model: str) -> list[str]:
+        """Running jobs of `model` whose lease has lapsed (by Redis's clock)."""
+        seconds, micros = self.redis.time()
+        return [_s(j) for j in self.redis.zrangebyscore(leases_key(model), "-inf", seconds + micros / 1e6)]
+
+    def requeue(self, job: JobRecord, *, attempt: int | None, lost: bool, max_lost: int, reason: str) -> str:
+        """Put a running job back at the head of its key's queue as a new attempt (see _REQUEUE): 'requeued',
+        'failed' (lost max_lost times), 'cancelled', or 'over' / 'moved' / 'alive' (nothing to do)."""
+        now = time.time()
+        queued = {"id": job.id, "requeued": True, "reason": reason, "emitted_at": now}
+        error = {
+            "type": "worker_lost",
+            "message": f"the job's worker was lost {max_lost} times while running it ({reason}); it is not "
+            "retried again, since it may be what brings its workers down",
+            "param": None,
+            "emitted_at": now,
+        }
+        keys = dispatch_keys(job.model, job.owner) + [job_key(job.id), events_key(job.id), leases_key(job.model)]
+        args = [
+            job.id,
+            job.owner,
+            self.ttl_s,
+            "" if attempt is None else attempt,
+            "1" if lost else "0",
+            max_lost,
+            json.dumps(queued),
+            json.dumps(error),
+            json.dumps({"id": job.id, "emitted_at": now}),
+        ]
+        return _s(self._requeue(keys=keys, args=args))
+
+    def holds(self, job_id: str, attempt: int) -> bool:
+        """Whether `attempt` still holds the job's fence: the job runs, and this is its attempt."""
+        current, status = self.redis.hmget(job_key(job_id), "attempt", "status")
+        return current is not None and int(current) == attempt and _s(status) == "running"
+
+    def started(self, job_id: str, attempt: int, timings: dict) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(job_key(job_id), "timings", json.dumps(timings))
+        pipe.xadd(
+            events_key(job_id), _event_fields("started", {"attempt": attempt, "emitted_at": timings["started_at"]})
+        )
         pipe.expire(events_key(job_id), self.ttl_s)
         pipe.execute()
 
-    def control(self, jobs: list[tuple[str, int]]) -> list[tuple[bool, bool]]:
-        """For (job_id, attempt) pairs: (cancel requested, attempt superseded), in one round trip."""
+    def write_steps(self, steps: list[StepWrite]) -> list[tuple[bool, bool]]:
+        """One engine iteration's events, frames and progress in one round trip. Returns, per step,
+        (cancel requested, attempt superseded): read in the same pipeline, so the engine drops those at once."""
         pipe = self.redis.pipeline(transaction=False)
-        for job_id, _ in jobs:
-            pipe.hmget(job_key(job_id), "cancel", "attempt")
+        reads = []
+        for step in steps:
+            events = events_key(step.job_id)
+            pipe.xadd(events, _event_fields("step", step.event))
+            for index, data, png in step.frames:  # a reverse trajectory's frame: stored and announced now
+                pipe.set(blob_key(step.job_id, frame_blob_name(step.attempt, index)), png, ex=self.ttl_s)
+                pipe.xadd(events, _event_fields("frame", data))
+            pipe.hset(job_key(step.job_id), "progress", json.dumps(step.progress))
+            pipe.hmget(job_key(step.job_id), "cancel", "attempt", "status")
+            reads.append(len(pipe) - 1)
+        replies = pipe.execute()
         out = []
-        for (_, attempt), (cancel, current) in zip(jobs, pipe.execute()):
-            out.append((_s(cancel) == "1", current is not None and int(current) != attempt))
+        for step, position in zip(steps, reads):
+            cancel, current, status = replies[position]
+            superseded = current is None or int(current) != step.attempt or _s(status) != "running"
+            out.append((_s(cancel) == "1", superseded))
         return out
+
+    def add_frames(self, job_id: str, attempt: int, frames: list[tuple[int, dict, bytes]]) -> bool:
+        """Frames (index, event data, PNG) before the result, only while `attempt` holds the fence: each
+        picture is stored before its event goes out, so a client may fetch a frame as soon as it hears of it."""
+        if not self.holds(job_id, attempt):
+            return False
+        pipe = self.redis.pipeline(transaction=False)
+        for index, _, png in frames:
+            pipe.set(blob_key(job_id, frame_blob_name(attempt, index)), png, ex=self.ttl_s)
+        for _, data, _ in frames:
+            pipe.xadd(events_key(job_id), _event_fields("frame", data))
+        pipe.execute()
+        return True
+
+    def renew_blobs(self, job_id: str, names: list[str]) -> None:
+        """Blobs written while the job ran (live frames) expire with the job's result, not before."""
+        pipe = self.redis.pipeline(transaction=False)
+        for name in names:
+            pipe.expire(blob_key(job_id, name), self.ttl_s)
+        pipe.execute()
 
     def finish(
         self,
-        job_id: str,
-        model: str,
+        job: JobRecord,
         attempt: int,
         status: str,
         fields: dict,
@@ -237,8 +681,11 @@ class JobStore:
         blobs: dict[str, bytes] | None = None,
     ) -> bool:
         """Write the outcome once: False when another attempt holds the fence or the job is already over."""
+        assert status in TERMINAL
         blobs = blobs or {}
-        keys = [job_key(job_id), events_key(job_id)] + [blob_key(job_id, name) for name in blobs]
+        job_id = job.id
+        keys = dispatch_keys(job.model, job.owner) + [job_key(job_id), events_key(job_id), leases_key(job.model)]
+        keys += [blob_key(job_id, n) for n in blobs]
         args = [
             str(attempt),
             self.ttl_s,
@@ -246,8 +693,6 @@ class JobStore:
             json.dumps({k: json.dumps(v) for k, v in fields.items()}),
             event[0],
             json.dumps(event[1]),
+            job_id,
         ] + list(blobs.values())
-        written = bool(self._finish(keys=keys, args=args))
-        if written:
-            self.redis.srem(pending_key(model), job_id)
-        return written
+        return bool(self._finish(keys=keys, args=args))

@@ -22,24 +22,44 @@ class Settings(BaseSettings):
     )
     host: str = "127.0.0.1"
     port: int = 8000
+    # server processes of the REST gateway on its one port; 0: one per CPU the container may use
+    processes: int = 1
     # Comma-separated SHA-256 hex digests of the accepted API keys (or plain keys in api_keys, hashed on read).
     api_key_hashes: str = ""
     api_keys: str = ""
     default_model: str = ""
-    max_body_bytes: int = 8 * 1024 * 1024
+    max_body_bytes: int = 8 * 1024 * 1024  # per request, chunked or not
+    # request bodies one gateway process holds in memory at once; 0: 4 x max_body_bytes
+    max_body_buffer_bytes: int = 0
     max_num_images: int = 8
-    max_steps: int = 1000
     max_queue_per_model: int = 64
+    # one API key's share of a model's queue (queued + running); 0: a quarter of max_queue_per_model
+    max_queue_per_key: int = 0
     retry_after_s: int = 2
     result_ttl_s: int = 3600
     sse_keepalive_s: float = 15.0
     openai_timeout_s: float = 600.0
     worker_stale_after_s: float = 30.0
+    # the gateway's Redis pool: short commands share it; the event hub holds one connection for its reads
+    redis_max_connections: int = 8
+    redis_timeout_s: float = 2.0
     # worker side
     worker_models: str = "models/shapes-ldm"  # comma-separated model folders
     worker_device: str = "cpu"
+    # the backbone's and text encoders' dtype on CUDA: float16, bfloat16 or float32; "" is the family's own
+    # (float16 for SD and SDXL, bfloat16 for SD3 and Flux, whose activations overflow float16); CPU is float32
+    worker_dtype: str = ""
     max_batch_rows: int = 64
+    # the broker's redelivery of an unacknowledged task: only a backstop, leases requeue lost jobs first
     visibility_timeout_s: int = 3600
+    lease_s: float = 15.0  # a lost worker's jobs are requeued within lease_s + reap_interval_s
+    reap_interval_s: float = 2.0
+    max_lost: int = 3  # a job whose worker was lost this many times fails instead of looping
+    drain_grace_s: float = 45.0  # on SIGTERM: finish what the engine holds for this long, requeue the rest
+
+    @property
+    def owner_queue_limit(self) -> int:
+        return self.max_queue_per_key or max(1, self.max_queue_per_model // 4)
 
     def key_hashes(self) -> set[str]:
         hashes = {h.strip().lower() for h in self.api_key_hashes.split(",") if h.strip()}

@@ -53,17 +53,26 @@ def create_celery() -> Celery:
 app = create_celery()
 
 
+_leases: dict[str, object] = {}
+
+
 @signals.worker_init.connect(weak=False)
 def _load_models(**_: object) -> None:
     from services.worker import metrics
+    from services.worker.leases import LeaseKeeper
     from services.worker.runtime import get_runtime
 
     metrics.serve_metrics_from_env()
-    get_runtime().load(model_paths())
+    runtime = get_runtime()
+    runtime.load(model_paths())
+    _leases["keeper"] = LeaseKeeper(runtime, app).start()
 
 
 @signals.worker_shutdown.connect(weak=False)
 def _stop_engines(**_: object) -> None:
     from services.worker.runtime import get_runtime
 
+    keeper = _leases.pop("keeper", None)
+    if keeper is not None:
+        keeper.stop()
     get_runtime().stop()

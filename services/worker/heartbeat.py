@@ -2,15 +2,15 @@
 
 A Celery worker on Redis can stay alive yet stop taking messages after a broker reconnect.
 A plain "I am alive" key would not notice, so every `interval_s` the heartbeat thread
-1. writes `alive_at` into the hash `latentd:workers:<model>:<hostname-pid>` (TTL `ttl_s`), and
+1. writes `alive_at` (services/common/workers.py holds the keys and the rule), and
 2. sends a probe task through this worker's own probe queue (`latentd.probe.<hostname-pid>`,
    consumed only by this worker, over the same broker connection as the job queues). The probe,
    run by the consumer, writes `consumed_at`.
-A worker is live when its key exists and `consumed_at` is fresher than `stale_after_s`.
+A worker is live when its `consumed_at` is fresher than `stale_after_s`.
 A worker whose every pool thread holds a job cannot take the probe (prefetch is full, by design);
 while it is saturated and its engine still makes progress (denoising steps or finished tasks),
 the heartbeat itself refreshes `consumed_at` (and `saturated_at`), so load is never taken for a hang.
-`/readyz` and the gRPC health service call `live_workers()`; the container's liveness probe
+Readiness, model listing, gRPC health and metrics read `services.common.workers`; the container's liveness probe
 runs `python -m services.worker.heartbeat --check`, which exits 1 when this host's heartbeat is
 stale or missing.
 
@@ -28,26 +28,22 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import redis
 
+from services.common import workers
+from services.common.settings import get_settings
+
 log = logging.getLogger(__name__)
 
-KEY_PREFIX = "latentd:workers"
 PROBE_TASK_NAME = "latentd.heartbeat.probe"
 DEFAULT_INTERVAL_S = 5.0
 DEFAULT_TTL_S = 30
-DEFAULT_STALE_AFTER_S = 30.0
 
 
 def worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
-
-
-def heartbeat_key(model: str, worker: str) -> str:
-    return f"{KEY_PREFIX}:{model}:{worker}"
 
 
 def probe_queue(worker: str) -> str:
@@ -56,12 +52,8 @@ def probe_queue(worker: str) -> str:
 
 def mark_consumed(redis_client: Any, models: Iterable[str], worker: str, ttl_s: int) -> None:
     """Record that this worker's consumer just ran a message (the probe task calls this)."""
-    now = time.time()
     pipe = redis_client.pipeline(transaction=False)
-    for model in models:
-        key = heartbeat_key(model, worker)
-        pipe.hset(key, mapping={"consumed_at": now})
-        pipe.expire(key, ttl_s)
+    workers.write_consumed(pipe, worker, models, ttl_s, time.time())
     pipe.execute()
 
 
@@ -96,21 +88,10 @@ class Heartbeat:
         """One heartbeat: refresh alive_at and, with a Celery app, send the consumption probe."""
         now = time.time()
         pipe = self.redis.pipeline(transaction=False)
-        for model in self.models:
-            key = heartbeat_key(model, self.worker)
-            pipe.hset(
-                key,
-                mapping={
-                    "alive_at": now,
-                    "hostname": socket.gethostname(),
-                    "pid": os.getpid(),
-                    "model": model,
-                },
-            )
-            pipe.hsetnx(key, "started_at", now)
-            if self._busy_and_progressing():
-                pipe.hset(key, mapping={"consumed_at": now, "saturated_at": now})
-            pipe.expire(key, self.ttl_s)
+        details = {"hostname": socket.gethostname(), "pid": os.getpid()}
+        workers.write_alive(pipe, self.worker, self.models, details, self.ttl_s, now)
+        if self._busy_and_progressing():
+            workers.write_consumed(pipe, self.worker, self.models, self.ttl_s, now, saturated=True)
         pipe.execute()
         if self.celery_app is not None:
             self.celery_app.send_task(
@@ -149,57 +130,10 @@ class Heartbeat:
             self._thread = None
         if remove:
             try:
-                keys = [heartbeat_key(m, self.worker) for m in self.models]
-                self.redis.delete(*keys, probe_queue(self.worker))
+                workers.remove(self.redis, self.worker, self.models)
+                self.redis.delete(probe_queue(self.worker))
             except Exception:
                 log.warning("could not remove heartbeat keys", exc_info=True)
-
-
-@dataclass(frozen=True)
-class WorkerInfo:
-    model: str
-    worker: str
-    alive_at: float
-    consumed_at: float | None
-
-    def consuming(self, now: float, stale_after_s: float) -> bool:
-        return self.consumed_at is not None and now - self.consumed_at <= stale_after_s
-
-
-def read_workers(redis_client: Any, model: str | None = None) -> list[WorkerInfo]:
-    """Every heartbeat key present (live or stale), optionally for one model."""
-    pattern = f"{KEY_PREFIX}:{model}:*" if model else f"{KEY_PREFIX}:*"
-    keys = sorted(redis_client.scan_iter(match=pattern, count=500))
-    if not keys:
-        return []
-    pipe = redis_client.pipeline(transaction=False)
-    for key in keys:
-        pipe.hgetall(key)
-    infos = []
-    for key, fields in zip(keys, pipe.execute()):
-        key = key.decode() if isinstance(key, bytes) else key
-        fields = {
-            (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-            for k, v in fields.items()
-        }
-        if "alive_at" not in fields:
-            continue
-        _, _, key_model, worker = key.split(":", 3)
-        consumed = fields.get("consumed_at")
-        infos.append(WorkerInfo(key_model, worker, float(fields["alive_at"]), float(consumed) if consumed else None))
-    return infos
-
-
-def live_workers(
-    redis_client: Any, model: str | None = None, stale_after_s: float = DEFAULT_STALE_AFTER_S
-) -> dict[str, list[str]]:
-    """Workers whose consumer ran a probe within `stale_after_s`, as {model: [worker id]}."""
-    now = time.time()
-    live: dict[str, list[str]] = {}
-    for info in read_workers(redis_client, model):
-        if info.consuming(now, stale_after_s):
-            live.setdefault(info.model, []).append(info.worker)
-    return live
 
 
 def install(
@@ -269,13 +203,13 @@ def install(
 def check(redis_client: Any, hostname: str, stale_after_s: float) -> tuple[bool, str]:
     """Liveness of this host's worker(s): every heartbeat of `hostname` must be consuming."""
     now = time.time()
-    mine = [i for i in read_workers(redis_client) if i.worker.rsplit("-", 1)[0] == hostname]
+    mine = [i for i in workers.read_workers(redis_client) if i.hostname == hostname]
     if not mine:
         return False, f"no heartbeat in Redis for host {hostname}"
     stale = [i for i in mine if not i.consuming(now, stale_after_s)]
     if stale:
         ages = ", ".join(
-            f"{i.model}/{i.worker}: "
+            f"{i.worker}: "
             + ("never consumed" if i.consumed_at is None else f"last consumed {now - i.consumed_at:.0f}s ago")
             for i in stale
         )
@@ -284,24 +218,26 @@ def check(redis_client: Any, hostname: str, stale_after_s: float) -> tuple[bool,
 
 
 def main(argv: list[str] | None = None) -> int:
+    settings = get_settings()  # LATENTD_REDIS_URL or REDIS_URL, as every other process reads them
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if this host's heartbeat is stale")
     parser.add_argument("--list", action="store_true", help="print live workers per model")
-    parser.add_argument("--redis-url", default=os.environ.get("LATENTD_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    parser.add_argument("--redis-url", default=settings.redis_url)
     parser.add_argument("--hostname", default=socket.gethostname())
     parser.add_argument(
         "--stale-after",
         type=float,
-        default=float(os.environ.get("LATENTD_WORKER_STALE_AFTER_S", DEFAULT_STALE_AFTER_S)),
+        default=settings.worker_stale_after_s,
         help="seconds without a consumed probe before the worker counts as stuck",
     )
     args = parser.parse_args(argv)
     client = redis.Redis.from_url(args.redis_url, socket_timeout=5)
-    if args.list:
-        for model, workers in sorted(live_workers(client, stale_after_s=args.stale_after).items()):
-            print(f"{model}: {' '.join(workers)}")
-        return 0
     try:
+        if args.list:
+            models = {m for info in workers.read_workers(client) for m in info.models}
+            for model, ids in sorted(workers.live_workers(client, models, args.stale_after).items()):
+                print(f"{model}: {' '.join(ids)}")
+            return 0
         ok, message = check(client, args.hostname, args.stale_after)
     except redis.RedisError as exc:
         ok, message = False, f"Redis unreachable at {args.redis_url}: {exc}"

@@ -1,17 +1,23 @@
-"""Load a latent diffusion model from a local diffusers-format folder (Stable Diffusion 1.x/2.x family).
+"""Load a latent diffusion model from a local diffusers-format folder: Stable Diffusion 1.x/2.x, SDXL, SD3 or Flux.
 
-The folder holds model_index.json, unet/, vae/, text_encoder/, tokenizer/ and scheduler/, with the
-weights as safetensors: pickled weights (.bin, .ckpt, .pt, .pth) can run code on load and are refused.
+The folder's model_index.json names its pipeline (`_class_name`); the family of that pipeline
+(services/worker/families/) says which parts it must hold and how they load, and anything else is refused
+with a message naming the class and the supported ones. Weights must be safetensors: pickled weights
+(.bin, .ckpt, .pt, .pth) can run code on load and are refused.
 An optional latentd.json next to model_index.json holds the model's recommended request defaults
-(`default_sampler`, `default_guidance_rescale`); diffusers ignores it.
-On CPU everything is float32; on CUDA the UNet and text encoder run in float16 (or bfloat16) while
-the VAE stays float32, because SD's VAE decoder overflows to NaN in float16.
+(`default_sampler`, `default_guidance_rescale`, `default_guidance_scale`, `default_num_inference_steps`) and,
+for the families that read them, `max_sequence_length` (SD3, Flux: T5's tokens) and `native_width` /
+`native_height` (Flux); diffusers ignores the file.
+On CPU everything is float32; on CUDA the backbone and text encoders run in the family's half precision
+(float16 for SD and SDXL, bfloat16 for SD3 and Flux; LATENTD_WORKER_DTYPE overrides) while the VAE stays
+float32, because SD's VAE decoder overflows to NaN in float16.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,24 +25,24 @@ import numpy as np
 import torch
 from PIL import Image
 
-from services.worker.diffusion.sampler_names import (
+from services.common.rules import (
     DEFAULT_SAMPLER,
+    MAX_GUIDANCE,
     MAX_GUIDANCE_RESCALE,
+    MAX_STEPS,
     MIN_GUIDANCE_RESCALE,
     SAMPLERS,
 )
 from services.worker.diffusion.samplers import unsupported_samplers
 from services.worker.diffusion.schedules import alphas_cumprod_from_config
+from services.worker.families import Conditioning, Family, LatentScaling, ModelFacts, ModelLoadError, family_for
+from services.worker.families.base import PICKLED_SUFFIXES, read_json
 
-COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder")
-PICKLED_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}  # LATENTD_WORKER_DTYPE
 DEFAULTS_FILE = "latentd.json"  # the model's recommended request defaults, read by latentd only
-DEFAULTS_KEYS = ("default_sampler", "default_guidance_rescale")
+DEFAULTS_KEYS = ("default_sampler", "default_guidance_rescale", "default_guidance_scale", "default_num_inference_steps")
 
-
-class ModelLoadError(Exception):
-    """The folder is missing, incomplete, malformed, or holds only pickled weights."""
+__all__ = ["LoadedModel", "ModelLoadError", "load_model", "to_pil"]
 
 
 @dataclass
@@ -44,57 +50,119 @@ class LoadedModel:
     name: str
     path: Path
     device: torch.device
-    dtype: torch.dtype  # the UNet's and text encoder's; the VAE is float32
-    unet: Any
-    vae: Any
-    text_encoder: Any
-    tokenizer: Any
+    dtype: torch.dtype  # the backbone's and text encoders'; the VAE is float32
+    family: Family  # everything that varies with the pipeline class (services/worker/families/)
+    components: dict[str, Any]  # the loaded parts by folder name: unet or transformer, vae, text encoders, ...
+    index: dict  # model_index.json
     scheduler_config: dict
-    native_width: int
-    native_height: int
-    latent_channels: int
-    vae_scale_factor: int
-    max_prompt_tokens: int
+    facts: ModelFacts
     num_train_timesteps: int
-    alphas_cumprod: torch.Tensor  # float64 (T,)
+    alphas_cumprod: torch.Tensor | None  # float64 (T,) for DDPM-family schedules; None for flow matching
     default_sampler: str = DEFAULT_SAMPLER  # a request with sampler None gets this (latentd.json)
     default_guidance_rescale: float = 0.0  # a request with guidance_rescale None gets this (latentd.json)
+    default_guidance_scale: float = 7.5  # a request with guidance_scale None (the family's pipeline default)
+    default_num_inference_steps: int = 50  # a request with num_inference_steps None
+    options: dict = field(default_factory=dict)  # latentd.json as given
+    # a second copy of the limit's tokenizer, for counting on callers' threads: a tokenizer call sets the Rust
+    # tokenizer's padding and truncation, so counting on the one the engine thread encodes with races it
+    counting_tokenizer: Any = None
+    _counting_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    # ---- facts (from the family's reading of the configs) ----
+    @property
+    def native_width(self) -> int:
+        return self.facts.native_width
 
     @property
-    def prediction_type(self) -> str:
-        return self.scheduler_config.get("prediction_type", "epsilon")
+    def native_height(self) -> int:
+        return self.facts.native_height
+
+    @property
+    def latent_channels(self) -> int:
+        return self.facts.latent_channels
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.facts.vae_scale_factor
+
+    @property
+    def size_multiple(self) -> int:
+        """Pixel sizes must be multiples of this (the VAE's factor times the backbone's downsampling or patch)."""
+        return self.facts.size_multiple
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        return self.facts.max_prompt_tokens
+
+    @property
+    def scaling(self) -> LatentScaling:
+        return self.facts.scaling
 
     @property
     def scaling_factor(self) -> float:
-        return float(getattr(self.vae.config, "scaling_factor", 0.18215))
+        return self.facts.scaling.scaling_factor
 
+    @property
+    def prediction_type(self) -> str:
+        """epsilon or v_prediction (DDPM family), flow (the velocity ε − x0 of rectified flow)."""
+        return "flow" if self.family.flow else self.scheduler_config.get("prediction_type", "epsilon")
+
+    # ---- parts ----
+    @property
+    def backbone(self):
+        return self.components[self.family.backbone]
+
+    @property
+    def unet(self):
+        return self.components.get("unet")
+
+    @property
+    def vae(self):
+        return self.components["vae"]
+
+    @property
+    def text_encoder(self):
+        return self.components.get("text_encoder")
+
+    @property
+    def tokenizer(self):
+        return self.components.get("tokenizer")
+
+    def latent_shape(self, width: int, height: int) -> tuple[int, int, int]:
+        """(C, h, w) of a picture of width x height pixels."""
+        f = self.vae_scale_factor
+        return (self.latent_channels, height // f, width // f)
+
+    # ---- what the engine calls (each the family's) ----
     def count_prompt_tokens(self, prompt: str) -> int:
-        """Tokens the prompt takes, BOS and EOS included (compare with max_prompt_tokens)."""
-        return len(self.tokenizer(prompt, truncation=False).input_ids)
+        """Tokens the prompt takes in the tokenizer the limit is for (compare with max_prompt_tokens); any thread."""
+        tokenizer = self.counting_tokenizer or self.components[self.facts.tokenizer]
+        with self._counting_lock:
+            return len(tokenizer(prompt, truncation=False).input_ids)
 
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Prompts -> text embeddings (B, L, D) in the model dtype, as diffusers' pipeline makes them:
-        padded to max_length, truncated, last hidden state (the empty negative prompt goes through too)."""
-        tokens = self.tokenizer(
-            prompts, padding="max_length", max_length=self.max_prompt_tokens, truncation=True, return_tensors="pt"
-        )
-        attention_mask = None
-        if getattr(self.text_encoder.config, "use_attention_mask", False):
-            attention_mask = tokens.attention_mask.to(self.device)
-        hidden = self.text_encoder(tokens.input_ids.to(self.device), attention_mask=attention_mask)[0]
-        return hidden.to(self.dtype)  # (B, L, D)
+    def encode_prompts(self, prompts: list[str]) -> list[Conditioning]:
+        """Prompts -> one conditioning dict per prompt (tensors without a batch dimension), as the family's
+        diffusers pipeline encodes them."""
+        return self.family.encode_prompts(self, prompts)
+
+    def uncond_conditioning(self, negative_prompt: str, encoded: Conditioning) -> Conditioning:
+        return self.family.uncond_conditioning(self, negative_prompt, encoded)
+
+    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The backbone on a batch of rows (R, C, h, w) -> its prediction (R, C, h, w)."""
+        return self.family.forward(self, latents, timesteps, cond)
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixels in [-1, 1] (B, 3, H, W) -> scaled latents (B, C, H/f, W/f), float32 (the posterior mean)."""
+        """Pixels in [-1, 1] (B, 3, H, W) -> the backbone's latents (B, C, H/f, W/f), float32: the posterior
+        mean, scaled (and shifted) as the family's pipeline does."""
         posterior = self.vae.encode(pixels.to(self.device, torch.float32)).latent_dist
-        return posterior.mean * self.scaling_factor
+        return self.scaling.from_vae(posterior.mean)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents (B, C, h, w) -> pixels in [0, 1] (B, 3, H, W), float32; decoded in float32."""
-        pixels = self.vae.decode(latents.to(self.device, torch.float32) / self.scaling_factor).sample
+        """The backbone's latents (B, C, h, w) -> pixels in [0, 1] (B, 3, H, W), float32; decoded in float32."""
+        pixels = self.vae.decode(self.scaling.to_vae(latents.to(self.device, torch.float32))).sample
         return (pixels / 2 + 0.5).clamp(0, 1)
 
 
@@ -104,20 +172,19 @@ def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray((image * 255).round().astype(np.uint8)) for image in array]
 
 
-def _check_folder(folder: Path) -> dict:
+def _check_folder(folder: Path) -> tuple[dict, Family]:
     if not folder.is_dir():
         raise ModelLoadError(f"model folder {folder} does not exist or is not a folder")
     index_path = folder / "model_index.json"
     if not index_path.is_file():
         raise ModelLoadError(f"model folder {folder} has no model_index.json (not a diffusers-format folder)")
-    try:
-        index = json.loads(index_path.read_text())
-    except json.JSONDecodeError as error:
-        raise ModelLoadError(f"model folder {folder}: model_index.json is not valid JSON ({error})") from None
-    missing = [name for name in COMPONENTS if not (folder / name).is_dir()]
+    index = read_json(folder, "model_index.json")
+    family = family_for(folder, index)
+    family.check_index(folder, index)
+    missing = [name for name in family.components if not (folder / name).is_dir()]
     if missing:
         raise ModelLoadError(f"model folder {folder} is missing {', '.join(f'{name}/' for name in missing)}")
-    for name in WEIGHT_COMPONENTS:
+    for name in family.weight_components:
         files = [p for p in (folder / name).iterdir() if p.is_file()]
         if not (folder / name / "config.json").is_file():
             raise ModelLoadError(f"model folder {folder}: {name}/config.json is missing")
@@ -132,83 +199,114 @@ def _check_folder(folder: Path) -> dict:
         raise ModelLoadError(f"model folder {folder}: {name}/ has no .safetensors weights")
     if not (folder / "scheduler" / "scheduler_config.json").is_file():
         raise ModelLoadError(f"model folder {folder}: scheduler/scheduler_config.json is missing")
-    return index
+    return index, family
 
 
-def read_defaults(folder: Path, scheduler_config: dict) -> dict:
-    """The model's latentd.json, checked: {"default_sampler": name, "default_guidance_rescale": φ}, both optional."""
+def read_options(folder: Path) -> dict:
+    """latentd.json as given ({} where there is none), checked to be a JSON object."""
     path = folder / DEFAULTS_FILE
-    defaults = {"default_sampler": DEFAULT_SAMPLER, "default_guidance_rescale": 0.0}
     if not path.is_file():
-        return defaults
-    try:
-        given = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ModelLoadError(f"model folder {folder}: {DEFAULTS_FILE} is not valid JSON ({error})") from None
-    if not isinstance(given, dict) or set(given) - set(DEFAULTS_KEYS):
-        raise ModelLoadError(f"model folder {folder}: {DEFAULTS_FILE} may hold only {', '.join(DEFAULTS_KEYS)}")
-    defaults.update(given)
-    sampler, rescale = defaults["default_sampler"], defaults["default_guidance_rescale"]
+        return {}
+    given = read_json(folder, DEFAULTS_FILE)
+    if not isinstance(given, dict):
+        raise ModelLoadError(f"model folder {folder}: {DEFAULTS_FILE} must be a JSON object")
+    return given
+
+
+def read_defaults(folder: Path, scheduler_config: dict, family: Family | None = None) -> dict:
+    """The model's request defaults: the family's pipeline's, then latentd.json's, checked."""
+    from services.worker.families import FAMILIES
+
+    family = family or FAMILIES["StableDiffusionPipeline"]
+    given = read_options(folder)
+    allowed = (*DEFAULTS_KEYS, *family.options)
+    if set(given) - set(allowed):
+        raise ModelLoadError(f"model folder {folder}: {DEFAULTS_FILE} may hold only {', '.join(allowed)}")
     ruled_out = unsupported_samplers(scheduler_config)
-    if sampler not in SAMPLERS or sampler in ruled_out:
+    supported = [n for n in SAMPLERS if n not in ruled_out]
+    defaults = {
+        "default_sampler": DEFAULT_SAMPLER if DEFAULT_SAMPLER in supported else (supported or [DEFAULT_SAMPLER])[0],
+        "default_guidance_rescale": 0.0,
+        "default_guidance_scale": float(family.default_guidance_scale),
+        "default_num_inference_steps": int(family.default_num_inference_steps),
+    }
+    defaults.update({k: v for k, v in given.items() if k in DEFAULTS_KEYS})
+    sampler, rescale = defaults["default_sampler"], defaults["default_guidance_rescale"]
+    if sampler not in supported:
         raise ModelLoadError(
             f"model folder {folder}: {DEFAULTS_FILE} default_sampler must be one of "
-            f"{', '.join(n for n in SAMPLERS if n not in ruled_out)}, got {sampler!r}"
+            f"{', '.join(supported)}, got {sampler!r}"
         )
     if not isinstance(rescale, (int, float)) or not MIN_GUIDANCE_RESCALE <= rescale <= MAX_GUIDANCE_RESCALE:
         raise ModelLoadError(
             f"model folder {folder}: {DEFAULTS_FILE} default_guidance_rescale must be between "
             f"{MIN_GUIDANCE_RESCALE:g} and {MAX_GUIDANCE_RESCALE:g}, got {rescale!r}"
         )
+    if rescale and "guidance_rescale" not in family.params:
+        raise ModelLoadError(
+            f"model folder {folder}: {DEFAULTS_FILE} default_guidance_rescale does not apply to {family.label}"
+        )
+    scale, steps = defaults["default_guidance_scale"], defaults["default_num_inference_steps"]
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale <= MAX_GUIDANCE:
+        raise ModelLoadError(
+            f"model folder {folder}: {DEFAULTS_FILE} default_guidance_scale must be between 0 and {MAX_GUIDANCE:g}"
+        )
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise ModelLoadError(
+            f"model folder {folder}: {DEFAULTS_FILE} default_num_inference_steps must be an integer 1..{MAX_STEPS}"
+        )
+    for key in ("native_width", "native_height"):
+        value = given.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 8):
+            raise ModelLoadError(f"model folder {folder}: {DEFAULTS_FILE} {key} must be an integer of at least 8")
     defaults["default_guidance_rescale"] = float(rescale)
+    defaults["default_guidance_scale"] = float(scale)
     return defaults
 
 
 def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None) -> LoadedModel:
-    """Load the model at `path`. dtype defaults to float32 on CPU and float16 on CUDA."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
+    """Load the model at `path`. dtype defaults to float32 on CPU and to the family's on CUDA (float16 for SD and
+    SDXL, bfloat16 for SD3 and Flux)."""
     folder = Path(path).resolve()
-    _check_folder(folder)
+    index, family = _check_folder(folder)
     device_ = torch.device(device)
     if dtype is None:
-        dtype = torch.float16 if device_.type == "cuda" else torch.float32
+        dtype = family.cuda_dtype if device_.type == "cuda" else torch.float32
     if device_.type == "cpu" and dtype != torch.float32:
         raise ModelLoadError(f"model folder {folder}: dtype {dtype} is not supported on CPU; use float32")
     try:
-        unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True, dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True, dtype=torch.float32)
-        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", use_safetensors=True, dtype=dtype)
-        tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
         scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-        alphas_cumprod = alphas_cumprod_from_config(scheduler_config)
-        defaults = read_defaults(folder, scheduler_config)
-    except ModelLoadError:
-        raise
+        defaults = read_defaults(folder, scheduler_config, family)
+        options = read_options(folder)
+        components = family.load(folder, index, device_, dtype)
+        facts = family.describe(index, components, options)
+        counting_tokenizer = type(components[facts.tokenizer]).from_pretrained(folder / facts.tokenizer)
+        alphas_cumprod = None if family.flow else alphas_cumprod_from_config(scheduler_config)
+    except ModelLoadError as error:
+        if str(folder) in str(error):
+            raise
+        raise ModelLoadError(f"model folder {folder}: {error}") from error
     except Exception as error:
         raise ModelLoadError(f"model folder {folder} could not be loaded: {type(error).__name__}: {error}") from error
-    for module in (unet, vae, text_encoder):
-        module.to(device_).eval().requires_grad_(False)
-    vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    sample_size = unet.config.sample_size
-    latent_h, latent_w = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
+    if family.flow != (scheduler_config.get("_class_name") == "FlowMatchEulerDiscreteScheduler"):
+        raise ModelLoadError(
+            f"model folder {folder}: a {family.label} model needs "
+            f"{'a flow-matching' if family.flow else 'a DDPM-family'} scheduler, "
+            f"got {scheduler_config.get('_class_name')!r}"
+        )
     return LoadedModel(
         name=folder.name,
         path=folder,
         device=device_,
         dtype=dtype,
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
+        family=family,
+        components=components,
+        index=index,
         scheduler_config=dict(scheduler_config),
-        native_width=latent_w * vae_scale_factor,
-        native_height=latent_h * vae_scale_factor,
-        latent_channels=unet.config.in_channels,
-        vae_scale_factor=vae_scale_factor,
-        max_prompt_tokens=int(tokenizer.model_max_length),
+        facts=facts,
         num_train_timesteps=int(scheduler_config.get("num_train_timesteps", 1000)),
         alphas_cumprod=alphas_cumprod,
+        options=options,
+        counting_tokenizer=counting_tokenizer,
         **defaults,
     )

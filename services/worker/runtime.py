@@ -1,27 +1,29 @@
 """The worker process's runtime: one engine per model (loaded once, started with the worker) and the
-Redis step-event writer, which runs on the engine thread once per iteration with one pipeline for all jobs.
+Redis step-event writer, which runs on the engine thread once per iteration with one round trip for all jobs.
 
 Request ids are "<job id>:<attempt>[:<index>]", so the writer knows each event's job and fence without a lookup.
-The same pipeline reads every stepped job's cancel flag and current attempt: a cancelled job, or an attempt
-superseded by a redelivered copy, leaves the batch at the next step.
+The same round trip reads every stepped job's cancel flag and current attempt (JobStore.write_steps): a
+cancelled job, or an attempt superseded by a redelivered copy, leaves the batch at the next step.
 """
 
 from __future__ import annotations
 
 import base64
 import io
-import json
 import logging
 import threading
 import time
 from pathlib import Path
 
-from services.common.jobstore import JobStore, blob_key, events_key, frame_blob_name, job_key
+from services.common.jobs import JobRecord
+from services.common.jobstore import JobStore, StepWrite, frame_blob_name, image_blob_name
+from services.common.models import ModelInfo
 from services.common.settings import Settings
 from services.worker import metrics as worker_metrics
 from services.worker.engine.engine import Engine, RequestHandle
 from services.worker.engine.requests import StepEvent, TrajectoryFrame
-from services.worker.loading import LoadedModel, load_model
+from services.worker.heartbeat import worker_id
+from services.worker.loading import DTYPES, LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
@@ -36,30 +38,55 @@ def parse_request_id(rid: str) -> tuple[str, int, int | None]:
 
 
 def png_b64(image) -> str:
+    return base64.b64encode(encode_image(image, "png")).decode()
+
+
+def encode_image(image, fmt: str) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
+    image.convert("RGB").save(buffer, format={"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}[fmt])
+    return buffer.getvalue()
 
 
-def model_info(model: LoadedModel, engine: Engine) -> dict:
+def scheduler_description(config: dict) -> str:
+    """The scheduler class and its training schedule: "DDIMScheduler / scaled_linear", or for flow matching
+    "FlowMatchEulerDiscreteScheduler / shift 3" (or "/ dynamic shift 0.5..1.15")."""
+    name = config.get("_class_name", "DDIMScheduler")
+    if name != "FlowMatchEulerDiscreteScheduler":
+        return f"{name} / {config.get('beta_schedule', '?')}"
+    if config.get("use_dynamic_shifting"):
+        return f"{name} / dynamic shift {config.get('base_shift', 0.5):g}..{config.get('max_shift', 1.15):g}"
+    return f"{name} / shift {float(config.get('shift', 1.0)):g}"
+
+
+def model_info(model: LoadedModel, engine: Engine) -> ModelInfo:
     config = model.scheduler_config
-    return {
-        "name": model.name,
-        "native_width": model.native_width,
-        "native_height": model.native_height,
-        "scheduler": f"{config.get('_class_name', 'DDIMScheduler')} / {config.get('beta_schedule', '?')}",
-        "max_prompt_tokens": model.max_prompt_tokens,
-        "num_train_timesteps": model.num_train_timesteps,
-        "size_multiple": engine.size_multiple,
-        "max_inference_steps": engine.samplers[engine.default_sampler].max_steps(),  # the default sampler's
-        "tokenizer_path": str(Path(model.path) / "tokenizer"),
-        # the samplers this model supports (sampler_names.SAMPLERS less those its scheduler config rules out),
-        # the one a request without `sampler` gets, and each one's step limit
-        "samplers": list(engine.samplers),
-        "default_sampler": engine.default_sampler,
-        "sampler_max_inference_steps": {name: sampler.max_steps() for name, sampler in engine.samplers.items()},
-        "default_guidance_rescale": model.default_guidance_rescale,
-    }
+    flow = model.family.flow
+    return ModelInfo(
+        name=model.name,
+        native_width=model.native_width,
+        native_height=model.native_height,
+        scheduler=scheduler_description(config),
+        max_prompt_tokens=model.max_prompt_tokens,
+        num_train_timesteps=model.num_train_timesteps,
+        size_multiple=engine.size_multiple,
+        max_inference_steps=engine.limits.max_inference_steps,  # the default sampler's
+        tokenizer_path=str(Path(model.path) / model.facts.tokenizer),
+        tokenizer_class=model.facts.tokenizer_class,
+        samplers=list(engine.limits.samplers),
+        default_sampler=engine.limits.default_sampler,
+        sampler_max_inference_steps=dict(engine.limits.sampler_max_steps),
+        default_guidance_rescale=engine.limits.default_guidance_rescale,
+        family=model.family.name,
+        pipeline=model.family.pipeline,
+        prediction_type=model.prediction_type,
+        flow_shift=float(config.get("shift", 1.0)) if flow and not config.get("use_dynamic_shifting") else None,
+        dynamic_shift=bool(flow and config.get("use_dynamic_shifting")),
+        guidance_form=model.facts.guidance_form,
+        true_cfg=model.family.true_cfg,
+        default_guidance_scale=model.default_guidance_scale,
+        default_num_inference_steps=model.default_num_inference_steps,
+        params=list(model.facts.params),
+    )
 
 
 def reverse_frame_entries(frame: TrajectoryFrame) -> list[tuple[int, dict, object]]:
@@ -67,23 +94,31 @@ def reverse_frame_entries(frame: TrajectoryFrame) -> list[tuple[int, dict, objec
     return [
         (
             2 * frame.index + k,
-            {"step": frame.step, "timestep": frame.timestep, "alpha_bar": frame.alpha_bar, "what": what},
+            {"step": frame.step, "timestep": frame.timestep, **frame.noise_level, "what": what},
             images[0],
         )
         for k, (what, images) in enumerate((("x_t", frame.x_t), ("x0_pred", frame.x0_pred)))
     ]
 
 
+def frame_event(job_id: str, attempt: int, index: int, meta: dict, emitted_at: float) -> dict:
+    return meta | {
+        "index": index,
+        "attempt": attempt,
+        "url": f"/v1/jobs/{job_id}/frames/{index}",
+        "emitted_at": emitted_at,
+    }
+
+
 class StepEventWriter:
-    """on_step_events for one engine: one Redis pipeline per iteration."""
+    """on_step_events for one engine: one Redis round trip per iteration."""
 
     def __init__(self, store: JobStore, runtime: Runtime):
         self.store, self.runtime = store, runtime
 
     def __call__(self, events: list[StepEvent]) -> None:
         emitted_at = time.time()
-        pipe = self.store.redis.pipeline(transaction=False)
-        stepped: list[tuple[str, int]] = []  # request id, position of its cancel/attempt read in the pipeline
+        writes = []
         for event in events:
             job_id, attempt, index = parse_request_id(event.request_id)
             data = {
@@ -97,42 +132,22 @@ class StepEventWriter:
                 data["index"] = index
             if event.preview is not None:
                 data["preview"] = png_b64(event.preview)
-            pipe.xadd(events_key(job_id), {"event": "step", "data": json.dumps(data)})
+            frames = []
             if event.frame is not None:  # a reverse trajectory's frame: stored and announced now, not at the end
-                for frame_index, meta, image in reverse_frame_entries(event.frame):
-                    pipe.set(
-                        blob_key(job_id, frame_blob_name(attempt, frame_index)),
-                        encode_image(image, "png"),
-                        ex=self.store.ttl_s,
-                    )
-                    pipe.xadd(
-                        events_key(job_id),
-                        {
-                            "event": "frame",
-                            "data": json.dumps(
-                                dict(
-                                    meta,
-                                    index=frame_index,
-                                    attempt=attempt,
-                                    url=f"/v1/jobs/{job_id}/frames/{frame_index}",
-                                    emitted_at=emitted_at,
-                                )
-                            ),
-                        },
-                    )
-            pipe.hset(job_key(job_id), "progress", json.dumps({"step": event.step, "total": event.total}))
-            pipe.hmget(job_key(job_id), "cancel", "attempt")
-            stepped.append((event.request_id, len(pipe) - 1))
+                frames = [
+                    (i, frame_event(job_id, attempt, i, meta, emitted_at), encode_image(image, "png"))
+                    for i, meta, image in reverse_frame_entries(event.frame)
+                ]
+            progress = {"step": event.step, "total": event.total}
+            writes.append(StepWrite(job_id, attempt, data, progress, frames))
         try:
-            replies = pipe.execute()
+            controls = self.store.write_steps(writes)
         except Exception:
             log.exception("step-event write failed")
             return
-        for rid, (cancel, current) in ((rid, replies[position]) for rid, position in stepped):
-            _, attempt, _ = parse_request_id(rid)
-            superseded = current is not None and int(current) != attempt
-            if cancel == b"1" or superseded:
-                handle = self.runtime.handle(rid)
+        for event, (cancel, superseded) in zip(events, controls):
+            if cancel or superseded:
+                handle = self.runtime.handle(event.request_id)
                 if handle is not None:
                     handle.cancel()
 
@@ -140,16 +155,21 @@ class StepEventWriter:
 class Runtime:
     """Per-process singleton: the models this worker serves, their engines, the open request handles."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, worker: str | None = None):
         self.settings = settings
+        self.worker = worker or worker_id()
         self.store = JobStore.from_url(settings.redis_url, settings.result_ttl_s)
         self.engines: dict[str, Engine] = {}
         self._handles: dict[str, RequestHandle] = {}
+        self._held: dict[str, dict[str, int]] = {}  # model -> {job id: attempt} this worker runs
         self._lock = threading.Lock()
 
     def load(self, paths: list[str]) -> None:
         for path in paths:
-            model = load_model(path, device=self.settings.worker_device)
+            if self.settings.worker_dtype and self.settings.worker_dtype not in DTYPES:
+                raise ValueError(f"LATENTD_WORKER_DTYPE must be one of {', '.join(DTYPES)} or empty")
+            dtype = DTYPES[self.settings.worker_dtype] if self.settings.worker_dtype else None
+            model = load_model(path, device=self.settings.worker_device, dtype=dtype)
             engine = Engine(
                 model, max_batch_rows=self.settings.max_batch_rows, on_step_events=StepEventWriter(self.store, self)
             ).start()
@@ -178,6 +198,26 @@ class Runtime:
         with self._lock:
             return self._handles.get(rid)
 
+    def hold(self, model: str, job_id: str, attempt: int) -> None:
+        with self._lock:
+            self._held.setdefault(model, {})[job_id] = attempt
+
+    def release(self, model: str, job_id: str) -> None:
+        with self._lock:
+            self._held.get(model, {}).pop(job_id, None)
+
+    def held(self) -> dict[str, list[tuple[str, int]]]:
+        """{model: [(job id, attempt)]} of the attempts this worker runs now (their leases to renew)."""
+        with self._lock:
+            return {model: list(jobs.items()) for model, jobs in self._held.items() if jobs}
+
+    def cancel_job(self, job_id: str) -> None:
+        """Drop every engine request of the job (a superseded or requeued attempt)."""
+        with self._lock:
+            handles = [h for rid, h in self._handles.items() if parse_request_id(rid)[0] == job_id]
+        for handle in handles:
+            handle.cancel()
+
 
 _runtime: Runtime | None = None
 _runtime_lock = threading.Lock()
@@ -196,105 +236,83 @@ def get_runtime(settings: Settings | None = None) -> Runtime:
 # ---- running one job (the Celery tasks call these) ----
 
 
-def encode_image(image, fmt: str) -> bytes:
-    buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, format={"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}[fmt])
-    return buffer.getvalue()
-
-
 class JobRun:
-    """One claimed attempt of one job: start it, then finish it exactly once (or step aside)."""
+    """One claimed attempt of one job: taken in fair order with a lease, finished exactly once (or left to
+    the attempt that superseded it)."""
 
-    def __init__(self, runtime: Runtime, job_id: str):
-        self.runtime, self.store, self.job_id = runtime, runtime.store, job_id
-        self.job: dict | None = None
-        self.attempt: int | None = None
+    def __init__(self, runtime: Runtime, job_id: str, attempt: int):
+        self.runtime, self.store, self.job_id, self.attempt = runtime, runtime.store, job_id, attempt
+        self.job: JobRecord | None = None
         self.started_at = 0.0
 
-    def claim(self) -> bool:
-        self.job = self.store.get(self.job_id)
-        if self.job is None:
-            return False
-        self.attempt = self.store.claim(self.job_id)
-        if self.attempt is None:
-            return False
-        self.started_at = time.time()
-        queued_at = self.job["timings"].get("queued_at", self.started_at)
-        timings = dict(self.job["timings"], started_at=self.started_at, queue_s=self.started_at - queued_at)
-        self.store.emit(
-            self.job_id, "started", {"attempt": self.attempt, "emitted_at": self.started_at}, timings=timings
-        )
-        self.job["timings"] = timings
-        worker_metrics.observe_queue_wait(self.job["model"], queued_at, self.started_at)
-        return True
+    @classmethod
+    def take(cls, runtime: Runtime, model: str) -> JobRun | None:
+        """The model's next job in fair order, claimed with a lease and started; None when none waits."""
+        taken = runtime.store.take(model, runtime.settings.lease_s, runtime.worker)
+        if taken is None:
+            return None
+        run = cls(runtime, *taken)
+        runtime.hold(model, run.job_id, run.attempt)
+        run.job = runtime.store.get(run.job_id)
+        if run.job is None:  # expired in the instant between
+            runtime.release(model, run.job_id)
+            return None
+        run.started_at = time.time()
+        queued_at = run.job.timings.get("queued_at", run.started_at)
+        run.job.timings |= {"started_at": run.started_at, "queue_s": run.started_at - queued_at}
+        run.store.started(run.job_id, run.attempt, run.job.timings)
+        worker_metrics.observe_queue_wait(run.job.model, queued_at, run.started_at)
+        return run
+
+    def release(self) -> None:
+        self.runtime.release(self.job.model, self.job_id)
 
     @property
     def params(self) -> dict:
-        return self.job["params"]
+        return self.job.params
 
     def engine(self) -> Engine:
-        return self.runtime.engine(self.job["model"])
+        return self.runtime.engine(self.job.model)
 
     def _timings(self) -> dict:
         finished = time.time()
-        return dict(self.job["timings"], finished_at=finished, run_s=finished - self.started_at)
+        return self.job.timings | {"finished_at": finished, "run_s": finished - self.started_at}
 
     def succeed(self, images: list, frames: list[tuple[dict, object]] = (), frames_streamed: bool = False) -> bool:
         """Write the result once. `frames_streamed`: the step writer already stored the frames and sent
         their events (a reverse trajectory); only their TTL is renewed to match the job's."""
         fmt = self.params.get("output_format", "png")
-        blobs, names, metas = {}, [], []
+        blobs, names = {}, []
         for index, image in enumerate(images):
-            names.append(f"a{self.attempt}-image-{index}")
+            names.append(image_blob_name(self.attempt, index))
             blobs[names[-1]] = encode_image(image, fmt)
-        for index, (meta, image) in enumerate(frames):
-            name = frame_blob_name(self.attempt, index)
-            if not frames_streamed:
-                blobs[name] = encode_image(image, "png")
-            metas.append(dict(meta, blob=name))
+        metas = [dict(meta, blob=frame_blob_name(self.attempt, index)) for index, (meta, _) in enumerate(frames)]
         if frames_streamed:
-            pipe = self.store.redis.pipeline(transaction=False)
-            for meta in metas:
-                pipe.expire(blob_key(self.job_id, meta["blob"]), self.store.ttl_s)
-            pipe.execute()
-        elif frames:  # frame events first (they are not terminal), then the write-once result
-            pipe = self.store.redis.pipeline(transaction=False)
+            self.store.renew_blobs(self.job_id, [meta["blob"] for meta in metas])
+        elif frames:  # frames (pictures, then events; not terminal) before the write-once result
             now = time.time()
-            self.store.add_events(
-                pipe,
+            self.store.add_frames(
                 self.job_id,
+                self.attempt,
                 [
-                    (
-                        "frame",
-                        dict(
-                            meta,
-                            index=i,
-                            attempt=self.attempt,
-                            url=f"/v1/jobs/{self.job_id}/frames/{i}",
-                            emitted_at=now,
-                        ),
-                    )
-                    for i, meta in enumerate(metas)
+                    (i, frame_event(self.job_id, self.attempt, i, meta, now), encode_image(image, "png"))
+                    for i, (meta, image) in enumerate(frames)
                 ],
             )
-            if self._current():
-                pipe.execute()
+        steps = self.job.total_steps
         done = {"id": self.job_id, "images": len(names), "frames": len(metas), "emitted_at": time.time()}
-        return self.store.finish(
-            self.job_id,
-            self.job["model"],
-            self.attempt,
-            "succeeded",
-            {"images": names, "frames": metas, "timings": self._timings(), "progress": {"done": True}},
-            ("succeeded", done),
-            blobs,
-        )
+        fields = {
+            "images": names,
+            "frames": metas,
+            "timings": self._timings(),
+            "progress": {"step": steps, "total": steps, "done": True},
+        }
+        return self.store.finish(self.job, self.attempt, "succeeded", fields, ("succeeded", done), blobs)
 
     def fail(self, error_type: str, message: str, param: str | None = None) -> bool:
         error = {"type": error_type, "message": message, "param": param}
         return self.store.finish(
-            self.job_id,
-            self.job["model"],
+            self.job,
             self.attempt,
             "failed",
             {"error": error, "timings": self._timings()},
@@ -302,17 +320,12 @@ class JobRun:
         )
 
     def cancelled(self) -> bool:
-        if not self._current():
-            return False  # a redelivered copy took over: it finishes the job, not us
+        if not self.store.holds(self.job_id, self.attempt):
+            return False  # requeued meanwhile: the attempt that takes it over finishes it, not us
         return self.store.finish(
-            self.job_id,
-            self.job["model"],
+            self.job,
             self.attempt,
             "cancelled",
             {"timings": self._timings()},
             ("cancelled", {"id": self.job_id, "emitted_at": time.time()}),
         )
-
-    def _current(self) -> bool:
-        current = self.store.redis.hget(job_key(self.job_id), "attempt")
-        return current is not None and int(current) == self.attempt

@@ -1,12 +1,13 @@
-"""Celery tasks: thin adapters. Each takes a job id, claims a fenced attempt, runs the job on the engine,
-and writes the result once (services.worker.runtime.JobRun). Errors become job failures here, at the edge."""
+"""The Celery task: a thin adapter. It takes the model's next job in fair order (a fenced attempt with a
+lease), runs it on the engine and writes the result once (services.worker.runtime.JobRun). Errors become
+job failures here, at the edge."""
 
 from __future__ import annotations
 
 import logging
 import time
 
-from services.common.tasks import GENERATE_TASK, TRAJECTORY_TASK
+from services.common.tasks import RUN_TASK
 from services.worker import metrics as worker_metrics
 from services.worker.celery_app import app
 from services.worker.runtime import JobRun, get_runtime
@@ -15,35 +16,30 @@ from services.worker.trajectories import KINDS
 log = logging.getLogger(__name__)
 
 
-def run_job(job_id: str) -> str:
-    run = JobRun(get_runtime(), job_id)
-    if not run.claim():
-        return "skipped"  # gone, already over, or cancelled while queued
+def run_next(model: str) -> str:
+    """Run the model's next job; the job's final status, or "idle" when no job waits."""
+    runtime = get_runtime()
+    if model not in runtime.engines:
+        return "not_served"  # queues are per model: only a misrouted task gets here
+    run = JobRun.take(runtime, model)
+    if run is None:
+        return "idle"  # one task per job; a spare task (a requeue's, a top-up's) finds nothing to do
     try:
-        if run.job["model"] not in run.runtime.engines:
-            run.fail("model_not_served", f"this worker does not serve model {run.job['model']!r}", "model")
-        else:
-            KINDS[run.job["kind"]](run)
+        KINDS[run.job.kind](run)
     except Exception as error:
-        log.exception("job %s failed", job_id)
+        log.exception("job %s failed", run.job_id)
         run.fail("internal_error", f"{type(error).__name__}: {error}")
-    final = run.store.get(job_id)
-    if final["attempt"] == run.attempt:  # a redelivered copy that took over counts its own run
-        worker_metrics.observe_job_end(
-            run.job["model"],
-            run.job["kind"],
-            final["status"],
-            (final["error"] or {}).get("type"),
-            time.time() - run.started_at,
-        )
-    return final["status"]
+    finally:
+        run.release()
+    final = run.store.get(run.job_id)
+    if final is None:
+        return "expired"
+    if final.attempt == run.attempt:  # a requeued copy that took over counts its own run
+        error_type = (final.error or {}).get("type")
+        worker_metrics.observe_job_end(final.model, final.kind, final.status, error_type, time.time() - run.started_at)
+    return final.status
 
 
-@app.task(name=GENERATE_TASK)
-def generate(job_id: str) -> str:
-    return run_job(job_id)
-
-
-@app.task(name=TRAJECTORY_TASK)
-def trajectory(job_id: str) -> str:
-    return run_job(job_id)
+@app.task(name=RUN_TASK)
+def run(model: str) -> str:
+    return run_next(model)

@@ -4,23 +4,29 @@
 - reverse: one request with trajectory_every = k; each kept step's x_t and x0 prediction, decoded.
 - guidance_sweep: one request per scale, submitted together so they share UNet batches.
 - forward: x0 (uploaded, or generated from prompt and seed), noised to every t with one ε fixed by noise_seed
-  (x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε), in pixel or latent space; the VAE work runs on the engine thread (Engine.call).
+  (x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε; for flow-matching models x_σ = (1 − σ)·x0 + σ·ε with σ = t/T, σ in the
+  frame's metadata instead of ᾱ), in pixel or latent space; the VAE work runs on the engine thread (Engine.call).
 """
 
 from __future__ import annotations
 
-import base64
 import io
 
 import torch
 from PIL import Image
 
+from services.common.jobstore import INPUT_BLOB
+from services.common.rules import SIZE_CONDITIONING_PARAMS
+from services.worker.diffusion.flow_matching import flow_forward_trajectory
 from services.worker.diffusion.forward import alpha_bars_paper, forward_trajectory
 from services.worker.engine.engine import Engine
 from services.worker.engine.errors import EngineError, InvalidRequestError, NonFiniteOutputError, RequestCancelled
 from services.worker.engine.requests import GenerationRequest, GenerationResult
 from services.worker.loading import LoadedModel, to_pil
 from services.worker.runtime import JobRun, request_id, reverse_frame_entries
+
+# request fields of some families only (services/common/rules.py): a job's params carry them, None where unset
+FAMILY_FIELDS = ("true_cfg_scale", *SIZE_CONDITIONING_PARAMS)
 
 
 def generation_request(run: JobRun, index: int | None = None, **overrides) -> GenerationRequest:
@@ -38,6 +44,7 @@ def generation_request(run: JobRun, index: int | None = None, **overrides) -> Ge
         height=p["height"],
         num_images=p.get("num_images", 1),
         preview_every=p.get("preview_every", 0),
+        **{name: p.get(name) for name in FAMILY_FIELDS},  # absent in older jobs: None
     )
     fields.update(overrides)
     return GenerationRequest(request_id=request_id(run.job_id, run.attempt, index), **fields)
@@ -94,11 +101,24 @@ def guidance_sweep(run: JobRun) -> None:
         run.succeed([frame[1] for frame in frames], frames)
 
 
-def _uploaded_pixels(data: str, width: int, height: int) -> torch.Tensor:
-    payload = data.split(",", 1)[1] if data.startswith("data:") else data
-    image = Image.open(io.BytesIO(base64.b64decode(payload))).convert("RGB").resize((width, height), Image.BICUBIC)
+def _pixels(picture: Image.Image, width: int, height: int) -> torch.Tensor:
+    image = picture.convert("RGB").resize((width, height), Image.BICUBIC)
     pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(height, width, 3)
     return pixels.permute(2, 0, 1).float().div(127.5).sub(1).unsqueeze(0)  # (1, 3, H, W) in [-1, 1]
+
+
+def noise_levels(model: LoadedModel, timesteps: list[int]) -> list[dict[str, float]]:
+    """Each forward frame's noise level: {"alpha_bar": ᾱ_t}, or {"sigma": t/T} for a flow-matching model."""
+    if model.family.flow:
+        return [{"sigma": t / model.num_train_timesteps} for t in timesteps]
+    return [{"alpha_bar": a} for a in alpha_bars_paper(model.alphas_cumprod, timesteps).tolist()]
+
+
+def _noised(model: LoadedModel, x0: torch.Tensor, timesteps: list[int], noise_seed: int) -> torch.Tensor:
+    """x0 at every t, one ε: q(x_t | x0) of DDPM, or the straight line of flow matching."""
+    if model.family.flow:
+        return flow_forward_trajectory(x0, timesteps, model.num_train_timesteps, noise_seed)[0]
+    return forward_trajectory(x0, timesteps, model.alphas_cumprod, noise_seed)
 
 
 def _noise_frames(
@@ -108,22 +128,22 @@ def _noise_frames(
     with torch.inference_mode():
         if space == "latent":
             x0 = model.encode_images(pixels)  # (1, C, h, w)
-            x_t = forward_trajectory(x0, timesteps, model.alphas_cumprod, noise_seed)  # (N, C, h, w)
+            x_t = _noised(model, x0, timesteps, noise_seed)  # (N, C, h, w)
             images = [model.decode_latents(x_t[i : i + 8]) for i in range(0, x_t.shape[0], 8)]
             return to_pil(torch.cat(images))
-        x_t = forward_trajectory(pixels.to(model.device), timesteps, model.alphas_cumprod, noise_seed)  # (N, 3, H, W)
+        x_t = _noised(model, pixels.to(model.device), timesteps, noise_seed)  # (N, 3, H, W)
         return to_pil((x_t / 2 + 0.5).clamp(0, 1))
 
 
 def forward(run: JobRun) -> None:
     p = run.params
     if p.get("has_image"):
-        data = run.store.blob(run.job_id, "input")
+        data = run.store.blob(run.job_id, INPUT_BLOB)
         if data is None:
             run.fail("invalid_request_error", "the uploaded image has expired", "image")
             return
         try:
-            pixels = _uploaded_pixels(data.decode(), p["width"], p["height"])
+            pixels = _pixels(Image.open(io.BytesIO(data)), p["width"], p["height"])
         except Exception as error:  # noqa: BLE001 - a picture PIL cannot read is the caller's error
             run.fail("invalid_request_error", f"image could not be decoded: {error}", "image")
             return
@@ -133,28 +153,21 @@ def forward(run: JobRun) -> None:
         if not results:
             return
         source = results[0].images[0]
-        pixels = _uploaded_pixels(base64.b64encode(_png(source)).decode(), p["width"], p["height"])
+        pixels = _pixels(source, p["width"], p["height"])
     engine: Engine = run.engine()
     timesteps = p["timesteps"]
     try:
         images = engine.call(
             lambda model: _noise_frames(model, pixels, timesteps, p["noise_seed"], p["space"])
         ).result()
-        alpha_bars = alpha_bars_paper(engine.model.alphas_cumprod, timesteps).tolist()
+        levels = noise_levels(engine.model, timesteps)
     except (ValueError, EngineError) as error:
         run.fail("invalid_request_error", str(error), "timesteps")
         return
     frames = [
-        ({"timestep": t, "alpha_bar": a, "space": p["space"]}, image)
-        for t, a, image in zip(timesteps, alpha_bars, images)
+        ({"timestep": t, **level, "space": p["space"]}, image) for t, level, image in zip(timesteps, levels, images)
     ]
     run.succeed([source] if source is not None else [], frames)
-
-
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 KINDS = {"generation": generation, "reverse": reverse, "guidance_sweep": guidance_sweep, "forward": forward}

@@ -11,7 +11,8 @@ from fastapi.testclient import TestClient
 
 from services.api.__main__ import main as serve_main
 from services.api.app import create_app
-from services.common.jobstore import JobStore
+from services.common.jobstore import JobStore, events_key
+from services.common.models import ModelInfo
 from services.common.settings import Settings, hash_key
 
 REDIS_URL = "redis://127.0.0.1:6379/11"
@@ -25,22 +26,25 @@ def client(model_path):
         redis_url=REDIS_URL,
         api_key_hashes=hash_key(KEY),
         max_queue_per_model=2,
+        max_queue_per_key=2,
         max_body_bytes=4096,
         retry_after_s=7,
         max_num_images=4,
     )
     JobStore.from_url(REDIS_URL).publish_model(
-        {
-            "name": "tiny",
-            "native_width": 32,
-            "native_height": 32,
-            "scheduler": "DDIMScheduler / scaled_linear",
-            "max_prompt_tokens": 77,
-            "num_train_timesteps": 1000,
-            "size_multiple": 8,
-            "max_inference_steps": 999,
-            "tokenizer_path": str(model_path / "tokenizer"),
-        }
+        ModelInfo.from_dict(
+            {
+                "name": "tiny",
+                "native_width": 32,
+                "native_height": 32,
+                "scheduler": "DDIMScheduler / scaled_linear",
+                "max_prompt_tokens": 77,
+                "num_train_timesteps": 1000,
+                "size_multiple": 8,
+                "max_inference_steps": 999,
+                "tokenizer_path": str(model_path / "tokenizer"),
+            }
+        )
     )
     with TestClient(create_app(settings), headers={"Authorization": f"Bearer {KEY}"}) as test_client:
         yield test_client
@@ -77,8 +81,8 @@ def test_the_job_record_holds_the_resolved_defaults(client):
     params = job["params"]
     assert params["model"] == "tiny" and (params["width"], params["height"]) == (32, 32)
     assert isinstance(params["seed"], int) and params["num_inference_steps"] == 50 and params["guidance_scale"] == 7.5
-    events = JobStore.from_url(REDIS_URL).read_events(job["id"])
-    assert [name for _, name, _ in events] == ["queued"]
+    events = redis.Redis.from_url(REDIS_URL).xrange(events_key(job["id"]))
+    assert [fields[b"event"] for _, fields in events] == [b"queued"]
 
 
 def test_steps_past_the_schedulers_limit_are_refused_before_queueing(client):
@@ -145,7 +149,8 @@ def test_a_running_jobs_streamed_frames_can_be_fetched(client):
         "/v1/trajectories", json={"kind": "reverse", "prompt": "x", "num_inference_steps": 4, "trajectory_every": 2}
     ).json()
     store = JobStore.from_url(REDIS_URL)
-    attempt = store.claim(job["id"])  # what a worker does when it starts the job
+    taken, attempt = store.take("tiny", 15, "test-worker")  # what a worker does when it starts the job
+    assert taken == job["id"]
     store.redis.set(blob_key(job["id"], frame_blob_name(attempt, 0)), b"\x89PNG frame 0")  # what its step writer does
     assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "running"
     assert client.get(f"/v1/jobs/{job['id']}/frames/0").content == b"\x89PNG frame 0"
@@ -168,11 +173,102 @@ def test_no_keys_means_loopback_only(monkeypatch, capsys):
         assert serve_main(["--host", "0.0.0.0", "--port", "1"]) == 2
     finally:
         settings_module.get_settings.cache_clear()
-    assert "refusing to bind to 0.0.0.0" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # the variables the README documents, both of them
+    assert "refusing to bind to 0.0.0.0" in err and "LATENTD_API_KEYS" in err and "LATENTD_API_KEY_HASHES" in err
 
 
 def test_openapi_documents_limits_and_defaults(client):
     schema = client.get("/openapi.json").json()["components"]["schemas"]["GenerationCreate"]["properties"]
     steps = schema["num_inference_steps"]
-    assert (steps["minimum"], steps["maximum"], steps["default"]) == (1, 1000, 50) and steps["description"]
-    assert schema["guidance_scale"]["default"] == 7.5
+    bounds = next(kind for kind in steps["anyOf"] if kind.get("type") == "integer")
+    assert (bounds["minimum"], bounds["maximum"], steps.get("default")) == (1, 1000, None)
+    assert "default_num_inference_steps" in steps["description"]  # null: the model's own default (SD: 50)
+    assert "default_guidance_scale" in schema["guidance_scale"]["description"]
+    assert "Flux only" in schema["true_cfg_scale"]["description"] and "SDXL only" in schema["crop_top"]["description"]
+
+
+def test_one_seed_limit_for_every_door(client):
+    """2**63 - 1 is the largest seed (the proto's int64): REST refuses 2**63 with the rules' message."""
+    assert client.post("/v1/generations", json={"prompt": "x", "seed": 2**63 - 1}).status_code == 202
+    refused = client.post("/v1/generations", json={"prompt": "x", "seed": 2**63})
+    assert refused.status_code == 422
+    assert refused.json()["error"] == {
+        "type": "invalid_request_error",
+        "message": "seed must be between 0 and 9223372036854775807, got 9223372036854775808",
+        "param": "seed",
+    }
+
+
+def test_prompts_are_limited_in_characters_before_tokenizing(client):
+    refused = client.post("/v1/generations", json={"prompt": "x" * 4001})
+    assert refused.status_code == 422 and refused.json()["error"]["param"] == "prompt"
+    assert refused.json()["error"]["message"] == "prompt must be at most 4000 characters, got 4001"
+
+
+def test_samplers_and_guidance_rescale_are_checked_by_the_model_and_resolved(client):
+    job = client.post("/v1/generations", json={"prompt": "x", "num_inference_steps": 5}).json()
+    assert job["params"]["sampler"] == "ddim" and job["params"]["guidance_rescale"] == 0.0
+    for body, param, message in (
+        ({"sampler": "plms"}, "sampler", "sampler must be one of ddim for model 'tiny', got 'plms'"),
+        ({"guidance_rescale": 1.5}, "guidance_rescale", "guidance_rescale must be between 0 and 1, got 1.5"),
+        ({"eta": 0.5, "sampler": "plms"}, "sampler", "sampler must be one of ddim"),
+    ):
+        refused = client.post("/v1/generations", json={"prompt": "x"} | body)
+        assert refused.status_code == 422 and refused.json()["error"]["param"] == param
+        assert refused.json()["error"]["message"].startswith(message)
+
+
+def test_a_retry_with_the_same_idempotency_key_and_body_returns_the_first_job(client):
+    body = {"prompt": "a red circle", "num_inference_steps": 5}  # seed null: drawn once, by the first request
+    first = client.post("/v1/generations", json=body, headers={"Idempotency-Key": "retry-1"})
+    assert first.status_code == 202 and "Idempotent-Replayed" not in first.headers
+    again = client.post("/v1/generations", json=dict(reversed(body.items())), headers={"Idempotency-Key": "retry-1"})
+    assert again.status_code == 200 and again.headers["Idempotent-Replayed"] == "true"
+    assert again.json()["id"] == first.json()["id"]
+    assert again.json()["params"]["seed"] == first.json()["params"]["seed"]
+    assert redis.Redis.from_url(REDIS_URL).scard("latentd:pending:tiny") == 1  # one job, not two
+    # the queue is full now for this key's next new job (limit 2), but a retry is never refused for it
+    assert client.post("/v1/generations", json=body).status_code == 202
+    assert client.post("/v1/generations", json=body).status_code == 429
+    assert client.post("/v1/generations", json=body, headers={"Idempotency-Key": "retry-1"}).status_code == 200
+
+
+def test_the_same_idempotency_key_with_another_body_is_409(client):
+    first = client.post("/v1/generations", json={"prompt": "a red circle"}, headers={"Idempotency-Key": "k-2"})
+    other = client.post("/v1/generations", json={"prompt": "a blue square"}, headers={"Idempotency-Key": "k-2"})
+    assert other.status_code == 409
+    error = other.json()["error"]
+    assert error["type"] == "conflict_error" and error["param"] == "Idempotency-Key"
+    assert first.json()["id"] in error["message"] and "different request" in error["message"]
+    # a trajectory is another request, even with the same fields
+    trajectory = client.post(
+        "/v1/trajectories", json={"kind": "reverse", "prompt": "a red circle"}, headers={"Idempotency-Key": "k-2"}
+    )
+    assert trajectory.status_code == 409
+
+
+def test_idempotency_keys_belong_to_their_api_key(client, monkeypatch):
+    other_key = "second-key"
+    client.app.state.core.key_hashes.add(hash_key(other_key))
+    mine = client.post("/v1/generations", json={"prompt": "x"}, headers={"Idempotency-Key": "shared"})
+    theirs = client.post(
+        "/v1/generations",
+        json={"prompt": "x"},
+        headers={"Idempotency-Key": "shared", "Authorization": f"Bearer {other_key}"},
+    )
+    assert mine.status_code == theirs.status_code == 202 and mine.json()["id"] != theirs.json()["id"]
+
+
+def test_a_malformed_idempotency_key_is_422(client):
+    for value in ("", "x" * 256, "caf\u00e9".encode()):  # an empty one, a long one, one not in ASCII
+        response = client.post("/v1/generations", json={"prompt": "x"}, headers={"Idempotency-Key": value})
+        assert response.status_code == 422, value
+        assert response.json()["error"]["param"] == "Idempotency-Key"
+
+
+def test_openapi_documents_the_idempotency_key(client):
+    operation = client.get("/openapi.json").json()["paths"]["/v1/generations"]["post"]
+    header = next(p for p in operation["parameters"] if p["name"] == "Idempotency-Key")
+    assert header["in"] == "header" and "409" in header["description"]
+    assert {"200", "202"} <= set(operation["responses"])

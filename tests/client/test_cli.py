@@ -10,10 +10,13 @@ import pytest
 from PIL import Image
 
 from client.latentd_client import Client
-from tests.grpc.contract_gateway import API_KEY
+from tests.conftest import API_KEYS
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = pytest.mark.timeout(120)
 REPO = Path(__file__).resolve().parents[2]
+
+
+API_KEY = API_KEYS[0]
 
 
 def latentd(url, *args, key=API_KEY):
@@ -29,8 +32,8 @@ def latentd(url, *args, key=API_KEY):
 
 
 @pytest.mark.parametrize("transport", ["rest", "grpc"])
-def test_generate_writes_a_png_with_progress(tmp_path, gateway, grpc_target, transport):
-    url = gateway.url if transport == "rest" else f"grpc://{grpc_target}"
+def test_generate_writes_a_png_with_progress(tmp_path, real_stack, transport):
+    url = real_stack.url if transport == "rest" else f"grpc://{real_stack.grpc_target}"
     out = tmp_path / "out.png"
     result = latentd(
         url,
@@ -51,9 +54,9 @@ def test_generate_writes_a_png_with_progress(tmp_path, gateway, grpc_target, tra
         assert image.format == "PNG" and image.size == (64, 64)
 
 
-def test_trajectory_writes_frames_gif_and_contact_sheet(tmp_path, gateway):
+def test_trajectory_writes_frames_gif_and_contact_sheet(tmp_path, real_stack):
     result = latentd(
-        gateway.url,
+        real_stack.url,
         "trajectory",
         "forward",
         "--prompt",
@@ -73,19 +76,19 @@ def test_trajectory_writes_frames_gif_and_contact_sheet(tmp_path, gateway):
         assert sheet.size[0] == 4 * 64
 
 
-def test_errors_exit_nonzero_with_the_server_message(gateway):
-    result = latentd(gateway.url, "generate", "x", "--steps", "0")
+def test_errors_exit_nonzero_with_the_server_message(real_stack):
+    result = latentd(real_stack.url, "generate", "x", "--steps", "0")
     assert result.returncode == 1
     assert "num_inference_steps must be between 1 and 1000, got 0" in result.stderr
     assert "Traceback" not in result.stderr
-    result = latentd(gateway.url, "jobs", "get", "nope")
+    result = latentd(real_stack.url, "jobs", "get", "nope")
     assert result.returncode == 1 and "nope" in result.stderr
-    assert latentd(gateway.url, "models", key="wrong").returncode == 1
+    assert latentd(real_stack.url, "models", key="wrong").returncode == 1
 
 
-def test_jobs_and_models(gateway):
-    models = latentd(gateway.url, "models")
-    assert models.returncode == 0 and models.stdout.startswith("tiny\t64x64")
+def test_jobs_and_models(real_stack):
+    models = latentd(real_stack.url, "models")
+    assert models.returncode == 0 and models.stdout.startswith(f"{real_stack.model}\t64x64")
 
 
 def test_half_block_preview_draws_two_pixels_per_cell():
@@ -104,15 +107,15 @@ def test_half_block_preview_draws_two_pixels_per_cell():
     assert "38;2;0;0;255m" in lines[1]
 
 
-def test_jobs_watch_and_cancel(gateway):
-    with Client(gateway.url, API_KEY) as client:
+def test_jobs_watch_and_cancel(real_stack):
+    with Client(real_stack.url, API_KEY) as client:
         job = client.generate("x", num_inference_steps=300)
-    cancelled = latentd(gateway.url, "jobs", "cancel", job.id)
+    cancelled = latentd(real_stack.url, "jobs", "cancel", job.id)
     assert cancelled.returncode == 0, cancelled.stderr
-    watched = latentd(gateway.url, "jobs", "watch", job.id, "--json")
+    watched = latentd(real_stack.url, "jobs", "watch", job.id, "--json")
     lines = [json.loads(line) for line in watched.stdout.splitlines() if line.startswith('{"id"')]
     assert lines[0]["event"] == "queued" and lines[-1]["event"] == "cancelled"
-    resumed = latentd(gateway.url, "jobs", "watch", job.id, "--json", "--after", lines[0]["id"])
+    resumed = latentd(real_stack.url, "jobs", "watch", job.id, "--json", "--after", lines[0]["id"])
     assert [line for line in resumed.stdout.splitlines() if line.startswith('{"id"')] == [
         json.dumps(event) for event in lines[1:]
     ]

@@ -1,6 +1,8 @@
-"""The Python client over REST and gRPC with one interface; resume after dropped connections."""
+"""The Python client over REST and gRPC with one interface, against the real stack; resume after dropped
+connections (a proxy cuts them) with one reconnect rule for the sync and the async client."""
 
 import asyncio
+import time
 
 import pytest
 
@@ -8,34 +10,44 @@ from client.latentd_client import (
     AsyncClient,
     AuthenticationError,
     Client,
+    ConflictError,
     InvalidRequestError,
     JobFailedError,
     NotFoundError,
 )
-from tests.grpc.contract_gateway import API_KEY
+from tests.proxy import CuttingProxy
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(params=["rest", "grpc"])
-def url(request, gateway, grpc_target):
-    return gateway.url if request.param == "rest" else f"grpc://{grpc_target}"
+def url(request, real_stack):
+    return real_stack.url if request.param == "rest" else f"grpc://{real_stack.grpc_target}"
 
 
-def test_generate_wait_and_fetch(url):
-    with Client(url, API_KEY) as client:
+def test_generate_wait_and_fetch(url, real_stack):
+    with Client(url, real_stack.keys[0]) as client:
         job = client.generate("a red circle on a white background", num_inference_steps=4, seed=1)
-        assert job.status == "queued" and job.seed == 1
+        assert job.status == "queued" and job.seed == 1 and job.kind == "generation"
         steps = [e.step for e in client.events(job.id) if e.type == "step"]
         assert steps == [1, 2, 3, 4]
-        done = client.wait(job.id, timeout=30)
-        assert done.status == "succeeded" and done.images
+        done = client.wait(job.id, timeout=60)
+        assert done.status == "succeeded" and done.images and done.step == 4
         assert client.image(job.id, 0).startswith(b"\x89PNG")
-        assert [m.name for m in client.models()] == ["tiny"]
+        assert real_stack.model in [m.name for m in client.models()]
 
 
-def test_typed_errors_carry_the_server_message(url):
-    with Client(url, API_KEY) as client:
+def test_trajectory_kinds_and_frames(url, real_stack):
+    with Client(url, real_stack.keys[0]) as client:
+        job = client.trajectory("reverse", prompt="a blue square", num_inference_steps=2, seed=3)
+        done = client.wait(job.id, timeout=60)
+        assert done.kind == "reverse" and len(done.frames) == 4
+        assert [f.metadata["what"] for f in done.frames] == ["x_t", "x0_pred", "x_t", "x0_pred"]
+        assert client.frame(job.id, 3).startswith(b"\x89PNG")
+
+
+def test_typed_errors_carry_the_server_message(url, real_stack):
+    with Client(url, real_stack.keys[0]) as client:
         with pytest.raises(InvalidRequestError) as err:
             client.generate("x", num_inference_steps=0)
         assert err.value.param == "num_inference_steps" and "between 1 and 1000, got 0" in err.value.message
@@ -45,36 +57,60 @@ def test_typed_errors_carry_the_server_message(url):
         client.models()
 
 
-def test_wait_raises_on_cancel(url):
-    with Client(url, API_KEY) as client:
-        job = client.generate("x", num_inference_steps=300)
+def test_wait_raises_on_cancel(url, real_stack):
+    with Client(url, real_stack.keys[0]) as client:
+        job = client.generate("x", num_inference_steps=400)
         client.cancel(job.id)
         with pytest.raises(JobFailedError) as err:
-            client.wait(job.id, timeout=30)
+            client.wait(job.id, timeout=60)
         assert err.value.job.status == "cancelled"
 
 
-def test_resume_after_dropped_connection(gateway, url):
-    """The gateway hangs up after every 2 events; the client resumes from Last-Event-ID each time
-    and sees every event once, in order."""
-    with Client(gateway.url, API_KEY) as reference:
-        job = reference.generate("x", num_inference_steps=8)
+@pytest.fixture(params=["rest", "grpc"])
+def cut_url(request, real_stack):
+    """The same door behind a proxy that cuts every connection after a few events."""
+    target = real_stack.url.removeprefix("http://") if request.param == "rest" else real_stack.grpc_target
+    proxy = CuttingProxy(target, cut_after_bytes=700 if request.param == "rest" else 1500)
+    yield ("http://" if request.param == "rest" else "grpc://") + proxy.address, proxy
+    proxy.close()
+
+
+def test_sync_and_async_clients_resume_after_dropped_connections(real_stack, cut_url):
+    """Every event once, in order, though the connection drops every few events (mid-event too)."""
+    url, proxy = cut_url
+    with Client(real_stack.url, real_stack.keys[0]) as reference:
+        job = reference.generate("x", num_inference_steps=12)
         expected = [e.id for e in reference.events(job.id)]
-    gateway.drop_after = 2
-    with Client(url, API_KEY, reconnect_delay=0.01) as client:
-        seen = list(client.events(job.id))
-    assert [e.id for e in seen] == expected
-    assert [e.step for e in seen if e.type == "step"] == list(range(1, 9))
+    with Client(url, real_stack.keys[0], reconnect_delay=0.01) as client:
+        seen = [e.id for e in client.events(job.id)]
+
+    async def follow():
+        async with AsyncClient(url, real_stack.keys[0], reconnect_delay=0.01) as client:
+            return [e.id async for e in client.events(job.id)]
+
+    assert seen == expected and asyncio.run(follow()) == expected
+    assert proxy.cuts >= 4
 
 
-def test_async_client(url):
+def test_async_client(url, real_stack):
     async def run():
-        async with AsyncClient(url, API_KEY, reconnect_delay=0.01) as client:
+        async with AsyncClient(url, real_stack.keys[0], reconnect_delay=0.01) as client:
             job = await client.generate("a blue square", num_inference_steps=3)
             types = [e.type async for e in client.events(job.id)]
-            done = await client.wait(job.id, timeout=30)
+            done = await client.wait(job.id, timeout=60)
             return types, done, await client.image(job.id, 0)
 
     types, done, png = asyncio.run(run())
     assert types[0] == "queued" and types[-1] == "succeeded" and types.count("step") == 3
     assert done.status == "succeeded" and png.startswith(b"\x89PNG")
+
+
+def test_a_retried_submit_with_an_idempotency_key_returns_the_first_job(url, real_stack):
+    key = f"client-retry-{url[:4]}-{time.monotonic_ns()}"
+    with Client(url, real_stack.keys[0]) as client:
+        first = client.generate("a red circle", num_inference_steps=2, idempotency_key=key)
+        again = client.generate("a red circle", num_inference_steps=2, idempotency_key=key)
+        assert again.id == first.id and again.seed == first.seed
+        with pytest.raises(ConflictError):
+            client.generate("a blue square", num_inference_steps=2, idempotency_key=key)
+        client.wait(first.id, timeout=60)

@@ -304,8 +304,9 @@ def test_gateway_code_imports_without_torch():
 
 def test_dockerfiles_copy_what_the_processes_import():
     gateway = (DEPLOY / "docker" / "gateway.Dockerfile").read_text()
-    for path in ("services/", "client/", "proto/"):
+    for path in ("services/", "proto/"):
         assert f"COPY {path}" in gateway, f"gateway image lacks {path}"
+    assert "COPY client/" not in gateway, "the gateway never imports the client package"
     assert "scripts.gen_proto" in gateway, "the gRPC stubs are git-ignored: the image must generate them"
     worker = (DEPLOY / "docker" / "worker.Dockerfile").read_text()
     assert "services.worker.celery_app" in worker and "--pool threads" in worker

@@ -1,37 +1,83 @@
-"""Fixtures: real Redis (its own database), the contract gateway, and the real gRPC server in-process."""
+"""Fixtures: the gRPC door of the real stack (a process of its own, started as deploy/ starts it) and, for the
+refusals that need a particular setting or no worker at all, a door in this process over its own Core and its
+own Redis database."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
 
 import grpc
 import pytest
 import redis
 
-from services.api import grpc_server
-from tests.grpc.contract_gateway import API_KEY, ContractGateway
+from services.common.jobstore import JobStore
+from services.common.models import ModelInfo
+from services.common.settings import Settings, hash_key
 
-REDIS_URL = "redis://127.0.0.1:6379/13"
+DOOR_REDIS_URL = "redis://127.0.0.1:6379/13"
+DOOR_KEY = "door-key"
+TINY = ModelInfo(
+    name="tiny",
+    native_width=32,
+    native_height=32,
+    scheduler="DDIMScheduler / scaled_linear",
+    max_prompt_tokens=77,
+    num_train_timesteps=1000,
+    size_multiple=8,
+    max_inference_steps=1000,
+)
 
 
-@pytest.fixture
-def gateway():
-    redis.Redis.from_url(REDIS_URL).flushdb()
-    gw = ContractGateway(REDIS_URL)
-    yield gw
-    gw.close()
-
-
-@pytest.fixture
-def grpc_target(gateway):
-    server, port, watcher = grpc_server.build_server(gateway.url, port=0, health_interval_s=0.2)
-    server.start()
-    watcher.start()
-    yield f"127.0.0.1:{port}"
-    watcher.stopped.set()
-    server.stop(grace=None)
+def auth(key: str) -> tuple:
+    return (("authorization", f"Bearer {key}"),)
 
 
 @pytest.fixture
-def channel(grpc_target):
-    with grpc.insecure_channel(grpc_target) as ch:
+def channel(real_stack):
+    with grpc.insecure_channel(real_stack.grpc_target) as ch:
         yield ch
 
 
-AUTH = (("authorization", f"Bearer {API_KEY}"),)
+class InProcessDoor:
+    """A gRPC door on an event loop in a thread of this process, so a test can read its state directly."""
+
+    def __init__(self, settings: Settings):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.core, self.server, self.port, self.watcher = self.run(self._start(settings))
+        self.target = f"127.0.0.1:{self.port}"
+
+    async def _start(self, settings: Settings):
+        from services.api import grpc_server
+        from services.core import Core
+
+        core = await Core.open(settings)
+        server, port, watcher = await grpc_server.start_server(core, port=0, health_interval_s=0.1)
+        return core, server, port, watcher
+
+    def run(self, coroutine, timeout: float = 30):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def close(self) -> None:
+        from services.api import grpc_server
+
+        self.run(grpc_server.stop_server(self.server, self.watcher, None))
+        self.run(self.core.close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture
+def door():
+    """A door whose model has no worker (jobs stay queued) and whose queue holds 2 jobs."""
+    redis.Redis.from_url(DOOR_REDIS_URL).flushdb()
+    JobStore.from_url(DOOR_REDIS_URL).publish_model(TINY)
+    settings = Settings(
+        redis_url=DOOR_REDIS_URL, api_key_hashes=hash_key(DOOR_KEY), max_queue_per_model=2, max_queue_per_key=2
+    )
+    door = InProcessDoor(settings)
+    yield door
+    door.close()
+    redis.Redis.from_url(DOOR_REDIS_URL).flushdb()

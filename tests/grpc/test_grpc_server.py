@@ -1,90 +1,118 @@
-"""The gRPC front door: every RPC, streaming, resume, auth, status codes, health, reflection."""
+"""The gRPC door over the real core: every RPC, streaming, resume, auth, status codes, health, reflection, metrics.
+
+Jobs run on the real stack (tests/conftest.py: Redis, a Celery worker, the gateway and the gRPC door as
+processes); refusals that need a setting of their own use a door in this process (conftest `door`)."""
 
 import json
+import subprocess
+import sys
 import time
+import urllib.request
 
 import grpc
+import httpx
 import pytest
+import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
+from scripts import run_stack
 from services.common.grpc_gen.latentd.v1 import latentd_pb2 as pb
 from services.common.grpc_gen.latentd.v1 import latentd_pb2_grpc as pb_grpc
-from tests.grpc.conftest import AUTH
+from tests.grpc.conftest import DOOR_KEY, DOOR_REDIS_URL, auth
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(120)
 
 
 def stub(channel):
     return pb_grpc.LatentdServiceStub(channel)
 
 
-def submit(channel, steps=5, **fields):
+def key(real_stack, index: int = 0):
+    return auth(real_stack.keys[index])
+
+
+def submit(channel, real_stack, steps=5, **fields):
     params = pb.GenerationParams(prompt="a red circle on a white background", num_inference_steps=steps, **fields)
-    return stub(channel).SubmitGeneration(pb.SubmitGenerationRequest(params=params), metadata=AUTH).job
+    return stub(channel).SubmitGeneration(pb.SubmitGenerationRequest(params=params), metadata=key(real_stack)).job
 
 
-def test_submit_get_and_stream_every_step(channel):
-    job = submit(channel, steps=6, seed=7, guidance_scale=3.0)
-    assert job.status == pb.JOB_STATUS_QUEUED and job.id
-    assert json.loads(job.params_json)["seed"] == 7
-    events = list(stub(channel).StreamJobEvents(pb.StreamJobEventsRequest(job_id=job.id), metadata=AUTH))
-    types = [e.event.type for e in events]
-    assert types[0] == pb.EVENT_TYPE_QUEUED and types[-1] == pb.EVENT_TYPE_SUCCEEDED
-    steps = [e.event.step for e in events if e.event.type == pb.EVENT_TYPE_STEP]
-    assert steps == [1, 2, 3, 4, 5, 6]
-    assert all(e.event.total == 6 for e in events if e.event.type == pb.EVENT_TYPE_STEP)
-    done = stub(channel).GetJob(pb.GetJobRequest(job_id=job.id), metadata=AUTH).job
+def stream(channel, real_stack, job_id, after=""):
+    request = pb.StreamJobEventsRequest(job_id=job_id, after_event_id=after)
+    return [r.event for r in stub(channel).StreamJobEvents(request, metadata=key(real_stack))]
+
+
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_submit_get_and_stream_every_step(channel, real_stack):
+    job = submit(channel, real_stack, steps=6, seed=7, guidance_scale=3.0)
+    assert job.status == pb.JOB_STATUS_QUEUED and job.id and job.kind == pb.JOB_KIND_GENERATION
+    assert job.generation.seed == 7 and json.loads(job.params_json)["seed"] == 7
+    events = stream(channel, real_stack, job.id)
+    assert events[0].type == pb.EVENT_TYPE_QUEUED and events[-1].type == pb.EVENT_TYPE_SUCCEEDED
+    assert [e.step for e in events if e.type == pb.EVENT_TYPE_STEP] == [1, 2, 3, 4, 5, 6]
+    assert all(e.total == 6 and e.attempt == 1 for e in events if e.type == pb.EVENT_TYPE_STEP)
+    done = stub(channel).GetJob(pb.GetJobRequest(job_id=job.id), metadata=key(real_stack)).job
     assert done.status == pb.JOB_STATUS_SUCCEEDED and done.step == 6 and len(done.images) == 1
+    assert done.attempt == 1 and done.run_seconds > 0 and done.finished_at >= done.started_at > 0
     art = stub(channel).GetArtifact(
-        pb.GetArtifactRequest(job_id=job.id, kind=pb.ARTIFACT_KIND_IMAGE, index=0), metadata=AUTH
+        pb.GetArtifactRequest(job_id=job.id, kind=pb.ARTIFACT_KIND_IMAGE, index=0), metadata=key(real_stack)
     )
     assert art.data.startswith(b"\x89PNG") and art.media_type == "image/png"
 
 
-def test_resume_from_event_id_gives_the_rest_exactly(channel):
-    job = submit(channel, steps=5)
-    full = [e.event for e in stub(channel).StreamJobEvents(pb.StreamJobEventsRequest(job_id=job.id), metadata=AUTH)]
-    cut = full[3].id
-    rest = [
-        e.event
-        for e in stub(channel).StreamJobEvents(
-            pb.StreamJobEventsRequest(job_id=job.id, after_event_id=cut), metadata=AUTH
-        )
-    ]
-    assert [e.id for e in rest] == [e.id for e in full[4:]]
+def test_resume_from_event_id_gives_the_rest_exactly(channel, real_stack):
+    job = submit(channel, real_stack, steps=5)
+    full = stream(channel, real_stack, job.id)
+    assert [e.id for e in stream(channel, real_stack, job.id, full[3].id)] == [e.id for e in full[4:]]
 
 
-def test_generate_stream_first_job_then_events(channel):
+def test_generate_stream_first_job_then_events(channel, real_stack):
     params = pb.GenerationParams(prompt="a blue square", num_inference_steps=3)
-    replies = list(stub(channel).GenerateStream(pb.GenerateStreamRequest(params=params), metadata=AUTH))
+    replies = list(stub(channel).GenerateStream(pb.GenerateStreamRequest(params=params), metadata=key(real_stack)))
     assert replies[0].WhichOneof("payload") == "job"
     assert [r.event.type for r in replies[1:]][-1] == pb.EVENT_TYPE_SUCCEEDED
     assert sum(r.event.type == pb.EVENT_TYPE_STEP for r in replies[1:]) == 3
 
 
-def test_trajectory_and_models(channel):
+def test_trajectory_jobs_say_which_trajectory(channel, real_stack):
+    """Was: a forward, reverse or sweep job came back as JOB_KIND_GENERATION."""
     params = pb.TrajectoryParams(
         kind=pb.TRAJECTORY_KIND_FORWARD,
-        generation=pb.GenerationParams(prompt="x", num_inference_steps=2),
-        timesteps=[0, 250, 500, 999],
+        generation=pb.GenerationParams(prompt="a red circle", num_inference_steps=2),
+        timesteps=[0, 250, 500, 1000],
         noise_seed=3,
     )
-    job = stub(channel).SubmitTrajectory(pb.SubmitTrajectoryRequest(params=params), metadata=AUTH).job
-    assert job.kind == pb.JOB_KIND_TRAJECTORY
-    sent = json.loads(job.params_json)
-    assert sent["kind"] == "forward" and sent["timesteps"] == [0, 250, 500, 999] and sent["noise_seed"] == 3
-    models = stub(channel).ListModels(pb.ListModelsRequest(), metadata=AUTH).models
-    assert [(m.name, m.native_width, m.native_height) for m in models] == [("tiny", 64, 64)]
+    job = stub(channel).SubmitTrajectory(pb.SubmitTrajectoryRequest(params=params), metadata=key(real_stack)).job
+    assert job.kind == pb.JOB_KIND_TRAJECTORY and job.trajectory_kind == pb.TRAJECTORY_KIND_FORWARD
+    assert list(job.trajectory.timesteps) == [0, 250, 500, 1000] and job.trajectory.noise_seed == 3
+    assert stream(channel, real_stack, job.id)[-1].type == pb.EVENT_TYPE_SUCCEEDED
+    done = stub(channel).GetJob(pb.GetJobRequest(job_id=job.id), metadata=key(real_stack)).job
+    assert [f.timestep for f in done.frames] == [0, 250, 500, 1000]
+    assert done.frames[0].alpha_bar == 1.0 and done.frames[0].space == pb.NOISE_SPACE_LATENT
+    models = stub(channel).ListModels(pb.ListModelsRequest(), metadata=key(real_stack)).models
+    model = next(m for m in models if m.name == real_stack.model)
+    assert model.workers >= 1 and model.size_multiple > 0 and model.max_inference_steps > 0
 
 
-def test_cancel(channel):
-    job = submit(channel, steps=200)
-    stub(channel).CancelJob(pb.CancelJobRequest(job_id=job.id), metadata=AUTH)
-    last = list(stub(channel).StreamJobEvents(pb.StreamJobEventsRequest(job_id=job.id), metadata=AUTH))[-1]
-    assert last.event.type == pb.EVENT_TYPE_CANCELLED
+def test_cancel(channel, real_stack):
+    job = submit(channel, real_stack, steps=400)
+    stub(channel).CancelJob(pb.CancelJobRequest(job_id=job.id), metadata=key(real_stack))
+    assert stream(channel, real_stack, job.id)[-1].type == pb.EVENT_TYPE_CANCELLED
+    again = stub(channel).CancelJob(pb.CancelJobRequest(job_id=job.id), metadata=key(real_stack)).job
+    assert again.status == pb.JOB_STATUS_CANCELLED  # cancelling twice is harmless
+    done = submit(channel, real_stack, steps=2)
+    stream(channel, real_stack, done.id)
     with pytest.raises(grpc.RpcError) as err:  # cancelling a finished job
-        stub(channel).CancelJob(pb.CancelJobRequest(job_id=job.id), metadata=AUTH)
+        stub(channel).CancelJob(pb.CancelJobRequest(job_id=done.id), metadata=key(real_stack))
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
@@ -95,77 +123,114 @@ def test_unauthenticated(channel, metadata):
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-def test_invalid_argument_names_the_field(channel):
+def test_invalid_argument_names_the_field(channel, real_stack):
     with pytest.raises(grpc.RpcError) as err:
-        submit(channel, steps=0)
+        submit(channel, real_stack, steps=0)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "num_inference_steps must be between 1 and 1000, got 0" in err.value.details()
-    assert ("latentd-param", "num_inference_steps") in tuple(err.value.trailing_metadata())
+    assert err.value.details() == "num_inference_steps must be between 1 and 1000, got 0"
+    trailers = dict(err.value.trailing_metadata())
+    assert (
+        trailers["latentd-param"] == "num_inference_steps" and trailers["latentd-error-type"] == "invalid_request_error"
+    )
     with pytest.raises(grpc.RpcError) as err:
-        stub(channel).SubmitTrajectory(pb.SubmitTrajectoryRequest(params=pb.TrajectoryParams()), metadata=AUTH)
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "kind" in err.value.details()
+        stub(channel).SubmitTrajectory(
+            pb.SubmitTrajectoryRequest(params=pb.TrajectoryParams()), metadata=key(real_stack)
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details() == "kind is required"
 
 
-def test_not_found(channel):
+def test_not_found(channel, real_stack):
     for call in (
-        lambda: stub(channel).GetJob(pb.GetJobRequest(job_id="nope"), metadata=AUTH),
-        lambda: list(stub(channel).StreamJobEvents(pb.StreamJobEventsRequest(job_id="nope"), metadata=AUTH)),
+        lambda: stub(channel).GetJob(pb.GetJobRequest(job_id="nope"), metadata=key(real_stack)),
+        lambda: stream(channel, real_stack, "nope"),
     ):
         with pytest.raises(grpc.RpcError) as err:
             call()
         assert err.value.code() == grpc.StatusCode.NOT_FOUND and "nope" in err.value.details()
+    job = submit(channel, real_stack, steps=2)
+    with pytest.raises(grpc.RpcError) as err:  # another key's job does not exist
+        stub(channel).GetJob(pb.GetJobRequest(job_id=job.id), metadata=key(real_stack, 1))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_full_queue_is_resource_exhausted(gateway, channel):
-    gateway.max_queued = 1
-    submit(channel, steps=100)
-    with pytest.raises(grpc.RpcError) as err:
-        submit(channel, steps=100)
-    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue is full" in err.value.details()
-
-
-def test_message_size_limit(channel):
+def test_message_size_limit(channel, real_stack):
     big = pb.TrajectoryParams(kind=pb.TRAJECTORY_KIND_FORWARD, image=b"\0" * (17 * 1024 * 1024))
     with pytest.raises(grpc.RpcError) as err:
-        stub(channel).SubmitTrajectory(pb.SubmitTrajectoryRequest(params=big), metadata=AUTH)
+        stub(channel).SubmitTrajectory(pb.SubmitTrajectoryRequest(params=big), metadata=key(real_stack))
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-def test_client_going_away_stops_the_stream_work(gateway, channel):
-    job = submit(channel, steps=300)
-    call = stub(channel).StreamJobEvents(pb.StreamJobEventsRequest(job_id=job.id), metadata=AUTH)
+def test_full_queue_is_resource_exhausted_with_retry_after(door):
+    with grpc.insecure_channel(door.target) as channel:
+        params = pb.GenerationParams(prompt="x", num_inference_steps=10)
+        for _ in range(2):
+            stub(channel).SubmitGeneration(pb.SubmitGenerationRequest(params=params), metadata=auth(DOOR_KEY))
+        with pytest.raises(grpc.RpcError) as err:
+            stub(channel).SubmitGeneration(pb.SubmitGenerationRequest(params=params), metadata=auth(DOOR_KEY))
+    assert (
+        err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        and "queue of model 'tiny' is full" in err.value.details()
+    )
+    assert dict(err.value.trailing_metadata())["retry-after"] == "2"
+
+
+def test_one_open_stream_counts_once_and_a_client_going_away_ends_it(channel, real_stack):
+    """Was: latentd_grpc_stream_readers counted every stream twice."""
+    gauge = ("latentd_grpc_stream_readers", ())
+    before = scrape(real_stack.grpc_metrics_port)[gauge]
+    job = submit(channel, real_stack, steps=300)
+    call = stub(channel).StreamJobEvents(pb.StreamJobEventsRequest(job_id=job.id), metadata=key(real_stack))
     next(call)
-    deadline = time.monotonic() + 5
-    while gateway.sse_readers == 0 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert gateway.sse_readers == 1
+    assert scrape(real_stack.grpc_metrics_port)[gauge] == before + 1
     call.cancel()
-    while gateway.sse_readers and time.monotonic() < deadline + 5:
+    deadline = time.monotonic() + 5
+    while scrape(real_stack.grpc_metrics_port)[gauge] != before and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert gateway.sse_readers == 0  # the server closed its upstream reader
+    assert scrape(real_stack.grpc_metrics_port)[gauge] == before
+    stub(channel).CancelJob(pb.CancelJobRequest(job_id=job.id), metadata=key(real_stack))
 
 
-def health_status(channel, service):
-    return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service)).status
+def test_generate_stream_abandoned_cancels_its_job(channel, real_stack):
+    params = pb.GenerationParams(prompt="a blue square", num_inference_steps=300)
+    call = stub(channel).GenerateStream(pb.GenerateStreamRequest(params=params), metadata=key(real_stack))
+    job = next(call).job
+    next(call)
+    call.cancel()
+    deadline = time.monotonic() + 20
+    get = pb.GetJobRequest(job_id=job.id)
+    while stub(channel).GetJob(get, metadata=key(real_stack)).job.status != pb.JOB_STATUS_CANCELLED:
+        assert time.monotonic() < deadline, "the abandoned job was not cancelled"
+        time.sleep(0.1)
+    assert stub(channel).GetJob(get, metadata=key(real_stack)).job.step < 300
 
 
-def test_health_follows_the_workers(gateway, channel):
+def test_health_follows_the_workers(door):
+    """The door's health reads the core's readiness: NOT_SERVING without a live worker, SERVING with one."""
+    from services.worker.heartbeat import Heartbeat, mark_consumed
+
     serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
-    def wait_for(status, service):
+    def wait_for(channel, want, service):
         deadline = time.monotonic() + 5
-        while health_status(channel, service) != status and time.monotonic() < deadline:
+        while (
+            got := health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service)).status
+        ) != want:
+            if time.monotonic() > deadline:
+                return got
             time.sleep(0.05)
-        return health_status(channel, service)
+        return got
 
-    assert wait_for(serving, "latentd.v1.LatentdService") == serving
-    assert wait_for(serving, "latentd.v1.LatentdService/tiny") == serving
-    gateway.worker_alive = False
-    assert wait_for(not_serving, "latentd.v1.LatentdService") == not_serving
-    assert wait_for(not_serving, "") == not_serving
-    assert wait_for(not_serving, "latentd.v1.LatentdService/tiny") == not_serving
-    gateway.worker_alive = True
-    assert wait_for(serving, "") == serving
+    sync = redis.Redis.from_url(DOOR_REDIS_URL)
+    beat = Heartbeat(sync, ["tiny"], worker="door-test-worker", ttl_s=10)
+    with grpc.insecure_channel(door.target) as channel:
+        assert wait_for(channel, not_serving, "") == not_serving
+        beat.beat()
+        mark_consumed(sync, ["tiny"], "door-test-worker", ttl_s=10)  # what the worker's probe task does
+        assert wait_for(channel, serving, "") == serving
+        assert wait_for(channel, serving, "latentd.v1.LatentdService/tiny") == serving
+        beat.stop()  # a clean stop takes the heartbeat away at once
+        assert wait_for(channel, not_serving, "latentd.v1.LatentdService") == not_serving
+        assert wait_for(channel, not_serving, "latentd.v1.LatentdService/tiny") == not_serving
 
 
 def test_reflection_lists_the_service(channel):
@@ -175,48 +240,114 @@ def test_reflection_lists_the_service(channel):
     assert {"latentd.v1.LatentdService", "grpc.health.v1.Health"} <= names
 
 
-def test_reflection_client_calls_without_generated_code(grpc_target):
-    import subprocess
-    import sys
-
+def test_reflection_client_calls_without_generated_code(real_stack):
     base = [sys.executable, "-m", "client.latentd_client.reflect"]
-    listed = subprocess.run(base + [grpc_target, "list"], capture_output=True, text=True, timeout=30)
+    target = real_stack.grpc_target
+    listed = subprocess.run(base + [target, "list"], capture_output=True, text=True, timeout=30)
     assert "latentd.v1.LatentdService" in listed.stdout.split()
+    header = f"authorization: Bearer {real_stack.keys[0]}"
     called = subprocess.run(
-        base + ["-H", AUTH[0][0] + ": " + AUTH[0][1], grpc_target, "latentd.v1.LatentdService/ListModels"],
+        base + ["-H", header, target, "latentd.v1.LatentdService/ListModels"],
         capture_output=True,
         text=True,
         timeout=30,
     )
-    assert called.returncode == 0 and json.loads(called.stdout)["models"][0]["name"] == "tiny"
+    assert called.returncode == 0 and json.loads(called.stdout)["models"][0]["name"] == real_stack.model
     denied = subprocess.run(
-        base + [grpc_target, "latentd.v1.LatentdService/ListModels"], capture_output=True, text=True, timeout=30
+        base + [target, "latentd.v1.LatentdService/ListModels"], capture_output=True, text=True, timeout=30
     )
     assert denied.returncode == 1 and "UNAUTHENTICATED" in denied.stderr
 
 
-def test_generate_stream_abandoned_cancels_its_job(gateway, channel):
-    params = pb.GenerationParams(prompt="a blue square", num_inference_steps=300)
-    call = stub(channel).GenerateStream(pb.GenerateStreamRequest(params=params), metadata=AUTH)
-    job = next(call).job
-    next(call)
-    call.cancel()
-    deadline = time.monotonic() + 10
-    while gateway.job(job.id)["status"] not in ("cancelled", "succeeded") and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert gateway.job(job.id)["status"] == "cancelled"
-    assert gateway.job(job.id)["progress"]["step"] < 300
-
-
-def test_calls_are_counted_by_method_and_code(channel):
-    from services.api import grpc_server
-
+def test_calls_are_counted_by_method_and_code(channel, real_stack):
     def count(method, code):
-        return grpc_server.grpc_requests_total.labels(method, code)._value.get()
+        labels = (("code", code), ("method", method))
+        return scrape(real_stack.grpc_metrics_port).get(("latentd_grpc_requests_total", labels), 0.0)
 
     ok, missing = count("ListModels", "OK"), count("GetJob", "NOT_FOUND")
-    stub(channel).ListModels(pb.ListModelsRequest(), metadata=AUTH)
+    stub(channel).ListModels(pb.ListModelsRequest(), metadata=key(real_stack))
     with pytest.raises(grpc.RpcError):
-        stub(channel).GetJob(pb.GetJobRequest(job_id="nope"), metadata=AUTH)
+        stub(channel).GetJob(pb.GetJobRequest(job_id="nope"), metadata=key(real_stack))
     assert count("ListModels", "OK") == ok + 1
     assert count("GetJob", "NOT_FOUND") == missing + 1
+
+
+@pytest.mark.parametrize("metrics_port", ["off", "taken"])
+def test_the_door_serves_with_its_metrics_port_off_or_taken(real_stack, metrics_port, tmp_path):
+    """Was: the door crashed when LATENTD_GRPC_METRICS_PORT was off or its port was taken."""
+    import socket
+
+    holder = socket.socket()
+    holder.bind(("0.0.0.0", 0))
+    holder.listen()
+    setting = "off" if metrics_port == "off" else holder.getsockname()[1]
+    port = run_stack.free_port()
+    log = open(tmp_path / "grpc.log", "w")
+    door = run_stack.start_grpc(
+        real_stack.redis_url, port, log=log, grpc_metrics_port=setting, api_keys=real_stack.keys[0]
+    )
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=60)
+            models = stub(channel).ListModels(pb.ListModelsRequest(), metadata=key(real_stack)).models
+            assert real_stack.model in [m.name for m in models]
+        assert door.poll() is None, (tmp_path / "grpc.log").read_text()
+    finally:
+        run_stack.stop([door])
+        holder.close()
+
+
+def test_rest_and_grpc_show_the_same_job_of_every_kind(channel, real_stack):
+    """For the same job, REST and gRPC give the same kind, status, params, images and frames."""
+    from client.latentd_client.types import Job
+
+    bodies = [
+        (
+            "/v1/generations",
+            {"prompt": "a red circle", "num_inference_steps": 2, "seed": 1, "guidance_scale": 3.0, "sampler": "euler"},
+        ),
+        (
+            "/v1/trajectories",
+            {"kind": "forward", "prompt": "a red circle", "num_inference_steps": 2, "timesteps": [0, 500]},
+        ),
+        ("/v1/trajectories", {"kind": "reverse", "prompt": "a red circle", "num_inference_steps": 2}),
+        (
+            "/v1/trajectories",
+            {
+                "kind": "guidance_sweep",
+                "prompt": "a red circle",
+                "num_inference_steps": 2,
+                "guidance_scales": [0.0, 7.5],
+            },
+        ),
+    ]
+    headers = {"authorization": f"Bearer {real_stack.keys[0]}"}
+    for path, body in bodies:
+        job_id = httpx.post(real_stack.url + path, json=body, headers=headers, timeout=30).json()["id"]
+        stream(channel, real_stack, job_id)  # to the end
+        rest = Job.from_dict(httpx.get(f"{real_stack.url}/v1/jobs/{job_id}", headers=headers, timeout=30).json())
+        over_grpc = Job.from_proto(stub(channel).GetJob(pb.GetJobRequest(job_id=job_id), metadata=key(real_stack)).job)
+        for field in ("kind", "status", "params", "images", "frames", "error", "attempt", "step"):
+            assert getattr(over_grpc, field) == getattr(rest, field), (body, field)
+        assert rest.kind == body.get("kind", "generation") and rest.status == "succeeded"
+
+
+def test_idempotency_key_metadata_makes_a_retry_return_the_first_job(door):
+    with grpc.insecure_channel(door.target) as channel:
+        params = pb.GenerationParams(prompt="a red circle", num_inference_steps=10)
+        metadata = auth(DOOR_KEY) + (("idempotency-key", "grpc-retry-1"),)
+        first = stub(channel).SubmitGeneration(pb.SubmitGenerationRequest(params=params), metadata=metadata).job
+        again = stub(channel).SubmitGeneration(pb.SubmitGenerationRequest(params=params), metadata=metadata).job
+        assert again.id == first.id and again.generation.seed == first.generation.seed
+        # the queue holds 2: a second new job fits, a third does not, the retry still does
+        stub(channel).SubmitGeneration(pb.SubmitGenerationRequest(params=params), metadata=auth(DOOR_KEY))
+        assert (
+            stub(channel).SubmitGeneration(pb.SubmitGenerationRequest(params=params), metadata=metadata).job.id
+            == first.id
+        )
+        other = pb.GenerationParams(prompt="a blue square", num_inference_steps=10)
+        with pytest.raises(grpc.RpcError) as err:
+            stub(channel).SubmitGeneration(pb.SubmitGenerationRequest(params=other), metadata=metadata)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert first.id in err.value.details() and dict(err.value.trailing_metadata())["latentd-param"] == "Idempotency-Key"
+    assert redis.Redis.from_url(DOOR_REDIS_URL).scard("latentd:pending:tiny") == 2

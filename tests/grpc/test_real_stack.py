@@ -1,5 +1,5 @@
 """Through the real service (tests/conftest.py `real_stack`: own redis-server, a Celery worker process on the
-tiny or trained model, the gateway under uvicorn): the gRPC server, the client and `latentd` end to end."""
+tiny or trained model, the gateway under uvicorn, the gRPC door): the client and `latentd` end to end."""
 
 import json
 import os
@@ -16,7 +16,6 @@ from PIL import Image
 
 from client.latentd_client import Client, InvalidRequestError, NotFoundError
 from scripts import run_stack
-from services.api import grpc_server
 from services.common.grpc_gen.latentd.v1 import latentd_pb2 as pb
 from services.common.grpc_gen.latentd.v1 import latentd_pb2_grpc as pb_grpc
 
@@ -26,12 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def live_grpc(real_stack):
-    server, port, watcher = grpc_server.build_server(real_stack.url, port=0, health_interval_s=0.25)
-    server.start()
-    watcher.start()
-    yield f"127.0.0.1:{port}"
-    watcher.stopped.set()
-    server.stop(grace=None)
+    return real_stack.grpc_target
 
 
 def auth(stack):

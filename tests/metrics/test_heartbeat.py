@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from services.api.metrics import count_live_workers
+from services.common import workers
 from services.worker import heartbeat
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -105,11 +105,10 @@ def test_check_fails_without_any_heartbeat(client):
 @pytest.mark.timeout(120)
 def test_heartbeat_proves_consumption_and_catches_a_stalled_consumer(client, celery_worker):
     live = _wait_for(
-        lambda: heartbeat.live_workers(client, "tiny-model", stale_after_s=5), 60, "the worker's probe to be consumed"
+        lambda: workers.live_workers(client, ["tiny-model"], stale_after_s=5), 60, "the worker's probe to be consumed"
     )
     (worker_id,) = live["tiny-model"]
     assert worker_id == f"{socket.gethostname()}-{celery_worker.pid}"
-    assert count_live_workers(client, stale_after_s=5) == {"tiny-model": 1}
     ok = _check(5)
     assert ok.returncode == 0, ok.stderr
 
@@ -124,14 +123,14 @@ def test_heartbeat_proves_consumption_and_catches_a_stalled_consumer(client, cel
         timeout=10,
     )
     assert replies, "worker did not answer the control command"
-    key = heartbeat.heartbeat_key("tiny-model", worker_id)
+    key = workers.worker_key(worker_id)
+    time.sleep(1.0)  # a probe the consumer had already fetched may still run once
     consumed_before = float(client.hget(key, "consumed_at"))
     time.sleep(2.5)
     info = {k.decode(): float(v) for k, v in client.hgetall(key).items() if k in (b"alive_at", b"consumed_at")}
     assert info["alive_at"] > consumed_before + 1, "heartbeat thread must still be beating"
     assert info["consumed_at"] - consumed_before < 0.5, "probe must not be consumed any more"
-    assert heartbeat.live_workers(client, stale_after_s=2) == {}
-    assert count_live_workers(client, stale_after_s=2) == {"tiny-model": 0}
+    assert workers.live_workers(client, ["tiny-model"], stale_after_s=2) == {}
     stale = _check(2)
     assert stale.returncode == 1
     assert "consumer stale" in stale.stderr and worker_id in stale.stderr
@@ -139,10 +138,11 @@ def test_heartbeat_proves_consumption_and_catches_a_stalled_consumer(client, cel
 
 @pytest.mark.timeout(120)
 def test_shutdown_removes_the_heartbeat(client, celery_worker):
-    _wait_for(lambda: heartbeat.live_workers(client, "tiny-model", stale_after_s=5), 60, "heartbeat")
+    _wait_for(lambda: workers.live_workers(client, ["tiny-model"], stale_after_s=5), 60, "heartbeat")
     celery_worker.terminate()
     celery_worker.wait(timeout=30)
-    assert heartbeat.read_workers(client, "tiny-model") == []
+    assert workers.read_workers(client) == []
+    assert workers.live_workers(client, ["tiny-model"], stale_after_s=5) == {}
 
 
 @pytest.mark.timeout(60)
@@ -157,15 +157,36 @@ def test_a_saturated_worker_counts_as_consuming_only_while_it_makes_progress(cli
         progress=lambda: state["progress"],
     )
     beat.beat()  # first beat: no progress seen yet
-    assert heartbeat.live_workers(client, stale_after_s=5) == {}
+    assert workers.live_workers(client, ["tiny-model"], stale_after_s=5) == {}
     state["progress"] = 7  # the engine stepped since the last beat
     beat.beat()
-    assert heartbeat.live_workers(client, stale_after_s=5) == {"tiny-model": ["busy-1"]}
-    assert client.hget(heartbeat.heartbeat_key("tiny-model", "busy-1"), "saturated_at") is not None
+    assert workers.live_workers(client, ["tiny-model"], stale_after_s=5) == {"tiny-model": ["busy-1"]}
+    assert client.hget(workers.worker_key("busy-1"), "saturated_at") is not None
     time.sleep(1.2)
     beat.beat()  # saturated but stuck: consumed_at is not refreshed
-    assert heartbeat.live_workers(client, stale_after_s=1) == {}
+    assert workers.live_workers(client, ["tiny-model"], stale_after_s=1) == {}
     state.update(saturated=False, progress=9)  # a free thread: only the probe may prove consumption
     time.sleep(1.2)
     beat.beat()
-    assert heartbeat.live_workers(client, stale_after_s=1) == {}
+    assert workers.live_workers(client, ["tiny-model"], stale_after_s=1) == {}
+
+
+@pytest.mark.timeout(60)
+def test_the_liveness_check_reads_redis_url_as_every_process_does(client):
+    """Was: `--check` read LATENTD_REDIS_URL from os.environ only and ignored the REDIS_URL alias."""
+    beat = heartbeat.Heartbeat(client, ["tiny-model"], ttl_s=10)
+    beat.beat()
+    heartbeat.mark_consumed(client, ["tiny-model"], beat.worker, ttl_s=10)
+    env = {k: v for k, v in os.environ.items() if k not in ("LATENTD_REDIS_URL", "REDIS_URL")} | {
+        "REDIS_URL": REDIS_URL
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "services.worker.heartbeat", "--check"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "consuming" in result.stdout

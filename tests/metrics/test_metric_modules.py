@@ -10,6 +10,8 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.api import metrics as api_metrics
+from services.common import workers
+from services.common.tasks import CELERY_PRIORITY_SEP
 from services.worker import heartbeat
 from services.worker import metrics as worker_metrics
 
@@ -90,7 +92,7 @@ def test_engine_active_requests_is_read_at_scrape_time():
 def test_queue_depth_and_live_workers_come_from_redis_at_scrape(client):
     queue = "latentd.depth-test"
     client.rpush(queue, *["job"] * 5)
-    client.rpush(queue + api_metrics.CELERY_PRIORITY_SEP + "6", "urgent")  # Celery's priority list
+    client.rpush(queue + CELERY_PRIORITY_SEP + "6", "urgent")  # Celery's priority list
     api_metrics.register_queue_depth(client, lambda: ["depth-test", "idle-model"], lambda m: f"latentd.{m}")
     beat = heartbeat.Heartbeat(client, ["depth-test"], worker="host-1", ttl_s=10)
     beat.beat()
@@ -105,7 +107,7 @@ def test_queue_depth_and_live_workers_come_from_redis_at_scrape(client):
     families = scrape(port)
     assert sample(families, "latentd_workers_live", model="depth-test") == 1
     assert sample(families, "latentd_queue_depth", model="depth-test") == 4
-    assert heartbeat.live_workers(client, stale_after_s=5) == {"depth-test": ["host-1"]}
+    assert workers.live_workers(client, ["depth-test"], stale_after_s=5) == {"depth-test": ["host-1"]}
 
 
 def test_queue_depth_scrape_survives_redis_down():

@@ -199,21 +199,30 @@ def test_every_metric_moves_after_real_jobs(stack):
     assert sse_events[-1] == "cancelled"
 
     # 4. A job the worker cannot run (its record lacks the prompt): a failure with its type.
+    import asyncio
+
+    import redis.asyncio as aioredis
     from celery import Celery
 
-    from services.common.jobstore import JobStore
-    from services.common.tasks import GENERATE_TASK, queue_for
+    from services.common.jobstore import AsyncJobStore, JobStore
+    from services.common.tasks import RUN_TASK, queue_for
 
     broken = uuid.uuid4().hex
-    JobStore.from_url(REDIS_URL, 600).create(
-        broken, kind="generation", model=MODEL, owner="metrics-test", params={"model": MODEL}
-    )
+
+    async def create_broken():
+        client = aioredis.Redis.from_url(REDIS_URL)
+        await AsyncJobStore(client, 600).create(
+            broken, kind="generation", model=MODEL, owner="metrics-test", params={"model": MODEL}
+        )
+        await client.aclose()
+
+    asyncio.run(create_broken())
     producer = Celery("metrics-test", broker=REDIS_URL)
     producer.conf.update(task_serializer="json")
-    producer.send_task(GENERATE_TASK, args=[broken], queue=queue_for(MODEL))
+    producer.send_task(RUN_TASK, args=[MODEL], queue=queue_for(MODEL))
     store = JobStore.from_url(REDIS_URL, 600)
-    wait_for(lambda: store.get(broken)["status"] == "failed", 60, "the broken job to fail")
-    error_type = store.get(broken)["error"]["type"]
+    wait_for(lambda: store.get(broken).status == "failed", 60, "the broken job to fail")
+    error_type = store.get(broken).error["type"]
 
     # 5. Refusals: a body over the limit (413) and a step count out of range (422).
     assert (

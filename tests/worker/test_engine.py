@@ -182,11 +182,11 @@ def test_nan_fails_only_that_request(make_engine, tiny_model):
     """A prompt whose embedding is NaN poisons its own rows only: it fails typed, the others finish unchanged."""
 
     def encode_prompts(prompts):
-        embeds = tiny_model.encode_prompts(prompts)
-        for i, prompt in enumerate(prompts):
-            if prompt == "poison":
-                embeds[i] = float("nan")
-        return embeds
+        encoded = tiny_model.encode_prompts(prompts)  # one conditioning dict per prompt
+        return [
+            {key: torch.full_like(value, float("nan")) for key, value in c.items()} if prompt == "poison" else c
+            for prompt, c in zip(prompts, encoded)
+        ]
 
     poisoned = dataclasses.replace(tiny_model)
     poisoned.encode_prompts = encode_prompts
@@ -229,13 +229,14 @@ def test_long_request_does_not_starve_later_short_ones(make_engine):
     "field,value,message",
     [
         ("num_inference_steps", 0, "num_inference_steps must be between 1 and 1000, got 0"),
-        ("num_inference_steps", 1000, "num_inference_steps must be between 1 and 999 for this model's scheduler"),
-        ("guidance_scale", -1.0, "guidance_scale must be between 0 and 100, got -1.0"),
-        ("eta", 2.0, "eta must be between 0 and 1, got 2.0"),
+        ("num_inference_steps", 1000, "num_inference_steps must be between 1 and 999 for model 'tiny-sd', got 1000"),
+        ("guidance_scale", -1.0, "guidance_scale must be between 0 and 100, got -1"),
+        ("eta", 2.0, "eta must be between 0 and 1, got 2"),
         ("num_images", 0, "num_images must be between 1 and 16, got 0"),
         ("width", 30, "width must be a multiple of 8 between 8 and 64, got 30"),
-        ("seed", -1, "seed must be between 0 and"),
-        ("prompt", "a " * 80, "prompt is 82 tokens long; the model takes at most 77"),
+        ("seed", -1, "seed must be between 0 and 9223372036854775807, got -1"),
+        ("seed", 2**63, "seed must be between 0 and 9223372036854775807, got 9223372036854775808"),
+        ("prompt", "a " * 80, "prompt is 82 tokens long; model 'tiny-sd' takes at most 77"),
     ],
 )
 def test_bad_input_is_named(make_engine, field, value, message):

@@ -16,8 +16,9 @@ def test_loads_the_folder(tiny_model, tiny_model_path):
     assert m.max_prompt_tokens == 77 and m.num_train_timesteps == 1000
     assert m.alphas_cumprod.dtype == torch.float64 and m.alphas_cumprod.shape == (1000,)
     assert m.count_prompt_tokens("a red circle") == len(m.tokenizer("a red circle").input_ids)
-    embeds = m.encode_prompts(["a red circle", ""])
-    assert embeds.shape == (2, 77, 32) and not torch.equal(embeds[0], embeds[1])
+    embeds = [c["encoder_hidden_states"] for c in m.encode_prompts(["a red circle", ""])]
+    assert [e.shape for e in embeds] == [(77, 32)] * 2 and not torch.equal(embeds[0], embeds[1])
+    assert m.family.name == "sd" and m.alphas_cumprod is not None and m.prediction_type == "epsilon"
     latents = m.encode_images(torch.zeros(2, 3, 32, 32))
     assert latents.shape == (2, 4, 8, 8)
     pixels = m.decode_latents(latents)

@@ -14,15 +14,14 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
+from services.common.rules import DDPM_SAMPLERS as SAMPLERS  # the DDPM-family models' samplers
+from services.common.rules import SAMPLERS as ALL_SAMPLERS
 from services.worker.diffusion.guidance import rescale_guidance
-from services.worker.diffusion.sampler_names import SAMPLERS
 from services.worker.diffusion.samplers import SAMPLER_CLASSES, build_samplers, unsupported_samplers
 from services.worker.diffusion.schedules import alphas_cumprod_from_config
 from training.evaluate import diffusers_scheduler
 from training.evaluate import rescale_guidance as evaluate_rescale
 
-# diffusers builds σ with np.array(tensor), which numpy 2 warns about on every set_timesteps
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SPACINGS = ("leading", "trailing", "linspace")
 PREDICTIONS = ("epsilon", "v_prediction")
@@ -57,7 +56,7 @@ def reference(name: str, config: dict, steps: int, alphas_cumprod: torch.Tensor 
 
 
 def test_names_are_the_registry():
-    assert tuple(SAMPLER_CLASSES) == SAMPLERS
+    assert tuple(SAMPLER_CLASSES) == ALL_SAMPLERS == SAMPLERS + ("flow_euler",)
     assert SAMPLERS == ("ddim", "dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_ancestral")
 
 

@@ -13,10 +13,12 @@ What a sampler knows, for each request kind:
     from the request's own CPU generator, after the initial latents, in diffusers' order (DDIM with
     eta > 0 and Euler ancestral draw at every step; the others never).
 
-The math is in ddim.py, dpm_solver.py, euler.py and euler_ancestral.py (one algorithm per file); this
-module is bookkeeping. A later sampler (flow matching's x_next = x + (σ_next − σ)·v on a shifted σ
-schedule; image-to-image starting at step k of a plan with noised image latents) is one more class:
-a plan, an input scale, a step. `SamplerState.steps_done` counts the request's own updates, so a
+The math is in ddim.py, dpm_solver.py, euler.py, euler_ancestral.py and flow_matching.py (one algorithm per
+file); this module is bookkeeping. Flow matching (`flow_euler`: x_next = x + (σ_next − σ)·v on a shifted σ
+schedule, the SD3 and Flux families' sampler) is one more class: a plan, an input scale (1), a step. Its plan
+may depend on the picture's size (Flux's resolution-dependent shift μ), so the engine asks for a request's
+plan with `plan_for(steps, image_seq_len)`. Image-to-image (a request starting at step k of its plan with
+noised image latents) is the same: `SamplerState.steps_done` counts the request's own updates, so a
 multistep history starts fresh wherever the request starts.
 """
 
@@ -31,11 +33,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from services.common.rules import SAMPLERS
 from services.worker.diffusion.ddim import ddim_step
 from services.worker.diffusion.dpm_solver import dpm_solver_2m_step
 from services.worker.diffusion.euler import euler_step
 from services.worker.diffusion.euler_ancestral import euler_ancestral_step
-from services.worker.diffusion.sampler_names import SAMPLERS
+from services.worker.diffusion.flow_matching import flow_euler_step, flow_schedule, mu_for, unsupported_reason
 from services.worker.diffusion.schedules import (
     dpm_solver_timesteps,
     euler_timesteps,
@@ -51,6 +54,7 @@ from services.worker.diffusion.schedules import (
 )
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,7 @@ class Plan:
     scale_input: bool = False  # the UNet sees x/√(σ̂_i² + 1) (x on the variance-exploding scale)
     prev_timesteps: tuple[int, ...] = ()  # DDIM: the t each step goes to (−1: after the last)
     orders: tuple[int, ...] = ()  # DPM-Solver++(2M): the solver order of each step, for a request run from step 0
+    flow: bool = False  # flow matching: `sigmas` are σ of x_σ = (1 − σ)·x0 + σ·ε (float32 values), not σ̂
 
     @property
     def num_steps(self) -> int:
@@ -72,8 +77,13 @@ class Plan:
         return 1 / math.sqrt(self.sigmas[i] ** 2 + 1) if self.scale_input else 1.0
 
     def alpha_bar(self, i: int) -> float:
-        """ᾱ of the sample before step i (for trajectory frames)."""
+        """ᾱ of the sample before step i (for trajectory frames of DDPM-family models)."""
         return 1 / (self.sigmas[i] ** 2 + 1)
+
+    def noise_level(self, i: int) -> dict[str, float]:
+        """The sample's noise level before step i, as trajectory frames carry it: {"sigma": σ} for flow
+        matching, {"alpha_bar": ᾱ} otherwise."""
+        return {"sigma": self.sigmas[i]} if self.flow else {"alpha_bar": self.alpha_bar(i)}
 
 
 @dataclass
@@ -117,6 +127,8 @@ class Sampler:
     @classmethod
     def unsupported(cls, config: Mapping[str, Any]) -> str | None:
         """Why this sampler cannot follow its diffusers scheduler on this config, or None."""
+        if config.get("_class_name") == FLOW_SCHEDULER:
+            return "a flow-matching model (FlowMatchEulerDiscreteScheduler): its sampler is flow_euler"
         if config.get("prediction_type", "epsilon") not in PREDICTION_TYPES:
             return f"prediction_type {config.get('prediction_type')!r} (supported: {', '.join(PREDICTION_TYPES)})"
         for key, default in cls.config_defaults.items():
@@ -130,6 +142,11 @@ class Sampler:
 
     def _plan(self, num_inference_steps: int) -> Plan:
         raise NotImplementedError
+
+    def plan_for(self, num_inference_steps: int, image_seq_len: int | None = None) -> Plan:
+        """A request's plan; `image_seq_len` (the tokens of its picture) matters to flow matching's dynamic
+        shift only. Raises ValueError (naming the limit) for a step count the schedule cannot do."""
+        return self.plan(num_inference_steps)
 
     def start(self, num_inference_steps: int, eta: float = 0.0) -> SamplerState:
         """A new request's state; raises ValueError (naming the limit) for a step count the schedule cannot do."""
@@ -355,21 +372,98 @@ class EulerAncestralSampler(EulerSampler):
         return out.x_next, out.x0_pred
 
 
+class FlowEulerSampler(Sampler):
+    """Flow-matching Euler (flow_matching.py) as FlowMatchEulerDiscreteScheduler.from_config(config): σ from
+    the config's shift (or μ from the picture's token count where use_dynamic_shifting), the backbone called
+    at t = σ·T, x_T = ε (σ_max = 1), the backbone sees x itself; float32 throughout, as diffusers.
+
+    `pipeline_sigmas`: the pipeline hands set_timesteps σ = linspace(1, 1/n, n) (Flux's) instead of letting the
+    scheduler space them (SD3's); `default_max_shift`: the pipeline's max_shift where the config has none."""
+
+    name = "flow_euler"
+
+    def __init__(
+        self,
+        config: Mapping[str, Any],
+        alphas_cumprod: torch.Tensor | None = None,
+        device: torch.device | str = "cpu",
+        *,
+        pipeline_sigmas: bool = False,
+        default_max_shift: float = 1.15,
+    ):
+        self.config = dict(config)
+        self.alphas_cumprod = None
+        self.device = torch.device(device)
+        self.prediction_type = "flow"
+        self.pipeline_sigmas = pipeline_sigmas
+        self.default_max_shift = default_max_shift
+        self.dynamic = bool(self.config.get("use_dynamic_shifting", False))
+        self.plan = functools.lru_cache(maxsize=256)(self._plan)
+
+    @classmethod
+    def unsupported(cls, config):
+        return unsupported_reason(config)
+
+    def max_steps(self) -> int:
+        return int(self.config.get("num_train_timesteps", 1000))
+
+    def plan_for(self, num_inference_steps: int, image_seq_len: int | None = None) -> Plan:
+        if not 1 <= num_inference_steps <= self.max_steps():
+            raise ValueError(f"num_inference_steps must be between 1 and {self.max_steps()}, got {num_inference_steps}")
+        if not self.dynamic:
+            return self.plan(num_inference_steps)
+        if image_seq_len is None:
+            raise ValueError("this model's σ schedule depends on the picture's size (use_dynamic_shifting)")
+        return self.plan(num_inference_steps, mu_for(self.config, image_seq_len, self.default_max_shift))
+
+    def _plan(self, num_inference_steps: int, mu: float | None = None) -> Plan:
+        timesteps, sigmas = flow_schedule(self.config, num_inference_steps, mu, self.pipeline_sigmas)
+        return Plan(
+            timesteps=tuple(float(t) for t in timesteps),
+            sigmas=tuple(float(s) for s in sigmas),
+            flow=True,
+        )
+
+    def step(self, states, counts, model_output, x, noise):
+        sigma = per_row([s.plan.sigmas[s.step_index] for s in states], counts, self.device, torch.float32)
+        sigma_next = per_row([s.plan.sigmas[s.step_index + 1] for s in states], counts, self.device, torch.float32)
+        out = flow_euler_step(model_output, x, sigma, sigma_next)
+        self._advance(states)
+        return out.x_next.to(x.dtype), out.x0_pred.to(x.dtype)
+
+
 SAMPLER_CLASSES: dict[str, type[Sampler]] = {
     cls.name: cls
-    for cls in (DDIMSampler, DPMSolver2MSampler, DPMSolver2MKarrasSampler, EulerSampler, EulerAncestralSampler)
+    for cls in (
+        DDIMSampler,
+        DPMSolver2MSampler,
+        DPMSolver2MKarrasSampler,
+        EulerSampler,
+        EulerAncestralSampler,
+        FlowEulerSampler,
+    )
 }
 assert tuple(SAMPLER_CLASSES) == SAMPLERS
 
 
 def unsupported_samplers(config: Mapping[str, Any]) -> dict[str, str]:
-    """{name: why} for the samplers this scheduler config rules out."""
+    """{name: why} for the samplers this scheduler config rules out (a flow-matching config rules out every
+    DDPM-family sampler, a DDPM one rules out flow_euler)."""
     return {name: reason for name, cls in SAMPLER_CLASSES.items() if (reason := cls.unsupported(config))}
 
 
 def build_samplers(
-    config: Mapping[str, Any], alphas_cumprod: torch.Tensor, device: torch.device | str = "cpu"
+    config: Mapping[str, Any],
+    alphas_cumprod: torch.Tensor | None,
+    device: torch.device | str = "cpu",
+    options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Sampler]:
-    """The samplers a model supports, bound to its scheduler config, in SAMPLERS order."""
+    """The samplers a model supports, bound to its scheduler config, in SAMPLERS order. `options`: keyword
+    arguments per sampler name (a family's pipeline habits, e.g. flow_euler's pipeline_sigmas)."""
     ruled_out = unsupported_samplers(config)
-    return {name: cls(config, alphas_cumprod, device) for name, cls in SAMPLER_CLASSES.items() if name not in ruled_out}
+    options = options or {}
+    return {
+        name: cls(config, alphas_cumprod, device, **options.get(name, {}))
+        for name, cls in SAMPLER_CLASSES.items()
+        if name not in ruled_out
+    }

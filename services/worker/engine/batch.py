@@ -1,10 +1,11 @@
-"""The batch algebra of continuous batching: per-request state, and rows in / rows out of one UNet call.
+"""The batch algebra of continuous batching: per-request state, and rows in / rows out of one backbone call.
 
-A request of n images takes n rows at guidance 0 (unconditional only) or 1 (conditional only) and
-2n rows otherwise, unconditional first as in diffusers' pipeline. `build_unet_batch` concatenates the
-rows of the chosen requests (each scaled for the UNet as its sampler says, at its own timestep);
-`guided_outputs` splits the UNet output back and applies each request's guidance and guidance rescale,
-giving one model-output row per image, in member order.
+A request of n images takes n conditional rows, n unconditional rows, or both (unconditional first, as in
+diffusers' pipelines): which ones, and the scale that mixes them, its model's family says (`Family.rows`: SD
+mixes at every scale but 0 and 1, SDXL and SD3 only above 1, Flux by true_cfg_scale). `build_unet_batch`
+concatenates the rows of the chosen requests (each scaled for the backbone as its sampler says, at its own
+timestep, with its own conditioning: a dict of tensors the family reads); `guided_outputs` splits the output
+back and applies each request's guidance and guidance rescale, one output row per image, in member order.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from typing import Any
 
 import torch
 
+from services.common.rules import Resolved
 from services.worker.diffusion.guidance import classifier_free_guidance, rescale_guidance
 from services.worker.diffusion.samplers import Sampler, SamplerState
 from services.worker.engine.requests import GenerationRequest, TrajectoryFrame
+from services.worker.families import Conditioning, Rows
 
 
 @dataclass
@@ -27,14 +30,15 @@ class ActiveRequest:
     sequence: int  # arrival order, for fairness ties
     sampler: Sampler
     state: SamplerState  # the request's plan, its position in it, and its multistep history
-    guidance_rescale: float  # φ (the request's, or the model's default)
+    resolved: Resolved  # size, sampler, guidance rescale φ, steps and guidance scale, the model's defaults filled in
+    rows: Rows  # which rows it needs per image, and the scale that mixes them (its family's rule)
     latent_shape: tuple[int, int, int]  # (C, h, w)
     submitted_at: float
     admitted_at: float = 0.0
     generator: torch.Generator | None = None
     latents: torch.Tensor | None = None  # (n, C, h, w) float32: x before step `step_index`, on the sampler's scale
-    cond_embeds: torch.Tensor | None = None  # (n, L, D), None at guidance 0
-    uncond_embeds: torch.Tensor | None = None  # (n, L, D), None at guidance 1
+    cond: Conditioning | None = None  # the conditional rows' conditioning, each tensor (n, ...); None if unneeded
+    uncond: Conditioning | None = None  # the unconditional rows' (the negative prompt's)
     last_served: int = -1  # engine iteration of the last step, for round-robin
     frames: list[TrajectoryFrame] = field(default_factory=list)
     unet_s: float = 0.0
@@ -48,16 +52,21 @@ class ActiveRequest:
         return self.request.num_images
 
     @property
-    def guidance_scale(self) -> float:
-        return float(self.request.guidance_scale)
+    def guidance_rescale(self) -> float:
+        return self.resolved.guidance_rescale
+
+    @property
+    def cfg_scale(self) -> float:
+        """The scale of x_uncond + s·(x_cond − x_uncond) (guidance_scale, or Flux's true_cfg_scale)."""
+        return self.rows.scale
 
     @property
     def needs_cond(self) -> bool:
-        return self.guidance_scale != 0.0
+        return self.rows.cond
 
     @property
     def needs_uncond(self) -> bool:
-        return self.guidance_scale != 1.0
+        return self.rows.uncond
 
     @property
     def num_rows(self) -> int:
@@ -102,9 +111,9 @@ class ActiveRequest:
 @dataclass
 class UNetBatch:
     members: list[ActiveRequest]
-    latents: torch.Tensor  # (R, C, h, w), scaled for the UNet
-    timesteps: torch.Tensor  # (R,) float32 (the UNet embeds float and integer t alike)
-    text_embeds: torch.Tensor  # (R, L, D)
+    latents: torch.Tensor  # (R, C, h, w), scaled for the backbone, in the model dtype
+    timesteps: torch.Tensor  # (R,) float32 (the UNet embeds float and integer t alike; flow models' t = σ·T)
+    cond: Conditioning  # each tensor (R, ...): text states, pooled text, time ids, guidance, as the family keys them
 
     @property
     def num_rows(self) -> int:
@@ -121,23 +130,20 @@ def to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def build_unet_batch(members: list[ActiveRequest], dtype: torch.dtype) -> UNetBatch:
-    latents, timesteps, embeds = [], [], []
+    latents, timesteps, conds = [], [], []
     for member in members:
         model_input = member.model_input()
-        for needed, member_embeds in (
-            (member.needs_uncond, member.uncond_embeds),
-            (member.needs_cond, member.cond_embeds),
-        ):
+        for needed, conditioning in ((member.needs_uncond, member.uncond), (member.needs_cond, member.cond)):
             if needed:
                 latents.append(model_input)
-                embeds.append(member_embeds)
+                conds.append(conditioning)
                 timesteps.append(torch.full((member.num_images,), member.model_timestep, dtype=torch.float32))
     device = members[0].latents.device
     return UNetBatch(
         members=members,
         latents=torch.cat(latents).to(dtype),
         timesteps=to_device(torch.cat(timesteps), device),
-        text_embeds=torch.cat(embeds),
+        cond={key: torch.cat([c[key] for c in conds]) for key in conds[0]},
     )
 
 
@@ -158,8 +164,8 @@ def guided_outputs(batch: UNetBatch, model_output: torch.Tensor) -> torch.Tensor
             row += n
         eps_uncond.append(uncond if uncond is not None else cond)
         eps_cond.append(cond if cond is not None else uncond)
-        scales.append(torch.full((n,), member.guidance_scale, dtype=model_output.dtype))
-        rescales.append(member.guidance_rescale if member.guidance_scale > 1 else 0.0)
+        scales.append(torch.full((n,), member.cfg_scale, dtype=model_output.dtype))
+        rescales.append(member.guidance_rescale if member.cfg_scale > 1 and member.needs_uncond else 0.0)
     scale = to_device(torch.cat(scales), model_output.device)  # (N,)
     eps_uncond, eps_cond = torch.cat(eps_uncond), torch.cat(eps_cond)
     guided = classifier_free_guidance(eps_uncond, eps_cond, scale)

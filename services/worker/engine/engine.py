@@ -4,12 +4,16 @@ Each iteration is schedule -> execute -> update (as vLLM's EngineCore.step):
 - schedule: admit waiting requests (text embeddings once, initial latents from the request's own
   seeded generator), drop cancelled ones, and pick requests round-robin (least recently stepped
   first, then oldest) until the row budget `max_batch_rows` is full;
-- execute: one UNet call over all their rows (each row at its own timestep);
+- execute: one backbone call over all their rows (each row at its own timestep, with its own conditioning);
 - update: classifier-free guidance and guidance rescale per row, then one update per sampler for all
   the rows using it (vectorised: requests with different samplers, step counts and guidance share the
-  UNet call), a NaN check per request, step events (one `on_step_events` call per iteration and one
+  backbone call), a NaN check per request, step events (one `on_step_events` call per iteration and one
   event per request handle), previews and trajectory frames every k steps; then finished requests
   are VAE-decoded in one batch and retired.
+
+The loop is the same for every model family (SD 1.x/2.x, SDXL, SD3, Flux): what differs (text encoding,
+per-row conditioning, the backbone call, the sampler math, which rows guidance needs, the VAE's scaling)
+is the model's `family` (services/worker/families/), reached through the LoadedModel.
 
 Every random draw of a request comes from its own CPU generator, in diffusers' order (initial latents,
 then the noise of each step where its sampler draws any: DDIM with eta > 0, Euler ancestral), so its
@@ -19,6 +23,7 @@ pictures do not depend on what it was batched with.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import itertools
 import logging
 import math
@@ -33,13 +38,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from services.common import rules
+from services.common.errors import InvalidInput
 from services.worker import metrics as worker_metrics
-from services.worker.diffusion.sampler_names import (
-    ETA_SAMPLERS,
-    MAX_GUIDANCE_RESCALE,
-    MIN_GUIDANCE_RESCALE,
-)
-from services.worker.diffusion.samplers import Sampler, SamplerState, build_samplers, unsupported_samplers
+from services.worker.diffusion.samplers import Plan, Sampler, SamplerState, build_samplers, unsupported_samplers
 from services.worker.engine.batch import ActiveRequest, UNetBatch, build_unet_batch, guided_outputs, to_device
 from services.worker.engine.errors import (
     EngineError,
@@ -54,10 +56,6 @@ from services.worker.loading import LoadedModel, to_pil
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-MAX_NUM_IMAGES = 16
-MAX_GUIDANCE_SCALE = 100.0
-MAX_ETA = 1.0
-MAX_SEED = 2**64 - 1
 DECODE_CHUNK = 16  # images per VAE call
 PREVIEW_MIN_SIZE = 64  # previews are upscaled (nearest) to at least this many pixels per side
 _END = object()
@@ -163,7 +161,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._in_iteration: list[ActiveRequest] = []  # the requests an exception in this iteration fails
         # one sampler object per name this model's scheduler config supports, bound to it (plans cached per step count)
-        self.samplers: dict[str, Sampler] = build_samplers(model.scheduler_config, model.alphas_cumprod, model.device)
+        self.samplers: dict[str, Sampler] = build_samplers(
+            model.scheduler_config, model.alphas_cumprod, model.device, model.family.sampler_options()
+        )
         self.unsupported_samplers = unsupported_samplers(model.scheduler_config)
         self._latent_rgb: torch.Tensor | None = None  # (C + 1, 3), fitted on the first preview
         self.last_batch_rows = 0  # rows of the last UNet call, for metrics
@@ -193,7 +193,7 @@ class Engine:
 
     def submit(self, request: GenerationRequest) -> RequestHandle:
         """Validate and queue a request. Raises InvalidRequestError (naming the field) for bad input."""
-        sampler, state, guidance_rescale, shape = self._validate(request)
+        sampler, state, resolved, shape = self._validate(request)
         handle = RequestHandle(request.request_id, self._wake)
         active = ActiveRequest(
             request=request,
@@ -201,7 +201,8 @@ class Engine:
             sequence=next(self._sequence),
             sampler=sampler,
             state=state,
-            guidance_rescale=guidance_rescale,
+            resolved=resolved,
+            rows=self.model.family.rows(resolved.guidance_scale, request.true_cfg_scale),
             latent_shape=shape,
             submitted_at=time.monotonic(),
         )
@@ -230,92 +231,72 @@ class Engine:
     def default_sampler(self) -> str:
         return self.model.default_sampler
 
-    def _validate(self, request: GenerationRequest) -> tuple[Sampler, SamplerState, float, tuple[int, int, int]]:
-        model = self.model
-
-        def bad(field: str, message: str) -> InvalidRequestError:
-            return InvalidRequestError(message, field)
-
+    def _validate(
+        self, request: GenerationRequest
+    ) -> tuple[Sampler, SamplerState, rules.Resolved, tuple[int, int, int]]:
+        """The service's rules (services/common/rules.py, the same the doors apply), then the sampler's plan."""
         if not isinstance(request.request_id, str) or not request.request_id:
-            raise bad("request_id", "request_id must be a non-empty string")
-        name = self.default_sampler if request.sampler is None else request.sampler
-        if name not in self.samplers:
-            why = f" ({self.unsupported_samplers[name]})" if name in self.unsupported_samplers else ""
-            raise bad(
-                "sampler",
-                f"sampler must be one of {', '.join(self.samplers)} for this model, got {name!r}{why}",
-            )
-        sampler = self.samplers[name]
-        T_ = model.num_train_timesteps
-        steps = request.num_inference_steps
-        if not isinstance(steps, int) or not 1 <= steps <= T_:
-            raise bad("num_inference_steps", f"num_inference_steps must be between 1 and {T_}, got {steps}")
+            raise InvalidRequestError("request_id must be a non-empty string", "request_id")
         try:
-            plan = sampler.plan(steps)
+            resolved = rules.check_generation(
+                self.limits,
+                prompt=request.prompt,
+                negative_prompt=request.negative_prompt,
+                num_inference_steps=request.num_inference_steps,
+                guidance_scale=request.guidance_scale,
+                eta=request.eta,
+                seed=request.seed,
+                width=request.width,
+                height=request.height,
+                num_images=request.num_images,
+                preview_every=request.preview_every,
+                trajectory_every=request.trajectory_every,
+                sampler=request.sampler,
+                guidance_rescale=request.guidance_rescale,
+                true_cfg_scale=request.true_cfg_scale,
+                original_width=request.original_width,
+                original_height=request.original_height,
+                crop_top=request.crop_top,
+                crop_left=request.crop_left,
+                target_width=request.target_width,
+                target_height=request.target_height,
+            )
+        except InvalidInput as error:
+            raise InvalidRequestError(error.message, error.param) from None
+        sampler = self.samplers[resolved.sampler]
+        shape = self.model.latent_shape(resolved.width, resolved.height)
+        try:
+            plan = sampler.plan_for(resolved.num_inference_steps, self.model.family.image_seq_len(self.model, shape))
         except ValueError as error:
-            raise bad("num_inference_steps", f"{error} (sampler {name})") from None
-        scale = request.guidance_scale
-        if not isinstance(scale, (int, float)) or not math.isfinite(scale) or not 0 <= scale <= MAX_GUIDANCE_SCALE:
-            raise bad("guidance_scale", f"guidance_scale must be between 0 and {MAX_GUIDANCE_SCALE:g}, got {scale}")
-        if (
-            not isinstance(request.eta, (int, float))
-            or not math.isfinite(request.eta)
-            or not 0 <= request.eta <= MAX_ETA
-        ):
-            raise bad("eta", f"eta must be between 0 and {MAX_ETA:g}, got {request.eta}")
-        if request.eta > 0 and name not in ETA_SAMPLERS:
-            raise bad(
-                "eta",
-                f"eta applies to the {', '.join(ETA_SAMPLERS)} sampler only; got eta {request.eta} with sampler {name!r}",
-            )
-        rescale = model.default_guidance_rescale if request.guidance_rescale is None else request.guidance_rescale
-        if (
-            not isinstance(rescale, (int, float))
-            or not math.isfinite(rescale)
-            or not MIN_GUIDANCE_RESCALE <= rescale <= MAX_GUIDANCE_RESCALE
-        ):
-            raise bad(
-                "guidance_rescale",
-                f"guidance_rescale must be between {MIN_GUIDANCE_RESCALE:g} and {MAX_GUIDANCE_RESCALE:g}, got {rescale}",
-            )
-        if not isinstance(request.num_images, int) or not 1 <= request.num_images <= MAX_NUM_IMAGES:
-            raise bad("num_images", f"num_images must be between 1 and {MAX_NUM_IMAGES}, got {request.num_images}")
-        if not isinstance(request.seed, int) or not 0 <= request.seed <= MAX_SEED:
-            raise bad("seed", f"seed must be between 0 and {MAX_SEED}, got {request.seed}")
-        for name in ("preview_every", "trajectory_every"):
-            value = getattr(request, name)
-            if not isinstance(value, int) or not 0 <= value <= steps:
-                raise bad(name, f"{name} must be between 0 and num_inference_steps ({steps}), got {value}")
-        multiple = self.size_multiple
-        sizes = {}
-        for name, native in (("width", model.native_width), ("height", model.native_height)):
-            value = getattr(request, name)
-            value = native if value is None else value
-            if not isinstance(value, int) or not multiple <= value <= 2 * native or value % multiple:
-                raise bad(
-                    name, f"{name} must be a multiple of {multiple} between {multiple} and {2 * native}, got {value}"
-                )
-            sizes[name] = value
-        for name in ("prompt", "negative_prompt"):
-            text = getattr(request, name)
-            if not isinstance(text, str):
-                raise bad(name, f"{name} must be a string")
-            tokens = model.count_prompt_tokens(text)
-            if tokens > model.max_prompt_tokens:
-                raise bad(
-                    name,
-                    f"{name} is {tokens} tokens long; the model takes at most {model.max_prompt_tokens} "
-                    "(start and end tokens included)",
-                )
-        f = model.vae_scale_factor
-        state = SamplerState(plan=plan, eta=float(request.eta))
-        return sampler, state, float(rescale), (model.latent_channels, sizes["height"] // f, sizes["width"] // f)
+            raise InvalidRequestError(f"{error} (sampler {resolved.sampler})", "num_inference_steps") from None
+        return sampler, SamplerState(plan=plan, eta=float(request.eta)), resolved, shape
+
+    @functools.cached_property
+    def limits(self) -> rules.ModelLimits:
+        model = self.model
+        return rules.ModelLimits(
+            name=model.name,
+            native_width=model.native_width,
+            native_height=model.native_height,
+            size_multiple=self.size_multiple,
+            max_inference_steps=self.samplers[self.default_sampler].max_steps(),
+            max_prompt_tokens=model.max_prompt_tokens,
+            count_tokens=model.count_prompt_tokens,
+            samplers=tuple(self.samplers),
+            default_sampler=self.default_sampler,
+            sampler_max_steps={name: sampler.max_steps() for name, sampler in self.samplers.items()},
+            default_guidance_rescale=model.default_guidance_rescale,
+            unsupported_samplers=dict(self.unsupported_samplers),
+            family=model.family.name,
+            params=model.facts.params,
+            default_num_inference_steps=model.default_num_inference_steps,
+            default_guidance_scale=model.default_guidance_scale,
+        )
 
     @property
     def size_multiple(self) -> int:
-        """Pixel sizes must be multiples of this: the VAE's factor times the UNet's downsampling."""
-        downsamples = len(self.model.unet.config.block_out_channels) - 1
-        return self.model.vae_scale_factor * 2**downsamples
+        """Pixel sizes must be multiples of this: the VAE's factor times the backbone's downsampling (or patch)."""
+        return self.model.size_multiple
 
     # ---- engine thread ----
 
@@ -396,21 +377,29 @@ class Engine:
             if active.needs_uncond:
                 prompts.append(active.request.negative_prompt)
         unique = list(dict.fromkeys(prompts))
-        embeds = dict(zip(unique, model.encode_prompts(unique)))  # one text-encoder call: (L, D) each
+        encoded = dict(zip(unique, model.encode_prompts(unique)))  # one text-encoder call: a dict per prompt
         for active in admitted:
             n = active.num_images
             request = active.request
+            own = model.family.row_conditioning(model, request, active.resolved)  # time ids, guidance, ...
             if active.needs_cond:
-                active.cond_embeds = embeds[request.prompt].unsqueeze(0).expand(n, -1, -1)  # (n, L, D)
+                active.cond = rows_of(encoded[request.prompt] | own, n)
             if active.needs_uncond:
-                active.uncond_embeds = embeds[request.negative_prompt].unsqueeze(0).expand(n, -1, -1)
-            # diffusers' prepare_latents: randn on the CPU generator in the model dtype, then to the device
-            active.generator = torch.Generator("cpu").manual_seed(request.seed)
-            latents = torch.randn((n, *active.latent_shape), generator=active.generator, dtype=model.dtype)
-            # × the sampler's init_noise_sigma (1, or σ̂_max for the Euler family), in float32
-            active.latents = latents.to(model.device).float() * active.state.plan.init_noise_sigma  # (n, C, h, w)
+                negative = model.uncond_conditioning(request.negative_prompt, encoded[request.negative_prompt])
+                active.uncond = rows_of(negative | own, n)
+            active.latents = self._initial_latents(active)
             active.admitted_at = time.monotonic()
             self._active.append(active)
+
+    def _initial_latents(self, active: ActiveRequest) -> torch.Tensor:
+        """x at the request's first step (n, C, h, w), float32 on the model's device, on its sampler's scale.
+        As diffusers' prepare_latents: randn on the request's own CPU generator in the model dtype, then to the
+        device, × the plan's init_noise_sigma (1; σ̂_max for the Euler family). The generator stays with the
+        request for the noise its sampler draws later."""
+        model = self.model
+        active.generator = torch.Generator("cpu").manual_seed(active.request.seed)
+        noise = torch.randn((active.num_images, *active.latent_shape), generator=active.generator, dtype=model.dtype)
+        return noise.to(model.device).float() * active.state.plan.init_noise_sigma
 
     def _cancelled(self, active: ActiveRequest) -> bool:
         if active.handle.cancel_requested:
@@ -455,15 +444,12 @@ class Engine:
         return chosen
 
     def _execute(self, batch: UNetBatch) -> torch.Tensor:
-        """One UNet call over all rows (in chunks of max_batch_rows if one request alone needs more)."""
+        """One backbone call over all rows (in chunks of max_batch_rows if one request alone needs more)."""
         outputs = []
         for start in range(0, batch.num_rows, self.max_batch_rows):
             rows = slice(start, start + self.max_batch_rows)
-            outputs.append(
-                self.model.unet(
-                    batch.latents[rows], batch.timesteps[rows], encoder_hidden_states=batch.text_embeds[rows]
-                ).sample
-            )
+            cond = {key: value[rows] for key, value in batch.cond.items()}
+            outputs.append(self.model.forward(batch.latents[rows], batch.timesteps[rows], cond))
         return torch.cat(outputs).float()  # (R, C, h, w)
 
     def _update(self, batch: UNetBatch, model_output: torch.Tensor) -> list[StepEvent]:
@@ -508,7 +494,7 @@ class Engine:
             if request.trajectory_every and step % request.trajectory_every == 0:
                 # x_t as the UNet saw it (the DDPM scale, whatever the sampler's)
                 x_in = member.latents if input_scale == 1.0 else (member.latents.double() * input_scale).float()
-                frame = self._trajectory_frame(step, timestep, member.state.plan.alpha_bar(index), x_in, member_x0_pred)
+                frame = self._trajectory_frame(step, timestep, member.state.plan, index, x_in, member_x0_pred)
                 frame.index = len(member.frames)
                 member.frames.append(frame)
             preview = None
@@ -559,13 +545,15 @@ class Engine:
         return x_prev, x0_pred
 
     def _trajectory_frame(
-        self, step: int, timestep: int, alpha_bar: float, x_t: torch.Tensor, x0_pred: torch.Tensor
+        self, step: int, timestep: int, plan: Plan, index: int, x_t: torch.Tensor, x0_pred: torch.Tensor
     ) -> TrajectoryFrame:
-        """x_t (n, C, h, w) and x̂0, decoded."""
+        """x_t (n, C, h, w) and x̂0, decoded, with x_t's noise level (ᾱ, or σ for flow matching)."""
         n = x_t.shape[0]
         pixels = self.model.decode_latents(torch.cat([x_t, x0_pred]))  # (2n, 3, H, W)
         images = to_pil(torch.nan_to_num(pixels))
-        return TrajectoryFrame(step=step, timestep=timestep, alpha_bar=alpha_bar, x_t=images[:n], x0_pred=images[n:])
+        return TrajectoryFrame(
+            step=step, timestep=timestep, x_t=images[:n], x0_pred=images[n:], **plan.noise_level(index)
+        )
 
     def _preview(self, x0_pred: torch.Tensor) -> Image.Image:
         """x̂0 at latent resolution through a linear latent -> RGB map (no VAE call), images side by side."""
@@ -638,6 +626,11 @@ class Engine:
         for _, future in calls:
             if future.set_running_or_notify_cancel():
                 future.set_exception(error)
+
+
+def rows_of(conditioning: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+    """One prompt's (or request's) conditioning, each tensor without a batch dimension -> n rows (n, ...)."""
+    return {key: value.unsqueeze(0).expand(n, *value.shape) for key, value in conditioning.items()}
 
 
 def events_by_member(members: list[ActiveRequest], events: list[StepEvent]):

@@ -19,16 +19,24 @@ class GenerationRequest:
     prompt: str
     seed: int
     negative_prompt: str = ""
-    num_inference_steps: int = 50
-    guidance_scale: float = 7.5
+    num_inference_steps: int | None = None  # None: the model's default (50 for SD and SDXL, 28 for SD3 and Flux)
+    guidance_scale: float | None = None  # None: the model's default (7.5 SD, 5 SDXL, 7 SD3, 3.5 Flux)
     eta: float = 0.0  # DDIM's η; > 0 with another sampler is refused
-    sampler: str | None = None  # a name of sampler_names.SAMPLERS the model supports; None: the model's default
+    sampler: str | None = None  # a name of rules.SAMPLERS the model supports; None: the model's default
     guidance_rescale: float | None = None  # φ in [0, 1], applied where guidance_scale > 1; None: the model's default
     width: int | None = None  # None: the model's native size
     height: int | None = None
     num_images: int = 1
     preview_every: int = 0  # 0: no previews; k: a small decoded x0_pred every k steps
     trajectory_every: int = 0  # 0: none; k: keep every k-th step's x_t and x0_pred, decoded
+    # the fields of some families only (None elsewhere; a value where the model's family does not read it is refused)
+    true_cfg_scale: float | None = None  # Flux: true classifier-free guidance with the negative prompt where > 1
+    original_width: int | None = None  # SDXL's size conditioning, in pixels; None: the generated size
+    original_height: int | None = None
+    crop_top: int | None = None  # SDXL's crop conditioning; None: 0
+    crop_left: int | None = None
+    target_width: int | None = None  # None: the generated size
+    target_height: int | None = None
 
 
 @dataclass
@@ -47,10 +55,16 @@ class StepEvent:
 class TrajectoryFrame:
     step: int
     timestep: int
-    alpha_bar: float
     x_t: list[Image.Image]  # one per image of the request
     x0_pred: list[Image.Image]
+    alpha_bar: float | None = None  # x_t's ᾱ (DDPM-family models)
+    sigma: float | None = None  # x_t's σ (flow-matching models: x_σ = (1 − σ)·x0 + σ·ε)
     index: int = 0  # 0, 1, 2, ...: the request's frames in the order they were kept
+
+    @property
+    def noise_level(self) -> dict[str, float]:
+        """{"alpha_bar": ᾱ} or {"sigma": σ}, as frame metadata carries it."""
+        return {"sigma": self.sigma} if self.sigma is not None else {"alpha_bar": self.alpha_bar}
 
 
 @dataclass

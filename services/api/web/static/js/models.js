@@ -1,0 +1,40 @@
+// The models a live worker serves (GET /v1/models), shared by every panel's model menu.
+
+import { request } from "./api.js";
+import { $$, el } from "./ui.js";
+
+let models = [];
+const listeners = new Set();
+
+export const allModels = () => models;
+export const modelNamed = (name) => models.find((m) => m.name === name) || models[0] || null;
+
+/** Call fn(models) now and whenever the list changes. */
+export function onModels(fn) {
+  listeners.add(fn);
+  fn(models);
+}
+
+function fillSelect(select) {
+  const current = select.value;
+  const names = models.map((m) => m.name);
+  if (names.join("\n") === [...select.options].map((o) => o.value).join("\n")) return;
+  select.replaceChildren(
+    ...(names.length
+      ? models.map((m) => el("option", { value: m.name, text: `${m.name} (${m.native_width}×${m.native_height})` }))
+      : [el("option", { value: "", text: "no model served" })]),
+  );
+  if (names.includes(current)) select.value = current;
+  select.dispatchEvent(new Event("change"));
+}
+
+/** Reload the list; throws ApiError (401 without a key). */
+export async function refreshModels() {
+  const reply = await request("v1/models");
+  const next = reply.data || reply.models || [];
+  const changed = JSON.stringify(next) !== JSON.stringify(models);
+  models = next;
+  for (const select of $$("select.model-select")) fillSelect(select);
+  if (changed) for (const fn of listeners) fn(models);
+  return models;
+}

@@ -1,0 +1,303 @@
+"""The one set of limits and validation rules: every door (REST, the OpenAI route, gRPC) and the engine's own
+guard call these, so a request is refused the same way, with the same message, wherever it comes in.
+
+Rules raise `InvalidInput(message, param)`; the message names the field and the allowed range
+("num_inference_steps must be between 1 and 1000, got 0"). Limits that depend on the model (sizes, steps,
+prompt tokens) take a `ModelLimits`: the gateway builds one from the model info a worker published, the
+engine from the model it loaded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from services.common.errors import InvalidInput
+
+MAX_STEPS = 1000
+MAX_IMAGES = 16  # per job; a deployment may allow fewer (Settings.max_num_images)
+MIN_SIDE = 8
+MAX_SIDE = 2048
+MAX_GUIDANCE = 100.0
+MAX_ETA = 1.0
+MAX_SEED = 2**63 - 1  # the proto's int64; torch.Generator takes any of these
+MAX_PROMPT_CHARS = 4000  # checked before any tokenizing
+MAX_TIMESTEPS = 1001
+MAX_GUIDANCE_SCALES = 16
+DEFAULT_GUIDANCE_SCALES = (0.0, 1.0, 3.0, 7.5, 15.0)
+DEFAULT_FORWARD_TIMESTEPS = tuple(range(0, 1001, 50))
+OUTPUT_FORMATS = ("png", "jpeg", "webp")
+# DDIM (Song et al. 2021); DPM-Solver++(2M) (Lu et al. 2022) on the scheduler's timesteps, and on Karras
+# et al.'s σ spacing; Euler (Karras et al. 2022) and Euler ancestral (k-diffusion), each as its diffusers
+# scheduler configured from the model's scheduler config; and flow_euler, flow matching's Euler step on the
+# shifted σ schedule of a flow model (SD3, Flux: FlowMatchEulerDiscreteScheduler), the only one those take.
+# A model supports these less the ones its scheduler config rules out (GET /v1/models lists them).
+DDPM_SAMPLERS: tuple[str, ...] = ("ddim", "dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_ancestral")
+FLOW_SAMPLERS: tuple[str, ...] = ("flow_euler",)
+SAMPLERS: tuple[str, ...] = DDPM_SAMPLERS + FLOW_SAMPLERS
+DEFAULT_SAMPLER = "ddim"  # a model's own default, if it names one (latentd.json), wins
+ETA_SAMPLERS: tuple[str, ...] = ("ddim",)  # eta > 0 is refused with any other sampler (field `eta`)
+MIN_GUIDANCE_RESCALE, MAX_GUIDANCE_RESCALE = 0.0, 1.0  # φ of Lin et al. 2024; applied where guidance_scale > 1
+DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_GUIDANCE_SCALE = 50, 7.5  # a model that names none (SD 1.x/2.x pipelines')
+MIN_TRUE_CFG_SCALE = 1.0  # Flux's true CFG: 1 is off (its pipeline guides where true_cfg_scale > 1)
+MAX_CONDITIONING_SIDE = 8192  # SDXL's size conditioning (original and target size, crop offsets), in pixels
+# The model families (services/worker/families/): Stable Diffusion 1.x/2.x, SDXL, SD3, Flux.
+FAMILIES: tuple[str, ...] = ("sd", "sdxl", "sd3", "flux")
+# Request fields every family reads; the rest apply only where a model lists them (ModelLimits.params,
+# GET /v1/models `params`) and are refused by name elsewhere.
+COMMON_PARAMS: tuple[str, ...] = (
+    "prompt",
+    "negative_prompt",
+    "num_inference_steps",
+    "guidance_scale",
+    "seed",
+    "width",
+    "height",
+    "num_images",
+    "preview_every",
+    "sampler",
+)
+SIZE_CONDITIONING_PARAMS: tuple[str, ...] = (  # SDXL's micro-conditioning (Podell et al. 2023, sec. 2.2)
+    "original_width",
+    "original_height",
+    "crop_top",
+    "crop_left",
+    "target_width",
+    "target_height",
+)
+DEFAULT_PARAMS: tuple[str, ...] = (*COMMON_PARAMS, "eta", "guidance_rescale")  # a model that does not say (SD)
+TRAJECTORY_KINDS = ("forward", "reverse", "guidance_sweep")
+NOISE_SPACES = ("pixel", "latent")
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What a model allows. `count_tokens` is None where the tokenizer is not at hand (then the engine counts)."""
+
+    name: str
+    native_width: int
+    native_height: int
+    size_multiple: int
+    max_inference_steps: int
+    max_prompt_tokens: int
+    count_tokens: Callable[[str], int] | None = None
+    samplers: tuple[str, ...] = (DEFAULT_SAMPLER,)
+    default_sampler: str = DEFAULT_SAMPLER
+    sampler_max_steps: Mapping[str, int] = field(default_factory=dict)  # where a sampler allows fewer steps
+    default_guidance_rescale: float = 0.0
+    unsupported_samplers: Mapping[str, str] = field(default_factory=dict)  # name -> why this model rules it out
+    family: str = "sd"
+    params: tuple[str, ...] = DEFAULT_PARAMS  # the request fields this model reads
+    default_num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS
+    default_guidance_scale: float = DEFAULT_GUIDANCE_SCALE
+
+    @property
+    def max_width(self) -> int:
+        return 2 * self.native_width
+
+    @property
+    def max_height(self) -> int:
+        return 2 * self.native_height
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def between(field: str, value: Any, low: float, high: float, *, integer: bool = False, param: str | None = None) -> Any:
+    """`value` if it is a number (an int where `integer`) in [low, high]; else InvalidInput naming the field."""
+    kind_ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not kind_ok:
+        noun = "an integer" if integer else "a number"
+        raise InvalidInput(
+            f"{field} must be {noun} between {_fmt(low)} and {_fmt(high)}, got {value!r}", param or field
+        )
+    if not (isinstance(value, int) or math.isfinite(value)) or not low <= value <= high:
+        raise InvalidInput(f"{field} must be between {_fmt(low)} and {_fmt(high)}, got {_fmt(value)}", param or field)
+    return value
+
+
+def check_size(
+    limits: ModelLimits, width: int | None, height: int | None, *, param: str | None = None
+) -> tuple[int, int]:
+    """The pixel size, the model's native one where None: a multiple of size_multiple up to twice native."""
+    sizes = []
+    for name, value, native, high in (
+        ("width", width, limits.native_width, limits.max_width),
+        ("height", height, limits.native_height, limits.max_height),
+    ):
+        value = native if value is None else value
+        multiple = limits.size_multiple
+        if isinstance(value, bool) or not isinstance(value, int) or value % multiple or not multiple <= value <= high:
+            raise InvalidInput(
+                f"{name} must be a multiple of {multiple} between {multiple} and {high}, got {value}", param or name
+            )
+        sizes.append(value)
+    return sizes[0], sizes[1]
+
+
+def check_sampler(limits: ModelLimits, sampler: str | None) -> str:
+    """The sampler's name, the model's default where None; one of those the model supports."""
+    name = limits.default_sampler if sampler is None else sampler
+    if name not in limits.samplers:
+        why = f" ({limits.unsupported_samplers[name]})" if name in limits.unsupported_samplers else ""
+        raise InvalidInput(
+            f"sampler must be one of {', '.join(limits.samplers)} for model {limits.name!r}, got {name!r}{why}",
+            "sampler",
+        )
+    return name
+
+
+def check_steps(limits: ModelLimits, steps: int, sampler: str | None = None) -> int:
+    """1..MAX_STEPS, and no more than the model's scheduler allows with this sampler (leading spacing with an
+    offset allows fewer)."""
+    between("num_inference_steps", steps, 1, MAX_STEPS, integer=True)
+    limit = limits.sampler_max_steps.get(sampler, limits.max_inference_steps) if sampler else limits.max_inference_steps
+    if steps > limit:
+        with_sampler = f" with sampler {sampler!r}" if limit != limits.max_inference_steps else ""
+        raise InvalidInput(
+            f"num_inference_steps must be between 1 and {limit} for model {limits.name!r}{with_sampler}, got {steps}",
+            "num_inference_steps",
+        )
+    return steps
+
+
+def check_every(field: str, value: int, steps: int, low: int = 0) -> int:
+    """preview_every, trajectory_every: 0 (or `low`) .. the job's step count."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > steps and value <= MAX_STEPS:
+        raise InvalidInput(f"{field} must be between {low} and num_inference_steps ({steps}), got {value}", field)
+    return between(field, value, low, steps, integer=True)
+
+
+def check_prompt(limits: ModelLimits, field: str, text: Any) -> str:
+    """A string of at most MAX_PROMPT_CHARS characters (checked first, cheaply) and the model's token limit."""
+    if not isinstance(text, str):
+        raise InvalidInput(f"{field} must be a string", field)
+    if len(text) > MAX_PROMPT_CHARS:
+        raise InvalidInput(f"{field} must be at most {MAX_PROMPT_CHARS} characters, got {len(text)}", field)
+    if text and limits.count_tokens is not None:
+        tokens = limits.count_tokens(text)
+        if tokens > limits.max_prompt_tokens:
+            raise InvalidInput(
+                f"{field} is {tokens} tokens long; model {limits.name!r} takes at most "
+                f"{limits.max_prompt_tokens} (start and end tokens included)",
+                field,
+            )
+    return text
+
+
+def check_applies(limits: ModelLimits, field: str, value: Any) -> None:
+    """A field this model does not read must be left out (None): refused by name, with the families it is for."""
+    if value is not None and field not in limits.params:
+        raise InvalidInput(
+            f"{field} does not apply to model {limits.name!r} ({limits.family} family); leave it out",
+            field,
+        )
+
+
+class Resolved(NamedTuple):
+    """What a request leaves to the model's defaults, filled in."""
+
+    width: int
+    height: int
+    sampler: str
+    guidance_rescale: float
+    num_inference_steps: int
+    guidance_scale: float
+
+
+def check_generation(
+    limits: ModelLimits,
+    *,
+    prompt: str,
+    negative_prompt: str = "",
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
+    eta: float = 0.0,
+    seed: int,
+    width: int | None,
+    height: int | None,
+    num_images: int = 1,
+    max_num_images: int = MAX_IMAGES,
+    preview_every: int = 0,
+    trajectory_every: int = 0,
+    sampler: str | None = None,
+    guidance_rescale: float | None = None,
+    true_cfg_scale: float | None = None,
+    original_width: int | None = None,
+    original_height: int | None = None,
+    crop_top: int | None = None,
+    crop_left: int | None = None,
+    target_width: int | None = None,
+    target_height: int | None = None,
+    images_field: str = "num_images",
+) -> Resolved:
+    """Every rule of one generation request; returns the size, sampler, guidance rescale, steps and guidance
+    scale it resolves to (None: the model's default). Fields the model's family does not read are refused."""
+    sampler = check_sampler(limits, sampler)
+    steps = limits.default_num_inference_steps if num_inference_steps is None else num_inference_steps
+    check_steps(limits, steps, sampler)
+    guidance_scale = limits.default_guidance_scale if guidance_scale is None else guidance_scale
+    between("guidance_scale", guidance_scale, 0.0, MAX_GUIDANCE)
+    between("eta", eta, 0.0, MAX_ETA)
+    if eta > 0 and sampler not in ETA_SAMPLERS:
+        raise InvalidInput(
+            f"eta applies to the {', '.join(ETA_SAMPLERS)} sampler only; got eta {_fmt(eta)} with sampler {sampler!r}",
+            "eta",
+        )
+    check_applies(limits, "guidance_rescale", guidance_rescale or None)  # 0 is "none" wherever it is not read
+    rescale = limits.default_guidance_rescale if guidance_rescale is None else guidance_rescale
+    between("guidance_rescale", rescale, MIN_GUIDANCE_RESCALE, MAX_GUIDANCE_RESCALE)
+    check_applies(limits, "true_cfg_scale", true_cfg_scale)
+    if true_cfg_scale is not None:
+        between("true_cfg_scale", true_cfg_scale, MIN_TRUE_CFG_SCALE, MAX_GUIDANCE)
+    for name, value, low in (
+        ("original_width", original_width, 1),
+        ("original_height", original_height, 1),
+        ("crop_top", crop_top, 0),
+        ("crop_left", crop_left, 0),
+        ("target_width", target_width, 1),
+        ("target_height", target_height, 1),
+    ):
+        check_applies(limits, name, value)
+        if value is not None:
+            between(name, value, low, MAX_CONDITIONING_SIDE, integer=True)
+    between("seed", seed, 0, MAX_SEED, integer=True)
+    between(images_field, num_images, 1, min(max_num_images, MAX_IMAGES), integer=True)
+    check_every("preview_every", preview_every, steps)
+    check_every("trajectory_every", trajectory_every, steps)
+    size = check_size(limits, width, height)
+    check_prompt(limits, "prompt", prompt)
+    check_prompt(limits, "negative_prompt", negative_prompt)
+    return Resolved(size[0], size[1], sampler, float(rescale), steps, float(guidance_scale))
+
+
+def check_timesteps(num_train_timesteps: int, timesteps: Iterable[int]) -> list[int]:
+    """Forward-trajectory timesteps: the paper's t in [0, T], at least one, at most MAX_TIMESTEPS."""
+    timesteps = list(timesteps)
+    if not 1 <= len(timesteps) <= MAX_TIMESTEPS:
+        raise InvalidInput(
+            f"timesteps must hold between 1 and {MAX_TIMESTEPS} values, got {len(timesteps)}", "timesteps"
+        )
+    for index, t in enumerate(timesteps):
+        between("timesteps", t, 0, num_train_timesteps, integer=True, param=f"timesteps.{index}")
+    return timesteps
+
+
+def default_timesteps(num_train_timesteps: int) -> list[int]:
+    """0..1000 by 50, clipped to the model's T."""
+    return sorted({min(t, num_train_timesteps) for t in DEFAULT_FORWARD_TIMESTEPS})
+
+
+def check_guidance_scales(scales: Iterable[float]) -> list[float]:
+    scales = list(scales)
+    if not 1 <= len(scales) <= MAX_GUIDANCE_SCALES:
+        raise InvalidInput(
+            f"guidance_scales must hold between 1 and {MAX_GUIDANCE_SCALES} values, got {len(scales)}",
+            "guidance_scales",
+        )
+    for index, scale in enumerate(scales):
+        between("guidance_scales", scale, 0.0, MAX_GUIDANCE, param=f"guidance_scales.{index}")
+    return scales

@@ -1,0 +1,463 @@
+"""The application core: everything a door does, with no HTTP and no gRPC in it.
+
+    core = await Core.open(settings)
+    owner = core.authenticate(authorization_header)
+    job = await core.submit_generation(owner, GenerationCreate(prompt="a red circle"))
+    async for event in core.follow(owner, job.id, after="0"):
+        ...
+
+The REST routers, the OpenAI route and the gRPC servicer are thin adapters over one Core: they translate
+their transport's request into a call here and the result (a JobRecord, a JobEvent, a ServiceError) back.
+The Core resolves the model and defaults, checks every rule (services/common/rules.py), writes the job
+(services/common/jobstore.py), sends its Celery task by name, and follows its events (events.EventHub).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import io
+import json
+import logging
+import secrets
+import uuid
+from collections.abc import AsyncIterator, Callable
+from functools import lru_cache
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+import redis.exceptions
+from celery import Celery
+from pydantic import BaseModel
+
+from services.common import rules, workers
+from services.common.errors import (
+    Conflict,
+    InvalidInput,
+    JobFailed,
+    NotFound,
+    RateLimited,
+    ServiceError,
+    Unauthorized,
+    Unavailable,
+)
+from services.common.jobs import JobEvent, JobRecord
+from services.common.jobstore import AsyncJobStore, IdempotencyConflict, QueueFull, frame_blob_name
+from services.common.models import ModelInfo, ServedModel
+from services.common.settings import Settings, hash_key
+from services.common.tasks import RUN_TASK, queue_for
+from services.core import metrics
+from services.core.events import EventHub
+from services.core.schemas import GenerationCreate, OpenAIImageRequest, TrajectoryCreate
+from services.core.validation import parse
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+ANONYMOUS = "anonymous"
+MAX_IDEMPOTENCY_KEY = 255
+IDEMPOTENCY_PARAM = "Idempotency-Key"
+ARTIFACT_KINDS = ("image", "frame")
+
+
+TOKENIZER_CLASSES = ("CLIPTokenizer", "T5TokenizerFast")
+FAMILY_ONLY_PARAMS = ("true_cfg_scale", *rules.SIZE_CONDITIONING_PARAMS)  # the tokenizers whose limits models publish
+
+
+@lru_cache(maxsize=16)
+def _token_counter(path: str, class_name: str = "CLIPTokenizer") -> Callable[[str], int] | None:
+    """The model's own tokenizer (CLIP's, or T5's for SD3 and Flux: transformers' tokenizers need no torch), or
+    None where its folder is not on this machine (then the worker's engine counts tokens and fails the job with
+    the same message)."""
+    try:
+        import transformers
+
+        if class_name not in TOKENIZER_CLASSES:
+            raise ValueError(f"unknown tokenizer class {class_name!r}")
+        tokenizer = getattr(transformers, class_name).from_pretrained(path)
+    except Exception as error:  # noqa: BLE001 - the folder may live on the worker's disk only
+        log.warning("cannot load tokenizer from %s (%s); prompt length checked by the worker", path, error)
+        return None
+    return lambda text: len(tokenizer(text, truncation=False).input_ids)
+
+
+def _params(params: dict[str, Any]) -> dict[str, Any]:
+    """A job's resolved params, without the fields of other families left unset (both doors show the same)."""
+    return {k: v for k, v in params.items() if not (k in FAMILY_ONLY_PARAMS and v is None)}
+
+
+def decode_image(data: str | bytes, param: str = "image") -> bytes:
+    """A PNG or JPEG picture, from bytes or base64 (a data: URL is accepted); InvalidInput otherwise."""
+    from PIL import Image
+
+    try:
+        if isinstance(data, str):
+            payload = data.split(",", 1)[1] if data.startswith("data:") else data
+            data = base64.b64decode(payload, validate=True)
+        with Image.open(io.BytesIO(data)) as image:
+            if image.format not in ("PNG", "JPEG"):
+                raise ValueError(f"format {image.format}")
+            image.verify()
+    except (binascii.Error, ValueError, OSError) as error:
+        raise InvalidInput(f"{param} must be a base64-encoded PNG or JPEG picture ({error})", param) from None
+    return data
+
+
+def translate_redis_errors(error: redis.exceptions.RedisError, retry_after_s: float) -> Unavailable:
+    return Unavailable(f"the job store (Redis) is unreachable: {error}", None, retry_after_s=retry_after_s)
+
+
+class TaskSender:
+    """Sends a job's Celery task by name to its model's queue; the worker's code is never imported here."""
+
+    def __init__(self, settings: Settings):
+        self.celery = Celery("latentd-gateway", broker=settings.redis_url)
+        self.celery.conf.update(
+            task_serializer="json",
+            accept_content=["json"],
+            broker_connection_retry_on_startup=True,
+            broker_connection_max_retries=1,
+            broker_pool_limit=2,
+            broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        )
+
+    async def send(self, model: str) -> None:
+        """One task per queued job: the worker that gets it takes the model's next job in fair order."""
+        # kombu's producer blocks; a thread keeps the event loop free while it writes to Redis
+        await asyncio.to_thread(self.celery.send_task, RUN_TASK, args=[model], queue=queue_for(model))
+
+    def close(self) -> None:
+        self.celery.close()
+
+
+class Core:
+    def __init__(self, settings: Settings, store: AsyncJobStore, hub: EventHub, tasks: TaskSender):
+        self.settings = settings
+        self.store = store
+        self.hub = hub
+        self.tasks = tasks
+        self.key_hashes = settings.key_hashes()
+
+    @classmethod
+    async def open(cls, settings: Settings) -> Core:
+        pool = aioredis.BlockingConnectionPool.from_url(  # a request waits for a free connection, never opens more
+            settings.redis_url,
+            max_connections=settings.redis_max_connections,
+            timeout=settings.redis_timeout_s,
+            socket_connect_timeout=settings.redis_timeout_s,
+            socket_timeout=settings.redis_timeout_s + 1.0,  # longer than the event hub's blocking read
+            health_check_interval=30,
+        )
+        client = aioredis.Redis(connection_pool=pool)
+        store = AsyncJobStore(client, settings.result_ttl_s)
+        core = cls(settings, store, EventHub(store), TaskSender(settings))
+        core.hub.start()
+        return core
+
+    async def close(self) -> None:
+        await self.hub.stop()
+        self.tasks.close()
+        await self.store.redis.aclose()
+
+    # ---- identity --------------------------------------------------------------------------------
+    def authenticate(self, authorization: str | None) -> str:
+        """The caller's key hash (the owner of the jobs it makes) from `Bearer <key>`; anonymous when the
+        service runs without keys. Unauthorized for a missing or unknown key."""
+        if not self.key_hashes:
+            return ANONYMOUS
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'", None)
+        digest = hash_key(token.strip())
+        matched = False
+        for stored in self.key_hashes:  # every stored hash, each in constant time
+            matched |= hmac.compare_digest(digest, stored)
+        if not matched:
+            raise Unauthorized("invalid API key", None)
+        return digest
+
+    # ---- models ----------------------------------------------------------------------------------
+    async def live_models(self) -> list[ServedModel]:
+        """Each model a live worker serves, by name, with its workers, queue depth and whether it is the default."""
+        models = await self._redis(self.store.models())
+        live = await self._live(models)
+        served = [name for name in sorted(models) if name in live]
+        depth = await self._redis(self.store.queued_counts(served))
+        default = self._default(models, live) if models else None
+        return [ServedModel(models[n], len(live[n]), depth[n], n == default) for n in served]
+
+    async def resolve_model(self, name: str | None) -> ModelInfo:
+        models = await self._redis(self.store.models())
+        if name:
+            if name not in models:
+                known = ", ".join(sorted(models)) or "none yet"
+                raise NotFound(f"unknown model {name!r}; served models: {known}", "model")
+            return models[name]
+        if not models:
+            metrics.record_rejection("no_worker")
+            raise Unavailable(
+                "no model is served yet: start a worker", "model", retry_after_s=self.settings.retry_after_s
+            )
+        live = await self._live(models) if len(models) > 1 else {}
+        return models[self._default(models, live)]
+
+    def _default(self, models: dict[str, ModelInfo], live: dict[str, list[str]]) -> str:
+        """The model of requests that name none: the setting's, else the only one, else the most served."""
+        if self.settings.default_model in models:
+            return self.settings.default_model
+        return max(sorted(models), key=lambda m: len(live.get(m, ())))
+
+    async def _live(self, models: dict[str, ModelInfo]) -> dict[str, list[str]]:
+        stale_s = self.settings.worker_stale_after_s
+        return await self._redis(workers.live_workers_async(self.store.redis, models, stale_s))
+
+    def limits(self, model: ModelInfo) -> rules.ModelLimits:
+        counter = _token_counter(model.tokenizer_path, model.tokenizer_class) if model.tokenizer_path else None
+        return model.limits(counter)
+
+    async def readiness(self) -> dict[str, Any]:
+        """ready: Redis answers and a live worker serves some model; with the reason when not."""
+        try:
+            await self.store.redis.ping()
+            live = {served.info.name: served.workers for served in await self.live_models()}
+        except (ServiceError, redis.exceptions.RedisError) as error:
+            return {"status": "unavailable", "redis": False, "reason": str(error)}
+        if not live:
+            return {"status": "unavailable", "redis": True, "workers": {}, "reason": "no live worker"}
+        return {"status": "ready", "redis": True, "workers": live}
+
+    # ---- submitting ------------------------------------------------------------------------------
+    async def submit_generation(
+        self, owner: str, body: GenerationCreate | dict, idempotency_key: str | None = None
+    ) -> JobRecord:
+        """Queue a generation. With an `idempotency_key` (Idempotency-Key), a repeat of the same request
+        within the result TTL returns the first job (`replayed`); another request with it is a Conflict."""
+        body = body if isinstance(body, GenerationCreate) else parse(GenerationCreate, body)
+        idempotency = self.idempotency("generation", body, idempotency_key)
+        model = await self.resolve_model(body.model)
+        resolved = self._resolve(model, body.model_dump(exclude={"model", "output_format"}))
+        params = _params(body.model_dump() | resolved)
+        return await self._enqueue("generation", model, owner, params, idempotency=idempotency)
+
+    async def submit_trajectory(
+        self, owner: str, body: TrajectoryCreate | dict, idempotency_key: str | None = None
+    ) -> JobRecord:
+        body = body if isinstance(body, TrajectoryCreate) else parse(TrajectoryCreate, body)
+        idempotency = self.idempotency("trajectory", body, idempotency_key)
+        model = await self.resolve_model(body.model)
+        kind, image = body.kind, None
+        if kind == "forward":
+            if body.image is None and not body.prompt:
+                raise InvalidInput("a forward trajectory needs an image or a prompt", "image")
+            image = decode_image(body.image) if body.image is not None else None
+            timesteps = rules.default_timesteps(model.num_train_timesteps) if body.timesteps is None else body.timesteps
+            timesteps = rules.check_timesteps(model.num_train_timesteps, timesteps)
+        elif not body.prompt:
+            raise InvalidInput(f"a {kind} trajectory needs a prompt", "prompt")
+        if kind == "guidance_sweep":
+            rules.check_guidance_scales(body.guidance_scales)
+        generation = body.model_dump(include=set(GenerationCreate.model_fields) - {"model", "output_format"})
+        resolved = self._resolve(model, generation | {"prompt": body.prompt or ""})
+        if kind == "reverse":
+            rules.check_every("trajectory_every", body.trajectory_every, resolved["num_inference_steps"], low=1)
+        params = _params(
+            body.model_dump(exclude={"image"})
+            | resolved
+            | {
+                "prompt": body.prompt or "",
+                "timesteps": timesteps if kind == "forward" else None,
+                "has_image": image is not None,
+            }
+        )
+        return await self._enqueue(kind, model, owner, params, input_image=image, idempotency=idempotency)
+
+    async def submit_openai(
+        self, owner: str, body: OpenAIImageRequest, idempotency_key: str | None = None
+    ) -> JobRecord:
+        """The OpenAI Images API's generation, as a generation job (`n` images of `size`)."""
+        idempotency = self.idempotency("openai", body, idempotency_key)
+        model = await self.resolve_model(body.model)
+        width = height = None
+        if body.size:
+            width, height = (int(v) for v in body.size.split("x"))
+        try:
+            width, height = rules.check_size(self.limits(model), width, height)
+        except InvalidInput as error:
+            raise InvalidInput(f"size: {error.message}", "size") from None
+        fields = body.model_dump(include=set(GenerationCreate.model_fields)) | {"width": width, "height": height}
+        generation = GenerationCreate(**fields, num_images=body.n)
+        resolved = self._resolve(model, generation.model_dump(exclude={"model", "output_format"}), images_field="n")
+        params = _params(generation.model_dump() | resolved)
+        return await self._enqueue("generation", model, owner, params, idempotency=idempotency)
+
+    def _resolve(self, model: ModelInfo, fields: dict[str, Any], images_field: str = "num_images") -> dict[str, Any]:
+        """Check a generation's fields against every rule; the values it leaves to the service, filled in."""
+        seed = self.resolve_seed(fields.pop("seed", None))
+        resolved = rules.check_generation(
+            self.limits(model),
+            **fields,
+            seed=seed,
+            max_num_images=self.settings.max_num_images,
+            images_field=images_field,
+        )
+        return {"model": model.name, "seed": seed} | resolved._asdict()
+
+    @staticmethod
+    def resolve_seed(seed: int | None) -> int:
+        return secrets.randbits(63) if seed is None else seed
+
+    @staticmethod
+    def idempotency(endpoint: str, body: BaseModel, key: str | None) -> tuple[str, str] | None:
+        """(the client's Idempotency-Key, the request's fingerprint), or None without a key. The fingerprint
+        is a hash of the endpoint and the validated request as sent (before a null seed is drawn), so a
+        retry matches whichever door it comes in by, and the same fields in another order match too."""
+        if key is None:
+            return None
+        if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY or not key.isascii() or not key.isprintable():
+            raise InvalidInput(
+                f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters", IDEMPOTENCY_PARAM
+            )
+        canonical = json.dumps([endpoint, body.model_dump(mode="json")], sort_keys=True, separators=(",", ":"))
+        return key, hashlib.sha256(canonical.encode()).hexdigest()
+
+    async def _enqueue(
+        self,
+        kind: str,
+        model: ModelInfo,
+        owner: str,
+        params: dict,
+        input_image: bytes | None = None,
+        idempotency: tuple[str, str] | None = None,
+    ) -> JobRecord:
+        settings = self.settings
+        job_id = uuid.uuid4().hex
+        create = dict(
+            kind=kind, model=model.name, owner=owner, params=params, input_image=input_image, idempotency=idempotency
+        )
+        limits = dict(max_pending=settings.max_queue_per_model, max_owned=settings.owner_queue_limit)
+        try:
+            try:
+                job = await self._redis(self.store.create(job_id, **create, **limits))
+            except QueueFull:
+                if not await self._redis(self.store.sweep(model.name, owner)):  # expired ids may hold slots
+                    raise
+                job = await self._redis(self.store.create(job_id, **create, **limits))
+        except QueueFull as full:
+            raise self._refusal(full, model) from None
+        except IdempotencyConflict as conflict:
+            raise Conflict(
+                f"Idempotency-Key {idempotency[0]!r} was already used for job {conflict.job_id} with a different "
+                "request; a retry must send the same request, a new request needs a new key",
+                IDEMPOTENCY_PARAM,
+            ) from None
+        if job.replayed:
+            return job  # its task was sent by the submit that made it
+        try:
+            await self.tasks.send(model.name)
+        except Exception as error:  # the record exists; the broker refused: end the job, never strand it
+            log.exception("could not send the task of job %s", job_id)
+            await self.store.cancel(job)
+            raise Unavailable(
+                f"the job queue is unreachable: {error}", None, retry_after_s=settings.retry_after_s
+            ) from error
+        metrics.record_submission(kind, model.name)
+        return job
+
+    def _refusal(self, full: QueueFull, model: ModelInfo) -> RateLimited:
+        settings = self.settings
+        if full.scope == "model":
+            metrics.record_rejection("queue_full")
+            message = f"the queue of model {model.name!r} is full ({settings.max_queue_per_model} jobs); retry later"
+        else:
+            metrics.record_rejection("quota")
+            limit = settings.owner_queue_limit
+            message = (
+                f"this API key already has {limit} {'job' if limit == 1 else 'jobs'} queued or running on model "
+                f"{model.name!r}, its share of the model's queue (max_queue_per_key = {limit}); retry when one "
+                "of them finishes"
+            )
+        return RateLimited(message, None, retry_after_s=settings.retry_after_s)
+
+    # ---- reading ---------------------------------------------------------------------------------
+    async def job(self, owner: str, job_id: str) -> JobRecord:
+        job = await self._redis(self.store.get(job_id)) if job_id else None
+        if job is None or job.owner != owner:  # another key's job does not exist for this caller
+            raise NotFound(f"no job {job_id!r}", "id")
+        return job
+
+    async def cancel(self, owner: str, job_id: str) -> JobRecord:
+        job = await self.job(owner, job_id)
+        outcome = await self._redis(self.store.cancel(job))
+        if outcome in ("succeeded", "failed"):
+            raise Conflict(f"job {job_id} already {outcome}; only queued or running jobs can be cancelled", "id")
+        return await self.job(owner, job_id)
+
+    async def artifact(self, owner: str, job_id: str, kind: str, index: int) -> tuple[bytes, str]:
+        """(bytes, media type) of image or frame `index`. A reverse trajectory's frames answer while it runs,
+        as soon as their `frame` event is out; the others once the job has succeeded."""
+        if kind not in ARTIFACT_KINDS:
+            raise InvalidInput(f"kind must be one of {', '.join(ARTIFACT_KINDS)}, got {kind!r}", "kind")
+        rules.between("index", index, 0, 10**6, integer=True)
+        job = await self.job(owner, job_id)
+        names = job.images if kind == "image" else [frame["blob"] for frame in job.frames]
+        media_type = job.media_type if kind == "image" else "image/png"
+        if kind == "frame" and job.status == "running" and index >= len(names):
+            data = await self._redis(self.store.blob(job_id, frame_blob_name(job.attempt, index)))
+            if data is not None:
+                return data, media_type
+        if index >= len(names):
+            raise NotFound(f"job {job_id} has no {kind} {index} (it has {len(names)})", "index")
+        data = await self._redis(self.store.blob(job_id, names[index]))
+        if data is None:
+            raise NotFound(f"{kind} {index} of job {job_id} has expired", "index")
+        return data, media_type
+
+    async def follow(
+        self, owner: str, job_id: str, after: str = "0", idle_s: float | None = None
+    ) -> AsyncIterator[JobEvent | None]:
+        """The job's events after `after`, through its terminal event (None every idle_s without one)."""
+        async for batch in await self.events(owner, job_id, after, idle_s):
+            if not batch:
+                yield None
+            for event in batch:
+                yield event
+
+    async def events(
+        self, owner: str, job_id: str, after: str = "0", idle_s: float | None = None
+    ) -> AsyncIterator[list[JobEvent]]:
+        """NotFound now, or the job's events in batches (all those at hand each time; [] every idle_s without
+        one) from the process's one event reader. The owner is checked once per job and process, not once
+        per reader: a thousand readers of one job cost one Redis read, not a thousand."""
+        if not job_id or await self._redis(self.hub.owner(job_id)) != owner:
+            raise NotFound(f"no job {job_id!r}", "id")
+        return self.hub.follow_batches(job_id, after, idle_s, owner=owner)
+
+    async def wait(self, owner: str, job_id: str, timeout_s: float) -> JobRecord:
+        """Wait (without a thread) for the job to end; the final job, or JobFailed / Unavailable (timeout)."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                async for _ in self.follow(owner, job_id):
+                    pass
+        except TimeoutError:
+            job = await self.job(owner, job_id)
+            await self._redis(self.store.cancel(job))
+            raise Unavailable(f"job {job_id} did not finish within {timeout_s:g} s", None) from None
+        job = await self.job(owner, job_id)
+        if job.status != "succeeded":
+            error = job.error or {}
+            raise JobFailed(f"job {job_id} {job.status}: {error.get('message', job.status)}", error.get("param"))
+        return job
+
+    async def blobs(self, job: JobRecord) -> list[bytes]:
+        """The stored images of a finished job, in order."""
+        return [await self._redis(self.store.blob(job.id, name)) or b"" for name in job.images]
+
+    # ---- errors --------------------------------------------------------------------------------
+    async def _redis(self, awaitable: Any) -> Any:
+        """Await a job-store call; Redis away becomes 503 with Retry-After, never a 500 or a hang."""
+        try:
+            return await awaitable
+        except redis.exceptions.RedisError as error:
+            raise translate_redis_errors(error, self.settings.retry_after_s) from error

@@ -1,0 +1,204 @@
+"""The request contract as pydantic models: limits, defaults and descriptions live on the fields (from
+services/common/rules.py), so /docs documents them and both doors refuse a bad field with the same message.
+FastAPI validates REST bodies with these; the gRPC door hands its converted request to `Core.parse`."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.common.rules import (
+    DEFAULT_GUIDANCE_SCALES,
+    MAX_CONDITIONING_SIDE,
+    MAX_ETA,
+    MAX_GUIDANCE,
+    MAX_GUIDANCE_RESCALE,
+    MAX_GUIDANCE_SCALES,
+    MAX_IMAGES,
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    MAX_SIDE,
+    MAX_STEPS,
+    MAX_TIMESTEPS,
+    MIN_GUIDANCE_RESCALE,
+    MIN_SIDE,
+    MIN_TRUE_CFG_SCALE,
+    SAMPLERS,
+)
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+JobKind = Literal["generation", "forward", "reverse", "guidance_sweep"]
+OutputFormat = Literal["png", "jpeg", "webp"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Sampling(_Strict):
+    """How the denoising runs, for every kind of request that denoises."""
+
+    sampler: str | None = Field(
+        None,
+        description=f"Sampler: one of {', '.join(SAMPLERS)} that the model supports (GET /v1/models lists them); "
+        "null: the model's default_sampler.",
+    )
+    guidance_rescale: float | None = Field(
+        None,
+        ge=MIN_GUIDANCE_RESCALE,
+        le=MAX_GUIDANCE_RESCALE,
+        description="Guidance rescale φ (Lin et al. 2024), applied after CFG where guidance_scale > 1; tames the "
+        "over-saturation of high scales. null: the model's default_guidance_rescale.",
+    )
+
+
+STEPS_DESCRIPTION = (
+    "Denoising steps; null: the model's default_num_inference_steps (GET /v1/models: 50 for SD and SDXL, 28 for SD3 "
+    "and Flux). The model's scheduler may allow fewer."
+)
+GUIDANCE_DESCRIPTION = (
+    "Guidance scale: classifier-free guidance for SD, SDXL and SD3 (0 ignores the prompt, 1 is plain conditional; "
+    "SDXL and SD3 guide only above 1), the value Flux-dev's transformer embeds, ignored by Flux-schnell "
+    "(GET /v1/models guidance_form). null: the model's default_guidance_scale."
+)
+
+
+def _conditioning_side(description: str, low: int = 1):
+    return Field(None, ge=low, le=MAX_CONDITIONING_SIDE, description=f"SDXL only: {description}")
+
+
+class _FamilyFields(_Sampling):
+    """Fields of some model families only (GET /v1/models `params`); a model that does not read one refuses it."""
+
+    true_cfg_scale: float | None = Field(
+        None,
+        ge=MIN_TRUE_CFG_SCALE,
+        le=MAX_GUIDANCE,
+        description="Flux only: true classifier-free guidance with negative_prompt where > 1 (a second row per image).",
+    )
+    original_width: int | None = _conditioning_side("the original size conditioning, pixels; null: width.")
+    original_height: int | None = _conditioning_side("the original size conditioning, pixels; null: height.")
+    crop_top: int | None = _conditioning_side("the crop conditioning's top edge, pixels; null: 0.", low=0)
+    crop_left: int | None = _conditioning_side("the crop conditioning's left edge, pixels; null: 0.", low=0)
+    target_width: int | None = _conditioning_side("the target size conditioning, pixels; null: width.")
+    target_height: int | None = _conditioning_side("the target size conditioning, pixels; null: height.")
+
+
+class GenerationCreate(_FamilyFields):
+    model: str | None = Field(None, description="Model name from GET /v1/models; default: the service's default model.")
+    prompt: str = Field(
+        ...,
+        max_length=MAX_PROMPT_CHARS,
+        description=f"Text to draw; at most {MAX_PROMPT_CHARS} characters and the model's max_prompt_tokens tokens "
+        "(start and end included).",
+    )
+    negative_prompt: str = Field(
+        "", max_length=MAX_PROMPT_CHARS, description="Text to steer away from (the unconditional row of CFG)."
+    )
+    num_inference_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description=STEPS_DESCRIPTION)
+    guidance_scale: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE, description=GUIDANCE_DESCRIPTION)
+    eta: float = Field(
+        0.0, ge=0.0, le=MAX_ETA, description="DDIM eta: 0 deterministic, 1 DDPM-like; the ddim sampler only."
+    )
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random seed; null draws one and reports it.")
+    width: int | None = Field(
+        None,
+        ge=MIN_SIDE,
+        le=MAX_SIDE,
+        description="Pixels; default the model's native width; a multiple of its size_multiple, at most twice native.",
+    )
+    height: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE, description="Pixels; default the model's native height.")
+    num_images: int = Field(
+        1, ge=1, le=MAX_IMAGES, description="Pictures from this prompt and seed (the server may allow fewer)."
+    )
+    output_format: OutputFormat = Field("png", description="Encoding of the stored images.")
+    preview_every: int = Field(
+        0,
+        ge=0,
+        le=MAX_STEPS,
+        description="Send a small x0 prediction in every k-th step event (0 = none; at most num_inference_steps).",
+    )
+
+
+class TrajectoryCreate(_FamilyFields):
+    kind: Literal["forward", "reverse", "guidance_sweep"] = Field(..., description="Which trajectory.")
+    model: str | None = Field(None, description="Model name; default the service's default model.")
+    prompt: str | None = Field(
+        None, max_length=MAX_PROMPT_CHARS, description="Prompt (reverse, guidance_sweep; forward without an image)."
+    )
+    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="Negative prompt.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed; null draws one.")
+    num_inference_steps: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_STEPS,
+        description="Steps (reverse, guidance_sweep, and a forward job's generated image); null: the model's default.",
+    )
+    guidance_scale: float | None = Field(
+        None,
+        ge=0.0,
+        le=MAX_GUIDANCE,
+        description="Guidance scale (reverse, forward's generated image); null: the model's default.",
+    )
+    eta: float = Field(0.0, ge=0.0, le=MAX_ETA, description="DDIM eta.")
+    width: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE, description="Pixels; default native.")
+    height: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE, description="Pixels; default native.")
+    image: str | None = Field(
+        None, description="forward: the picture to noise, base64 PNG or JPEG (a data: URL is accepted)."
+    )
+    timesteps: list[int] | None = Field(
+        None,
+        max_length=MAX_TIMESTEPS,
+        description="forward: paper timesteps t in [0, T]; default 0..1000 by 50 (clipped to T).",
+    )
+    noise_seed: int = Field(0, ge=0, le=MAX_SEED, description="forward: the one noise sample ε shared by every frame.")
+    space: Literal["pixel", "latent"] = Field(
+        "latent", description="forward: noise the pixels or the VAE latents (decoded)."
+    )
+    trajectory_every: int = Field(
+        1, ge=1, le=MAX_STEPS, description="reverse: keep every k-th step's x_t and x0 prediction."
+    )
+    guidance_scales: list[float] = Field(
+        default_factory=lambda: list(DEFAULT_GUIDANCE_SCALES),
+        min_length=1,
+        max_length=MAX_GUIDANCE_SCALES,
+        description=f"guidance_sweep: scales, each in [0, {MAX_GUIDANCE:g}].",
+    )
+    output_format: OutputFormat = Field("png", description="Encoding of the stored images.")
+
+
+class OpenAIImageRequest(_Sampling):
+    prompt: str = Field(..., max_length=MAX_PROMPT_CHARS, description="Text to draw.")
+    model: str | None = Field(None, description="Model name; default the service's default model.")
+    n: int = Field(1, ge=1, le=MAX_IMAGES, description="Number of images.")
+    size: str | None = Field(None, pattern=r"^\d{1,5}x\d{1,5}$", description='"WIDTHxHEIGHT", e.g. "64x64".')
+    response_format: Literal["b64_json", "url"] = Field("b64_json", description="Inline base64 or a URL to the image.")
+    quality: str | None = Field(None, description="Accepted for compatibility; ignored.")
+    style: str | None = Field(None, description="Accepted for compatibility; ignored.")
+    user: str | None = Field(None, description="Accepted for compatibility; ignored.")
+    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
+    num_inference_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description=STEPS_DESCRIPTION)
+    guidance_scale: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE, description=GUIDANCE_DESCRIPTION)
+    eta: float = Field(0.0, ge=0.0, le=MAX_ETA)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    output_format: OutputFormat = "png"
+
+
+class Job(BaseModel):
+    """A job as GET /v1/jobs/{id} shows it (services.common.jobs.JobRecord.view)."""
+
+    id: str
+    kind: JobKind
+    model: str
+    status: JobStatus
+    params: dict[str, Any] = Field(description="The resolved parameters: seed, size and model filled in.")
+    progress: dict[str, Any] = Field(default_factory=dict, description="step and total while it runs.")
+    timings: dict[str, Any] = Field(
+        default_factory=dict, description="queued_at, started_at, finished_at (unix s), queue_s, run_s."
+    )
+    images: list[str] = Field(default_factory=list, description="URLs of the output images.")
+    frames: list[dict[str, Any]] = Field(default_factory=list, description="Trajectory frames: url and metadata.")
+    error: dict[str, Any] | None = Field(None, description="type, message and param when the job failed.")
+    attempt: int = Field(0, description="The worker attempt that ran it: more than 1 after a failover.")
+    created_at: float

@@ -1,0 +1,108 @@
+"""Dispatch in the job store, against real Redis (its own database): fair order between API keys, the
+atomic take-and-claim with a lease, requeue of a lapsed lease, the fence, and poison jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from services.common.jobstore import AsyncJobStore, JobStore, QueueFull, owned_key, pending_key
+
+REDIS_URL = "redis://127.0.0.1:6379/12"
+MODEL = "m"
+
+
+@pytest.fixture
+def stores():
+    redis.Redis.from_url(REDIS_URL).flushdb()
+    loop = asyncio.new_event_loop()
+    gateway = AsyncJobStore(aioredis.Redis.from_url(REDIS_URL), 600)
+    worker = JobStore.from_url(REDIS_URL, 600)
+
+    def submit(owner: str, n: int = 1, **limits) -> list[str]:
+        ids = []
+        for _ in range(n):
+            job_id = f"{owner}-{len(ids)}-{time.monotonic_ns()}"
+            loop.run_until_complete(
+                gateway.create(job_id, kind="generation", model=MODEL, owner=owner, params={}, **limits)
+            )
+            ids.append(job_id)
+        return ids
+
+    yield submit, gateway, worker, loop
+    loop.run_until_complete(gateway.redis.aclose())
+    loop.close()
+    redis.Redis.from_url(REDIS_URL).flushdb()
+
+
+def owners_in_order(worker: JobStore, n: int) -> list[str]:
+    return [worker.take(MODEL, 30, "w1")[0].split("-")[0] for _ in range(n)]
+
+
+def test_keys_take_turns_so_a_flood_does_not_starve_a_single_job(stores):
+    submit, _, worker, _ = stores
+    submit("alice", 6)
+    assert owners_in_order(worker, 2) == ["alice", "alice"]  # alone, alice's jobs go in order
+    submit("bob", 1)
+    submit("carol", 2)
+    # bob and carol enter at the turn last served, before alice's next: then the three take turns
+    assert owners_in_order(worker, 7) == ["bob", "carol", "alice", "carol", "alice", "alice", "alice"]
+    assert worker.take(MODEL, 30, "w1") is None
+
+
+def test_a_keys_share_and_the_models_queue_are_bounded(stores):
+    submit, _, _, _ = stores
+    submit("alice", 2, max_owned=2)
+    with pytest.raises(QueueFull) as full:
+        submit("alice", 1, max_owned=2)
+    assert full.value.scope == "owner"
+    submit("bob", 1, max_pending=4)
+    with pytest.raises(QueueFull) as full:
+        submit("carol", 1, max_pending=3)
+    assert full.value.scope == "model"
+
+
+def test_a_lapsed_lease_is_requeued_at_the_head_and_the_old_attempt_is_fenced_out(stores):
+    submit, _, worker, _ = stores
+    first, second = submit("alice", 2)
+    job_id, attempt = worker.take(MODEL, 0.2, "w1")
+    assert (job_id, attempt) == (first, 1)
+    assert worker.renew(MODEL, [(first, 1)], 0.2) == []  # still ours
+    time.sleep(0.3)
+    assert worker.lapsed(MODEL) == [first]
+    job = worker.get(first)
+    assert worker.requeue(job, attempt=None, lost=True, max_lost=3, reason="test") == "requeued"
+    assert worker.renew(MODEL, [(first, 1)], 0.2) == [first]  # the lost worker learns it is out
+    assert not worker.holds(first, 1)
+    assert worker.take(MODEL, 30, "w2") == (first, 2)  # at the head of its key's queue, before `second`
+    # a late copy of attempt 1 can neither finish nor step the job
+    assert not worker.finish(worker.get(first), 1, "succeeded", {}, ("succeeded", {}))
+    assert worker.finish(worker.get(first), 2, "succeeded", {}, ("succeeded", {}))
+    r = redis.Redis.from_url(REDIS_URL)
+    assert not r.sismember(pending_key(MODEL), first) and not r.sismember(owned_key(MODEL, "alice"), first)
+    assert worker.take(MODEL, 30, "w2") == (second, 1)
+
+
+def test_a_job_that_loses_its_worker_max_lost_times_fails_with_a_reason(stores):
+    submit, _, worker, _ = stores
+    (job_id,) = submit("alice", 1)
+    for expected in ("requeued", "requeued", "failed"):
+        assert worker.take(MODEL, 30, "w")[0] == job_id
+        assert worker.requeue(worker.get(job_id), attempt=None, lost=True, max_lost=3, reason="x") in ("alive",)
+        worker.redis.zadd(f"latentd:leases:{MODEL}", {job_id: 0})  # its lease lapses
+        assert worker.requeue(worker.get(job_id), attempt=None, lost=True, max_lost=3, reason="x") == expected
+    job = worker.get(job_id)
+    assert job.status == "failed" and job.error["type"] == "worker_lost" and "3 times" in job.error["message"]
+    assert worker.take(MODEL, 30, "w") is None
+
+
+def test_cancel_of_a_queued_job_takes_it_out_of_its_keys_queue(stores):
+    submit, gateway, worker, loop = stores
+    first, second = submit("alice", 2)
+    assert loop.run_until_complete(gateway.cancel(worker.get(first))) == "cancelled"
+    assert worker.take(MODEL, 30, "w") == (second, 1)
+    assert worker.take(MODEL, 30, "w") is None

@@ -1,0 +1,432 @@
+"""SDXL, SD3 and Flux through the engine against their diffusers pipelines, on tiny models built from config
+(tests/fixtures/tiny_families.py): one request alone gives the pipeline's latents (SD3 and Flux bit for bit on the
+CPU in float32; SDXL within the DDIM update's float64 rounding), batched requests give their alone pictures
+within 1/255, and what does not apply to a family is refused by name."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionXLPipeline
+
+from services.worker.engine.engine import Engine
+from services.worker.engine.errors import InvalidRequestError
+from services.worker.engine.requests import GenerationRequest
+from services.worker.families.flow import latent_image_ids, pack_latents, unpack_latents
+from services.worker.loading import ModelLoadError, load_model
+from services.worker.trajectories import _noised, noise_levels
+from tests.fixtures.tiny_families import NATIVE_SIZE, T5_MAX_LENGTH
+
+PIPELINES = {
+    "sdxl": StableDiffusionXLPipeline,
+    "sd3": StableDiffusion3Pipeline,
+    "flux": FluxPipeline,
+    "flux-schnell": FluxPipeline,
+}
+PROMPT = "a red circle on a white background"
+
+
+@pytest.fixture(scope="module")
+def models(family_paths):
+    return {name: load_model(path) for name, path in family_paths.items()}
+
+
+@pytest.fixture(scope="module")
+def pipes(family_paths):
+    loaded = {}
+    for name, path in family_paths.items():
+        pipe = PIPELINES[name].from_pretrained(path)
+        pipe.set_progress_bar_config(disable=True)
+        loaded[name] = pipe
+    return loaded
+
+
+@pytest.fixture
+def engines():
+    started = []
+
+    def make(model, **kwargs) -> Engine:
+        started.append(Engine(model, **kwargs).start())
+        return started[-1]
+
+    yield make
+    for engine in started:
+        engine.stop()
+
+
+def pipeline_kwargs(name: str, width: int = NATIVE_SIZE, height: int = NATIVE_SIZE) -> dict:
+    """What the pipelines need besides the request: the fixtures' short T5 sequence, Flux's size."""
+    if name == "sdxl":
+        return {}
+    kwargs = {"max_sequence_length": T5_MAX_LENGTH}
+    if name.startswith("flux"):
+        kwargs |= {"width": width, "height": height}
+    return kwargs
+
+
+def theirs(pipe, name: str, seed: int, width: int = NATIVE_SIZE, height: int = NATIVE_SIZE, **kwargs):
+    """(latents (n, C, h, w), pictures) of the pipeline; Flux's latents unpacked."""
+    common = dict(**pipeline_kwargs(name, width, height), **kwargs)
+    latents = pipe(PROMPT, output_type="latent", generator=torch.Generator("cpu").manual_seed(seed), **common).images
+    if name.startswith("flux"):
+        latents = FluxPipeline._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+    images = pipe(PROMPT, generator=torch.Generator("cpu").manual_seed(seed), **common).images
+    return latents, images
+
+
+def ours(engine: Engine, **fields):
+    """(final latents, result) of one request run alone: the latents as the engine hands them to the VAE."""
+    request = GenerationRequest(request_id=fields.pop("request_id", "r"), prompt=fields.pop("prompt", PROMPT), **fields)
+    return engine.submit(request).result(120)
+
+
+def capturing(model):
+    """A copy of the model whose decode_latents keeps what it decodes (the first call: a request alone)."""
+    seen: list[torch.Tensor] = []
+    copy = dataclasses.replace(model)
+
+    def decode(latents):
+        seen.append(latents.clone())
+        return model.decode_latents(latents)
+
+    copy.decode_latents = decode
+    return copy, seen
+
+
+def pixels(images) -> np.ndarray:
+    return np.stack([np.asarray(image, dtype=np.float64) / 255 for image in images])
+
+
+def levels_apart(a, b) -> int:
+    """The largest difference between two lists of pictures, in 8-bit levels (1 level = 1/255)."""
+    return int(
+        np.abs(np.stack([np.asarray(i, np.int16) for i in a]) - np.stack([np.asarray(i, np.int16) for i in b])).max()
+    )
+
+
+def psnr(a, b) -> float:
+    mse = float(((pixels(a) - pixels(b)) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * np.log10(1 / mse)
+
+
+# ---- what each family is ------------------------------------------------------------------------
+
+
+def test_each_family_loads_with_its_facts(models):
+    sdxl, sd3, flux, schnell = models["sdxl"], models["sd3"], models["flux"], models["flux-schnell"]
+    assert [m.family.name for m in (sdxl, sd3, flux, schnell)] == ["sdxl", "sd3", "flux", "flux"]
+    assert sdxl.prediction_type == "epsilon" and sd3.prediction_type == flux.prediction_type == "flow"
+    assert sdxl.alphas_cumprod is not None and sd3.alphas_cumprod is None and flux.alphas_cumprod is None
+    assert (sdxl.default_sampler, sd3.default_sampler, flux.default_sampler) == ("ddim", "flow_euler", "flow_euler")
+    assert (sdxl.default_guidance_scale, sd3.default_guidance_scale, flux.default_guidance_scale) == (5.0, 7.0, 3.5)
+    assert (sdxl.default_num_inference_steps, sd3.default_num_inference_steps) == (50, 28)
+    for model in models.values():
+        assert (model.native_width, model.native_height, model.vae_scale_factor) == (32, 32, 4)
+        assert model.size_multiple == 8  # SDXL: 4 x 2 (UNet levels); SD3: 4 x patch 2; Flux: 4 x 2 (packing)
+    assert sdxl.max_prompt_tokens == 77 and sd3.max_prompt_tokens == flux.max_prompt_tokens == T5_MAX_LENGTH
+    assert (sd3.scaling.shift_factor, flux.scaling.shift_factor, sdxl.scaling.shift_factor) == (0.0609, 0.1159, 0.0)
+    assert (sdxl.facts.guidance_form, sd3.facts.guidance_form) == ("cfg", "cfg")
+    assert (flux.facts.guidance_form, schnell.facts.guidance_form) == ("distilled", "none")
+    assert "crop_top" in sdxl.facts.params and "true_cfg_scale" in flux.facts.params
+    assert "guidance_scale" in flux.facts.params and "guidance_scale" not in schnell.facts.params
+    assert not {"eta", "guidance_rescale", "true_cfg_scale", "crop_top"} & set(sd3.facts.params)
+
+
+def test_an_unsupported_pipeline_is_refused_naming_it(family_paths, tmp_path):
+    folder = shutil.copytree(family_paths["sd3"], tmp_path / "upscaler")
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps(index | {"_class_name": "StableDiffusionUpscalePipeline"}))
+    with pytest.raises(ModelLoadError) as error:
+        load_model(folder)
+    message = str(error.value)
+    assert "'StableDiffusionUpscalePipeline'" in message and "is not supported" in message
+    for supported in (
+        "StableDiffusionPipeline",
+        "StableDiffusionXLPipeline",
+        "StableDiffusion3Pipeline",
+        "FluxPipeline",
+    ):
+        assert supported in message
+
+
+def test_a_family_without_a_part_it_needs_is_refused(family_paths, tmp_path):
+    folder = shutil.copytree(family_paths["sd3"], tmp_path / "no-t5")
+    shutil.rmtree(folder / "text_encoder_3")
+    with pytest.raises(ModelLoadError, match="is missing text_encoder_3/"):
+        load_model(folder)
+
+
+# ---- one request alone = the pipeline ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name,fields",
+    [
+        ("sd3", dict(guidance_scale=4.0)),  # CFG: unconditional row of the empty negative prompt
+        ("sd3", dict(guidance_scale=1.0, num_images=2)),  # s <= 1: the conditional rows only, as the pipeline
+        ("flux", dict(guidance_scale=3.5)),  # distilled guidance
+        ("flux", dict(guidance_scale=5.0, num_images=2)),
+        ("flux-schnell", dict(guidance_scale=0.0)),
+    ],
+)
+def test_a_flow_request_alone_is_the_pipeline_bit_for_bit(models, pipes, engines, name, fields):
+    model, seen = capturing(models[name])
+    result = ours(engines(model), seed=11, num_inference_steps=5, **fields)
+    pipe_fields = {k: v for k, v in fields.items() if k != "num_images"}
+    latents, images = theirs(
+        pipes[name], name, 11, num_inference_steps=5, num_images_per_prompt=fields.get("num_images", 1), **pipe_fields
+    )
+    assert torch.equal(seen[0], latents)
+    assert np.array_equal(pixels(result.images), pixels(images))
+
+
+@pytest.mark.parametrize(
+    "fields,pipe_fields",
+    [
+        (dict(guidance_scale=5.0), dict(guidance_scale=5.0)),  # empty negative: zeros, not the encoding of ""
+        (
+            dict(guidance_scale=6.0, eta=0.7, crop_top=8, crop_left=4, original_width=64, original_height=48),
+            dict(guidance_scale=6.0, eta=0.7, crops_coords_top_left=(8, 4), original_size=(48, 64)),
+        ),
+        (
+            dict(guidance_scale=4.0, negative_prompt="blue", target_width=24, target_height=40, num_images=2),
+            dict(guidance_scale=4.0, negative_prompt="blue", target_size=(40, 24), num_images_per_prompt=2),
+        ),
+        (dict(guidance_scale=1.0), dict(guidance_scale=1.0)),  # s <= 1: conditional rows only
+    ],
+)
+def test_an_sdxl_request_alone_is_the_pipeline(models, pipes, engines, fields, pipe_fields):
+    """The engine's DDIM update runs in float64 and rounds once, so latents agree to float32 rounding; the
+    pictures to PSNR >= 40 dB (here: the same pixels)."""
+    model, seen = capturing(models["sdxl"])
+    result = ours(engines(model), seed=5, num_inference_steps=6, **fields)
+    latents, images = theirs(pipes["sdxl"], "sdxl", 5, num_inference_steps=6, **pipe_fields)
+    assert (seen[0] - latents).abs().max() < 1e-4
+    assert psnr(result.images, images) >= 40
+
+
+def test_sdxl_empty_negative_is_zeros(models):
+    model = models["sdxl"]
+    encoded = model.encode_prompts([""])[0]
+    zeros = model.uncond_conditioning("", encoded)
+    assert set(zeros) == {"encoder_hidden_states", "text_embeds"}
+    assert all(not value.any() for value in zeros.values())
+    assert model.uncond_conditioning("blue", encoded) is encoded
+
+
+# ---- batched = alone --------------------------------------------------------------------------------
+
+BATCH = [  # different seeds, steps, guidance and image counts, one model, one latent size
+    dict(seed=1, num_inference_steps=4, guidance_scale=1.0),
+    dict(seed=2, num_inference_steps=7, guidance_scale=4.0, num_images=2),
+    dict(seed=3, num_inference_steps=5, guidance_scale=6.5, negative_prompt="blue"),
+]
+
+
+def counting_rows(model):
+    """A copy of the model whose backbone calls record their row counts."""
+    calls: list[int] = []
+    copy = dataclasses.replace(model)
+
+    def forward(latents, timesteps, cond):
+        calls.append(latents.shape[0])
+        return model.forward(latents, timesteps, cond)
+
+    copy.forward = forward
+    return copy, calls
+
+
+@pytest.mark.parametrize("name", ["sdxl", "sd3", "flux"])
+def test_batched_requests_give_their_alone_pictures(models, engines, name):
+    extra = {"sdxl": dict(eta=0.5, crop_top=8), "sd3": {}, "flux": dict(true_cfg_scale=2.0)}[name]
+    batch = [dict(fields, **(extra if i == 1 else {})) for i, fields in enumerate(BATCH)]
+    alone = [ours(engines(models[name]), request_id=f"a{i}", **fields) for i, fields in enumerate(batch)]
+    model, calls = counting_rows(models[name])
+    engine = engines(model)
+    handles = [engine.submit(GenerationRequest(request_id=f"b{i}", prompt=PROMPT, **f)) for i, f in enumerate(batch)]
+    together = [handle.result(120) for handle in handles]
+    assert max(calls) > max(2 * f.get("num_images", 1) for f in batch)  # rows of several requests in one call
+    for a, b in zip(alone, together):
+        assert levels_apart(a.images, b.images) <= 1
+
+
+def test_sizes_mix_in_separate_calls_each_its_own_schedule(models, pipes, engines):
+    """Flux at 32x32 and 48x32: different latent shapes never share a call, and each has its own μ."""
+    engine = engines(models["flux"])
+    square = engine.submit(GenerationRequest(request_id="sq", prompt=PROMPT, seed=4, num_inference_steps=4))
+    wide = engine.submit(
+        GenerationRequest(request_id="wide", prompt=PROMPT, seed=4, num_inference_steps=4, width=48, height=32)
+    )
+    for handle, width in ((square, 32), (wide, 48)):
+        _, images = theirs(pipes["flux"], "flux", 4, width=width, height=32, num_inference_steps=4)
+        picture = handle.result(120).images
+        assert picture[0].size == (width, 32)
+        assert levels_apart(picture, images) <= 1
+    sampler = engine.samplers["flow_euler"]
+    assert sampler.plan_for(4, 16).sigmas != sampler.plan_for(4, 24).sigmas  # μ follows the token count
+
+
+# ---- Flux ----------------------------------------------------------------------------------------------
+
+
+def test_flux_packing_is_the_pipelines_and_round_trips():
+    latents = torch.randn((3, 16, 8, 12), generator=torch.Generator().manual_seed(0))
+    packed = pack_latents(latents)
+    assert torch.equal(packed, FluxPipeline._pack_latents(latents, 3, 16, 8, 12))
+    assert packed.shape == (3, 4 * 6, 64)
+    assert torch.equal(unpack_latents(packed, 8, 12), latents)
+    assert torch.equal(FluxPipeline._unpack_latents(packed, 8 * 4, 12 * 4, 4), latents)
+    ids = latent_image_ids(4, 6, "cpu", torch.float32)
+    assert torch.equal(ids, FluxPipeline._prepare_latent_image_ids(1, 4, 6, "cpu", torch.float32))
+
+
+def test_flux_two_guidance_values_in_one_call(models, pipes, engines):
+    """Flux-dev embeds the guidance scale: each row its own, so two requests at 2 and 6 share one call."""
+    guidance_seen: list[list[float]] = []
+    model = dataclasses.replace(models["flux"])
+
+    def forward(latents, timesteps, cond):
+        guidance_seen.append(sorted(set(cond["guidance"].tolist())))
+        return models["flux"].forward(latents, timesteps, cond)
+
+    model.forward = forward
+    engine = engines(model)
+    handles = {
+        scale: engine.submit(GenerationRequest(request_id=f"g{scale}", prompt=PROMPT, seed=9, guidance_scale=scale))
+        for scale in (2.0, 6.0)
+    }
+    results = {scale: handle.result(120) for scale, handle in handles.items()}
+    assert [2.0, 6.0] in guidance_seen
+    for scale, result in results.items():
+        _, images = theirs(pipes["flux"], "flux", 9, guidance_scale=scale, num_inference_steps=28)
+        assert levels_apart(result.images, images) <= 1
+    assert not np.array_equal(pixels(results[2.0].images), pixels(results[6.0].images))
+
+
+def test_flux_true_cfg_with_a_negative_prompt(models, pipes, engines):
+    """true_cfg_scale > 1: an unconditional row from the negative prompt (one call with the conditional row,
+    where the pipeline makes two: equal within batch rounding)."""
+    model, seen = capturing(models["flux"])
+    result = ours(engines(model), seed=2, num_inference_steps=4, true_cfg_scale=3.0, negative_prompt="blue")
+    latents, images = theirs(
+        pipes["flux"], "flux", 2, num_inference_steps=4, true_cfg_scale=3.0, negative_prompt="blue"
+    )
+    assert (seen[0] - latents).abs().max() < 2e-6
+    assert levels_apart(result.images, images) <= 1
+
+
+def test_flux_schnell_ignores_guidance_scale_as_its_pipeline(models, engines):
+    engine = engines(models["flux-schnell"])
+    low, high = (ours(engine, request_id=f"s{g}", seed=1, num_inference_steps=3, guidance_scale=g) for g in (0.0, 9.0))
+    assert np.array_equal(pixels(low.images), pixels(high.images))
+
+
+# ---- what does not apply is refused; prompts ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name,field,value,message",
+    [
+        ("sdxl", "true_cfg_scale", 2.0, "true_cfg_scale does not apply to model 'tiny-sdxl' \\(sdxl family\\)"),
+        ("sd3", "crop_top", 8, "crop_top does not apply to model 'tiny-sd3' \\(sd3 family\\)"),
+        ("flux", "guidance_rescale", 0.5, "guidance_rescale does not apply to model 'tiny-flux' \\(flux family\\)"),
+        ("sd3", "eta", 0.3, "eta applies to the ddim sampler only; got eta 0.3 with sampler 'flow_euler'"),
+        ("flux", "sampler", "ddim", "sampler must be one of flow_euler for model 'tiny-flux', got 'ddim'"),
+        ("sdxl", "sampler", "flow_euler", "sampler must be one of ddim, .*got 'flow_euler' \\(a flow-matching"),
+        ("flux", "true_cfg_scale", 0.5, "true_cfg_scale must be between 1 and 100, got 0.5"),
+        ("flux", "width", 36, "width must be a multiple of 8 between 8 and 64, got 36"),
+    ],
+)
+def test_what_does_not_apply_is_refused_by_name(models, engines, name, field, value, message):
+    with pytest.raises(InvalidRequestError, match=message) as error:
+        engines(models[name]).submit(GenerationRequest(request_id="x", prompt=PROMPT, seed=0, **{field: value}))
+    assert error.value.field == field
+
+
+def test_guidance_at_most_one_skips_the_unconditional_rows(models, engines):
+    """SDXL and SD3 as their pipelines (guide only where s > 1); SD, unchanged, mixes rows between 0 and 1."""
+    for name in ("sdxl", "sd3"):
+        model, calls = counting_rows(models[name])
+        ours(engines(model), seed=0, num_inference_steps=2, guidance_scale=0.5, num_images=2)
+        assert set(calls) == {2}
+
+
+def test_t5_limit_is_checked_while_clip_truncates_at_77(family_paths, pipes, engines, tmp_path):
+    """A prompt of 89 CLIP tokens (the byte-level test tokenizer spends about one per character) but 25 T5 tokens:
+    accepted, CLIP truncated as the pipeline truncates it; past the T5 limit: refused naming the limit."""
+    folder = shutil.copytree(family_paths["sd3"], tmp_path / "tiny-sd3-long")
+    (folder / "latentd.json").write_text(json.dumps({"max_sequence_length": 64}))
+    model = load_model(folder)
+    prompt = " ".join(["a large red circle on a white background"] * 3)
+    assert model.count_prompt_tokens(prompt) <= 64 and len(model.components["tokenizer"](prompt).input_ids) > 77
+    engine = engines(model)
+    result = engine.submit(GenerationRequest(request_id="long", prompt=prompt, seed=3, num_inference_steps=3))
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(
+        prompt, num_inference_steps=3, max_sequence_length=64, generator=torch.Generator("cpu").manual_seed(3)
+    ).images
+    assert np.array_equal(pixels(result.result(120).images), pixels(images))
+    with pytest.raises(
+        InvalidRequestError, match="prompt is 7[0-9] tokens long; model 'tiny-sd3-long' takes at most 64"
+    ):
+        engine.submit(GenerationRequest(request_id="too-long", prompt=" ".join([prompt] * 3), seed=3))
+
+
+# ---- trajectories of flow models --------------------------------------------------------------------------
+
+
+def test_flow_trajectories_carry_sigma(models, engines):
+    model = models["sd3"]
+    result = ours(engines(model), seed=1, num_inference_steps=4, trajectory_every=2, guidance_scale=1.0)
+    assert [f.step for f in result.frames] == [2, 4]
+    assert all(f.alpha_bar is None and 0 < f.sigma < 1 for f in result.frames)
+    assert result.frames[0].noise_level == {"sigma": result.frames[0].sigma}
+    assert noise_levels(model, [0, 250, 1000]) == [{"sigma": 0.0}, {"sigma": 0.25}, {"sigma": 1.0}]
+    x0 = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    frames = _noised(model, x0, [0, 500, 1000], noise_seed=2)
+    noise = torch.randn(x0.shape, generator=torch.Generator("cpu").manual_seed(2))
+    assert torch.equal(frames[0], x0[0]) and torch.allclose(frames[1], 0.5 * x0[0] + 0.5 * noise[0], atol=1e-6)
+    assert noise_levels(models["sdxl"], [0, 1000])[0] == {"alpha_bar": 1.0}
+
+
+# ---- the VAE's scaling; latentd.json -------------------------------------------------------------------
+
+
+def test_latent_scaling_is_each_pipelines_and_round_trips():
+    from services.worker.families import LatentScaling
+
+    z = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    plain = LatentScaling(0.13025)
+    shifted = LatentScaling(1.5305, shift_factor=0.0609)
+    per_channel = LatentScaling(0.5, latents_mean=(0.1, -0.2, 0.3, 0.0), latents_std=(1.5, 0.5, 2.0, 1.0))
+    assert torch.equal(plain.to_vae(z), z / 0.13025)  # StableDiffusionXLPipeline without latents_mean/std
+    assert torch.equal(shifted.to_vae(z), z / 1.5305 + 0.0609)  # StableDiffusion3Pipeline, FluxPipeline
+    mean, std = (
+        torch.tensor(per_channel.latents_mean).view(1, 4, 1, 1),
+        torch.tensor(per_channel.latents_std).view(1, 4, 1, 1),
+    )
+    assert torch.equal(per_channel.to_vae(z), z * std / 0.5 + mean)  # StableDiffusionXLPipeline with them
+    for scaling in (plain, shifted, per_channel):
+        assert torch.allclose(scaling.from_vae(scaling.to_vae(z)), z, atol=1e-6)
+
+
+def test_latentd_json_sets_a_models_defaults_and_refuses_what_its_family_does_not_read(family_paths, tmp_path):
+    folder = shutil.copytree(family_paths["flux-schnell"], tmp_path / "schnell")
+    (folder / "latentd.json").write_text(
+        json.dumps({"default_num_inference_steps": 4, "default_guidance_scale": 0.0, "native_width": 48})
+    )
+    model = load_model(folder)
+    assert (model.default_num_inference_steps, model.default_guidance_scale, model.native_width) == (4, 0.0, 48)
+    (folder / "latentd.json").write_text(json.dumps({"default_guidance_rescale": 0.5}))
+    with pytest.raises(ModelLoadError, match="default_guidance_rescale does not apply to Flux"):
+        load_model(folder)
+    sdxl = shutil.copytree(family_paths["sdxl"], tmp_path / "sdxl")
+    (sdxl / "latentd.json").write_text(json.dumps({"max_sequence_length": 64}))
+    with pytest.raises(ModelLoadError, match="may hold only"):
+        load_model(sdxl)
