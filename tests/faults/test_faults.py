@@ -173,6 +173,7 @@ def test_redis_restart_mid_run(faults):
                     pb.GetJobRequest(job_id=ids[0]), metadata=(("authorization", f"Bearer {KEY}"),), timeout=10
                 )
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert ("retry-after", "2") in tuple(refused.value.trailing_metadata() or ())
         time.sleep(max(0.0, 3.0 - (time.monotonic() - down_at)))  # down for 3 s at least
     finally:
         faults.start_redis()
