@@ -55,7 +55,7 @@ bench-soak: $(STAMP) proto
 	$(BIN)/python -m benchmarks.bench_soak $(SOAK_ARGS)
 
 ## Failover (SIGKILL one of two workers) and drain (SIGTERM) with the deploy settings: seconds until the jobs run again,
-## until the worker exits (about 5 minutes on 2 cores).
+## until the worker exits (about 6 minutes on 2 cores).
 bench-failover: $(STAMP) proto
 	$(BIN)/python -m benchmarks.bench_failover
 

@@ -143,17 +143,19 @@ def test_redis_restart_mid_run(faults):
     faults.ensure_workers(2)
     ids = faults.submit(16, steps=60)
     faults.wait_running(ids)
-    followed: list = []
+    followed: dict[str, list] = {ids[0]: [], ids[1]: []}
 
-    def follow() -> None:  # the Python client reading one job's events across the outage (SSE)
+    def follow(job_id: str) -> None:  # the Python client reading one job's events across the outage (SSE)
         with Client(faults.url, api_key=KEY, max_reconnects=100) as client:
-            followed.extend(client.events(ids[0]))
+            followed[job_id].extend(client.events(job_id))
 
-    reader = threading.Thread(target=follow, daemon=True)
-    reader.start()
+    readers = [threading.Thread(target=follow, args=(ids[0],), daemon=True)]
+    readers[0].start()  # reading when Redis goes
     time.sleep(0.5)
     faults.stop_redis()
     down_at = time.monotonic()
+    readers.append(threading.Thread(target=follow, args=(ids[1],), daemon=True))
+    readers[1].start()  # its first request is answered 503: it tries again after Retry-After
     try:
         started = time.monotonic()
         response = httpx.post(
@@ -182,9 +184,11 @@ def test_redis_restart_mid_run(faults):
     assert_one_outcome(faults, ids)
     # the live workers renewed their leases before any reaper looked: no job ran twice for the outage
     assert [faults.job(j)["attempt"] for j in ids] == ["1"] * len(ids)
-    reader.join(timeout=60)
-    assert followed and followed[-1].type == "succeeded"
-    assert len({event.id for event in followed}) == len(followed)  # resumed after the last id: no repeats
+    for reader in readers:
+        reader.join(timeout=60)
+    for events in followed.values():
+        assert events and events[-1].type == "succeeded"
+        assert len({event.id for event in events}) == len(events)  # resumed after the last id: no repeats
     run_stack_ready = httpx.get(f"{faults.url}/readyz", timeout=30)
     assert run_stack_ready.status_code == 200, run_stack_ready.text
 
