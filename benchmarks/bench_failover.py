@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grace", type=float, default=45.0)
     parser.add_argument("--steps", type=int, default=1000, help="steps of each job: long enough to outlast the grace")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, run_stack.interrupted)  # stopped early: its processes go with it
     settings = dict(lease_s=args.lease, reap_interval_s=args.reap, drain_grace_s=args.grace, worker_torch_threads=1)
     logs = Path(tempfile.mkdtemp(prefix="latentd-failover-"))
     redis_proc, redis_url = run_stack.start_redis()

@@ -16,6 +16,7 @@ import argparse
 import json
 import platform
 import queue
+import signal
 import tempfile
 import threading
 import time
@@ -159,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-flight", type=int, default=16, help="clients, each with one job at a time")
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, run_stack.interrupted)  # stopped early: its processes go with it
     jobs = 3000 if args.long else args.jobs
     logs = Path(tempfile.mkdtemp(prefix="latentd-soak-"))
     redis_proc, redis_url = run_stack.start_redis()

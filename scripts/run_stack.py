@@ -176,6 +176,12 @@ def stop(procs: list) -> None:
             proc.wait()
 
 
+def interrupted(signum, _frame):
+    """A signal handler: Ctrl-C, and SIGTERM from a supervisor (even where SIGINT was ignored), end the run
+    through its `finally`, which stops the processes it started."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
@@ -197,10 +203,6 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
     procs: list[subprocess.Popen] = []
-
-    def interrupted(signum, _frame):  # Ctrl-C, and SIGTERM from a supervisor, even where SIGINT was ignored
-        raise KeyboardInterrupt
-
     signal.signal(signal.SIGINT, interrupted)
     signal.signal(signal.SIGTERM, interrupted)
     try:

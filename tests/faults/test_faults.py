@@ -143,10 +143,10 @@ def test_redis_restart_mid_run(faults):
     faults.ensure_workers(2)
     ids = faults.submit(16, steps=60)
     faults.wait_running(ids)
-    followed: dict[str, list] = {ids[0]: [], ids[1]: []}
+    followed: dict[str, list] = {ids[0]: [], ids[1]: [], ids[2]: []}
 
-    def follow(job_id: str) -> None:  # the Python client reading one job's events across the outage (SSE)
-        with Client(faults.url, api_key=KEY, max_reconnects=100) as client:
+    def follow(job_id: str, url: str = faults.url) -> None:  # the Python client, across the outage
+        with Client(url, api_key=KEY, max_reconnects=100) as client:
             followed[job_id].extend(client.events(job_id))
 
     readers = [threading.Thread(target=follow, args=(ids[0],), daemon=True)]
@@ -156,6 +156,8 @@ def test_redis_restart_mid_run(faults):
     down_at = time.monotonic()
     readers.append(threading.Thread(target=follow, args=(ids[1],), daemon=True))
     readers[1].start()  # its first request is answered 503: it tries again after Retry-After
+    readers.append(threading.Thread(target=follow, args=(ids[2], f"grpc://{faults.grpc_target}"), daemon=True))
+    readers[2].start()  # the gRPC door: UNAVAILABLE, then the stream again
     try:
         started = time.monotonic()
         response = httpx.post(
