@@ -102,9 +102,10 @@ class LeaseKeeper:
             time.sleep(0.1)
         held = sum(len(jobs) for jobs in self.runtime.held().values())
         log.warning("draining: %d job(s) still running after %.0f s; requeueing them", held, grace)
-        # A task that claimed a job just as the drain began is caught by a later round: nothing stays held.
+        # A task that claimed a job just as the drain began is caught by a later round, so nothing stays held.
+        # This thread is a daemon: the process exits as soon as the pool's threads end, whatever it does.
         give_up = time.monotonic() + max(10.0, self.settings.lease_s)
-        while self.runtime.held() and time.monotonic() < give_up:
+        while time.monotonic() < give_up:
             for model, jobs in self.runtime.held().items():
                 for job_id, attempt in jobs:
                     self._hand_back(model, job_id, attempt)
