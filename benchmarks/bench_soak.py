@@ -109,46 +109,41 @@ def soak(url: str, worker: psutil.Process, gateway: psutil.Process, jobs: int, i
     for thread in threads:
         thread.start()
     samples = []
-    every = max(1, jobs // 20)
-    next_at = 0
-    while any(thread.is_alive() for thread in threads):
-        if done[0] >= next_at:
-            samples.append(
-                {
-                    "jobs": done[0],
-                    "s": round(time.monotonic() - started, 1),
-                    "worker_mb": round(rss_mb(worker), 1),
-                    "gateway_mb": round(rss_mb(gateway), 1),
-                }
-            )
-            print(
-                f"{samples[-1]['jobs']:>6} {samples[-1]['s']:>8} {samples[-1]['worker_mb']:>10} {samples[-1]['gateway_mb']:>11}",
-                flush=True,
-            )
-            next_at += every
-        time.sleep(0.2)
-    samples.append(
-        {
+
+    def sample(note: str = "") -> dict:
+        row = {
             "jobs": done[0],
             "s": round(time.monotonic() - started, 1),
             "worker_mb": round(rss_mb(worker), 1),
             "gateway_mb": round(rss_mb(gateway), 1),
         }
-    )
-    print(
-        f"{samples[-1]['jobs']:>6} {samples[-1]['s']:>8} {samples[-1]['worker_mb']:>10} {samples[-1]['gateway_mb']:>11}",
-        flush=True,
-    )
-    mid = min(samples, key=lambda s: abs(s["jobs"] - jobs / 2))
-    end = samples[-1]
+        samples.append(row)
+        print(f"{row['jobs']:>6} {row['s']:>8} {row['worker_mb']:>10} {row['gateway_mb']:>11}  {note}", flush=True)
+        return row
+
+    every = max(1, jobs // 20)
+    next_at = 0
+    while any(thread.is_alive() for thread in threads):
+        if done[0] >= next_at:
+            sample()
+            next_at += every
+        time.sleep(0.2)
+    end = sample("all done")
+    for pause_s in (5, 10):  # then idle: what stays once the last batch's buffers are freed
+        time.sleep(pause_s)
+        idle = sample("idle")
+    half = min(samples, key=lambda row: abs(row["jobs"] - jobs / 2))
     return {
         "jobs": jobs,
         "outcomes": outcomes,
         "wall_s": end["s"],
         "jobs_per_s": round(jobs / end["s"], 2),
         "samples": samples,
-        "worker_growth_second_half_pct": round(100 * (end["worker_mb"] / mid["worker_mb"] - 1), 2),
-        "gateway_growth_second_half_pct": round(100 * (end["gateway_mb"] / mid["gateway_mb"] - 1), 2),
+        "worker_mb_half_end_idle": [half["worker_mb"], end["worker_mb"], idle["worker_mb"]],
+        "gateway_mb_half_end_idle": [half["gateway_mb"], end["gateway_mb"], idle["gateway_mb"]],
+        # growth over the second half of the run: from the sample nearest half the jobs to the idle one at the end
+        "worker_growth_second_half_pct": round(100 * (idle["worker_mb"] / half["worker_mb"] - 1), 2),
+        "gateway_growth_second_half_pct": round(100 * (idle["gateway_mb"] / half["gateway_mb"] - 1), 2),
     }
 
 
