@@ -40,7 +40,7 @@ def assert_one_outcome(faults, ids: list[str], status: str = "succeeded") -> Non
 
 def test_sigkill_one_of_two_workers_with_16_jobs_in_flight(faults):
     faults.ensure_workers(2)
-    ids = faults.submit(16, steps=60)
+    ids = faults.submit(16, steps=150, guidance=1.0)  # long enough to be running at the kill on a fast machine
     faults.wait_running(ids)
     held = faults.by_worker(ids)
     assert len(held) == 2, f"both workers should run some of the 16 jobs: {held}"
@@ -65,9 +65,9 @@ def test_sigterm_drains_within_the_grace_and_requeues_the_rest(faults):
     """A rolling update: one worker runs 8 jobs, gets SIGTERM, and its replacement starts at the same time."""
     faults.ensure_workers(1)
     (proc,) = faults.alive()
-    # short jobs that finish within the grace, long ones that cannot (1 row each at guidance 1)
+    # short jobs that finish within the grace, long ones that cannot
     short = faults.submit(4, steps=12)
-    long = faults.submit(4, steps=200, guidance=1.0)
+    long = faults.submit(4, steps=600)
     faults.wait_running(short + long)
     assert set(faults.by_worker(short + long)) == {proc.pid}
     signalled = time.monotonic()
@@ -197,12 +197,11 @@ def test_redis_restart_mid_run(faults):
 
 def test_cancel_of_queued_and_running_jobs_during_a_failover(faults):
     faults.ensure_workers(2)
-    ids = faults.submit(20, steps=100, guidance=1.0)
-    running = wait_until(
-        "16 running",
-        lambda: (r := [j for j, s in faults.statuses(ids).items() if s == "running"]) and len(r) == 16 and r,
-    )
-    queued = [j for j in ids if j not in running]
+    running = faults.submit(16, steps=200, guidance=1.0)
+    faults.wait_running(running)
+    queued = faults.submit(4, steps=200, guidance=1.0)  # every task thread is busy: these wait
+    ids = running + queued
+    assert set(faults.statuses(queued).values()) == {"queued"}
     held = faults.by_worker(running)
     (dead, on_dead), (live, on_live) = sorted(held.items(), key=lambda item: -len(item[1]))[:2]
     kill(faults.worker_proc(dead))
