@@ -210,10 +210,9 @@ def run_arms(args, model_path: Path, label: str, dtype: torch.dtype) -> dict:
         finite_check_every=8 if cuda else 1,
         output_thread=True,
     )
-    engine = Engine(model, max_batch_rows=args.max_batch_rows, **speed.engine_kwargs())
+    engine = Engine(model, max_batch_rows=args.max_batch_rows, **speed.engine_kwargs()).start()
     warm = engine.warm_up()
     report("engine warm-up", warm)
-    engine.start()
 
     pipe = StableDiffusionPipeline.from_pretrained(
         model_path, dtype=dtype, safety_checker=None, requires_safety_checker=False, use_safetensors=True
@@ -335,9 +334,8 @@ def run_cpu_comparison(args, model_path: Path, label: str, dtype: torch.dtype) -
         for scale in (1.0, 7.5)
     ]
     speed = SpeedOptions.from_settings(Settings(), args.device)
-    engine = Engine(model, max_batch_rows=args.max_batch_rows, **speed.engine_kwargs())
+    engine = Engine(model, max_batch_rows=args.max_batch_rows, **speed.engine_kwargs()).start()
     engine.warm_up()
-    engine.start()
     with torch.inference_mode():
         arm_pipeline(pipe, warmup, args.device)
     arm_engine_sequential(engine, warmup, args.device)

@@ -178,8 +178,8 @@ class Runtime:
                 on_step_events=StepEventWriter(self.store, self),
                 **speed.engine_kwargs(),
             )
-            engine.warm_up()  # every bucket compiled before the model is published (before any job is taken)
             engine.start()
+            engine.warm_up()  # every bucket compiled before the model is published (before any job is taken)
             self.engines[model.name] = engine
             worker_metrics.track_engine(model.name, lambda engine=engine: engine.active_requests)
             worker_metrics.track_gpu_memory(model.name, model.device)

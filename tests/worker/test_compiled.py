@@ -97,7 +97,7 @@ def test_buckets_change_no_picture(make_engine):
 
 
 def test_warm_up_runs_every_bucket_and_reports_its_time(tiny_model):
-    calls = []
+    calls, threads = [], set()
     engine = Engine(tiny_model, buckets=(1, 2, 4, 8, 16, 32), max_batch_rows=12)
     backbone, decoder = engine.backbone, engine.decoder
 
@@ -107,10 +107,16 @@ def test_warm_up_runs_every_bucket_and_reports_its_time(tiny_model):
 
         def __call__(self, latents, *args):
             calls.append((self.name, latents.shape[0]))
+            threads.add(threading.current_thread().name)
             return self.inner(latents, *args)
 
     engine.backbone, engine.decoder = Counting(backbone, "backbone"), Counting(decoder, "decode")
-    seconds = engine.warm_up()
+    engine.start()
+    try:
+        seconds = engine.warm_up(timeout=60)
+    finally:
+        engine.stop()
+    assert threads == {f"engine-{tiny_model.name}"}  # where a captured CUDA graph must be replayed
     assert calls == [("backbone", n) for n in (1, 2, 4, 8, 12)] + [("decode", n) for n in (1, 2, 4, 8, 16)]
     assert seconds["total_s"] >= seconds["backbone_s"] > 0
     value = worker_metrics.warmup_seconds.labels(model=tiny_model.name)._value.get()
@@ -194,8 +200,8 @@ def test_compiled_engine_matches_eager_on_the_cpu(make_engine, tiny_model):
     target = request("c", num_images=2)
     eager = make_engine().submit(target).result(60)
     engine = Engine(tiny_model, buckets=(1, 2, 4), max_batch_rows=4, compile_mode="default")
-    engine.warm_up()
     engine.start()
+    engine.warm_up()
     try:
         compiled = engine.submit(target).result(600)
     finally:

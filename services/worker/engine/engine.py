@@ -207,10 +207,14 @@ class Engine:
             self._thread.start()
         return self
 
-    def warm_up(self) -> dict[str, float]:
+    def warm_up(self, timeout: float | None = None) -> dict[str, float]:
         """Every row bucket through the backbone and every image bucket through the VAE decoder (compiling them
-        where compile is on), before the engine serves; call it before start(). Seconds per part."""
-        self.warmup_seconds = compiled.warm_up(self)
+        where compile is on), before the engine serves. On the engine thread once started (CUDA graphs, under
+        "reduce-overhead", belong to the thread that captured them). Seconds per part."""
+        if self._thread is not None:
+            self.warmup_seconds = self.call(lambda model: compiled.warm_up(self)).result(timeout)
+        else:
+            self.warmup_seconds = compiled.warm_up(self)
         worker_metrics.observe_warmup(self.model.name, self.warmup_seconds["total_s"])
         return self.warmup_seconds
 
