@@ -207,3 +207,26 @@ def test_compiled_engine_matches_eager_on_the_cpu(make_engine, tiny_model):
     finally:
         engine.stop()
     assert np.abs(pixels(compiled.images) - pixels(eager.images)).max() <= 1 / 255 + 1e-9
+
+
+@pytest.mark.parametrize("name", ["sdxl", "sd3", "flux"])
+def test_every_family_warms_up_and_pads_without_changing_a_picture(family_paths, name):
+    """The warm-up's inputs carry each family's own conditioning (SDXL's time ids, Flux's guidance, pooled text),
+    and padded calls give each family's request its unpadded picture."""
+    from services.worker.loading import load_model
+
+    model = load_model(family_paths[name])
+    target = GenerationRequest(request_id="f", prompt="a red circle", seed=3, num_inference_steps=3, num_images=2)
+    plain = Engine(model).start()
+    padded = Engine(model, buckets=(1, 2, 4, 8), max_batch_rows=8).start()
+    try:
+        seconds = padded.warm_up(timeout=120)
+        assert seconds["backbone_s"] > 0
+        a = pixels(plain.submit(target).result(120).images)
+        b = pixels(padded.submit(dataclasses.replace(target, num_images=1)).result(120).images)
+        c = pixels(padded.submit(target).result(120).images)
+    finally:
+        plain.stop()
+        padded.stop()
+    assert np.abs(c - a).max() <= 1 / 255 + 1e-9
+    assert b.shape[0] == 1

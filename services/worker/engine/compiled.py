@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # Inductor replays CUDA graphs under these
 DECODE_BUCKETS = (1, 2, 4, 8, 16)  # images per VAE decode call (the engine decodes in chunks of 16)
 
 
@@ -110,6 +111,13 @@ def _mark_batch_dynamic(values: Iterable[Any]) -> None:
             torch._dynamo.maybe_mark_dynamic(value, 0)
 
 
+def _step_begin(compile_mode: str | None) -> None:
+    """Under CUDA graphs a replay reuses its output buffers: say a new step begins (every output of the last one
+    has been copied out by then: Backbone clones its output, and the decoder's is rescaled into a new tensor)."""
+    if compile_mode in CUDAGRAPH_MODES:
+        torch.compiler.cudagraph_mark_step_begin()
+
+
 def _allow_graphs(count: int) -> None:
     """One compiled graph per bucket and latent size: raise dynamo's per-function recompile limit to fit."""
     config = torch._dynamo.config
@@ -142,8 +150,12 @@ class Backbone:
             cond = {key: pad_rows(value, rows) for key, value in cond.items()}
         if self.compile_mode is not None and self.dynamic:
             _mark_batch_dynamic((latents, timesteps, *cond.values()))
+        _step_begin(self.compile_mode)
         output = self._model.forward(latents, timesteps, cond)  # the family's forward on (a copy of) the model
-        return output[:n] if rows != n else output
+        output = output[:n] if rows != n else output
+        # a CUDA graph's output buffer is overwritten by its next replay (the next chunk of a call over
+        # max_batch_rows): copy it out (latents-sized, small next to the call)
+        return output.clone() if self.compile_mode in CUDAGRAPH_MODES else output
 
 
 class _CompiledVAE:
@@ -155,10 +167,12 @@ class _CompiledVAE:
             lambda z: vae.decode(z, return_dict=False)[0], mode=compile_mode, dynamic=None if dynamic else False
         )
         self.dynamic = dynamic
+        self.compile_mode = compile_mode
 
     def decode(self, z: torch.Tensor):
         if self.dynamic:
             _mark_batch_dynamic((z,))
+        _step_begin(self.compile_mode)
         return SimpleNamespace(sample=self._decode(z))
 
     def __getattr__(self, name):
