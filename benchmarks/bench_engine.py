@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     # the arms' options
     parser.add_argument("--compile", default="auto", help="torch.compile mode for the arms (auto: CUDA only)")
-    parser.add_argument("--buckets", default="1,2,4,8,16,32,48,64", help="row buckets when compiled")
+    parser.add_argument("--buckets", default="2,4,8,16,32,48,64", help="row buckets when compiled (settings' default)")
     parser.add_argument("--static-graphs", action="store_true", help="one graph per bucket, not a dynamic batch")
     parser.add_argument("--static-batch", type=int, default=16, help="(b), (c), (e): identical prompts")
     parser.add_argument("--static-steps", type=int, default=50, help="(b), (c), (e): guided steps")

@@ -54,7 +54,9 @@ class Settings(BaseSettings):
     # Row-count buckets: a backbone call's rows are padded up to the next bucket (padding rows are copies of a
     # real row, dropped after the call), so a compiled backbone sees these few batch shapes and no others;
     # buckets above max_batch_rows are dropped and max_batch_rows is always one. "" or "off": no padding.
-    batch_buckets: str = "1,2,4,8,16,32,48,64"
+    # No 1: under a dynamic batch dimension one row specialises into a graph (a compile) of its own, for the
+    # only call with one row: a lone one-image request at guidance 0 or 1 (padded to 2 instead).
+    batch_buckets: str = "2,4,8,16,32,48,64"
     # torch.compile of the backbone and the VAE decoder: "auto" (on for CUDA with mode "default", off on the
     # CPU), "off", or a torch.compile mode ("default", "reduce-overhead" (CUDA graphs per bucket),
     # "max-autotune", "max-autotune-no-cudagraphs"). Every bucket is compiled at load, before the worker serves.

@@ -18,6 +18,7 @@ from services.worker.engine.compiled import (
     SpeedOptions,
     bucket_for,
     bucket_sizes,
+    decode_sizes,
     pad_rows,
     parse_buckets,
     resolve_compile_mode,
@@ -53,6 +54,9 @@ def test_bucket_arithmetic():
     sizes = (1, 2, 4, 8, 16, 32, 48, 64)
     assert [bucket_for(n, sizes) for n in (1, 2, 3, 5, 9, 17, 33, 48, 49, 64)] == [1, 2, 4, 8, 16, 32, 48, 48, 64, 64]
     assert bucket_for(7, ()) == 7
+    assert decode_sizes((1, 2, 4, 64), 16) == (1, 2, 4, 8, 16)
+    assert decode_sizes((2, 4, 8, 16, 32, 48, 64), 16) == (2, 4, 8, 16)
+    assert decode_sizes((), 16) == ()
     values = torch.arange(6.0).reshape(3, 2)
     padded = pad_rows(values, 5)
     assert padded.shape == (5, 2) and torch.equal(padded[:3], values) and torch.equal(padded[3:], values[[2, 2]])
@@ -180,7 +184,7 @@ def test_speed_options_from_settings():
     assert cpu.compile_mode is None and cpu.buckets == () and cpu.finite_check_every == 1
     assert not cpu.channels_last and cpu.output_thread
     cuda = SpeedOptions.from_settings(Settings(), torch.device("cuda"))
-    assert cuda.compile_mode == "default" and cuda.buckets == (1, 2, 4, 8, 16, 32, 48, 64)
+    assert cuda.compile_mode == "default" and cuda.buckets == (2, 4, 8, 16, 32, 48, 64)
     assert cuda.finite_check_every == 8 and cuda.channels_last and cuda.compile_dynamic
     off = SpeedOptions.from_settings(Settings(compile_mode="off", batch_buckets="1,4"), torch.device("cuda"))
     assert off.compile_mode is None and off.buckets == ()

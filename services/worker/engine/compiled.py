@@ -1,6 +1,6 @@
 """The backbone and the VAE decoder as a GPU wants them: a few batch shapes, compiled once, warm before serving.
 
-Row-count buckets: a backbone call of n rows is padded up to the next bucket (e.g. 1, 2, 4, 8, 16, 32, 48, 64)
+Row-count buckets: a backbone call of n rows is padded up to the next bucket (by default 2, 4, 8, 16, 32, 48, 64)
 with copies of its last row, and the padding is dropped from the output. The backbone treats rows independently
 (convolutions, group norm and attention per sample), so a request's rows give what they give unpadded: the
 padding cannot change a picture (tests/worker/test_compiled.py: padded against unpadded within the batch
@@ -66,6 +66,15 @@ def bucket_sizes(buckets: Iterable[int], max_rows: int) -> tuple[int, ...]:
     if not buckets:
         return ()
     return tuple(sorted({b for b in buckets if b < max_rows} | {max_rows}))
+
+
+def decode_sizes(buckets: Iterable[int], chunk: int) -> tuple[int, ...]:
+    """The VAE decode's image buckets under `chunk` images per call: 1, 2, 4, 8, 16 from the row buckets' smallest
+    on (no 1 where the rows have none: one graph, not a specialised 1-image one besides); () without buckets."""
+    buckets = tuple(buckets)
+    if not buckets:
+        return ()
+    return bucket_sizes([b for b in DECODE_BUCKETS if b >= min(buckets)], chunk)
 
 
 def bucket_for(rows: int, sizes: Sequence[int]) -> int:

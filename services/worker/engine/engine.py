@@ -172,10 +172,7 @@ class Engine:
         if channels_last:
             compiled.to_channels_last(model)
         self.backbone = Backbone(model, compiled.bucket_sizes(buckets, max_batch_rows), compile_mode, compile_dynamic)
-        decode_buckets = compiled.DECODE_BUCKETS if buckets else ()
-        self.decoder = Decoder(
-            model, compiled.bucket_sizes(decode_buckets, DECODE_CHUNK), compile_mode, compile_dynamic
-        )
+        self.decoder = Decoder(model, compiled.decode_sizes(buckets, DECODE_CHUNK), compile_mode, compile_dynamic)
         self._finite = FiniteWatch(finite_check_every)
         self._output = OutputQueue(f"engine-output-{model.name}", threaded=output_thread)
         self._timers: deque[tuple[UNetTimer, int, list[ActiveRequest]]] = deque()
