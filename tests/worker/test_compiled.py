@@ -234,3 +234,28 @@ def test_every_family_warms_up_and_pads_without_changing_a_picture(family_paths,
         padded.stop()
     assert np.abs(c - a).max() <= 1 / 255 + 1e-9
     assert b.shape[0] == 1
+
+
+@pytest.mark.parametrize(
+    "sizes,graphs", [((2, 4, 8, 12), 1), ((1, 2, 4, 8, 12), 2)], ids=["from-2-one-graph", "with-1-two-graphs"]
+)
+def test_a_dynamic_batch_compiles_one_graph_for_every_bucket(tiny_model, sizes, graphs):
+    """What the warm-up time rests on: with the batch marked dynamic, every bucket from 2 rows up runs one graph
+    (counted with a backend that only counts, so no C++ compile), and 1 row specialises a second one."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    compiled: list[int] = []
+
+    def counting(graph, example_inputs):
+        compiled.append(len(graph.graph.nodes))
+        return graph.forward
+
+    engine = Engine(tiny_model, max_batch_rows=12)
+    engine.backbone = Backbone(tiny_model, sizes, compile_mode="default", dynamic=True, backend=counting)
+    with torch.inference_mode():
+        for rows in sizes:
+            engine.backbone(*warmup_inputs(engine, rows))
+        engine.backbone(*warmup_inputs(engine, 3))  # padded to 4: no new graph
+    torch._dynamo.reset()
+    assert len(compiled) == graphs

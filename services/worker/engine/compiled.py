@@ -139,8 +139,14 @@ class Backbone:
     """The model's backbone call (its family's forward), padded to row buckets, compiled where asked."""
 
     def __init__(
-        self, model: LoadedModel, sizes: Sequence[int] = (), compile_mode: str | None = None, dynamic: bool = True
+        self,
+        model: LoadedModel,
+        sizes: Sequence[int] = (),
+        compile_mode: str | None = None,
+        dynamic: bool = True,
+        backend: Any = "inductor",
     ):
+        """backend: torch.compile's (tests count graphs with a backend of their own)."""
         self.model = model
         self.sizes = tuple(sizes)
         self.compile_mode = compile_mode
@@ -148,7 +154,8 @@ class Backbone:
         self._model = model  # the LoadedModel whose backbone is called: a copy holding the compiled module
         if compile_mode is not None:
             _allow_graphs(4 * max(1, len(self.sizes)))
-            module = torch.compile(model.backbone, mode=compile_mode, dynamic=None if dynamic else False)
+            options = {"mode": compile_mode} if backend == "inductor" else {}
+            module = torch.compile(model.backbone, backend=backend, dynamic=None if dynamic else False, **options)
             self._model = dataclasses.replace(model, components={**model.components, model.family.backbone: module})
 
     def __call__(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
