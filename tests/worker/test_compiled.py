@@ -259,3 +259,16 @@ def test_a_dynamic_batch_compiles_one_graph_for_every_bucket(tiny_model, sizes, 
         engine.backbone(*warmup_inputs(engine, 3))  # padded to 4: no new graph
     torch._dynamo.reset()
     assert len(compiled) == graphs
+
+
+def test_a_failing_delivery_fails_its_requests_instead_of_leaving_them_waiting(make_engine, monkeypatch):
+    from services.worker.engine import engine as engine_module
+    from services.worker.engine.errors import EngineError
+
+    def broken(pixels):
+        raise RuntimeError("no pictures today")
+
+    engine = make_engine(output_thread=True)
+    monkeypatch.setattr(engine_module, "to_pil", broken)
+    with pytest.raises(EngineError, match="request d failed in the engine: RuntimeError: no pictures today"):
+        engine.submit(request("d", num_inference_steps=2)).result(60)

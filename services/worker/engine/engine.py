@@ -651,6 +651,20 @@ class Engine:
         self, finished: list[ActiveRequest], pixels: torch.Tensor, copied: torch.cuda.Event | None, timer: UNetTimer
     ) -> None:
         """On the output queue: the decoded pictures (B, 3, H, W) of `finished` -> checked PIL images, results."""
+        try:
+            self._deliver_pictures(finished, pixels, copied, timer)
+        except Exception as error:  # no request of the batch may be left waiting
+            log.exception("delivering decoded pictures failed")
+            for member in finished:
+                member.handle._finish(
+                    error=EngineError(
+                        f"request {member.request_id} failed in the engine: {type(error).__name__}: {error}"
+                    )
+                )
+
+    def _deliver_pictures(
+        self, finished: list[ActiveRequest], pixels: torch.Tensor, copied: torch.cuda.Event | None, timer: UNetTimer
+    ) -> None:
         if copied is not None:
             copied.synchronize()
         decode_s = timer.seconds()
