@@ -272,11 +272,13 @@ def run_arms(args, model_path: Path, label: str, dtype: torch.dtype) -> dict:
         key: torch.randn(value.shape, generator=generator).to(device, value.dtype)
         for key, value in unet_inputs[2].items()
     }
-    with torch.inference_mode():
-        unet_s = time_calls(lambda: engine.backbone(latents, timesteps, cond), device, args.unet_repeats)
-        shape = model.latent_shape(model.native_width, model.native_height)
-        decode_latents = torch.randn((static, *shape), generator=generator).to(device)
-        decode_s = time_calls(lambda: engine.decoder(decode_latents), device, 2)
+    shape = model.latent_shape(model.native_width, model.native_height)
+    decode_latents = torch.randn((static, *shape), generator=generator).to(device)
+    # on the engine thread, where its graphs were compiled (and CUDA graphs captured) at warm-up
+    unet_s = engine.call(
+        lambda _: time_calls(lambda: engine.backbone(latents, timesteps, cond), device, args.unet_repeats)
+    ).result()
+    decode_s = engine.call(lambda _: time_calls(lambda: engine.decoder(decode_latents), device, 2)).result()
     rates["e_bare_unet_bound"] = static / (steps * unet_s)
     report("e", rates["e_bare_unet_bound"])
     engine.stop()

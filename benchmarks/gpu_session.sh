@@ -32,7 +32,7 @@ started=$(date +%s)
 
 if [ "$STAGE" = all ] || [ "$STAGE" = bench ]; then
   echo "== 1. SD-1.5-sized arms (a)-(e) (at most 300 s)"
-  timeout 300 python3 -m benchmarks.bench_engine --sd15 --requests "$BENCH_REQUESTS" 2>&1 | grep -v "Loading weights" | tee "$OUT/bench_sd15.log" | grep -E "^# arm|^\{|Error"
+  timeout 300 python3 -m benchmarks.bench_engine --sd15 --requests "$BENCH_REQUESTS" 2>&1 | grep -v "Loading weights" | tee "$OUT/bench_sd15.log" | grep -E "^# arm|^\{|Error|error"
   echo "bench exit ${PIPESTATUS[0]} after $(( $(date +%s) - started )) s"
 fi
 
