@@ -67,7 +67,7 @@ class Settings(BaseSettings):
     # torch's compile caches (Inductor's FX graph and kernel caches, Triton's) on disk between worker starts;
     # "" leaves torch's default (a folder under /tmp, lost with the container)
     compile_cache_dir: str = ""
-    # channels_last memory format for the backbone and the VAE on CUDA (what the compiled kernels prefer)
+    # channels_last memory format for the backbone and the VAE on CUDA when compiled (eager it was slower)
     channels_last: bool = True
     # the engine checks its latents for NaN/inf every this many iterations on CUDA (each check waits for the
     # GPU once; a non-finite row still fails, naming the step it went bad); every iteration on the CPU

@@ -187,7 +187,7 @@ def test_speed_options_from_settings():
     assert cuda.compile_mode == "default" and cuda.buckets == (2, 4, 8, 16, 32, 48, 64)
     assert cuda.finite_check_every == 8 and cuda.channels_last and cuda.compile_dynamic
     off = SpeedOptions.from_settings(Settings(compile_mode="off", batch_buckets="1,4"), torch.device("cuda"))
-    assert off.compile_mode is None and off.buckets == ()
+    assert off.compile_mode is None and off.buckets == () and not off.channels_last
     forced = SpeedOptions.from_settings(Settings(compile_mode="max-autotune", batch_buckets="4,1"), "cpu")
     assert forced.compile_mode == "max-autotune" and forced.buckets == (1, 4)
     assert resolve_compile_mode("reduce-overhead", "cuda") == "reduce-overhead"
