@@ -206,7 +206,7 @@ def run_arms(args, model_path: Path, label: str, dtype: torch.dtype) -> dict:
         buckets=parse_buckets(args.buckets) if compile_mode is not None else (),
         compile_mode=compile_mode,
         compile_dynamic=not args.static_graphs,
-        channels_last=cuda,
+        channels_last=cuda and compile_mode is not None,
         finite_check_every=8 if cuda else 1,
         output_thread=True,
     )
