@@ -272,3 +272,23 @@ def test_a_failing_delivery_fails_its_requests_instead_of_leaving_them_waiting(m
     monkeypatch.setattr(engine_module, "to_pil", broken)
     with pytest.raises(EngineError, match="request d failed in the engine: RuntimeError: no pictures today"):
         engine.submit(request("d", num_inference_steps=2)).result(60)
+
+
+def test_output_queue_runs_in_order_and_survives_a_failing_item():
+    from services.worker.engine.output import OutputQueue
+
+    ran: list[int] = []
+    output = OutputQueue("engine-output-test").start()
+
+    def fail():
+        raise RuntimeError("one item fails")
+
+    for i in range(50):
+        output.submit(ran.append, i)
+        if i == 10:
+            output.submit(fail)
+    output.close(10)
+    assert ran == list(range(50))
+    inline = OutputQueue("inline", threaded=False).start()
+    inline.submit(ran.append, 99)  # without the thread: at once, on the caller's thread
+    assert ran[-1] == 99

@@ -37,14 +37,6 @@ class OutputQueue:
         else:
             self._queue.put((fn, args, kwargs))
 
-    def flush(self, timeout: float | None = 30.0) -> None:
-        """Wait until everything queued so far has run."""
-        if self._thread is None:
-            return
-        done = threading.Event()
-        self._queue.put((done.set, (), {}))
-        done.wait(timeout)
-
     def close(self, timeout: float | None = 30.0) -> None:
         """Run what is queued, then end the thread."""
         if self._thread is None:
