@@ -24,7 +24,7 @@ from services.worker.engine.compiled import SpeedOptions
 from services.worker.engine.engine import Engine, RequestHandle
 from services.worker.engine.requests import StepEvent, TrajectoryFrame
 from services.worker.heartbeat import worker_id
-from services.worker.loading import DTYPES, LoadedModel, load_model
+from services.worker.loading import LoadedModel, load_model, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -167,9 +167,7 @@ class Runtime:
 
     def load(self, paths: list[str]) -> None:
         for path in paths:
-            if self.settings.worker_dtype and self.settings.worker_dtype not in DTYPES:
-                raise ValueError(f"LATENTD_WORKER_DTYPE must be one of {', '.join(DTYPES)} or empty")
-            dtype = DTYPES[self.settings.worker_dtype] if self.settings.worker_dtype else None
+            dtype = resolve_dtype(self.settings.worker_dtype)
             model = load_model(path, device=self.settings.worker_device, dtype=dtype)
             speed = SpeedOptions.from_settings(self.settings, model.device)
             engine = Engine(

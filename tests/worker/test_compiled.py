@@ -292,3 +292,15 @@ def test_output_queue_runs_in_order_and_survives_a_failing_item():
     inline = OutputQueue("inline", threaded=False).start()
     inline.submit(ran.append, 99)  # without the thread: at once, on the caller's thread
     assert ran[-1] == 99
+
+
+def test_worker_dtype_setting_takes_bfloat16_beside_float16(tiny_model_path):
+    from services.worker.loading import ModelLoadError, load_model, resolve_dtype
+
+    assert resolve_dtype("bfloat16") is torch.bfloat16 and resolve_dtype("float16") is torch.float16
+    assert resolve_dtype("float32") is torch.float32 and resolve_dtype("") is None
+    with pytest.raises(ValueError, match="LATENTD_WORKER_DTYPE must be one of float16, bfloat16, float32"):
+        resolve_dtype("fp8")
+    assert Settings(worker_dtype="bfloat16").worker_dtype == "bfloat16"
+    with pytest.raises(ModelLoadError, match="dtype torch.bfloat16 is not supported on CPU"):
+        load_model(tiny_model_path, dtype=resolve_dtype("bfloat16"))  # half precision is for CUDA (tests/gpu)
