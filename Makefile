@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format venv proto bench-engine bench-samplers bench-service bench-gateway family-parity train-model eval-model clean
+.PHONY: run test lint format venv proto bench-engine bench-samplers bench-service bench-gateway bench-soak bench-failover family-parity train-model eval-model clean
 
 $(STAMP): requirements/*.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -48,6 +48,16 @@ bench-service: $(STAMP) proto
 ## The gateway under load and abuse (SSE fan-out, reads, OpenAI waiters, a flooding key, huge bodies); needs wrk.
 bench-gateway: $(STAMP) proto
 	$(BIN)/python -m benchmarks.bench_gateway
+
+## Memory over time: 600 jobs (previews, every trajectory kind) through the real stack, worker and gateway RSS
+## sampled as they go; SOAK_ARGS=--long for 3000 jobs.
+bench-soak: $(STAMP) proto
+	$(BIN)/python -m benchmarks.bench_soak $(SOAK_ARGS)
+
+## Failover (SIGKILL one of two workers) and drain (SIGTERM) with the deploy settings: seconds until the jobs run again,
+## until the worker exits (about 6 minutes on 2 cores).
+bench-failover: $(STAMP) proto
+	$(BIN)/python -m benchmarks.bench_failover
 
 ## SDXL, SD3 and Flux (tiny fixtures built from config): the engine against each pipeline, batched against alone.
 family-parity: $(STAMP)

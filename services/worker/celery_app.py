@@ -9,6 +9,7 @@ starts (before it consumes), their info is published in Redis, and the heartbeat
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 from celery import Celery, signals
@@ -40,7 +41,15 @@ def create_celery() -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout_s,
+            # sweep for unacknowledged messages older than that about 36 times per timeout (kombu's default:
+            # every 100 s), so a short timeout (the fault suite's) redelivers soon
+            "unacked_restore_interval": max(1, min(100, settings.visibility_timeout_s // 36)),
+            "unacked_restore_throttle": 1,
+            "socket_timeout": settings.redis_timeout_s,
+            "socket_connect_timeout": settings.redis_timeout_s,
+        },
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         task_queues=[Queue(queue_for(name)) for name in model_names()],
@@ -66,6 +75,15 @@ def _load_models(**_: object) -> None:
     runtime = get_runtime()
     runtime.load(model_paths())
     _leases["keeper"] = LeaseKeeper(runtime, app).start()
+
+
+@signals.worker_shutting_down.connect(weak=False)
+def _drain(how: str = "", **_: object) -> None:
+    """SIGTERM (Celery's warm shutdown): Celery stops consuming and waits for the pool's threads; the drain
+    bounds that wait by drain_grace_s (services/worker/leases.py). Runs in the signal handler: a thread does it."""
+    keeper = _leases.get("keeper")
+    if keeper is not None and how == "Warm":
+        threading.Thread(target=keeper.drain, name="latentd-drain", daemon=True).start()
 
 
 @signals.worker_shutdown.connect(weak=False)

@@ -7,6 +7,12 @@ One thread per worker process:
 - every reap_interval_s, for each model it serves and under a short Redis lock (one reaper at a time),
   it requeues the jobs whose lease lapsed (their worker died or hung) and sends a task for each, and
   tops the broker up to one task per queued job (a task can be lost with Redis or with a worker).
+
+Drain (SIGTERM: a scale-in, a rolling update): `drain()` runs on a thread of its own once Celery's warm shutdown
+begins. The worker takes no new job from then on (Celery stops consuming; a task already handed to the pool
+puts its message back); the engines finish what they hold for up to drain_grace_s; whatever still runs then is
+requeued at once as a new attempt (not counted as a loss) with a task sent for it, and dropped from the engine,
+so the pool's threads end and the process exits 0 well within the orchestrator's grace period.
 """
 
 from __future__ import annotations
@@ -47,14 +53,19 @@ class LeaseKeeper:
             self._thread.join(timeout=5)
 
     def _run(self) -> None:
+        reap_after = 0.0
         while not self._stop.wait(min(self.settings.reap_interval_s, self.settings.lease_s / 3)):
             try:
                 if time.monotonic() - self._renewed_at >= self.settings.lease_s / 3:
                     self.renew()
-                for model in list(self.runtime.engines):
-                    self.reap(model)
-            except Exception:  # Redis away: the next round tries again
-                log.warning("lease keeping failed; retrying", exc_info=True)
+                if time.monotonic() >= reap_after:
+                    for model in list(self.runtime.engines):
+                        self.reap(model)
+            except Exception as error:  # noqa: BLE001 - Redis away: the next round tries again
+                log.warning("lease keeping failed; retrying: %s", error)
+                # Every lease lapsed while Redis was away. Once it is back, reap only after one lease period, so
+                # the live workers renew theirs first and only a worker that died meanwhile loses its jobs.
+                reap_after = time.monotonic() + self.settings.lease_s
 
     def renew(self) -> None:
         for model, held in self.runtime.held().items():
@@ -81,6 +92,44 @@ class LeaseKeeper:
         missing = self.store.queued_count(model) - celery_queue_length(self.store.redis, queue_for(model))
         for _ in range(max(0, missing)):
             self.send(model)
+
+    def drain(self) -> None:
+        """Stop taking jobs, let the engines finish theirs for up to drain_grace_s, requeue the rest now."""
+        self.runtime.draining.set()
+        grace = self.settings.drain_grace_s
+        deadline = time.monotonic() + grace
+        while self.runtime.held() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        held = sum(len(jobs) for jobs in self.runtime.held().values())
+        log.warning("draining: %d job(s) still running after %.0f s; requeueing them", held, grace)
+        # A task that claimed a job just as the drain began is caught by a later round, so nothing stays held.
+        # This thread is a daemon: the process exits as soon as the pool's threads end, whatever it does.
+        give_up = time.monotonic() + max(10.0, self.settings.lease_s)
+        while time.monotonic() < give_up:
+            for model, jobs in self.runtime.held().items():
+                for job_id, attempt in jobs:
+                    self._hand_back(model, job_id, attempt)
+            time.sleep(0.2)
+
+    def _hand_back(self, model: str, job_id: str, attempt: int) -> None:
+        """Requeue this worker's attempt as a new one (its fence moves on) and drop it from the engine."""
+        try:
+            job = self.store.get(job_id)
+            outcome = (
+                "over"
+                if job is None
+                else self.store.requeue(
+                    job, attempt=attempt, lost=False, max_lost=self.settings.max_lost, reason="its worker was draining"
+                )
+            )
+            if outcome == "requeued":
+                self.send(model)
+        except Exception:  # Redis away: the lease lapses once we are gone, and a reaper requeues the job
+            log.warning("could not requeue job %s while draining", job_id, exc_info=True)
+            outcome = "left to the reaper"
+        log.warning("draining: job %s attempt %d: %s", job_id, attempt, outcome)
+        self.runtime.cancel_job(job_id)
+        self.runtime.release(model, job_id)
 
     def send(self, model: str) -> None:
         self.celery_app.send_task(RUN_TASK, args=[model], queue=queue_for(model))

@@ -13,7 +13,11 @@ import io
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+import redis
 
 from services.common.jobs import JobRecord
 from services.common.jobstore import JobStore, StepWrite, frame_blob_name, image_blob_name
@@ -27,6 +31,7 @@ from services.worker.heartbeat import worker_id
 from services.worker.loading import LoadedModel, load_model, resolve_dtype
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def request_id(job_id: str, attempt: int, index: int | None = None) -> str:
@@ -143,6 +148,9 @@ class StepEventWriter:
             writes.append(StepWrite(job_id, attempt, data, progress, frames))
         try:
             controls = self.store.write_steps(writes)
+        except (redis.ConnectionError, redis.TimeoutError) as error:  # Redis away: these steps' events are lost,
+            log.warning("step events not written (Redis unreachable): %s", error)  # the jobs go on
+            return
         except Exception:
             log.exception("step-event write failed")
             return
@@ -159,13 +167,18 @@ class Runtime:
     def __init__(self, settings: Settings, worker: str | None = None):
         self.settings = settings
         self.worker = worker or worker_id()
-        self.store = JobStore.from_url(settings.redis_url, settings.result_ttl_s)
+        self.store = JobStore.from_url(settings.redis_url, settings.result_ttl_s, settings.redis_timeout_s)
         self.engines: dict[str, Engine] = {}
         self._handles: dict[str, RequestHandle] = {}
         self._held: dict[str, dict[str, int]] = {}  # model -> {job id: attempt} this worker runs
         self._lock = threading.Lock()
+        self.draining = threading.Event()  # SIGTERM: take no new job (services/worker/leases.py, drain)
 
     def load(self, paths: list[str]) -> None:
+        if self.settings.worker_torch_threads > 0:
+            import torch
+
+            torch.set_num_threads(self.settings.worker_torch_threads)
         for path in paths:
             dtype = resolve_dtype(self.settings.worker_dtype)
             model = load_model(path, device=self.settings.worker_device, dtype=dtype)
@@ -216,6 +229,21 @@ class Runtime:
         with self._lock:
             return {model: list(jobs.items()) for model, jobs in self._held.items() if jobs}
 
+    def retry(self, call: Callable[..., T], *args, **kwargs) -> T:
+        """`call` again while Redis is unreachable (a restart, a failover), for up to redis_retry_s; then the
+        error. A result must not be lost to a short outage: a lost write would cost the job a whole new run."""
+        deadline = time.monotonic() + self.settings.redis_retry_s
+        pause = 0.1
+        while True:
+            try:
+                return call(*args, **kwargs)
+            except (redis.ConnectionError, redis.TimeoutError):
+                if time.monotonic() + pause > deadline:
+                    raise
+                log.warning("Redis unreachable; retrying in %.1f s", pause)
+                time.sleep(pause)
+                pause = min(2 * pause, 2.0)
+
     def cancel_job(self, job_id: str) -> None:
         """Drop every engine request of the job (a superseded or requeued attempt)."""
         with self._lock:
@@ -252,20 +280,27 @@ class JobRun:
 
     @classmethod
     def take(cls, runtime: Runtime, model: str) -> JobRun | None:
-        """The model's next job in fair order, claimed with a lease and started; None when none waits."""
+        """The model's next job in fair order, claimed with a lease and started; None when none waits (or
+        the worker drains)."""
+        if runtime.draining.is_set():
+            return None
         taken = runtime.store.take(model, runtime.settings.lease_s, runtime.worker)
         if taken is None:
             return None
         run = cls(runtime, *taken)
         runtime.hold(model, run.job_id, run.attempt)
-        run.job = runtime.store.get(run.job_id)
-        if run.job is None:  # expired in the instant between
+        try:
+            run.job = runtime.retry(runtime.store.get, run.job_id)
+            if run.job is None:  # expired in the instant between
+                runtime.release(model, run.job_id)
+                return None
+            run.started_at = time.time()
+            queued_at = run.job.timings.get("queued_at", run.started_at)
+            run.job.timings |= {"started_at": run.started_at, "queue_s": run.started_at - queued_at}
+            runtime.retry(run.store.started, run.job_id, run.attempt, run.job.timings)
+        except Exception:  # Redis gone for good: its lease lapses and a reaper requeues it
             runtime.release(model, run.job_id)
-            return None
-        run.started_at = time.time()
-        queued_at = run.job.timings.get("queued_at", run.started_at)
-        run.job.timings |= {"started_at": run.started_at, "queue_s": run.started_at - queued_at}
-        run.store.started(run.job_id, run.attempt, run.job.timings)
+            raise
         worker_metrics.observe_queue_wait(run.job.model, queued_at, run.started_at)
         return run
 
@@ -312,11 +347,14 @@ class JobRun:
             "timings": self._timings(),
             "progress": {"step": steps, "total": steps, "done": True},
         }
-        return self.store.finish(self.job, self.attempt, "succeeded", fields, ("succeeded", done), blobs)
+        return self.runtime.retry(
+            self.store.finish, self.job, self.attempt, "succeeded", fields, ("succeeded", done), blobs
+        )
 
     def fail(self, error_type: str, message: str, param: str | None = None) -> bool:
         error = {"type": error_type, "message": message, "param": param}
-        return self.store.finish(
+        return self.runtime.retry(
+            self.store.finish,
             self.job,
             self.attempt,
             "failed",
@@ -325,9 +363,10 @@ class JobRun:
         )
 
     def cancelled(self) -> bool:
-        if not self.store.holds(self.job_id, self.attempt):
+        if not self.runtime.retry(self.store.holds, self.job_id, self.attempt):
             return False  # requeued meanwhile: the attempt that takes it over finishes it, not us
-        return self.store.finish(
+        return self.runtime.retry(
+            self.store.finish,
             self.job,
             self.attempt,
             "cancelled",

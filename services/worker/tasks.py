@@ -5,7 +5,11 @@ job failures here, at the edge."""
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
+
+from celery.exceptions import Reject
 
 from services.common.tasks import RUN_TASK
 from services.worker import metrics as worker_metrics
@@ -21,6 +25,8 @@ def run_next(model: str) -> str:
     runtime = get_runtime()
     if model not in runtime.engines:
         return "not_served"  # queues are per model: only a misrouted task gets here
+    if runtime.draining.is_set():  # SIGTERM came: the message goes back to the queue for another worker
+        raise Reject("the worker is draining", requeue=True)
     run = JobRun.take(runtime, model)
     if run is None:
         return "idle"  # one task per job; a spare task (a requeue's, a top-up's) finds nothing to do
@@ -31,6 +37,8 @@ def run_next(model: str) -> str:
         run.fail("internal_error", f"{type(error).__name__}: {error}")
     finally:
         run.release()
+    if runtime.settings.fault_kill_after_result:  # the fault suite's crash between the result and the ack
+        os.kill(os.getpid(), signal.SIGKILL)
     final = run.store.get(run.job_id)
     if final is None:
         return "expired"

@@ -12,16 +12,16 @@ import redis.asyncio as aioredis
 
 from services.common.jobstore import AsyncJobStore, JobStore, QueueFull, owned_key, pending_key
 
-REDIS_URL = "redis://127.0.0.1:6379/12"
 MODEL = "m"
 
 
 @pytest.fixture
-def stores():
-    redis.Redis.from_url(REDIS_URL).flushdb()
+def stores(own_redis):
+    url = own_redis.rsplit("/", 1)[0] + "/12"  # the tests' own redis-server, a database of its own
+    redis.Redis.from_url(url).flushdb()
     loop = asyncio.new_event_loop()
-    gateway = AsyncJobStore(aioredis.Redis.from_url(REDIS_URL), 600)
-    worker = JobStore.from_url(REDIS_URL, 600)
+    gateway = AsyncJobStore(aioredis.Redis.from_url(url), 600)
+    worker = JobStore.from_url(url, 600)
 
     def submit(owner: str, n: int = 1, **limits) -> list[str]:
         ids = []
@@ -33,10 +33,10 @@ def stores():
             ids.append(job_id)
         return ids
 
-    yield submit, gateway, worker, loop
+    yield submit, gateway, worker, loop, url
     loop.run_until_complete(gateway.redis.aclose())
     loop.close()
-    redis.Redis.from_url(REDIS_URL).flushdb()
+    redis.Redis.from_url(url).flushdb()
 
 
 def owners_in_order(worker: JobStore, n: int) -> list[str]:
@@ -44,7 +44,7 @@ def owners_in_order(worker: JobStore, n: int) -> list[str]:
 
 
 def test_keys_take_turns_so_a_flood_does_not_starve_a_single_job(stores):
-    submit, _, worker, _ = stores
+    submit, _, worker, _, url = stores
     submit("alice", 6)
     assert owners_in_order(worker, 2) == ["alice", "alice"]  # alone, alice's jobs go in order
     submit("bob", 1)
@@ -55,7 +55,7 @@ def test_keys_take_turns_so_a_flood_does_not_starve_a_single_job(stores):
 
 
 def test_a_keys_share_and_the_models_queue_are_bounded(stores):
-    submit, _, _, _ = stores
+    submit, _, _, _, _ = stores
     submit("alice", 2, max_owned=2)
     with pytest.raises(QueueFull) as full:
         submit("alice", 1, max_owned=2)
@@ -67,7 +67,7 @@ def test_a_keys_share_and_the_models_queue_are_bounded(stores):
 
 
 def test_a_lapsed_lease_is_requeued_at_the_head_and_the_old_attempt_is_fenced_out(stores):
-    submit, _, worker, _ = stores
+    submit, _, worker, _, url = stores
     first, second = submit("alice", 2)
     job_id, attempt = worker.take(MODEL, 0.2, "w1")
     assert (job_id, attempt) == (first, 1)
@@ -82,13 +82,13 @@ def test_a_lapsed_lease_is_requeued_at_the_head_and_the_old_attempt_is_fenced_ou
     # a late copy of attempt 1 can neither finish nor step the job
     assert not worker.finish(worker.get(first), 1, "succeeded", {}, ("succeeded", {}))
     assert worker.finish(worker.get(first), 2, "succeeded", {}, ("succeeded", {}))
-    r = redis.Redis.from_url(REDIS_URL)
+    r = redis.Redis.from_url(url)
     assert not r.sismember(pending_key(MODEL), first) and not r.sismember(owned_key(MODEL, "alice"), first)
     assert worker.take(MODEL, 30, "w2") == (second, 1)
 
 
 def test_a_job_that_loses_its_worker_max_lost_times_fails_with_a_reason(stores):
-    submit, _, worker, _ = stores
+    submit, _, worker, _, url = stores
     (job_id,) = submit("alice", 1)
     for expected in ("requeued", "requeued", "failed"):
         assert worker.take(MODEL, 30, "w")[0] == job_id
@@ -101,7 +101,7 @@ def test_a_job_that_loses_its_worker_max_lost_times_fails_with_a_reason(stores):
 
 
 def test_cancel_of_a_queued_job_takes_it_out_of_its_keys_queue(stores):
-    submit, gateway, worker, loop = stores
+    submit, gateway, worker, loop, _ = stores
     first, second = submit("alice", 2)
     assert loop.run_until_complete(gateway.cancel(worker.get(first))) == "cancelled"
     assert worker.take(MODEL, 30, "w") == (second, 1)

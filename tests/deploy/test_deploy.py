@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from services.common.settings import Settings
+
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
@@ -311,3 +313,18 @@ def test_dockerfiles_copy_what_the_processes_import():
     assert "scripts.gen_proto" in gateway, "the gRPC stubs are git-ignored: the image must generate them"
     worker = (DEPLOY / "docker" / "worker.Dockerfile").read_text()
     assert "services.worker.celery_app" in worker and "--pool threads" in worker
+
+
+def test_the_orchestrators_wait_longer_than_the_workers_drain():
+    """SIGTERM drains a worker for up to LATENTD_DRAIN_GRACE_S, then requeues what is left and exits 0: compose
+    and Kubernetes must wait longer than that before their SIGKILL (docs/failures.md)."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    grace_s = float(compose["x-latentd-env"]["LATENTD_DRAIN_GRACE_S"])
+    assert grace_s == Settings().drain_grace_s
+    for name in ("worker", "worker-cpu"):
+        stop = compose["services"][name]["stop_grace_period"]
+        assert stop.endswith("s") and float(stop[:-1]) >= grace_s + 10, (name, stop)
+    worker = _find("Deployment", "latentd-worker-shapes-ldm")["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in worker["containers"][0]["env"]}
+    assert float(env["LATENTD_DRAIN_GRACE_S"]) == grace_s
+    assert worker["terminationGracePeriodSeconds"] >= grace_s + 10
