@@ -372,7 +372,7 @@ class Core:
             runs = rules.steps_run(resolved["num_inference_steps"], resolved["strength"])
             rules.check_every("trajectory_every", body.trajectory_every, runs, low=1)
         params = _params(
-            body.model_dump(exclude={"image"})
+            body.model_dump(exclude={"image", "mask"})
             | resolved
             | {
                 "prompt": body.prompt or "",

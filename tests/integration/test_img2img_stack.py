@@ -227,3 +227,68 @@ def test_uploads_obey_the_body_limit(real_stack):
         timeout=60,
     )
     assert response.status_code == 413 and response.json()["error"]["type"] == "payload_too_large"
+
+
+@pytest.mark.parametrize("transport", ["rest", "grpc"])
+def test_client_takes_pictures_on_both_transports(real_stack, transport, tmp_path):
+    """The Python client (REST or gRPC: GenerationParams.image, image_ref, strength, mask) and the job's params as
+    each door shows them; a mask of another size is INVALID_ARGUMENT / 422 naming mask."""
+    from client.latentd_client import Client, InvalidRequestError
+
+    url = real_stack.url if transport == "rest" else f"grpc://{real_stack.grpc_target}"
+    with Client(url, real_stack.keys[0]) as client:
+        first = client.wait(client.generate("a blue square on a white background", num_inference_steps=4, seed=2).id)
+        job = client.generate(
+            "a red square on a white background",
+            num_inference_steps=STEPS,
+            seed=3,
+            image={"job_id": first.id, "index": 0},
+            strength=0.6,
+        )
+        done = client.wait(job.id, timeout=120)
+        assert done.status == "succeeded" and done.total_steps == 6
+        assert done.params["has_image"] and done.params["image_from"] == {"job_id": first.id, "index": 0}
+        assert done.params["strength"] == 0.6
+        inpainted = client.wait(
+            client.generate(
+                "a green circle on a white background",
+                num_inference_steps=STEPS,
+                seed=3,
+                image=png(scene()),
+                mask=png(left_half_mask()),
+                strength=0.8,
+            ).id,
+            timeout=120,
+        )
+        assert inpainted.params["has_mask"] and inpainted.total_steps == 8
+        assert client.image(inpainted.id, 0).startswith(b"\x89PNG")
+        with pytest.raises(InvalidRequestError) as error:
+            client.generate("x", image=png(scene()), mask=png(left_half_mask(32)))
+        assert error.value.param == "mask" and "the image's size (64x64)" in str(error.value)
+    # both doors show the same params
+    rest_view = httpx.get(f"{real_stack.url}/v1/jobs/{job.id}", headers=real_stack.headers(), timeout=10).json()
+    assert {k: rest_view["params"][k] for k in ("has_image", "has_mask", "image_from", "strength")} == {
+        k: done.params[k] for k in ("has_image", "has_mask", "image_from", "strength")
+    }
+
+
+@pytest.mark.parametrize("transport", ["rest", "grpc"])
+def test_cli_generate_with_image_strength_and_mask(real_stack, transport, tmp_path):
+    from tests.client.test_cli import latentd
+
+    url = real_stack.url if transport == "rest" else f"grpc://{real_stack.grpc_target}"
+    source, mask, out = tmp_path / "in.png", tmp_path / "m.png", tmp_path / "edit.png"
+    source.write_bytes(png(scene()))
+    mask.write_bytes(png(left_half_mask()))
+    args = ["generate", "a green circle on a white background", "--steps", str(STEPS), "--seed", "4"]
+    result = latentd(url, *args, "--image", str(source), "--strength", "0.6", "--mask", str(mask), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "6/6" in result.stderr and "succeeded" in result.stderr
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.size == (64, 64)
+    bad = latentd(url, *args, "--image", str(tmp_path / "missing.png"))
+    assert bad.returncode != 0 and "--image takes a PNG or JPEG file" in bad.stderr
+    wrong = tmp_path / "wrong.png"
+    wrong.write_bytes(png(scene(40)))
+    refused = latentd(url, *args, "--image", str(wrong))
+    assert refused.returncode != 0 and "image is 40x40" in refused.stderr
