@@ -5,8 +5,9 @@ prints one JSON line with every figure:
 - fanout: N SSE readers (raw sockets) on a few running jobs: readers that got every event and the terminal
   one, events delivered, the gateway's TCP connections to Redis (max, sampled from /proc) and Redis's count
   of all its clients;
-- reads: `wrk -t2 -c100` on GET /v1/jobs/{id} and on GET /livez, alternated, in the same run (needs `wrk`,
-  Debian package wrk): requests/s, p50/p99, and their ratio;
+- reads: `wrk -t2 -c100` on GET /livez, on GET /v1/jobs/{id} of a succeeded job (settled: read from Redis once
+  per gateway process) and of a queued one (read from Redis every time), alternated, in the same run (needs
+  `wrk`, Debian package wrk): requests/s, p50/p99, and their ratios to /livez;
 - waiters: 100 OpenAI calls (POST /v1/images/generations) waiting for their jobs while POST /v1/generations
   is timed, with the gateway's thread count;
 - flood: one key submits 100 jobs as fast as it can, another key then submits one: accepted/refused, the
@@ -204,26 +205,31 @@ def _wrk(url: str, key: str, seconds: int, connections: int) -> dict:
     }
 
 
-def bench_reads(gateway: Gateway, job_id: str, seconds: int, rounds: int, connections: int) -> dict:
+def bench_reads(gateway: Gateway, jobs: dict[str, str], seconds: int, rounds: int, connections: int) -> dict:
+    """/livez and GET /v1/jobs/{id} for each of `jobs` ({label: job id}), alternated round by round."""
     if not shutil.which("wrk"):
         return {"reads_skipped": "no wrk: apt-get install wrk"}
     _wrk(f"{gateway.url}/livez", "bench-a", 2, connections)  # warm
-    livez, job = [], []
+    livez: list[dict] = []
+    reads: dict[str, list[dict]] = {label: [] for label in jobs}
     for _ in range(rounds):
         livez.append(_wrk(f"{gateway.url}/livez", "bench-a", seconds, connections))
-        job.append(_wrk(f"{gateway.url}/v1/jobs/{job_id}", "bench-a", seconds, connections))
-    ratios = [j["rps"] / max(lz["rps"], 1e-9) for j, lz in zip(job, livez)]
-    return {
+        for label, job_id in jobs.items():
+            reads[label].append(_wrk(f"{gateway.url}/v1/jobs/{job_id}", "bench-a", seconds, connections))
+    result = {
         "reads_connections": connections,
         "reads_livez_rps": [round(r["rps"]) for r in livez],
-        "reads_job_rps": [round(r["rps"]) for r in job],
-        "reads_ratio": [round(r, 2) for r in ratios],
         "reads_livez_p99_ms": [r["p99_ms"] for r in livez],
-        "reads_job_p99_ms": [r["p99_ms"] for r in job],
-        "reads_job_p50_ms": [r["p50_ms"] for r in job],
-        "reads_errors": sum(r["non_2xx"] for r in livez + job),
-        "reads_socket_errors": sorted({r["socket_errors"] for r in livez + job if r["socket_errors"]}),
     }
+    for label, runs in reads.items():
+        result[f"reads_{label}_rps"] = [round(r["rps"]) for r in runs]
+        result[f"reads_{label}_ratio"] = [round(j["rps"] / max(lz["rps"], 1e-9), 2) for j, lz in zip(runs, livez)]
+        result[f"reads_{label}_p50_ms"] = [r["p50_ms"] for r in runs]
+        result[f"reads_{label}_p99_ms"] = [r["p99_ms"] for r in runs]
+    every = livez + [r for runs in reads.values() for r in runs]
+    result["reads_errors"] = sum(r["non_2xx"] for r in every)
+    result["reads_socket_errors"] = sorted({r["socket_errors"] for r in every if r["socket_errors"]})
+    return result
 
 
 def threads_of(pid: int) -> int:
@@ -381,7 +387,9 @@ def main(argv: list[str] | None = None) -> int:
             wait_job(roomy.url, "bench-a", finished)
             run_stack.stop([worker])  # from here jobs stay queued: the waiters wait, the CPU is the gateway's
         if "reads" in only:
-            result.update(bench_reads(roomy, finished, args.wrk_seconds, args.wrk_rounds, args.wrk_connections))
+            queued = submit(roomy.url, "bench-a", {"prompt": PROMPT, "num_inference_steps": 2}).json()["id"]
+            jobs = {"succeeded": finished, "queued": queued}
+            result.update(bench_reads(roomy, jobs, args.wrk_seconds, args.wrk_rounds, args.wrk_connections))
         if "waiters" in only:
             result.update(bench_waiters(roomy, redis_url, name, args.waiters, args.probes))
         if "bodies" in only:

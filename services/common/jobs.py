@@ -101,6 +101,11 @@ class JobRecord:
             "created_at": self.created_at,
         }
 
+    @cached_property
+    def view_json(self) -> bytes:
+        """`view()` as compact JSON, made once per record (a settled one is kept and read many times)."""
+        return json.dumps(self.view(), separators=(",", ":")).encode()
+
     def to_proto(self):
         from services.common import protocol
         from services.common.grpc_gen.latentd.v1 import latentd_pb2 as pb

@@ -39,8 +39,9 @@ import asyncio
 import hashlib
 import json
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import redis
@@ -50,12 +51,18 @@ from services.common.jobs import TERMINAL, JobEvent, JobRecord
 from services.common.models import ModelInfo
 
 MODELS_KEY = "latentd:models"
+JOB_PREFIX = "latentd:job:"
 INPUT_BLOB = "input"
 MASK_BLOB = "mask"
+SETTLED_CACHE = 4096  # settled job records a gateway process keeps in memory
 
 
 def job_key(job_id: str) -> str:
-    return f"latentd:job:{job_id}"
+    return f"{JOB_PREFIX}{job_id}"
+
+
+def job_id_of(key: str) -> str:
+    return key.removeprefix(JOB_PREFIX)
 
 
 def events_key(job_id: str) -> str:
@@ -358,48 +365,65 @@ def _record_args(record: dict[str, Any]) -> list[Any]:
 
 
 class _Batched:
-    """Reads that arrive together share one round trip: each caller adds its command, and one pipeline sends
-    all that came in during the same turn of the event loop. Under load (a hundred clients polling their jobs)
-    that is one write and one read on the socket for dozens of requests; alone, one extra loop turn."""
+    """Reads that arrive together share one round trip: each caller adds its key, and one pipeline sends all
+    that came in during the same turn of the event loop. Under load (a hundred clients polling their jobs)
+    that is one write and one read on the socket for dozens of requests; alone, one extra loop turn. Callers
+    that ask for the same key in the same turn (a dashboard of many viewers on one job) share one command and
+    one `decode` of its reply; every one of them asked before the command was sent, so none gets an older read
+    than it asked for."""
 
-    def __init__(self, client: aioredis.Redis, command: str, *args: Any):
+    def __init__(self, client: aioredis.Redis, command: str, *args: Any, decode: Callable[[str, Any], Any] = None):
         self.client, self.command, self.args = client, command, args
-        self._pending: list[tuple[str, asyncio.Future]] = []
+        self.decode = decode or (lambda key, reply: reply)
+        self._pending: dict[str, list[asyncio.Future]] = {}
         self._tasks: set[asyncio.Task] = set()
 
     async def __call__(self, key: str) -> Any:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._pending.append((key, future))
-        if len(self._pending) == 1:
+        if not self._pending:
             loop.call_soon(self._flush)
+        self._pending.setdefault(key, []).append(future)
         return await future
 
     def _flush(self) -> None:
-        batch, self._pending = self._pending, []
+        batch, self._pending = self._pending, {}
         task = asyncio.get_running_loop().create_task(self._send(batch))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _send(self, batch: list[tuple[str, asyncio.Future]]) -> None:
+    async def _send(self, batch: dict[str, list[asyncio.Future]]) -> None:
         try:
             pipe = self.client.pipeline(transaction=False)
-            for key, _ in batch:
+            for key in batch:
                 pipe.execute_command(self.command, key, *self.args)
             replies = await pipe.execute(raise_on_error=False)
         except BaseException as error:  # every caller gets the error (Redis away: a 503), then it goes on
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(error)
+            for futures in batch.values():
+                _settle(futures, error=error)
             if not isinstance(error, Exception):
                 raise
             return
-        for (_, future), reply in zip(batch, replies):
-            if not future.done():
-                if isinstance(reply, Exception):
-                    future.set_exception(reply)
-                else:
-                    future.set_result(reply)
+        for (key, futures), reply in zip(batch.items(), replies):
+            if isinstance(reply, Exception):
+                _settle(futures, error=reply)
+                continue
+            try:
+                value = self.decode(key, reply)
+            except Exception as error:  # noqa: BLE001 - a record that cannot be read fails its readers, not the batch
+                _settle(futures, error=error)
+            else:
+                _settle(futures, value=value)
+
+
+def _settle(futures: list[asyncio.Future], value: Any = None, error: BaseException | None = None) -> None:
+    for future in futures:
+        if future.done():
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
 
 
 class AsyncJobStore:
@@ -410,8 +434,11 @@ class AsyncJobStore:
         self.ttl_s = ttl_s
         self._enqueue = client.register_script(_ENQUEUE)
         self._cancel = client.register_script(_CANCEL)
-        self._hgetall = _Batched(client, "HGETALL")
+        self._record = _Batched(client, "HGETALL", decode=lambda key, raw: JobRecord.from_redis(job_id_of(key), raw))
         self._owner = _Batched(client, "HGET", "owner")
+        # Settled jobs (succeeded, failed, cancelled) never change again until their record expires, so reads of
+        # them (pollers that keep asking, pages reloaded, the OpenAI route's last look) are answered from here.
+        self._settled: OrderedDict[str, JobRecord] = OrderedDict()
 
     async def create(
         self,
@@ -448,7 +475,7 @@ class AsyncJobStore:
             queued,
             input_image or b"",
             fingerprint,
-            "latentd:job:",
+            JOB_PREFIX,
             input_mask or b"",
         ]
         outcome = await self._enqueue(keys=keys, args=args + _record_args(record))
@@ -470,16 +497,27 @@ class AsyncJobStore:
                     input_mask=input_mask,
                     idempotency=idempotency,
                 )
-            prior.replayed = True
-            return prior
+            return replace(prior, replayed=True)
         outcome = _s(outcome)
         if outcome != "queued":
             raise QueueFull("model" if outcome == "model_full" else "owner")
         return JobRecord.from_redis(job_id, record)
 
     async def get(self, job_id: str) -> JobRecord | None:
-        """The job (None: no such job); concurrent reads share a round trip."""
-        return JobRecord.from_redis(job_id, await self._hgetall(job_key(job_id)))
+        """The job (None: no such job); concurrent reads share a round trip, and a settled job is read once per
+        process: it stays in memory (the SETTLED_CACHE most recently read) until its record would expire."""
+        job = self._settled.get(job_id)
+        if job is not None:
+            if time.time() < job.created_at + self.ttl_s:  # every write re-arms the TTL: never sooner than this
+                self._settled.move_to_end(job_id)
+                return job
+            del self._settled[job_id]
+        job = await self._record(job_key(job_id))
+        if job is not None and job.terminal:
+            self._settled[job_id] = job
+            if len(self._settled) > SETTLED_CACHE:
+                self._settled.popitem(last=False)
+        return job
 
     async def owner(self, job_id: str) -> str | None:
         """The key hash that owns the job (None: no such job); concurrent reads share a round trip."""
@@ -573,7 +611,7 @@ class JobStore:
     def take(self, model: str, lease_s: float, worker: str) -> tuple[str, int] | None:
         """The next job of `model` in fair order, claimed for `worker` with a lease: (job id, attempt)."""
         keys = [turns_key(model), clock_key(model), leases_key(model)]
-        taken = self._take(keys=keys, args=[f"latentd:queue:{model}:", "latentd:job:", lease_s, worker])
+        taken = self._take(keys=keys, args=[f"latentd:queue:{model}:", JOB_PREFIX, lease_s, worker])
         return (_s(taken[0]), int(taken[1])) if taken else None
 
     def renew(self, model: str, held: list[tuple[str, int]], lease_s: float) -> list[str]:

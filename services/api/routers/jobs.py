@@ -30,7 +30,7 @@ async def get_job(job_id: str, request: Request) -> Response:
     way out (the JSON is the record's own view; `Job` documents it)."""
     core: Core = request.app.state.core
     job = await core.job(core.authenticate(request.headers.get("authorization")), job_id)
-    return Response(json.dumps(job.view(), separators=(",", ":")).encode(), media_type="application/json")
+    return Response(job.view_json, media_type="application/json")
 
 
 @router.post("/{job_id}/cancel", response_model=Job)

@@ -1,0 +1,92 @@
+"""The gateway's job reads against a redis-server of its own: readers of one job in the same loop turn share one
+HGETALL, a live job is read from Redis every time, a settled one once per process until its record could
+expire. Redis's own command counts (INFO commandstats) say how many reads reached it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from scripts import run_stack
+from services.common.jobstore import AsyncJobStore, job_key, new_record
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(scope="module")
+def url():
+    proc, url = run_stack.start_redis()
+    yield url
+    run_stack.stop([proc])
+
+
+def put(client: redis.Redis, job_id: str, status: str, created_at: float | None = None) -> None:
+    record = new_record(job_id, kind="generation", model="m", owner="k", params={}, now=created_at or time.time())
+    client.hset(job_key(job_id), mapping=record | {"status": status})
+
+
+def hgetalls(client: redis.Redis) -> int:
+    return int(client.info("commandstats").get("cmdstat_hgetall", {}).get("calls", 0))
+
+
+def reads(url: str, body, ttl_s: int = 3600):
+    async def main():
+        store = AsyncJobStore(aioredis.Redis.from_url(url), ttl_s=ttl_s)
+        try:
+            return await body(store)
+        finally:
+            await store.redis.aclose()
+
+    return asyncio.run(main())
+
+
+def test_readers_of_one_job_in_the_same_turn_share_one_hgetall(url):
+    client = redis.Redis.from_url(url)
+    put(client, "one", "running")
+    put(client, "two", "queued")
+    before = hgetalls(client)
+
+    async def body(store):
+        return await asyncio.gather(*[store.get("one") for _ in range(50)], store.get("two"), store.get("gone"))
+
+    *ones, two, gone = reads(url, body)
+    assert hgetalls(client) - before == 3  # one per distinct key, not one per reader
+    assert {job.status for job in ones} == {"running"} and all(job.id == "one" for job in ones)
+    assert two.status == "queued" and gone is None
+
+
+def test_a_live_job_is_read_from_redis_every_time(url):
+    client = redis.Redis.from_url(url)
+    put(client, "live", "queued")
+
+    async def body(store):
+        first = await store.get("live")
+        client.hset(job_key("live"), "status", "running")
+        return first, await store.get("live")
+
+    first, second = reads(url, body)
+    assert (first.status, second.status) == ("queued", "running")
+
+
+def test_a_settled_job_is_read_once_then_kept_until_its_record_could_expire(url):
+    client = redis.Redis.from_url(url)
+    put(client, "done", "succeeded")
+    put(client, "old", "succeeded", created_at=time.time() - 10)
+
+    async def body(store):
+        first = await store.get("done")
+        before = hgetalls(client)
+        again = [await store.get("done") for _ in range(5)]
+        kept = hgetalls(client) - before
+        await store.get("old")
+        client.delete(job_key("old"))  # its TTL (5 s from creation) is over: it is not served from memory
+        return first, again, kept, await store.get("old")
+
+    first, again, kept, old = reads(url, body, ttl_s=5)
+    assert first.status == "succeeded" and all(job is first for job in again)
+    assert kept == 0
+    assert old is None
