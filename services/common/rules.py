@@ -170,10 +170,10 @@ def check_steps(limits: ModelLimits, steps: int, sampler: str | None = None) -> 
     return steps
 
 
-def check_every(field: str, value: int, steps: int, low: int = 0) -> int:
-    """preview_every, trajectory_every: 0 (or `low`) .. the job's step count."""
+def check_every(field: str, value: int, steps: int, low: int = 0, steps_are: str = "num_inference_steps") -> int:
+    """preview_every, trajectory_every: 0 (or `low`) .. the job's step count (`steps_are` names it)."""
     if isinstance(value, int) and not isinstance(value, bool) and value > steps and value <= MAX_STEPS:
-        raise InvalidInput(f"{field} must be between {low} and num_inference_steps ({steps}), got {value}", field)
+        raise InvalidInput(f"{field} must be between {low} and {steps_are} ({steps}), got {value}", field)
     return between(field, value, low, steps, integer=True)
 
 
@@ -345,8 +345,9 @@ def check_generation(
         height=height,
         num_inference_steps=steps,
     )
-    check_every("preview_every", preview_every, steps_run(steps, strength))
-    check_every("trajectory_every", trajectory_every, steps_run(steps, strength))
+    runs = "num_inference_steps" if strength is None else "the steps it runs, int(num_inference_steps x strength)"
+    check_every("preview_every", preview_every, steps_run(steps, strength), steps_are=runs)
+    check_every("trajectory_every", trajectory_every, steps_run(steps, strength), steps_are=runs)
     size = check_size(limits, width, height)
     check_prompt(limits, "prompt", prompt)
     check_prompt(limits, "negative_prompt", negative_prompt)

@@ -107,7 +107,7 @@ def decode_image(data: str | bytes, param: str = "image", formats: tuple[str, ..
             if image.format not in formats:
                 raise ValueError(f"format {image.format}")
             image.verify()
-    except (binascii.Error, ValueError, OSError) as error:
+    except (binascii.Error, ValueError, OSError, Image.DecompressionBombError) as error:
         raise InvalidInput(f"{param} must be a base64-encoded PNG or JPEG picture ({error})", param) from None
     return data
 
@@ -370,7 +370,8 @@ class Core:
         resolved = self._resolve(model, generation | {"prompt": body.prompt or ""} | _sizes(start, mask))
         if kind == "reverse":
             runs = rules.steps_run(resolved["num_inference_steps"], resolved["strength"])
-            rules.check_every("trajectory_every", body.trajectory_every, runs, low=1)
+            label = "num_inference_steps" if resolved["strength"] is None else "the steps it runs"
+            rules.check_every("trajectory_every", body.trajectory_every, runs, low=1, steps_are=label)
         params = _params(
             body.model_dump(exclude={"image", "mask"})
             | resolved
@@ -417,8 +418,10 @@ class Core:
         idempotency = self.idempotency(f"openai_edit:{pictures}", body, idempotency_key)
         image = decode_image(image, "image")
         mask = decode_image(mask, "mask") if mask is not None else None
-        image, mask = openai_edit_pictures(image, mask)
         size = picture_size(image, "image")
+        sizes = [size] + ([picture_size(mask, "mask")] if mask is not None else [])
+        if max(max(s) for s in sizes) <= rules.MAX_SIDE:  # larger: refused by the size rules, never decoded
+            image, mask = openai_edit_pictures(image, mask)
         if body.size and body.size != f"{size[0]}x{size[1]}":
             raise InvalidInput(
                 f"size must be the image's size ({size[0]}x{size[1]}) or left out, got {body.size!r}", "size"

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import base64
 import io
+import struct
+import zlib
 
 import httpx
 import numpy as np
@@ -39,6 +41,14 @@ def left_half_mask(size: int = 64) -> Image.Image:
     array = np.zeros((size, size), np.uint8)
     array[:, : size // 2] = 255
     return Image.fromarray(array)
+
+
+def claimed_size_png(width: int, height: int) -> str:
+    """A small PNG whose header claims another size (a decompression bomb's shape), base64."""
+    data = bytearray(png(Image.new("L", (8, 8))))
+    struct.pack_into(">II", data, 16, width, height)  # IHDR's width and height
+    struct.pack_into(">I", data, 29, zlib.crc32(bytes(data[12:29])))  # and its CRC
+    return base64.b64encode(bytes(data)).decode()
 
 
 def fetch(stack, url: str) -> Image.Image:
@@ -142,6 +152,8 @@ def test_a_reverse_trajectory_from_a_picture_starts_at_its_noised_start(real_sta
         ({"image": b64(scene()), "strength": 1.5}, "strength", "between 0 and 1"),
         ({"image": b64(scene()), "strength": 0.05, "num_inference_steps": 10}, "strength", "at least one"),
         ({"image": {"job_id": "no-such-job"}}, "image.job_id", "no job"),
+        ({"image": claimed_size_png(60000, 60000)}, "image", "decompression bomb"),
+        ({"image": claimed_size_png(5000, 5000)}, "image", "image is 5000x5000"),
     ],
 )
 def test_bad_pictures_get_a_422_naming_the_field(real_stack, fields, param, words):

@@ -203,6 +203,11 @@ def test_steps_count_what_runs_and_trajectory_starts_noised(make_engine, tiny_mo
         (dict(image=picture(), strength=1.5), "strength", "strength must be between 0 and 1"),
         (dict(image=picture(), strength=0.05), "strength", "strength must leave at least one"),
         (dict(image="not a picture"), "image", "image must be a picture"),
+        (
+            dict(image=picture(), strength=0.3, preview_every=4),
+            "preview_every",
+            "preview_every must be between 0 and the steps it runs, int(num_inference_steps x strength) (3)",
+        ),
     ],
 )
 def test_bad_image_input_is_named(make_engine, overrides, field, message):
