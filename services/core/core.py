@@ -335,6 +335,11 @@ class Core:
             return None
         if isinstance(value, JobImage):
             try:
+                source = await self.job(owner, value.job_id)
+                if source.status != "succeeded":
+                    raise NotFound(
+                        f"job {value.job_id} is {source.status}; its images can be used once it has succeeded"
+                    )
                 data, _ = await self.artifact(owner, value.job_id, "image", value.index)
             except NotFound as error:
                 raise InvalidInput(f"{param}: {error.message}", f"{param}.job_id") from None

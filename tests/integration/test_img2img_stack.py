@@ -96,6 +96,11 @@ def test_image_to_image_from_an_upload_and_from_an_earlier_job(real_stack):
         timeout=30,
     )
     assert response.status_code == 422 and response.json()["error"]["param"] == "image.job_id"
+    # a job that has not finished has no image to start from yet
+    running = submit(real_stack, {"prompt": "a red circle", "num_inference_steps": 50, "num_images": 4})
+    error = refused(real_stack, body | {"image": {"job_id": running["id"]}})
+    assert error["param"] == "image.job_id" and "its images can be used once it has succeeded" in error["message"]
+    httpx.post(f"{real_stack.url}/v1/jobs/{running['id']}/cancel", headers=real_stack.headers(), timeout=10)
 
 
 def test_inpainting_keeps_what_the_mask_keeps(real_stack):
