@@ -167,11 +167,12 @@ class LoadedModel:
     @torch.no_grad()
     def sample_latents(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Pixels in [-1, 1] (B, 3, H, W) -> the backbone's latents from a sample of the VAE's posterior,
-        z = μ + σ·ξ with ξ drawn from `generator` (on the CPU, in the VAE's dtype), scaled as the family's
-        pipeline does: the image-to-image and inpainting pipelines' retrieve_latents(..., generator)."""
+        z = μ + σ·ξ with ξ drawn from `generator` on the CPU in the model dtype (the pipelines' VAE runs in it;
+        latentd's in float32), scaled as the family's pipeline does: the image-to-image and inpainting
+        pipelines' retrieve_latents(..., generator)."""
         posterior = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
-        xi = torch.randn(posterior.mean.shape, generator=generator, dtype=posterior.parameters.dtype)
-        return self.scaling.from_vae(posterior.mean + posterior.std * xi.to(self.device))
+        xi = torch.randn(posterior.mean.shape, generator=generator, dtype=self.dtype).to(self.device)
+        return self.scaling.from_vae(posterior.mean + posterior.std * xi.to(posterior.mean.dtype))
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
