@@ -74,7 +74,7 @@ def start(
     pixels = pixels_of(image) if image is not None else torch.zeros((1, 3, latent_shape[1] * f, latent_shape[2] * f))
     full_strength = strength is None or strength == 1.0
     x0 = None
-    if (mask is not None and not inpaint_unet) or not (mask is not None or inpaint_unet) or not full_strength:
+    if not inpaint_unet or not full_strength:  # a 9-channel UNet's pipeline skips the picture at strength 1
         x0 = model.sample_latents(pixels, generator).float().expand(*shape).contiguous()  # (n, C, h, w)
     noise = _noise(model, shape, generator)
     if mask is None and not inpaint_unet:  # image to image: always noised to the start (even at strength 1)
