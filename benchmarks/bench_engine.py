@@ -1,11 +1,22 @@
-"""Engine benchmark: diffusers' pipeline vs the engine one at a time vs the engine with 16 in flight.
+"""Engine benchmark: diffusers' pipeline against the engine, in one process on one device, one JSON line.
 
-All three arms run the same request list (mixed step counts 20-50 and guidance 1 / 3 / 7.5) on the
-same model in one process, and the script prints images/s per arm and the ratios as one JSON line.
+The CPU comparison (`make bench-engine`): A = diffusers' pipeline once per request, B = the engine one at a
+time, C = the engine with 16 in flight, all on the same request list (mixed step counts 20-50 and guidance
+1 / 3 / 7.5), the engine configured as a worker on this device configures it (settings' defaults).
+
+The GPU arms (`--sd15`, issue 16; `--tiny` runs the same arms on the tiny model on the CPU in seconds):
+  (a) diffusers' pipeline with its UNet compiled, one request at a time, on the mixed list;
+  (b) the same compiled pipeline called once with a static batch of 16 identical prompts, 50 guided steps;
+  (c) the engine with those 16 identical requests in flight;
+  (d) the engine with the mixed list, 16 and 32 requests in flight;
+  (e) the bare compiled UNet at 32 rows (16 guided images per call): the bound;
+  and the engine one request at a time on the mixed list (against (a)), the engine's and the pipeline's
+  compile warm-up, and the VAE decode's share of (c). Each arm prints a line as it ends (`# arm ...`).
 
     python -m benchmarks.bench_engine                 # models/shapes-ldm if present, else a tiny model
     python -m benchmarks.bench_engine --model PATH
     python -m benchmarks.bench_engine --sd15          # SD-1.5-sized random weights, 512x512 fp16 (CUDA)
+    python -m benchmarks.bench_engine --tiny          # the --sd15 arms on the tiny model (CPU, compile off)
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from services.worker.engine.compiled import SpeedOptions, parse_buckets, resolve_compile_mode, warmup_inputs
 from services.worker.engine.engine import Engine
 from services.worker.engine.requests import GenerationRequest
 from services.worker.loading import load_model
@@ -151,35 +163,162 @@ def build_sd15(folder: Path) -> Path:
     return folder
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--model", type=Path, default=None, help="diffusers folder (default: models/shapes-ldm or tiny)"
+def arm_static_batch(pipe, prompt: str, seeds: list[int], steps: int, device: str) -> float:
+    """(b): one pipeline call with len(seeds) identical prompts, guided (7.5), each image its own generator."""
+    sync(device)
+    started = time.perf_counter()
+    pipe(
+        [prompt] * len(seeds),
+        num_inference_steps=steps,
+        guidance_scale=7.5,
+        generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
     )
-    parser.add_argument("--sd15", action="store_true", help="SD-1.5-sized random UNet at 512x512 fp16 on CUDA")
-    parser.add_argument("--requests", type=int, default=16)
-    parser.add_argument("--max-steps", type=int, default=50, help="cap on the 20-50 step counts (quick runs)")
-    parser.add_argument("--max-batch-rows", type=int, default=64)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    sync(device)
+    return time.perf_counter() - started
 
+
+def time_calls(fn, device: str, repeats: int) -> float:
+    """Seconds per call of fn(), after one untimed call."""
+    fn()
+    sync(device)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync(device)
+    return (time.perf_counter() - started) / repeats
+
+
+def report(name: str, value) -> None:
+    print(f"# arm {name}: {value}", flush=True)
+
+
+def run_arms(args, model_path: Path, label: str, dtype: torch.dtype) -> dict:
+    """The issue-16 arms (a)-(e) on one model, in one process; images/s per arm and the ratios."""
     from diffusers import StableDiffusionPipeline
 
-    tmp = tempfile.TemporaryDirectory()
-    dtype = torch.float32 if args.device == "cpu" else torch.float16
-    if args.sd15:
-        if not args.device.startswith("cuda"):
-            parser.error("--sd15 needs a CUDA device (512x512 fp16)")
-        model_path = build_sd15(Path(tmp.name) / "sd15-random")
-    elif args.model is not None:
-        model_path = args.model
-    elif (DEFAULT_MODEL / "model_index.json").is_file():
-        model_path = DEFAULT_MODEL
-    else:
-        from tests.fixtures.tiny_model import build_tiny_model
+    device = args.device
+    cuda = device.startswith("cuda")
+    compile_mode = resolve_compile_mode(args.compile, device)
+    steps = args.static_steps
+    static = args.static_batch
+    model = load_model(model_path, device=device, dtype=dtype)
+    speed = SpeedOptions(
+        buckets=parse_buckets(args.buckets) if compile_mode is not None else (),
+        compile_mode=compile_mode,
+        compile_dynamic=not args.static_graphs,
+        channels_last=cuda and compile_mode is not None,
+        finite_check_every=8 if cuda else 1,
+        output_thread=True,
+    )
+    engine = Engine(model, max_batch_rows=args.max_batch_rows, **speed.engine_kwargs()).start()
+    warm = engine.warm_up()
+    report("engine warm-up", warm)
 
-        model_path = build_tiny_model(Path(tmp.name) / "tiny-sd")
+    pipe = StableDiffusionPipeline.from_pretrained(
+        model_path, dtype=dtype, safety_checker=None, requires_safety_checker=False, use_safetensors=True
+    ).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    if compile_mode is not None:
+        if cuda:
+            pipe.unet.to(memory_format=torch.channels_last)
+        pipe.unet = torch.compile(pipe.unet, mode=compile_mode, dynamic=None if not args.static_graphs else False)
+    started = time.perf_counter()
+    with torch.inference_mode():  # every shape the pipeline arms use: 1 and 2 rows, and the static batch
+        for scale in (1.0, 7.5):
+            pipe(PROMPTS[0], num_inference_steps=2, guidance_scale=scale)
+        pipe([PROMPTS[0]] * static, num_inference_steps=2, guidance_scale=7.5)
+    sync(device)
+    pipe_warm_s = time.perf_counter() - started
+    report("pipeline warm-up s", round(pipe_warm_s, 1))
+    engine_warmup = [
+        GenerationRequest(request_id=f"warm-{g}", prompt=PROMPTS[0], seed=0, num_inference_steps=2, guidance_scale=g)
+        for g in (1.0, 7.5)
+    ]
+    arm_engine_sequential(engine, engine_warmup, device)
+
+    mixed = request_list(args.requests, args.seed, args.max_steps)
+    mixed32 = request_list(2 * args.requests, args.seed + 1, args.max_steps)
+    identical = [
+        GenerationRequest(
+            request_id=f"same-{i}", prompt=PROMPTS[0], seed=2000 + i, num_inference_steps=steps, guidance_scale=7.5
+        )
+        for i in range(static)
+    ]
+    images = lambda requests: sum(r.num_images for r in requests)  # noqa: E731
+    rates: dict[str, float] = {}
+    with torch.inference_mode():
+        rates["a_pipeline_compiled_one_at_a_time"] = images(mixed) / arm_pipeline(pipe, mixed, device)
+        report("a", rates["a_pipeline_compiled_one_at_a_time"])
+        rates["b_pipeline_compiled_static_batch"] = static / arm_static_batch(
+            pipe, PROMPTS[0], [2000 + i for i in range(static)], steps, device
+        )
+        report("b", rates["b_pipeline_compiled_static_batch"])
+    rates["c_engine_identical_in_flight"] = static / arm_engine_in_flight(engine, identical, device)
+    report("c", rates["c_engine_identical_in_flight"])
+    rates["d_engine_mixed_16_in_flight"] = images(mixed) / arm_engine_in_flight(engine, mixed, device)
+    report("d16", rates["d_engine_mixed_16_in_flight"])
+    rates["d_engine_mixed_32_in_flight"] = images(mixed32) / arm_engine_in_flight(engine, mixed32, device)
+    report("d32", rates["d_engine_mixed_32_in_flight"])
+    rates["engine_one_at_a_time"] = images(mixed) / arm_engine_sequential(engine, mixed, device)
+    report("engine alone", rates["engine_one_at_a_time"])
+
+    # (e) the bound: the engine's own (compiled) backbone at 2·static rows, 16 guided images per call
+    rows = 2 * static
+    unet_inputs = warmup_inputs(engine, rows)
+    generator = torch.Generator("cpu").manual_seed(0)
+    latents = torch.randn(unet_inputs[0].shape, generator=generator).to(device, dtype)
+    timesteps = torch.linspace(999, 1, rows).to(device)
+    cond = {
+        key: torch.randn(value.shape, generator=generator).to(device, value.dtype)
+        for key, value in unet_inputs[2].items()
+    }
+    shape = model.latent_shape(model.native_width, model.native_height)
+    decode_latents = torch.randn((static, *shape), generator=generator).to(device)
+    # on the engine thread, where its graphs were compiled (and CUDA graphs captured) at warm-up
+    unet_s = engine.call(
+        lambda _: time_calls(lambda: engine.backbone(latents, timesteps, cond), device, args.unet_repeats)
+    ).result()
+    decode_s = engine.call(lambda _: time_calls(lambda: engine.decoder(decode_latents), device, 2)).result()
+    rates["e_bare_unet_bound"] = static / (steps * unet_s)
+    report("e", rates["e_bare_unet_bound"])
+    engine.stop()
+
+    r = {key: round(value, 3) for key, value in rates.items()}
+    ratio = lambda x, y: round(rates[x] / rates[y], 2)  # noqa: E731
+    return {
+        "model": label,
+        "dtype": str(dtype).removeprefix("torch."),
+        "compile": compile_mode or "off",
+        "graphs": "per bucket" if args.static_graphs else "dynamic batch",
+        "buckets": list(engine.backbone.sizes),
+        "requests": len(mixed),
+        "static_batch": static,
+        "static_steps": steps,
+        "images_per_s": r,
+        "ratios": {
+            "c_over_b": ratio("c_engine_identical_in_flight", "b_pipeline_compiled_static_batch"),
+            "c_over_e": ratio("c_engine_identical_in_flight", "e_bare_unet_bound"),
+            "d16_over_a": ratio("d_engine_mixed_16_in_flight", "a_pipeline_compiled_one_at_a_time"),
+            "d32_over_a": ratio("d_engine_mixed_32_in_flight", "a_pipeline_compiled_one_at_a_time"),
+            "alone_over_a": ratio("engine_one_at_a_time", "a_pipeline_compiled_one_at_a_time"),
+        },
+        "unet_call_ms_at_rows": {str(rows): round(unet_s * 1000, 2)},
+        "vae_decode_ms_per_image": round(decode_s / static * 1000, 2),
+        "vae_decode_share_of_c": round(decode_s * rates["c_engine_identical_in_flight"] / static, 3),
+        "warm_up_s": {
+            "engine": round(warm["total_s"], 1),
+            "engine_backbone": round(warm["backbone_s"], 1),
+            "engine_decode": round(warm["decode_s"], 1),
+            "pipeline": round(pipe_warm_s, 1),
+        },
+    }
+
+
+def run_cpu_comparison(args, model_path: Path, label: str, dtype: torch.dtype) -> dict:
+    """A, B, C on one request list, the engine as a worker on this device sets it up."""
+    from diffusers import StableDiffusionPipeline
+
+    from services.common.settings import Settings
 
     model = load_model(model_path, device=args.device, dtype=dtype)
     pipe = StableDiffusionPipeline.from_pretrained(
@@ -196,7 +335,9 @@ def main() -> None:
         )
         for scale in (1.0, 7.5)
     ]
-    engine = Engine(model, max_batch_rows=args.max_batch_rows).start()
+    speed = SpeedOptions.from_settings(Settings(), args.device)
+    engine = Engine(model, max_batch_rows=args.max_batch_rows, **speed.engine_kwargs()).start()
+    engine.warm_up()
     with torch.inference_mode():
         arm_pipeline(pipe, warmup, args.device)
     arm_engine_sequential(engine, warmup, args.device)
@@ -216,33 +357,74 @@ def main() -> None:
     engine.stop()
 
     images = sum(r.num_images for r in requests)
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     a, b, c = images / time_a, images / time_b, images / time_c
-    print(
-        json.dumps(
-            {
-                "model": "sd15-random-512-fp16"
-                if args.sd15
-                else str(model_path if args.model or model_path == DEFAULT_MODEL else "tiny-sd (built from config)"),
-                "device": f"{args.device} ({device_name}, {torch.get_num_threads()} threads)",
-                "requests": len(requests),
-                "images": images,
-                "unet_steps": sum(r.num_inference_steps for r in requests),
-                "a_pipeline_sequential_images_per_s": round(a, 3),
-                "b_engine_one_at_a_time_images_per_s": round(b, 3),
-                "c_engine_16_in_flight_images_per_s": round(c, 3),
-                "b_over_a": round(b / a, 2),
-                "c_over_a": round(c / a, 2),
-                "seconds": {
-                    "a": round(time_a, 2),
-                    "b": round(time_b, 2),
-                    "c": round(time_c, 2),
-                    "c_before_ab": round(time_c_before, 2),
-                },
-            }
-        )
+    return {
+        "model": label,
+        "requests": len(requests),
+        "images": images,
+        "unet_steps": sum(r.num_inference_steps for r in requests),
+        "engine": {"compile": speed.compile_mode or "off", "output_thread": speed.output_thread},
+        "a_pipeline_sequential_images_per_s": round(a, 3),
+        "b_engine_one_at_a_time_images_per_s": round(b, 3),
+        "c_engine_16_in_flight_images_per_s": round(c, 3),
+        "b_over_a": round(b / a, 2),
+        "c_over_a": round(c / a, 2),
+        "seconds": {
+            "a": round(time_a, 2),
+            "b": round(time_b, 2),
+            "c": round(time_c, 2),
+            "c_before_ab": round(time_c_before, 2),
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--model", type=Path, default=None, help="diffusers folder (default: models/shapes-ldm or tiny)"
     )
+    parser.add_argument("--sd15", action="store_true", help="the GPU arms on an SD-1.5-sized random UNet, 512x512 fp16")
+    parser.add_argument("--tiny", action="store_true", help="the GPU arms on the tiny model (a quick CPU check)")
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--max-steps", type=int, default=50, help="cap on the 20-50 step counts (quick runs)")
+    parser.add_argument("--max-batch-rows", type=int, default=64)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    # the arms' options
+    parser.add_argument("--compile", default="auto", help="torch.compile mode for the arms (auto: CUDA only)")
+    parser.add_argument("--buckets", default="2,4,8,16,32,48,64", help="row buckets when compiled (settings' default)")
+    parser.add_argument("--static-graphs", action="store_true", help="one graph per bucket, not a dynamic batch")
+    parser.add_argument("--static-batch", type=int, default=16, help="(b), (c), (e): identical prompts")
+    parser.add_argument("--static-steps", type=int, default=50, help="(b), (c), (e): guided steps")
+    parser.add_argument("--unet-repeats", type=int, default=10, help="(e): timed UNet calls")
+    args = parser.parse_args(argv)
+
+    tmp = tempfile.TemporaryDirectory()
+    cuda = args.device.startswith("cuda")
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(
+        args.dtype, torch.float16 if cuda else torch.float32
+    )
+    if args.sd15:
+        if not cuda:
+            parser.error("--sd15 needs a CUDA device (512x512 fp16)")
+        model_path, label = build_sd15(Path(tmp.name) / "sd15-random"), f"sd15-random-512-{args.dtype or 'float16'}"
+    elif args.model is not None:
+        model_path, label = args.model, str(args.model)
+    elif (DEFAULT_MODEL / "model_index.json").is_file() and not args.tiny:
+        model_path, label = DEFAULT_MODEL, str(DEFAULT_MODEL)
+    else:
+        from tests.fixtures.tiny_model import build_tiny_model
+
+        model_path, label = build_tiny_model(Path(tmp.name) / "tiny-sd"), "tiny-sd (built from config)"
+
+    run = run_arms if args.sd15 or args.tiny else run_cpu_comparison
+    result = run(args, model_path, label, dtype)
+    device_name = torch.cuda.get_device_name() if cuda else platform.processor() or "cpu"
+    result = {"device": f"{args.device} ({device_name}, {torch.get_num_threads()} threads)", **result}
+    print(json.dumps(result), flush=True)
     tmp.cleanup()
+    return result
 
 
 if __name__ == "__main__":

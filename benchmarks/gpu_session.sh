@@ -1,36 +1,54 @@
 #!/usr/bin/env bash
-# The GPU figures in one go, for a machine with a CUDA card and PyTorch (the CPU figures come from
-# `make bench-engine` and `make eval-model`):
-#   1. tests/gpu: the engine in float16 and bfloat16 against diffusers' pipeline, against float32 on
-#      the CPU, and alone vs batched (each prints its PSNR);
-#   2. the default model's training recipe (training/train.py's defaults) on CUDA, then its
-#      evaluation: does the recipe reach the quality goal, and how long does it take on a GPU;
-#   3. benchmarks/bench_engine.py --sd15: an SD-1.5-sized UNet at 512x512 in float16.
-# Logs and the GPU-trained model (a tar) land in $OUT.
+# Issue 16's GPU check in one command, about 8 minutes on an H100 or H200 (the CPU figures come from
+# `make bench-engine`):
+#   1. bench: benchmarks/bench_engine.py --sd15, the arms (a)-(e) on an SD-1.5-sized UNet at 512x512 in float16
+#      (compiled pipeline one at a time and as a static batch of 16, the engine with 16 identical and with 16
+#      and 32 mixed requests in flight, the bare compiled UNet at 32 rows), with the compile warm-up times
+#      and the VAE decode's share; one JSON line, each arm also printed as it ends;
+#   2. tests: tests/gpu (compiled vs eager engine, batch invariance with buckets, the deferred NaN check,
+#      float16 and bfloat16 against diffusers' pipeline, SDXL/SD3/Flux in bfloat16), each printing its figure.
+# Logs land in $OUT. Stages: `all` (default), `bench`, `tests`, or `train` (the old training-recipe run).
 #
-#     OUT=/tmp/gpu bash benchmarks/gpu_session.sh [train-seconds (0 skips 2.)] [bench-requests]
+#     OUT=/tmp/gpu bash benchmarks/gpu_session.sh [all|bench|tests|train] [bench-requests]
+#
+# With the device tool: diffusers is not in the GPU image, so carry it as wheels (made here, once):
+#     bash benchmarks/gpu_wheels.sh          # -> .whl/ (ignored by git)
+#     run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=600)
 set -u
 OUT=${OUT:-/tmp/latentd-gpu}
-TRAIN_S=${1:-270}
-BENCH_REQUESTS=${2:-8}
+STAGE=${1:-all}
+BENCH_REQUESTS=${2:-16}
 mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1
+# Inductor's and Triton's caches in one place for both stages (LATENTD_COMPILE_CACHE_DIR does this for a worker)
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/latentd-inductor} TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/latentd-inductor/triton}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c 'import torch, diffusers, transformers; print("torch", torch.__version__, "diffusers", diffusers.__version__, "transformers", transformers.__version__)' | tee -a "$OUT/gpu.txt"
+started=$(date +%s)
 
-echo "== 1. CUDA tests"
-timeout 150 python3 -m pytest tests/gpu -s -q --noconftest -p no:cacheprovider 2>&1 | tee "$OUT/cuda_tests.log" | grep -E "PSNR|passed|failed|Error"
+if [ "$STAGE" = all ] || [ "$STAGE" = bench ]; then
+  echo "== 1. SD-1.5-sized arms (a)-(e) (at most 300 s)"
+  timeout 300 python3 -m benchmarks.bench_engine --sd15 --requests "$BENCH_REQUESTS" 2>&1 | grep -v "Loading weights" | tee "$OUT/bench_sd15.log" | grep -E "^# arm|^\{|Error|error"
+  echo "bench exit ${PIPESTATUS[0]} after $(( $(date +%s) - started )) s"
+fi
 
-MODEL=/tmp/shapes-ldm-gpu
-if [ "$TRAIN_S" -gt 0 ]; then
-  echo "== 2. training recipe on CUDA (at most ${TRAIN_S} s; checkpoints every 500 UNet steps)"
-  timeout "$TRAIN_S" python3 -m training.train --device cuda --out "$MODEL" --runs-dir "$OUT/runs" > "$OUT/train.log" 2>&1
+if [ "$STAGE" = all ] || [ "$STAGE" = tests ]; then
+  echo "== 2. CUDA tests (at most 200 s)"
+  timeout 200 python3 -m pytest tests/gpu -s -q --noconftest -p no:cacheprovider 2>&1 | tee "$OUT/cuda_tests.log" | grep -E "PSNR|levels|warm in|passed|failed|Error"
+  echo "tests done after $(( $(date +%s) - started )) s"
+fi
+
+if [ "$STAGE" = train ]; then
+  MODEL=/tmp/shapes-ldm-gpu
+  echo "== training recipe on CUDA (at most 270 s), then its evaluation"
+  timeout 270 python3 -m training.train --device cuda --out "$MODEL" --runs-dir "$OUT/runs" > "$OUT/train.log" 2>&1
   echo "train exit $?"; tail -n 2 "$OUT/runs/vae.log" "$OUT/runs/unet.log" 2>/dev/null
   if [ -f "$MODEL/model_index.json" ]; then
     timeout 120 python3 -m training.evaluate --device cuda --model "$MODEL" --captions full --no-docs 2>&1 | grep -v "Loading weights" | tee "$OUT/eval.log"
     tar -C /tmp -cf "$OUT/shapes-ldm-gpu.tar" shapes-ldm-gpu
   fi
 fi
-
-echo "== 3. SD-1.5-sized engine benchmark"
-timeout 200 python3 -m benchmarks.bench_engine --sd15 --requests "$BENCH_REQUESTS" 2>&1 | grep -v "Loading weights" | tail -n 3 | tee "$OUT/bench_sd15.log"

@@ -26,8 +26,9 @@ COPY proto/ proto/
 # The default model; mount another folder at /app/models to serve others.
 COPY models/ models/
 
+# /app/.cache/compile: torch.compile's caches (LATENTD_COMPILE_CACHE_DIR), a volume in docker-compose.yml
 RUN useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin latentd \
-    && chown -R latentd /app
+    && mkdir -p /app/.cache/compile && chown -R latentd /app
 USER 10001
 
 # 9465 Prometheus metrics (not public).

@@ -50,6 +50,30 @@ class Settings(BaseSettings):
     # (float16 for SD and SDXL, bfloat16 for SD3 and Flux, whose activations overflow float16); CPU is float32
     worker_dtype: str = ""
     max_batch_rows: int = 64
+    # The GPU path (services/worker/engine/compiled.py, docs/engine.md "Speed on a GPU").
+    # Row-count buckets: a backbone call's rows are padded up to the next bucket (padding rows are copies of a
+    # real row, dropped after the call), so a compiled backbone sees these few batch shapes and no others;
+    # buckets above max_batch_rows are dropped and max_batch_rows is always one. "" or "off": no padding.
+    # No 1: under a dynamic batch dimension one row specialises into a graph (a compile) of its own, for the
+    # only call with one row: a lone one-image request at guidance 0 or 1 (padded to 2 instead).
+    batch_buckets: str = "2,4,8,16,32,48,64"
+    # torch.compile of the backbone and the VAE decoder: "auto" (on for CUDA with mode "default", off on the
+    # CPU), "off", or a torch.compile mode ("default", "reduce-overhead" (CUDA graphs per bucket),
+    # "max-autotune", "max-autotune-no-cudagraphs"). Every bucket is compiled at load, before the worker serves.
+    compile_mode: str = "auto"
+    # one graph with a dynamic batch dimension (then one per bucket is only CUDA graphs or nothing) rather
+    # than one graph per bucket: minutes less warm-up per bucket on an SD-sized UNet
+    compile_dynamic: bool = True
+    # torch's compile caches (Inductor's FX graph and kernel caches, Triton's) on disk between worker starts;
+    # "" leaves torch's default (a folder under /tmp, lost with the container)
+    compile_cache_dir: str = ""
+    # channels_last memory format for the backbone and the VAE on CUDA when compiled (eager it was slower)
+    channels_last: bool = True
+    # the engine checks its latents for NaN/inf every this many iterations on CUDA (each check waits for the
+    # GPU once; a non-finite row still fails, naming the step it went bad); every iteration on the CPU
+    finite_check_every: int = 8
+    # step events, Redis writes, image hand-off and results on a thread of their own, off the engine thread
+    output_thread: bool = True
     # the broker's redelivery of an unacknowledged task: only a backstop, leases requeue lost jobs first
     visibility_timeout_s: int = 3600
     lease_s: float = 15.0  # a lost worker's jobs are requeued within lease_s + reap_interval_s

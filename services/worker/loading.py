@@ -42,7 +42,17 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 DEFAULTS_FILE = "latentd.json"  # the model's recommended request defaults, read by latentd only
 DEFAULTS_KEYS = ("default_sampler", "default_guidance_rescale", "default_guidance_scale", "default_num_inference_steps")
 
-__all__ = ["LoadedModel", "ModelLoadError", "load_model", "to_pil"]
+__all__ = ["LoadedModel", "ModelLoadError", "load_model", "resolve_dtype", "to_pil"]
+
+
+def resolve_dtype(name: str) -> torch.dtype | None:
+    """LATENTD_WORKER_DTYPE -> the backbone's dtype: float16, bfloat16 or float32; "" -> None (the family's own on
+    CUDA, float32 on the CPU). ValueError naming the choices otherwise."""
+    if not name:
+        return None
+    if name not in DTYPES:
+        raise ValueError(f"LATENTD_WORKER_DTYPE must be one of {', '.join(DTYPES)} or empty, got {name!r}")
+    return DTYPES[name]
 
 
 @dataclass

@@ -68,6 +68,12 @@ job_failures_total = Counter(
     ["model", "error_type"],
 )
 cancellations_total = Counter("latentd_cancellations_total", "Jobs cancelled while queued or running.", ["model"])
+warmup_seconds = Gauge(
+    "latentd_warmup_seconds",
+    "Time the model's engine took at load to run (and compile, where compile is on) every row bucket of the "
+    "backbone and every image bucket of the VAE decoder, before the worker served it.",
+    ["model"],
+)
 engine_active_requests = Gauge("latentd_engine_active_requests", "Requests in the engine's batch now.", ["model"])
 
 
@@ -88,6 +94,10 @@ def observe_unet_call(model: str, rows: int, seconds: float) -> None:
 
 def observe_vae_decode(model: str, seconds: float) -> None:
     vae_decode_seconds.labels(model=model).observe(seconds)
+
+
+def observe_warmup(model: str, seconds: float) -> None:
+    warmup_seconds.labels(model=model).set(seconds)
 
 
 def record_steps(model: str, count: int = 1) -> None:

@@ -20,10 +20,11 @@ from services.common.jobstore import JobStore, StepWrite, frame_blob_name, image
 from services.common.models import ModelInfo
 from services.common.settings import Settings
 from services.worker import metrics as worker_metrics
+from services.worker.engine.compiled import SpeedOptions
 from services.worker.engine.engine import Engine, RequestHandle
 from services.worker.engine.requests import StepEvent, TrajectoryFrame
 from services.worker.heartbeat import worker_id
-from services.worker.loading import DTYPES, LoadedModel, load_model
+from services.worker.loading import LoadedModel, load_model, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -166,13 +167,17 @@ class Runtime:
 
     def load(self, paths: list[str]) -> None:
         for path in paths:
-            if self.settings.worker_dtype and self.settings.worker_dtype not in DTYPES:
-                raise ValueError(f"LATENTD_WORKER_DTYPE must be one of {', '.join(DTYPES)} or empty")
-            dtype = DTYPES[self.settings.worker_dtype] if self.settings.worker_dtype else None
+            dtype = resolve_dtype(self.settings.worker_dtype)
             model = load_model(path, device=self.settings.worker_device, dtype=dtype)
+            speed = SpeedOptions.from_settings(self.settings, model.device)
             engine = Engine(
-                model, max_batch_rows=self.settings.max_batch_rows, on_step_events=StepEventWriter(self.store, self)
-            ).start()
+                model,
+                max_batch_rows=self.settings.max_batch_rows,
+                on_step_events=StepEventWriter(self.store, self),
+                **speed.engine_kwargs(),
+            )
+            engine.start()
+            engine.warm_up()  # every bucket compiled before the model is published (before any job is taken)
             self.engines[model.name] = engine
             worker_metrics.track_engine(model.name, lambda engine=engine: engine.active_requests)
             worker_metrics.track_gpu_memory(model.name, model.device)

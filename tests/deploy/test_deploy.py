@@ -223,6 +223,7 @@ def _defined_metric_names() -> set[str]:
     from prometheus_client import REGISTRY, generate_latest
 
     import services.api.metrics as api_metrics
+    import services.core.metrics  # noqa: F401 - registers the counters both doors share
     import services.worker.metrics as worker_metrics
 
     names = set()

@@ -262,6 +262,7 @@ def test_every_metric_moves_after_real_jobs(stack):
         "latentd_job_failures": "counter",
         "latentd_cancellations": "counter",
         "latentd_engine_active_requests": "gauge",
+        "latentd_warmup_seconds": "gauge",
         "latentd_gpu_memory_bytes": "gauge",
         "process_resident_memory_bytes": "gauge",
     }
@@ -296,6 +297,7 @@ def test_every_metric_moves_after_real_jobs(stack):
     assert moved(worker0, worker1, "latentd_job_failures", "_total", model=MODEL, error_type=error_type) == 1
     assert moved(worker0, worker1, "latentd_cancellations", "_total", model=MODEL) == 1
     assert value(worker1, "latentd_engine_active_requests", model=MODEL) == 0
+    assert value(worker1, "latentd_warmup_seconds", model=MODEL) > 0  # the model ran once at load, before serving
     assert moved(worker0, worker1, "process_cpu_seconds", "_total") > 0
     # GPU memory is reported on CUDA only; on this CPU worker the family exists without samples.
     assert all(s.labels["kind"] in ("allocated", "reserved") for s in worker1["latentd_gpu_memory_bytes"].samples)

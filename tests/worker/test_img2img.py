@@ -216,6 +216,17 @@ def test_bad_image_input_is_named(make_engine, overrides, field, message):
     assert error.value.field == field and message in str(error.value)
 
 
+def test_a_nine_channel_model_warms_up_with_its_extra_channels(inpaint_model):
+    """The worker warms every engine up before serving (compiled.warm_up): the backbone call gets the mask and
+    masked-latents channels a 9-channel UNet needs."""
+    engine = Engine(inpaint_model, buckets=(1, 2))
+    try:
+        seconds = engine.warm_up(timeout=120)
+        assert seconds["backbone_s"] > 0
+    finally:
+        engine.stop()
+
+
 def test_params_are_listed_where_read(make_engine, tiny_model, inpaint_model):
     """The SD family reads image, strength and mask (GET /v1/models `params`); the start step is
     get_timesteps' arithmetic."""

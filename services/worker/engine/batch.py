@@ -21,6 +21,7 @@ from services.worker.diffusion.guidance import classifier_free_guidance, rescale
 from services.worker.diffusion.samplers import Sampler, SamplerState
 from services.worker.engine.requests import GenerationRequest, TrajectoryFrame
 from services.worker.families import Conditioning, Rows
+from services.worker.transfer import to_device  # a per-row tensor built on the host, sent without waiting
 
 
 @dataclass
@@ -123,15 +124,6 @@ class UNetBatch:
     @property
     def num_rows(self) -> int:
         return self.latents.shape[0]
-
-
-def to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small per-row tensor built on the host, sent to `device` without waiting for the GPU: a copy
-    from pageable memory waits for every kernel queued before it, which would leave the GPU idle
-    while the engine thread prepares the next step."""
-    if device.type != "cuda":
-        return values.to(device)
-    return values.pin_memory().to(device, non_blocking=True)
 
 
 def build_unet_batch(members: list[ActiveRequest], dtype: torch.dtype) -> UNetBatch:

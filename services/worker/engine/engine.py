@@ -31,7 +31,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 import torch
@@ -43,8 +43,9 @@ from services.common.errors import InvalidInput
 from services.worker import metrics as worker_metrics
 from services.worker.diffusion.img2img import blend_rows
 from services.worker.diffusion.samplers import Plan, Sampler, SamplerState, build_samplers, unsupported_samplers
-from services.worker.engine import sources
+from services.worker.engine import compiled, sources
 from services.worker.engine.batch import ActiveRequest, UNetBatch, build_unet_batch, guided_outputs, to_device
+from services.worker.engine.compiled import Backbone, Decoder
 from services.worker.engine.errors import (
     EngineError,
     EngineStopped,
@@ -52,6 +53,8 @@ from services.worker.engine.errors import (
     NonFiniteOutputError,
     RequestCancelled,
 )
+from services.worker.engine.finite import FiniteWatch
+from services.worker.engine.output import OutputQueue
 from services.worker.engine.requests import GenerationRequest, GenerationResult, StepEvent, TrajectoryFrame
 from services.worker.loading import LoadedModel, to_pil
 
@@ -133,6 +136,10 @@ class UNetTimer:
             self.end_event.record()
         self.ended = time.monotonic()
 
+    def done(self) -> bool:
+        """Whether seconds() can be read without waiting for the GPU."""
+        return not self.cuda or self.end_event.query()
+
     def seconds(self) -> float:
         if self.cuda:
             self.end_event.synchronize()
@@ -147,12 +154,30 @@ class Engine:
         *,
         max_batch_rows: int = 64,
         on_step_events: Callable[[list[StepEvent]], None] | None = None,
+        buckets: Sequence[int] = (),
+        compile_mode: str | None = None,
+        compile_dynamic: bool = True,
+        channels_last: bool = False,
+        finite_check_every: int = 1,
+        output_thread: bool = False,
     ):
+        """buckets: pad each backbone call's rows up to the next of these (compiled.py); compile_mode: a
+        torch.compile mode for the backbone and the VAE decoder (None: eager); finite_check_every: read the
+        non-finite flags every this many iterations (finite.py); output_thread: step events, decoded pictures
+        and results handed over on a thread of their own (output.py). SpeedOptions.from_settings picks them."""
         if max_batch_rows < 1:
             raise ValueError(f"max_batch_rows must be at least 1, got {max_batch_rows}")
         self.model = model
         self.max_batch_rows = max_batch_rows
         self.on_step_events = on_step_events
+        if channels_last:
+            compiled.to_channels_last(model)
+        self.backbone = Backbone(model, compiled.bucket_sizes(buckets, max_batch_rows), compile_mode, compile_dynamic)
+        self.decoder = Decoder(model, compiled.decode_sizes(buckets, DECODE_CHUNK), compile_mode, compile_dynamic)
+        self._finite = FiniteWatch(finite_check_every)
+        self._output = OutputQueue(f"engine-output-{model.name}", threaded=output_thread)
+        self._timers: deque[tuple[UNetTimer, int, list[ActiveRequest]]] = deque()
+        self.warmup_seconds: dict[str, float] = {}
         self._lock = threading.Condition()
         self._waiting: deque[ActiveRequest] = deque()
         self._calls: deque[tuple[Callable[[LoadedModel], object], concurrent.futures.Future]] = deque()
@@ -175,9 +200,21 @@ class Engine:
 
     def start(self) -> Engine:
         if self._thread is None:
+            self._output.start()
             self._thread = threading.Thread(target=self._run, name=f"engine-{self.model.name}", daemon=True)
             self._thread.start()
         return self
+
+    def warm_up(self, timeout: float | None = None) -> dict[str, float]:
+        """Every row bucket through the backbone and every image bucket through the VAE decoder (compiling them
+        where compile is on), before the engine serves. On the engine thread once started (CUDA graphs, under
+        "reduce-overhead", belong to the thread that captured them). Seconds per part."""
+        if self._thread is not None:
+            self.warmup_seconds = self.call(lambda model: compiled.warm_up(self)).result(timeout)
+        else:
+            self.warmup_seconds = compiled.warm_up(self)
+        worker_metrics.observe_warmup(self.model.name, self.warmup_seconds["total_s"])
+        return self.warmup_seconds
 
     def stop(self, timeout: float | None = 30.0) -> None:
         with self._lock:
@@ -185,6 +222,7 @@ class Engine:
             self._lock.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+        self._output.close(timeout)
         self._fail_all(EngineStopped("the engine was stopped before the request finished"))
 
     @property
@@ -351,22 +389,32 @@ class Engine:
         timer = UNetTimer(self.model.device)
         model_output = self._execute(batch)
         timer.stop()
-        events = self._update(batch, model_output)  # waits for the GPU once (the finiteness check)
-        self.last_unet_s = timer.seconds()
+        self._timers.append((timer, batch.num_rows, members))
+        events = self._update(batch, model_output)  # reads the GPU only when the finiteness check is due
         self.last_batch_rows = batch.num_rows
-        worker_metrics.observe_unet_call(self.model.name, batch.num_rows, self.last_unet_s)
-        for member in members:
-            member.unet_s += self.last_unet_s
+        self._read_timers()
         worker_metrics.record_steps(self.model.name, len(events))
         if events:
             if self.on_step_events is not None:
-                try:
-                    self.on_step_events(events)
-                except Exception:
-                    log.exception("on_step_events failed")
+                self._output.submit(self._write_events, events)
             for member, event in events_by_member(members, events):
                 member.handle._emit(event)
-        self._finish([m for m in members if m.finished and not m.handle.done()])
+        self._finish([m for m in members if m.finished and m in self._active])
+
+    def _read_timers(self) -> None:
+        """UNet call times whose end the GPU has passed (all of them after a finiteness check), without waiting."""
+        while self._timers and self._timers[0][0].done():
+            timer, rows, members = self._timers.popleft()
+            self.last_unet_s = timer.seconds()
+            worker_metrics.observe_unet_call(self.model.name, rows, self.last_unet_s)
+            for member in members:
+                member.unet_s += self.last_unet_s
+
+    def _write_events(self, events: list[StepEvent]) -> None:
+        try:
+            self.on_step_events(events)
+        except Exception:
+            log.exception("on_step_events failed")
 
     def _admit(self) -> None:
         with self._lock:
@@ -466,7 +514,7 @@ class Engine:
         for start in range(0, batch.num_rows, self.max_batch_rows):
             rows = slice(start, start + self.max_batch_rows)
             cond = {key: value[rows] for key, value in batch.cond.items()}
-            outputs.append(self.model.forward(batch.latents[rows], batch.timesteps[rows], cond))
+            outputs.append(self.backbone(batch.latents[rows], batch.timesteps[rows], cond))
         return torch.cat(outputs).float()  # (R, C, h, w)
 
     def _update(self, batch: UNetBatch, model_output: torch.Tensor) -> list[StepEvent]:
@@ -491,21 +539,26 @@ class Engine:
         # t, input scale)
         before = [(m.steps_done, m.step_index, m.timestep, m.input_scale) for m in members]
         x_prev, x0_pred = self._step_samplers(members, guided, x_t, noise)
-        finite = torch.isfinite(x_prev).flatten(1).all(1).tolist()  # (N,): one device sync per iteration
+        # non-finite rows: flagged on the device now, read every few iterations and before any decode (finite.py)
+        self._finite.observe(members, [m.num_images for m in members], [done + 1 for done, *_ in before], x_prev)
+        if self._finite.due(force=any(m.finished for m in members)):
+            for member, step in self._finite.check():
+                if member in self._active:
+                    self._retire(
+                        member,
+                        error=NonFiniteOutputError(
+                            f"request {member.request_id}: latents became non-finite at step {step} "
+                            f"of {member.total_steps} "
+                            f"(timestep {round(member.state.plan.timesteps[member.state.start_index + step - 1])})"
+                        ),
+                    )
         events, row = [], 0
         for member, (done, index, timestep, input_scale) in zip(members, before):
             rows = slice(row, row + member.num_images)
             row += member.num_images
             member_x_prev, member_x0_pred = x_prev[rows], x0_pred[rows]
             step = done + 1
-            if not all(finite[rows]):
-                self._retire(
-                    member,
-                    error=NonFiniteOutputError(
-                        f"request {member.request_id}: latents became non-finite at step {step} "
-                        f"of {member.total_steps} (timestep {timestep})"
-                    ),
-                )
+            if member not in self._active:  # retired above (non-finite) or earlier
                 continue
             request = member.request
             frame = None
@@ -554,7 +607,7 @@ class Engine:
             starts.append(starts[-1] + member.num_images)
         x_prev, x0_pred = torch.empty_like(x_t), torch.empty_like(x_t)
         for name, ks in groups.items():
-            rows = torch.cat([torch.arange(starts[k], starts[k + 1]) for k in ks]).to(x_t.device)
+            rows = to_device(torch.cat([torch.arange(starts[k], starts[k + 1]) for k in ks]), x_t.device)
             group_noise = None
             if noise is not None and any(members[k].sampler.draws_noise(members[k].state) for k in ks):
                 group_noise = noise.index_select(0, rows)
@@ -600,20 +653,56 @@ class Engine:
         """Decode every finished request's latents in one batch (chunked) and retire them."""
         if not finished:
             return
-        started = time.monotonic()
+        for member in finished:
+            self._active.remove(member)  # retired now; their results are delivered by the output queue
+        timer = UNetTimer(self.model.device)  # the decode's time, read on the output thread
         latents = torch.cat([m.latents for m in finished])
         pixels = torch.cat(
-            [self.model.decode_latents(latents[i : i + DECODE_CHUNK]) for i in range(0, latents.shape[0], DECODE_CHUNK)]
+            [self.decoder(latents[i : i + DECODE_CHUNK]) for i in range(0, latents.shape[0], DECODE_CHUNK)]
         )
-        decode_s = time.monotonic() - started
+        timer.stop()
+        if pixels.device.type == "cuda":
+            # to pinned host memory behind the decode, without waiting: the output thread waits for the event
+            host = torch.empty(pixels.shape, dtype=pixels.dtype, pin_memory=True)
+            host.copy_(pixels, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+            pixels = host
+        else:
+            copied = None
+        self._output.submit(self._deliver, finished, pixels, copied, timer)
+
+    def _deliver(
+        self, finished: list[ActiveRequest], pixels: torch.Tensor, copied: torch.cuda.Event | None, timer: UNetTimer
+    ) -> None:
+        """On the output queue: the decoded pictures (B, 3, H, W) of `finished` -> checked PIL images, results."""
+        try:
+            self._deliver_pictures(finished, pixels, copied, timer)
+        except Exception as error:  # no request of the batch may be left waiting
+            log.exception("delivering decoded pictures failed")
+            for member in finished:
+                member.handle._finish(
+                    error=EngineError(
+                        f"request {member.request_id} failed in the engine: {type(error).__name__}: {error}"
+                    )
+                )
+
+    def _deliver_pictures(
+        self, finished: list[ActiveRequest], pixels: torch.Tensor, copied: torch.cuda.Event | None, timer: UNetTimer
+    ) -> None:
+        if copied is not None:
+            copied.synchronize()
+        decode_s = timer.seconds()
         worker_metrics.observe_vae_decode(self.model.name, decode_s)
+        finite = torch.isfinite(pixels).flatten(1).all(1).tolist()
         row = 0
         for member in finished:
             member_pixels = pixels[row : row + member.num_images]
+            ok = all(finite[row : row + member.num_images])
             row += member.num_images
-            if not torch.isfinite(member_pixels).all():
-                self._retire(
-                    member, error=NonFiniteOutputError(f"request {member.request_id}: the decoded image is non-finite")
+            if not ok:
+                member.handle._finish(
+                    error=NonFiniteOutputError(f"request {member.request_id}: the decoded image is non-finite")
                 )
                 continue
             result = GenerationResult(
@@ -630,14 +719,15 @@ class Engine:
                 },
             )
             worker_metrics.record_images(self.model.name, len(result.images))
-            self._retire(member, result=result)
+            member.handle._finish(result)
 
     def _retire(
         self, active: ActiveRequest, result: GenerationResult | None = None, error: BaseException | None = None
     ) -> None:
+        """Out of the batch now; the caller hears after every event queued before (the output queue's order)."""
         if active in self._active:
             self._active.remove(active)
-        active.handle._finish(result, error)
+        self._output.submit(active.handle._finish, result, error)
 
     def _fail_all(self, error: EngineError) -> None:
         with self._lock:

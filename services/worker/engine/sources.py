@@ -29,6 +29,7 @@ from services.worker.diffusion.samplers import SamplerState
 from services.worker.families import Conditioning
 from services.worker.families.base import INPAINT_CHANNELS
 from services.worker.loading import LoadedModel
+from services.worker.transfer import to_device
 
 
 def pixels_of(image: Image.Image) -> torch.Tensor:
@@ -51,7 +52,7 @@ class Start:
 
 def _noise(model: LoadedModel, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
     """ε as the pipelines draw it: randn on the CPU generator in the model dtype, then to the device, float32."""
-    return torch.randn(shape, generator=generator, dtype=model.dtype).to(model.device).float()
+    return to_device(torch.randn(shape, generator=generator, dtype=model.dtype), model.device).float()
 
 
 def start(

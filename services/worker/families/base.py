@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 
 from services.common import rules
+from services.worker.transfer import to_device
 
 if TYPE_CHECKING:
     from services.worker.loading import LoadedModel
@@ -244,13 +245,13 @@ def clip_hidden_states(
         truncation=True,
         return_tensors="pt",
     )
-    return text_encoder(tokens.input_ids.to(device), output_hidden_states=True)
+    return text_encoder(to_device(tokens.input_ids, device), output_hidden_states=True)
 
 
 def t5_hidden_states(tokenizer, text_encoder, prompts: list[str], max_length: int, device: torch.device):
     """T5's last hidden state on prompts padded and truncated to max_sequence_length, as SD3 and Flux."""
     tokens = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
-    return text_encoder(tokens.input_ids.to(device))[0]
+    return text_encoder(to_device(tokens.input_ids, device))[0]
 
 
 def split(conditioning: Conditioning, count: int) -> list[Conditioning]:

@@ -16,6 +16,7 @@ its pipeline does. True CFG (true_cfg_scale > 1) adds an unconditional row from 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ from services.worker.families.base import (
     split,
     t5_hidden_states,
 )
+from services.worker.transfer import to_device
 
 MAX_SEQUENCE_LENGTH = 512  # the pipelines refuse longer T5 sequences
 
@@ -185,7 +187,7 @@ class Flux(FlowFamily):
             truncation=True,
             return_tensors="pt",
         )
-        pooled = c["text_encoder"](tokens.input_ids.to(model.device), output_hidden_states=False).pooler_output
+        pooled = c["text_encoder"](to_device(tokens.input_ids, model.device), output_hidden_states=False).pooler_output
         t5 = t5_hidden_states(c["tokenizer_2"], c["text_encoder_2"], prompts, model.max_prompt_tokens, model.device)
         return split(
             {
@@ -199,7 +201,7 @@ class Flux(FlowFamily):
         """Flux-dev's distilled guidance: the guidance scale, one value per row, into the transformer (float32)."""
         if not model.components["transformer"].config.guidance_embeds:
             return {}
-        return {"guidance": torch.tensor(resolved.guidance_scale, dtype=torch.float32, device=model.device)}
+        return {"guidance": to_device(torch.tensor(resolved.guidance_scale, dtype=torch.float32), model.device)}
 
     def forward(self, model, latents, timesteps, cond):
         """Pack the latents 2x2 into tokens, call the transformer with this call's position ids, unpack."""
@@ -238,8 +240,10 @@ def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return patches.reshape(B, channels // 4, h, w)
 
 
+@functools.lru_cache(maxsize=32)
 def latent_image_ids(h2: int, w2: int, device, dtype) -> torch.Tensor:
-    """The RoPE position of each token (h2·w2, 3): (0, row, column), as FluxPipeline._prepare_latent_image_ids."""
+    """The RoPE position of each token (h2·w2, 3): (0, row, column), as FluxPipeline._prepare_latent_image_ids.
+    Made once per size and device (a constant: a copy per backbone call would wait for the GPU every step)."""
     ids = torch.zeros(h2, w2, 3)
     ids[..., 1] = ids[..., 1] + torch.arange(h2)[:, None]
     ids[..., 2] = ids[..., 2] + torch.arange(w2)[None, :]

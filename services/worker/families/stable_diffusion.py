@@ -28,6 +28,7 @@ from services.worker.families.base import (
     clip_hidden_states,
     split,
 )
+from services.worker.transfer import to_device
 
 
 class StableDiffusion(Family):
@@ -97,8 +98,8 @@ class StableDiffusion(Family):
         )
         attention_mask = None
         if getattr(text_encoder.config, "use_attention_mask", False):
-            attention_mask = tokens.attention_mask.to(model.device)
-        hidden = text_encoder(tokens.input_ids.to(model.device), attention_mask=attention_mask)[0]
+            attention_mask = to_device(tokens.attention_mask, model.device)
+        hidden = text_encoder(to_device(tokens.input_ids, model.device), attention_mask=attention_mask)[0]
         return split({"encoder_hidden_states": hidden.to(model.dtype)}, len(prompts))
 
     def forward(self, model, latents, timesteps, cond):
@@ -193,7 +194,7 @@ class StableDiffusionXL(StableDiffusion):
             request.target_height or height,
             request.target_width or width,
         ]
-        return {"time_ids": torch.tensor(ids, dtype=model.dtype, device=model.device)}
+        return {"time_ids": to_device(torch.tensor(ids, dtype=model.dtype), model.device)}
 
     def forward(self, model, latents, timesteps, cond):
         added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
