@@ -53,7 +53,7 @@ bench-gateway: $(STAMP) proto
 family-parity: $(STAMP)
 	$(BIN)/python -m benchmarks.family_parity
 
-## Image to image and inpainting against diffusers' img2img and inpaint pipelines, alone and batched (about 6 min
+## Image to image and inpainting against diffusers' img2img and inpaint pipelines, alone and batched (1.5 to 6 min
 ## on a 2-core CPU), then the README's example strip docs/img2img.png.
 img2img-parity: $(STAMP)
 	$(BIN)/python -m benchmarks.img2img_parity
