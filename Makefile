@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format venv proto bench-engine bench-samplers bench-service bench-gateway bench-soak bench-failover family-parity train-model eval-model clean
+.PHONY: run test lint format venv proto bench-engine bench-samplers bench-service bench-gateway bench-soak bench-failover family-parity img2img-parity train-model eval-model clean
 
 $(STAMP): requirements/*.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -62,6 +62,12 @@ bench-failover: $(STAMP) proto
 ## SDXL, SD3 and Flux (tiny fixtures built from config): the engine against each pipeline, batched against alone.
 family-parity: $(STAMP)
 	$(BIN)/python -m benchmarks.family_parity
+
+## Image to image and inpainting against diffusers' img2img and inpaint pipelines, alone and batched (1.5 to 6 min
+## on a 2-core CPU), then the README's example strip docs/img2img.png.
+img2img-parity: $(STAMP)
+	$(BIN)/python -m benchmarks.img2img_parity
+	$(BIN)/python -m benchmarks.img2img_parity --examples docs/
 
 # The shipped model: 7000 UNet steps, then 3000 more on fresh pictures (seed 1) from a lower learning rate,
 # then 6000 more on fresh pictures again (seed 2). About 2.5 hours on a 2-core CPU; add DEVICE=cuda to go faster.

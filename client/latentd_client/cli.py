@@ -1,6 +1,7 @@
 """`latentd`: the command line of latentd (REST by default; grpc://host:port URLs use gRPC).
 
     latentd generate "a red circle on a white background" --steps 50 --guidance 7.5 --seed 1 -o out.png
+    latentd generate "a blue circle on a white background" --image out.png --strength 0.6 [--mask mask.png] -o edit.png
     latentd trajectory forward --prompt "a blue square" --seed 3 --out-dir frames/
     latentd jobs get|cancel|watch JOB_ID
     latentd models
@@ -121,6 +122,7 @@ def cmd_generate(client: Client, args) -> int:
         sampler=args.sampler,
         guidance_rescale=args.guidance_rescale,
         **family_fields(args),
+        **picture_fields(args),
     )
     print(f"job {job.id} queued (seed {job.seed})", file=sys.stderr)
     job = follow(client, job.id, None if args.quiet else Progress())
@@ -156,6 +158,28 @@ def family_fields(args) -> dict[str, Any]:
         crop_left=crop_left,
         target_width=target_width,
         target_height=target_height,
+    )
+
+
+def _picture(value: str | None, flag: str) -> bytes | dict[str, Any] | None:
+    """A picture flag: a file's bytes, or JOB_ID:INDEX (an earlier job's image; job: for its first)."""
+    if not value:
+        return None
+    path = Path(value)
+    if path.is_file():
+        return path.read_bytes()
+    job_id, sep, index = value.partition(":")
+    if sep and job_id and (index == "" or index.isdigit()):
+        return {"job_id": job_id, "index": int(index or 0)}
+    raise SystemExit(f"{flag} takes a PNG or JPEG file, or JOB_ID:INDEX of an earlier job's image; got {value!r}")
+
+
+def picture_fields(args) -> dict[str, Any]:
+    """Image to image and inpainting (SD 1.x/2.x models: `latentd models` lists what each model reads)."""
+    return dict(
+        image=_picture(args.image, "--image"),
+        strength=args.strength,
+        mask=_picture(args.mask, "--mask"),
     )
 
 
@@ -212,6 +236,8 @@ def cmd_trajectory(client: Client, args) -> int:
     )
     if args.image:
         fields["image"] = base64.b64encode(Path(args.image).read_bytes()).decode()
+    if args.strength is not None or args.mask:  # reverse, sweep: image to image from --image
+        fields.update(strength=args.strength, mask=_picture(args.mask, "--mask"))
     if args.timesteps:
         fields["timesteps"] = [int(t) for t in args.timesteps.split(",")]
     if args.scales:
@@ -284,11 +310,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--original-size", help="SDXL: original size conditioning WIDTHxHEIGHT (default: the size)")
         p.add_argument("--crop", help="SDXL: crop conditioning TOP,LEFT in pixels (default 0,0)")
         p.add_argument("--target-size", help="SDXL: target size conditioning WIDTHxHEIGHT (default: the size)")
+        p.add_argument(
+            "--strength", type=float, help="with --image: 0..1, how far it is noised (default 0.8; 1 with --mask)"
+        )
+        p.add_argument(
+            "--mask", help="with --image: inpaint where this PNG/JPEG is white (keep black); or JOB_ID:INDEX"
+        )
         p.add_argument("--model")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
-    g = sub.add_parser("generate", help="text to image, with live progress")
+    g = sub.add_parser("generate", help="text to image (or image to image, inpainting), with live progress")
     generation_flags(g, True)
+    g.add_argument("--image", help="image to image: the starting picture (PNG/JPEG), or JOB_ID:INDEX of a job's image")
     g.add_argument("--eta", type=float)
     g.add_argument("--width", type=int)
     g.add_argument("--height", type=int)
@@ -301,7 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("trajectory", help="forward noising, reverse denoising or a guidance sweep, as frames")
     t.add_argument("kind", choices=["forward", "reverse", "sweep"])
     generation_flags(t, False)
-    t.add_argument("--image", help="forward: the clean image (PNG/JPEG); default: generated from --prompt")
+    t.add_argument(
+        "--image",
+        help="forward: the clean image (PNG/JPEG; default: generated from --prompt); reverse, sweep: start from it "
+        "(image to image, with --strength and --mask)",
+    )
     t.add_argument("--timesteps", help="forward: comma-separated training timesteps")
     t.add_argument("--noise-seed", type=int, help="forward: seed of the one noise sample")
     t.add_argument("--space", choices=["pixel", "latent"], help="forward: where noise is added")

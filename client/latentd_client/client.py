@@ -10,6 +10,7 @@ with Client(url, api_key=key) as client:
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -32,7 +33,13 @@ def _transport_class(url: str, asynchronous: bool):
 
 
 def _body(**fields: Any) -> dict[str, Any]:
-    return {k: v for k, v in fields.items() if v is not None}
+    """The request body: the fields set; pictures (image, mask) given as bytes become base64, as REST carries
+    them (a {"job_id", "index"} dict passes as it is)."""
+    body = {k: v for k, v in fields.items() if v is not None}
+    for name in ("image", "mask"):
+        if isinstance(body.get(name), (bytes, bytearray)):
+            body[name] = base64.b64encode(body[name]).decode()
+    return body
 
 
 def _check_final(job: Job) -> Job:

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+from services.common import rules
+
 KINDS = ("generation", "forward", "reverse", "guidance_sweep")
 TERMINAL = ("succeeded", "failed", "cancelled")
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -72,7 +74,9 @@ class JobRecord:
 
     @property
     def total_steps(self) -> int:
-        return int(self.progress.get("total") or self.params.get("num_inference_steps") or 0)
+        """The updates the job makes: its steps, or with an image the last int(steps·strength) of them."""
+        steps = int(self.params.get("num_inference_steps") or 0)
+        return int(self.progress.get("total") or (rules.steps_run(steps, self.params.get("strength")) if steps else 0))
 
     def url(self, what: str, index: int) -> str:
         return f"/v1/jobs/{self.id}/{what}/{index}"

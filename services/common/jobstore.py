@@ -4,7 +4,8 @@ Keys (all expire after `ttl_s` once written):
   latentd:job:<id>             hash: kind, model, owner, status, params, progress, timings, images, frames,
                                error, attempt, cancel, created_at (JSON where structured; see jobs.JobRecord)
   latentd:job:<id>:events      stream of {event, data(JSON)}; the entry id is the SSE id
-  latentd:job:<id>:blob:<name> bytes of one image or frame, or the uploaded input picture ("input")
+  latentd:job:<id>:blob:<name> bytes of one image or frame, or an input picture: "input" (a forward trajectory's
+                               x0, image to image's starting picture), "mask" (inpainting's mask)
   latentd:pending:<model>      set of job ids queued or running (the model's bounded queue; ids whose
                                record expired unfinished are swept when the queue looks full)
   latentd:owned:<model>:<key>  set of the job ids one API key has queued or running (its share of the queue)
@@ -52,6 +53,7 @@ from services.common.models import ModelInfo
 MODELS_KEY = "latentd:models"
 JOB_PREFIX = "latentd:job:"
 INPUT_BLOB = "input"
+MASK_BLOB = "mask"
 SETTLED_CACHE = 4096  # settled job records a gateway process keeps in memory
 
 
@@ -144,9 +146,9 @@ end
 # Enqueue: the idempotency key, admission (the model's queue and the key's share), the record, the `queued`
 # event, the key's queue. An idempotency key already used by a job that still exists answers that job and its
 # request's fingerprint, before any admission check: a retry is never refused for a full queue.
-# KEYS: dispatch keys, job, events, idempotency key[, input blob]. ARGV: job id, owner, ttl, max pending,
-# max owned, queued event data, input blob or '', request fingerprint ('': no idempotency key), job key
-# prefix, then the record's fields as name, value pairs.
+# KEYS: dispatch keys, job, events, idempotency key[, input blob[, mask blob]]. ARGV: job id, owner, ttl, max
+# pending, max owned, queued event data, input blob or '', request fingerprint ('': no idempotency key), job key
+# prefix, mask blob or '', then the record's fields as name, value pairs.
 _ENQUEUE = (
     _ENTER
     + """
@@ -163,12 +165,13 @@ if ARGV[8] ~= '' then
 end
 if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[4]) then return 'model_full' end
 if redis.call('SCARD', KEYS[2]) >= tonumber(ARGV[5]) then return 'owner_full' end
-redis.call('HSET', KEYS[6], unpack(ARGV, 10, #ARGV))
+redis.call('HSET', KEYS[6], unpack(ARGV, 11, #ARGV))
 redis.call('EXPIRE', KEYS[6], ttl)
 redis.call('XADD', KEYS[7], '*', 'event', 'queued', 'data', ARGV[6])
 redis.call('EXPIRE', KEYS[7], ttl)
 if ARGV[8] ~= '' then redis.call('SET', KEYS[8], ARGV[1] .. ' ' .. ARGV[8], 'EX', ttl) end
 if KEYS[9] then redis.call('SET', KEYS[9], ARGV[7], 'EX', ttl) end
+if KEYS[10] then redis.call('SET', KEYS[10], ARGV[10], 'EX', ttl) end
 redis.call('SADD', KEYS[1], ARGV[1])
 redis.call('SADD', KEYS[2], ARGV[1])
 enter(ARGV[1], ARGV[2], false)
@@ -448,6 +451,7 @@ class AsyncJobStore:
         max_pending: int = 10**9,
         max_owned: int = 10**9,
         input_image: bytes | None = None,
+        input_mask: bytes | None = None,
         idempotency: tuple[str, str] | None = None,
     ) -> JobRecord:
         """Queue a new job on its key's queue; QueueFull when the model's queue or the key's share is full.
@@ -459,6 +463,8 @@ class AsyncJobStore:
         keys = dispatch_keys(model, owner) + [job_key(job_id), events_key(job_id), idempotency_key(owner, key)]
         if input_image is not None:  # the upload rides in Redis next to the job, not in the Celery message
             keys.append(blob_key(job_id, INPUT_BLOB))
+            if input_mask is not None:  # a mask comes with an image only (rules.check_image_inputs)
+                keys.append(blob_key(job_id, MASK_BLOB))
         queued = json.dumps({"id": job_id, "emitted_at": now})
         args = [
             job_id,
@@ -470,6 +476,7 @@ class AsyncJobStore:
             input_image or b"",
             fingerprint,
             JOB_PREFIX,
+            input_mask or b"",
         ]
         outcome = await self._enqueue(keys=keys, args=args + _record_args(record))
         if isinstance(outcome, list):  # the Idempotency-Key's job
@@ -487,6 +494,7 @@ class AsyncJobStore:
                     max_pending=max_pending,
                     max_owned=max_owned,
                     input_image=input_image,
+                    input_mask=input_mask,
                     idempotency=idempotency,
                 )
             return replace(prior, replayed=True)

@@ -69,7 +69,10 @@ GENERATION_SCALARS = (
     "crop_left",
     "target_width",
     "target_height",
+    "strength",
 )
+# Image to image's pictures: (bytes field, JobImageRef field), under the REST names image and mask
+PICTURES = (("image", "image_ref"), ("mask", "mask_ref"))
 # Typed frame metadata on Artifact (the rest of a frame's metadata travels in metadata_json).
 FRAME_SCALARS = ("timestep", "alpha_bar", "step", "guidance_scale", "sigma")
 
@@ -93,7 +96,23 @@ def generation_to_proto(body: dict[str, Any]) -> pb.GenerationParams:
         params.output_format = FORMAT[body["output_format"]]
     if body.get("sampler"):
         params.sampler = body["sampler"]
+    for name, ref in PICTURES:
+        value = body.get(name)
+        if isinstance(value, dict):  # {job_id, index}
+            getattr(params, ref).CopyFrom(pb.JobImageRef(job_id=value["job_id"], index=value.get("index", 0)))
+        elif value:
+            setattr(params, name, _picture_bytes(value))
+        if isinstance(body.get(f"{name}_from"), dict):  # a job's params: the job the picture came from
+            source = body[f"{name}_from"]
+            getattr(params, ref).CopyFrom(pb.JobImageRef(job_id=source["job_id"], index=source.get("index", 0)))
+    params.has_image = bool(body.get("has_image"))
+    params.has_mask = bool(body.get("has_mask"))
     return params
+
+
+def _picture_bytes(value: str | bytes) -> bytes:
+    """A picture as REST carries it (base64, a data: URL) or its bytes -> bytes."""
+    return base64.b64decode(value.split(",", 1)[-1]) if isinstance(value, str) else bytes(value)
 
 
 def generation_from_proto(params: pb.GenerationParams) -> dict[str, Any]:
@@ -111,6 +130,12 @@ def generation_from_proto(params: pb.GenerationParams) -> dict[str, Any]:
         body["output_format"] = FORMAT_NAME.get(params.output_format, params.output_format)
     if params.sampler:
         body["sampler"] = params.sampler
+    for name, ref in PICTURES:
+        if getattr(params, name):
+            body[name] = base64.b64encode(getattr(params, name)).decode()
+        elif params.HasField(ref):
+            source = getattr(params, ref)
+            body[name] = {"job_id": source.job_id, "index": source.index}
     return body
 
 
@@ -119,7 +144,7 @@ def trajectory_to_proto(body: dict[str, Any]) -> pb.TrajectoryParams:
     params = pb.TrajectoryParams(kind=TRAJECTORY[rest.pop("kind")])
     image = rest.pop("image", None)
     if image:
-        params.image = base64.b64decode(image.split(",", 1)[-1]) if isinstance(image, str) else image
+        params.image = _picture_bytes(image)
     params.timesteps.extend(rest.pop("timesteps", None) or [])
     params.guidance_scales.extend(rest.pop("guidance_scales", None) or [])
     if rest.get("noise_seed") is not None:
@@ -130,7 +155,13 @@ def trajectory_to_proto(body: dict[str, Any]) -> pb.TrajectoryParams:
         params.space = SPACE[rest.pop("space")]
     params.has_image = bool(rest.pop("has_image", False))
     params.generation.CopyFrom(generation_to_proto(rest))
+    params.generation.has_image = params.has_image and kind_reads_generation_image(params.kind)
     return params
+
+
+def kind_reads_generation_image(kind: int) -> bool:
+    """Whether a trajectory's image is image to image's start (reverse, sweep), not forward's x0."""
+    return kind in (pb.TRAJECTORY_KIND_REVERSE, pb.TRAJECTORY_KIND_GUIDANCE_SWEEP)
 
 
 def trajectory_from_proto(params: pb.TrajectoryParams) -> dict[str, Any]:
@@ -169,6 +200,7 @@ def params_from_proto(message: pb.Job) -> dict[str, Any]:
     """A job's resolved params as REST shows them, from the typed fields."""
     if message.kind != pb.JOB_KIND_TRAJECTORY:
         params = generation_from_proto(message.generation)
+        params |= _pictures_view(message.generation, params)
         return {"model": message.generation.model, "negative_prompt": message.generation.negative_prompt} | params
     trajectory = message.trajectory
     params = generation_from_proto(trajectory.generation)
@@ -183,7 +215,20 @@ def params_from_proto(message: pb.Job) -> dict[str, Any]:
         "guidance_scales": [f32(g) for g in trajectory.guidance_scales],
         "has_image": trajectory.has_image,
     }
+    if trajectory.generation.has_mask:
+        params["has_mask"] = True
     return params
+
+
+def _pictures_view(generation: pb.GenerationParams, params: dict[str, Any]) -> dict[str, Any]:
+    """A generation job's pictures as REST shows them: has_image, has_mask and where they came from."""
+    if not generation.has_image:
+        return {}
+    view: dict[str, Any] = {"has_image": True, "has_mask": generation.has_mask}
+    for name, _ in PICTURES:
+        if isinstance(params.get(name), dict):
+            view[f"{name}_from"] = params.pop(name)
+    return view
 
 
 # ---- artifacts and events ---------------------------------------------------------------------

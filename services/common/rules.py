@@ -68,6 +68,12 @@ SIZE_CONDITIONING_PARAMS: tuple[str, ...] = (  # SDXL's micro-conditioning (Pode
     "target_height",
 )
 DEFAULT_PARAMS: tuple[str, ...] = (*COMMON_PARAMS, "eta", "guidance_rescale")  # a model that does not say (SD)
+# Image to image (SDEdit, Meng et al. 2022) and inpainting: a starting picture noised to the timestep `strength`
+# selects, and a mask (white = repaint). Read by the families that implement them (SD 1.x/2.x).
+IMAGE_PARAMS: tuple[str, ...] = ("image", "strength", "mask")
+MIN_STRENGTH, MAX_STRENGTH = 0.0, 1.0
+DEFAULT_STRENGTH = 0.8  # image to image without a mask (StableDiffusionImg2ImgPipeline's default)
+DEFAULT_INPAINT_STRENGTH = 1.0  # with a mask (StableDiffusionInpaintPipeline's: the masked part from pure noise)
 TRAJECTORY_KINDS = ("forward", "reverse", "guidance_sweep")
 NOISE_SPACES = ("pixel", "latent")
 
@@ -164,10 +170,10 @@ def check_steps(limits: ModelLimits, steps: int, sampler: str | None = None) -> 
     return steps
 
 
-def check_every(field: str, value: int, steps: int, low: int = 0) -> int:
-    """preview_every, trajectory_every: 0 (or `low`) .. the job's step count."""
+def check_every(field: str, value: int, steps: int, low: int = 0, steps_are: str = "num_inference_steps") -> int:
+    """preview_every, trajectory_every: 0 (or `low`) .. the job's step count (`steps_are` names it)."""
     if isinstance(value, int) and not isinstance(value, bool) and value > steps and value <= MAX_STEPS:
-        raise InvalidInput(f"{field} must be between {low} and num_inference_steps ({steps}), got {value}", field)
+        raise InvalidInput(f"{field} must be between {low} and {steps_are} ({steps}), got {value}", field)
     return between(field, value, low, steps, integer=True)
 
 
@@ -206,6 +212,67 @@ class Resolved(NamedTuple):
     guidance_rescale: float
     num_inference_steps: int
     guidance_scale: float
+    strength: float | None = None  # with an image only: the share of the schedule that runs
+
+
+def start_step(num_inference_steps: int, strength: float) -> int:
+    """The step of the plan an image-to-image request starts at, as diffusers' pipelines' get_timesteps: the
+    last int(steps·strength) steps run (all of them at strength 1), from an image noised to that step's level."""
+    return num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
+
+
+def check_image_inputs(
+    limits: ModelLimits,
+    *,
+    image_size: tuple[int, int] | None,
+    mask_size: tuple[int, int] | None,
+    strength: float | None,
+    width: int | None,
+    height: int | None,
+    num_inference_steps: int,
+) -> tuple[int | None, int | None, float | None]:
+    """An image-to-image or inpainting request's picture, mask and strength: (width, height, strength) with the
+    picture's size and the default strength filled in. The picture must be a size the model allows (and the
+    width and height, where given, its size); the mask the picture's size; strength in [0, 1] and large enough
+    for at least one step of num_inference_steps."""
+    for name, value in (("image", image_size), ("mask", mask_size), ("strength", strength)):
+        check_applies(limits, name, value)
+    if image_size is None:
+        for name, value in (("mask", mask_size), ("strength", strength)):
+            if value is not None:
+                raise InvalidInput(f"{name} applies to image to image only: send an image with it", name)
+        return width, height, None
+    image_w, image_h = image_size
+    try:
+        check_size(limits, image_w, image_h)
+    except InvalidInput as error:
+        raise InvalidInput(f"image is {image_w}x{image_h}: {error.message}", "image") from None
+    for name, value, own in (("width", width, image_w), ("height", height, image_h)):
+        if value is not None and value != own:
+            raise InvalidInput(
+                f"{name} must be the image's {name} ({own}) or left out, got {value} (the image is {image_w}x{image_h})",
+                name,
+            )
+    if mask_size is not None and tuple(mask_size) != (image_w, image_h):
+        raise InvalidInput(
+            f"mask must be the image's size ({image_w}x{image_h}), got {mask_size[0]}x{mask_size[1]}", "mask"
+        )
+    if strength is None:
+        strength = DEFAULT_INPAINT_STRENGTH if mask_size is not None else DEFAULT_STRENGTH
+    between("strength", strength, MIN_STRENGTH, MAX_STRENGTH)
+    if num_inference_steps - start_step(num_inference_steps, strength) < 1:
+        raise InvalidInput(
+            f"strength must leave at least one of the num_inference_steps ({num_inference_steps}) to run: "
+            f"int({num_inference_steps} x {_fmt(float(strength))}) is 0; raise strength to at least "
+            f"{_fmt(1 / num_inference_steps)} or the steps",
+            "strength",
+        )
+    return image_w, image_h, float(strength)
+
+
+def steps_run(num_inference_steps: int, strength: float | None) -> int:
+    """The denoising steps a request runs: all of them, or the last int(steps·strength) with an image."""
+    return num_inference_steps if strength is None else num_inference_steps - start_step(num_inference_steps, strength)
 
 
 def check_generation(
@@ -233,6 +300,9 @@ def check_generation(
     target_width: int | None = None,
     target_height: int | None = None,
     images_field: str = "num_images",
+    image_size: tuple[int, int] | None = None,
+    mask_size: tuple[int, int] | None = None,
+    strength: float | None = None,
 ) -> Resolved:
     """Every rule of one generation request; returns the size, sampler, guidance rescale, steps and guidance
     scale it resolves to (None: the model's default). Fields the model's family does not read are refused."""
@@ -266,12 +336,22 @@ def check_generation(
             between(name, value, low, MAX_CONDITIONING_SIDE, integer=True)
     between("seed", seed, 0, MAX_SEED, integer=True)
     between(images_field, num_images, 1, min(max_num_images, MAX_IMAGES), integer=True)
-    check_every("preview_every", preview_every, steps)
-    check_every("trajectory_every", trajectory_every, steps)
+    width, height, strength = check_image_inputs(
+        limits,
+        image_size=image_size,
+        mask_size=mask_size,
+        strength=strength,
+        width=width,
+        height=height,
+        num_inference_steps=steps,
+    )
+    runs = "num_inference_steps" if strength is None else "the steps it runs, int(num_inference_steps x strength)"
+    check_every("preview_every", preview_every, steps_run(steps, strength), steps_are=runs)
+    check_every("trajectory_every", trajectory_every, steps_run(steps, strength), steps_are=runs)
     size = check_size(limits, width, height)
     check_prompt(limits, "prompt", prompt)
     check_prompt(limits, "negative_prompt", negative_prompt)
-    return Resolved(size[0], size[1], sampler, float(rescale), steps, float(guidance_scale))
+    return Resolved(size[0], size[1], sampler, float(rescale), steps, float(guidance_scale), strength)
 
 
 def check_timesteps(num_train_timesteps: int, timesteps: Iterable[int]) -> list[int]:

@@ -51,7 +51,13 @@ from services.common.settings import Settings, hash_key
 from services.common.tasks import RUN_TASK, queue_for
 from services.core import metrics
 from services.core.events import EventHub
-from services.core.schemas import GenerationCreate, OpenAIImageRequest, TrajectoryCreate
+from services.core.schemas import (
+    GenerationCreate,
+    JobImage,
+    OpenAIImageEditRequest,
+    OpenAIImageRequest,
+    TrajectoryCreate,
+)
 from services.core.validation import parse
 
 log = logging.getLogger(__name__)
@@ -63,7 +69,8 @@ ARTIFACT_KINDS = ("image", "frame")
 
 
 TOKENIZER_CLASSES = ("CLIPTokenizer", "T5TokenizerFast")
-FAMILY_ONLY_PARAMS = ("true_cfg_scale", *rules.SIZE_CONDITIONING_PARAMS)  # the tokenizers whose limits models publish
+# params a job shows only where set (the tokenizers above are those whose limits models publish)
+FAMILY_ONLY_PARAMS = ("true_cfg_scale", *rules.SIZE_CONDITIONING_PARAMS, "strength")
 
 
 @lru_cache(maxsize=16)
@@ -88,7 +95,7 @@ def _params(params: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in params.items() if not (k in FAMILY_ONLY_PARAMS and v is None)}
 
 
-def decode_image(data: str | bytes, param: str = "image") -> bytes:
+def decode_image(data: str | bytes, param: str = "image", formats: tuple[str, ...] = ("PNG", "JPEG")) -> bytes:
     """A PNG or JPEG picture, from bytes or base64 (a data: URL is accepted); InvalidInput otherwise."""
     from PIL import Image
 
@@ -97,12 +104,75 @@ def decode_image(data: str | bytes, param: str = "image") -> bytes:
             payload = data.split(",", 1)[1] if data.startswith("data:") else data
             data = base64.b64decode(payload, validate=True)
         with Image.open(io.BytesIO(data)) as image:
-            if image.format not in ("PNG", "JPEG"):
+            if image.format not in formats:
                 raise ValueError(f"format {image.format}")
             image.verify()
-    except (binascii.Error, ValueError, OSError) as error:
+    except (binascii.Error, ValueError, OSError, Image.DecompressionBombError) as error:
         raise InvalidInput(f"{param} must be a base64-encoded PNG or JPEG picture ({error})", param) from None
     return data
+
+
+def picture_size(data: bytes, param: str = "image") -> tuple[int, int]:
+    """(width, height) of a decoded picture, its pixels read in full where the size is one any model could take
+    (a truncated file fails here, naming the field, not in the worker); a larger one is left to the size rule."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            size = image.size
+            if max(size) <= rules.MAX_SIDE:
+                image.load()
+    except (ValueError, OSError, Image.DecompressionBombError) as error:
+        raise InvalidInput(f"{param} could not be decoded ({error})", param) from None
+    return size
+
+
+def _sizes(image: tuple[bytes, tuple[int, int]] | None, mask: tuple[bytes, tuple[int, int]] | None) -> dict:
+    """The pictures' sizes as rules.check_generation takes them."""
+    return {"image_size": image and image[1], "mask_size": mask and mask[1]}
+
+
+def _image_params(body: GenerationCreate, image, mask) -> dict[str, Any]:
+    """What a job's params say about its pictures (the bytes are not in them): only where it has one."""
+    if image is None:
+        return {}
+    params: dict[str, Any] = {"has_image": True, "has_mask": mask is not None}
+    for name in ("image", "mask"):
+        value = getattr(body, name)
+        if isinstance(value, JobImage):
+            params[f"{name}_from"] = value.model_dump()
+    return params
+
+
+def openai_edit_pictures(image: bytes, mask: bytes | None) -> tuple[bytes, bytes | None]:
+    """An OpenAI edit's picture and mask in latentd's terms: (RGB PNG, mask PNG with white = repaint, or None).
+    OpenAI marks what to edit by transparency: the mask's alpha 0 (a mask without alpha: white, as latentd's),
+    or without a mask the image's own alpha 0; an opaque image without a mask is re-imagined whole."""
+    import numpy as np
+    from PIL import Image
+
+    def png(picture: Image.Image) -> bytes:
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    def transparent(picture: Image.Image) -> Image.Image | None:
+        """White where fully transparent (L), or None for a picture without alpha."""
+        if picture.mode not in ("RGBA", "LA", "PA") and "transparency" not in picture.info:
+            return None
+        alpha = np.asarray(picture.convert("RGBA"))[..., 3]
+        return Image.fromarray(np.where(alpha == 0, 255, 0).astype(np.uint8), mode="L")
+
+    with Image.open(io.BytesIO(image)) as picture:
+        from_alpha = transparent(picture) if mask is None else None
+        rgb = png(picture.convert("RGB"))
+    if from_alpha is not None and np.asarray(from_alpha).any():
+        return rgb, png(from_alpha)
+    if mask is None:
+        return rgb, None
+    with Image.open(io.BytesIO(mask)) as picture:
+        marked = transparent(picture)
+        return rgb, png(marked if marked is not None else picture.convert("L"))
 
 
 def translate_redis_errors(error: redis.exceptions.RedisError, retry_after_s: float) -> Unavailable:
@@ -241,11 +311,48 @@ class Core:
         """Queue a generation. With an `idempotency_key` (Idempotency-Key), a repeat of the same request
         within the result TTL returns the first job (`replayed`); another request with it is a Conflict."""
         body = body if isinstance(body, GenerationCreate) else parse(GenerationCreate, body)
-        idempotency = self.idempotency("generation", body, idempotency_key)
+        return await self._submit_generation(owner, body, self.idempotency("generation", body, idempotency_key))
+
+    async def _submit_generation(
+        self, owner: str, body: GenerationCreate, idempotency: tuple[str, str] | None, images_field: str = "num_images"
+    ) -> JobRecord:
         model = await self.resolve_model(body.model)
-        resolved = self._resolve(model, body.model_dump(exclude={"model", "output_format"}))
-        params = _params(body.model_dump() | resolved)
-        return await self._enqueue("generation", model, owner, params, idempotency=idempotency)
+        image = await self._input_picture(owner, body.image, "image")
+        mask = await self._input_picture(owner, body.mask, "mask")
+        fields = body.model_dump(exclude={"model", "output_format", "image", "mask"})
+        resolved = self._resolve(model, fields | _sizes(image, mask), images_field=images_field)
+        params = _params(body.model_dump(exclude={"image", "mask"}) | resolved | _image_params(body, image, mask))
+        return await self._enqueue(
+            "generation",
+            model,
+            owner,
+            params,
+            input_image=image and image[0],
+            input_mask=mask and mask[0],
+            idempotency=idempotency,
+        )
+
+    async def _input_picture(
+        self, owner: str, value: str | JobImage | None, param: str
+    ) -> tuple[bytes, tuple[int, int]] | None:
+        """(bytes, size) of an uploaded picture (base64), or of an earlier job's image of this caller; None for
+        None. InvalidInput naming the field for anything else."""
+        if value is None:
+            return None
+        if isinstance(value, JobImage):
+            try:
+                source = await self.job(owner, value.job_id)
+                if source.status != "succeeded":
+                    raise NotFound(
+                        f"job {value.job_id} is {source.status}; its images can be used once it has succeeded"
+                    )
+                data, _ = await self.artifact(owner, value.job_id, "image", value.index)
+            except NotFound as error:
+                raise InvalidInput(f"{param}: {error.message}", f"{param}.job_id") from None
+            data = decode_image(data, param, formats=("PNG", "JPEG", "WEBP"))  # a job's own output may be WebP
+        else:
+            data = decode_image(value, param)
+        return data, picture_size(data, param)
 
     async def submit_trajectory(
         self, owner: str, body: TrajectoryCreate | dict, idempotency_key: str | None = None
@@ -253,7 +360,7 @@ class Core:
         body = body if isinstance(body, TrajectoryCreate) else parse(TrajectoryCreate, body)
         idempotency = self.idempotency("trajectory", body, idempotency_key)
         model = await self.resolve_model(body.model)
-        kind, image = body.kind, None
+        kind, image, start, mask = body.kind, None, None, None
         if kind == "forward":
             if body.image is None and not body.prompt:
                 raise InvalidInput("a forward trajectory needs an image or a prompt", "image")
@@ -262,22 +369,33 @@ class Core:
             timesteps = rules.check_timesteps(model.num_train_timesteps, timesteps)
         elif not body.prompt:
             raise InvalidInput(f"a {kind} trajectory needs a prompt", "prompt")
+        else:  # reverse, guidance_sweep: an image is image to image's starting picture
+            start = await self._input_picture(owner, body.image, "image")
+            mask = await self._input_picture(owner, body.mask, "mask")
+            image = start and start[0]
         if kind == "guidance_sweep":
             rules.check_guidance_scales(body.guidance_scales)
-        generation = body.model_dump(include=set(GenerationCreate.model_fields) - {"model", "output_format"})
-        resolved = self._resolve(model, generation | {"prompt": body.prompt or ""})
+        generation = body.model_dump(
+            include=set(GenerationCreate.model_fields) - {"model", "output_format", "image", "mask"}
+        )
+        resolved = self._resolve(model, generation | {"prompt": body.prompt or ""} | _sizes(start, mask))
         if kind == "reverse":
-            rules.check_every("trajectory_every", body.trajectory_every, resolved["num_inference_steps"], low=1)
+            runs = rules.steps_run(resolved["num_inference_steps"], resolved["strength"])
+            label = "num_inference_steps" if resolved["strength"] is None else "the steps it runs"
+            rules.check_every("trajectory_every", body.trajectory_every, runs, low=1, steps_are=label)
         params = _params(
-            body.model_dump(exclude={"image"})
+            body.model_dump(exclude={"image", "mask"})
             | resolved
             | {
                 "prompt": body.prompt or "",
                 "timesteps": timesteps if kind == "forward" else None,
                 "has_image": image is not None,
             }
+            | ({"has_mask": True} if mask is not None else {})
         )
-        return await self._enqueue(kind, model, owner, params, input_image=image, idempotency=idempotency)
+        return await self._enqueue(
+            kind, model, owner, params, input_image=image, input_mask=mask and mask[0], idempotency=idempotency
+        )
 
     async def submit_openai(
         self, owner: str, body: OpenAIImageRequest, idempotency_key: str | None = None
@@ -294,9 +412,39 @@ class Core:
             raise InvalidInput(f"size: {error.message}", "size") from None
         fields = body.model_dump(include=set(GenerationCreate.model_fields)) | {"width": width, "height": height}
         generation = GenerationCreate(**fields, num_images=body.n)
-        resolved = self._resolve(model, generation.model_dump(exclude={"model", "output_format"}), images_field="n")
-        params = _params(generation.model_dump() | resolved)
-        return await self._enqueue("generation", model, owner, params, idempotency=idempotency)
+        return await self._submit_generation(owner, generation, idempotency, images_field="n")
+
+    async def submit_openai_edit(
+        self,
+        owner: str,
+        body: OpenAIImageEditRequest,
+        image: bytes,
+        mask: bytes | None = None,
+        idempotency_key: str | None = None,
+    ) -> JobRecord:
+        """The OpenAI Images API's edit, as an image-to-image job (`n` images): with a mask, inpainting where the
+        mask is transparent (OpenAI's convention; a mask without alpha: where it is white); without one, where the
+        image itself is transparent, else the whole picture re-imagined at `strength`."""
+        pictures = hashlib.sha256(image).hexdigest() + (hashlib.sha256(mask).hexdigest() if mask else "")
+        idempotency = self.idempotency(f"openai_edit:{pictures}", body, idempotency_key)
+        image = decode_image(image, "image")
+        mask = decode_image(mask, "mask") if mask is not None else None
+        size = picture_size(image, "image")
+        sizes = [size] + ([picture_size(mask, "mask")] if mask is not None else [])
+        if max(max(s) for s in sizes) <= rules.MAX_SIDE:  # larger: refused by the size rules, never decoded
+            image, mask = openai_edit_pictures(image, mask)
+        if body.size and body.size != f"{size[0]}x{size[1]}":
+            raise InvalidInput(
+                f"size must be the image's size ({size[0]}x{size[1]}) or left out, got {body.size!r}", "size"
+            )
+        fields = body.model_dump(include=set(GenerationCreate.model_fields))
+        generation = GenerationCreate(
+            **fields,
+            num_images=body.n,
+            image=base64.b64encode(image).decode(),
+            mask=base64.b64encode(mask).decode() if mask is not None else None,
+        )
+        return await self._submit_generation(owner, generation, idempotency, images_field="n")
 
     def _resolve(self, model: ModelInfo, fields: dict[str, Any], images_field: str = "num_images") -> dict[str, Any]:
         """Check a generation's fields against every rule; the values it leaves to the service, filled in."""
@@ -335,12 +483,19 @@ class Core:
         owner: str,
         params: dict,
         input_image: bytes | None = None,
+        input_mask: bytes | None = None,
         idempotency: tuple[str, str] | None = None,
     ) -> JobRecord:
         settings = self.settings
         job_id = uuid.uuid4().hex
         create = dict(
-            kind=kind, model=model.name, owner=owner, params=params, input_image=input_image, idempotency=idempotency
+            kind=kind,
+            model=model.name,
+            owner=owner,
+            params=params,
+            input_image=input_image,
+            input_mask=input_mask,
+            idempotency=idempotency,
         )
         limits = dict(max_pending=settings.max_queue_per_model, max_owned=settings.owner_queue_limit)
         try:

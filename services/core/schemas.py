@@ -20,9 +20,11 @@ from services.common.rules import (
     MAX_SEED,
     MAX_SIDE,
     MAX_STEPS,
+    MAX_STRENGTH,
     MAX_TIMESTEPS,
     MIN_GUIDANCE_RESCALE,
     MIN_SIDE,
+    MIN_STRENGTH,
     MIN_TRUE_CFG_SCALE,
     SAMPLERS,
 )
@@ -85,7 +87,40 @@ class _FamilyFields(_Sampling):
     target_height: int | None = _conditioning_side("the target size conditioning, pixels; null: height.")
 
 
-class GenerationCreate(_FamilyFields):
+class JobImage(_Strict):
+    """An earlier job's output image, of the same caller."""
+
+    job_id: str = Field(..., min_length=1, max_length=64, description="The job's id.")
+    index: int = Field(0, ge=0, le=MAX_IMAGES - 1, description="Which of its images, from 0.")
+
+
+IMAGE_DESCRIPTION = (
+    "Image to image (SD 1.x/2.x models: GET /v1/models `params`): the starting picture, base64 PNG or JPEG (a data: "
+    "URL is accepted), or {job_id, index} of an earlier job's image. Its size must be one the model allows; it is "
+    "the generated size (width and height, if sent, must equal it)."
+)
+
+
+class _ImageFields(_FamilyFields):
+    """Image to image and inpainting (the families that read them: GET /v1/models `params`)."""
+
+    image: str | JobImage | None = Field(None, description=IMAGE_DESCRIPTION)
+    strength: float | None = Field(
+        None,
+        ge=MIN_STRENGTH,
+        le=MAX_STRENGTH,
+        description="With an image: how far it is noised, as a share of the schedule; the last "
+        "int(num_inference_steps × strength) steps run (at least 1). null: 0.8, or 1.0 with a mask (the masked part "
+        "from pure noise).",
+    )
+    mask: str | JobImage | None = Field(
+        None,
+        description="Inpainting, with an image: base64 PNG or JPEG of the image's size, white = repaint, black = keep "
+        "(grey is cut at 50 %), or {job_id, index}.",
+    )
+
+
+class GenerationCreate(_ImageFields):
     model: str | None = Field(None, description="Model name from GET /v1/models; default: the service's default model.")
     prompt: str = Field(
         ...,
@@ -145,12 +180,24 @@ class TrajectoryCreate(_FamilyFields):
     width: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE, description="Pixels; default native.")
     height: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE, description="Pixels; default native.")
     image: str | None = Field(
-        None, description="forward: the picture to noise, base64 PNG or JPEG (a data: URL is accepted)."
+        None,
+        description="forward: the picture to noise, base64 PNG or JPEG (a data: URL is accepted); reverse and "
+        "guidance_sweep: the starting picture of image to image (with strength, and mask to inpaint).",
     )
     timesteps: list[int] | None = Field(
         None,
         max_length=MAX_TIMESTEPS,
         description="forward: paper timesteps t in [0, T]; default 0..1000 by 50 (clipped to T).",
+    )
+    strength: float | None = Field(
+        None,
+        ge=MIN_STRENGTH,
+        le=MAX_STRENGTH,
+        description="reverse and guidance_sweep with an image: start from it noised this far (as a generation's "
+        "strength), so a reverse trajectory shows the picture re-imagined from its noised start.",
+    )
+    mask: str | None = Field(
+        None, description="reverse and guidance_sweep with an image: inpaint (base64 PNG or JPEG, white = repaint)."
     )
     noise_seed: int = Field(0, ge=0, le=MAX_SEED, description="forward: the one noise sample ε shared by every frame.")
     space: Literal["pixel", "latent"] = Field(
@@ -183,6 +230,19 @@ class OpenAIImageRequest(_Sampling):
     eta: float = Field(0.0, ge=0.0, le=MAX_ETA)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     output_format: OutputFormat = "png"
+
+
+class OpenAIImageEditRequest(OpenAIImageRequest):
+    """The form fields of POST /v1/images/edits (the files `image` and `mask` come beside them)."""
+
+    strength: float | None = Field(
+        None,
+        ge=MIN_STRENGTH,
+        le=MAX_STRENGTH,
+        description="How far the image is noised before it is redrawn (latentd's; null: 0.8, or 1.0 with a mask).",
+    )
+    background: str | None = Field(None, description="Accepted for compatibility; ignored.")
+    input_fidelity: str | None = Field(None, description="Accepted for compatibility; ignored.")
 
 
 class Job(BaseModel):

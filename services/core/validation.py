@@ -13,7 +13,13 @@ from services.common.errors import InvalidInput
 from services.core import schemas
 
 M = TypeVar("M", bound=BaseModel)
-_SCHEMAS = (schemas.GenerationCreate, schemas.TrajectoryCreate, schemas.OpenAIImageRequest)
+_SCHEMAS = (
+    schemas.GenerationCreate,
+    schemas.TrajectoryCreate,
+    schemas.OpenAIImageRequest,
+    schemas.OpenAIImageEditRequest,
+    schemas.JobImage,
+)
 _RANGE_ERRORS = ("greater_than_equal", "less_than_equal", "greater_than", "less_than")
 
 

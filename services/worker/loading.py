@@ -113,6 +113,11 @@ class LoadedModel:
         return self.facts.scaling.scaling_factor
 
     @property
+    def inpaint_unet(self) -> bool:
+        """A 9-channel inpainting UNet: x, the mask and the masked picture's latents side by side."""
+        return self.facts.inpaint_unet
+
+    @property
     def prediction_type(self) -> str:
         """epsilon or v_prediction (DDPM family), flow (the velocity ε − x0 of rectified flow)."""
         return "flow" if self.family.flow else self.scheduler_config.get("prediction_type", "epsilon")
@@ -168,6 +173,16 @@ class LoadedModel:
         mean, scaled (and shifted) as the family's pipeline does."""
         posterior = self.vae.encode(pixels.to(self.device, torch.float32)).latent_dist
         return self.scaling.from_vae(posterior.mean)
+
+    @torch.no_grad()
+    def sample_latents(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Pixels in [-1, 1] (B, 3, H, W) -> the backbone's latents from a sample of the VAE's posterior,
+        z = μ + σ·ξ with ξ drawn from `generator` on the CPU in the model dtype (the pipelines' VAE runs in it;
+        latentd's in float32), scaled as the family's pipeline does: the image-to-image and inpainting
+        pipelines' retrieve_latents(..., generator)."""
+        posterior = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
+        xi = torch.randn(posterior.mean.shape, generator=generator, dtype=self.dtype).to(self.device)
+        return self.scaling.from_vae(posterior.mean + posterior.std * xi.to(posterior.mean.dtype))
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:

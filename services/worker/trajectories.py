@@ -11,11 +11,12 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 
 import torch
 from PIL import Image
 
-from services.common.jobstore import INPUT_BLOB
+from services.common.jobstore import INPUT_BLOB, MASK_BLOB
 from services.common.rules import SIZE_CONDITIONING_PARAMS
 from services.worker.diffusion.flow_matching import flow_forward_trajectory
 from services.worker.diffusion.forward import alpha_bars_paper, forward_trajectory
@@ -29,8 +30,34 @@ from services.worker.runtime import JobRun, request_id, reverse_frame_entries
 FAMILY_FIELDS = ("true_cfg_scale", *SIZE_CONDITIONING_PARAMS)
 
 
+class InputExpired(Exception):
+    """An input picture of the job is gone or unreadable: the job fails naming the field."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.field = field
+
+
+def input_picture(run: JobRun, blob: str, field: str) -> Image.Image:
+    data = run.store.blob(run.job_id, blob)
+    if data is None:
+        raise InputExpired(f"the uploaded {field} has expired", field)
+    try:
+        with Image.open(io.BytesIO(data)) as picture:
+            return picture.convert("L" if field == "mask" else "RGB")
+    except Exception as error:  # noqa: BLE001 - a picture PIL cannot read is the caller's error
+        raise InputExpired(f"{field} could not be decoded: {error}", field) from None
+
+
 def generation_request(run: JobRun, index: int | None = None, **overrides) -> GenerationRequest:
+    """The engine request of a generation job (or of a reverse or sweep trajectory): its params, and for image
+    to image its starting picture and mask (InputExpired where they are gone)."""
     p = run.params
+    pictures = {}
+    if p.get("has_image") and run.job.kind != "forward":
+        pictures["image"] = input_picture(run, INPUT_BLOB, "image")
+        if p.get("has_mask"):
+            pictures["mask"] = input_picture(run, MASK_BLOB, "mask")
     fields = dict(
         prompt=p.get("prompt") or "",
         seed=int(p["seed"]),
@@ -45,16 +72,24 @@ def generation_request(run: JobRun, index: int | None = None, **overrides) -> Ge
         num_images=p.get("num_images", 1),
         preview_every=p.get("preview_every", 0),
         **{name: p.get(name) for name in FAMILY_FIELDS},  # absent in older jobs: None
+        strength=p.get("strength"),
+        **pictures,
     )
     fields.update(overrides)
     return GenerationRequest(request_id=request_id(run.job_id, run.attempt, index), **fields)
 
 
-def run_requests(run: JobRun, requests: list[GenerationRequest]) -> list[GenerationResult] | None:
-    """Submit together, wait for all; on a typed engine error, finish the job and return None."""
+def run_requests(run: JobRun, requests: Callable[[], list[GenerationRequest]]) -> list[GenerationResult] | None:
+    """Build the requests, submit them together, wait for all; on a typed engine error (or an input picture
+    gone), finish the job and return None."""
     engine = run.engine()
     handles = []
     try:
+        try:
+            requests = requests()
+        except InputExpired as error:
+            run.fail("invalid_request_error", str(error), error.field)
+            return None
         for request in requests:
             handles.append(engine.submit(request))
             run.runtime.track(handles[-1])
@@ -75,14 +110,14 @@ def run_requests(run: JobRun, requests: list[GenerationRequest]) -> list[Generat
 
 
 def generation(run: JobRun) -> None:
-    results = run_requests(run, [generation_request(run)])
+    results = run_requests(run, lambda: [generation_request(run)])
     if results:
         run.succeed(results[0].images)
 
 
 def reverse(run: JobRun) -> None:
     results = run_requests(
-        run, [generation_request(run, num_images=1, trajectory_every=run.params["trajectory_every"])]
+        run, lambda: [generation_request(run, num_images=1, trajectory_every=run.params["trajectory_every"])]
     )
     if not results:
         return
@@ -92,10 +127,12 @@ def reverse(run: JobRun) -> None:
 
 def guidance_sweep(run: JobRun) -> None:
     scales = run.params["guidance_scales"]
-    requests = [
-        generation_request(run, index, num_images=1, guidance_scale=scale) for index, scale in enumerate(scales)
-    ]
-    results = run_requests(run, requests)
+    results = run_requests(
+        run,
+        lambda: [
+            generation_request(run, index, num_images=1, guidance_scale=scale) for index, scale in enumerate(scales)
+        ],
+    )
     if results:
         frames = [({"guidance_scale": scale}, result.images[0]) for scale, result in zip(scales, results)]
         run.succeed([frame[1] for frame in frames], frames)
@@ -149,7 +186,7 @@ def forward(run: JobRun) -> None:
             return
         source = None
     else:
-        results = run_requests(run, [generation_request(run, num_images=1)])
+        results = run_requests(run, lambda: [generation_request(run, num_images=1)])
         if not results:
             return
         source = results[0].images[0]

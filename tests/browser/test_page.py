@@ -99,6 +99,44 @@ def halves_png() -> bytes:
     return buffer.getvalue()
 
 
+def test_a_generation_can_start_from_a_picture_and_inpaint_under_a_mask(opened):
+    """Image to image from an uploaded picture (its size is the size; 12 steps at strength 0.5 run 6), then the
+    same with a mask; a mask of another size is named at its field."""
+    page = opened
+    page.fill("#gen-steps", "12")
+    page.fill("#gen-preview-every", "0")
+    page.set_input_files("#gen-image", files=[{"name": "halves.png", "mimeType": "image/png", "buffer": halves_png()}])
+    page.fill("#gen-strength", "0.5")
+    page.click("#gen-submit")
+    wait_done(page, "gen")
+    params = page.locator("#gen-params")
+    expect(params).to_contain_text("strength0.5")
+    expect(params).to_contain_text("size64 × 64")
+    expect(page.locator("#gen-images img")).to_be_visible()
+
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    buffer = io.BytesIO()
+    mask.save(buffer, format="PNG")
+    page.set_input_files(
+        "#gen-mask", files=[{"name": "mask.png", "mimeType": "image/png", "buffer": buffer.getvalue()}]
+    )
+    page.click("#gen-submit")
+    wait_done(page, "gen")
+    expect(params).to_contain_text("strength0.5, masked")
+
+    small = io.BytesIO()
+    mask.resize((32, 32)).save(small, format="PNG")
+    page.set_input_files(
+        "#gen-mask", files=[{"name": "small.png", "mimeType": "image/png", "buffer": small.getvalue()}]
+    )
+    page.click("#gen-submit")
+    expect(page.locator("#gen-mask-error")).to_have_text("mask must be the image's size (64x64), got 32x32")
+    page.set_input_files("#gen-mask", files=[])
+    page.set_input_files("#gen-image", files=[])
+    page.fill("#gen-strength", "")
+
+
 def test_the_forward_slider_changes_the_frame_and_the_alpha_bar_readout(opened):
     page = opened
     page.check("#fwd-src-upload")

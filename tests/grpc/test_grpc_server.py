@@ -297,6 +297,20 @@ def test_the_door_serves_with_its_metrics_port_off_or_taken(real_stack, metrics_
         holder.close()
 
 
+def _png_b64(stack) -> str:
+    """A picture of the served model's native size, base64 PNG."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    model = httpx.get(stack.url + "/v1/models", headers={"authorization": f"Bearer {stack.keys[0]}"}).json()
+    native = model["data"][0]
+    buffer = io.BytesIO()
+    Image.new("RGB", (native["native_width"], native["native_height"]), (200, 30, 30)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
 def test_rest_and_grpc_show_the_same_job_of_every_kind(channel, real_stack):
     """For the same job, REST and gRPC give the same kind, status, params, images and frames."""
     from client.latentd_client.types import Job
@@ -319,6 +333,18 @@ def test_rest_and_grpc_show_the_same_job_of_every_kind(channel, real_stack):
                 "num_inference_steps": 2,
                 "guidance_scales": [0.0, 7.5],
             },
+        ),
+    ]
+    picture = _png_b64(real_stack)
+    bodies += [  # image to image and inpainting (a 64x64 picture: the default model's native size)
+        ("/v1/generations", {"prompt": "a red circle", "num_inference_steps": 4, "image": picture, "strength": 0.5}),
+        (
+            "/v1/generations",
+            {"prompt": "a red circle", "num_inference_steps": 2, "image": picture, "mask": picture, "seed": 3},
+        ),
+        (
+            "/v1/trajectories",
+            {"kind": "reverse", "prompt": "a red circle", "num_inference_steps": 4, "image": picture, "strength": 0.5},
         ),
     ]
     headers = {"authorization": f"Bearer {real_stack.keys[0]}"}

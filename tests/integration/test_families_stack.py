@@ -27,6 +27,17 @@ FAMILIES = {"tiny-sdxl": "sdxl", "tiny-sd3": "sd3", "tiny-flux": "flux"}
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
+def _picture_b64(size: int = 32) -> str:
+    import base64
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), (200, 30, 30)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+PICTURE = _picture_b64()  # the tiny families' native size
+
+
 def auth(stack):
     return (("authorization", f"Bearer {stack.keys[0]}"),)
 
@@ -151,6 +162,9 @@ def test_each_family_generates_through_rest_grpc_and_the_cli(families_stack, mod
         ({"model": "tiny-sd3", "guidance_rescale": 0.7}, "guidance_rescale", ["does not apply", "sd3 family"]),
         ({"model": "tiny-sd3", "eta": 0.5}, "eta", ["ddim sampler only", "flow_euler"]),
         ({"model": "tiny-flux", "sampler": "euler"}, "sampler", ["one of flow_euler", "got 'euler'"]),
+        ({"model": "tiny-sdxl", "image": PICTURE}, "image", ["image does not apply", "sdxl family"]),
+        ({"model": "tiny-sd3", "image": PICTURE, "strength": 0.5}, "image", ["does not apply", "sd3 family"]),
+        ({"model": "tiny-flux", "strength": 0.5}, "strength", ["strength does not apply", "flux family"]),
         # the gateway counts with the model's T5 tokenizer: 40 words are 41 T5 tokens, past the fixture's 32
         ({"model": "tiny-sd3", "prompt": "red " * 40}, "prompt", ["41 tokens", "at most 32"]),
     ],

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionXLPipeline
+from PIL import Image
 
 from services.worker.engine.engine import Engine
 from services.worker.engine.errors import InvalidRequestError
@@ -340,6 +341,10 @@ def test_flux_schnell_ignores_guidance_scale_as_its_pipeline(models, engines):
         ("sdxl", "sampler", "flow_euler", "sampler must be one of ddim, .*got 'flow_euler' \\(a flow-matching"),
         ("flux", "true_cfg_scale", 0.5, "true_cfg_scale must be between 1 and 100, got 0.5"),
         ("flux", "width", 36, "width must be a multiple of 8 between 8 and 64, got 36"),
+        # image to image and inpainting are the SD 1.x/2.x family's only
+        ("sdxl", "image", Image.new("RGB", (32, 32)), "image does not apply to model 'tiny-sdxl' \\(sdxl family\\)"),
+        ("sd3", "strength", 0.5, "strength does not apply to model 'tiny-sd3' \\(sd3 family\\)"),
+        ("flux", "mask", Image.new("L", (32, 32)), "mask does not apply to model 'tiny-flux' \\(flux family\\)"),
     ],
 )
 def test_what_does_not_apply_is_refused_by_name(models, engines, name, field, value, message):

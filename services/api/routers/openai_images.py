@@ -1,14 +1,20 @@
-"""POST /v1/images/generations: OpenAI Images API compatible and synchronous (waits for the job, on the
-event loop, without holding a thread)."""
+"""POST /v1/images/generations and POST /v1/images/edits: OpenAI Images API compatible and synchronous (wait
+for the job, on the event loop, without holding a thread). Edits come as multipart/form-data: the files
+`image` (and `mask`), the other fields as form fields."""
 
 from __future__ import annotations
 
 import base64
 
 from fastapi import APIRouter, Request
+from starlette.datastructures import UploadFile
 
 from services.api.deps import CoreDep, IdempotencyKey, OwnerDep
-from services.core.schemas import OpenAIImageRequest
+from services.common.errors import InvalidInput
+from services.common.jobs import JobRecord
+from services.core import Core
+from services.core.schemas import OpenAIImageEditRequest, OpenAIImageRequest
+from services.core.validation import parse
 
 router = APIRouter(prefix="/v1/images", tags=["openai"])
 
@@ -18,10 +24,67 @@ async def openai_generate(
     body: OpenAIImageRequest, request: Request, core: CoreDep, owner: OwnerDep, idempotency_key: IdempotencyKey = None
 ) -> dict:
     job = await core.submit_openai(owner, body, idempotency_key)  # a retry with its key waits for the first job
+    return await _images_response(core, owner, job, body.response_format, request)
+
+
+async def _images_response(core: Core, owner: str, job: JobRecord, response_format: str, request: Request) -> dict:
     job = await core.wait(owner, job.id, core.settings.openai_timeout_s)
-    if body.response_format == "b64_json":
+    if response_format == "b64_json":
         data = [{"b64_json": base64.b64encode(blob).decode()} for blob in await core.blobs(job)]
     else:
         base = str(request.base_url).rstrip("/")
         data = [{"url": base + url} for url in job.view()["images"]]
     return {"created": int(job.created_at), "data": data}
+
+
+FILE_FIELDS = {"image": ("image", "image[]"), "mask": ("mask",)}  # the openai client sends a list as image[]
+EDIT_FORM = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image", "prompt"],
+                    "properties": {
+                        "image": {"type": "string", "format": "binary", "description": "PNG or JPEG to edit."},
+                        "mask": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "PNG of the image's size: transparent (alpha 0) where the image is to be "
+                            "edited; a mask without alpha: white. Without one, the image's own transparent pixels, "
+                            "or (an opaque image) the whole image at `strength`.",
+                        },
+                        **OpenAIImageEditRequest.model_json_schema()["properties"],
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+async def _file(form, name: str) -> bytes | None:
+    """The bytes of file field `name` (a plain text field is refused naming it), or None when absent."""
+    values = [v for key in FILE_FIELDS[name] for v in form.getlist(key)]
+    if not values:
+        return None
+    if len(values) > 1:
+        raise InvalidInput(f"{name}: send one file, got {len(values)}", name)
+    if not isinstance(values[0], UploadFile):
+        raise InvalidInput(f"{name} must be a file part (a PNG or JPEG picture), got a text field", name)
+    return await values[0].read()
+
+
+@router.post("/edits", openapi_extra=EDIT_FORM)
+async def openai_edit(request: Request, core: CoreDep, owner: OwnerDep, idempotency_key: IdempotencyKey = None) -> dict:
+    """Image to image and inpainting, the OpenAI way (`client.images.edit(image=..., mask=..., prompt=...)`)."""
+    async with request.form() as form:
+        image = await _file(form, "image")
+        mask = await _file(form, "mask")
+        fields = {key: value for key, value in form.multi_items() if not isinstance(value, UploadFile)}
+    if image is None:
+        raise InvalidInput("image is required: a PNG or JPEG file part", "image")
+    body = parse(OpenAIImageEditRequest, fields)
+    job = await core.submit_openai_edit(owner, body, image, mask, idempotency_key)
+    return await _images_response(core, owner, job, body.response_format, request)

@@ -95,10 +95,17 @@ class SamplerState:
     step_index: int = 0  # the plan's step that runs next
     steps_done: int = 0  # updates this request has made (a request may start past step 0: image to image)
     x0_prev: torch.Tensor | None = None  # DPM-Solver++(2M): the last step's x0 prediction (n, C, h, w), float64
+    start_index: int = 0  # the plan's step the request starts at (image to image: rules.start_step)
+    known: Any = None  # inpainting with an ordinary UNet: the img2img.KnownRegion blended in after each step
 
     @property
     def finished(self) -> bool:
         return self.step_index >= self.plan.num_steps
+
+    @property
+    def num_steps(self) -> int:
+        """The updates this request makes: the plan's steps from its start on."""
+        return self.plan.num_steps - self.start_index
 
 
 def per_row(values: Sequence[float], counts: Sequence[int], device: torch.device, dtype=torch.float64) -> torch.Tensor:

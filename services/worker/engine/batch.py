@@ -79,8 +79,13 @@ class ActiveRequest:
         return self.state.step_index
 
     @property
+    def steps_done(self) -> int:
+        return self.state.steps_done
+
+    @property
     def total_steps(self) -> int:
-        return self.state.plan.num_steps
+        """The updates this request makes (from its start step: fewer than the plan's for image to image)."""
+        return self.state.num_steps
 
     @property
     def finished(self) -> bool:

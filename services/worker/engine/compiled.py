@@ -266,13 +266,15 @@ def to_channels_last(model: LoadedModel) -> None:
 def warmup_inputs(engine: Engine, rows: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """A backbone call's inputs of `rows` rows at the model's native size: the empty prompt's conditioning
     with the family's own per-row conditioning, zero latents at the first timestep of the default plan."""
+    from services.worker.engine import sources
     from services.worker.engine.engine import rows_of
 
     model = engine.model
     request = GenerationRequest(request_id="warm-up", prompt="", seed=0, num_inference_steps=1, guidance_scale=1.0)
     sampler, state, resolved, shape = engine._validate(request)
     encoded = model.encode_prompts([""])[0]
-    cond = rows_of(encoded | model.family.row_conditioning(model, request, resolved), rows)
+    start = sources.start(model, state, torch.Generator("cpu").manual_seed(0), 1, shape)  # a 9-channel UNet's extra
+    cond = rows_of(encoded | model.family.row_conditioning(model, request, resolved) | start.conditioning, rows)
     cond = {key: value.contiguous() for key, value in cond.items()}
     latents = torch.zeros((rows, *shape), dtype=model.dtype, device=model.device)
     timesteps = torch.full((rows,), state.plan.timesteps[0], dtype=torch.float32, device=model.device)

@@ -41,8 +41,9 @@ from PIL import Image
 from services.common import rules
 from services.common.errors import InvalidInput
 from services.worker import metrics as worker_metrics
+from services.worker.diffusion.img2img import blend_rows
 from services.worker.diffusion.samplers import Plan, Sampler, SamplerState, build_samplers, unsupported_samplers
-from services.worker.engine import compiled
+from services.worker.engine import compiled, sources
 from services.worker.engine.batch import ActiveRequest, UNetBatch, build_unet_batch, guided_outputs, to_device
 from services.worker.engine.compiled import Backbone, Decoder
 from services.worker.engine.errors import (
@@ -299,6 +300,9 @@ class Engine:
                 crop_left=request.crop_left,
                 target_width=request.target_width,
                 target_height=request.target_height,
+                image_size=_size(request.image, "image"),
+                mask_size=_size(request.mask, "mask"),
+                strength=request.strength,
             )
         except InvalidInput as error:
             raise InvalidRequestError(error.message, error.param) from None
@@ -308,7 +312,9 @@ class Engine:
             plan = sampler.plan_for(resolved.num_inference_steps, self.model.family.image_seq_len(self.model, shape))
         except ValueError as error:
             raise InvalidRequestError(f"{error} (sampler {resolved.sampler})", "num_inference_steps") from None
-        return sampler, SamplerState(plan=plan, eta=float(request.eta)), resolved, shape
+        start = 0 if resolved.strength is None else rules.start_step(resolved.num_inference_steps, resolved.strength)
+        state = SamplerState(plan=plan, eta=float(request.eta), step_index=start, start_index=start)
+        return sampler, state, resolved, shape
 
     @functools.cached_property
     def limits(self) -> rules.ModelLimits:
@@ -430,32 +436,42 @@ class Engine:
         for active in admitted:
             n = active.num_images
             request = active.request
-            own = model.family.row_conditioning(model, request, active.resolved)  # time ids, guidance, ...
+            active.latents, extra = self._initial_latents(active)
+            own = model.family.row_conditioning(model, request, active.resolved) | extra  # time ids, guidance, ...
             if active.needs_cond:
                 active.cond = rows_of(encoded[request.prompt] | own, n)
             if active.needs_uncond:
                 negative = model.uncond_conditioning(request.negative_prompt, encoded[request.negative_prompt])
                 active.uncond = rows_of(negative | own, n)
-            active.latents = self._initial_latents(active)
             active.admitted_at = time.monotonic()
             self._active.append(active)
 
-    def _initial_latents(self, active: ActiveRequest) -> torch.Tensor:
-        """x at the request's first step (n, C, h, w), float32 on the model's device, on its sampler's scale.
-        As diffusers' prepare_latents: randn on the request's own CPU generator in the model dtype, then to the
-        device, × the plan's init_noise_sigma (1; σ̂_max for the Euler family). The generator stays with the
-        request for the noise its sampler draws later."""
-        model = self.model
-        active.generator = torch.Generator("cpu").manual_seed(active.request.seed)
-        noise = torch.randn((active.num_images, *active.latent_shape), generator=active.generator, dtype=model.dtype)
-        return to_device(noise, model.device).float() * active.state.plan.init_noise_sigma
+    def _initial_latents(self, active: ActiveRequest) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """x at the request's first step (n, C, h, w), float32 on the model's device, on its sampler's scale, and
+        any conditioning its start adds (sources.py). As diffusers' prepare_latents: randn on the request's own
+        CPU generator in the model dtype, then to the device, × the plan's init_noise_sigma (1; σ̂_max for the
+        Euler family); with an image, its VAE posterior sample first and the image noised to the start step.
+        The generator stays with the request for the noise its sampler draws later."""
+        request = active.request
+        active.generator = torch.Generator("cpu").manual_seed(request.seed)
+        begin = sources.start(
+            self.model,
+            active.state,
+            active.generator,
+            active.num_images,
+            active.latent_shape,
+            image=request.image,
+            mask=request.mask,
+            strength=active.resolved.strength,
+        )
+        return begin.latents, begin.conditioning
 
     def _cancelled(self, active: ActiveRequest) -> bool:
         if active.handle.cancel_requested:
             self._retire(
                 active,
                 error=RequestCancelled(
-                    f"request {active.request_id} was cancelled after {active.step_index} of {active.total_steps} steps"
+                    f"request {active.request_id} was cancelled after {active.steps_done} of {active.total_steps} steps"
                 ),
             )
             return True
@@ -519,11 +535,12 @@ class Engine:
                 ]
             )
             noise = to_device(noise, device)
-        # what each member's step was, read before the samplers advance the states: (step index, t, input scale)
-        before = [(m.step_index, m.timestep, m.input_scale) for m in members]
+        # what each member's step was, read before the samplers advance the states: (updates done, plan step index,
+        # t, input scale)
+        before = [(m.steps_done, m.step_index, m.timestep, m.input_scale) for m in members]
         x_prev, x0_pred = self._step_samplers(members, guided, x_t, noise)
         # non-finite rows: flagged on the device now, read every few iterations and before any decode (finite.py)
-        self._finite.observe(members, [m.num_images for m in members], [index + 1 for index, _, _ in before], x_prev)
+        self._finite.observe(members, [m.num_images for m in members], [done + 1 for done, *_ in before], x_prev)
         if self._finite.due(force=any(m.finished for m in members)):
             for member, step in self._finite.check():
                 if member in self._active:
@@ -531,15 +548,16 @@ class Engine:
                         member,
                         error=NonFiniteOutputError(
                             f"request {member.request_id}: latents became non-finite at step {step} "
-                            f"of {member.total_steps} (timestep {round(member.state.plan.timesteps[step - 1])})"
+                            f"of {member.total_steps} "
+                            f"(timestep {round(member.state.plan.timesteps[member.state.start_index + step - 1])})"
                         ),
                     )
         events, row = [], 0
-        for member, (index, timestep, input_scale) in zip(members, before):
+        for member, (done, index, timestep, input_scale) in zip(members, before):
             rows = slice(row, row + member.num_images)
             row += member.num_images
             member_x_prev, member_x0_pred = x_prev[rows], x0_pred[rows]
-            step = index + 1
+            step = done + 1
             if member not in self._active:  # retired above (non-finite) or earlier
                 continue
             request = member.request
@@ -569,8 +587,15 @@ class Engine:
     def _step_samplers(
         self, members: list[ActiveRequest], model_output: torch.Tensor, x_t: torch.Tensor, noise: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One update of every row, grouped by sampler: each sampler steps all its rows at once. Returns
-        (x_prev, x0_pred) (N, C, h, w) in member order; advances every member's sampler state."""
+        """One update of every row, grouped by sampler: each sampler steps all its rows at once; then the
+        inpainting requests' kept regions are blended back in (img2img.blend_rows). Returns (x_prev, x0_pred)
+        (N, C, h, w) in member order; advances every member's sampler state."""
+        x_prev, x0_pred = self._sampler_updates(members, model_output, x_t, noise)
+        return blend_rows([m.state for m in members], [m.num_images for m in members], x_prev), x0_pred
+
+    def _sampler_updates(
+        self, members: list[ActiveRequest], model_output: torch.Tensor, x_t: torch.Tensor, noise: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         groups: dict[str, list[int]] = {}
         for k, member in enumerate(members):
             groups.setdefault(member.sampler.name, []).append(k)
@@ -716,6 +741,15 @@ class Engine:
         for _, future in calls:
             if future.set_running_or_notify_cancel():
                 future.set_exception(error)
+
+
+def _size(image: Image.Image | None, field: str) -> tuple[int, int] | None:
+    """A picture's (width, height), or None; InvalidRequestError naming the field for what is not a picture."""
+    if image is None:
+        return None
+    if not isinstance(image, Image.Image):
+        raise InvalidRequestError(f"{field} must be a picture (PIL.Image), got {type(image).__name__}", field)
+    return image.size
 
 
 def rows_of(conditioning: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:

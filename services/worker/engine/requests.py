@@ -37,6 +37,10 @@ class GenerationRequest:
     crop_left: int | None = None
     target_width: int | None = None  # None: the generated size
     target_height: int | None = None
+    # image to image and inpainting (families that read them: rules.IMAGE_PARAMS)
+    image: Image.Image | None = None  # the starting picture; width and height default to its size
+    strength: float | None = None  # None: 0.8, or 1 with a mask; the last int(steps·strength) steps run
+    mask: Image.Image | None = None  # white = repaint; the image's size
 
 
 @dataclass
@@ -45,7 +49,7 @@ class StepEvent:
 
     request_id: str
     step: int  # 1-based: the number of sampler updates done so far
-    total: int
+    total: int  # the updates the request makes (fewer than its steps for image to image)
     timestep: int  # the t that this step denoised from (rounded: Euler on linspace spacing has fractional ones)
     preview: Image.Image | None = None
     frame: TrajectoryFrame | None = None  # the trajectory frame kept at this step, if any

@@ -4,6 +4,7 @@ varies with it. A folder's model_index.json `_class_name` picks the family; anyt
 | pipeline | family | module |
 | --- | --- | --- |
 | StableDiffusionPipeline | sd | stable_diffusion.py |
+| StableDiffusionInpaintPipeline | sd | stable_diffusion.py |
 | StableDiffusionXLPipeline | sdxl | stable_diffusion.py |
 | StableDiffusion3Pipeline | sd3 | flow.py |
 | FluxPipeline | flux | flow.py |
@@ -17,10 +18,11 @@ from typing import Any
 
 from services.worker.families.base import Conditioning, Family, LatentScaling, ModelFacts, ModelLoadError, Rows
 from services.worker.families.flow import Flux, StableDiffusion3
-from services.worker.families.stable_diffusion import StableDiffusion, StableDiffusionXL
+from services.worker.families.stable_diffusion import StableDiffusion, StableDiffusionInpaint, StableDiffusionXL
 
 FAMILIES: dict[str, Family] = {
-    family.pipeline: family for family in (StableDiffusion(), StableDiffusionXL(), StableDiffusion3(), Flux())
+    family.pipeline: family
+    for family in (StableDiffusion(), StableDiffusionInpaint(), StableDiffusionXL(), StableDiffusion3(), Flux())
 }
 SUPPORTED_PIPELINES = tuple(FAMILIES)
 

@@ -34,6 +34,9 @@ if TYPE_CHECKING:
     from services.worker.loading import LoadedModel
 
 Conditioning = dict[str, torch.Tensor]
+# a 9-channel inpainting UNet's extra input, per row (1 + C, h, w): the mask (1 = repaint) and the masked picture's
+# latents, concatenated to x on the channel axis (StableDiffusionInpaintPipeline)
+INPAINT_CHANNELS = "inpaint_channels"
 PICKLED_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 
@@ -98,6 +101,7 @@ class ModelFacts:
     tokenizer_class: str  # its transformers class, for the gateway's own count
     params: tuple[str, ...]  # the request fields this model reads
     guidance_form: str  # cfg | distilled | none
+    inpaint_unet: bool = False  # a 9-channel inpainting UNet (latent channels + mask + masked picture's latents)
 
 
 class Family:

@@ -18,6 +18,7 @@ import torch
 
 from services.common import rules
 from services.worker.families.base import (
+    INPAINT_CHANNELS,
     Conditioning,
     Family,
     LatentScaling,
@@ -41,7 +42,8 @@ class StableDiffusion(Family):
         "tokenizer": "CLIPTokenizer",
     }
     cfg_below_one = True
-    params = rules.DEFAULT_PARAMS
+    params = (*rules.DEFAULT_PARAMS, *rules.IMAGE_PARAMS)
+    inpainting = False  # a StableDiffusionInpaintPipeline folder (a 9-channel UNet is allowed)
     batch_prompts = True  # as latentd always has for this family (pictures within PSNR 40 dB of the pipeline's)
 
     def describe(self, index, components, options) -> ModelFacts:
@@ -53,10 +55,22 @@ class StableDiffusion(Family):
             )
         f = self.vae_scale_factor(components)
         width, height = self.native_size(unet.config.sample_size, f, options)
+        channels, latent = int(unet.config.in_channels), int(vae.config.latent_channels)
+        inpaint_unet = channels == 2 * latent + 1  # x, the mask, the masked picture's latents
+        if channels != latent and not inpaint_unet:
+            raise ModelLoadError(
+                f"the UNet takes {channels} input channels; the VAE's latents have {latent} (an ordinary UNet) "
+                f"and an inpainting UNet takes {2 * latent + 1} (latents, mask, masked picture's latents)"
+            )
+        if inpaint_unet and not self.inpainting:
+            raise ModelLoadError(
+                f"a {channels}-channel inpainting UNet belongs in a StableDiffusionInpaintPipeline folder "
+                f"(model_index.json _class_name), not a {self.pipeline} one"
+            )
         return ModelFacts(
             native_width=width,
             native_height=height,
-            latent_channels=int(unet.config.in_channels),
+            latent_channels=latent,
             vae_scale_factor=f,
             size_multiple=f * 2 ** (len(unet.config.block_out_channels) - 1),
             max_prompt_tokens=int(components["tokenizer"].model_max_length),
@@ -65,6 +79,7 @@ class StableDiffusion(Family):
             tokenizer_class="CLIPTokenizer",
             params=self.params,
             guidance_form=self.guidance_form,
+            inpaint_unet=inpaint_unet,
         )
 
     def scaling(self, vae_config) -> LatentScaling:
@@ -88,7 +103,18 @@ class StableDiffusion(Family):
         return split({"encoder_hidden_states": hidden.to(model.dtype)}, len(prompts))
 
     def forward(self, model, latents, timesteps, cond):
+        if INPAINT_CHANNELS in cond:  # a 9-channel UNet: [x, mask, masked picture's latents]
+            latents = torch.cat([latents, cond[INPAINT_CHANNELS]], dim=1)
         return model.components["unet"](latents, timesteps, encoder_hidden_states=cond["encoder_hidden_states"]).sample
+
+
+class StableDiffusionInpaint(StableDiffusion):
+    """StableDiffusionInpaintPipeline folders: SD 1.x/2.x with, usually, a 9-channel inpainting UNet (its input:
+    x, the mask, the masked picture's latents). Requests without a mask repaint everything (a white mask)."""
+
+    pipeline = "StableDiffusionInpaintPipeline"
+    label = "Stable Diffusion 1.x/2.x inpainting"
+    inpainting = True
 
 
 class StableDiffusionXL(StableDiffusion):

@@ -5,15 +5,7 @@ import { fetchBlob } from "./api.js";
 import { generated } from "./generate.js";
 import { JobPanel } from "./job.js";
 import { modelNamed } from "./models.js";
-import { $, $$, fixed, formValues, seedValue, UrlBag } from "./ui.js";
-
-const readFile = (blob) =>
-  new Promise((resolve, reject) => {
-    const reader = new FileReader();
-    reader.onload = () => resolve(reader.result);
-    reader.onerror = () => reject(reader.error);
-    reader.readAsDataURL(blob);
-  });
+import { $, $$, fixed, formValues, readFile, seedValue, UrlBag } from "./ui.js";
 
 export function timestepsFor(T, stride) {
   const ts = [];

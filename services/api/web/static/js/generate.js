@@ -4,7 +4,7 @@ import { fetchBlob } from "./api.js";
 import { JobPanel } from "./job.js";
 import { modelNamed, onModels } from "./models.js";
 import { regimeFor } from "./regimes.js";
-import { $, el, formValues, seconds, seedValue, UrlBag } from "./ui.js";
+import { $, el, formValues, readFile, seconds, seedValue, UrlBag } from "./ui.js";
 
 export const generated = { blob: null, jobId: null }; // the last picture, for the forward panel
 
@@ -20,6 +20,7 @@ const PARAM_ROWS = [
   ["guidance scale", (j) => j.params.guidance_scale],
   ["guidance rescale", (j) => j.params.guidance_rescale],
   ["eta", (j) => j.params.eta],
+  ["strength", (j) => (j.params.has_image ? `${j.params.strength}${j.params.has_mask ? ", masked" : ""}` : "—")],
   ["images", (j) => j.params.num_images],
   ["negative prompt", (j) => j.params.negative_prompt || "—"],
   ["queue wait", (j) => seconds(j.timings?.queue_s)],
@@ -136,7 +137,19 @@ export function initGenerate() {
     if (v.guidance_rescale !== null && v.guidance_rescale !== undefined) body.guidance_rescale = v.guidance_rescale;
     if (v.model) body.model = v.model;
     if (width && height) Object.assign(body, { width, height });
-    const ratio = width && height ? `${width} / ${height}` : model ? `${model.native_width} / ${model.native_height}` : "1 / 1";
+    let ratio = width && height ? `${width} / ${height}` : model ? `${model.native_width} / ${model.native_height}` : "1 / 1";
+    // image to image, inpainting: the picture's size is the size; strength or a mask alone get the API's answer
+    const picture = $("#gen-image").files[0];
+    const mask = $("#gen-mask").files[0];
+    if (v.strength !== null && v.strength !== undefined) body.strength = v.strength;
+    if (mask) body.mask = await readFile(mask);
+    if (picture) {
+      body.image = await readFile(picture);
+      delete body.width;
+      delete body.height;
+      const bitmap = await createImageBitmap(picture).catch(() => null); // not a picture: the API says so
+      if (bitmap) ratio = `${bitmap.width} / ${bitmap.height}`;
+    }
 
     urls.clear();
     preview.hidden = true;

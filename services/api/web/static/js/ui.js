@@ -30,6 +30,15 @@ export function formValues(form) {
   return values;
 }
 
+/** A picture (File or Blob) as a data: URL, as the API takes pictures. */
+export const readFile = (blob) =>
+  new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(blob);
+  });
+
 /** A seed field as an exact integer (BigInt past 2**53), null when empty. */
 export function seedValue(input) {
   const text = input.value.trim();
