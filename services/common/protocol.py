@@ -12,6 +12,7 @@ import base64
 import json
 from typing import Any
 
+from services.common import rules
 from services.common.grpc_gen.latentd.v1 import latentd_pb2 as pb
 
 # gRPC trailers that carry the REST error body's `param` and `type`, and Retry-After.
@@ -63,12 +64,7 @@ GENERATION_SCALARS = (
     "preview_every",
     "guidance_rescale",
     "true_cfg_scale",
-    "original_width",
-    "original_height",
-    "crop_top",
-    "crop_left",
-    "target_width",
-    "target_height",
+    *rules.SIZE_CONDITIONING_PARAMS,
     "strength",
 )
 # Image to image's pictures: (bytes field, JobImageRef field), under the REST names image and mask
