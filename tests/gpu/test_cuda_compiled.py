@@ -21,6 +21,7 @@ from services.worker.engine.engine import Engine
 from services.worker.engine.errors import NonFiniteOutputError
 from services.worker.engine.requests import GenerationRequest
 from services.worker.loading import load_model
+from tests.fixtures.pictures import pixels, psnr
 
 MODEL = Path(__file__).resolve().parents[2] / "models" / "shapes-ldm"
 PROMPT = "a large red circle on a white background"
@@ -28,15 +29,6 @@ BUCKETS = (2, 4, 8, 16)  # as the settings default (no 1-row graph), under max_b
 COMPILE_MODE = "default"
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-def pixels(images) -> np.ndarray:
-    return np.stack([np.asarray(image, dtype=np.float64) / 255 for image in images])
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a - b) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1 / mse)
 
 
 def request(request_id: str, **overrides) -> GenerationRequest:

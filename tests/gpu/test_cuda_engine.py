@@ -18,6 +18,7 @@ from PIL import Image
 from services.worker.engine.engine import Engine
 from services.worker.engine.requests import GenerationRequest
 from services.worker.loading import load_model
+from tests.fixtures.pictures import pixels, psnr
 from training.evaluate import SPOT_CHECK_CAPTIONS
 
 MODEL = Path(__file__).resolve().parents[2] / "models" / "shapes-ldm"
@@ -25,15 +26,6 @@ PROMPT = "a large red circle on a white background"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-def pixels(images) -> np.ndarray:
-    return np.stack([np.asarray(image, dtype=np.float64) / 255 for image in images])
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a - b) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1 / mse)
 
 
 def request(request_id: str, **overrides) -> GenerationRequest:

@@ -27,6 +27,7 @@ from services.worker.engine.compiled import (
 from services.worker.engine.engine import Engine
 from services.worker.engine.errors import NonFiniteOutputError
 from services.worker.engine.requests import GenerationRequest
+from tests.fixtures.pictures import pixels
 
 STEPS = 8
 
@@ -35,10 +36,6 @@ def request(request_id: str, **overrides) -> GenerationRequest:
     fields = dict(prompt="a red circle", seed=1234, num_inference_steps=STEPS, guidance_scale=7.5)
     fields.update(overrides)
     return GenerationRequest(request_id=request_id, **fields)
-
-
-def pixels(images) -> np.ndarray:
-    return np.stack([np.asarray(image, dtype=np.float64) / 255 for image in images])
 
 
 def test_bucket_arithmetic():

@@ -13,6 +13,7 @@ from diffusers import StableDiffusionPipeline
 
 from services.worker.engine.errors import InvalidRequestError, NonFiniteOutputError, RequestCancelled
 from services.worker.engine.requests import GenerationRequest
+from tests.fixtures.pictures import pixels, psnr
 
 STEPS = 8
 
@@ -21,15 +22,6 @@ def request(request_id: str, **overrides) -> GenerationRequest:
     fields = dict(prompt="a red circle", seed=1234, num_inference_steps=STEPS, guidance_scale=7.5)
     fields.update(overrides)
     return GenerationRequest(request_id=request_id, **fields)
-
-
-def pixels(images) -> np.ndarray:
-    return np.stack([np.asarray(image, dtype=np.float64) / 255 for image in images])
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a - b) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1 / mse)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from services.worker.engine.errors import InvalidRequestError
 from services.worker.engine.requests import GenerationRequest
 from services.worker.loading import ModelLoadError, load_model
 from services.worker.runtime import model_info
+from tests.fixtures.pictures import pixels, psnr
 from tests.fixtures.tiny_model import build_tiny_model
 from training.evaluate import diffusers_scheduler
 
@@ -30,15 +31,6 @@ def request(request_id: str, **overrides) -> GenerationRequest:
     fields = dict(prompt=PROMPT, seed=1234, num_inference_steps=STEPS, guidance_scale=7.5)
     fields.update(overrides)
     return GenerationRequest(request_id=request_id, **fields)
-
-
-def pixels(images) -> np.ndarray:
-    return np.stack([np.asarray(image, dtype=np.float64) / 255 for image in images])
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a - b) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1 / mse)
 
 
 def pipeline_for(folder, sampler: str) -> StableDiffusionPipeline:

@@ -21,6 +21,7 @@ from services.worker.engine.requests import GenerationRequest
 from services.worker.families.flow import latent_image_ids, pack_latents, unpack_latents
 from services.worker.loading import ModelLoadError, load_model
 from services.worker.trajectories import _noised, noise_levels
+from tests.fixtures.pictures import pixels, psnr
 from tests.fixtures.tiny_families import NATIVE_SIZE, T5_MAX_LENGTH
 
 PIPELINES = {
@@ -99,20 +100,11 @@ def capturing(model):
     return copy, seen
 
 
-def pixels(images) -> np.ndarray:
-    return np.stack([np.asarray(image, dtype=np.float64) / 255 for image in images])
-
-
 def levels_apart(a, b) -> int:
     """The largest difference between two lists of pictures, in 8-bit levels (1 level = 1/255)."""
     return int(
         np.abs(np.stack([np.asarray(i, np.int16) for i in a]) - np.stack([np.asarray(i, np.int16) for i in b])).max()
     )
-
-
-def psnr(a, b) -> float:
-    mse = float(((pixels(a) - pixels(b)) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * np.log10(1 / mse)
 
 
 # ---- what each family is ------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from services.worker.engine.errors import InvalidRequestError
 from services.worker.engine.requests import GenerationRequest
 from services.worker.loading import load_model
 from services.worker.runtime import model_info
+from tests.fixtures.pictures import pixels, psnr
 from tests.fixtures.tiny_model import NATIVE_SIZE, build_tiny_model
 from training.evaluate import diffusers_scheduler
 
@@ -38,15 +39,6 @@ def square_mask(size: int = NATIVE_SIZE) -> Image.Image:
     mask = np.zeros((size, size), np.uint8)
     mask[size // 4 : 3 * size // 4, size // 8 : size // 2] = 255
     return Image.fromarray(mask)
-
-
-def pixels(images) -> np.ndarray:
-    return np.stack([np.asarray(image, dtype=np.float64) / 255 for image in images])
-
-
-def psnr(a, b) -> float:
-    mse = float(np.mean((pixels(a) - pixels(b)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1 / mse)
 
 
 def request(request_id: str, **overrides) -> GenerationRequest:
