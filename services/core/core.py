@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 ANONYMOUS = "anonymous"
 MAX_IDEMPOTENCY_KEY = 255
+Picture = tuple[bytes, tuple[int, int]]  # a request's picture: its bytes (PNG or JPEG) and (width, height)
 IDEMPOTENCY_PARAM = "Idempotency-Key"
 ARTIFACT_KINDS = ("image", "frame")
 
@@ -127,7 +128,7 @@ def picture_size(data: bytes, param: str = "image") -> tuple[int, int]:
     return size
 
 
-def _sizes(image: tuple[bytes, tuple[int, int]] | None, mask: tuple[bytes, tuple[int, int]] | None) -> dict:
+def _sizes(image: Picture | None, mask: Picture | None) -> dict:
     """The pictures' sizes as rules.check_generation takes them."""
     return {"image_size": image and image[1], "mask_size": mask and mask[1]}
 
@@ -314,11 +315,21 @@ class Core:
         return await self._submit_generation(owner, body, self.idempotency("generation", body, idempotency_key))
 
     async def _submit_generation(
-        self, owner: str, body: GenerationCreate, idempotency: tuple[str, str] | None, images_field: str = "num_images"
+        self,
+        owner: str,
+        body: GenerationCreate,
+        idempotency: tuple[str, str] | None,
+        images_field: str = "num_images",
+        pictures: tuple[Picture | None, Picture | None] | None = None,
     ) -> JobRecord:
+        """`pictures`: the (image, mask) a door has decoded already; else they are read from `body`."""
         model = await self.resolve_model(body.model)
-        image = await self._input_picture(owner, body.image, "image")
-        mask = await self._input_picture(owner, body.mask, "mask")
+        if pictures is None:
+            pictures = (
+                await self._input_picture(owner, body.image, "image"),
+                await self._input_picture(owner, body.mask, "mask"),
+            )
+        image, mask = pictures
         fields = body.model_dump(exclude={"model", "output_format", "image", "mask"})
         resolved = self._resolve(model, fields | _sizes(image, mask), images_field=images_field)
         params = _params(body.model_dump(exclude={"image", "mask"}) | resolved | _image_params(body, image, mask))
@@ -332,9 +343,7 @@ class Core:
             idempotency=idempotency,
         )
 
-    async def _input_picture(
-        self, owner: str, value: str | JobImage | None, param: str
-    ) -> tuple[bytes, tuple[int, int]] | None:
+    async def _input_picture(self, owner: str, value: str | JobImage | None, param: str) -> Picture | None:
         """(bytes, size) of an uploaded picture (base64), or of an earlier job's image of this caller; None for
         None. InvalidInput naming the field for anything else."""
         if value is None:
@@ -437,14 +446,11 @@ class Core:
             raise InvalidInput(
                 f"size must be the image's size ({size[0]}x{size[1]}) or left out, got {body.size!r}", "size"
             )
-        fields = body.model_dump(include=set(GenerationCreate.model_fields))
-        generation = GenerationCreate(
-            **fields,
-            num_images=body.n,
-            image=base64.b64encode(image).decode(),
-            mask=base64.b64encode(mask).decode() if mask is not None else None,
-        )
-        return await self._submit_generation(owner, generation, idempotency, images_field="n")
+        generation = GenerationCreate(**body.model_dump(include=set(GenerationCreate.model_fields)), num_images=body.n)
+        # decoded and sized above: handed over as they are, not sent round through base64 and decoded again
+        mask_size = sizes[1] if len(sizes) > 1 else size  # a mask made from the image's own alpha has its size
+        pictures = ((image, size), (mask, mask_size) if mask is not None else None)
+        return await self._submit_generation(owner, generation, idempotency, images_field="n", pictures=pictures)
 
     def _resolve(self, model: ModelInfo, fields: dict[str, Any], images_field: str = "num_images") -> dict[str, Any]:
         """Check a generation's fields against every rule; the values it leaves to the service, filled in."""
