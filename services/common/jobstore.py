@@ -372,7 +372,9 @@ class _Batched:
     one `decode` of its reply; every one of them asked before the command was sent, so none gets an older read
     than it asked for."""
 
-    def __init__(self, client: aioredis.Redis, command: str, *args: Any, decode: Callable[[str, Any], Any] = None):
+    def __init__(
+        self, client: aioredis.Redis, command: str, *args: Any, decode: Callable[[str, Any], Any] | None = None
+    ):
         self.client, self.command, self.args = client, command, args
         self.decode = decode or (lambda key, reply: reply)
         self._pending: dict[str, list[asyncio.Future]] = {}
