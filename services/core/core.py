@@ -128,6 +128,26 @@ def picture_size(data: bytes, param: str = "image") -> tuple[int, int]:
     return size
 
 
+def read_picture(data: str | bytes, param: str, formats: tuple[str, ...] = ("PNG", "JPEG")) -> Picture:
+    """(bytes, size) of a picture sent as bytes or base64; InvalidInput naming `param` for anything else."""
+    data = decode_image(data, param, formats)
+    return data, picture_size(data, param)
+
+
+def openai_edit_inputs(image: bytes, mask: bytes | None) -> tuple[Picture, Picture | None]:
+    """An OpenAI edit's upload as latentd's (image, mask) pictures (openai_edit_pictures), each checked and sized;
+    pictures too large for any model are left as sent, for the size rule to refuse them undecoded."""
+    image_in = read_picture(image, "image")
+    mask_in = read_picture(mask, "mask") if mask is not None else None
+    if max(max(p[1]) for p in (image_in, mask_in) if p is not None) > rules.MAX_SIDE:
+        return image_in, mask_in
+    image_out, mask_out = openai_edit_pictures(image_in[0], mask_in and mask_in[0])
+    if mask_out is None:
+        return (image_out, image_in[1]), None
+    # a mask made from the image's own alpha has the image's size
+    return (image_out, image_in[1]), (mask_out, mask_in[1] if mask_in is not None else image_in[1])
+
+
 def _sizes(image: Picture | None, mask: Picture | None) -> dict:
     """The pictures' sizes as rules.check_generation takes them."""
     return {"image_size": image and image[1], "mask_size": mask and mask[1]}
@@ -358,10 +378,11 @@ class Core:
                 data, _ = await self.artifact(owner, value.job_id, "image", value.index)
             except NotFound as error:
                 raise InvalidInput(f"{param}: {error.message}", f"{param}.job_id") from None
-            data = decode_image(data, param, formats=("PNG", "JPEG", "WEBP"))  # a job's own output may be WebP
+            formats = ("PNG", "JPEG", "WEBP")  # a job's own output may be WebP
         else:
-            data = decode_image(value, param)
-        return data, picture_size(data, param)
+            data, formats = value, ("PNG", "JPEG")
+        # decoding a picture of up to the body limit is CPU work: off the event loop, which serves every reader
+        return await asyncio.to_thread(read_picture, data, param, formats)
 
     async def submit_trajectory(
         self, owner: str, body: TrajectoryCreate | dict, idempotency_key: str | None = None
@@ -436,20 +457,15 @@ class Core:
         image itself is transparent, else the whole picture re-imagined at `strength`."""
         pictures = hashlib.sha256(image).hexdigest() + (hashlib.sha256(mask).hexdigest() if mask else "")
         idempotency = self.idempotency(f"openai_edit:{pictures}", body, idempotency_key)
-        image = decode_image(image, "image")
-        mask = decode_image(mask, "mask") if mask is not None else None
-        size = picture_size(image, "image")
-        sizes = [size] + ([picture_size(mask, "mask")] if mask is not None else [])
-        if max(max(s) for s in sizes) <= rules.MAX_SIDE:  # larger: refused by the size rules, never decoded
-            image, mask = openai_edit_pictures(image, mask)
+        image_in, mask_in = await asyncio.to_thread(openai_edit_inputs, image, mask)  # CPU work: off the loop
+        size = image_in[1]
         if body.size and body.size != f"{size[0]}x{size[1]}":
             raise InvalidInput(
                 f"size must be the image's size ({size[0]}x{size[1]}) or left out, got {body.size!r}", "size"
             )
         generation = GenerationCreate(**body.model_dump(include=set(GenerationCreate.model_fields)), num_images=body.n)
         # decoded and sized above: handed over as they are, not sent round through base64 and decoded again
-        mask_size = sizes[1] if len(sizes) > 1 else size  # a mask made from the image's own alpha has its size
-        pictures = ((image, size), (mask, mask_size) if mask is not None else None)
+        pictures = (image_in, mask_in)
         return await self._submit_generation(owner, generation, idempotency, images_field="n", pictures=pictures)
 
     def _resolve(self, model: ModelInfo, fields: dict[str, Any], images_field: str = "num_images") -> dict[str, Any]:
