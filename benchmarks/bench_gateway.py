@@ -36,10 +36,10 @@ import httpx
 import redis
 
 from benchmarks import gateway_load as load
+from benchmarks.bench_service import model_or_tiny
 from scripts import run_stack
 from services.common.settings import hash_key
 
-DEFAULT_MODEL = Path("models/shapes-ldm")
 SECTIONS = ("flood", "fanout", "reads", "waiters", "bodies")
 KEYS = ("bench-a", "bench-b", "bench-flood", "bench-quiet")
 PROMPT = "a large red circle on a white background"
@@ -341,14 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-batch-rows", type=int, default=0, help="LATENTD_MAX_BATCH_ROWS (0: the default)")
     args = parser.parse_args(argv)
     only = [s for s in args.only.split(",") if s]
-    model = args.model
-    if model is None:
-        if (DEFAULT_MODEL / "model_index.json").exists():
-            model = DEFAULT_MODEL
-        else:
-            from tests.fixtures.tiny_model import build_tiny_model
-
-            model = build_tiny_model(Path(tempfile.mkdtemp(prefix="latentd-bench-")) / "tiny")
+    model = model_or_tiny(args.model)
     name = Path(model).resolve().name
     log_dir = Path(tempfile.mkdtemp(prefix="latentd-bench-gateway-"))
     result: dict = {

@@ -22,7 +22,7 @@ import httpx
 
 from scripts import run_stack
 
-DEFAULT_MODEL = Path("models/shapes-ldm")
+DEFAULT_MODEL = run_stack.DEFAULT_MODEL
 PROMPTS = [
     "a large red circle on a white background",
     "a blue square on a gray background",
@@ -133,20 +133,25 @@ def bench_service(model_path: Path, jobs: int, steps: int) -> dict:
     }
 
 
+def model_or_tiny(model: Path | None) -> Path:
+    """The model a service benchmark runs: the one named, else the default model, else (a checkout without it)
+    a tiny random-weight model built from config."""
+    if model is not None:
+        return model
+    if (DEFAULT_MODEL / "model_index.json").exists():
+        return DEFAULT_MODEL
+    from tests.fixtures.tiny_model import build_tiny_model
+
+    return build_tiny_model(Path(tempfile.mkdtemp(prefix="latentd-bench-")) / "tiny")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--jobs", type=int, default=16)
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args(argv)
-    model = args.model
-    if model is None:
-        if (DEFAULT_MODEL / "model_index.json").exists():
-            model = DEFAULT_MODEL
-        else:
-            from tests.fixtures.tiny_model import build_tiny_model
-
-            model = build_tiny_model(Path(tempfile.mkdtemp(prefix="latentd-bench-")) / "tiny")
+    model = model_or_tiny(args.model)
     engine = bench_engine(model, args.jobs, args.steps)
     service = bench_service(model, args.jobs, args.steps)
     engine_ips, service_ips = args.jobs / engine["wall_s"], args.jobs / service["wall_s"]
