@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from functools import lru_cache
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -50,6 +50,12 @@ class Settings(BaseSettings):
     # (float16 for SD and SDXL, bfloat16 for SD3 and Flux, whose activations overflow float16); CPU is float32
     worker_dtype: str = ""
     max_batch_rows: int = 64
+    # Fair share inside the engine: while jobs of more than one API key are on a worker, one UNet call takes at
+    # most this many rows of each key (a guided image is 2 rows), so a flooding key cannot slow another key's
+    # steps by more than that; a key alone uses every row. "auto": 4 on the CPU, where a call's time grows with
+    # its rows, none on CUDA, where it is nearly flat at these sizes (the bound would only cost throughput);
+    # "off": none; or a number of rows
+    rows_per_owner: str = "auto"
     # torch's CPU threads in a worker; 0: torch's default (one per core). Several workers on one CPU host each
     # want cores / workers, or they thrash: two workers of two threads on 2 cores ran 16 jobs about 5x slower
     worker_torch_threads: int = 0
@@ -89,6 +95,14 @@ class Settings(BaseSettings):
     # tests only (tests/faults): the worker SIGKILLs itself right after a job's result is written, before the
     # broker hears the task's ack, to show that a redelivered task never gives a job a second result
     fault_kill_after_result: bool = False
+
+    @field_validator("rows_per_owner")
+    @classmethod
+    def _rows_per_owner(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value not in ("auto", "off") and not (value.isdigit() and int(value) >= 1):
+            raise ValueError(f"LATENTD_ROWS_PER_OWNER must be auto, off or a whole number >= 1, got {value!r}")
+        return value
 
     @property
     def owner_queue_limit(self) -> int:

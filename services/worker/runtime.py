@@ -25,7 +25,7 @@ from services.common.models import ModelInfo
 from services.common.settings import Settings
 from services.worker import metrics as worker_metrics
 from services.worker.engine.compiled import SpeedOptions
-from services.worker.engine.engine import Engine, RequestHandle
+from services.worker.engine.engine import Engine, RequestHandle, owner_share
 from services.worker.engine.requests import StepEvent, TrajectoryFrame
 from services.worker.heartbeat import worker_id
 from services.worker.loading import LoadedModel, load_model, resolve_dtype
@@ -186,6 +186,7 @@ class Runtime:
             engine = Engine(
                 model,
                 max_batch_rows=self.settings.max_batch_rows,
+                rows_per_owner=owner_share(self.settings.rows_per_owner, model.device),
                 on_step_events=StepEventWriter(self.store, self),
                 **speed.engine_kwargs(),
             )

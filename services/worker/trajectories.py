@@ -73,6 +73,7 @@ def generation_request(run: JobRun, index: int | None = None, **overrides) -> Ge
         preview_every=p.get("preview_every", 0),
         **{name: p.get(name) for name in FAMILY_FIELDS},  # absent in older jobs: None
         strength=p.get("strength"),
+        owner=run.job.owner,
         **pictures,
     )
     fields.update(overrides)

@@ -292,3 +292,35 @@ def test_seed_parity_on_the_default_model(make_engine):
         prompt, num_inference_steps=10, guidance_scale=7.5, generator=torch.Generator("cpu").manual_seed(11)
     ).images
     assert psnr(pixels(ours.images), pixels(theirs)) >= 40
+
+
+def test_a_flooding_owner_gets_a_bounded_share_of_each_call(make_engine):
+    """rows_per_owner=4: while a second owner's request runs, each call holds at most 4 of the flood's rows, and
+    the lone request is stepped in every call (so its steps cost a 6-row call, not an 18-row one); alone, an
+    owner fills the call."""
+    calls: list[list[str]] = []
+    engine = make_engine(rows_per_owner=4, on_step_events=lambda events: calls.append([e.request_id for e in events]))
+    flood = [engine.submit(request(f"flood-{i}", owner="flood", seed=i)) for i in range(8)]
+    while not calls:
+        time.sleep(0.01)
+    quiet = engine.submit(request("quiet", owner="quiet", seed=99))
+    quiet_pixels = pixels(quiet.result(60).images)
+    for handle in flood:
+        handle.result(60)
+    with_quiet = [i for i, ids in enumerate(calls) if "quiet" in ids]
+    assert with_quiet == list(range(with_quiet[0], with_quiet[0] + STEPS)), "stepped in every call while it ran"
+    assert all(sum(rid.startswith("flood") for rid in calls[i]) == 2 for i in with_quiet), calls
+    assert len(calls[0]) == 8, "one owner alone fills the call"
+    alone = make_engine().submit(request("alone", seed=99))
+    assert np.array_equal(pixels(alone.result(60).images), quiet_pixels), "the share never changes a picture"
+
+
+def test_rows_per_owner_from_settings():
+    from services.common.settings import Settings
+    from services.worker.engine.engine import CPU_ROWS_PER_OWNER, owner_share
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert owner_share("auto", cpu) == CPU_ROWS_PER_OWNER and owner_share("auto", cuda) is None
+    assert owner_share("off", cpu) is None and owner_share("6", cuda) == 6
+    with pytest.raises(ValueError, match="LATENTD_ROWS_PER_OWNER must be auto, off or a whole number >= 1, got '0'"):
+        Settings(rows_per_owner="0")

@@ -3,7 +3,10 @@
 Each iteration is schedule -> execute -> update (as vLLM's EngineCore.step):
 - schedule: admit waiting requests (text embeddings once, initial latents from the request's own
   seeded generator), drop cancelled ones, and pick requests round-robin (least recently stepped
-  first, then oldest) until the row budget `max_batch_rows` is full;
+  first, then oldest) until the row budget `max_batch_rows` is full; while requests of more than one
+  owner (API key) are active, at most `rows_per_owner` rows of each owner go into one call, so on a
+  device whose call time grows with rows (a CPU) a flooding key cannot slow another key's steps by more
+  than a bounded share;
 - execute: one backbone call over all their rows (each row at its own timestep, with its own conditioning);
 - update: classifier-free guidance and guidance rescale per row, then one update per sampler for all
   the rows using it (vectorised: requests with different samplers, step counts and guidance share the
@@ -30,7 +33,7 @@ import math
 import queue
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
@@ -63,6 +66,7 @@ T = TypeVar("T")
 
 DECODE_CHUNK = 16  # images per VAE call
 PREVIEW_MIN_SIZE = 64  # previews are upscaled (nearest) to at least this many pixels per side
+CPU_ROWS_PER_OWNER = 4  # owner_share's "auto" on the CPU: two guided images of each key per UNet call
 _END = object()
 
 
@@ -147,6 +151,15 @@ class UNetTimer:
         return self.ended - self.started
 
 
+def owner_share(setting: str, device: torch.device) -> int | None:
+    """The engine's rows_per_owner from its setting (Settings.rows_per_owner): "auto" is 4 rows on the CPU, where
+    a UNet call's time grows with its rows (so a lone 2-row request shares a call with at most 4 rows of each
+    other key), and no bound on CUDA, where it is nearly flat; "off" is no bound; a number is itself."""
+    if setting == "off" or (setting == "auto" and device.type != "cpu"):
+        return None
+    return CPU_ROWS_PER_OWNER if setting == "auto" else int(setting)
+
+
 class Engine:
     def __init__(
         self,
@@ -160,13 +173,19 @@ class Engine:
         channels_last: bool = False,
         finite_check_every: int = 1,
         output_thread: bool = False,
+        rows_per_owner: int | None = None,
     ):
         """buckets: pad each backbone call's rows up to the next of these (compiled.py); compile_mode: a
         torch.compile mode for the backbone and the VAE decoder (None: eager); finite_check_every: read the
         non-finite flags every this many iterations (finite.py); output_thread: step events, decoded pictures
-        and results handed over on a thread of their own (output.py). SpeedOptions.from_settings picks them."""
+        and results handed over on a thread of their own (output.py). SpeedOptions.from_settings picks them.
+        rows_per_owner: while requests of several owners are active, one call takes at most this many rows of
+        each (but always one request of each); None: no bound (owner_share picks it from the settings)."""
         if max_batch_rows < 1:
             raise ValueError(f"max_batch_rows must be at least 1, got {max_batch_rows}")
+        if rows_per_owner is not None and rows_per_owner < 1:
+            raise ValueError(f"rows_per_owner must be at least 1 or None, got {rows_per_owner}")
+        self.rows_per_owner = rows_per_owner
         self.model = model
         self.max_batch_rows = max_batch_rows
         self.on_step_events = on_step_events
@@ -491,19 +510,26 @@ class Engine:
 
     def _schedule(self) -> list[ActiveRequest]:
         """Round-robin by rows: least recently stepped first (then oldest), same latent shape as the first,
-        until max_batch_rows. A long request thus takes its turn like any other and cannot starve short ones."""
+        until max_batch_rows. A long request thus takes its turn like any other and cannot starve short ones.
+        With requests of several owners active, each owner adds rows only up to rows_per_owner (its first
+        request always fits): the share of a call, and so of a step's time, one owner can take."""
         candidates = sorted((a for a in self._active if not a.finished), key=lambda a: (a.last_served, a.sequence))
         if not candidates:
             return []
         shape = candidates[0].latent_shape
-        chosen, rows = [], 0
+        shared = self.rows_per_owner is not None and len({a.request.owner for a in candidates}) > 1
+        chosen, rows, owner_rows = [], 0, Counter()
         for active in candidates:
             if active.latent_shape != shape:
                 continue
             if chosen and rows + active.num_rows > self.max_batch_rows:
                 continue
+            owner = active.request.owner
+            if shared and owner_rows[owner] and owner_rows[owner] + active.num_rows > self.rows_per_owner:
+                continue
             chosen.append(active)
             rows += active.num_rows
+            owner_rows[owner] += active.num_rows
         for active in chosen:
             active.last_served = self._iteration + 1
         return chosen

@@ -41,6 +41,9 @@ class GenerationRequest:
     image: Image.Image | None = None  # the starting picture; width and height default to its size
     strength: float | None = None  # None: 0.8, or 1 with a mask; the last int(steps·strength) steps run
     mask: Image.Image | None = None  # white = repaint; the image's size
+    # who asked: the job's owner (its API key's hash; "" without keys). When several owners have requests in
+    # the engine, each UNet call takes a bounded share of each one's rows (Engine's rows_per_owner)
+    owner: str = ""
 
 
 @dataclass
