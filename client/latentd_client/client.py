@@ -42,6 +42,14 @@ def _body(**fields: Any) -> dict[str, Any]:
     return body
 
 
+def _final_job(event: JobEvent | None) -> Job | None:
+    """The job a terminal event carries (its data is the final job, as GET would answer once it has caught up:
+    a poll of a running job may be a few tens of milliseconds behind its events); None if it carries none."""
+    if event is None or not event.terminal or "status" not in event.data or "id" not in event.data:
+        return None
+    return Job.from_dict(event.data)
+
+
 def _check_final(job: Job) -> Job:
     if job.status in ("failed", "cancelled"):
         message = (job.error or {}).get("message") or f"job {job.id} {job.status}"
@@ -148,10 +156,12 @@ class Client(_Connection):
     def wait(self, job_id: str, timeout: float | None = None) -> Job:
         """Follow the events until the job ends; returns the final job or raises JobFailedError."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        for _event in self.events(job_id):
+        last = None
+        for event in self.events(job_id):
+            last = event
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} did not finish within {timeout} s")
-        return _check_final(self.get_job(job_id))
+        return _check_final(_final_job(last) or self.get_job(job_id))
 
 
 class AsyncClient(_Connection):
@@ -202,11 +212,13 @@ class AsyncClient(_Connection):
 
     async def wait(self, job_id: str, timeout: float | None = None) -> Job:
         async def follow():
-            async for _event in self.events(job_id):
-                pass
+            last = None
+            async for event in self.events(job_id):
+                last = event
+            return last
 
-        await asyncio.wait_for(follow(), timeout)
-        return _check_final(await self.get_job(job_id))
+        event = await asyncio.wait_for(follow(), timeout)
+        return _check_final(_final_job(event) or await self.get_job(job_id))
 
 
 __all__ = ["AsyncClient", "Client", "LatentdError", "Resume"]

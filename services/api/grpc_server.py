@@ -181,7 +181,7 @@ class LatentdServicer(pb_grpc.LatentdServiceServicer):
 
     @edge
     async def GetJob(self, request, context, owner):
-        return pb.GetJobResponse(job=(await self.core.job(owner, _job_id(request))).to_proto())
+        return pb.GetJobResponse(job=(await self.core.job(owner, _job_id(request), poll=True)).to_proto())
 
     @edge
     async def CancelJob(self, request, context, owner):

@@ -55,6 +55,7 @@ JOB_PREFIX = "latentd:job:"
 INPUT_BLOB = "input"
 MASK_BLOB = "mask"
 SETTLED_CACHE = 4096  # settled job records a gateway process keeps in memory
+LIVE_CACHE = 4096  # live (queued, running) job records a gateway process keeps for polled reads
 
 
 def job_key(job_id: str) -> str:
@@ -428,6 +429,14 @@ def _settle(futures: list[asyncio.Future], value: Any = None, error: BaseExcepti
             future.set_result(value)
 
 
+def _keep(cache: OrderedDict, key: str, value: Any, limit: int) -> None:
+    """Put key last in an LRU dict of at most `limit` entries."""
+    cache[key] = value
+    cache.move_to_end(key)
+    if len(cache) > limit:
+        cache.popitem(last=False)
+
+
 class AsyncJobStore:
     """The gateway's side: queue, read, cancel, stored pictures, event history and live reads."""
 
@@ -441,6 +450,9 @@ class AsyncJobStore:
         # Settled jobs (succeeded, failed, cancelled) never change again until their record expires, so reads of
         # them (pollers that keep asking, pages reloaded, the OpenAI route's last look) are answered from here.
         self._settled: OrderedDict[str, JobRecord] = OrderedDict()
+        # The newest read of each live job and when it was asked for: a polled read (GET /v1/jobs/{id}) may take
+        # it while it is younger than the caller's max_age_s; everything that acts on a job reads Redis.
+        self._live: OrderedDict[str, tuple[float, JobRecord | None]] = OrderedDict()  # None: changed since
 
     async def create(
         self,
@@ -505,21 +517,34 @@ class AsyncJobStore:
             raise QueueFull("model" if outcome == "model_full" else "owner")
         return JobRecord.from_redis(job_id, record)
 
-    async def get(self, job_id: str) -> JobRecord | None:
+    async def get(self, job_id: str, max_age_s: float = 0.0) -> JobRecord | None:
         """The job (None: no such job); concurrent reads share a round trip, and a settled job is read once per
-        process: it stays in memory (the SETTLED_CACHE most recently read) until its record would expire."""
+        process: it stays in memory (the SETTLED_CACHE most recently read) until its record would expire. With
+        max_age_s > 0 a live job may come from this process's newest read of it, asked for less than max_age_s
+        ago (a poll: a hundred clients polling one running job cost one HGETALL per max_age_s, not one each)."""
         job = self._settled.get(job_id)
         if job is not None:
             if time.time() < job.created_at + self.ttl_s:  # every write re-arms the TTL: never sooner than this
                 self._settled.move_to_end(job_id)
                 return job
             del self._settled[job_id]
+        seen = self._live.get(job_id)
+        if seen is not None and seen[1] is not None and time.monotonic() - seen[0] < max_age_s:
+            return seen[1]
+        asked_at = time.monotonic()
         job = await self._record(job_key(job_id))
-        if job is not None and job.terminal:
-            self._settled[job_id] = job
-            if len(self._settled) > SETTLED_CACHE:
-                self._settled.popitem(last=False)
+        if job is None or job.terminal:
+            self._live.pop(job_id, None)
+            if job is not None:
+                _keep(self._settled, job_id, job, SETTLED_CACHE)
+        elif asked_at >= self._live.get(job_id, (0.0,))[0]:  # never replace a newer read with an older one
+            _keep(self._live, job_id, (asked_at, job), LIVE_CACHE)
         return job
+
+    def forget_polled(self, job_id: str) -> None:
+        """The job changed (the event hub read new events of it): the next poll reads Redis, and a read asked for
+        before now (still on its way) is not kept."""
+        _keep(self._live, job_id, (time.monotonic(), None), LIVE_CACHE)
 
     async def owner(self, job_id: str) -> str | None:
         """The key hash that owns the job (None: no such job); concurrent reads share a round trip."""

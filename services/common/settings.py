@@ -36,6 +36,11 @@ class Settings(BaseSettings):
     # one API key's share of a model's queue (queued + running); 0: a quarter of max_queue_per_model
     max_queue_per_key: int = 0
     retry_after_s: int = 2
+    # A poll of a queued or running job (GET /v1/jobs/{id}, gRPC GetJob) may be answered from this process's
+    # newest read of it when that was asked for less than this many seconds ago: a hundred clients polling a
+    # job cost one Redis read per interval. Everything that acts on a job (cancel, pictures, the OpenAI route's
+    # wait) reads Redis. 0: every poll reads Redis. Settled jobs are read once regardless (they never change).
+    job_poll_max_age_s: float = Field(0.05, ge=0, le=5)
     result_ttl_s: int = 3600
     sse_keepalive_s: float = 15.0
     openai_timeout_s: float = 600.0

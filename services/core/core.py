@@ -562,8 +562,11 @@ class Core:
         return RateLimited(message, None, retry_after_s=settings.retry_after_s)
 
     # ---- reading ---------------------------------------------------------------------------------
-    async def job(self, owner: str, job_id: str) -> JobRecord:
-        job = await self._redis(self.store.get(job_id)) if job_id else None
+    async def job(self, owner: str, job_id: str, *, poll: bool = False) -> JobRecord:
+        """The caller's job, or NotFound. `poll`: a client asking for its state (GET /v1/jobs/{id}, GetJob), which
+        may be answered from a read of a live job younger than settings.job_poll_max_age_s."""
+        max_age_s = self.settings.job_poll_max_age_s if poll else 0.0
+        job = await self._redis(self.store.get(job_id, max_age_s)) if job_id else None
         if job is None or job.owner != owner:  # another key's job does not exist for this caller
             raise NotFound(f"no job {job_id!r}", "id")
         return job

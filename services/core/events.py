@@ -235,6 +235,7 @@ class EventHub:
             watch.fail(error)
             return
         watch.complete = not dropped
+        self.store.forget_polled(watch.job_id)
         watch.append(events, self.log_limit)
         if not watch.ended and self._watches.get(watch.job_id) is watch:
             self._cursors[watch.job_id] = last if last != "0" else "0-0"
@@ -262,6 +263,7 @@ class EventHub:
                 await asyncio.sleep(0.25)
                 continue
             for job_id, events in replies.items():
+                self.store.forget_polled(job_id)  # a reader who saw these events and then polls gets them in the job
                 watch = self._watches.get(job_id)
                 if job_id in self._cursors:
                     self._cursors[job_id] = events[-1].id

@@ -1,6 +1,6 @@
 """The gateway's job reads against a redis-server of its own: readers of one job in the same loop turn share one
-HGETALL, a live job is read from Redis every time, a settled one once per process until its record could
-expire. Redis's own command counts (INFO commandstats) say how many reads reached it."""
+HGETALL, a live job is read from Redis every time unless the caller polls (then a read younger than its
+max_age_s answers), a settled one once per process until its record could expire. Redis's own command counts (INFO commandstats) say how many reads reached it."""
 
 from __future__ import annotations
 
@@ -70,6 +70,28 @@ def test_a_live_job_is_read_from_redis_every_time(url):
 
     first, second = reads(url, body)
     assert (first.status, second.status) == ("queued", "running")
+
+
+def test_a_polled_live_job_is_read_once_per_max_age_and_a_fresh_read_always_goes_to_redis(url):
+    client = redis.Redis.from_url(url)
+    put(client, "polled", "queued")
+
+    async def body(store):
+        first = await store.get("polled", max_age_s=0.5)
+        client.hset(job_key("polled"), "status", "running")
+        before = hgetalls(client)
+        polls = [await store.get("polled", max_age_s=0.5) for _ in range(20)]
+        within = hgetalls(client) - before
+        fresh = await store.get("polled")  # cancel, pictures, waits: always Redis, and it renews the polled read
+        client.hset(job_key("polled"), "status", "succeeded")
+        renewed = await store.get("polled", max_age_s=0.5)
+        await asyncio.sleep(0.5)
+        return first, polls, within, fresh, renewed, await store.get("polled", max_age_s=0.5)
+
+    first, polls, within, fresh, renewed, later = reads(url, body)
+    assert first.status == "queued" and within == 0 and all(job is first for job in polls)
+    assert fresh.status == "running" and renewed is fresh
+    assert later.status == "succeeded"
 
 
 def test_a_settled_job_is_read_once_then_kept_until_its_record_could_expire(url):

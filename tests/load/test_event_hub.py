@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 import redis
 import redis.asyncio as aioredis
 
 from scripts import run_stack
-from services.common.jobstore import AsyncJobStore, events_key, job_key
+from services.common.jobstore import AsyncJobStore, events_key, job_key, new_record
 from services.core.events import EventHub, StreamBroken
 
 pytestmark = pytest.mark.timeout(60)
@@ -124,3 +125,33 @@ def test_redis_going_away_ends_every_stream_with_stream_broken_and_a_resume_poin
 
     results = run_hub(url, body, broken_after_s=0.5)
     assert all(seen == [first] and error and "Redis unreachable" in error for seen, error in results)
+
+
+def test_a_poll_after_an_event_the_hub_delivered_reads_the_job_anew(hub_redis):
+    """A poll may answer from a read of a live job younger than its max age, but never one older than an event
+    this process has delivered: a client that saw `succeeded` and then polls gets the succeeded job."""
+    _, url = hub_redis
+    client = redis.Redis.from_url(url)
+    record = new_record("polled", kind="generation", model="m", owner="k", params={}, now=time.time())
+    client.hset(job_key("polled"), mapping=record | {"status": "running"})
+    add(client, "polled", "started")
+
+    async def body(hub, store):
+        seen = []
+
+        async def follow():
+            async for event in hub.follow("polled", "0"):
+                seen.append(event.name)
+                if event.name == "succeeded":
+                    return await store.get("polled", max_age_s=60)
+
+        reader = asyncio.ensure_future(follow())
+        await asyncio.sleep(0.3)
+        first = await store.get("polled", max_age_s=60)  # another client's poll while it runs
+        client.hset(job_key("polled"), "status", "succeeded")  # the worker's finish: record, then event
+        add(client, "polled", "succeeded")
+        return first, await asyncio.wait_for(reader, 10), seen
+
+    first, after, seen = run_hub(url, body)
+    assert first.status == "running" and seen == ["started", "succeeded"]
+    assert after.status == "succeeded"
