@@ -4,7 +4,7 @@ import { fetchBlob } from "./api.js";
 import { JobPanel } from "./job.js";
 import { modelNamed, onModels } from "./models.js";
 import { regimeFor } from "./regimes.js";
-import { $, el, formValues, readFile, seconds, seedValue, UrlBag } from "./ui.js";
+import { $, addPicture, el, formValues, seconds, seedValue, UrlBag } from "./ui.js";
 
 export const generated = { blob: null, jobId: null }; // the last picture, for the forward panel
 
@@ -137,19 +137,10 @@ export function initGenerate() {
     if (v.guidance_rescale !== null && v.guidance_rescale !== undefined) body.guidance_rescale = v.guidance_rescale;
     if (v.model) body.model = v.model;
     if (width && height) Object.assign(body, { width, height });
-    let ratio = width && height ? `${width} / ${height}` : model ? `${model.native_width} / ${model.native_height}` : "1 / 1";
-    // image to image, inpainting: the picture's size is the size; strength or a mask alone get the API's answer
-    const picture = $("#gen-image").files[0];
-    const mask = $("#gen-mask").files[0];
-    if (v.strength !== null && v.strength !== undefined) body.strength = v.strength;
-    if (mask) body.mask = await readFile(mask);
-    if (picture) {
-      body.image = await readFile(picture);
-      delete body.width;
-      delete body.height;
-      const bitmap = await createImageBitmap(picture).catch(() => null); // not a picture: the API says so
-      if (bitmap) ratio = `${bitmap.width} / ${bitmap.height}`;
-    }
+    // image to image, inpainting: the picture's size is the size
+    const ratio =
+      (await addPicture(form, body)) ||
+      (width && height ? `${width} / ${height}` : model ? `${model.native_width} / ${model.native_height}` : "1 / 1");
 
     urls.clear();
     preview.hidden = true;

@@ -39,6 +39,30 @@ export const readFile = (blob) =>
     reader.readAsDataURL(blob);
   });
 
+/**
+ * Image to image fields of a form (file inputs named image and mask, a number named strength; any may be
+ * absent) into a request body: strength when given, mask and image as data: URLs. The picture's size is the
+ * size, so width and height go. Returns the picture's aspect ratio ("w / h"), or null without one. Strength or
+ * a mask without a picture are sent as they are: the API's 422 names them.
+ */
+export async function addPicture(form, body) {
+  const field = (name) => form.elements.namedItem(name);
+  const strength = field("strength");
+  if (strength && strength.value !== "") body.strength = Number(strength.value);
+  const mask = field("mask")?.files[0];
+  if (mask) body.mask = await readFile(mask);
+  const picture = field("image")?.files[0];
+  if (!picture) return null;
+  body.image = await readFile(picture);
+  delete body.width;
+  delete body.height;
+  const bitmap = await createImageBitmap(picture).catch(() => null); // not a picture: the API says so
+  if (!bitmap) return null;
+  const ratio = `${bitmap.width} / ${bitmap.height}`;
+  bitmap.close(); // its width and height read 0 from here on
+  return ratio;
+}
+
 /** A seed field as an exact integer (BigInt past 2**53), null when empty. */
 export function seedValue(input) {
   const text = input.value.trim();
