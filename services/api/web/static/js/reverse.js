@@ -1,9 +1,11 @@
 // Reverse process: a reverse trajectory whose frames (x_t and x̂0 of every kept step) arrive live, shown
-// side by side, with play, pause and a scrubber over the steps.
+// side by side, with play, pause and a scrubber over the steps. From pure noise, or from a picture noised to the
+// step its strength picks (image to image: fewer steps, counted by the step events' total).
 
 import { fetchBlob } from "./api.js";
 import { JobPanel } from "./job.js";
-import { $, formValues, seedValue, UrlBag } from "./ui.js";
+import { modelNamed } from "./models.js";
+import { $, addPicture, formValues, seedValue, UrlBag } from "./ui.js";
 
 const FRAME_MS = 120;
 
@@ -16,7 +18,7 @@ export function initReverse() {
   const x0 = $("#rev-x0");
   const urls = new UrlBag();
   let steps = []; // one per kept step: {step, timestep, alpha_bar, x_t, x0_pred} (object URLs)
-  let total = 0;
+  let total = 0; // steps the job runs, from its step events (a picture's strength makes it fewer)
   let running = false;
   let follow = true; // show each new frame as it arrives, until the person scrubs away
   let timer = null;
@@ -37,9 +39,10 @@ export function initReverse() {
     const s = steps[i];
     if (!s) return;
     scrub.value = String(i);
-    setImage(xt, s.x_t, `x_t at step ${s.step} of ${total}, t = ${s.timestep}`);
-    setImage(x0, s.x0_pred, `predicted x̂0 at step ${s.step} of ${total}, t = ${s.timestep}`);
-    const text = `${s.step} of ${total} · t = ${s.timestep}`;
+    const of = total || "…";
+    setImage(xt, s.x_t, `x_t at step ${s.step} of ${of}, t = ${s.timestep}`);
+    setImage(x0, s.x0_pred, `predicted x̂0 at step ${s.step} of ${of}, t = ${s.timestep}`);
+    const text = `${s.step} of ${of} · t = ${s.timestep}`;
     $("#rev-pos").value = text;
     scrub.setAttribute("aria-valuetext", `step ${text}`);
   };
@@ -86,11 +89,16 @@ export function initReverse() {
       seed: seedValue($("#rev-seed")),
     };
     if (v.model) body.model = v.model;
+    const model = modelNamed(v.model);
+    // image to image: the picture's size is the size, and its strength how many of the steps run
+    const ratio =
+      (await addPicture(form, body)) || (model ? `${model.native_width} / ${model.native_height}` : "1 / 1");
     stop();
     urls.clear();
     steps = [];
     follow = true;
-    total = v.num_inference_steps;
+    total = 0; // until the first step event says
+    for (const img of [xt, x0]) img.parentElement.style.aspectRatio = ratio; // CSSOM: the CSP allows no style=""
     running = true;
     updateRange();
     const result = await panel.run("v1/trajectories", body, {
