@@ -91,9 +91,10 @@ def test_a_running_generation_can_be_cancelled(opened):
     expect(page.locator("#gen-submit")).to_be_enabled()
 
 
-def halves_png() -> bytes:
-    picture = Image.new("RGB", (64, 64), (230, 30, 30))
-    picture.paste((30, 60, 220), (32, 0, 64, 64))
+def halves_png(width: int = 64, height: int = 64) -> bytes:
+    """Red on the left, blue on the right."""
+    picture = Image.new("RGB", (width, height), (230, 30, 30))
+    picture.paste((30, 60, 220), (width // 2, 0, width, height))
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG")
     return buffer.getvalue()
@@ -212,6 +213,80 @@ def test_reverse_frames_arrive_live_and_playback_advances(opened):
     expect(page.locator("#rev-play")).to_have_text("Pause")
     page.keyboard.press("Space")
     expect(page.locator("#rev-play")).to_have_text("Play")
+
+
+HALVES_OF_SHOWN_XT = """() => {
+  const img = document.querySelector("#rev-xt");
+  const canvas = document.createElement("canvas");
+  canvas.width = img.naturalWidth;
+  canvas.height = img.naturalHeight;
+  const context = canvas.getContext("2d");
+  context.drawImage(img, 0, 0);
+  const half = (x0) => {
+    const { data } = context.getImageData(x0, 0, canvas.width / 2, canvas.height);
+    const sum = [0, 0, 0];
+    for (let i = 0; i < data.length; i += 4) for (let c = 0; c < 3; c += 1) sum[c] += data[i + c];
+    return sum.map((v) => v / (data.length / 4));
+  };
+  return [half(0), half(canvas.width / 2)];
+}"""
+
+
+def test_a_reverse_trajectory_can_start_from_a_picture(opened):
+    """12 steps at strength 0.5 run the last 6 (the step events' total): the scrubber and the readout count 6,
+    the frames take the picture's shape (64 x 32), and the first x_t is the picture under noise, not noise alone.
+    A strength out of range is named at its field."""
+    page = opened
+    page.fill("#rev-steps", "12")
+    page.set_input_files(
+        "#rev-image", files=[{"name": "halves.png", "mimeType": "image/png", "buffer": halves_png(64, 32)}]
+    )
+    page.fill("#rev-strength", "0.5")
+    page.evaluate(
+        """() => {
+          window.__live = [];
+          new MutationObserver(() => window.__live.push(document.querySelector("#rev-status").textContent))
+            .observe(document.querySelector("#rev-xt"), { attributes: true, attributeFilter: ["src"] });
+        }"""
+    )
+    page.click("#rev-submit")
+    wait_done(page, "rev")
+    live = page.evaluate("window.__live")
+    assert live and re.match(r"^Step \d of 6 ", live[0]), f"no frame was shown while the job ran: {live[:3]}"
+    scrub = page.locator("#rev-scrub")
+    expect(scrub).to_have_attribute("max", "5")
+    expect(page.locator("#rev-pos")).to_have_text(re.compile(r"^6 of 6 · t = \d+$"))
+    expect(page.locator("#rev-x0")).to_be_visible()
+    ratios = page.evaluate(
+        "['#rev-xt', '#rev-x0'].map((s) => document.querySelector(s).parentElement.style.aspectRatio)"
+    )
+    assert ratios == ["64 / 32"] * 2, ratios
+    assert page.evaluate(
+        "[document.querySelector('#rev-xt').naturalWidth, document.querySelector('#rev-xt').naturalHeight]"
+    ) == [64, 32]
+
+    scrub.focus()
+    page.keyboard.press("Home")
+    pos = page.locator("#rev-pos")
+    expect(pos).to_have_text(re.compile(r"^1 of 6 · t = \d+$"))
+    start = int(pos.inner_text().rsplit("= ", 1)[1])
+    assert 300 <= start <= 700, f"strength 0.5 starts half way down, not at t = {start}"
+    expect(page.locator("#rev-xt")).to_have_attribute("alt", re.compile(r"^x_t at step 1 of 6, t = \d+$"))
+    left, right = page.evaluate(HALVES_OF_SHOWN_XT)
+    print("first x_t, mean RGB of the left and right halves:", left, right)
+    # the upload is red on the left, blue on the right: its noised start keeps that, noise alone would not
+    assert left[0] - left[2] > right[0] - right[2] + 40, (left, right)
+
+    page.fill("#rev-strength", "2")
+    page.click("#rev-submit")
+    error = page.locator("#rev-strength-error")
+    expect(error).to_contain_text("strength")
+    expect(error).to_contain_text("between 0 and 1")
+    expect(page.locator("#rev-strength")).to_have_attribute("aria-invalid", "true")
+    expect(page.locator("#rev-strength")).to_be_focused()
+    expect(page.locator("#rev-status")).to_have_text(re.compile(r"^Not started"))
+    page.set_input_files("#rev-image", files=[])
+    page.fill("#rev-strength", "")
 
 
 def test_the_guidance_sweep_shows_five_labelled_pictures(opened):
