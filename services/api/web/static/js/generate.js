@@ -137,19 +137,21 @@ export function initGenerate() {
     if (v.guidance_rescale !== null && v.guidance_rescale !== undefined) body.guidance_rescale = v.guidance_rescale;
     if (v.model) body.model = v.model;
     if (width && height) Object.assign(body, { width, height });
-    // image to image, inpainting: the picture's size is the size
-    const ratio =
-      (await addPicture(form, body)) ||
-      (width && height ? `${width} / ${height}` : model ? `${model.native_width} / ${model.native_height}` : "1 / 1");
+    const sizeRatio =
+      width && height ? `${width} / ${height}` : model ? `${model.native_width} / ${model.native_height}` : "1 / 1";
+    // image to image, inpainting: the picture's size is the size (read while run() already shows the panel busy)
+    const prepared = addPicture(form, body).then((pictureRatio) => {
+      const ratio = pictureRatio || sizeRatio;
+      urls.clear();
+      preview.hidden = true;
+      preview.removeAttribute("src");
+      previewFrame.style.aspectRatio = ratio;
+      const count = Number.isInteger(v.num_images) && v.num_images >= 1 && v.num_images <= 16 ? v.num_images : 1;
+      boxes(count, ratio);
+      return body;
+    });
 
-    urls.clear();
-    preview.hidden = true;
-    preview.removeAttribute("src");
-    previewFrame.style.aspectRatio = ratio;
-    const count = Number.isInteger(v.num_images) && v.num_images >= 1 && v.num_images <= 16 ? v.num_images : 1;
-    boxes(count, ratio);
-
-    const result = await panel.run("v1/generations", body, {
+    const result = await panel.run("v1/generations", prepared, {
       onEvent: (name, data) => {
         if (name === "step" && data.preview) {
           preview.src = `data:image/png;base64,${data.preview}`;

@@ -29,8 +29,10 @@ export class JobPanel {
   }
 
   /**
-   * POST the job and follow it. parts: how many engine requests report steps (a sweep has one per scale).
-   * onEvent(name, data) sees every event. Returns {job, outcome} once it has ended, or null if refused.
+   * POST the job and follow it. body: the request, or a promise of it (pictures still being read): the panel
+   * shows "Submitting…" at once either way, so the last job's outcome never reads as this one's. parts: how
+   * many engine requests report steps (a sweep has one per scale). onEvent(name, data) sees every event.
+   * Returns {job, outcome} once it has ended, or null if refused (or the body could not be made).
    */
   async run(path, body, { parts = 1, onEvent = () => {} } = {}) {
     clearErrors(this.form);
@@ -39,7 +41,7 @@ export class JobPanel {
     this.status("Submitting…");
     let job;
     try {
-      job = await request(path, { method: "POST", body });
+      job = await request(path, { method: "POST", body: await body });
     } catch (error) {
       this.submitButton.disabled = false;
       this.error(error);

@@ -90,18 +90,21 @@ export function initReverse() {
     };
     if (v.model) body.model = v.model;
     const model = modelNamed(v.model);
-    // image to image: the picture's size is the size, and its strength how many of the steps run
-    const ratio =
-      (await addPicture(form, body)) || (model ? `${model.native_width} / ${model.native_height}` : "1 / 1");
-    stop();
-    urls.clear();
-    steps = [];
-    follow = true;
-    total = 0; // until the first step event says
-    for (const img of [xt, x0]) img.parentElement.style.aspectRatio = ratio; // CSSOM: the CSP allows no style=""
-    running = true;
-    updateRange();
-    const result = await panel.run("v1/trajectories", body, {
+    // image to image: the picture's size is the size, and its strength how many of the steps run (read while
+    // run() already shows the panel busy)
+    const prepared = addPicture(form, body).then((pictureRatio) => {
+      const ratio = pictureRatio || (model ? `${model.native_width} / ${model.native_height}` : "1 / 1");
+      stop();
+      urls.clear();
+      steps = [];
+      follow = true;
+      total = 0; // until the first step event says
+      for (const img of [xt, x0]) img.parentElement.style.aspectRatio = ratio; // CSSOM: the CSP allows no style=""
+      running = true;
+      updateRange();
+      return body;
+    });
+    const result = await panel.run("v1/trajectories", prepared, {
       onEvent: (name, data) => {
         if (name === "started") {
           steps = [];
