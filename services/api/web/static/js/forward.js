@@ -90,18 +90,20 @@ export function initForward() {
     const from = source();
     if (from === "prompt") {
       Object.assign(body, { prompt: v.prompt, seed: seedValue($("#fwd-seed")), num_inference_steps: v.num_inference_steps });
-    } else if (from === "generated" && generated.blob) {
-      body.image = await readFile(generated.blob);
-    } else if (from === "upload") {
-      const file = $("#fwd-image").files[0];
-      if (file) body.image = await readFile(file); // without one, the API says which field is missing
     }
+    // the picture is read while the panel already says "Submitting…" (panel.run takes the request's promise)
+    const withPicture = async () => {
+      if (from === "generated" && generated.blob) body.image = await readFile(generated.blob);
+      const file = from === "upload" ? $("#fwd-image").files[0] : null;
+      if (file) body.image = await readFile(file); // without one, the API says which field is missing
+      return body;
+    };
 
     urls.clear();
     frames = [];
     slider.disabled = true;
     slider.value = "0";
-    const result = await panel.run("v1/trajectories", body, {
+    const result = await panel.run("v1/trajectories", withPicture(), {
       onEvent: (name, data) => {
         if (name === "started") frames = [];
         if (name === "frame") frames[data.index] = { ...data, src: null };
