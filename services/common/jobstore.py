@@ -450,9 +450,10 @@ class AsyncJobStore:
         # Settled jobs (succeeded, failed, cancelled) never change again until their record expires, so reads of
         # them (pollers that keep asking, pages reloaded, the OpenAI route's last look) are answered from here.
         self._settled: OrderedDict[str, JobRecord] = OrderedDict()
-        # The newest read of each live job and when it was asked for: a polled read (GET /v1/jobs/{id}) may take
-        # it while it is younger than the caller's max_age_s; everything that acts on a job reads Redis.
-        self._live: OrderedDict[str, tuple[float, JobRecord | None]] = OrderedDict()  # None: changed since
+        # The newest read of each live job (done or on its way) and when it was asked for: a poll (GET
+        # /v1/jobs/{id}) may take it while it is younger than the caller's max_age_s, so polls of one job cost one
+        # HGETALL per max_age_s however long Redis takes to answer; everything that acts on a job reads Redis.
+        self._live: OrderedDict[str, tuple[float, asyncio.Future | None]] = OrderedDict()  # None: changed since
 
     async def create(
         self,
@@ -530,15 +531,21 @@ class AsyncJobStore:
             del self._settled[job_id]
         seen = self._live.get(job_id)
         if seen is not None and seen[1] is not None and time.monotonic() - seen[0] < max_age_s:
-            return seen[1]
+            return await asyncio.shield(seen[1])  # that read, done or still on its way
         asked_at = time.monotonic()
-        job = await self._record(job_key(job_id))
+        read = asyncio.ensure_future(self._record(job_key(job_id)))
+        if asked_at >= self._live.get(job_id, (0.0,))[0]:  # never replace a newer read with an older one
+            _keep(self._live, job_id, (asked_at, read), LIVE_CACHE)
+        try:
+            job = await asyncio.shield(read)
+        except Exception:
+            if self._live.get(job_id, (0.0, None))[1] is read:  # the next poll tries again
+                del self._live[job_id]
+            raise
         if job is None or job.terminal:
             self._live.pop(job_id, None)
             if job is not None:
                 _keep(self._settled, job_id, job, SETTLED_CACHE)
-        elif asked_at >= self._live.get(job_id, (0.0,))[0]:  # never replace a newer read with an older one
-            _keep(self._live, job_id, (asked_at, job), LIVE_CACHE)
         return job
 
     def forget_polled(self, job_id: str) -> None:

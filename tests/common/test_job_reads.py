@@ -94,6 +94,25 @@ def test_a_polled_live_job_is_read_once_per_max_age_and_a_fresh_read_always_goes
     assert later.status == "succeeded"
 
 
+def test_polls_that_come_while_a_read_is_on_its_way_wait_for_it_rather_than_send_their_own(url):
+    client = redis.Redis.from_url(url)
+    put(client, "slow", "running")
+
+    async def body(store):
+        before = hgetalls(client)
+        client.execute_command("CLIENT", "PAUSE", 300, "ALL")  # Redis answers late, as under load
+        first = asyncio.ensure_future(store.get("slow", max_age_s=1))
+        later = []
+        for _ in range(5):  # polls in later turns of the loop, while the first read waits
+            await asyncio.sleep(0.02)
+            later.append(asyncio.ensure_future(store.get("slow", max_age_s=1)))
+        jobs = await asyncio.gather(first, *later)
+        return jobs, hgetalls(client) - before
+
+    jobs, sent = reads(url, body)
+    assert sent == 1 and all(job is jobs[0] for job in jobs) and jobs[0].status == "running"
+
+
 def test_a_settled_job_is_read_once_then_kept_until_its_record_could_expire(url):
     client = redis.Redis.from_url(url)
     put(client, "done", "succeeded")
