@@ -171,7 +171,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("settings", nargs="?", default="[{}]", help="sweep: a JSON list of settings")
     parser.add_argument("--model", type=Path, default=Path("models/shapes-ldm"))
     parser.add_argument("--seed", type=int, default=TUNING_SEED, help="picture i uses noise seed seed + i")
-    args = parser.parse_args(argv)
+    # intermixed: the settings may follow --model, as the docstring's commands write them (plain parse_args
+    # fills the optional positional with its default at `sweep` and then rejects the JSON as unrecognised)
+    args = parser.parse_intermixed_args(argv)
     torch.set_num_threads(2)
     if args.what == "sweep":
         sweep(args.model, args.seed, json.loads(args.settings))
