@@ -1,13 +1,15 @@
 """The measurements behind docs/model.md's "what was measured" (tuning seeds, never the held-out ones).
 
     python -m training.levers sweep --model models/shapes-ldm '[{"rescale": 0.7}, {"sampler": "dpmpp_2m", "steps": 20}]'
+    python -m training.levers pair --model models/shapes-ldm '[[{"sampler": "dpmpp_2m", "steps": 20}, {"sampler": "dpmpp_2m", "steps": 20, "rescale": 0.3}]]'
     python -m training.levers dpm-orders --model models/shapes-ldm   # DPM-Solver++ 2M at 20 with the order forced per step
     python -m training.levers vae-squares --model models/shapes-ldm  # does the VAE keep small shapes readable?
     python -m training.levers step-time                              # a UNet training step with and without 16x16 attention
 
 `sweep` takes a JSON list of settings: sampler, steps (50), scale (7.5), rescale (0), config (scheduler
 config keys laid over the model's, e.g. {"lambda_min_clipped": -5.1}); each prints one JSON line with the
-share right over the 162 captions, noise seed --seed + caption index (default: the tuning seeds).
+share right over the 162 captions, noise seed --seed + caption index (default: the tuning seeds). `pair` takes a
+list of [first, second] settings and counts the pictures each gets right that the other does not.
 """
 
 from __future__ import annotations
@@ -26,27 +28,53 @@ import torch
 from training.evaluate import TUNING_SEED, ShapesModel, eval_captions, sample, score
 
 
-def sweep(model_dir: Path, seed: int, settings: list[dict], captions_kind: str = "full") -> None:
+def sample_setting(model: ShapesModel, base: dict, captions: list[str], seed: int, setting: dict) -> np.ndarray:
+    """The pictures of one sweep setting (sampler, steps, scale, rescale, config) over the captions."""
     from diffusers import DDIMScheduler
 
+    model.scheduler = DDIMScheduler.from_config({**base, **setting.get("config", {})})
+    scale = setting.get("scale", 7.5)
+    pixels, _ = sample(
+        model,
+        captions,
+        [scale] * len(captions),
+        [seed + i for i in range(len(captions))],
+        setting.get("steps", 50),
+        sampler=setting.get("sampler", "ddim"),
+        guidance_rescale=setting.get("rescale", 0.0),
+    )
+    return pixels
+
+
+def sweep(model_dir: Path, seed: int, settings: list[dict], captions_kind: str = "full") -> None:
     model = ShapesModel.load(model_dir)
     base = dict(model.scheduler.config)
     captions = eval_captions(captions_kind)
     for setting in settings:
         started = time.monotonic()
-        model.scheduler = DDIMScheduler.from_config({**base, **setting.get("config", {})})
-        scale = setting.get("scale", 7.5)
-        pixels, _ = sample(
-            model,
-            captions,
-            [scale] * len(captions),
-            [seed + i for i in range(len(captions))],
-            setting.get("steps", 50),
-            sampler=setting.get("sampler", "ddim"),
-            guidance_rescale=setting.get("rescale", 0.0),
-        )
+        pixels = sample_setting(model, base, captions, seed, setting)
         right = {k: round(v * 100, 1) for k, v in score(captions, pixels).items()}
         print(json.dumps({**setting, "seed": seed, **right, "s": round(time.monotonic() - started)}), flush=True)
+
+
+def pair(model_dir: Path, seed: int, pairs: list[list[dict]]) -> None:
+    """Two settings on the same pictures (same captions and noise): the share right under each, and how many
+    pictures the second gets right that the first does not (gained) and the reverse (lost). A difference of a few
+    pictures with both counts large is noise; see docs/model.md."""
+    model = ShapesModel.load(model_dir)
+    base = dict(model.scheduler.config)
+    captions = eval_captions("full")
+    for first, second in pairs:
+        started = time.monotonic()
+        right = [
+            [score([caption], picture[None])["all"] == 1 for caption, picture in zip(captions, pixels)]
+            for pixels in (sample_setting(model, base, captions, seed, setting) for setting in (first, second))
+        ]
+        gained = sum(not a and b for a, b in zip(*right))
+        lost = sum(a and not b for a, b in zip(*right))
+        shares = [round(100 * sum(r) / len(captions), 1) for r in right]
+        out = {"first": first, "second": second, "seed": seed, "all": shares, "gained": gained, "lost": lost}
+        print(json.dumps({**out, "s": round(time.monotonic() - started)}), flush=True)
 
 
 def dpm_orders(model_dir: Path, seed: int, steps: int = 20) -> None:
@@ -167,14 +195,20 @@ def step_time(repeats: int = 5) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("sweep", "dpm-orders", "vae-squares", "step-time"))
-    parser.add_argument("settings", nargs="?", default="[{}]", help="sweep: a JSON list of settings")
+    parser.add_argument("what", choices=("sweep", "pair", "dpm-orders", "vae-squares", "step-time"))
+    parser.add_argument(
+        "settings", nargs="?", default="[{}]", help="sweep: a JSON list of settings; pair: a list of [first, second]"
+    )
     parser.add_argument("--model", type=Path, default=Path("models/shapes-ldm"))
     parser.add_argument("--seed", type=int, default=TUNING_SEED, help="picture i uses noise seed seed + i")
-    args = parser.parse_args(argv)
+    # intermixed: the settings may follow --model, as the docstring's commands write them (plain parse_args
+    # fills the optional positional with its default at `sweep` and then rejects the JSON as unrecognised)
+    args = parser.parse_intermixed_args(argv)
     torch.set_num_threads(2)
     if args.what == "sweep":
         sweep(args.model, args.seed, json.loads(args.settings))
+    elif args.what == "pair":
+        pair(args.model, args.seed, json.loads(args.settings))
     elif args.what == "dpm-orders":
         dpm_orders(args.model, args.seed)
     elif args.what == "vae-squares":

@@ -79,6 +79,24 @@ def test_seed_parity_cosine_trailing_v_prediction(make_engine, cosine_v_model, s
     assert psnr(pixels(ours.images), pixels(theirs)) >= 40
 
 
+@pytest.mark.parametrize("sampler", ("ddim", "dpmpp_2m"))
+def test_thresholding_parity_with_the_pipeline(make_engine, cosine_v_model, tmp_path, sampler):
+    """A model whose scheduler config turns dynamic thresholding on: the engine reads it from the folder and
+    follows the pipeline's thresholded scheduler; the picture is not the one without thresholding."""
+    plain_folder = cosine_v_model[0]
+    folder = tmp_path / "thresholded"
+    shutil.copytree(plain_folder, folder)
+    path = folder / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "thresholding": True, "sample_max_value": 1.5}))
+    ours = make_engine(model=load_model(folder)).submit(request("t", sampler=sampler, seed=9)).result(60)
+    pipe = pipeline_for(folder, sampler)
+    assert pipe.scheduler.config.thresholding and pipe.scheduler.config.sample_max_value == 1.5
+    matched = psnr(pixels(ours.images), pixels(pipeline_images(pipe, guidance_scale=7.5, seed=9)))
+    assert matched >= 40
+    plain = pipeline_images(pipeline_for(plain_folder, sampler), guidance_scale=7.5, seed=9)
+    assert psnr(pixels(ours.images), pixels(plain)) < matched - 10
+
+
 @pytest.mark.skipif(not (DEFAULT_MODEL / "model_index.json").is_file(), reason="models/shapes-ldm has not landed")
 @pytest.mark.parametrize("sampler", COSINE_SAMPLERS)
 def test_seed_parity_on_the_default_model(make_engine, sampler):

@@ -18,7 +18,8 @@ from services.common.rules import DDPM_SAMPLERS as SAMPLERS  # the DDPM-family m
 from services.common.rules import SAMPLERS as ALL_SAMPLERS
 from services.worker.diffusion.guidance import rescale_guidance
 from services.worker.diffusion.samplers import SAMPLER_CLASSES, build_samplers, unsupported_samplers
-from services.worker.diffusion.schedules import alphas_cumprod_from_config
+from services.worker.diffusion.schedules import alphas_cumprod_from_config, final_alpha_cumprod
+from services.worker.diffusion.thresholding import Thresholding
 from training.evaluate import diffusers_scheduler
 from training.evaluate import rescale_guidance as evaluate_rescale
 
@@ -29,8 +30,10 @@ SIGMA_SAMPLERS = ("dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_ancestral")
 STEPS = (1, 7, 10, 50, 1000)
 
 
-def model_config(schedule: str, spacing: str, prediction_type: str = "epsilon") -> dict:
-    """A model's scheduler config as shipped (a DDIMScheduler's, as the tiny model and SD 1.x carry)."""
+def model_config(schedule: str, spacing: str, prediction_type: str = "epsilon", **options) -> dict:
+    """A model's scheduler config as shipped (a DDIMScheduler's, as the tiny model and SD 1.x carry); `options`:
+    more DDIMScheduler arguments. (They go to the constructor: a key laid over the dict afterwards is reset to its
+    default by from_config where the dict's `_use_default_values` lists it.)"""
     return dict(
         DDIMScheduler(
             num_train_timesteps=1000,
@@ -42,6 +45,7 @@ def model_config(schedule: str, spacing: str, prediction_type: str = "epsilon") 
             steps_offset=1,
             timestep_spacing=spacing,
             prediction_type=prediction_type,
+            **options,
         ).config
     )
 
@@ -150,6 +154,61 @@ def test_update_matches_diffusers(name, schedule, spacing, prediction_type):
             assert err <= 1e-5, (steps, i, float(t), err)
             x = ours
         assert state.finished and state.steps_done == plan.num_steps and state.x0_prev is None
+
+
+@pytest.mark.parametrize(
+    "name,schedule,prediction_type,ratio,max_value",
+    [
+        (name, schedule, prediction_type, ratio, max_value)
+        for name in ("ddim", "dpmpp_2m")
+        for schedule in ("scaled_linear", "squaredcos_cap_v2")
+        for prediction_type in PREDICTIONS
+        for ratio, max_value in ((0.995, 1.0), (0.9, 2.5), (0.995, 0.5))
+    ],
+)
+def test_thresholding_matches_diffusers(name, schedule, prediction_type, ratio, max_value):
+    """Dynamic thresholding (`thresholding: true` in the scheduler config) on x̂0, per row, against diffusers'
+    DDIMScheduler and DPMSolverMultistepScheduler with it on: every step of 10- and 50-step runs (DPM-Solver's
+    history holds the thresholded x̂0), max error ≤ 1e-5. Rows whose x̂0 quantile lies under 1, between 1 and
+    sample_max_value, and over it; sample_max_value under 1 too (torch.clamp then gives s = sample_max_value)."""
+    options = dict(dynamic_thresholding_ratio=ratio, sample_max_value=max_value)
+    config = model_config(schedule, "trailing", prediction_type, thresholding=True, **options)
+    ac = alphas_cumprod_from_config(config)
+    sampler = build_samplers(config, ac)[name]
+    plain = build_samplers(model_config(schedule, "trailing", prediction_type, **options), ac)[name]
+    assert sampler.thresholding == Thresholding(ratio=ratio, max_value=max_value) and plain.thresholding is None
+    g = torch.Generator().manual_seed(4)
+    rows = torch.tensor([0.3, 1.0, 4.0], dtype=torch.float64).reshape(-1, 1, 1, 1)  # x̂0's scale per row
+    for steps in (10, 50):
+        plan = sampler.plan(steps)
+        ref = reference(name, config, steps, ac)
+        if name == "ddim":
+            ref.final_alpha_cumprod = torch.tensor(final_alpha_cumprod(config, ac), dtype=torch.float64)
+        else:
+            ref.sigmas = torch.tensor(plan.sigmas, dtype=torch.float64)
+        state, plain_state = sampler.start(steps), plain.start(steps)
+        x0 = torch.randn((3, 4, 4, 4), generator=g, dtype=torch.float64) * rows
+        x = (torch.randn((3, 4, 4, 4), generator=g) * plan.init_noise_sigma).float()
+        changed = 0.0
+        for i, t in enumerate(ref.timesteps[: plan.num_steps]):
+            model_output = consistent_output(x, plan, i, x0, prediction_type, g)
+            theirs = ref.step(model_output.double(), t, x.double()).prev_sample
+            ours, x0_pred = sampler.step([state], [3], model_output, x, None)
+            err = (ours.double() - theirs).abs().max().item()
+            assert err <= 1e-5, (steps, i, float(t), err)
+            assert x0_pred.abs().max().item() <= 1 + 1e-6  # thresholded x̂0 lies in [−1, 1]
+            changed = max(changed, (ours - plain.step([plain_state], [3], model_output, x, None)[0]).abs().max().item())
+            x = ours
+        assert changed > 1e-2  # the option does something here
+
+
+def test_thresholding_defaults_are_diffusers():
+    assert Thresholding.from_config({"thresholding": True}) == Thresholding(ratio=0.995, max_value=1.0)
+    assert Thresholding.from_config({"thresholding": False, "sample_max_value": 3.0}) is None
+    assert Thresholding.from_config({}) is None
+    config = model_config("squaredcos_cap_v2", "trailing", "v_prediction", thresholding=True)
+    for name in ("ddim", "dpmpp_2m"):
+        assert name not in unsupported_samplers(config)
 
 
 @pytest.mark.parametrize("name", SIGMA_SAMPLERS)

@@ -11,7 +11,9 @@ Notation (<variable name> -> <name in paper>)
 - std_dev_t -> σ_t (eq. 16), scaled by eta
 - x_prev -> x_{t−1}
 
-No clipping or thresholding of x0_pred: latents are not bounded.
+x0_pred is dynamically thresholded (thresholding.py) where the scheduler config asks for it (`thresholding`), as
+DDIMScheduler does, before it enters x_{t−1}; ε̂ stays the model's (diffusers' use_clipped_model_output False, the
+pipeline's default). Sample clipping (`clip_sample`) is not applied: latents are not bounded.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from services.worker.diffusion.schedules import gather
+from services.worker.diffusion.thresholding import Thresholding, dynamic_threshold
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -41,9 +44,10 @@ def ddim_step(
     eta: torch.Tensor | float = 0.0,
     variance_noise: torch.Tensor | None = None,
     prediction_type: str = "epsilon",
+    thresholding: Thresholding | None = None,
 ) -> DDIMOutput:
     """x_t (R, C, h, w), t and t_prev (R,) long (t_prev = −1: after the last step), eta (R,) or float,
-    variance_noise (R, C, h, w) or None (needed where eta > 0) -> x_{t−1} and x̂0."""
+    variance_noise (R, C, h, w) or None (needed where eta > 0), thresholding (None: off) -> x_{t−1} and x̂0."""
     ndim = x_t.ndim
     out_dtype = x_t.dtype
     # The update runs in float64 and rounds once at the end: near t = T (cosine ᾱ ~ 1e-9) x̂0 cancels
@@ -67,6 +71,8 @@ def ddim_step(
         eps_pred = sqrt_alpha_bar_t * model_output + sqrt_one_minus_alpha_bar_t * x_t
     else:
         raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
+    if thresholding is not None:
+        x0_pred = dynamic_threshold(x0_pred, thresholding)  # per row; ε̂ is left as predicted
 
     # 3. σ_t(η) (eq. 16): η·√((1−ᾱ_{t−1})/(1−ᾱ_t))·√(1−ᾱ_t/ᾱ_{t−1})
     variance = (1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)

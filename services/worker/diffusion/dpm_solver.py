@@ -17,7 +17,8 @@ Notation (<variable name> -> <name in paper>)
 - order -> 1: DPM-Solver++1 (= DDIM with eta 0), for the first step and, as diffusers, the last
   (`lower_order_final`: σ̂_next = 0 makes h infinite); 2: the 2M update
 
-No clipping or thresholding of x0_pred: latents are not bounded.
+x0_pred is dynamically thresholded (thresholding.py) where the scheduler config asks for it (`thresholding`), as
+diffusers' convert_model_output does: the thresholded x_θ is what enters the update and the next step's history.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from services.worker.diffusion.thresholding import Thresholding, dynamic_threshold
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -55,9 +58,11 @@ def dpm_solver_2m_step(
     x0_prev: torch.Tensor | None,
     order: torch.Tensor,
     prediction_type: str = "epsilon",
+    thresholding: Thresholding | None = None,
 ) -> DPMSolverOutput:
     """model_output and x (R, C, h, w); σ̂, σ̂_next, σ̂_prev (R,) float64 (σ̂_prev unused where order is 1);
-    x0_prev (R, C, h, w) or None (every row first order); order (R,) long in {1, 2} -> x̃_{t_i} and x_θ."""
+    x0_prev (R, C, h, w) or None (every row first order); order (R,) long in {1, 2}; thresholding (None: off)
+    -> x̃_{t_i} and x_θ."""
     shape = (-1, *([1] * (x.ndim - 1)))
     out_dtype = x.dtype
     # float64 throughout, rounded once: at t = T the cosine schedule has α_t ≈ 5e-5, and an ε model's x0 divides by it
@@ -70,6 +75,8 @@ def dpm_solver_2m_step(
 
     # 2. the data prediction x_θ(x̃_{t_{i−1}}, t_{i−1})
     x0_pred = data_prediction(model_output, x, alpha, sigma_t, prediction_type)
+    if thresholding is not None:
+        x0_pred = dynamic_threshold(x0_pred, thresholding)  # per row, before the update and the history
 
     # 3. DPM-Solver++1 (Algorithm 2, i = 1; eq. 8 with k = 1): x̃_{t_i} = (σ_{t_i}/σ_{t_{i−1}})·x̃ − α_{t_i}(e^{−h_i} − 1)·x_θ,
     #    with e^{−h_i} = σ̂_next/σ̂ (exact at σ̂_next = 0, where h_i is infinite)

@@ -52,6 +52,7 @@ from services.worker.diffusion.schedules import (
     sigma_table,
     sigma_to_timestep,
 )
+from services.worker.diffusion.thresholding import Thresholding
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
@@ -184,7 +185,8 @@ class Sampler:
 
 
 class DDIMSampler(Sampler):
-    """DDIM (ddim.py) on the scheduler's own timesteps; eta per request."""
+    """DDIM (ddim.py) on the scheduler's own timesteps; eta per request; x̂0 dynamically thresholded where the
+    config says `thresholding` (thresholding.py)."""
 
     name = "ddim"
     takes_eta = True
@@ -193,6 +195,7 @@ class DDIMSampler(Sampler):
         super().__init__(config, alphas_cumprod, device)
         self.final_alpha_cumprod = final_alpha_cumprod(self.config, self.alphas_cumprod)
         self.table = self.alphas_cumprod.to(self.device)
+        self.thresholding = Thresholding.from_config(self.config)
 
     def _plan(self, num_inference_steps: int) -> Plan:
         timesteps = inference_timesteps(self.config, num_inference_steps)
@@ -218,6 +221,7 @@ class DDIMSampler(Sampler):
             eta=eta,
             variance_noise=noise,
             prediction_type=self.prediction_type,
+            thresholding=self.thresholding,
         )
         self._advance(states)
         return out.x_prev, out.x0_pred
@@ -227,13 +231,13 @@ class DPMSolver2MSampler(Sampler):
     """DPM-Solver++(2M) (dpm_solver.py) as DPMSolverMultistepScheduler.from_config(config,
     algorithm_type="dpmsolver++", solver_order=2): its timesteps, σ̂ interpolated at them, σ̂ = 0 after
     the last step (final_sigmas_type "zero"; "sigma_min" is read too), first order at the first step
-    and at the last (lower_order_final, euler_at_final read from the config)."""
+    and at the last (lower_order_final, euler_at_final read from the config), x_θ dynamically thresholded
+    where the config says `thresholding` (thresholding.py)."""
 
     name = "dpmpp_2m"
     karras = False
     config_defaults = {
         "solver_type": "midpoint",
-        "thresholding": False,
         "use_exponential_sigmas": False,
         "use_beta_sigmas": False,
         "use_lu_lambdas": False,
@@ -242,6 +246,10 @@ class DPMSolver2MSampler(Sampler):
         "lambda_min_clipped": -math.inf,
         "rescale_betas_zero_snr": False,
     }
+
+    def __init__(self, config, alphas_cumprod, device="cpu"):
+        super().__init__(config, alphas_cumprod, device)
+        self.thresholding = Thresholding.from_config(self.config)
 
     def max_steps(self) -> int:
         return int(self.config.get("num_train_timesteps", 1000)) if self.karras else max_dpm_solver_steps(self.config)
@@ -291,7 +299,9 @@ class DPMSolver2MSampler(Sampler):
                     for s, c in zip(states, counts)
                 ]
             )
-        out = dpm_solver_2m_step(model_output, x, sigma, sigma_next, sigma_prev, x0_prev, order, self.prediction_type)
+        out = dpm_solver_2m_step(
+            model_output, x, sigma, sigma_next, sigma_prev, x0_prev, order, self.prediction_type, self.thresholding
+        )
         row = 0
         for state, count in zip(states, counts):
             state.x0_prev = out.x0_pred[row : row + count]
