@@ -13,7 +13,8 @@ Notation (<variable name> -> <name in paper>)
 
 x0_pred is dynamically thresholded (thresholding.py) where the scheduler config asks for it (`thresholding`), as
 DDIMScheduler does, before it enters x_{t−1}; ε̂ stays the model's (diffusers' use_clipped_model_output False, the
-pipeline's default). Sample clipping (`clip_sample`) is not applied: latents are not bounded.
+pipeline's default); or, where the config says `clip_sample` instead, clamped to [−clip_sample_range,
+clip_sample_range] as DDIMScheduler does (thresholding.clip_range).
 """
 
 from __future__ import annotations
@@ -45,9 +46,11 @@ def ddim_step(
     variance_noise: torch.Tensor | None = None,
     prediction_type: str = "epsilon",
     thresholding: Thresholding | None = None,
+    clip_range: float | None = None,
 ) -> DDIMOutput:
     """x_t (R, C, h, w), t and t_prev (R,) long (t_prev = −1: after the last step), eta (R,) or float,
-    variance_noise (R, C, h, w) or None (needed where eta > 0), thresholding (None: off) -> x_{t−1} and x̂0."""
+    variance_noise (R, C, h, w) or None (needed where eta > 0), thresholding (None: off), clip_range (None: no
+    clipping) -> x_{t−1} and x̂0."""
     ndim = x_t.ndim
     out_dtype = x_t.dtype
     # The update runs in float64 and rounds once at the end: near t = T (cosine ᾱ ~ 1e-9) x̂0 cancels
@@ -73,6 +76,8 @@ def ddim_step(
         raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
     if thresholding is not None:
         x0_pred = dynamic_threshold(x0_pred, thresholding)  # per row; ε̂ is left as predicted
+    elif clip_range is not None:
+        x0_pred = x0_pred.clamp(-clip_range, clip_range)  # ε̂ is left as predicted here too
 
     # 3. σ_t(η) (eq. 16): η·√((1−ᾱ_{t−1})/(1−ᾱ_t))·√(1−ᾱ_t/ᾱ_{t−1})
     variance = (1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)

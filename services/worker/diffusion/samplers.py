@@ -52,7 +52,7 @@ from services.worker.diffusion.schedules import (
     sigma_table,
     sigma_to_timestep,
 )
-from services.worker.diffusion.thresholding import Thresholding
+from services.worker.diffusion.thresholding import Thresholding, clip_range
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
@@ -186,7 +186,7 @@ class Sampler:
 
 class DDIMSampler(Sampler):
     """DDIM (ddim.py) on the scheduler's own timesteps; eta per request; x̂0 dynamically thresholded where the
-    config says `thresholding` (thresholding.py)."""
+    config says `thresholding`, clipped where it says `clip_sample` (thresholding.py)."""
 
     name = "ddim"
     takes_eta = True
@@ -196,6 +196,7 @@ class DDIMSampler(Sampler):
         self.final_alpha_cumprod = final_alpha_cumprod(self.config, self.alphas_cumprod)
         self.table = self.alphas_cumprod.to(self.device)
         self.thresholding = Thresholding.from_config(self.config)
+        self.clip_range = clip_range(self.config)
 
     def _plan(self, num_inference_steps: int) -> Plan:
         timesteps = inference_timesteps(self.config, num_inference_steps)
@@ -222,6 +223,7 @@ class DDIMSampler(Sampler):
             variance_noise=noise,
             prediction_type=self.prediction_type,
             thresholding=self.thresholding,
+            clip_range=self.clip_range,
         )
         self._advance(states)
         return out.x_prev, out.x0_pred

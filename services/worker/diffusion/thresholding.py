@@ -1,7 +1,7 @@
-"""Dynamic thresholding of the predicted x0 (Saharia et al. 2022, "Photorealistic Text-to-Image Diffusion Models
+"""Bounds on the predicted x0: dynamic thresholding (Saharia et al. 2022, "Photorealistic Text-to-Image Diffusion Models
 with Deep Language Understanding" (Imagen), sec. 2.3), per row, as diffusers' schedulers do it
 (`_threshold_sample` of DDIMScheduler and DPMSolverMultistepScheduler, where the scheduler config says
-`thresholding: true`).
+`thresholding: true`), and DDIMScheduler's plain clipping (`clip_sample`) where thresholding is off.
 
 "At each sampling step we set s to a certain percentile absolute pixel value in x̂0, and if s > 1, then we
 threshold x̂0 to the range [−s, s] and then divide by s."
@@ -51,3 +51,13 @@ def dynamic_threshold(x0_pred: torch.Tensor, thresholding: Thresholding) -> torc
     s = torch.quantile(rows.abs(), thresholding.ratio, dim=1)  # (R,) the p-th percentile of |x̂0|, interpolated
     s = torch.clamp(s, min=1, max=thresholding.max_value).unsqueeze(1)  # (R, 1)
     return (torch.clamp(rows, -s, s) / s).reshape(x0_pred.shape)
+
+
+def clip_range(config: Mapping[str, Any]) -> float | None:
+    """DDIMScheduler's sample clipping: x̂0 clamped to [−r, r], r = `clip_sample_range` (1.0), where the config says
+    `clip_sample` (DDIMScheduler's default, True, where the key is missing: DDIMScheduler.from_config would clip)
+    and thresholding is off (diffusers thresholds or clips, never both). None: no clipping. SD, SDXL and the
+    shapes model ship `clip_sample: false`: latents are not bounded by 1."""
+    if config.get("thresholding", False) or not config.get("clip_sample", True):
+        return None
+    return float(config.get("clip_sample_range", 1.0))
