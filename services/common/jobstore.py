@@ -450,10 +450,13 @@ class AsyncJobStore:
         # Settled jobs (succeeded, failed, cancelled) never change again until their record expires, so reads of
         # them (pollers that keep asking, pages reloaded, the OpenAI route's last look) are answered from here.
         self._settled: OrderedDict[str, JobRecord] = OrderedDict()
-        # The newest read of each live job (done or on its way) and when it was asked for: a poll (GET
-        # /v1/jobs/{id}) may take it while it is younger than the caller's max_age_s, so polls of one job cost one
-        # HGETALL per max_age_s however long Redis takes to answer; everything that acts on a job reads Redis.
-        self._live: OrderedDict[str, tuple[float, asyncio.Future | None]] = OrderedDict()  # None: changed since
+        # Polls of live jobs (GET /v1/jobs/{id}): a poll may take a read of the job asked for less than its
+        # max_age_s ago. _ready: the newest read that came back, (asked at, record); _asked: the newest read asked
+        # for, (asked at, its future), which a poll with nothing ready joins; _changed: when the event hub last saw
+        # the job change (no read asked before it is used). Everything that acts on a job reads Redis.
+        self._ready: OrderedDict[str, tuple[float, JobRecord]] = OrderedDict()
+        self._asked: OrderedDict[str, tuple[float, asyncio.Future]] = OrderedDict()
+        self._changed: OrderedDict[str, float] = OrderedDict()
 
     async def create(
         self,
@@ -529,29 +532,46 @@ class AsyncJobStore:
                 self._settled.move_to_end(job_id)
                 return job
             del self._settled[job_id]
-        seen = self._live.get(job_id)
-        if seen is not None and seen[1] is not None and time.monotonic() - seen[0] < max_age_s:
-            return await asyncio.shield(seen[1])  # that read, done or still on its way
+        now = time.monotonic()
+        changed = self._changed.get(job_id, 0.0)
+        ready = self._ready.get(job_id)
+        if ready is not None and now - ready[0] < max_age_s:
+            asked = self._asked.get(job_id)
+            if now - ready[0] >= max_age_s / 2 and (asked is None or asked[0] <= ready[0]):
+                self._read(job_id)  # read ahead, not awaited: steady polls never wait for Redis
+            return ready[1]
+        asked = self._asked.get(job_id)
+        if asked is not None and asked[0] >= changed and now - asked[0] < max_age_s:
+            return await asyncio.shield(asked[1])  # a read on its way, asked for recently enough
+        return await asyncio.shield(self._read(job_id))
+
+    def _read(self, job_id: str) -> asyncio.Future:
+        """One HGETALL of the job (shared with its loop turn's other reads), kept for polls when it comes back."""
         asked_at = time.monotonic()
         read = asyncio.ensure_future(self._record(job_key(job_id)))
-        if asked_at >= self._live.get(job_id, (0.0,))[0]:  # never replace a newer read with an older one
-            _keep(self._live, job_id, (asked_at, read), LIVE_CACHE)
-        try:
-            job = await asyncio.shield(read)
-        except Exception:
-            if self._live.get(job_id, (0.0, None))[1] is read:  # the next poll tries again
-                del self._live[job_id]
-            raise
+        _keep(self._asked, job_id, (asked_at, read), LIVE_CACHE)
+        read.add_done_callback(lambda read: self._came_back(job_id, asked_at, read))
+        return read
+
+    def _came_back(self, job_id: str, asked_at: float, read: asyncio.Future) -> None:
+        if self._asked.get(job_id, (0.0, None))[1] is read:
+            del self._asked[job_id]
+        if read.cancelled() or read.exception() is not None:  # its caller gets the error; the next poll asks again
+            return
+        job = read.result()
         if job is None or job.terminal:
-            self._live.pop(job_id, None)
+            self._ready.pop(job_id, None)
+            self._changed.pop(job_id, None)
             if job is not None:
                 _keep(self._settled, job_id, job, SETTLED_CACHE)
-        return job
+        elif asked_at >= max(self._ready.get(job_id, (0.0,))[0], self._changed.get(job_id, 0.0)):
+            _keep(self._ready, job_id, (asked_at, job), LIVE_CACHE)  # never an older read over a newer one
 
     def forget_polled(self, job_id: str) -> None:
-        """The job changed (the event hub read new events of it): the next poll reads Redis, and a read asked for
-        before now (still on its way) is not kept."""
-        _keep(self._live, job_id, (time.monotonic(), None), LIVE_CACHE)
+        """The job changed (the event hub read new events of it): the next poll reads Redis, and no read asked for
+        before now (one still on its way) answers a poll."""
+        self._ready.pop(job_id, None)
+        _keep(self._changed, job_id, time.monotonic(), LIVE_CACHE)
 
     async def owner(self, job_id: str) -> str | None:
         """The key hash that owns the job (None: no such job); concurrent reads share a round trip."""
