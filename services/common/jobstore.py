@@ -457,6 +457,7 @@ class AsyncJobStore:
         self._ready: OrderedDict[str, tuple[float, JobRecord]] = OrderedDict()
         self._asked: OrderedDict[str, tuple[float, asyncio.Future]] = OrderedDict()
         self._changed: OrderedDict[str, float] = OrderedDict()
+        self._round_trip_s = 0.01  # how long a read takes to come back (a moving average): when to read ahead
 
     async def create(
         self,
@@ -537,8 +538,8 @@ class AsyncJobStore:
         ready = self._ready.get(job_id)
         if ready is not None and now - ready[0] < max_age_s:
             asked = self._asked.get(job_id)
-            if now - ready[0] >= max_age_s / 2 and (asked is None or asked[0] <= ready[0]):
-                self._read(job_id)  # read ahead, not awaited: steady polls never wait for Redis
+            if now - ready[0] >= max_age_s - 1.5 * self._round_trip_s and (asked is None or asked[0] <= ready[0]):
+                self._read(job_id)  # read ahead, not awaited, to be back before this one is too old
             return ready[1]
         asked = self._asked.get(job_id)
         if asked is not None and asked[0] >= changed and now - asked[0] < max_age_s:
@@ -554,6 +555,7 @@ class AsyncJobStore:
         return read
 
     def _came_back(self, job_id: str, asked_at: float, read: asyncio.Future) -> None:
+        self._round_trip_s += 0.2 * (time.monotonic() - asked_at - self._round_trip_s)
         if self._asked.get(job_id, (0.0, None))[1] is read:
             del self._asked[job_id]
         if read.cancelled() or read.exception() is not None:  # its caller gets the error; the next poll asks again
