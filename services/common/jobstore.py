@@ -537,9 +537,11 @@ class AsyncJobStore:
         changed = self._changed.get(job_id, 0.0)
         ready = self._ready.get(job_id)
         if ready is not None and now - ready[0] < max_age_s:
-            asked = self._asked.get(job_id)
-            if now - ready[0] >= max_age_s - 1.5 * self._round_trip_s and (asked is None or asked[0] <= ready[0]):
-                self._read(job_id)  # read ahead, not awaited, to be back before this one is too old
+            newest = max(ready[0], self._asked.get(job_id, (0.0,))[0])  # the newest read asked for
+            if now - newest >= max(max_age_s - 1.5 * self._round_trip_s, max_age_s / 4):
+                # read ahead, not awaited, to be back before the newest is too old; while reads take longer than
+                # the max age allows, one every quarter of it (a few on their way at once)
+                self._read(job_id)
             return ready[1]
         asked = self._asked.get(job_id)
         if asked is not None and asked[0] >= changed and now - asked[0] < max_age_s:

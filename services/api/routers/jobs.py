@@ -28,7 +28,7 @@ PICTURE = {200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}
 async def get_job(job_id: str, request: Request) -> Response:
     """The hot path of every polling client: no dependency resolution, no re-validation of the record on its
     way out (the JSON is the record's own view; `Job` documents it). A queued or running job's state may be up to
-    LATENTD_JOB_POLL_MAX_AGE_S (0.05 s) older than the request; follow its events for every change as it happens."""
+    LATENTD_JOB_POLL_MAX_AGE_S (0.25 s) older than the request; follow its events for every change as it happens."""
     core: Core = request.app.state.core
     job = await core.job(core.authenticate(request.headers.get("authorization")), job_id, poll=True)
     return Response(job.view_json, media_type="application/json")
