@@ -39,8 +39,8 @@ class Settings(BaseSettings):
     # A poll of a queued or running job (GET /v1/jobs/{id}, gRPC GetJob) may be answered from this process's
     # newest read of it when that was asked for less than this many seconds ago (and after the last event of the
     # job this process has seen): a hundred clients polling a job cost a few Redis reads per interval. It must be
-    # several turns of a loaded event loop long: under wrk's 100 connections a read took 4 to 5 turns (~150 ms)
-    # to come back, and with 0.05 s 43 % of polls waited for one. Everything that acts on a job (cancel,
+    # several turns of a loaded event loop long: under wrk's 100 connections a read takes longer than 50 ms to
+    # come back, and a shorter max age leaves many polls waiting for one. Everything that acts on a job (cancel,
     # pictures, the OpenAI route's wait) reads Redis. 0: every poll reads Redis. Settled jobs are read once.
     job_poll_max_age_s: float = Field(0.25, ge=0, le=5)
     result_ttl_s: int = 3600
