@@ -525,8 +525,9 @@ class AsyncJobStore:
     async def get(self, job_id: str, max_age_s: float = 0.0) -> JobRecord | None:
         """The job (None: no such job); concurrent reads share a round trip, and a settled job is read once per
         process: it stays in memory (the SETTLED_CACHE most recently read) until its record would expire. With
-        max_age_s > 0 a live job may come from this process's newest read of it, asked for less than max_age_s
-        ago (a poll: a hundred clients polling one running job cost one HGETALL per max_age_s, not one each)."""
+        max_age_s > 0 (a poll) a live job may come from this process's newest read of it asked for less than
+        max_age_s ago and after the job last changed (forget_polled): a hundred clients polling one job cost a few
+        HGETALLs per max_age_s, not one each, and read ahead of time they do not wait for them."""
         job = self._settled.get(job_id)
         if job is not None:
             if time.time() < job.created_at + self.ttl_s:  # every write re-arms the TTL: never sooner than this
