@@ -173,9 +173,8 @@ def test_the_forward_slider_changes_the_frame_and_the_alpha_bar_readout(opened):
     expect(page.locator("#fwd-caption")).to_contain_text("pixel space")
 
 
-def test_reverse_frames_arrive_live_and_playback_advances(opened):
-    page = opened
-    page.fill("#rev-steps", "12")
+def denoise_watching_frames(page) -> list[str]:
+    """Submit the Reverse panel and wait for its job; the status line at each x_t frame shown meanwhile."""
     page.evaluate(
         """() => {
           window.__live = [];
@@ -185,7 +184,13 @@ def test_reverse_frames_arrive_live_and_playback_advances(opened):
     )
     page.click("#rev-submit")
     wait_done(page, "rev")
-    live = page.evaluate("window.__live")
+    return page.evaluate("window.__live")
+
+
+def test_reverse_frames_arrive_live_and_playback_advances(opened):
+    page = opened
+    page.fill("#rev-steps", "12")
+    live = denoise_watching_frames(page)
     assert live and live[0].startswith("Step "), f"no frame was shown while the job ran: {live[:3]}"
     scrub = page.locator("#rev-scrub")
     expect(scrub).to_have_attribute("max", "11")
@@ -242,16 +247,7 @@ def test_a_reverse_trajectory_can_start_from_a_picture(opened):
         "#rev-image", files=[{"name": "halves.png", "mimeType": "image/png", "buffer": halves_png(64, 32)}]
     )
     page.fill("#rev-strength", "0.5")
-    page.evaluate(
-        """() => {
-          window.__live = [];
-          new MutationObserver(() => window.__live.push(document.querySelector("#rev-status").textContent))
-            .observe(document.querySelector("#rev-xt"), { attributes: true, attributeFilter: ["src"] });
-        }"""
-    )
-    page.click("#rev-submit")
-    wait_done(page, "rev")
-    live = page.evaluate("window.__live")
+    live = denoise_watching_frames(page)
     assert live and re.match(r"^Step \d of 6 ", live[0]), f"no frame was shown while the job ran: {live[:3]}"
     scrub = page.locator("#rev-scrub")
     expect(scrub).to_have_attribute("max", "5")
