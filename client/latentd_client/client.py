@@ -43,8 +43,9 @@ def _body(**fields: Any) -> dict[str, Any]:
 
 
 def _final_job(event: JobEvent | None) -> Job | None:
-    """The job a terminal event carries (its data is the final job, as GET would answer once it has caught up:
-    a poll of a running job may be a few tens of milliseconds behind its events); None if it carries none."""
+    """The job a terminal event carries (its data is the final job, as GET answers once it has caught up: a poll
+    of a live job may be up to the gateway's job_poll_max_age_s, 0.25 s, behind its events); None if it carries
+    none."""
     if event is None or not event.terminal or "status" not in event.data or "id" not in event.data:
         return None
     return Job.from_dict(event.data)

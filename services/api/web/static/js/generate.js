@@ -2,7 +2,7 @@
 
 import { fetchBlob } from "./api.js";
 import { JobPanel } from "./job.js";
-import { modelNamed, onModels } from "./models.js";
+import { modelNamed, nativeRatio, onModels } from "./models.js";
 import { regimeFor } from "./regimes.js";
 import { $, addPicture, el, formValues, seconds, seedValue, UrlBag } from "./ui.js";
 
@@ -137,8 +137,7 @@ export function initGenerate() {
     if (v.guidance_rescale !== null && v.guidance_rescale !== undefined) body.guidance_rescale = v.guidance_rescale;
     if (v.model) body.model = v.model;
     if (width && height) Object.assign(body, { width, height });
-    const sizeRatio =
-      width && height ? `${width} / ${height}` : model ? `${model.native_width} / ${model.native_height}` : "1 / 1";
+    const sizeRatio = width && height ? `${width} / ${height}` : nativeRatio(model);
     // image to image, inpainting: the picture's size is the size (read while run() already shows the panel busy)
     const prepared = addPicture(form, body).then((pictureRatio) => {
       const ratio = pictureRatio || sizeRatio;

@@ -8,6 +8,8 @@ const listeners = new Set();
 
 export const allModels = () => models;
 export const modelNamed = (name) => models.find((m) => m.name === name) || models[0] || null;
+/** A model's native aspect ratio as CSS wants it ("w / h"); "1 / 1" without a model. */
+export const nativeRatio = (model) => (model ? `${model.native_width} / ${model.native_height}` : "1 / 1");
 
 /** Call fn(models) now and whenever the list changes. */
 export function onModels(fn) {

@@ -4,7 +4,7 @@
 
 import { fetchBlob } from "./api.js";
 import { JobPanel } from "./job.js";
-import { modelNamed } from "./models.js";
+import { modelNamed, nativeRatio } from "./models.js";
 import { $, addPicture, formValues, seedValue, UrlBag } from "./ui.js";
 
 const FRAME_MS = 120;
@@ -93,7 +93,7 @@ export function initReverse() {
     // image to image: the picture's size is the size, and its strength how many of the steps run (read while
     // run() already shows the panel busy)
     const prepared = addPicture(form, body).then((pictureRatio) => {
-      const ratio = pictureRatio || (model ? `${model.native_width} / ${model.native_height}` : "1 / 1");
+      const ratio = pictureRatio || nativeRatio(model);
       stop();
       urls.clear();
       steps = [];
