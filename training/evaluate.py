@@ -34,6 +34,7 @@ from diffusers import (
 from PIL import Image, ImageDraw
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from services.common.rules import guidance_window
 from training.readback import read_back
 from training.shapes import BACKGROUNDS, COLOURS, SHAPES, SIZES, caption_for, parse_caption
 
@@ -130,11 +131,14 @@ def sample(
     chunk_rows: int = 512,
     sampler: str = "ddim",
     guidance_rescale: float = 0.0,
+    guidance_interval: tuple[float, float] = (0.0, 1.0),
 ) -> tuple[np.ndarray, np.ndarray]:
     """One picture per row: classifier-free guidance out = out_u + s (out_c - out_u) on the UNet's
     output (ε or v: the mix is linear in either) at every scale (s = 0 is the unconditional model,
     s = 1 the conditional one), then guidance rescale on the rows with s > 1 (as diffusers' pipeline),
-    then one step of the sampler's diffusers scheduler (DDIM with eta = 0). The noise (initial
+    then one step of the sampler's diffusers scheduler (DDIM with eta = 0). The mix applies within the
+    guidance interval (start, stop) only, at the steps int(start·n) <= i < int(stop·n) as diffusers'
+    guiders count them; at the other steps a row with s ≠ 0 takes out_c alone. The noise (initial
     latents, and Euler ancestral's noise at each step) comes from one CPU generator per row, seeded
     with its seed, as in diffusers, whatever device the model is on.
 
@@ -152,13 +156,21 @@ def sample(
     scale = torch.tensor(guidance_scales, dtype=latents.dtype, device=latents.device)[:, None, None, None]
     rescaled_rows = (scale.flatten() > 1) & (guidance_rescale > 0)  # (N,)
     step_kwargs = {"generator": generators} if sampler == "euler_ancestral" else {}
-    for t in scheduler.timesteps:
+    first, end = guidance_window(*guidance_interval, len(scheduler.timesteps))
+    for i, t in enumerate(scheduler.timesteps):
         model_input = scheduler.scale_model_input(latents, t)
         model_output = torch.empty_like(latents)
         for start in range(0, len(captions), chunk_rows):
             rows = slice(start, start + chunk_rows)
             x = model_input[rows]
+            unguided = scale[rows] == 0  # s = 0: the unconditional model at every step
+            if not first <= i < end and not unguided.any():
+                model_output[rows] = unet(x, t, cond[rows]).sample
+                continue
             out_uncond, out_cond = unet(torch.cat([x, x]), t, torch.cat([uncond[rows], cond[rows]])).sample.chunk(2)
+            if not first <= i < end:
+                model_output[rows] = torch.where(unguided, out_uncond, out_cond)
+                continue
             guided = out_uncond + scale[rows] * (out_cond - out_uncond)
             if rescaled_rows[rows].any():
                 rescaled = rescale_guidance(guided, out_cond, guidance_rescale)
@@ -266,6 +278,7 @@ def evaluate(
     steps: int,
     scales: tuple[float, ...],
     guidance_rescale: float,
+    guidance_interval: tuple[float, float] = (0.0, 1.0),
 ) -> tuple[dict[float, dict[str, float]], dict[float, float], dict[float, np.ndarray]]:
     """Scores, clipped share and pixels per scale: every caption at every scale, noise seed seed + caption index."""
     rows = [(caption, scale, seed + i) for scale in scales for i, caption in enumerate(captions)]
@@ -277,6 +290,7 @@ def evaluate(
         steps,
         sampler=sampler,
         guidance_rescale=guidance_rescale,
+        guidance_interval=guidance_interval,
     )
     results, clipped, pixels_by_scale = {}, {}, {}
     for k, scale in enumerate(scales):
@@ -306,6 +320,14 @@ def main(argv: list[str] | None = None) -> None:
         help="φ where guidance > 1 (default: the model's latentd.json default, else 0)",
     )
     parser.add_argument(
+        "--guidance-interval",
+        type=float,
+        nargs=2,
+        metavar=("START", "STOP"),
+        default=None,
+        help="guidance_start and guidance_stop (default: the model's latentd.json defaults, else 0 1)",
+    )
+    parser.add_argument(
         "--captions",
         choices=("full", "short", "sized"),
         default="full",
@@ -321,13 +343,14 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(2)
     started = time.monotonic()
     scheduler_config = json.loads((args.model / "scheduler" / "scheduler_config.json").read_text())
-    rescale = args.guidance_rescale
-    if rescale is None:
-        rescale = read_defaults(args.model, scheduler_config)["default_guidance_rescale"]
+    defaults = read_defaults(args.model, scheduler_config)
+    rescale = defaults["default_guidance_rescale"] if args.guidance_rescale is None else args.guidance_rescale
+    interval = args.guidance_interval or (defaults["default_guidance_start"], defaults["default_guidance_stop"])
+    interval = (float(interval[0]), float(interval[1]))
     model = ShapesModel.load(args.model).to(args.device)
     captions = eval_captions(args.captions)
     results, clipped, pixels_by_scale = evaluate(
-        model, captions, args.seed, args.sampler, args.steps, GUIDANCE_SCALES, rescale
+        model, captions, args.seed, args.sampler, args.steps, GUIDANCE_SCALES, rescale, interval
     )
     rows = [(args.sampler, args.steps, scale, results[scale], clipped[scale]) for scale in GUIDANCE_SCALES]
     cost_rows: list[tuple[str, int, float, float | None]] = []
@@ -337,7 +360,9 @@ def main(argv: list[str] | None = None) -> None:
             if (sampler, steps) == (args.sampler, args.steps):
                 right = results[COST_SCALE]["all"]
             else:
-                other, other_clipped, _ = evaluate(model, captions, args.seed, sampler, steps, (COST_SCALE,), rescale)
+                other, other_clipped, _ = evaluate(
+                    model, captions, args.seed, sampler, steps, (COST_SCALE,), rescale, interval
+                )
                 rows.append((sampler, steps, COST_SCALE, other[COST_SCALE], other_clipped[COST_SCALE]))
                 right = other[COST_SCALE]["all"]
             cost_rows.append((sampler, steps, right, None))
@@ -352,6 +377,11 @@ def main(argv: list[str] | None = None) -> None:
     where = "a 2-core CPU" if args.device == "cpu" else torch.cuda.get_device_name(args.device)
     table = markdown_table(rows, len(captions))
     rescale_note = f"guidance rescale {rescale:g} where guidance > 1" if rescale else "no guidance rescale"
+    if interval != (0.0, 1.0):
+        rescale_note += (
+            f", guidance interval [{interval[0]:g}, {interval[1]:g}): the mix at steps int({interval[0]:g}·n) <= i < "
+            f"int({interval[1]:g}·n) of a job's n, the conditional prediction alone at the others"
+        )
     section = (
         f"Made by `{command}` (`make eval-model`): {len(captions)} captions ({args.captions} grammar), noise seed "
         f"{args.seed} + caption index (held out: never used to train or tune), the same noise in every row, "
@@ -375,6 +405,7 @@ def main(argv: list[str] | None = None) -> None:
                 "model": str(args.model),
                 "seed": args.seed,
                 "guidance_rescale": rescale,
+                "guidance_interval": interval,
                 "all_three_right": {f"{s} {n} @{g:g}": round(r["all"], 4) for s, n, g, r, _ in rows},
                 "engine_images_per_s_16_in_flight": {k: round(v, 3) for k, v in speeds.items()},
                 "sampling_s": round(sampled_s, 1),

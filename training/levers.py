@@ -6,8 +6,9 @@
     python -m training.levers vae-squares --model models/shapes-ldm  # does the VAE keep small shapes readable?
     python -m training.levers step-time                              # a UNet training step with and without 16x16 attention
 
-`sweep` takes a JSON list of settings: sampler, steps (50), scale (7.5), rescale (0), config (scheduler
-config keys laid over the model's, e.g. {"lambda_min_clipped": -5.1}); each prints one JSON line with the
+`sweep` takes a JSON list of settings: sampler, steps (50), scale (7.5), rescale (0), interval (the guidance
+interval [start, stop], fractions of the steps; [0, 1]: every step, whatever the model's latentd.json says), config
+(scheduler config keys laid over the model's, e.g. {"lambda_min_clipped": -5.1}); each prints one JSON line with the
 share right over the 162 captions, noise seed --seed + caption index (default: the tuning seeds). `pair` takes a
 list of [first, second] settings and counts the pictures each gets right that the other does not.
 """
@@ -29,7 +30,7 @@ from training.evaluate import TUNING_SEED, ShapesModel, eval_captions, sample, s
 
 
 def sample_setting(model: ShapesModel, base: dict, captions: list[str], seed: int, setting: dict) -> np.ndarray:
-    """The pictures of one sweep setting (sampler, steps, scale, rescale, config) over the captions."""
+    """The pictures of one sweep setting (sampler, steps, scale, rescale, interval, config) over the captions."""
     from diffusers import DDIMScheduler
 
     model.scheduler = DDIMScheduler.from_config({**base, **setting.get("config", {})})
@@ -42,6 +43,7 @@ def sample_setting(model: ShapesModel, base: dict, captions: list[str], seed: in
         setting.get("steps", 50),
         sampler=setting.get("sampler", "ddim"),
         guidance_rescale=setting.get("rescale", 0.0),
+        guidance_interval=tuple(setting.get("interval", (0.0, 1.0))),
     )
     return pixels
 
@@ -106,7 +108,13 @@ def dpm_orders(model_dir: Path, seed: int, steps: int = 20) -> None:
         handles = [
             engine.submit(
                 GenerationRequest(
-                    request_id=str(i), prompt=c, seed=seed + i, num_inference_steps=steps, sampler="dpmpp_2m"
+                    request_id=str(i),
+                    prompt=c,
+                    seed=seed + i,
+                    num_inference_steps=steps,
+                    sampler="dpmpp_2m",
+                    guidance_start=0.0,  # guidance at every step, as measured before the model's interval
+                    guidance_stop=1.0,
                 )
             )
             for i, c in enumerate(captions)

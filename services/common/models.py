@@ -40,6 +40,8 @@ class ModelInfo:
     default_sampler: str = DEFAULT_SAMPLER  # what a request without `sampler` gets
     sampler_max_inference_steps: dict[str, int] = field(default_factory=dict)  # each sampler's step limit
     default_guidance_rescale: float = 0.0  # what a request without `guidance_rescale` gets
+    default_guidance_start: float = 0.0  # ... without `guidance_start` (the guidance interval, rules.py)
+    default_guidance_stop: float = 1.0  # ... without `guidance_stop`
     # the family (a worker from before families serves Stable Diffusion 1.x/2.x: these defaults)
     family: str = "sd"  # sd | sdxl | sd3 | flux
     pipeline: str = "StableDiffusionPipeline"  # the diffusers pipeline class of its folder
@@ -82,6 +84,8 @@ class ModelInfo:
             default_sampler=self.default_sampler,
             sampler_max_steps=dict(self.sampler_max_inference_steps),
             default_guidance_rescale=self.default_guidance_rescale,
+            default_guidance_start=self.default_guidance_start,
+            default_guidance_stop=self.default_guidance_stop,
             family=self.family,
             params=tuple(self.params),
             default_num_inference_steps=self.default_num_inference_steps,
@@ -115,6 +119,8 @@ class ModelInfo:
             samplers=self.samplers,
             default_sampler=self.default_sampler,
             default_guidance_rescale=self.default_guidance_rescale,
+            default_guidance_start=self.default_guidance_start,
+            default_guidance_stop=self.default_guidance_stop,
             family=self.family,
             pipeline=self.pipeline,
             prediction_type=self.prediction_type,

@@ -63,6 +63,8 @@ GENERATION_SCALARS = (
     "num_images",
     "preview_every",
     "guidance_rescale",
+    "guidance_start",
+    "guidance_stop",
     "true_cfg_scale",
     *rules.SIZE_CONDITIONING_PARAMS,
     "strength",

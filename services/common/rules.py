@@ -40,6 +40,12 @@ SAMPLERS: tuple[str, ...] = DDPM_SAMPLERS + FLOW_SAMPLERS
 DEFAULT_SAMPLER = "ddim"  # a model's own default, if it names one (latentd.json), wins
 ETA_SAMPLERS: tuple[str, ...] = ("ddim",)  # eta > 0 is refused with any other sampler (field `eta`)
 MIN_GUIDANCE_RESCALE, MAX_GUIDANCE_RESCALE = 0.0, 1.0  # φ of Lin et al. 2024; applied where guidance_scale > 1
+# The guidance interval (Kynkäänniemi et al. 2024, "Applying Guidance in a Limited Interval Improves Sample and
+# Distribution Quality in Diffusion Models"), as diffusers' guiders (`ClassifierFreeGuidance(start, stop)`) count
+# it: guidance_start and guidance_stop are fractions of the steps a job runs; the mix is applied at the steps i
+# with int(start·n) <= i < int(stop·n), and elsewhere a row that mixes is its conditional prediction alone (its
+# unconditional row is not computed). 0 and 1 (the default where a model names none): every step.
+MIN_GUIDANCE_FRACTION, MAX_GUIDANCE_FRACTION = 0.0, 1.0
 DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_GUIDANCE_SCALE = 50, 7.5  # a model that names none (SD 1.x/2.x pipelines')
 MIN_TRUE_CFG_SCALE = 1.0  # Flux's true CFG: 1 is off (its pipeline guides where true_cfg_scale > 1)
 MAX_CONDITIONING_SIDE = 8192  # SDXL's size conditioning (original and target size, crop offsets), in pixels
@@ -58,6 +64,8 @@ COMMON_PARAMS: tuple[str, ...] = (
     "num_images",
     "preview_every",
     "sampler",
+    "guidance_start",
+    "guidance_stop",
 )
 SIZE_CONDITIONING_PARAMS: tuple[str, ...] = (  # SDXL's micro-conditioning (Podell et al. 2023, sec. 2.2)
     "original_width",
@@ -93,6 +101,8 @@ class ModelLimits:
     default_sampler: str = DEFAULT_SAMPLER
     sampler_max_steps: Mapping[str, int] = field(default_factory=dict)  # where a sampler allows fewer steps
     default_guidance_rescale: float = 0.0
+    default_guidance_start: float = MIN_GUIDANCE_FRACTION
+    default_guidance_stop: float = MAX_GUIDANCE_FRACTION
     unsupported_samplers: Mapping[str, str] = field(default_factory=dict)  # name -> why this model rules it out
     family: str = "sd"
     params: tuple[str, ...] = DEFAULT_PARAMS  # the request fields this model reads
@@ -213,6 +223,33 @@ class Resolved(NamedTuple):
     num_inference_steps: int
     guidance_scale: float
     strength: float | None = None  # with an image only: the share of the schedule that runs
+    guidance_start: float = MIN_GUIDANCE_FRACTION  # the guidance interval, fractions of the steps the job runs
+    guidance_stop: float = MAX_GUIDANCE_FRACTION
+
+    def guides_at(self, step: int, steps: int) -> bool:
+        """Whether the guidance mix applies at the job's step `step` (0-based) of the `steps` it runs."""
+        first, end = guidance_window(self.guidance_start, self.guidance_stop, steps)
+        return first <= step < end
+
+
+def guidance_window(start: float, stop: float, steps: int) -> tuple[int, int]:
+    """The steps [first, end) of a job's `steps` where guidance applies: int(start·n), int(stop·n), as diffusers'
+    guiders (`BaseGuidance._is_cfg_enabled`)."""
+    return int(start * steps), int(stop * steps)
+
+
+def check_guidance_interval(limits: ModelLimits, start: float | None, stop: float | None) -> tuple[float, float]:
+    """guidance_start and guidance_stop, the model's defaults where None: each in [0, 1], start <= stop."""
+    start = limits.default_guidance_start if start is None else start
+    stop = limits.default_guidance_stop if stop is None else stop
+    between("guidance_start", start, MIN_GUIDANCE_FRACTION, MAX_GUIDANCE_FRACTION)
+    between("guidance_stop", stop, MIN_GUIDANCE_FRACTION, MAX_GUIDANCE_FRACTION)
+    if start > stop:
+        raise InvalidInput(
+            f"guidance_stop must be between guidance_start ({_fmt(float(start))}) and 1, got {_fmt(float(stop))}",
+            "guidance_stop",
+        )
+    return float(start), float(stop)
 
 
 def start_step(num_inference_steps: int, strength: float) -> int:
@@ -292,6 +329,8 @@ def check_generation(
     trajectory_every: int = 0,
     sampler: str | None = None,
     guidance_rescale: float | None = None,
+    guidance_start: float | None = None,
+    guidance_stop: float | None = None,
     true_cfg_scale: float | None = None,
     original_width: int | None = None,
     original_height: int | None = None,
@@ -304,8 +343,8 @@ def check_generation(
     mask_size: tuple[int, int] | None = None,
     strength: float | None = None,
 ) -> Resolved:
-    """Every rule of one generation request; returns the size, sampler, guidance rescale, steps and guidance
-    scale it resolves to (None: the model's default). Fields the model's family does not read are refused."""
+    """Every rule of one generation request; returns the size, sampler, guidance rescale, steps, guidance
+    scale and guidance interval it resolves to (None: the model's default). Fields the model's family does not read are refused."""
     sampler = check_sampler(limits, sampler)
     steps = limits.default_num_inference_steps if num_inference_steps is None else num_inference_steps
     check_steps(limits, steps, sampler)
@@ -320,6 +359,7 @@ def check_generation(
     check_applies(limits, "guidance_rescale", guidance_rescale or None)  # 0 is "none" wherever it is not read
     rescale = limits.default_guidance_rescale if guidance_rescale is None else guidance_rescale
     between("guidance_rescale", rescale, MIN_GUIDANCE_RESCALE, MAX_GUIDANCE_RESCALE)
+    interval = check_guidance_interval(limits, guidance_start, guidance_stop)
     check_applies(limits, "true_cfg_scale", true_cfg_scale)
     if true_cfg_scale is not None:
         between("true_cfg_scale", true_cfg_scale, MIN_TRUE_CFG_SCALE, MAX_GUIDANCE)
@@ -351,7 +391,7 @@ def check_generation(
     size = check_size(limits, width, height)
     check_prompt(limits, "prompt", prompt)
     check_prompt(limits, "negative_prompt", negative_prompt)
-    return Resolved(size[0], size[1], sampler, float(rescale), steps, float(guidance_scale), strength)
+    return Resolved(size[0], size[1], sampler, float(rescale), steps, float(guidance_scale), strength, *interval)
 
 
 def check_timesteps(num_train_timesteps: int, timesteps: Iterable[int]) -> list[int]:

@@ -13,6 +13,7 @@ from services.common.rules import (
     MAX_CONDITIONING_SIDE,
     MAX_ETA,
     MAX_GUIDANCE,
+    MAX_GUIDANCE_FRACTION,
     MAX_GUIDANCE_RESCALE,
     MAX_GUIDANCE_SCALES,
     MAX_IMAGES,
@@ -22,6 +23,7 @@ from services.common.rules import (
     MAX_STEPS,
     MAX_STRENGTH,
     MAX_TIMESTEPS,
+    MIN_GUIDANCE_FRACTION,
     MIN_GUIDANCE_RESCALE,
     MIN_SIDE,
     MIN_STRENGTH,
@@ -52,6 +54,22 @@ class _Sampling(_Strict):
         le=MAX_GUIDANCE_RESCALE,
         description="Guidance rescale φ (Lin et al. 2024), applied after CFG where guidance_scale > 1; tames the "
         "over-saturation of high scales. null: the model's default_guidance_rescale.",
+    )
+    guidance_start: float | None = Field(
+        None,
+        ge=MIN_GUIDANCE_FRACTION,
+        le=MAX_GUIDANCE_FRACTION,
+        description="Guidance interval (Kynkäänniemi et al. 2024; diffusers' guiders' start and stop): guidance "
+        "applies at the steps i of the n the job runs with int(guidance_start·n) <= i < int(guidance_stop·n); at the "
+        "others the conditional prediction alone is used (one row per image, not two). 0..1, at most guidance_stop. "
+        "null: the model's default_guidance_start (0 where it names none).",
+    )
+    guidance_stop: float | None = Field(
+        None,
+        ge=MIN_GUIDANCE_FRACTION,
+        le=MAX_GUIDANCE_FRACTION,
+        description="End of the guidance interval (see guidance_start), 0..1. null: the model's default_guidance_stop "
+        "(1 where it names none: guidance to the last step).",
     )
 
 

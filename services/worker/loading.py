@@ -5,7 +5,8 @@ The folder's model_index.json names its pipeline (`_class_name`); the family of 
 with a message naming the class and the supported ones. Weights must be safetensors: pickled weights
 (.bin, .ckpt, .pt, .pth) can run code on load and are refused.
 An optional latentd.json next to model_index.json holds the model's recommended request defaults
-(`default_sampler`, `default_guidance_rescale`, `default_guidance_scale`, `default_num_inference_steps`) and,
+(`default_sampler`, `default_guidance_rescale`, `default_guidance_start`, `default_guidance_stop`,
+`default_guidance_scale`, `default_num_inference_steps`) and,
 for the families that read them, `max_sequence_length` (SD3, Flux: T5's tokens) and `native_width` /
 `native_height` (Flux); diffusers ignores the file.
 On CPU everything is float32; on CUDA the backbone and text encoders run in the family's half precision
@@ -25,13 +26,17 @@ import numpy as np
 import torch
 from PIL import Image
 
+from services.common.errors import InvalidInput
 from services.common.rules import (
     DEFAULT_SAMPLER,
     MAX_GUIDANCE,
     MAX_GUIDANCE_RESCALE,
     MAX_STEPS,
+    MIN_GUIDANCE_FRACTION,
     MIN_GUIDANCE_RESCALE,
     SAMPLERS,
+    ModelLimits,
+    check_guidance_interval,
 )
 from services.worker.diffusion.samplers import unsupported_samplers
 from services.worker.diffusion.schedules import alphas_cumprod_from_config
@@ -40,7 +45,14 @@ from services.worker.families.base import PICKLED_SUFFIXES, read_json
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}  # LATENTD_WORKER_DTYPE
 DEFAULTS_FILE = "latentd.json"  # the model's recommended request defaults, read by latentd only
-DEFAULTS_KEYS = ("default_sampler", "default_guidance_rescale", "default_guidance_scale", "default_num_inference_steps")
+DEFAULTS_KEYS = (
+    "default_sampler",
+    "default_guidance_rescale",
+    "default_guidance_start",
+    "default_guidance_stop",
+    "default_guidance_scale",
+    "default_num_inference_steps",
+)
 
 __all__ = ["LoadedModel", "ModelLoadError", "load_model", "resolve_dtype", "to_pil"]
 
@@ -70,6 +82,8 @@ class LoadedModel:
     alphas_cumprod: torch.Tensor | None  # float64 (T,) for DDPM-family schedules; None for flow matching
     default_sampler: str = DEFAULT_SAMPLER  # a request with sampler None gets this (latentd.json)
     default_guidance_rescale: float = 0.0  # a request with guidance_rescale None gets this (latentd.json)
+    default_guidance_start: float = MIN_GUIDANCE_FRACTION  # ... with guidance_start None (latentd.json)
+    default_guidance_stop: float = 1.0  # ... with guidance_stop None (latentd.json)
     default_guidance_scale: float = 7.5  # a request with guidance_scale None (the family's pipeline default)
     default_num_inference_steps: int = 50  # a request with num_inference_steps None
     options: dict = field(default_factory=dict)  # latentd.json as given
@@ -252,6 +266,8 @@ def read_defaults(folder: Path, scheduler_config: dict, family: Family | None = 
     defaults = {
         "default_sampler": DEFAULT_SAMPLER if DEFAULT_SAMPLER in supported else (supported or [DEFAULT_SAMPLER])[0],
         "default_guidance_rescale": 0.0,
+        "default_guidance_start": ModelLimits.default_guidance_start,
+        "default_guidance_stop": ModelLimits.default_guidance_stop,
         "default_guidance_scale": float(family.default_guidance_scale),
         "default_num_inference_steps": int(family.default_num_inference_steps),
     }
@@ -280,6 +296,13 @@ def read_defaults(folder: Path, scheduler_config: dict, family: Family | None = 
         raise ModelLoadError(
             f"model folder {folder}: {DEFAULTS_FILE} default_num_inference_steps must be an integer 1..{MAX_STEPS}"
         )
+    try:
+        interval = check_guidance_interval(
+            ModelLimits("", 0, 0, 1, 1, 0), defaults["default_guidance_start"], defaults["default_guidance_stop"]
+        )
+    except InvalidInput as error:
+        raise ModelLoadError(f"model folder {folder}: {DEFAULTS_FILE} default_{error.message}") from None
+    defaults["default_guidance_start"], defaults["default_guidance_stop"] = interval
     for key in ("native_width", "native_height"):
         value = given.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 8):

@@ -82,6 +82,8 @@ def model_info(model: LoadedModel, engine: Engine) -> ModelInfo:
         default_sampler=engine.limits.default_sampler,
         sampler_max_inference_steps=dict(engine.limits.sampler_max_steps),
         default_guidance_rescale=engine.limits.default_guidance_rescale,
+        default_guidance_start=engine.limits.default_guidance_start,
+        default_guidance_stop=engine.limits.default_guidance_stop,
         family=model.family.name,
         pipeline=model.family.pipeline,
         prediction_type=model.prediction_type,

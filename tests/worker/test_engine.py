@@ -285,7 +285,10 @@ def test_seed_parity_on_the_default_model(make_engine):
 
     model = load_model(DEFAULT_MODEL)
     prompt = "a large red circle on a white background"
-    ours = make_engine(model=model).submit(request("d", prompt=prompt, seed=11, num_inference_steps=10)).result(120)
+    # guided at every step, as the plain pipeline guides (the model's own interval: test_engine_samplers.py)
+    every_step = dict(guidance_start=0.0, guidance_stop=1.0)
+    ours = make_engine(model=model).submit(request("d", prompt=prompt, seed=11, num_inference_steps=10, **every_step))
+    ours = ours.result(120)
     pipe = StableDiffusionPipeline.from_pretrained(DEFAULT_MODEL, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     theirs = pipe(

@@ -17,6 +17,7 @@ from services.worker.engine.errors import InvalidRequestError
 from services.worker.engine.requests import GenerationRequest
 from services.worker.loading import ModelLoadError, load_model
 from services.worker.runtime import model_info
+from tests.fixtures.guidance import pipeline_images_with_interval
 from tests.fixtures.pictures import pixels, psnr
 from tests.fixtures.tiny_model import build_tiny_model
 from training.evaluate import diffusers_scheduler
@@ -100,15 +101,62 @@ def test_thresholding_parity_with_the_pipeline(make_engine, cosine_v_model, tmp_
 @pytest.mark.skipif(not (DEFAULT_MODEL / "model_index.json").is_file(), reason="models/shapes-ldm has not landed")
 @pytest.mark.parametrize("sampler", COSINE_SAMPLERS)
 def test_seed_parity_on_the_default_model(make_engine, sampler):
+    """At the model's defaults, its guidance interval included (latentd.json), against the pipeline guided where
+    diffusers' guider with the same start and stop guides."""
     prompt = "a large red circle on a white background"
     model = load_model(DEFAULT_MODEL)
+    interval = (model.default_guidance_start, model.default_guidance_stop)
+    assert interval != (0.0, 1.0)  # the shipped model's recommendation (docs/model.md)
     ours = (
         make_engine(model=model)
         .submit(request("d", prompt=prompt, sampler=sampler, seed=11, num_inference_steps=10))
         .result(120)
     )
-    theirs = pipeline_images(pipeline_for(DEFAULT_MODEL, sampler), prompt=prompt, steps=10, seed=11, guidance_scale=7.5)
+    theirs = pipeline_images_with_interval(
+        pipeline_for(DEFAULT_MODEL, sampler),
+        prompt,
+        steps=10,
+        seed=11,
+        guidance_scale=7.5,
+        start=interval[0],
+        stop=interval[1],
+    )
     assert psnr(pixels(ours.images), pixels(theirs)) >= 40
+
+
+@pytest.mark.parametrize(
+    ("sampler", "start", "stop"),
+    [("ddim", 0.25, 0.75), ("dpmpp_2m", 0.0, 0.5), ("euler_ancestral", 0.5, 1.0), ("euler", 0.3, 0.3)],
+)
+def test_guidance_interval_parity_with_the_pipeline(make_engine, tiny_model_path, sampler, start, stop):
+    engine = make_engine()
+    pipe = pipeline_for(tiny_model_path, sampler)
+    ours = engine.submit(request("i", sampler=sampler, guidance_start=start, guidance_stop=stop, seed=5)).result(60)
+    theirs = pipeline_images_with_interval(
+        pipe, PROMPT, steps=STEPS, seed=5, guidance_scale=7.5, start=start, stop=stop
+    )
+    matched = psnr(pixels(ours.images), pixels(theirs))
+    assert matched >= 40
+    # the comparison can fail: guided at every step, the pipeline's picture is much further off
+    plain = pipeline_images(pipe, guidance_scale=7.5, seed=5)
+    assert psnr(pixels(ours.images), pixels(plain)) < matched - 10
+
+
+def test_steps_outside_the_guidance_interval_take_one_row_per_image(make_engine, monkeypatch):
+    """Outside its interval a guided request's unconditional rows are not computed: with the interval empty
+    every call has one row per image, with the whole run two, and with [0.25, 0.75) two in the middle half."""
+    engine = make_engine()
+    calls = []
+    forward = engine.model.forward
+    monkeypatch.setattr(
+        engine.model, "forward", lambda latents, *args: calls.append(len(latents)) or forward(latents, *args)
+    )
+    for k, ((start, stop), rows) in enumerate(
+        (((0.5, 0.5), [2] * 8), ((0.0, 1.0), [4] * 8), ((0.25, 0.75), [2, 2, 4, 4, 4, 4, 2, 2]))
+    ):
+        calls.clear()
+        engine.submit(request(f"r{k}", num_images=2, guidance_start=start, guidance_stop=stop)).result(60)
+        assert calls == rows, (start, stop, calls)
 
 
 @pytest.mark.parametrize("sampler", ("ddim", "dpmpp_2m", "euler_ancestral"))
@@ -131,7 +179,15 @@ def test_batch_invariance_across_samplers(make_engine):
     """Each sampler's request alone, and among requests with other samplers, step counts, guidance, rescale
     and image counts (fewer rows than asked for, so batches change from step to step): ≤ 1/255."""
     targets = [
-        request(f"target-{name}", sampler=name, seed=70 + k, num_images=1 + k % 2, guidance_rescale=0.5 * (k % 2))
+        request(
+            f"target-{name}",
+            sampler=name,
+            seed=70 + k,
+            num_images=1 + k % 2,
+            guidance_rescale=0.5 * (k % 2),
+            guidance_start=0.25 * (k % 3),
+            guidance_stop=1.0 - 0.25 * (k % 2),
+        )
         for k, name in enumerate(SAMPLERS)
     ]
     alone = {t.request_id: make_engine().submit(t).result(60) for t in targets}

@@ -2,7 +2,9 @@
 
 A request of n images takes n conditional rows, n unconditional rows, or both (unconditional first, as in
 diffusers' pipelines): which ones, and the scale that mixes them, its model's family says (`Family.rows`: SD
-mixes at every scale but 0 and 1, SDXL and SD3 only above 1, Flux by true_cfg_scale). `build_unet_batch`
+mixes at every scale but 0 and 1, SDXL and SD3 only above 1, Flux by true_cfg_scale), and a request that mixes
+does so only within its guidance interval: at its other steps it takes the conditional rows alone, the
+unconditional ones are not computed, and its output is the conditional prediction. `build_unet_batch`
 concatenates the rows of the chosen requests (each scaled for the backbone as its sampler says, at its own
 timestep, with its own conditioning: a dict of tensors the family reads); `guided_outputs` splits the output
 back and applies each request's guidance and guidance rescale, one output row per image, in member order.
@@ -31,8 +33,8 @@ class ActiveRequest:
     sequence: int  # arrival order, for fairness ties
     sampler: Sampler
     state: SamplerState  # the request's plan, its position in it, and its multistep history
-    resolved: Resolved  # size, sampler, guidance rescale φ, steps and guidance scale, the model's defaults filled in
-    rows: Rows  # which rows it needs per image, and the scale that mixes them (its family's rule)
+    resolved: Resolved  # size, sampler, guidance rescale φ and interval, steps and scale, the model's defaults in
+    rows: Rows  # which rows it may need per image, and the scale that mixes them (its family's rule)
     latent_shape: tuple[int, int, int]  # (C, h, w)
     submitted_at: float
     admitted_at: float = 0.0
@@ -62,12 +64,20 @@ class ActiveRequest:
         return self.rows.scale
 
     @property
+    def mixes(self) -> bool:
+        """Whether the step that runs next mixes conditional and unconditional rows: the family's rule asks for
+        both and the step is within the request's guidance interval."""
+        return self.rows.cond and self.rows.uncond and self.resolved.guides_at(self.steps_done, self.total_steps)
+
+    @property
     def needs_cond(self) -> bool:
         return self.rows.cond
 
     @property
     def needs_uncond(self) -> bool:
-        return self.rows.uncond
+        """Whether the step that runs next needs the unconditional rows (outside the guidance interval a request
+        that mixes takes its conditional rows alone)."""
+        return self.rows.uncond and (not self.rows.cond or self.mixes)
 
     @property
     def num_rows(self) -> int:

@@ -312,6 +312,8 @@ class Engine:
                 trajectory_every=request.trajectory_every,
                 sampler=request.sampler,
                 guidance_rescale=request.guidance_rescale,
+                guidance_start=request.guidance_start,
+                guidance_stop=request.guidance_stop,
                 true_cfg_scale=request.true_cfg_scale,
                 original_width=request.original_width,
                 original_height=request.original_height,
@@ -350,6 +352,8 @@ class Engine:
             default_sampler=self.default_sampler,
             sampler_max_steps={name: sampler.max_steps() for name, sampler in self.samplers.items()},
             default_guidance_rescale=model.default_guidance_rescale,
+            default_guidance_start=model.default_guidance_start,
+            default_guidance_stop=model.default_guidance_stop,
             unsupported_samplers=dict(self.unsupported_samplers),
             family=model.family.name,
             params=model.facts.params,
@@ -446,9 +450,9 @@ class Engine:
         model = self.model
         prompts = []
         for active in admitted:
-            if active.needs_cond:
+            if active.rows.cond:
                 prompts.append(active.request.prompt)
-            if active.needs_uncond:
+            if active.rows.uncond:  # whether or not its first step is within its guidance interval
                 prompts.append(active.request.negative_prompt)
         unique = list(dict.fromkeys(prompts))
         encoded = dict(zip(unique, model.encode_prompts(unique)))  # one text-encoder call: a dict per prompt
@@ -457,9 +461,9 @@ class Engine:
             request = active.request
             active.latents, extra = self._initial_latents(active)
             own = model.family.row_conditioning(model, request, active.resolved) | extra  # time ids, guidance, ...
-            if active.needs_cond:
+            if active.rows.cond:
                 active.cond = rows_of(encoded[request.prompt] | own, n)
-            if active.needs_uncond:
+            if active.rows.uncond:
                 negative = model.uncond_conditioning(request.negative_prompt, encoded[request.negative_prompt])
                 active.uncond = rows_of(negative | own, n)
             active.admitted_at = time.monotonic()

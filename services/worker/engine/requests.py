@@ -24,6 +24,10 @@ class GenerationRequest:
     eta: float = 0.0  # DDIM's η; > 0 with another sampler is refused
     sampler: str | None = None  # a name of rules.SAMPLERS the model supports; None: the model's default
     guidance_rescale: float | None = None  # φ in [0, 1], applied where guidance_scale > 1; None: the model's default
+    # the guidance interval: fractions of the steps the request runs where the mix applies (rules.py); None: the
+    # model's default (0 and 1 where it names none: every step)
+    guidance_start: float | None = None
+    guidance_stop: float | None = None
     width: int | None = None  # None: the model's native size
     height: int | None = None
     num_images: int = 1
