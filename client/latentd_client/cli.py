@@ -121,6 +121,8 @@ def cmd_generate(client: Client, args) -> int:
         model=args.model,
         sampler=args.sampler,
         guidance_rescale=args.guidance_rescale,
+        guidance_start=args.guidance_start,
+        guidance_stop=args.guidance_stop,
         **family_fields(args),
         **picture_fields(args),
     )
@@ -232,6 +234,8 @@ def cmd_trajectory(client: Client, args) -> int:
         model=args.model,
         sampler=args.sampler,
         guidance_rescale=args.guidance_rescale,
+        guidance_start=args.guidance_start,
+        guidance_stop=args.guidance_stop,
         **{k: v for k, v in family_fields(args).items() if v is not None},
     )
     if args.image:
@@ -306,6 +310,17 @@ def build_parser() -> argparse.ArgumentParser:
             help="ddim, dpmpp_2m, dpmpp_2m_karras, euler, euler_ancestral; flow_euler for SD3 and Flux (`latentd models`)",
         )
         p.add_argument("--guidance-rescale", type=float, help="0..1, after guidance (server default: the model's)")
+        p.add_argument(
+            "--guidance-start",
+            type=float,
+            help="guidance interval: the fraction of the steps where guidance starts, 0..1 (server default: the model's)",
+        )
+        p.add_argument(
+            "--guidance-stop",
+            type=float,
+            help="... and where it stops, guidance-start..1; the conditional prediction alone outside (server default: "
+            "the model's)",
+        )
         p.add_argument("--true-cfg", type=float, help="Flux: true_cfg_scale, > 1 guides with --negative too")
         p.add_argument("--original-size", help="SDXL: original size conditioning WIDTHxHEIGHT (default: the size)")
         p.add_argument("--crop", help="SDXL: crop conditioning TOP,LEFT in pixels (default 0,0)")

@@ -226,6 +226,8 @@ class Model:
             "samplers": list(message.samplers),
             "default_sampler": message.default_sampler,
             "default_guidance_rescale": message.default_guidance_rescale,
+            "default_guidance_start": message.default_guidance_start,
+            "default_guidance_stop": message.default_guidance_stop,
             "family": message.family or "sd",
             "pipeline": message.pipeline or "StableDiffusionPipeline",
             "prediction_type": message.prediction_type,

@@ -219,6 +219,25 @@ def test_samplers_and_guidance_rescale_are_checked_by_the_model_and_resolved(cli
         assert refused.json()["error"]["message"].startswith(message)
 
 
+def test_the_guidance_interval_is_resolved_and_checked(client):
+    job = client.post("/v1/generations", json={"prompt": "x", "num_inference_steps": 5}).json()
+    assert (job["params"]["guidance_start"], job["params"]["guidance_stop"]) == (0.0, 1.0)  # the model names none
+    job = client.post("/v1/generations", json={"prompt": "x", "guidance_start": 0.1, "guidance_stop": 0.6}).json()
+    assert (job["params"]["guidance_start"], job["params"]["guidance_stop"]) == (0.1, 0.6)
+    for body, param, message in (
+        (
+            {"guidance_start": 0.7, "guidance_stop": 0.6},
+            "guidance_stop",
+            "guidance_stop must be between guidance_start (0.7) and 1, got 0.6",
+        ),
+        ({"guidance_stop": 1.5}, "guidance_stop", "guidance_stop must be between 0 and 1, got 1.5"),
+        ({"guidance_start": -0.1}, "guidance_start", "guidance_start must be between 0 and 1, got -0.1"),
+    ):
+        response = client.post("/v1/generations", json={"prompt": "x"} | body)
+        assert response.status_code == 422 and response.json()["error"]["param"] == param, response.text
+        assert message in response.json()["error"]["message"]
+
+
 def test_a_retry_with_the_same_idempotency_key_and_body_returns_the_first_job(client):
     body = {"prompt": "a red circle", "num_inference_steps": 5}  # seed null: drawn once, by the first request
     first = client.post("/v1/generations", json=body, headers={"Idempotency-Key": "retry-1"})

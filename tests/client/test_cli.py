@@ -81,6 +81,9 @@ def test_errors_exit_nonzero_with_the_server_message(real_stack):
     assert result.returncode == 1
     assert "num_inference_steps must be between 1 and 1000, got 0" in result.stderr
     assert "Traceback" not in result.stderr
+    for url in (real_stack.url, f"grpc://{real_stack.grpc_target}"):
+        result = latentd(url, "generate", "x", "--guidance-start", "0.9", "--guidance-stop", "0.1")
+        assert result.returncode == 1 and "guidance_stop must be between guidance_start (0.9) and 1" in result.stderr
     result = latentd(real_stack.url, "jobs", "get", "nope")
     assert result.returncode == 1 and "nope" in result.stderr
     assert latentd(real_stack.url, "models", key="wrong").returncode == 1

@@ -334,6 +334,11 @@ def test_a_request_picks_its_sampler_and_the_model_lists_them(real_stack):
     body = {"prompt": "a red circle", "num_inference_steps": 4, "sampler": "dpmpp_2m", "guidance_rescale": 0.5}
     done = wait_job(real_stack, submit(real_stack, body)["id"])
     assert done["status"] == "succeeded" and done["params"]["sampler"] == "dpmpp_2m"
+    defaults = {"guidance_start": model["default_guidance_start"], "guidance_stop": model["default_guidance_stop"]}
+    assert {k: done["params"][k] for k in defaults} == defaults  # the model's (models/shapes-ldm/latentd.json)
+    interval = {"guidance_start": 0.25, "guidance_stop": 0.75}
+    done = wait_job(real_stack, submit(real_stack, body | interval)["id"])
+    assert done["status"] == "succeeded" and {k: done["params"][k] for k in interval} == interval
     refused = httpx.post(
         real_stack.url + "/v1/generations",
         json={"prompt": "x", "sampler": "euler", "eta": 0.5},
