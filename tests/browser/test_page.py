@@ -340,6 +340,15 @@ def test_a_bad_input_shows_the_error_next_to_its_field(opened):
     page.click("#gen-submit")
     expect(page.locator("#gen-rescale-error")).to_have_text("guidance_rescale must be between 0 and 1, got 2")
     page.fill("#gen-rescale", "")
+    # so is a guidance interval that ends before it starts
+    page.fill("#gen-guidance-start", "0.8")
+    page.fill("#gen-guidance-stop", "0.2")
+    page.click("#gen-submit")
+    expect(page.locator("#gen-guidance-stop-error")).to_have_text(
+        "guidance_stop must be between guidance_start (0.8) and 1, got 0.2"
+    )
+    page.fill("#gen-guidance-start", "")
+    page.fill("#gen-guidance-stop", "")
 
     page.check("#fwd-src-upload")
     page.click("#fwd-submit")

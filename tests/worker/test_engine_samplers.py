@@ -271,22 +271,41 @@ def test_model_defaults_from_latentd_json(make_engine, tiny_model_path, tmp_path
     folder = tmp_path / "with-defaults"
     shutil.copytree(tiny_model_path, folder)
     (folder / "latentd.json").write_text(
-        json.dumps({"default_sampler": "euler_ancestral", "default_guidance_rescale": 0.5})
+        json.dumps(
+            {
+                "default_sampler": "euler_ancestral",
+                "default_guidance_rescale": 0.5,
+                "default_guidance_start": 0.25,
+                "default_guidance_stop": 0.75,
+            }
+        )
     )
     model = load_model(folder)
     assert (model.default_sampler, model.default_guidance_rescale) == ("euler_ancestral", 0.5)
+    assert (model.default_guidance_start, model.default_guidance_stop) == (0.25, 0.75)
     engine = make_engine(model=model)
     info = model_info(model, engine)
     assert info.samplers == list(SAMPLERS) and info.default_sampler == "euler_ancestral"
     assert info.default_guidance_rescale == 0.5 and info.sampler_max_inference_steps["dpmpp_2m"] == 998
+    assert (info.default_guidance_start, info.default_guidance_stop) == (0.25, 0.75)
     by_default = engine.submit(request("d")).result(60)
-    explicit = engine.submit(request("e", sampler="euler_ancestral", guidance_rescale=0.5)).result(60)
+    explicit = engine.submit(
+        request("e", sampler="euler_ancestral", guidance_rescale=0.5, guidance_start=0.25, guidance_stop=0.75)
+    ).result(60)
     assert np.array_equal(pixels(by_default.images), pixels(explicit.images))
+    every_step = engine.submit(request("f", guidance_start=0.0, guidance_stop=1.0)).result(60)
+    assert not np.array_equal(pixels(by_default.images), pixels(every_step.images))
     # the pipeline ignores the file
     assert StableDiffusionPipeline.from_pretrained(folder, safety_checker=None) is not None
     for bad, complaint in (
         ({"default_sampler": "plms"}, "default_sampler must be one of"),
         ({"default_guidance_rescale": 2}, "default_guidance_rescale must be between 0 and 1"),
+        (
+            {"default_guidance_start": 0.8, "default_guidance_stop": 0.2},
+            r"default_guidance_stop must be between "
+            r"guidance_start \(0.8\) and 1, got 0.2",
+        ),
+        ({"default_guidance_start": "0.1"}, "default_guidance_start must be a number between 0 and 1"),
         ({"default_steps": 20}, "may hold only default_sampler, default_guidance_rescale"),
     ):
         (folder / "latentd.json").write_text(json.dumps(bad))

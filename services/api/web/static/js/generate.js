@@ -19,6 +19,7 @@ const PARAM_ROWS = [
   ["sampler", (j) => j.params.sampler],
   ["guidance scale", (j) => j.params.guidance_scale],
   ["guidance rescale", (j) => j.params.guidance_rescale],
+  ["guidance interval", (j) => `${j.params.guidance_start ?? 0} – ${j.params.guidance_stop ?? 1}`],
   ["eta", (j) => j.params.eta],
   ["strength", (j) => (j.params.has_image ? `${j.params.strength}${j.params.has_mask ? ", masked" : ""}` : "—")],
   ["images", (j) => j.params.num_images],
@@ -134,7 +135,9 @@ export function initGenerate() {
       output_format: "png",
     };
     if (v.sampler) body.sampler = v.sampler;
-    if (v.guidance_rescale !== null && v.guidance_rescale !== undefined) body.guidance_rescale = v.guidance_rescale;
+    for (const name of ["guidance_rescale", "guidance_start", "guidance_stop"]) {
+      if (v[name] !== null && v[name] !== undefined) body[name] = v[name];
+    }
     if (v.model) body.model = v.model;
     if (width && height) Object.assign(body, { width, height });
     const sizeRatio = width && height ? `${width} / ${height}` : nativeRatio(model);
