@@ -1,6 +1,9 @@
 """Images/s through the engine, 16 requests in flight, for each sampler configuration of the quality-per-cost
 table: DDIM 50, DPM-Solver++(2M) at 20 and at 10, Euler ancestral at 30 (guidance 7.5, the default model's
-evaluation captions). `make eval-model` runs this after the accuracy columns and prints both in one JSON line.
+evaluation captions), at the model's defaults (its guidance interval included). `make eval-model` runs this after
+the accuracy columns and prints both in one JSON line. Alone it also measures, interleaved, the same
+configurations guided at every step (guidance_start 0, guidance_stop 1): the baseline the interval's saving is
+read against.
 
     python -m benchmarks.bench_samplers                 # models/shapes-ldm
     python -m benchmarks.bench_samplers --model PATH --requests 16
@@ -39,6 +42,7 @@ def engine_images_per_second(
     guidance_scale: float = 7.5,
     seed: int = 0,
     prompts: tuple[str, ...] = PROMPTS,
+    interval: tuple[float, float] | None = None,
 ) -> float:
     """Submit `requests` one-image requests at once (all in flight together) and time them to the last."""
     batch = [
@@ -49,6 +53,7 @@ def engine_images_per_second(
             num_inference_steps=steps,
             guidance_scale=guidance_scale,
             sampler=sampler,
+            **({} if interval is None else {"guidance_start": interval[0], "guidance_stop": interval[1]}),
         )
         for i in range(requests)
     ]
@@ -60,20 +65,29 @@ def engine_images_per_second(
 
 
 def sampler_throughput(
-    model_path: Path, configs=COST_CONFIGS, requests: int = 16, device: str = "cpu", repeats: int = 3
+    model_path: Path,
+    configs=COST_CONFIGS,
+    requests: int = 16,
+    device: str = "cpu",
+    repeats: int = 3,
+    every_step: bool = False,
 ) -> dict[str, float]:
-    """{"<sampler> <steps>": images/s} through one engine on the model (the best of `repeats` runs each, runs
-    interleaved across configurations, so a burst of load on a shared machine hits all of them alike)."""
+    """{"<sampler> <steps>": images/s} through one engine on the model at its defaults, and with `every_step`
+    {"<sampler> <steps> guided at every step": ...} too (the best of `repeats` runs each, runs interleaved across
+    configurations, so a burst of load on a shared machine hits all of them alike)."""
     model = load_model(model_path, device=device)
     engine = Engine(model, max_batch_rows=64).start()
     try:
         for sampler, _ in configs:  # warm-up: first-call costs of each row count and sampler
             engine_images_per_second(engine, sampler, 2, requests=2)
         best: dict[str, float] = {}
+        intervals = {"": None} | ({" guided at every step": (0.0, 1.0)} if every_step else {})
         for _ in range(repeats):
             for sampler, steps in configs:
-                key = f"{sampler} {steps}"
-                best[key] = max(best.get(key, 0.0), engine_images_per_second(engine, sampler, steps, requests))
+                for suffix, interval in intervals.items():
+                    key = f"{sampler} {steps}{suffix}"
+                    speed = engine_images_per_second(engine, sampler, steps, requests, interval=interval)
+                    best[key] = max(best.get(key, 0.0), speed)
         return best
     finally:
         engine.stop()
@@ -86,7 +100,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    figures = sampler_throughput(args.model, requests=args.requests, device=args.device)
+    figures = sampler_throughput(args.model, requests=args.requests, device=args.device, every_step=True)
     print(
         json.dumps(
             {
