@@ -37,6 +37,9 @@ from services.worker.engine.requests import GenerationRequest
 from services.worker.loading import load_model
 
 DEFAULT_MODEL = Path("models/shapes-ldm")
+# The pipeline guides at every step; so do the engine's requests, whatever interval the model recommends, so that
+# both arms do the same work (the interval's own saving: benchmarks/bench_samplers.py)
+EVERY_STEP = {"guidance_start": 0.0, "guidance_stop": 1.0}
 PROMPTS = [
     "a large red circle on a white background",
     "a blue square on a gray background",
@@ -54,6 +57,7 @@ def request_list(count: int, seed: int, max_steps: int) -> list[GenerationReques
             seed=1000 + i,
             num_inference_steps=min(max_steps, rng.randint(20, 50)),
             guidance_scale=(1.0, 3.0, 7.5)[i % 3],
+            **EVERY_STEP,
         )
         for i in range(count)
     ]
@@ -240,7 +244,12 @@ def run_arms(args, model_path: Path, label: str, dtype: torch.dtype) -> dict:
     mixed32 = request_list(2 * args.requests, args.seed + 1, args.max_steps)
     identical = [
         GenerationRequest(
-            request_id=f"same-{i}", prompt=PROMPTS[0], seed=2000 + i, num_inference_steps=steps, guidance_scale=7.5
+            request_id=f"same-{i}",
+            prompt=PROMPTS[0],
+            seed=2000 + i,
+            num_inference_steps=steps,
+            guidance_scale=7.5,
+            **EVERY_STEP,
         )
         for i in range(static)
     ]

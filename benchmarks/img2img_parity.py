@@ -90,6 +90,8 @@ def requests_for(mode: str, strength: float, sampler: str, image, mask, steps: i
             image=image,
             strength=strength,
             mask=mask if mode == "inpaint" else None,
+            guidance_start=0.0,  # guided at every step, as the pipelines (whatever interval the model recommends)
+            guidance_stop=1.0,
         )
         for seed in range(3)
     ]
