@@ -65,9 +65,11 @@ def test_sigterm_drains_within_the_grace_and_requeues_the_rest(faults):
     """A rolling update: one worker runs 8 jobs, gets SIGTERM, and its replacement starts at the same time."""
     faults.ensure_workers(1)
     (proc,) = faults.alive()
-    # short jobs that finish within the grace, long ones that cannot
-    short = faults.submit(4, steps=12)
+    # long jobs that cannot finish within the grace, then short ones that can (in this order, so that the short
+    # ones are still running when the long ones are: a 12-step job can be done before a job sent with it starts)
     long = faults.submit(4, steps=600)
+    faults.wait_running(long)
+    short = faults.submit(4, steps=12)
     faults.wait_running(short + long)
     assert set(faults.by_worker(short + long)) == {proc.pid}
     signalled = time.monotonic()

@@ -110,9 +110,14 @@ def test_inpainting_keeps_what_the_mask_keeps(real_stack):
     assert done["status"] == "succeeded" and done["params"]["has_mask"] and done["params"]["strength"] == 1.0
     result = np.asarray(fetch(real_stack, done["images"][0]), dtype=float)
     original = np.asarray(picture, dtype=float)
-    kept = np.abs(result[:, 40:] - original[:, 40:]).mean()  # away from the mask's edge
+    # The latents the mask keeps are the picture's own at the end; the VAE decoder mixes latents across the mask's
+    # edge over a few latent pixels (8 pixels each), so next to the edge the kept half of the red square takes some
+    # colour from what was painted beside it. Measured: 16 pixels or more from the edge, and the square's kept half
+    # still red rather than the prompt's green.
+    kept = np.abs(result[:, 48:] - original[:, 48:]).mean()
+    red, green, _ = result[20:44, 36:46].reshape(-1, 3).mean(axis=0)
     repainted = np.abs(result[:, :24] - original[:, :24]).mean()
-    assert kept < 12 and repainted > 2 * kept, (kept, repainted)
+    assert kept < 6 and red > green + 40 and repainted > 5 * kept, (kept, red, green, repainted)
 
 
 def test_a_reverse_trajectory_from_a_picture_starts_at_its_noised_start(real_stack):
