@@ -18,6 +18,8 @@ from services.common.rules import (
     DEFAULT_NUM_INFERENCE_STEPS,
     DEFAULT_PARAMS,
     DEFAULT_SAMPLER,
+    MAX_GUIDANCE_FRACTION,
+    MIN_GUIDANCE_FRACTION,
     ModelLimits,
 )
 
@@ -40,8 +42,8 @@ class ModelInfo:
     default_sampler: str = DEFAULT_SAMPLER  # what a request without `sampler` gets
     sampler_max_inference_steps: dict[str, int] = field(default_factory=dict)  # each sampler's step limit
     default_guidance_rescale: float = 0.0  # what a request without `guidance_rescale` gets
-    default_guidance_start: float = 0.0  # ... without `guidance_start` (the guidance interval, rules.py)
-    default_guidance_stop: float = 1.0  # ... without `guidance_stop`
+    default_guidance_start: float = MIN_GUIDANCE_FRACTION  # ... without `guidance_start` (the interval, rules.py)
+    default_guidance_stop: float = MAX_GUIDANCE_FRACTION  # ... without `guidance_stop`
     # the family (a worker from before families serves Stable Diffusion 1.x/2.x: these defaults)
     family: str = "sd"  # sd | sdxl | sd3 | flux
     pipeline: str = "StableDiffusionPipeline"  # the diffusers pipeline class of its folder

@@ -238,10 +238,8 @@ def guidance_window(start: float, stop: float, steps: int) -> tuple[int, int]:
     return int(start * steps), int(stop * steps)
 
 
-def check_guidance_interval(limits: ModelLimits, start: float | None, stop: float | None) -> tuple[float, float]:
-    """guidance_start and guidance_stop, the model's defaults where None: each in [0, 1], start <= stop."""
-    start = limits.default_guidance_start if start is None else start
-    stop = limits.default_guidance_stop if stop is None else stop
+def check_guidance_interval(start: Any, stop: Any) -> tuple[float, float]:
+    """guidance_start and guidance_stop: each in [0, 1], start <= stop."""
     between("guidance_start", start, MIN_GUIDANCE_FRACTION, MAX_GUIDANCE_FRACTION)
     between("guidance_stop", stop, MIN_GUIDANCE_FRACTION, MAX_GUIDANCE_FRACTION)
     if start > stop:
@@ -344,7 +342,8 @@ def check_generation(
     strength: float | None = None,
 ) -> Resolved:
     """Every rule of one generation request; returns the size, sampler, guidance rescale, steps, guidance
-    scale and guidance interval it resolves to (None: the model's default). Fields the model's family does not read are refused."""
+    scale and guidance interval it resolves to (None: the model's default). Fields the model's family does not
+    read are refused."""
     sampler = check_sampler(limits, sampler)
     steps = limits.default_num_inference_steps if num_inference_steps is None else num_inference_steps
     check_steps(limits, steps, sampler)
@@ -359,7 +358,10 @@ def check_generation(
     check_applies(limits, "guidance_rescale", guidance_rescale or None)  # 0 is "none" wherever it is not read
     rescale = limits.default_guidance_rescale if guidance_rescale is None else guidance_rescale
     between("guidance_rescale", rescale, MIN_GUIDANCE_RESCALE, MAX_GUIDANCE_RESCALE)
-    interval = check_guidance_interval(limits, guidance_start, guidance_stop)
+    interval = check_guidance_interval(
+        limits.default_guidance_start if guidance_start is None else guidance_start,
+        limits.default_guidance_stop if guidance_stop is None else guidance_stop,
+    )
     check_applies(limits, "true_cfg_scale", true_cfg_scale)
     if true_cfg_scale is not None:
         between("true_cfg_scale", true_cfg_scale, MIN_TRUE_CFG_SCALE, MAX_GUIDANCE)

@@ -47,8 +47,12 @@ class Settings(BaseSettings):
     sse_keepalive_s: float = 15.0
     openai_timeout_s: float = 600.0
     worker_stale_after_s: float = 30.0
-    # the gateway's Redis pool: short commands share it; the event hub holds one connection for its reads
-    redis_max_connections: int = 8
+    # the gateway's Redis pool: short commands share it (opened as needed, up to this many); the event hub holds one
+    # connection for its reads. A request waits up to redis_pool_wait_s for a free one: on a busy CPU a burst of
+    # submits holds every connection for a while (tests/load: 40 at once beside a running worker), which is load to
+    # ride out, not Redis away (that is redis_timeout_s, on every command)
+    redis_max_connections: int = 32
+    redis_pool_wait_s: float = Field(10.0, gt=0, le=60)
     redis_timeout_s: float = 2.0
     # worker side
     worker_models: str = "models/shapes-ldm"  # comma-separated model folders

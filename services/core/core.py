@@ -61,6 +61,8 @@ from services.core.schemas import (
 from services.core.validation import parse
 
 log = logging.getLogger(__name__)
+# What redis-py's BlockingConnectionPool raises when no connection frees within its timeout (Redis itself is up)
+POOL_EXHAUSTED = "No connection available."
 T = TypeVar("T")
 ANONYMOUS = "anonymous"
 MAX_IDEMPOTENCY_KEY = 255
@@ -197,6 +199,12 @@ def openai_edit_pictures(image: bytes, mask: bytes | None) -> tuple[bytes, bytes
 
 
 def translate_redis_errors(error: redis.exceptions.RedisError, retry_after_s: float) -> Unavailable:
+    if isinstance(error, redis.exceptions.ConnectionError) and str(error) == POOL_EXHAUSTED:
+        return Unavailable(
+            "the gateway is overloaded: all of its Redis connections stayed busy for LATENTD_REDIS_POOL_WAIT_S; retry",
+            None,
+            retry_after_s=retry_after_s,
+        )
     return Unavailable(f"the job store (Redis) is unreachable: {error}", None, retry_after_s=retry_after_s)
 
 
@@ -242,7 +250,7 @@ class Core:
         pool = aioredis.BlockingConnectionPool.from_url(  # a request waits for a free connection, never opens more
             settings.redis_url,
             max_connections=settings.redis_max_connections,
-            timeout=settings.redis_timeout_s,
+            timeout=settings.redis_pool_wait_s,  # a connection to free up: load, not Redis away
             socket_connect_timeout=settings.redis_timeout_s,
             socket_timeout=settings.redis_timeout_s + 1.0,  # longer than the event hub's blocking read
             health_check_interval=30,

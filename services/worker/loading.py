@@ -30,12 +30,12 @@ from services.common.errors import InvalidInput
 from services.common.rules import (
     DEFAULT_SAMPLER,
     MAX_GUIDANCE,
+    MAX_GUIDANCE_FRACTION,
     MAX_GUIDANCE_RESCALE,
     MAX_STEPS,
     MIN_GUIDANCE_FRACTION,
     MIN_GUIDANCE_RESCALE,
     SAMPLERS,
-    ModelLimits,
     check_guidance_interval,
 )
 from services.worker.diffusion.samplers import unsupported_samplers
@@ -83,7 +83,7 @@ class LoadedModel:
     default_sampler: str = DEFAULT_SAMPLER  # a request with sampler None gets this (latentd.json)
     default_guidance_rescale: float = 0.0  # a request with guidance_rescale None gets this (latentd.json)
     default_guidance_start: float = MIN_GUIDANCE_FRACTION  # ... with guidance_start None (latentd.json)
-    default_guidance_stop: float = 1.0  # ... with guidance_stop None (latentd.json)
+    default_guidance_stop: float = MAX_GUIDANCE_FRACTION  # ... with guidance_stop None (latentd.json)
     default_guidance_scale: float = 7.5  # a request with guidance_scale None (the family's pipeline default)
     default_num_inference_steps: int = 50  # a request with num_inference_steps None
     options: dict = field(default_factory=dict)  # latentd.json as given
@@ -266,8 +266,8 @@ def read_defaults(folder: Path, scheduler_config: dict, family: Family | None = 
     defaults = {
         "default_sampler": DEFAULT_SAMPLER if DEFAULT_SAMPLER in supported else (supported or [DEFAULT_SAMPLER])[0],
         "default_guidance_rescale": 0.0,
-        "default_guidance_start": ModelLimits.default_guidance_start,
-        "default_guidance_stop": ModelLimits.default_guidance_stop,
+        "default_guidance_start": MIN_GUIDANCE_FRACTION,
+        "default_guidance_stop": MAX_GUIDANCE_FRACTION,
         "default_guidance_scale": float(family.default_guidance_scale),
         "default_num_inference_steps": int(family.default_num_inference_steps),
     }
@@ -297,9 +297,7 @@ def read_defaults(folder: Path, scheduler_config: dict, family: Family | None = 
             f"model folder {folder}: {DEFAULTS_FILE} default_num_inference_steps must be an integer 1..{MAX_STEPS}"
         )
     try:
-        interval = check_guidance_interval(
-            ModelLimits("", 0, 0, 1, 1, 0), defaults["default_guidance_start"], defaults["default_guidance_stop"]
-        )
+        interval = check_guidance_interval(defaults["default_guidance_start"], defaults["default_guidance_stop"])
     except InvalidInput as error:
         raise ModelLoadError(f"model folder {folder}: {DEFAULTS_FILE} default_{error.message}") from None
     defaults["default_guidance_start"], defaults["default_guidance_stop"] = interval

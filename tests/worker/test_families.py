@@ -353,6 +353,30 @@ def test_guidance_at_most_one_skips_the_unconditional_rows(models, engines):
         assert set(calls) == {2}
 
 
+@pytest.mark.parametrize(
+    ("name", "guided", "unguided"),
+    [
+        ("sdxl", dict(guidance_scale=5.0), dict(guidance_scale=1.0)),
+        ("sd3", dict(guidance_scale=5.0), dict(guidance_scale=1.0)),
+        ("flux", dict(true_cfg_scale=3.0, negative_prompt="blue"), dict(negative_prompt="blue")),
+    ],
+)
+def test_the_guidance_interval_applies_to_every_family_that_guides(models, engines, name, guided, unguided):
+    """Outside its guidance interval a guided request is its conditional prediction alone, one row per image:
+    with the interval empty it is the unguided picture exactly; with [0.5, 1) its first half of steps take one
+    row per image and the rest two."""
+    model, calls = counting_rows(models[name])
+    engine = engines(model)
+    steps = dict(seed=3, num_inference_steps=4)
+    empty = ours(engine, request_id="e", guidance_start=0.5, guidance_stop=0.5, **steps, **guided)
+    plain = ours(engine, request_id="p", **steps, **unguided)
+    assert np.array_equal(pixels(empty.images), pixels(plain.images))
+    calls.clear()
+    later = ours(engine, request_id="l", guidance_start=0.5, guidance_stop=1.0, **steps, **guided)
+    assert calls == [1, 1, 2, 2]
+    assert not np.array_equal(pixels(later.images), pixels(plain.images))
+
+
 def test_t5_limit_is_checked_while_clip_truncates_at_77(family_paths, pipes, engines, tmp_path):
     """A prompt of 89 CLIP tokens (the byte-level test tokenizer spends about one per character) but 25 T5 tokens:
     accepted, CLIP truncated as the pipeline truncates it; past the T5 limit: refused naming the limit."""
