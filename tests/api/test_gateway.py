@@ -291,3 +291,35 @@ def test_openapi_documents_the_idempotency_key(client):
     header = next(p for p in operation["parameters"] if p["name"] == "Idempotency-Key")
     assert header["in"] == "header" and "409" in header["description"]
     assert {"200", "202"} <= set(operation["responses"])
+
+
+def test_a_gateway_whose_redis_connections_stay_busy_says_it_is_overloaded():
+    """Redis up, every pooled connection busy past LATENTD_REDIS_POOL_WAIT_S: a 503 with Retry-After that names the
+    gateway's load, not Redis away (a burst of submits on a busy CPU met the pool's wait; docs/api.md)."""
+    import asyncio
+
+    from services.common.errors import Unavailable
+    from services.core.core import Core
+
+    async def scenario() -> Unavailable:
+        settings = Settings(redis_url=REDIS_URL, redis_max_connections=2, redis_pool_wait_s=0.3, retry_after_s=7)
+        core = await Core.open(settings)
+        pool = core.store.redis.connection_pool
+        held = []
+        try:
+            with pytest.raises(redis.exceptions.ConnectionError):
+                while len(held) < 3:  # the pool has 2: the third waits out the pool's wait
+                    held.append(await pool.get_connection())
+            with pytest.raises(Unavailable) as refused:
+                await core.resolve_model(None)
+            return refused.value
+        finally:
+            for connection in held:
+                await pool.release(connection)
+            await core.close()
+
+    error = asyncio.run(scenario())
+    assert error.status_code == 503 and error.retry_after_s == 7
+    assert error.message.startswith("the gateway is overloaded: all of its Redis connections stayed busy"), (
+        error.message
+    )
