@@ -31,15 +31,13 @@ from pathlib import Path
 
 import torch
 
+from services.common.rules import GUIDED_AT_EVERY_STEP
 from services.worker.engine.compiled import SpeedOptions, parse_buckets, resolve_compile_mode, warmup_inputs
 from services.worker.engine.engine import Engine
 from services.worker.engine.requests import GenerationRequest
 from services.worker.loading import load_model
 
 DEFAULT_MODEL = Path("models/shapes-ldm")
-# The pipeline guides at every step; so do the engine's requests, whatever interval the model recommends, so that
-# both arms do the same work (the interval's own saving: benchmarks/bench_samplers.py)
-EVERY_STEP = {"guidance_start": 0.0, "guidance_stop": 1.0}
 PROMPTS = [
     "a large red circle on a white background",
     "a blue square on a gray background",
@@ -57,7 +55,7 @@ def request_list(count: int, seed: int, max_steps: int) -> list[GenerationReques
             seed=1000 + i,
             num_inference_steps=min(max_steps, rng.randint(20, 50)),
             guidance_scale=(1.0, 3.0, 7.5)[i % 3],
-            **EVERY_STEP,
+            **GUIDED_AT_EVERY_STEP,  # as the pipeline, whatever the model recommends: both arms do the same work
         )
         for i in range(count)
     ]
@@ -249,7 +247,7 @@ def run_arms(args, model_path: Path, label: str, dtype: torch.dtype) -> dict:
             seed=2000 + i,
             num_inference_steps=steps,
             guidance_scale=7.5,
-            **EVERY_STEP,
+            **GUIDED_AT_EVERY_STEP,
         )
         for i in range(static)
     ]

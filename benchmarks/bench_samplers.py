@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from services.common.rules import EVERY_STEP
 from services.worker.engine.engine import Engine
 from services.worker.engine.requests import GenerationRequest
 from services.worker.loading import load_model
@@ -81,7 +82,7 @@ def sampler_throughput(
         for sampler, _ in configs:  # warm-up: first-call costs of each row count and sampler
             engine_images_per_second(engine, sampler, 2, requests=2)
         best: dict[str, float] = {}
-        intervals = {"": None} | ({" guided at every step": (0.0, 1.0)} if every_step else {})
+        intervals = {"": None} | ({" guided at every step": EVERY_STEP} if every_step else {})
         for _ in range(repeats):
             for sampler, steps in configs:
                 for suffix, interval in intervals.items():

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from services.common.rules import GUIDED_AT_EVERY_STEP
 from services.worker.engine.engine import Engine
 from services.worker.engine.requests import GenerationRequest
 from services.worker.loading import LoadedModel, load_model
@@ -90,8 +91,7 @@ def requests_for(mode: str, strength: float, sampler: str, image, mask, steps: i
             image=image,
             strength=strength,
             mask=mask if mode == "inpaint" else None,
-            guidance_start=0.0,  # guided at every step, as the pipelines (whatever interval the model recommends)
-            guidance_stop=1.0,
+            **GUIDED_AT_EVERY_STEP,  # as the pipelines, whatever interval the model recommends
         )
         for seed in range(3)
     ]

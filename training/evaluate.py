@@ -34,7 +34,7 @@ from diffusers import (
 from PIL import Image, ImageDraw
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from services.common.rules import guidance_window
+from services.common.rules import EVERY_STEP, guidance_window
 from training.readback import read_back
 from training.shapes import BACKGROUNDS, COLOURS, SHAPES, SIZES, caption_for, parse_caption
 
@@ -131,7 +131,7 @@ def sample(
     chunk_rows: int = 512,
     sampler: str = "ddim",
     guidance_rescale: float = 0.0,
-    guidance_interval: tuple[float, float] = (0.0, 1.0),
+    guidance_interval: tuple[float, float] = EVERY_STEP,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One picture per row: classifier-free guidance out = out_u + s (out_c - out_u) on the UNet's
     output (ε or v: the mix is linear in either) at every scale (s = 0 is the unconditional model,
@@ -160,15 +160,16 @@ def sample(
     for i, t in enumerate(scheduler.timesteps):
         model_input = scheduler.scale_model_input(latents, t)
         model_output = torch.empty_like(latents)
+        guiding = first <= i < end
         for start in range(0, len(captions), chunk_rows):
             rows = slice(start, start + chunk_rows)
             x = model_input[rows]
             unguided = scale[rows] == 0  # s = 0: the unconditional model at every step
-            if not first <= i < end and not unguided.any():
+            if not guiding and not unguided.any():
                 model_output[rows] = unet(x, t, cond[rows]).sample
                 continue
             out_uncond, out_cond = unet(torch.cat([x, x]), t, torch.cat([uncond[rows], cond[rows]])).sample.chunk(2)
-            if not first <= i < end:
+            if not guiding:
                 model_output[rows] = torch.where(unguided, out_uncond, out_cond)
                 continue
             guided = out_uncond + scale[rows] * (out_cond - out_uncond)
@@ -278,7 +279,7 @@ def evaluate(
     steps: int,
     scales: tuple[float, ...],
     guidance_rescale: float,
-    guidance_interval: tuple[float, float] = (0.0, 1.0),
+    guidance_interval: tuple[float, float] = EVERY_STEP,
 ) -> tuple[dict[float, dict[str, float]], dict[float, float], dict[float, np.ndarray]]:
     """Scores, clipped share and pixels per scale: every caption at every scale, noise seed seed + caption index."""
     rows = [(caption, scale, seed + i) for scale in scales for i, caption in enumerate(captions)]
@@ -377,7 +378,7 @@ def main(argv: list[str] | None = None) -> None:
     where = "a 2-core CPU" if args.device == "cpu" else torch.cuda.get_device_name(args.device)
     table = markdown_table(rows, len(captions))
     rescale_note = f"guidance rescale {rescale:g} where guidance > 1" if rescale else "no guidance rescale"
-    if interval != (0.0, 1.0):
+    if interval != EVERY_STEP:
         rescale_note += (
             f", guidance interval [{interval[0]:g}, {interval[1]:g}): the mix at steps int({interval[0]:g}·n) <= i < "
             f"int({interval[1]:g}·n) of a job's n, the conditional prediction alone at the others"

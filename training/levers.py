@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from services.common.rules import EVERY_STEP, GUIDED_AT_EVERY_STEP
 from training.evaluate import TUNING_SEED, ShapesModel, eval_captions, sample, score
 
 
@@ -43,7 +44,7 @@ def sample_setting(model: ShapesModel, base: dict, captions: list[str], seed: in
         setting.get("steps", 50),
         sampler=setting.get("sampler", "ddim"),
         guidance_rescale=setting.get("rescale", 0.0),
-        guidance_interval=tuple(setting.get("interval", (0.0, 1.0))),
+        guidance_interval=tuple(setting.get("interval", EVERY_STEP)),
     )
     return pixels
 
@@ -113,8 +114,7 @@ def dpm_orders(model_dir: Path, seed: int, steps: int = 20) -> None:
                     seed=seed + i,
                     num_inference_steps=steps,
                     sampler="dpmpp_2m",
-                    guidance_start=0.0,  # guidance at every step, as measured before the model's interval
-                    guidance_stop=1.0,
+                    **GUIDED_AT_EVERY_STEP,  # as measured before the model had an interval
                 )
             )
             for i, c in enumerate(captions)

@@ -46,6 +46,8 @@ MIN_GUIDANCE_RESCALE, MAX_GUIDANCE_RESCALE = 0.0, 1.0  # φ of Lin et al. 2024; 
 # with int(start·n) <= i < int(stop·n), and elsewhere a row that mixes is its conditional prediction alone (its
 # unconditional row is not computed). 0 and 1 (the default where a model names none): every step.
 MIN_GUIDANCE_FRACTION, MAX_GUIDANCE_FRACTION = 0.0, 1.0
+EVERY_STEP = (MIN_GUIDANCE_FRACTION, MAX_GUIDANCE_FRACTION)  # guidance at every step, as diffusers' pipelines guide
+GUIDED_AT_EVERY_STEP = {"guidance_start": EVERY_STEP[0], "guidance_stop": EVERY_STEP[1]}  # ... as request fields
 DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_GUIDANCE_SCALE = 50, 7.5  # a model that names none (SD 1.x/2.x pipelines')
 MIN_TRUE_CFG_SCALE = 1.0  # Flux's true CFG: 1 is off (its pipeline guides where true_cfg_scale > 1)
 MAX_CONDITIONING_SIDE = 8192  # SDXL's size conditioning (original and target size, crop offsets), in pixels

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from services.common.rules import GUIDED_AT_EVERY_STEP
 from services.worker.engine.engine import Engine
 from services.worker.engine.errors import NonFiniteOutputError
 from services.worker.engine.requests import GenerationRequest
@@ -34,7 +35,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def request(request_id: str, **overrides) -> GenerationRequest:
     # guided at every step, as the pipelines compared against (the model recommends an interval: docs/model.md)
     fields = dict(prompt=PROMPT, seed=1234, num_inference_steps=50, guidance_scale=7.5, num_images=2)
-    fields.update(guidance_start=0.0, guidance_stop=1.0)
+    fields.update(GUIDED_AT_EVERY_STEP)
     fields.update(overrides)
     return GenerationRequest(request_id=request_id, **fields)
 

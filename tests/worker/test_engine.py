@@ -11,6 +11,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
+from services.common.rules import GUIDED_AT_EVERY_STEP
 from services.worker.engine.errors import InvalidRequestError, NonFiniteOutputError, RequestCancelled
 from services.worker.engine.requests import GenerationRequest
 from tests.fixtures.pictures import pixels, psnr
@@ -286,7 +287,7 @@ def test_seed_parity_on_the_default_model(make_engine):
     model = load_model(DEFAULT_MODEL)
     prompt = "a large red circle on a white background"
     # guided at every step, as the plain pipeline guides (the model's own interval: test_engine_samplers.py)
-    every_step = dict(guidance_start=0.0, guidance_stop=1.0)
+    every_step = GUIDED_AT_EVERY_STEP
     ours = make_engine(model=model).submit(request("d", prompt=prompt, seed=11, num_inference_steps=10, **every_step))
     ours = ours.result(120)
     pipe = StableDiffusionPipeline.from_pretrained(DEFAULT_MODEL, safety_checker=None)
