@@ -12,7 +12,12 @@ For each family it prints one markdown row per measure and a JSON line at the en
   its two rows share one call where the pipeline makes two, so it agrees to rounding, not bit for bit);
 - batched vs alone: 8 requests with different seeds, steps (4..11), guidance and image counts submitted together,
   each against itself alone (latents and 8-bit levels);
-- images/s: the same 8 requests one at a time (B) and all in flight (C).
+- images/s: the same 8 requests one at a time (B) and all in flight (C);
+- from a picture vs pipeline: image to image at strength 0.6 and inpainting (a mask over the middle) at 0.6 and 1.0,
+  seeds 0..2 at the family's default guidance, against the family's image-to-image and inpainting pipelines
+  (`Family.image_pipelines`); the same figures as alone vs pipeline. StableDiffusion3InpaintPipeline decodes
+  without the VAE's shift_factor (diffusers issue #13611), so its pictures are compared decoded as its other
+  pipelines decode them (latentd's decode of its latents).
 """
 
 from __future__ import annotations
@@ -25,12 +30,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from services.worker.engine.engine import Engine
 from services.worker.engine.requests import GenerationRequest
-from services.worker.loading import LoadedModel, load_model
+from services.worker.loading import LoadedModel, load_model, to_pil
 
 PROMPT = "a red circle on a white background"
+PICTURE_MODES = (("img2img", 0.6), ("inpaint", 0.6), ("inpaint", 1.0))
+DECODES_WITHOUT_SHIFT = ("StableDiffusion3InpaintPipeline",)  # diffusers issue #13611 (fixed by pull request #14671)
 
 
 class RecordingEngine(Engine):
@@ -46,16 +54,16 @@ class RecordingEngine(Engine):
         super()._finish(finished)
 
 
-def pipeline_for(model: LoadedModel):
+def pipeline_for(model: LoadedModel, class_name: str | None = None):
     import diffusers
 
-    pipe = getattr(diffusers, model.family.pipeline).from_pretrained(model.path)
+    pipe = getattr(diffusers, class_name or model.family.pipeline).from_pretrained(model.path)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def pipeline_run(pipe, model: LoadedModel, request: GenerationRequest) -> tuple[torch.Tensor, list]:
-    """The pipeline on the same request: (latents (n, C, h, w), pictures)."""
+    """The pipeline on the same request (with its picture, mask and strength): (latents (n, C, h, w), pictures)."""
     kwargs = dict(
         num_inference_steps=request.num_inference_steps,
         guidance_scale=request.guidance_scale if request.guidance_scale is not None else model.default_guidance_scale,
@@ -72,6 +80,10 @@ def pipeline_run(pipe, model: LoadedModel, request: GenerationRequest) -> tuple[
         kwargs["true_cfg_scale"] = request.true_cfg_scale
     if request.eta:
         kwargs["eta"] = request.eta
+    if request.image is not None:
+        kwargs |= {"image": request.image, "strength": request.strength}
+    if request.mask is not None:
+        kwargs["mask_image"] = request.mask
     outputs = {}
     for output_type in ("latent", "pil"):
         generator = torch.Generator("cpu").manual_seed(request.seed)
@@ -79,6 +91,8 @@ def pipeline_run(pipe, model: LoadedModel, request: GenerationRequest) -> tuple[
     latents = outputs["latent"]
     if family == "flux":
         latents = pipe._unpack_latents(latents, kwargs["height"], kwargs["width"], pipe.vae_scale_factor)
+    if type(pipe).__name__ in DECODES_WITHOUT_SHIFT:
+        outputs["pil"] = to_pil(model.decode_latents(latents))
     return latents.float().cpu(), outputs["pil"]
 
 
@@ -141,13 +155,13 @@ def batch_requests(model: LoadedModel, size: int | None, n: int = 8) -> list[Gen
     ]
 
 
-def measure(model: LoadedModel, steps: int, size: int | None) -> dict:
-    pipe = pipeline_for(model)
-    alone_rows = []
-    for request in parity_requests(model, steps, size):
+def against_pipeline(model: LoadedModel, pipe, requests: list[GenerationRequest]) -> dict:
+    """Each request alone against the pipeline: the largest differences and the lowest PSNR over them."""
+    rows = []
+    for request in requests:
         ours_latents, ours_images, _ = run_alone(model, request)
         theirs_latents, theirs_images = pipeline_run(pipe, model, request)
-        alone_rows.append(
+        rows.append(
             {
                 "latents_max_abs": float((ours_latents - theirs_latents).abs().max()),
                 "latents_equal": bool(torch.equal(ours_latents, theirs_latents)),
@@ -155,6 +169,52 @@ def measure(model: LoadedModel, steps: int, size: int | None) -> dict:
                 "psnr_db": psnr(ours_images, theirs_images),
             }
         )
+    return {
+        "requests": len(rows),
+        "latents_max_abs": max(r["latents_max_abs"] for r in rows),
+        "latents_equal": sum(r["latents_equal"] for r in rows),
+        "levels_max": max(r["levels_max"] for r in rows),
+        "psnr_db_min": min(r["psnr_db"] for r in rows),
+    }
+
+
+def picture_and_mask(model: LoadedModel, size: int | None) -> tuple[Image.Image, Image.Image]:
+    """A picture of the model's own (seed 7, its defaults) and a mask over its middle third (white = repaint)."""
+    width, height = size or model.native_width, size or model.native_height
+    _, images, _ = run_alone(
+        model, GenerationRequest(request_id="source", prompt=PROMPT, seed=7, width=width, height=height)
+    )
+    mask = Image.new("L", (width, height), 0)
+    mask.paste(255, (width // 3, height // 3, 2 * width // 3, 2 * height // 3))
+    return images[0], mask
+
+
+def from_picture(model: LoadedModel, steps: int, size: int | None) -> list[dict]:
+    picture, mask = picture_and_mask(model, size)
+    rows = []
+    for mode, strength in PICTURE_MODES:
+        pipe = pipeline_for(model, model.family.image_pipelines[mode == "inpaint"])
+        requests = [
+            GenerationRequest(
+                request_id=f"{mode}-{strength}-{seed}",
+                prompt="a blue square on a white background",
+                seed=seed,
+                num_inference_steps=steps,
+                image=picture,
+                strength=strength,
+                mask=mask if mode == "inpaint" else None,
+            )
+            for seed in range(3)
+        ]
+        rows.append(
+            {"mode": mode, "strength": strength, "pipeline": type(pipe).__name__}
+            | against_pipeline(model, pipe, requests)
+        )
+    return rows
+
+
+def measure(model: LoadedModel, steps: int, size: int | None) -> dict:
+    alone = against_pipeline(model, pipeline_for(model), parity_requests(model, steps, size))
     batch = batch_requests(model, size)
     alone_latents, alone_images, alone_s = {}, {}, 0.0
     for request in batch:
@@ -173,13 +233,7 @@ def measure(model: LoadedModel, steps: int, size: int | None) -> dict:
     return {
         "model": model.name,
         "family": model.family.name,
-        "alone_vs_pipeline": {
-            "requests": len(alone_rows),
-            "latents_max_abs": max(r["latents_max_abs"] for r in alone_rows),
-            "latents_equal": sum(r["latents_equal"] for r in alone_rows),
-            "levels_max": max(r["levels_max"] for r in alone_rows),
-            "psnr_db_min": min(r["psnr_db"] for r in alone_rows),
-        },
+        "alone_vs_pipeline": alone,
         "batched_vs_alone": {
             "requests": len(batch),
             "latents_max_abs": max(
@@ -190,6 +244,7 @@ def measure(model: LoadedModel, steps: int, size: int | None) -> dict:
             ),
         },
         "images_per_s": {"one_at_a_time": images / alone_s, "all_in_flight": images / together_s},
+        "from_picture_vs_pipeline": from_picture(model, steps, size),
     }
 
 
@@ -206,6 +261,19 @@ def table(rows: list[dict]) -> str:
             f"| {a['levels_max']} | {a['psnr_db_min']:.1f} | {b['latents_max_abs']:.1e} | {b['levels_max']} "
             f"| {s['one_at_a_time']:.2f} | {s['all_in_flight']:.2f} |"
         )
+    lines += [
+        "",
+        "| model | from a picture | strength | pipeline | max abs Δ latents | latents bit for bit | max Δ levels "
+        "| min PSNR dB |",
+        "| --- | --- | ---: | --- | ---: | :---: | ---: | ---: |",
+    ]
+    for r in rows:
+        for p in r["from_picture_vs_pipeline"]:
+            lines.append(
+                f"| {r['model']} ({r['family']}) | {p['mode']} | {p['strength']:g} | {p['pipeline']} "
+                f"| {p['latents_max_abs']:.1e} | {p['latents_equal']}/{p['requests']} | {p['levels_max']} "
+                f"| {p['psnr_db_min']:.1f} |"
+            )
     return "\n".join(lines)
 
 

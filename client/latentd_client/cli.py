@@ -177,7 +177,7 @@ def _picture(value: str | None, flag: str) -> bytes | dict[str, Any] | None:
 
 
 def picture_fields(args) -> dict[str, Any]:
-    """Image to image and inpainting (SD 1.x/2.x models: `latentd models` lists what each model reads)."""
+    """Image to image and inpainting (`latentd models` lists what each model reads)."""
     return dict(
         image=_picture(args.image, "--image"),
         strength=args.strength,

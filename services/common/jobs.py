@@ -74,9 +74,12 @@ class JobRecord:
 
     @property
     def total_steps(self) -> int:
-        """The updates the job makes: its steps, or with an image the last int(steps·strength) of them."""
+        """The updates the job makes: its steps, or with an image those its strength leaves (rules.steps_run)."""
         steps = int(self.params.get("num_inference_steps") or 0)
-        return int(self.progress.get("total") or (rules.steps_run(steps, self.params.get("strength")) if steps else 0))
+        if not steps:
+            return int(self.progress.get("total") or 0)
+        sampler = self.params.get("sampler") or rules.DEFAULT_SAMPLER
+        return int(self.progress.get("total") or rules.steps_run(steps, self.params.get("strength"), sampler))
 
     def url(self, what: str, index: int) -> str:
         return f"/v1/jobs/{self.id}/{what}/{index}"

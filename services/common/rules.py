@@ -79,7 +79,7 @@ SIZE_CONDITIONING_PARAMS: tuple[str, ...] = (  # SDXL's micro-conditioning (Pode
 )
 DEFAULT_PARAMS: tuple[str, ...] = (*COMMON_PARAMS, "eta", "guidance_rescale")  # a model that does not say (SD)
 # Image to image (SDEdit, Meng et al. 2022) and inpainting: a starting picture noised to the timestep `strength`
-# selects, and a mask (white = repaint). Read by the families that implement them (SD 1.x/2.x).
+# selects, and a mask (white = repaint). Read by every family (a 9-channel inpainting UNet: SD 1.x/2.x only).
 IMAGE_PARAMS: tuple[str, ...] = ("image", "strength", "mask")
 MIN_STRENGTH, MAX_STRENGTH = 0.0, 1.0
 DEFAULT_STRENGTH = 0.8  # image to image without a mask (StableDiffusionImg2ImgPipeline's default)
@@ -252,10 +252,15 @@ def check_guidance_interval(start: Any, stop: Any) -> tuple[float, float]:
     return float(start), float(stop)
 
 
-def start_step(num_inference_steps: int, strength: float) -> int:
-    """The step of the plan an image-to-image request starts at, as diffusers' pipelines' get_timesteps: the
-    last int(steps·strength) steps run (all of them at strength 1), from an image noised to that step's level."""
-    return num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
+def start_step(num_inference_steps: int, strength: float, sampler: str = DEFAULT_SAMPLER) -> int:
+    """The step of the plan an image-to-image request starts at, as diffusers' pipelines' get_timesteps count it
+    (all steps run at strength 1), from an image noised to that step's level. The DDPM-family pipelines (SD,
+    SDXL) run the last int(steps·strength) steps; the flow-matching ones (SD3, Flux: the flow samplers) start at
+    int(steps − steps·strength), so a fractional steps·strength runs one step more (20 at 0.63: 12 and 13)."""
+    n = num_inference_steps
+    if sampler in FLOW_SAMPLERS:
+        return int(max(n - min(n * strength, n), 0))
+    return n - min(int(n * strength), n)
 
 
 def check_image_inputs(
@@ -267,6 +272,7 @@ def check_image_inputs(
     width: int | None,
     height: int | None,
     num_inference_steps: int,
+    sampler: str = DEFAULT_SAMPLER,
 ) -> tuple[int | None, int | None, float | None]:
     """An image-to-image or inpainting request's picture, mask and strength: (width, height, strength) with the
     picture's size and the default strength filled in. The picture must be a size the model allows (and the
@@ -297,19 +303,21 @@ def check_image_inputs(
     if strength is None:
         strength = DEFAULT_INPAINT_STRENGTH if mask_size is not None else DEFAULT_STRENGTH
     between("strength", strength, MIN_STRENGTH, MAX_STRENGTH)
-    if num_inference_steps - start_step(num_inference_steps, strength) < 1:
+    if steps_run(num_inference_steps, strength, sampler) < 1:
         raise InvalidInput(
             f"strength must leave at least one of the num_inference_steps ({num_inference_steps}) to run: "
-            f"int({num_inference_steps} x {_fmt(float(strength))}) is 0; raise strength to at least "
-            f"{_fmt(1 / num_inference_steps)} or the steps",
+            f"{_fmt(float(strength))} leaves none; raise strength to at least {_fmt(1 / num_inference_steps)} "
+            "or the steps",
             "strength",
         )
     return image_w, image_h, float(strength)
 
 
-def steps_run(num_inference_steps: int, strength: float | None) -> int:
-    """The denoising steps a request runs: all of them, or the last int(steps·strength) with an image."""
-    return num_inference_steps if strength is None else num_inference_steps - start_step(num_inference_steps, strength)
+def steps_run(num_inference_steps: int, strength: float | None, sampler: str = DEFAULT_SAMPLER) -> int:
+    """The denoising steps a request runs: all of them, or with an image those from its start step on."""
+    if strength is None:
+        return num_inference_steps
+    return num_inference_steps - start_step(num_inference_steps, strength, sampler)
 
 
 def check_generation(
@@ -388,10 +396,11 @@ def check_generation(
         width=width,
         height=height,
         num_inference_steps=steps,
+        sampler=sampler,
     )
-    runs = "num_inference_steps" if strength is None else "the steps it runs, int(num_inference_steps x strength)"
-    check_every("preview_every", preview_every, steps_run(steps, strength), steps_are=runs)
-    check_every("trajectory_every", trajectory_every, steps_run(steps, strength), steps_are=runs)
+    runs = "num_inference_steps" if strength is None else "the steps it runs at its strength"
+    check_every("preview_every", preview_every, steps_run(steps, strength, sampler), steps_are=runs)
+    check_every("trajectory_every", trajectory_every, steps_run(steps, strength, sampler), steps_are=runs)
     size = check_size(limits, width, height)
     check_prompt(limits, "prompt", prompt)
     check_prompt(limits, "negative_prompt", negative_prompt)

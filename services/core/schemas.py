@@ -113,7 +113,7 @@ class JobImage(_Strict):
 
 
 IMAGE_DESCRIPTION = (
-    "Image to image (SD 1.x/2.x models: GET /v1/models `params`): the starting picture, base64 PNG or JPEG (a data: "
+    "Image to image (every family: GET /v1/models `params`): the starting picture, base64 PNG or JPEG (a data: "
     "URL is accepted), or {job_id, index} of an earlier job's image. Its size must be one the model allows; it is "
     "the generated size (width and height, if sent, must equal it)."
 )
@@ -128,8 +128,9 @@ class _ImageFields(_FamilyFields):
         ge=MIN_STRENGTH,
         le=MAX_STRENGTH,
         description="With an image: how far it is noised, as a share of the schedule; the last "
-        "int(num_inference_steps × strength) steps run (at least 1). null: 0.8, or 1.0 with a mask (the masked part "
-        "from pure noise).",
+        "int(num_inference_steps × strength) steps run (SD3 and Flux, as their pipelines: "
+        "n − int(n − n × strength) of n = num_inference_steps, one more where n × strength has a fraction); at "
+        "least 1 must. null: 0.8, or 1.0 with a mask (the masked part from pure noise).",
     )
     mask: str | JobImage | None = Field(
         None,

@@ -198,7 +198,7 @@ def test_steps_count_what_runs_and_trajectory_starts_noised(make_engine, tiny_mo
         (
             dict(image=picture(), strength=0.3, preview_every=4),
             "preview_every",
-            "preview_every must be between 0 and the steps it runs, int(num_inference_steps x strength) (3)",
+            "preview_every must be between 0 and the steps it runs at its strength (3)",
         ),
     ],
 )

@@ -173,9 +173,11 @@ def flow_euler_step(
 
 
 def flow_q_sample(x0: torch.Tensor, sigma: torch.Tensor | float, noise: torch.Tensor) -> torch.Tensor:
-    """The forward process x_σ = (1 − σ)·x0 + σ·ε (σ a float or broadcastable (R, 1, ..., 1)), in float64, rounded once."""
-    sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x0.device)
-    return ((1 - sigma) * x0.double() + sigma * noise.double()).to(x0.dtype)
+    """The forward process x_σ = (1 − σ)·x0 + σ·ε (σ a float or broadcastable (R, 1, ..., 1)), in x0's dtype and in
+    the order of the flow schedulers' scale_noise, σ·ε + (1 − σ)·x0: an image-to-image request starts from the
+    pipelines' latents bit for bit (no cancellation to fear here, unlike the DDPM family's updates)."""
+    sigma = torch.as_tensor(sigma, device=x0.device).to(x0.dtype)
+    return sigma * noise.to(x0.dtype) + (1.0 - sigma) * x0
 
 
 def flow_forward_trajectory(

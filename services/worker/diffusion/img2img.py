@@ -1,9 +1,9 @@
 """Image to image (SDEdit, Meng et al. 2022) and inpainting: the forward process q(x_t | x0) put to work.
 
 SDEdit: encode a picture to x0, noise it forward to the level of step k of the request's plan,
-x_k = √ᾱ_k·x0 + √(1−ᾱ_k)·ε (forward.py), and run the reverse process from there (steps k..n−1) under the
-prompt. k comes from `strength` (services/common/rules.start_step: the last int(n·strength) steps run, as
-diffusers' get_timesteps).
+x_k = √ᾱ_k·x0 + √(1−ᾱ_k)·ε (forward.py; a flow-matching model's straight line x_k = (1 − σ_k)·x0 + σ_k·ε,
+flow_matching.py), and run the reverse process from there (steps k..n−1) under the prompt. k comes from
+`strength` (services/common/rules.start_step: about the last n·strength steps run, as diffusers' get_timesteps).
 
 Inpainting with an ordinary (4-channel) UNet: after every step, the part to keep (mask m = 0) is replaced by
 the original re-noised to the level the step went to, x ← (1 − m)·q(x0 at step i+1; ε) + m·x, with the ε that
@@ -18,7 +18,8 @@ Notation (<variable name> -> <name in paper>)
 
 The sampler's scale: DDIM and DPM-Solver++ hold x_t (variance preserving); the Euler family holds
 x_t/√ᾱ_t = x0 + σ̂_t·ε with σ̂ = √((1−ᾱ)/ᾱ) (variance exploding; `Plan.scale_input`). The plan's σ̂_i gives
-both: ᾱ_i = 1/(σ̂_i² + 1).
+both: ᾱ_i = 1/(σ̂_i² + 1). A flow plan's σ_i is the flow's own σ (SD3, Flux: StableDiffusion3Img2ImgPipeline,
+FluxImg2ImgPipeline and their inpainting pipelines blend the same way with the schedulers' scale_noise).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from services.worker.diffusion.flow_matching import flow_q_sample
 from services.worker.diffusion.forward import q_sample
 from services.worker.diffusion.samplers import Plan, SamplerState
 
@@ -37,9 +39,9 @@ def noised(x0: torch.Tensor, noise: torch.Tensor, plan: Plan, i: int) -> torch.T
     schedulers' add_noise at the plan's timestep i); i = n (after the last step) is x0 itself."""
     if i >= plan.num_steps:
         return x0
-    if plan.flow:
-        raise ValueError("image to image is not implemented for flow-matching plans")
     sigma = plan.sigmas[i]
+    if plan.flow:  # (1 − σ)·x0 + σ·ε: the flow schedulers' scale_noise
+        return flow_q_sample(x0, sigma, noise)
     if plan.scale_input:  # x0 + σ̂·ε
         return (x0.double() + sigma * noise.double()).to(x0.dtype)
     return q_sample(x0, torch.tensor(plan.alpha_bar(i), dtype=torch.float64), noise)

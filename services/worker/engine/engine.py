@@ -333,7 +333,11 @@ class Engine:
             plan = sampler.plan_for(resolved.num_inference_steps, self.model.family.image_seq_len(self.model, shape))
         except ValueError as error:
             raise InvalidRequestError(f"{error} (sampler {resolved.sampler})", "num_inference_steps") from None
-        start = 0 if resolved.strength is None else rules.start_step(resolved.num_inference_steps, resolved.strength)
+        start = (
+            0
+            if resolved.strength is None
+            else rules.start_step(resolved.num_inference_steps, resolved.strength, resolved.sampler)
+        )
         state = SamplerState(plan=plan, eta=float(request.eta), step_index=start, start_index=start)
         return sampler, state, resolved, shape
 

@@ -33,9 +33,11 @@ from services.worker.transfer import to_device
 
 
 def pixels_of(image: Image.Image) -> torch.Tensor:
-    """A picture -> (1, 3, H, W) float32 in [-1, 1]."""
+    """A picture -> (1, 3, H, W) float32 in [-1, 1], laid out channels-last in memory as VaeImageProcessor leaves
+    it (a transposed NumPy array): the VAE's convolutions round by layout, so the encoder gives the pipelines'
+    latents bit for bit only from the same layout."""
     array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(2.0 * array - 1.0).permute(2, 0, 1).unsqueeze(0).contiguous()
+    return torch.from_numpy(2.0 * array - 1.0).unsqueeze(0).permute(0, 3, 1, 2)  # (1, H, W, 3) -> (1, 3, H, W)
 
 
 def mask_of(image: Image.Image) -> torch.Tensor:

@@ -109,6 +109,8 @@ class Family:
 
     name = ""  # rules.FAMILIES
     pipeline = ""  # model_index.json's _class_name
+    # the diffusers pipelines whose image to image and inpainting latentd follows (engine/sources.py), for parity
+    image_pipelines: tuple[str, str] = ("", "")
     label = ""  # for people
     backbone = "unet"  # the denoiser's component
     # the parts a model folder must have, each loaded with this class (whatever model_index.json names: a folder

@@ -43,6 +43,7 @@ class FlowFamily(Family):
     backbone = "transformer"
     flow = True
     cuda_dtype = torch.bfloat16  # as their model cards run them: their activations overflow float16
+    params = (*rules.COMMON_PARAMS, *rules.IMAGE_PARAMS)  # image to image, inpainting with a 16-channel backbone
     options = ("max_sequence_length",)
     default_max_sequence_length = 512
     t5_tokenizer = ""
@@ -60,6 +61,7 @@ class FlowFamily(Family):
 class StableDiffusion3(FlowFamily):
     name = "sd3"
     pipeline = "StableDiffusion3Pipeline"
+    image_pipelines = ("StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline")
     label = "Stable Diffusion 3"
     component_classes = {
         "transformer": "SD3Transformer2DModel",
@@ -78,12 +80,19 @@ class StableDiffusion3(FlowFamily):
 
     def describe(self, index, components, options) -> ModelFacts:
         transformer = components["transformer"]
+        channels, latent = int(transformer.config.in_channels), int(components["vae"].config.latent_channels)
+        if channels != latent:
+            raise ModelLoadError(
+                f"the transformer takes {channels} input channels and the VAE makes {latent} latent channels; a "
+                f"StableDiffusion3Pipeline model takes the VAE's (an SD3 inpainting transformer, with the mask and "
+                f"the masked picture's latents, is not supported)"
+            )
         f = self.vae_scale_factor(components)
         width, height = self.native_size(transformer.config.sample_size, f, options)
         return ModelFacts(
             native_width=width,
             native_height=height,
-            latent_channels=int(transformer.config.in_channels),
+            latent_channels=latent,
             vae_scale_factor=f,
             size_multiple=f * int(transformer.config.patch_size),
             max_prompt_tokens=self.max_sequence_length(options),
@@ -133,6 +142,7 @@ class StableDiffusion3(FlowFamily):
 class Flux(FlowFamily):
     name = "flux"
     pipeline = "FluxPipeline"
+    image_pipelines = ("FluxImg2ImgPipeline", "FluxInpaintPipeline")
     label = "Flux"
     component_classes = {
         "transformer": "FluxTransformer2DModel",
@@ -154,7 +164,7 @@ class Flux(FlowFamily):
         f = self.vae_scale_factor(components)
         width, height = self.native_size(self.default_sample_size, f, options)
         embeds = bool(transformer.config.guidance_embeds)
-        params = (*rules.COMMON_PARAMS, "true_cfg_scale")
+        params = (*self.params, "true_cfg_scale")
         if not embeds:  # Flux-schnell: the pipeline ignores guidance_scale
             params = tuple(p for p in params if p != "guidance_scale")
         return ModelFacts(

@@ -34,6 +34,7 @@ from services.worker.transfer import to_device
 class StableDiffusion(Family):
     name = "sd"
     pipeline = "StableDiffusionPipeline"
+    image_pipelines = ("StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")
     label = "Stable Diffusion 1.x/2.x"
     component_classes = {
         "unet": "UNet2DConditionModel",
@@ -120,6 +121,7 @@ class StableDiffusionInpaint(StableDiffusion):
 class StableDiffusionXL(StableDiffusion):
     name = "sdxl"
     pipeline = "StableDiffusionXLPipeline"
+    image_pipelines = ("StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")
     label = "Stable Diffusion XL"
     component_classes = {
         "unet": "UNet2DConditionModel",
@@ -131,7 +133,7 @@ class StableDiffusionXL(StableDiffusion):
     }
     cfg_below_one = False
     batch_prompts = False
-    params = (*rules.DEFAULT_PARAMS, *rules.SIZE_CONDITIONING_PARAMS)
+    params = (*rules.DEFAULT_PARAMS, *rules.SIZE_CONDITIONING_PARAMS, *rules.IMAGE_PARAMS)
     default_guidance_scale = 5.0
 
     def describe(self, index, components, options) -> ModelFacts:
