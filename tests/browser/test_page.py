@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import re
 
+import httpx
 from PIL import Image
 from playwright.sync_api import Page, expect
 
@@ -312,7 +313,7 @@ def test_the_guidance_sweep_shows_five_labelled_pictures(opened):
     expect(pictures.nth(4)).to_have_attribute("alt", re.compile(r"at guidance scale 15: over-saturated$"))
 
 
-def test_a_bad_input_shows_the_error_next_to_its_field(opened):
+def test_a_bad_input_shows_the_error_next_to_its_field(opened, real_stack):
     page = opened
     page.fill("#gen-steps", "0")
     page.click("#gen-submit")
@@ -333,8 +334,13 @@ def test_a_bad_input_shows_the_error_next_to_its_field(opened):
     expect(page.locator("#gen-steps-error")).to_have_count(0)
     expect(page.locator("#gen-steps")).not_to_have_attribute("aria-invalid", "true")
 
-    # the sampler menu lists what the model supports; a rescale out of range is named at its field
+    # the sampler menu lists what the model supports; the guidance fields show the model's defaults they fall
+    # back to; a rescale out of range is named at its field
     assert "dpmpp_2m" in page.locator("#gen-sampler option").all_inner_texts()
+    model = httpx.get(real_stack.url + "/v1/models", headers=real_stack.headers()).json()["data"][0]
+    for field, key in (("rescale", "rescale"), ("guidance-start", "start"), ("guidance-stop", "stop")):
+        expected = f"{model[f'default_guidance_{key}']:g} (model default)"
+        expect(page.locator(f"#gen-{field}")).to_have_attribute("placeholder", expected)
     page.fill("#gen-prompt", "a small red circle")
     page.fill("#gen-rescale", "2")
     page.click("#gen-submit")

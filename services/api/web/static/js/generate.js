@@ -73,8 +73,17 @@ export function initGenerate() {
   const sizeSelect = $("#gen-size");
   const modelSelect = $("#gen-model");
   const samplerSelect = $("#gen-sampler");
+  // what a field left empty gets: the model's default, shown in the field
+  const defaults = [
+    ["#gen-rescale", "default_guidance_rescale"],
+    ["#gen-guidance-start", "default_guidance_start"],
+    ["#gen-guidance-stop", "default_guidance_stop"],
+  ];
   const fillSizes = () => {
     const model = modelNamed(modelSelect.value);
+    for (const [field, key] of defaults) {
+      $(field).placeholder = model && model[key] != null ? `${model[key]} (model default)` : "model default";
+    }
     sizeSelect.replaceChildren(...sizeOptions(model));
     const names = model?.samplers || [];
     samplerSelect.replaceChildren(
