@@ -30,7 +30,9 @@ the fence keeps a late copy of the lost attempt from writing anything. A job who
 
 The gateway's side is `AsyncJobStore` (redis.asyncio, one bounded pool per process); the worker's side is
 `JobStore` (blocking redis, on the task threads and the engine thread). The result is written once, by the
-current attempt, in one Lua script.
+current attempt, in one Lua script. Both retry a command once, at once, on a fresh connection when Redis closed
+the one it went out on (`reconnect_once`): after Redis restarts or crashes, every pooled connection is stale, and
+without it the first command on each fails (a 503 from a gateway whose Redis is back).
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+import redis.asyncio.retry
+import redis.retry
+from redis.backoff import NoBackoff
 
 from services.common.jobs import TERMINAL, JobEvent, JobRecord
 from services.common.models import ModelInfo
@@ -56,6 +61,14 @@ INPUT_BLOB = "input"
 MASK_BLOB = "mask"
 SETTLED_CACHE = 4096  # settled job records a gateway process keeps in memory
 LIVE_CACHE = 4096  # live (queued, running) job records a gateway process keeps for polled reads
+
+
+def reconnect_once(for_asyncio: bool = False) -> redis.retry.Retry | redis.asyncio.retry.Retry:
+    """The connection option (`retry=`) of every latentd Redis client: a command whose connection Redis closed
+    goes again once, at once, on a new connection. Only then: a timeout is not retried (the command may have run;
+    the caller reports Redis away), and a second failure is Redis really away."""
+    cls = redis.asyncio.retry.Retry if for_asyncio else redis.retry.Retry
+    return cls(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,))
 
 
 def job_key(job_id: str) -> str:
@@ -658,7 +671,11 @@ class JobStore:
     def from_url(cls, url: str, ttl_s: int = 3600, timeout_s: float | None = None) -> JobStore:
         """`timeout_s` bounds every command and connect, so Redis away is an error the caller retries, not a hang."""
         client = redis.Redis.from_url(
-            url, health_check_interval=30, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+            url,
+            health_check_interval=30,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=reconnect_once(),
         )
         return cls(client, ttl_s)
 

@@ -45,7 +45,7 @@ from services.common.errors import (
     Unavailable,
 )
 from services.common.jobs import JobEvent, JobRecord
-from services.common.jobstore import AsyncJobStore, IdempotencyConflict, QueueFull, frame_blob_name
+from services.common.jobstore import AsyncJobStore, IdempotencyConflict, QueueFull, frame_blob_name, reconnect_once
 from services.common.models import ModelInfo, ServedModel
 from services.common.settings import Settings, hash_key
 from services.common.tasks import RUN_TASK, queue_for
@@ -254,6 +254,7 @@ class Core:
             socket_connect_timeout=settings.redis_timeout_s,
             socket_timeout=settings.redis_timeout_s + 1.0,  # longer than the event hub's blocking read
             health_check_interval=30,
+            retry=reconnect_once(for_asyncio=True),  # a connection left from before a Redis restart
         )
         client = aioredis.Redis(connection_pool=pool)
         store = AsyncJobStore(client, settings.result_ttl_s)
