@@ -17,7 +17,7 @@ from kombu import Queue
 
 from services.common.settings import get_settings
 from services.common.tasks import queue_for
-from services.worker import heartbeat
+from services.worker import broker, heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ def model_names() -> list[str]:
 
 def create_celery() -> Celery:
     settings = get_settings()
+    broker.install()  # the worker reconnects after Redis crashes, rather than exit (services/worker/broker.py)
     app = Celery("latentd-worker", broker=settings.redis_url, include=["services.worker.tasks"])
     app.conf.update(
         task_serializer="json",
@@ -51,6 +52,9 @@ def create_celery() -> Celery:
             "socket_connect_timeout": settings.redis_timeout_s,
         },
         broker_connection_retry_on_startup=True,
+        # a lost broker connection leaves the running jobs running: their tasks hold no work but the engine's
+        # (the job store's leases decide who runs a job), so cancelling them would only requeue finished work
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_hijack_root_logger=False,
         task_queues=[Queue(queue_for(name)) for name in model_names()],
         task_default_queue=queue_for(model_names()[0]) if model_names() else "latentd.default",

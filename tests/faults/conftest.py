@@ -80,9 +80,11 @@ class FaultStack:
     def start_redis(self) -> None:
         self.redis_proc, _ = run_stack.start_redis(self.redis_port, data_dir=self.redis_dir)
 
-    def stop_redis(self) -> None:
-        """A clean stop (SIGTERM: Redis writes its append-only file and exits), as a restart or failover does."""
-        self.redis_proc.send_signal(signal.SIGTERM)
+    def stop_redis(self, sig: int = signal.SIGTERM) -> None:
+        """A clean stop (SIGTERM: Redis writes its append-only file and exits), as a restart or failover does; or
+        a crash (SIGKILL: what Redis had written to its append-only file, and so to the kernel, before it answered
+        is all that is left)."""
+        self.redis_proc.send_signal(sig)
         self.redis_proc.wait(timeout=30)
 
     def start_worker(self, **settings) -> subprocess.Popen:

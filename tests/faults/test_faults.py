@@ -197,6 +197,40 @@ def test_redis_restart_mid_run(faults):
     assert run_stack_ready.status_code == 200, run_stack_ready.text
 
 
+def test_redis_killed_mid_run_loses_no_accepted_job(faults):
+    """Redis SIGKILLed (a crash, not a shutdown) while two workers run 12 jobs, then started again on its
+    append-only file: every job accepted before the crash ends once, with its pictures; the gateway answers its
+    first requests after it (its pooled connections, all closed by the crash, are retried once on new ones;
+    before, each answered a 503); and both workers reconnect and take new work (before, kombu's close of the
+    lost connection raised, and each worker exited 1 once its jobs were done: services/worker/broker.py).
+    (A machine crash could also lose the last second that fsync had not reached the disk; a process crash loses
+    nothing Redis answered.)"""
+    faults.ensure_workers(2)
+    workers = faults.alive()
+    ids = faults.submit(12, steps=80)
+    faults.wait_running(ids[:4])
+    faults.stop_redis(signal.SIGKILL)
+    killed_at = time.monotonic()
+    time.sleep(2.0)
+    faults.start_redis()
+    faults.wait_all(ids)
+    print(f"\nRedis SIGKILLed and back after {time.monotonic() - killed_at:.1f} s: {len(ids)} jobs ended once each")
+    assert_one_outcome(faults, ids)
+    for job_id in ids[:2] + ids[-2:]:
+        response = httpx.get(f"{faults.url}/v1/jobs/{job_id}/images/0", headers=faults.headers, timeout=30)
+        assert response.status_code == 200 and response.content.startswith(b"\x89PNG")
+    # ready again once each worker's Celery consumer has reconnected and answered its heartbeat's probe
+    wait_until(
+        "both workers consuming again",
+        lambda: httpx.get(f"{faults.url}/readyz", timeout=30).json().get("workers") == {faults.model: 2},
+    )
+    print(f"both workers consuming again {time.monotonic() - killed_at:.1f} s after the crash")
+    assert all(proc.poll() is None for proc in workers), "a worker exited after the crash"
+    after = faults.submit(2, steps=10)  # and it takes new work
+    faults.wait_all(after)
+    assert_one_outcome(faults, after)
+
+
 def test_cancel_of_queued_and_running_jobs_during_a_failover(faults):
     faults.ensure_workers(2)
     running = faults.submit(16, steps=200, guidance=1.0)

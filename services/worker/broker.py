@@ -1,0 +1,47 @@
+"""Kombu's Redis transport when Redis itself crashes under a consuming worker (kombu 5.7).
+
+Celery reacts to a lost broker connection by closing it and connecting again. Closing the channel restores its
+unacknowledged messages first (`QoS.restore_unacked`), through a connection the close has already taken apart:
+an AttributeError ("'NoneType' object has no attribute 'hostname'", from `Channel._connparams`), which Celery
+takes for an unrecoverable error. The worker then finishes its running jobs and exits 1 instead of
+reconnecting (seen with Redis SIGKILLed under two consuming workers: tests/faults). The same happens to the acks
+of the jobs that were running, sent after the reconnect through the old channel.
+
+`install()` lets both give up instead: the messages stay in kombu's unacked index, which the new connection's
+sweep (`unacked_restore_interval`) puts back on the queue after the visibility timeout. For latentd that is only
+a spare "run one job" token: a task that finds no queued job returns at once (services/worker/tasks.py), and
+the jobs themselves live in the job store with leases, not in the messages.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from kombu.transport import redis as kombu_redis
+
+log = logging.getLogger(__name__)
+
+
+def _tolerating_a_lost_connection(method: Callable[..., Any], what: str) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except AttributeError as error:  # the channel's connection is gone (closed while Redis was away)
+            log.warning("broker connection gone: %s left to the visibility timeout (%s)", what, error)
+            return None
+
+    wrapper.__latentd_tolerant__ = True
+    return wrapper
+
+
+def install() -> None:
+    """Once per process, before the worker consumes."""
+    qos = kombu_redis.QoS
+    if getattr(qos.restore_unacked, "__latentd_tolerant__", False):
+        return
+    qos.restore_unacked = _tolerating_a_lost_connection(qos.restore_unacked, "unacknowledged messages")
+    qos.ack = _tolerating_a_lost_connection(qos.ack, "an acknowledgement")
