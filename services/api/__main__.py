@@ -57,13 +57,12 @@ def serve_processes(host: str, port: int, processes: int) -> None:
     their metrics, summed, from prometheus_client's multiprocess files."""
     directory = tempfile.mkdtemp(prefix="latentd-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory  # before any metric exists, here and in the children
-    import redis
 
     from services.api import metrics
-    from services.common.jobstore import MODELS_KEY
+    from services.common.jobstore import MODELS_KEY, sync_client
     from services.common.tasks import queue_for
 
-    scrape_redis = redis.Redis.from_url(get_settings().redis_url, socket_timeout=2)
+    scrape_redis = sync_client(get_settings().redis_url, 2)
     metrics.serve_multiprocess(
         scrape_redis, lambda: [name.decode() for name in scrape_redis.hkeys(MODELS_KEY)], queue_for
     )

@@ -6,13 +6,12 @@ from __future__ import annotations
 import os
 from contextlib import asynccontextmanager
 
-import redis
 from fastapi import FastAPI
 
 from services.api import errors, metrics, web
 from services.api.edge import Edge
 from services.api.routers import generations, health, jobs, models, openai_images, trajectories
-from services.common.jobstore import MODELS_KEY
+from services.common.jobstore import MODELS_KEY, sync_client
 from services.common.settings import Settings, get_settings
 from services.common.tasks import queue_for
 from services.core import Core
@@ -26,7 +25,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.core = await Core.open(settings)
         # one of several server processes: the parent serves the metrics of all (services/api/__main__.py)
         own_metrics = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-        scrape_redis = redis.Redis.from_url(settings.redis_url, socket_timeout=2)  # read at scrape time only
+        scrape_redis = sync_client(settings.redis_url, 2)  # read at scrape time only
         if own_metrics:
             metrics.register_queue_depth(
                 scrape_redis, lambda: [name.decode() for name in scrape_redis.hkeys(MODELS_KEY)], queue_for

@@ -71,6 +71,19 @@ def reconnect_once(for_asyncio: bool = False) -> redis.retry.Retry | redis.async
     return cls(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,))
 
 
+def sync_client(url: str, timeout_s: float | None) -> redis.Redis:
+    """A blocking Redis client as every long-lived latentd process holds one: `timeout_s` bounds every command and
+    connect (Redis away is an error the caller retries, not a hang), a connection idle 30 s is checked before
+    use, and a connection Redis closed is replaced once (`reconnect_once`)."""
+    return redis.Redis.from_url(
+        url,
+        health_check_interval=30,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=reconnect_once(),
+    )
+
+
 def job_key(job_id: str) -> str:
     return f"{JOB_PREFIX}{job_id}"
 
@@ -670,14 +683,7 @@ class JobStore:
     @classmethod
     def from_url(cls, url: str, ttl_s: int = 3600, timeout_s: float | None = None) -> JobStore:
         """`timeout_s` bounds every command and connect, so Redis away is an error the caller retries, not a hang."""
-        client = redis.Redis.from_url(
-            url,
-            health_check_interval=30,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=reconnect_once(),
-        )
-        return cls(client, ttl_s)
+        return cls(sync_client(url, timeout_s), ttl_s)
 
     def get(self, job_id: str) -> JobRecord | None:
         return JobRecord.from_redis(job_id, self.redis.hgetall(job_key(job_id)))

@@ -33,6 +33,7 @@ from typing import Any
 import redis
 
 from services.common import workers
+from services.common.jobstore import sync_client
 from services.common.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -151,7 +152,7 @@ def install(
     state: dict[str, Any] = {"in_flight": 0, "finished": 0, "concurrency": None}
     lock = threading.Lock()
     timeout_s = get_settings().redis_timeout_s  # Redis away: an error the next beat retries, never a hang
-    probe_redis = redis.Redis.from_url(redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    probe_redis = sync_client(redis_url, timeout_s)
 
     def _count(delta: int, finished: int, task: Any) -> None:
         if getattr(task, "name", None) != PROBE_TASK_NAME:
@@ -182,7 +183,7 @@ def install(
         controller = getattr(sender, "controller", None)
         state["concurrency"] = getattr(controller, "concurrency", None) or celery_app.conf.worker_concurrency
         beat = Heartbeat(
-            redis.Redis.from_url(redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s),
+            sync_client(redis_url, timeout_s),
             models,
             interval_s=interval_s,
             ttl_s=ttl_s,

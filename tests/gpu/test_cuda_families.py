@@ -94,3 +94,46 @@ def test_bf16_batched_is_alone(folders, name):
         f"\n[{torch.cuda.get_device_name()}] {name} bf16 batched vs alone: max {worst} levels, PSNR >= {lowest:.1f} dB"
     )
     assert lowest >= 40
+
+
+@pytest.mark.parametrize(
+    "name,mode",
+    # not SD3's inpainting: its pipeline decodes without the VAE's shift_factor (diffusers issue #13611)
+    [("sdxl", "img2img"), ("sdxl", "inpaint"), ("sd3", "img2img"), ("flux", "img2img"), ("flux", "inpaint")],
+)
+def test_bf16_from_a_picture_matches_the_familys_image_pipelines(folders, name, mode):
+    """Image to image at strength 0.6 and inpainting (a mask over the middle) against the family's own pipelines
+    (`Family.image_pipelines`) in bfloat16, from a picture the model made."""
+    import diffusers
+    from PIL import Image
+
+    model = load_model(folders[name], device="cuda", dtype=torch.bfloat16)
+    (source,) = run(model, [GenerationRequest(request_id="source", prompt=PROMPT, seed=3, num_inference_steps=8)])
+    picture = source[0]
+    mask = Image.new("L", picture.size, 0)
+    mask.paste(255, (picture.width // 4, picture.height // 4, 3 * picture.width // 4, 3 * picture.height // 4))
+    extra = {"mask": mask} if mode == "inpaint" else {}
+    request = GenerationRequest(
+        request_id="r", prompt="a blue square", seed=7, num_inference_steps=12, image=picture, strength=0.6, **extra
+    )
+    (ours,) = run(model, [request])
+    class_name = model.family.image_pipelines[mode == "inpaint"]
+    pipe = getattr(diffusers, class_name).from_pretrained(folders[name], dtype=torch.bfloat16).to("cuda")
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = {} if name == "sdxl" else {"max_sequence_length": model.max_prompt_tokens}
+    if name == "flux":
+        kwargs |= {"width": model.native_width, "height": model.native_height}
+    if mode == "inpaint":
+        kwargs["mask_image"] = mask
+    theirs = pipe(
+        "a blue square",
+        image=picture,
+        strength=0.6,
+        num_inference_steps=12,
+        guidance_scale=model.default_guidance_scale,
+        generator=torch.Generator("cpu").manual_seed(7),
+        **kwargs,
+    ).images
+    measured = psnr(ours, theirs)
+    print(f"\n[{torch.cuda.get_device_name()}] {name} {mode}: engine bf16 vs {class_name} bf16: PSNR {measured:.1f} dB")
+    assert measured >= MIN_PSNR_DB
