@@ -221,6 +221,19 @@ def test_image_to_image_and_inpainting_on_every_family_through_both_doors(famili
         done = wait_job(families_stack, created.json()["id"])
         assert done["status"] == "succeeded" and done["params"]["has_mask"] == ("mask" in fields), done
 
+    # the OpenAI Images API's edits, as the openai client sends it (multipart), on a flow model
+    edited = httpx.post(
+        families_stack.url + "/v1/images/edits",
+        headers=families_stack.headers(),
+        files={"image": ("in.png", base64.b64decode(PICTURE), "image/png")},
+        data={"model": "tiny-flux", "prompt": "a blue square", "n": "2", "response_format": "b64_json"}
+        | {"num_inference_steps": "4", "strength": "0.5", "seed": "3"},
+        timeout=120,
+    )
+    assert edited.status_code == 200, edited.text
+    pictures = [Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))) for d in edited.json()["data"]]
+    assert [p.size for p in pictures] == [(32, 32), (32, 32)]
+
 
 def test_flow_trajectories_carry_sigma_through_both_doors(families_stack):
     forward = post(
