@@ -66,7 +66,9 @@ LIVE_CACHE = 4096  # live (queued, running) job records a gateway process keeps 
 def reconnect_once(for_asyncio: bool = False) -> redis.retry.Retry | redis.asyncio.retry.Retry:
     """The connection option (`retry=`) of every latentd Redis client: a command whose connection Redis closed
     goes again once, at once, on a new connection. Only then: a timeout is not retried (the command may have run;
-    the caller reports Redis away), and a second failure is Redis really away."""
+    the caller reports Redis away), and a second failure is Redis really away. A connection reset after Redis ran
+    a command but before its reply arrived runs it twice, as any client retry would; latentd's writes bear that
+    (the job scripts are fenced by attempt and skip jobs no longer queued; at worst an event is written twice)."""
     cls = redis.asyncio.retry.Retry if for_asyncio else redis.retry.Retry
     return cls(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,))
 
