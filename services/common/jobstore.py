@@ -67,8 +67,10 @@ def reconnect_once(for_asyncio: bool = False) -> redis.retry.Retry | redis.async
     """The connection option (`retry=`) of every latentd Redis client: a command whose connection Redis closed
     goes again once, at once, on a new connection. Only then: a timeout is not retried (the command may have run;
     the caller reports Redis away), and a second failure is Redis really away. A connection reset after Redis ran
-    a command but before its reply arrived runs it twice, as any client retry would; latentd's writes bear that
-    (the job scripts are fenced by attempt and skip jobs no longer queued; at worst an event is written twice)."""
+    a command but before its reply arrived runs it twice, as any client retry would; latentd's writes bear that:
+    an enqueue run twice leaves one job (its repeated queue entry is skipped when taken), a take run twice claims a
+    second job and leaves the first to its lease (requeued by the reaper once it lapses), results are fenced by
+    attempt, and an event may be written twice."""
     cls = redis.asyncio.retry.Retry if for_asyncio else redis.retry.Retry
     return cls(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,))
 
