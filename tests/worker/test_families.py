@@ -359,6 +359,17 @@ def test_image_requests_batched_with_text_to_image_give_their_alone_pictures(mod
         assert levels_apart(a.images, b.images) <= 1
 
 
+@pytest.mark.parametrize("name,steps_run", [("sd3", 5), ("flux", 5), ("sdxl", 4)])
+def test_a_trajectory_from_a_picture_keeps_the_steps_it_runs(models, engines, start_picture, name, steps_run):
+    """Frames of a request from a picture (8 steps at 0.6): one per step it runs, each with its noise level, σ
+    falling for the flow families and ᾱ rising for SDXL."""
+    picture, _ = start_picture
+    result = ours(engines(models[name]), seed=1, num_inference_steps=8, image=picture, strength=0.6, trajectory_every=1)
+    assert [f.step for f in result.frames] == list(range(1, steps_run + 1))
+    levels = [f.sigma if name != "sdxl" else f.alpha_bar for f in result.frames]
+    assert levels == sorted(levels, reverse=name != "sdxl") and len(set(levels)) == steps_run
+
+
 def test_flux_packing_is_the_pipelines_and_round_trips():
     latents = torch.randn((3, 16, 8, 12), generator=torch.Generator().manual_seed(0))
     packed = pack_latents(latents)
