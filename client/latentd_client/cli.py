@@ -326,7 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--crop", help="SDXL: crop conditioning TOP,LEFT in pixels (default 0,0)")
         p.add_argument("--target-size", help="SDXL: target size conditioning WIDTHxHEIGHT (default: the size)")
         p.add_argument(
-            "--strength", type=float, help="with --image: 0..1, how far it is noised (default 0.8; 1 with --mask)"
+            "--strength",
+            type=float,
+            help="with --image: 0..1, how far it is noised (default: the model's, `latentd models`)",
         )
         p.add_argument(
             "--mask", help="with --image: inpaint where this PNG/JPEG is white (keep black); or JOB_ID:INDEX"

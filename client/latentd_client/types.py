@@ -228,6 +228,8 @@ class Model:
             "default_guidance_rescale": message.default_guidance_rescale,
             "default_guidance_start": message.default_guidance_start,
             "default_guidance_stop": message.default_guidance_stop,
+            "default_strength": message.default_strength,
+            "default_inpaint_strength": message.default_inpaint_strength,
             "family": message.family or "sd",
             "pipeline": message.pipeline or "StableDiffusionPipeline",
             "prediction_type": message.prediction_type,

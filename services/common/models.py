@@ -15,9 +15,11 @@ from typing import Any
 
 from services.common.rules import (
     DEFAULT_GUIDANCE_SCALE,
+    DEFAULT_INPAINT_STRENGTH,
     DEFAULT_NUM_INFERENCE_STEPS,
     DEFAULT_PARAMS,
     DEFAULT_SAMPLER,
+    DEFAULT_STRENGTH,
     MAX_GUIDANCE_FRACTION,
     MIN_GUIDANCE_FRACTION,
     ModelLimits,
@@ -54,6 +56,8 @@ class ModelInfo:
     true_cfg: bool = False  # Flux: true_cfg_scale > 1 guides with the negative prompt too
     default_guidance_scale: float = DEFAULT_GUIDANCE_SCALE  # what a request without `guidance_scale` gets
     default_num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS  # ... without `num_inference_steps`
+    default_strength: float = DEFAULT_STRENGTH  # ... with an image and without `strength`
+    default_inpaint_strength: float = DEFAULT_INPAINT_STRENGTH  # ... with a mask too
     params: list[str] = field(default_factory=lambda: list(DEFAULT_PARAMS))  # the request fields it reads
     tokenizer_class: str = "CLIPTokenizer"
     extra: dict[str, Any] = field(default_factory=dict)
@@ -92,6 +96,8 @@ class ModelInfo:
             params=tuple(self.params),
             default_num_inference_steps=self.default_num_inference_steps,
             default_guidance_scale=self.default_guidance_scale,
+            default_strength=self.default_strength,
+            default_inpaint_strength=self.default_inpaint_strength,
         )
 
     def view(self, workers: int, queue_depth: int = 0, default: bool = False) -> dict[str, Any]:
@@ -133,6 +139,8 @@ class ModelInfo:
             default_guidance_scale=self.default_guidance_scale,
             default_num_inference_steps=self.default_num_inference_steps,
             params=self.params,
+            default_strength=self.default_strength,
+            default_inpaint_strength=self.default_inpaint_strength,
         )
 
 

@@ -82,8 +82,10 @@ DEFAULT_PARAMS: tuple[str, ...] = (*COMMON_PARAMS, "eta", "guidance_rescale")  #
 # selects, and a mask (white = repaint). Read by every family (a 9-channel inpainting UNet: SD 1.x/2.x only).
 IMAGE_PARAMS: tuple[str, ...] = ("image", "strength", "mask")
 MIN_STRENGTH, MAX_STRENGTH = 0.0, 1.0
-DEFAULT_STRENGTH = 0.8  # image to image without a mask (StableDiffusionImg2ImgPipeline's default)
-DEFAULT_INPAINT_STRENGTH = 1.0  # with a mask (StableDiffusionInpaintPipeline's: the masked part from pure noise)
+# a model that names none (SD): StableDiffusionImg2ImgPipeline's default, and StableDiffusionInpaintPipeline's with a
+# mask (the masked part from pure noise); each family's image pipelines have their own (ModelLimits)
+DEFAULT_STRENGTH = 0.8
+DEFAULT_INPAINT_STRENGTH = 1.0
 TRAJECTORY_KINDS = ("forward", "reverse", "guidance_sweep")
 NOISE_SPACES = ("pixel", "latent")
 
@@ -110,6 +112,8 @@ class ModelLimits:
     params: tuple[str, ...] = DEFAULT_PARAMS  # the request fields this model reads
     default_num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS
     default_guidance_scale: float = DEFAULT_GUIDANCE_SCALE
+    default_strength: float = DEFAULT_STRENGTH  # a request with an image and no strength
+    default_inpaint_strength: float = DEFAULT_INPAINT_STRENGTH  # ... with a mask too
 
     @property
     def max_width(self) -> int:
@@ -275,7 +279,7 @@ def check_image_inputs(
     sampler: str = DEFAULT_SAMPLER,
 ) -> tuple[int | None, int | None, float | None]:
     """An image-to-image or inpainting request's picture, mask and strength: (width, height, strength) with the
-    picture's size and the default strength filled in. The picture must be a size the model allows (and the
+    picture's size and the model's default strength filled in. The picture must be a size the model allows (and the
     width and height, where given, its size); the mask the picture's size; strength in [0, 1] and large enough
     for at least one step of num_inference_steps."""
     for name, value in (("image", image_size), ("mask", mask_size), ("strength", strength)):
@@ -301,7 +305,7 @@ def check_image_inputs(
             f"mask must be the image's size ({image_w}x{image_h}), got {mask_size[0]}x{mask_size[1]}", "mask"
         )
     if strength is None:
-        strength = DEFAULT_INPAINT_STRENGTH if mask_size is not None else DEFAULT_STRENGTH
+        strength = limits.default_inpaint_strength if mask_size is not None else limits.default_strength
     between("strength", strength, MIN_STRENGTH, MAX_STRENGTH)
     if steps_run(num_inference_steps, strength, sampler) < 1:
         raise InvalidInput(

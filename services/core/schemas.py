@@ -130,7 +130,8 @@ class _ImageFields(_FamilyFields):
         description="With an image: how far it is noised, as a share of the schedule; the last "
         "int(num_inference_steps × strength) steps run (SD3 and Flux, as their pipelines: "
         "n − int(n − n × strength) of n = num_inference_steps, one more where n × strength has a fraction); at "
-        "least 1 must. null: 0.8, or 1.0 with a mask (the masked part from pure noise).",
+        "least 1 must. null: the model's default_strength, or default_inpaint_strength with a mask (GET /v1/models: "
+        "its family's image pipelines' defaults, SD 0.8 and 1.0, SDXL 0.3 and 0.9999, SD3 and Flux 0.6).",
     )
     mask: str | JobImage | None = Field(
         None,
@@ -258,7 +259,8 @@ class OpenAIImageEditRequest(OpenAIImageRequest):
         None,
         ge=MIN_STRENGTH,
         le=MAX_STRENGTH,
-        description="How far the image is noised before it is redrawn (latentd's; null: 0.8, or 1.0 with a mask).",
+        description="How far the image is noised before it is redrawn (latentd's; null: the model's "
+        "default_strength, or default_inpaint_strength with a mask).",
     )
     background: str | None = Field(None, description="Accepted for compatibility; ignored.")
     input_fidelity: str | None = Field(None, description="Accepted for compatibility; ignored.")

@@ -6,7 +6,7 @@ with a message naming the class and the supported ones. Weights must be safetens
 (.bin, .ckpt, .pt, .pth) can run code on load and are refused.
 An optional latentd.json next to model_index.json holds the model's recommended request defaults
 (`default_sampler`, `default_guidance_rescale`, `default_guidance_start`, `default_guidance_stop`,
-`default_guidance_scale`, `default_num_inference_steps`) and,
+`default_guidance_scale`, `default_num_inference_steps`, `default_strength`, `default_inpaint_strength`) and,
 for the families that read them, `max_sequence_length` (SD3, Flux: T5's tokens) and `native_width` /
 `native_height` (Flux); diffusers ignores the file.
 On CPU everything is float32; on CUDA the backbone and text encoders run in the family's half precision
@@ -28,11 +28,14 @@ from PIL import Image
 
 from services.common.errors import InvalidInput
 from services.common.rules import (
+    DEFAULT_INPAINT_STRENGTH,
     DEFAULT_SAMPLER,
+    DEFAULT_STRENGTH,
     MAX_GUIDANCE,
     MAX_GUIDANCE_FRACTION,
     MAX_GUIDANCE_RESCALE,
     MAX_STEPS,
+    MAX_STRENGTH,
     MIN_GUIDANCE_FRACTION,
     MIN_GUIDANCE_RESCALE,
     SAMPLERS,
@@ -52,6 +55,8 @@ DEFAULTS_KEYS = (
     "default_guidance_stop",
     "default_guidance_scale",
     "default_num_inference_steps",
+    "default_strength",
+    "default_inpaint_strength",
 )
 
 __all__ = ["LoadedModel", "ModelLoadError", "load_model", "resolve_dtype", "to_pil"]
@@ -86,6 +91,8 @@ class LoadedModel:
     default_guidance_stop: float = MAX_GUIDANCE_FRACTION  # ... with guidance_stop None (latentd.json)
     default_guidance_scale: float = 7.5  # a request with guidance_scale None (the family's pipeline default)
     default_num_inference_steps: int = 50  # a request with num_inference_steps None
+    default_strength: float = DEFAULT_STRENGTH  # a request with an image and strength None (the family's pipeline's)
+    default_inpaint_strength: float = DEFAULT_INPAINT_STRENGTH  # ... and a mask
     options: dict = field(default_factory=dict)  # latentd.json as given
     # a second copy of the limit's tokenizer, for counting on callers' threads: a tokenizer call sets the Rust
     # tokenizer's padding and truncation, so counting on the one the engine thread encodes with races it
@@ -270,6 +277,8 @@ def read_defaults(folder: Path, scheduler_config: dict, family: Family | None = 
         "default_guidance_stop": MAX_GUIDANCE_FRACTION,
         "default_guidance_scale": float(family.default_guidance_scale),
         "default_num_inference_steps": int(family.default_num_inference_steps),
+        "default_strength": float(family.default_strength),
+        "default_inpaint_strength": float(family.default_inpaint_strength),
     }
     defaults.update({k: v for k, v in given.items() if k in DEFAULTS_KEYS})
     sampler, rescale = defaults["default_sampler"], defaults["default_guidance_rescale"]
@@ -301,6 +310,14 @@ def read_defaults(folder: Path, scheduler_config: dict, family: Family | None = 
     except InvalidInput as error:
         raise ModelLoadError(f"model folder {folder}: {DEFAULTS_FILE} default_{error.message}") from None
     defaults["default_guidance_start"], defaults["default_guidance_stop"] = interval
+    for key in ("default_strength", "default_inpaint_strength"):
+        value = defaults[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_STRENGTH:
+            raise ModelLoadError(
+                f"model folder {folder}: {DEFAULTS_FILE} {key} must be a number above 0 and at most "
+                f"{MAX_STRENGTH:g}, got {value!r}"
+            )
+        defaults[key] = float(value)
     for key in ("native_width", "native_height"):
         value = given.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 8):

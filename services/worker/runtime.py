@@ -93,6 +93,8 @@ def model_info(model: LoadedModel, engine: Engine) -> ModelInfo:
         true_cfg=model.family.true_cfg,
         default_guidance_scale=model.default_guidance_scale,
         default_num_inference_steps=model.default_num_inference_steps,
+        default_strength=model.default_strength,
+        default_inpaint_strength=model.default_inpaint_strength,
         params=list(model.facts.params),
     )
 

@@ -341,6 +341,9 @@ def test_a_bad_input_shows_the_error_next_to_its_field(opened, real_stack):
     for field, key in (("rescale", "rescale"), ("guidance-start", "start"), ("guidance-stop", "stop")):
         expected = f"{model[f'default_guidance_{key}']:g} (model default)"
         expect(page.locator(f"#gen-{field}")).to_have_attribute("placeholder", expected)
+    strength = f"{model['default_strength']:g}; masked {model['default_inpaint_strength']:g} (model default)"
+    for panel in ("gen", "rev"):
+        expect(page.locator(f"#{panel}-strength")).to_have_attribute("placeholder", strength)
     page.fill("#gen-prompt", "a small red circle")
     page.fill("#gen-rescale", "2")
     page.click("#gen-submit")

@@ -96,6 +96,13 @@ def test_models_tell_each_family(families_stack):
     assert by_name["tiny-flux"].guidance_form == "distilled" and by_name["tiny-flux"].true_cfg
     assert list(by_name["tiny-sdxl"].params) == sdxl["params"]
     assert by_name["tiny-sd3"].default_num_inference_steps == 28 and by_name["tiny-flux"].default_guidance_scale == 3.5
+    # the image pipelines' default strengths, without and with a mask
+    assert [(m["default_strength"], m["default_inpaint_strength"]) for m in (sdxl, sd3, flux)] == [
+        (0.3, 0.9999),
+        (0.6, 0.6),
+        (0.6, 0.6),
+    ]
+    assert by_name["tiny-sdxl"].default_inpaint_strength == 0.9999 and by_name["tiny-flux"].default_strength == 0.6
 
 
 FIELDS = {  # one request per family with what it alone reads
@@ -212,14 +219,16 @@ def test_image_to_image_and_inpainting_on_every_family_through_both_doors(famili
         ).data
     assert grpc_png == png
 
-    for fields in (
-        {"model": "tiny-sdxl", "image": PICTURE, "strength": 0.5},
-        {"model": "tiny-sd3", "image": PICTURE, "mask": _mask_b64(), "strength": 1.0, "guidance_scale": 4.0},
+    for fields, strength in (
+        ({"model": "tiny-sdxl", "image": PICTURE, "strength": 0.5}, 0.5),
+        ({"model": "tiny-sd3", "image": PICTURE, "mask": _mask_b64(), "strength": 1.0, "guidance_scale": 4.0}, 1.0),
+        ({"model": "tiny-sdxl", "image": PICTURE, "strength": None}, 0.3),  # the model's default, as its pipeline
     ):
         created = post(families_stack, "/v1/generations", body | {"num_inference_steps": 4} | fields)
         assert created.status_code == 202, created.text
         done = wait_job(families_stack, created.json()["id"])
         assert done["status"] == "succeeded" and done["params"]["has_mask"] == ("mask" in fields), done
+        assert done["params"]["strength"] == strength
 
     # the OpenAI Images API's edits, as the openai client sends it (multipart), on a flow model
     edited = httpx.post(

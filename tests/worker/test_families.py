@@ -295,6 +295,35 @@ def image_pipes(models):
     return loaded
 
 
+@pytest.mark.parametrize("name", ["sdxl", "sd3", "flux"])
+@pytest.mark.parametrize("mode", ["img2img", "inpaint"])
+def test_without_a_strength_a_request_gets_its_familys_pipeline_default(
+    models, image_pipes, engines, start_picture, name, mode
+):
+    """No strength on either side: the engine fills in the model's default (SDXL 0.3 and 0.9999, SD3 and Flux 0.6:
+    the pipelines' own), so a request gives the pipeline's latents called with its default strength. (The
+    guidance scale is the model's on both sides: SDXL's and Flux's inpainting pipelines default to another.)"""
+    picture, mask = start_picture
+    fields = {"mask": mask} if mode == "inpaint" else {}
+    model, seen = capturing(models[name])
+    ours(engines(model), seed=2, num_inference_steps=10, image=picture, **fields)
+    pipe = image_pipes[name, mode]
+    kwargs = pipeline_kwargs(name) | ({"mask_image": mask} if mode == "inpaint" else {})
+    kwargs["guidance_scale"] = models[name].default_guidance_scale
+    generator = torch.Generator("cpu").manual_seed(2)
+    latents = pipe(PROMPT, image=picture, num_inference_steps=10, generator=generator, output_type="latent", **kwargs)
+    latents = latents.images
+    if name == "flux":
+        latents = FluxPipeline._unpack_latents(latents, NATIVE_SIZE, NATIVE_SIZE, pipe.vae_scale_factor)
+    assert (seen[0] - latents).abs().max() < 1e-4
+    limits = engines(models[name]).limits
+    assert (limits.default_strength, limits.default_inpaint_strength) == {
+        "sdxl": (0.3, 0.9999),
+        "sd3": (0.6, 0.6),
+        "flux": (0.6, 0.6),
+    }[name]
+
+
 def test_flow_pipelines_count_a_strengths_steps_their_own_way():
     """get_timesteps of the SD3 and Flux image pipelines starts at int(n − n·strength): 8 steps at 0.6 run 5
     (the DDPM-family pipelines run int(8·0.6) = 4), and any strength above 0 runs at least one."""
@@ -551,4 +580,10 @@ def test_latentd_json_sets_a_models_defaults_and_refuses_what_its_family_does_no
     sdxl = shutil.copytree(family_paths["sdxl"], tmp_path / "sdxl")
     (sdxl / "latentd.json").write_text(json.dumps({"max_sequence_length": 64}))
     with pytest.raises(ModelLoadError, match="may hold only"):
+        load_model(sdxl)
+    (sdxl / "latentd.json").write_text(json.dumps({"default_strength": 0.5, "default_inpaint_strength": 0.9}))
+    model = load_model(sdxl)
+    assert (model.default_strength, model.default_inpaint_strength) == (0.5, 0.9)
+    (sdxl / "latentd.json").write_text(json.dumps({"default_strength": 0}))
+    with pytest.raises(ModelLoadError, match="default_strength must be a number above 0 and at most 1, got 0"):
         load_model(sdxl)

@@ -363,6 +363,8 @@ class Engine:
             params=model.facts.params,
             default_num_inference_steps=model.default_num_inference_steps,
             default_guidance_scale=model.default_guidance_scale,
+            default_strength=model.default_strength,
+            default_inpaint_strength=model.default_inpaint_strength,
         )
 
     @property

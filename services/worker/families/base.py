@@ -123,6 +123,8 @@ class Family:
     params: tuple[str, ...] = rules.COMMON_PARAMS  # the request fields this family reads
     default_num_inference_steps = rules.DEFAULT_NUM_INFERENCE_STEPS  # the pipeline's defaults
     default_guidance_scale = rules.DEFAULT_GUIDANCE_SCALE
+    default_strength = rules.DEFAULT_STRENGTH  # image_pipelines' defaults: image to image, inpainting
+    default_inpaint_strength = rules.DEFAULT_INPAINT_STRENGTH
     options: tuple[str, ...] = ()  # latentd.json keys this family reads beyond the common ones
     batch_prompts = False  # encode all of an iteration's prompts in one call (see encode_prompts)
     cuda_dtype = torch.float16  # the backbone's and text encoders' dtype on CUDA unless the worker says otherwise

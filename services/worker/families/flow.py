@@ -44,6 +44,7 @@ class FlowFamily(Family):
     flow = True
     cuda_dtype = torch.bfloat16  # as their model cards run them: their activations overflow float16
     params = (*rules.COMMON_PARAMS, *rules.IMAGE_PARAMS)  # image to image, inpainting with a 16-channel backbone
+    default_strength = default_inpaint_strength = 0.6  # the Img2Img and Inpaint pipelines' of SD3 and Flux
     options = ("max_sequence_length",)
     default_max_sequence_length = 512
     t5_tokenizer = ""

@@ -122,6 +122,7 @@ class StableDiffusionXL(StableDiffusion):
     name = "sdxl"
     pipeline = "StableDiffusionXLPipeline"
     image_pipelines = ("StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")
+    default_strength, default_inpaint_strength = 0.3, 0.9999  # their defaults (0.9999: 49 of 50 steps)
     label = "Stable Diffusion XL"
     component_classes = {
         "unet": "UNet2DConditionModel",

@@ -2,7 +2,7 @@
 
 import { fetchBlob } from "./api.js";
 import { JobPanel } from "./job.js";
-import { modelNamed, nativeRatio, onModels } from "./models.js";
+import { modelNamed, nativeRatio, onModels, showDefaults, strengthDefault } from "./models.js";
 import { regimeFor } from "./regimes.js";
 import { $, addPicture, el, formValues, seconds, seedValue, UrlBag } from "./ui.js";
 
@@ -73,17 +73,14 @@ export function initGenerate() {
   const sizeSelect = $("#gen-size");
   const modelSelect = $("#gen-model");
   const samplerSelect = $("#gen-sampler");
-  // what a field left empty gets: the model's default, shown in the field
-  const defaults = [
-    ["#gen-rescale", "default_guidance_rescale"],
-    ["#gen-guidance-start", "default_guidance_start"],
-    ["#gen-guidance-stop", "default_guidance_stop"],
-  ];
+  showDefaults(modelSelect, [
+    ["#gen-rescale", (m) => m.default_guidance_rescale],
+    ["#gen-guidance-start", (m) => m.default_guidance_start],
+    ["#gen-guidance-stop", (m) => m.default_guidance_stop],
+    ["#gen-strength", strengthDefault],
+  ]);
   const fillSizes = () => {
     const model = modelNamed(modelSelect.value);
-    for (const [field, key] of defaults) {
-      $(field).placeholder = model && model[key] != null ? `${model[key]} (model default)` : "model default";
-    }
     sizeSelect.replaceChildren(...sizeOptions(model));
     const names = model?.samplers || [];
     samplerSelect.replaceChildren(

@@ -4,7 +4,7 @@
 
 import { fetchBlob } from "./api.js";
 import { JobPanel } from "./job.js";
-import { modelNamed, nativeRatio } from "./models.js";
+import { modelNamed, nativeRatio, showDefaults, strengthDefault } from "./models.js";
 import { $, addPicture, formValues, seedValue, UrlBag } from "./ui.js";
 
 const FRAME_MS = 120;
@@ -12,6 +12,7 @@ const FRAME_MS = 120;
 export function initReverse() {
   const panel = new JobPanel("rev");
   const form = panel.form;
+  showDefaults($("#rev-model"), [["#rev-strength", strengthDefault]]);
   const scrub = $("#rev-scrub");
   const play = $("#rev-play");
   const xt = $("#rev-xt");
