@@ -203,17 +203,30 @@ def test_redis_killed_mid_run_loses_no_accepted_job(faults):
     first requests after it (its pooled connections, all closed by the crash, are retried once on new ones;
     before, each answered a 503); and both workers reconnect and take new work (before, kombu's close of the
     lost connection raised, and each worker exited 1 once its jobs were done: services/worker/broker.py).
-    (A machine crash could also lose the last second that fsync had not reached the disk; a process crash loses
-    nothing Redis answered.)"""
+    A reader that follows a job over SSE with the Python client across the crash ends with its `succeeded`, no
+    event twice. (A machine crash could also lose the last second that fsync had not reached the disk; a process
+    crash loses nothing Redis answered.)"""
     faults.ensure_workers(2)
     workers = faults.alive()
     ids = faults.submit(12, steps=80)
     faults.wait_running(ids[:4])
+    followed: list = []
+
+    def follow() -> None:
+        with Client(faults.url, api_key=KEY, max_reconnects=100) as client:
+            followed.extend(client.events(ids[0]))
+
+    reader = threading.Thread(target=follow, daemon=True)
+    reader.start()
+    time.sleep(0.5)
     faults.stop_redis(signal.SIGKILL)
     killed_at = time.monotonic()
     time.sleep(2.0)
     faults.start_redis()
     faults.wait_all(ids)
+    reader.join(timeout=60)
+    assert followed and followed[-1].type == "succeeded", [e.type for e in followed[-3:]]
+    assert len({event.id for event in followed}) == len(followed)
     print(f"\nRedis SIGKILLed and back after {time.monotonic() - killed_at:.1f} s: {len(ids)} jobs ended once each")
     assert_one_outcome(faults, ids)
     for job_id in ids[:2] + ids[-2:]:
