@@ -15,6 +15,7 @@ TUNING_SEED + i (`--seed 1234`), the range the figures were reported on before s
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import time
@@ -102,6 +103,11 @@ DIFFUSERS_SCHEDULERS: dict[str, tuple[type, dict]] = {
         DPMSolverMultistepScheduler,
         {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
     ),
+    "dpmpp_2m_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+    "dpmpp_2m_sde_karras": (
+        DPMSolverMultistepScheduler,
+        {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+    ),
     "euler": (EulerDiscreteScheduler, {}),
     "euler_ancestral": (EulerAncestralDiscreteScheduler, {}),
 }
@@ -139,7 +145,7 @@ def sample(
     then one step of the sampler's diffusers scheduler (DDIM with eta = 0). The mix applies within the
     guidance interval (start, stop) only, at the steps int(start·n) <= i < int(stop·n) as diffusers'
     guiders count them; at the other steps a row with s ≠ 0 takes out_c alone. The noise (initial
-    latents, and Euler ancestral's noise at each step) comes from one CPU generator per row, seeded
+    latents, and the step noise of Euler ancestral and the SDE solvers) comes from one CPU generator per row, seeded
     with its seed, as in diffusers, whatever device the model is on.
 
     Returns (pixels uint8 (N, H, W, 3), unclipped decoder output float (N, 3, H, W) on [0, 1]).
@@ -155,7 +161,9 @@ def sample(
     uncond = model.embed([""]).expand_as(cond)
     scale = torch.tensor(guidance_scales, dtype=latents.dtype, device=latents.device)[:, None, None, None]
     rescaled_rows = (scale.flatten() > 1) & (guidance_rescale > 0)  # (N,)
-    step_kwargs = {"generator": generators} if sampler == "euler_ancestral" else {}
+    # the per-row generators go to every scheduler whose step takes one, as the pipelines' prepare_extra_step_kwargs
+    takes_generator = "generator" in inspect.signature(scheduler.step).parameters
+    step_kwargs = {"generator": generators} if takes_generator else {}
     first, end = guidance_window(*guidance_interval, len(scheduler.timesteps))
     for i, t in enumerate(scheduler.timesteps):
         model_input = scheduler.scale_model_input(latents, t)

@@ -307,7 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int)
         p.add_argument(
             "--sampler",
-            help="ddim, dpmpp_2m, dpmpp_2m_karras, euler, euler_ancestral; flow_euler for SD3 and Flux (`latentd models`)",
+            help=(
+                "ddim, dpmpp_2m, dpmpp_2m_karras, dpmpp_2m_sde, dpmpp_2m_sde_karras, euler, euler_ancestral; "
+                "flow_euler for SD3 and Flux (`latentd models`)"
+            ),
         )
         p.add_argument("--guidance-rescale", type=float, help="0..1, after guidance (server default: the model's)")
         p.add_argument(

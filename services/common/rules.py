@@ -30,11 +30,19 @@ DEFAULT_GUIDANCE_SCALES = (0.0, 1.0, 3.0, 7.5, 15.0)
 DEFAULT_FORWARD_TIMESTEPS = tuple(range(0, 1001, 50))
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 # DDIM (Song et al. 2021); DPM-Solver++(2M) (Lu et al. 2022) on the scheduler's timesteps, and on Karras
-# et al.'s σ spacing; Euler (Karras et al. 2022) and Euler ancestral (k-diffusion), each as its diffusers
+# et al.'s σ spacing, each also as its SDE variant (one noise draw per step); Euler (Karras et al. 2022) and Euler ancestral (k-diffusion), each as its diffusers
 # scheduler configured from the model's scheduler config; and flow_euler, flow matching's Euler step on the
 # shifted σ schedule of a flow model (SD3, Flux: FlowMatchEulerDiscreteScheduler), the only one those take.
 # A model supports these less the ones its scheduler config rules out (GET /v1/models lists them).
-DDPM_SAMPLERS: tuple[str, ...] = ("ddim", "dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_ancestral")
+DDPM_SAMPLERS: tuple[str, ...] = (
+    "ddim",
+    "dpmpp_2m",
+    "dpmpp_2m_karras",
+    "dpmpp_2m_sde",
+    "dpmpp_2m_sde_karras",
+    "euler",
+    "euler_ancestral",
+)
 FLOW_SAMPLERS: tuple[str, ...] = ("flow_euler",)
 SAMPLERS: tuple[str, ...] = DDPM_SAMPLERS + FLOW_SAMPLERS
 DEFAULT_SAMPLER = "ddim"  # a model's own default, if it names one (latentd.json), wins

@@ -25,7 +25,7 @@ from training.evaluate import diffusers_scheduler
 STEPS = 8
 PROMPT = "a red circle"
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "shapes-ldm"
-COSINE_SAMPLERS = tuple(name for name in SAMPLERS if name != "dpmpp_2m_karras")  # see DPMSolver2MKarrasSampler
+COSINE_SAMPLERS = tuple(name for name in SAMPLERS if not name.endswith("_karras"))  # see DPMSolver2MKarrasSampler
 
 
 def request(request_id: str, **overrides) -> GenerationRequest:
@@ -201,6 +201,7 @@ def test_batch_invariance_across_samplers(make_engine):
                 ("a green triangle", "dpmpp_2m", 12, 1.0),
                 ("yellow", "euler", 3, 3.0),
                 ("", "dpmpp_2m_karras", 9, 12.0),
+                ("a small circle", "dpmpp_2m_sde", 6, 4.0),
                 ("orange", "ddim", 20, 2.0),
             ]
         )
@@ -235,7 +236,8 @@ def test_default_sampler_and_steps_and_frames(make_engine):
         (
             dict(sampler="plms"),
             "sampler",
-            "sampler must be one of ddim, dpmpp_2m, dpmpp_2m_karras, euler, euler_ancestral",
+            "sampler must be one of ddim, dpmpp_2m, dpmpp_2m_karras, dpmpp_2m_sde, dpmpp_2m_sde_karras, euler, "
+            "euler_ancestral",
         ),
         (
             dict(sampler="euler", eta=0.5),
@@ -262,9 +264,10 @@ def test_karras_is_not_offered_on_the_capped_cosine_schedule(make_engine, cosine
     _, model = cosine_v_model
     engine = make_engine(model=model)
     assert list(engine.samplers) == list(COSINE_SAMPLERS)
-    with pytest.raises(InvalidRequestError, match="squaredcos_cap_v2") as error:
-        engine.submit(request("k", sampler="dpmpp_2m_karras"))
-    assert error.value.field == "sampler"
+    for name in ("dpmpp_2m_karras", "dpmpp_2m_sde_karras"):
+        with pytest.raises(InvalidRequestError, match="squaredcos_cap_v2") as error:
+            engine.submit(request("k", sampler=name))
+        assert error.value.field == "sampler"
 
 
 def test_model_defaults_from_latentd_json(make_engine, tiny_model_path, tmp_path):

@@ -26,7 +26,8 @@ from training.evaluate import rescale_guidance as evaluate_rescale
 SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SPACINGS = ("leading", "trailing", "linspace")
 PREDICTIONS = ("epsilon", "v_prediction")
-SIGMA_SAMPLERS = ("dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_ancestral")
+SIGMA_SAMPLERS = ("dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "euler", "euler_ancestral")
+KARRAS = ("dpmpp_2m_karras", "dpmpp_2m_sde_karras")  # not on the capped cosine schedule (DPMSolver2MKarrasSampler)
 STEPS = (1, 7, 10, 50, 1000)
 
 
@@ -61,7 +62,15 @@ def reference(name: str, config: dict, steps: int, alphas_cumprod: torch.Tensor 
 
 def test_names_are_the_registry():
     assert tuple(SAMPLER_CLASSES) == ALL_SAMPLERS == SAMPLERS + ("flow_euler",)
-    assert SAMPLERS == ("ddim", "dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_ancestral")
+    assert SAMPLERS == (
+        "ddim",
+        "dpmpp_2m",
+        "dpmpp_2m_karras",
+        "dpmpp_2m_sde",
+        "dpmpp_2m_sde_karras",
+        "euler",
+        "euler_ancestral",
+    )
 
 
 @pytest.mark.parametrize("name,schedule,spacing", list(itertools.product(SIGMA_SAMPLERS, SCHEDULES, SPACINGS)))
@@ -70,7 +79,7 @@ def test_plan_matches_diffusers(name, schedule, spacing):
     them in float32), for 1/7/10/50/1000 steps; on our float64 ᾱ table, then on diffusers' own float32 one."""
     config = model_config(schedule, spacing)
     ac = alphas_cumprod_from_config(config)
-    if name == "dpmpp_2m_karras" and schedule == "squaredcos_cap_v2":
+    if name in KARRAS and schedule == "squaredcos_cap_v2":
         assert "squaredcos_cap_v2" in unsupported_samplers(config)[name]
         assert name not in build_samplers(config, ac)
         return
@@ -95,7 +104,7 @@ def test_plan_matches_diffusers(name, schedule, spacing):
         assert math.isclose(plan.init_noise_sigma, float(ref.init_noise_sigma), rel_tol=1e-7), steps
         # diffusers' own float32 ᾱ: the same timesteps (the Karras ones at 1000 steps may round across a boundary)
         own = reference(name, config, steps)
-        if not (name == "dpmpp_2m_karras" and steps == 1000):
+        if not (name in KARRAS and steps == 1000):
             assert list(plan.timesteps) == own.timesteps.double().tolist(), steps
         # σ̂ near t = 0 comes from 1 − ᾱ ≈ 4e-5 (cosine) in float32 there: 3 to 4 digits
         assert torch.allclose(torch.tensor(plan.sigmas, dtype=torch.float64), own.sigmas.double(), rtol=1e-3, atol=0), (
@@ -118,7 +127,7 @@ def consistent_output(x, plan, i, x0, prediction_type, g):
     [
         combo
         for combo in itertools.product(SIGMA_SAMPLERS, SCHEDULES, SPACINGS, PREDICTIONS)
-        if not (combo[0] == "dpmpp_2m_karras" and combo[1] == "squaredcos_cap_v2")
+        if not (combo[0] in KARRAS and combo[1] == "squaredcos_cap_v2")
     ],
 )
 def test_update_matches_diffusers(name, schedule, spacing, prediction_type):
@@ -145,7 +154,9 @@ def test_update_matches_diffusers(name, schedule, spacing, prediction_type):
             if sampler.draws_noise(state):
                 seed = int(torch.randint(0, 2**31, (1,), generator=g))
                 kwargs["generator"] = torch.Generator().manual_seed(seed)
-                noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+                # diffusers draws in the model output's dtype (float64 here), the SDE solver in float32
+                dtype = sampler.noise_dtype or torch.float64
+                noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
             theirs = ref.step(model_output.double(), t, x, **kwargs).prev_sample
             ours, x0_pred = sampler.step([state], [2], model_output, x, noise)
             assert ours.dtype == torch.float32 and x0_pred.shape == x.shape

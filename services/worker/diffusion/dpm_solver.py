@@ -1,10 +1,16 @@
 """One DPM-Solver++(2M) update (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of
-Diffusion Probabilistic Models", Algorithm 2), vectorised over rows.
+Diffusion Probabilistic Models", Algorithm 2), or its SDE counterpart, vectorised over rows.
 
 Each row carries its own noise levels and its own previous data prediction, so rows of different
 requests, at different steps of different schedules, share one call. As diffusers'
 DPMSolverMultistepScheduler (algorithm_type "dpmsolver++", solver_order 2, solver_type "midpoint"),
-which this follows step for step.
+which this follows step for step; with `noise`, as algorithm_type "sde-dpmsolver++" (k-diffusion's
+sample_dpmpp_2m_sde, midpoint): the same data-prediction solver applied to the reverse-time SDE instead of
+the probability-flow ODE. Its linear part is solved exactly there too, and contracts the sample by e^{−2h}
+instead of e^{−h} (the SDE's drift is twice the ODE's score term); the variance the drift removes comes back
+as fresh Gaussian noise z, one draw per step:
+    x̃_{t_i} = (σ_{t_i}/σ_{t_{i−1}})·e^{−h_i}·x̃ + α_{t_i}(1 − e^{−2h_i})·D_i + σ_{t_i}·√(1 − e^{−2h_i})·z
+with D_i = x_θ(x̃_{t_{i−1}}, t_{i−1}) at first order and x_θ + D1/2 (below) at second.
 
 Notation (<variable name> -> <name in paper>)
 - x -> x̃_{t_{i−1}}, the current sample (variance-preserving scale: x = α_t·x0 + σ_t·ε)
@@ -16,6 +22,7 @@ Notation (<variable name> -> <name in paper>)
 - r -> r_i = h_{i−1}/h_i
 - order -> 1: DPM-Solver++1 (= DDIM with eta 0), for the first step and, as diffusers, the last
   (`lower_order_final`: σ̂_next = 0 makes h infinite); 2: the 2M update
+- noise -> z ~ N(0, I) of the SDE variant (None: the ODE solver)
 
 x0_pred is dynamically thresholded (thresholding.py) where the scheduler config asks for it (`thresholding`), as
 diffusers' convert_model_output does: the thresholded x_θ is what enters the update and the next step's history.
@@ -59,10 +66,11 @@ def dpm_solver_2m_step(
     order: torch.Tensor,
     prediction_type: str = "epsilon",
     thresholding: Thresholding | None = None,
+    noise: torch.Tensor | None = None,
 ) -> DPMSolverOutput:
     """model_output and x (R, C, h, w); σ̂, σ̂_next, σ̂_prev (R,) float64 (σ̂_prev unused where order is 1);
-    x0_prev (R, C, h, w) or None (every row first order); order (R,) long in {1, 2}; thresholding (None: off)
-    -> x̃_{t_i} and x_θ."""
+    x0_prev (R, C, h, w) or None (every row first order); order (R,) long in {1, 2}; thresholding (None: off);
+    noise (R, C, h, w) or None (the ODE solver) -> x̃_{t_i} and x_θ."""
     shape = (-1, *([1] * (x.ndim - 1)))
     out_dtype = x.dtype
     # float64 throughout, rounded once: at t = T the cosine schedule has α_t ≈ 5e-5, and an ε model's x0 divides by it
@@ -80,9 +88,14 @@ def dpm_solver_2m_step(
 
     # 3. DPM-Solver++1 (Algorithm 2, i = 1; eq. 8 with k = 1): x̃_{t_i} = (σ_{t_i}/σ_{t_{i−1}})·x̃ − α_{t_i}(e^{−h_i} − 1)·x_θ,
     #    with e^{−h_i} = σ̂_next/σ̂ (exact at σ̂_next = 0, where h_i is infinite)
+    e_h = sigma_next / sigma  # e^{−h_i}
     decay = sigma_t_next / sigma_t  # σ_{t_i}/σ_{t_{i−1}}
-    gain = alpha_next * (1 - sigma_next / sigma)  # −α_{t_i}(e^{−h_i} − 1)
-    x_next = decay * x + gain * x0_pred
+    gain = alpha_next * (1 - e_h)  # −α_{t_i}(e^{−h_i} − 1)
+    fresh = 0.0
+    if noise is not None:  # the SDE variant (module docstring): e^{−h_i} -> e^{−2h_i} in the linear part, plus noise
+        decay, gain = decay * e_h, alpha_next * (1 - e_h**2)
+        fresh = sigma_t_next * (1 - e_h**2).sqrt() * noise.double()  # σ_{t_i}·√(1 − e^{−2h_i})·z
+    x_next = decay * x + gain * x0_pred + fresh
 
     # 4. DPM-Solver++(2M) (Algorithm 2, i ≥ 2): D_i = (1 + 1/(2r_i))·x_θ(t_{i−1}) − 1/(2r_i)·x_θ(t_{i−2}),
     #    r_i = h_{i−1}/h_i; diffusers' midpoint form D0 + D1/2 with D1 = (x_θ(t_{i−1}) − x_θ(t_{i−2}))/r_i is the same
@@ -91,6 +104,6 @@ def dpm_solver_2m_step(
         h_prev = torch.log(sigma_prev / sigma)
         r = h_prev / h
         derivative = (x0_pred - x0_prev.double()) / r  # D1
-        second = decay * x + gain * (x0_pred + 0.5 * derivative)
+        second = decay * x + gain * (x0_pred + 0.5 * derivative) + fresh
         x_next = torch.where(order.reshape(shape) == 2, second, x_next)
     return DPMSolverOutput(x_next=x_next.to(out_dtype), x0_pred=x0_pred)

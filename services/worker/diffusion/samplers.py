@@ -122,6 +122,9 @@ class Sampler:
 
     name = ""
     takes_eta = False
+    # the dtype of the step noise a drawing sampler takes from the request's generator (diffusers' scheduler's):
+    # None is the model's dtype (DDIM and Euler ancestral draw in the model output's), else this one
+    noise_dtype: torch.dtype | None = None
     # scheduler config keys that would change what the diffusers scheduler does, and the values it does here
     config_defaults: Mapping[str, Any] = {}
 
@@ -238,6 +241,7 @@ class DPMSolver2MSampler(Sampler):
 
     name = "dpmpp_2m"
     karras = False
+    sde = False  # the SDE variant (DPMSolver2MSDESampler)
     config_defaults = {
         "solver_type": "midpoint",
         "use_exponential_sigmas": False,
@@ -301,8 +305,19 @@ class DPMSolver2MSampler(Sampler):
                     for s, c in zip(states, counts)
                 ]
             )
+        if self.sde and noise is None:
+            raise ValueError(f"{self.name} needs the rows' noise")
         out = dpm_solver_2m_step(
-            model_output, x, sigma, sigma_next, sigma_prev, x0_prev, order, self.prediction_type, self.thresholding
+            model_output,
+            x,
+            sigma,
+            sigma_next,
+            sigma_prev,
+            x0_prev,
+            order,
+            self.prediction_type,
+            self.thresholding,
+            noise if self.sde else None,
         )
         row = 0
         for state, count in zip(states, counts):
@@ -330,6 +345,25 @@ class DPMSolver2MKarrasSampler(DPMSolver2MSampler):
         if config.get("beta_schedule") == "squaredcos_cap_v2":
             return "Karras σ spacing on the capped cosine schedule (squaredcos_cap_v2)"
         return super().unsupported(config)
+
+
+class DPMSolver2MSDESampler(DPMSolver2MSampler):
+    """SDE-DPM-Solver++(2M) (dpm_solver.py, with noise) as DPMSolverMultistepScheduler.from_config(config,
+    algorithm_type="sde-dpmsolver++", solver_order=2): dpmpp_2m's plan and orders, one noise draw per step (the
+    last too, where σ̂_next = 0 multiplies it by 0), in float32 whatever the model's dtype, as that scheduler."""
+
+    name = "dpmpp_2m_sde"
+    sde = True
+    noise_dtype = torch.float32
+
+    def draws_noise(self, state: SamplerState) -> bool:
+        return True
+
+
+class DPMSolver2MSDEKarrasSampler(DPMSolver2MSDESampler, DPMSolver2MKarrasSampler):
+    """SDE-DPM-Solver++(2M) on Karras et al.'s σ spacing (use_karras_sigmas=True): "DPM++ 2M SDE Karras"."""
+
+    name = "dpmpp_2m_sde_karras"
 
 
 class EulerSampler(Sampler):
@@ -457,6 +491,8 @@ SAMPLER_CLASSES: dict[str, type[Sampler]] = {
         DDIMSampler,
         DPMSolver2MSampler,
         DPMSolver2MKarrasSampler,
+        DPMSolver2MSDESampler,
+        DPMSolver2MSDEKarrasSampler,
         EulerSampler,
         EulerAncestralSampler,
         FlowEulerSampler,

@@ -560,11 +560,14 @@ class Engine:
         device = x_t.device
         noise = None
         if any(m.sampler.draws_noise(m.state) for m in members):
-            # each request's step noise from its own generator (randn of its latents' shape, in the model dtype),
-            # drawn only where its sampler draws, as diffusers' schedulers do
+            # each request's step noise from its own generator (randn of its latents' shape, in the dtype its
+            # sampler's scheduler draws in: the model's unless the sampler says), drawn only where its sampler
+            # draws, as diffusers' schedulers do
             noise = torch.cat(
                 [
-                    torch.randn(m.latents.shape, generator=m.generator, dtype=self.model.dtype).float()
+                    torch.randn(
+                        m.latents.shape, generator=m.generator, dtype=m.sampler.noise_dtype or self.model.dtype
+                    ).float()
                     if m.sampler.draws_noise(m.state)
                     else torch.zeros(m.latents.shape)
                     for m in members
