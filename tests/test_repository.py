@@ -37,3 +37,22 @@ def test_services_never_import_the_client_package():
                 names = [node.module]
             offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n == "client" or n.startswith("client.")]
     assert not offenders, offenders
+
+
+def test_the_sampler_lists_written_out_name_every_sampler():
+    """The proto's comment, the CLI's help, the README and docs/engine.md write the sampler names out (the client
+    and the proto cannot import services/common/rules.py): each names every one of rules.SAMPLERS."""
+    from services.common.rules import SAMPLERS
+
+    places = {
+        "proto/latentd/v1/latentd.proto": "Sampler:",
+        "client/latentd_client/cli.py": '"--sampler"',
+        "README.md": "sampler: `ddim`",
+        "docs/engine.md": "## Samplers",
+    }
+    for name, anchor in places.items():
+        text = (ROOT / name).read_text()
+        assert anchor in text, (name, anchor)
+        passage = text[text.index(anchor) :][:2500]
+        missing = [s for s in SAMPLERS if not re.search(rf"\b{s}\b", passage)]
+        assert not missing, f"{name} does not name {missing} near {anchor!r}"

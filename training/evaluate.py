@@ -31,6 +31,7 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     UNet2DConditionModel,
+    UniPCMultistepScheduler,
 )
 from PIL import Image, ImageDraw
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -108,6 +109,7 @@ DIFFUSERS_SCHEDULERS: dict[str, tuple[type, dict]] = {
         DPMSolverMultistepScheduler,
         {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
     ),
+    "unipc": (UniPCMultistepScheduler, {"solver_order": 2}),
     "euler": (EulerDiscreteScheduler, {}),
     "euler_ancestral": (EulerAncestralDiscreteScheduler, {}),
 }

@@ -30,7 +30,7 @@ DEFAULT_GUIDANCE_SCALES = (0.0, 1.0, 3.0, 7.5, 15.0)
 DEFAULT_FORWARD_TIMESTEPS = tuple(range(0, 1001, 50))
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 # DDIM (Song et al. 2021); DPM-Solver++(2M) (Lu et al. 2022) on the scheduler's timesteps, and on Karras
-# et al.'s σ spacing, each also as its SDE variant (one noise draw per step); Euler (Karras et al. 2022) and Euler ancestral (k-diffusion), each as its diffusers
+# et al.'s σ spacing, each also as its SDE variant (one noise draw per step); UniPC (Zhao et al. 2023); Euler (Karras et al. 2022) and Euler ancestral (k-diffusion), each as its diffusers
 # scheduler configured from the model's scheduler config; and flow_euler, flow matching's Euler step on the
 # shifted σ schedule of a flow model (SD3, Flux: FlowMatchEulerDiscreteScheduler), the only one those take.
 # A model supports these less the ones its scheduler config rules out (GET /v1/models lists them).
@@ -40,6 +40,7 @@ DDPM_SAMPLERS: tuple[str, ...] = (
     "dpmpp_2m_karras",
     "dpmpp_2m_sde",
     "dpmpp_2m_sde_karras",
+    "unipc",
     "euler",
     "euler_ancestral",
 )

@@ -80,7 +80,7 @@ def test_seed_parity_cosine_trailing_v_prediction(make_engine, cosine_v_model, s
     assert psnr(pixels(ours.images), pixels(theirs)) >= 40
 
 
-@pytest.mark.parametrize("sampler", ("ddim", "dpmpp_2m"))
+@pytest.mark.parametrize("sampler", ("ddim", "dpmpp_2m", "unipc"))
 def test_thresholding_parity_with_the_pipeline(make_engine, cosine_v_model, tmp_path, sampler):
     """A model whose scheduler config turns dynamic thresholding on: the engine reads it from the folder and
     follows the pipeline's thresholded scheduler; the picture is not the one without thresholding."""
@@ -202,6 +202,7 @@ def test_batch_invariance_across_samplers(make_engine):
                 ("yellow", "euler", 3, 3.0),
                 ("", "dpmpp_2m_karras", 9, 12.0),
                 ("a small circle", "dpmpp_2m_sde", 6, 4.0),
+                ("a large square", "unipc", 7, 5.0),
                 ("orange", "ddim", 20, 2.0),
             ]
         )
@@ -236,8 +237,8 @@ def test_default_sampler_and_steps_and_frames(make_engine):
         (
             dict(sampler="plms"),
             "sampler",
-            "sampler must be one of ddim, dpmpp_2m, dpmpp_2m_karras, dpmpp_2m_sde, dpmpp_2m_sde_karras, euler, "
-            "euler_ancestral",
+            "sampler must be one of ddim, dpmpp_2m, dpmpp_2m_karras, dpmpp_2m_sde, dpmpp_2m_sde_karras, unipc, "
+            "euler, euler_ancestral",
         ),
         (
             dict(sampler="euler", eta=0.5),

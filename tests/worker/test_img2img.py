@@ -22,7 +22,13 @@ from training.evaluate import diffusers_scheduler
 
 PROMPT = "a red circle"
 STEPS = 10
-SAMPLERS = ("ddim", "dpmpp_2m", "euler_ancestral", "dpmpp_2m_sde")  # deterministic, multistep, drawing at every step
+SAMPLERS = (
+    "ddim",
+    "dpmpp_2m",
+    "euler_ancestral",
+    "dpmpp_2m_sde",
+    "unipc",
+)  # deterministic, multistep, drawing noise, corrector
 
 
 def picture(seed: int = 0, size: int = NATIVE_SIZE) -> Image.Image:

@@ -26,7 +26,15 @@ from training.evaluate import rescale_guidance as evaluate_rescale
 SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SPACINGS = ("leading", "trailing", "linspace")
 PREDICTIONS = ("epsilon", "v_prediction")
-SIGMA_SAMPLERS = ("dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "euler", "euler_ancestral")
+SIGMA_SAMPLERS = (
+    "dpmpp_2m",
+    "dpmpp_2m_karras",
+    "dpmpp_2m_sde",
+    "dpmpp_2m_sde_karras",
+    "unipc",
+    "euler",
+    "euler_ancestral",
+)
 KARRAS = ("dpmpp_2m_karras", "dpmpp_2m_sde_karras")  # not on the capped cosine schedule (DPMSolver2MKarrasSampler)
 STEPS = (1, 7, 10, 50, 1000)
 
@@ -68,6 +76,7 @@ def test_names_are_the_registry():
         "dpmpp_2m_karras",
         "dpmpp_2m_sde",
         "dpmpp_2m_sde_karras",
+        "unipc",
         "euler",
         "euler_ancestral",
     )
@@ -171,7 +180,7 @@ def test_update_matches_diffusers(name, schedule, spacing, prediction_type):
     "name,schedule,prediction_type,ratio,max_value",
     [
         (name, schedule, prediction_type, ratio, max_value)
-        for name in ("ddim", "dpmpp_2m")
+        for name in ("ddim", "dpmpp_2m", "unipc")
         for schedule in ("scaled_linear", "squaredcos_cap_v2")
         for prediction_type in PREDICTIONS
         for ratio, max_value in ((0.995, 1.0), (0.9, 2.5), (0.995, 0.5))
@@ -211,6 +220,34 @@ def test_thresholding_matches_diffusers(name, schedule, prediction_type, ratio, 
             changed = max(changed, (ours - plain.step([plain_state], [3], model_output, x, None)[0]).abs().max().item())
             x = ours
         assert changed > 1e-2  # the option does something here
+
+
+@pytest.mark.parametrize("schedule,spacing", [("scaled_linear", "leading"), ("squaredcos_cap_v2", "trailing")])
+def test_unipc_bh1_matches_diffusers_but_for_its_nan_at_the_end(schedule, spacing):
+    """solver_type "bh1" (B(h) = −h) in the model's config: every step of 7- and 20-step runs within 1e-5 of
+    UniPCMultistepScheduler but the last, where σ̂ = 0 makes B(h) infinite and diffusers multiplies it by the zero
+    of an order-1 step (NaN); latentd's order-1 update has no B(h) term and ends at x̂0, as bh2 does."""
+    config = {**model_config(schedule, spacing), "solver_type": "bh1"}
+    ac = alphas_cumprod_from_config(config)
+    sampler = build_samplers(config, ac)["unipc"]
+    assert sampler.bh1 and not build_samplers(model_config(schedule, spacing), ac)["unipc"].bh1
+    g = torch.Generator().manual_seed(5)
+    for steps in (7, 20):
+        plan, state = sampler.plan(steps), sampler.start(steps)
+        ref = reference("unipc", config, steps, ac)
+        assert ref.config.solver_type == "bh1"
+        ref.sigmas = torch.tensor(plan.sigmas, dtype=torch.float64)
+        x0 = torch.randn((2, 4, 4, 4), generator=g, dtype=torch.float64)
+        x = (torch.randn((2, 4, 4, 4), generator=g) * plan.init_noise_sigma).float()
+        for i, t in enumerate(ref.timesteps):
+            model_output = consistent_output(x, plan, i, x0, "epsilon", g)
+            theirs = ref.step(model_output.double(), t, x).prev_sample
+            ours, x0_pred = sampler.step([state], [2], model_output, x, None)
+            if i < steps - 1:
+                assert (ours.double() - theirs).abs().max().item() <= 1e-5, (steps, i)
+            else:
+                assert torch.isnan(theirs).all() and torch.equal(ours, x0_pred)
+            x = ours
 
 
 def test_thresholding_defaults_are_diffusers():

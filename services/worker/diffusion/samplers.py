@@ -24,6 +24,7 @@ multistep history starts fresh wherever the request starts.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Mapping, Sequence
@@ -53,6 +54,7 @@ from services.worker.diffusion.schedules import (
     sigma_to_timestep,
 )
 from services.worker.diffusion.thresholding import Thresholding, clip_range
+from services.worker.diffusion.unipc import unipc_step
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
@@ -95,7 +97,11 @@ class SamplerState:
     eta: float = 0.0  # DDIM only
     step_index: int = 0  # the plan's step that runs next
     steps_done: int = 0  # updates this request has made (a request may start past step 0: image to image)
-    x0_prev: torch.Tensor | None = None  # DPM-Solver++(2M): the last step's x0 prediction (n, C, h, w), float64
+    x0_prev: torch.Tensor | None = None  # DPM-Solver++(2M), UniPC: the last step's x0 prediction (n, C, h, w), float64
+    # UniPC: the x0 prediction before x0_prev, the last step's corrected starting sample, and that step's order
+    x0_prev2: torch.Tensor | None = None
+    x_last: torch.Tensor | None = None
+    last_order: int = 0
     start_index: int = 0  # the plan's step the request starts at (image to image: rules.start_step)
     known: Any = None  # inpainting with an ordinary UNet: the img2img.KnownRegion blended in after each step
 
@@ -366,6 +372,83 @@ class DPMSolver2MSDEKarrasSampler(DPMSolver2MSDESampler, DPMSolver2MKarrasSample
     name = "dpmpp_2m_sde_karras"
 
 
+class UniPCSampler(DPMSolver2MSampler):
+    """UniPC (unipc.py) as UniPCMultistepScheduler.from_config(config, solver_order=2): DPM-Solver++'s timesteps
+    and σ̂ (the same set_timesteps), order 1 at the first update and at the last (lower_order_final), the
+    corrector from the second update on; B(h) "bh1" where the config's solver_type says so, else "bh2" (the
+    scheduler maps DPM-Solver's midpoint and heun to it); x_θ dynamically thresholded where the config says."""
+
+    name = "unipc"
+    config_defaults = {
+        "predict_x0": True,
+        "disable_corrector": [],
+        "lower_order_final": True,  # off, the last step is second order across σ̂ = 0 and diffusers' gives NaN
+        "use_karras_sigmas": False,
+        "use_exponential_sigmas": False,
+        "use_beta_sigmas": False,
+        "use_flow_sigmas": False,
+        "rescale_betas_zero_snr": False,
+    }
+
+    def __init__(self, config, alphas_cumprod, device="cpu"):
+        super().__init__(config, alphas_cumprod, device)
+        self.bh1 = self.config.get("solver_type") == "bh1"
+
+    def _plan(self, num_inference_steps: int) -> Plan:
+        plan = super()._plan(num_inference_steps)
+        n = num_inference_steps
+        return dataclasses.replace(plan, orders=tuple(1 if i in (0, n - 1) else 2 for i in range(n)))
+
+    def step(self, states, counts, model_output, x, noise):
+        def rows_of(tensors, dtype=torch.float64):
+            shape = x.shape[1:]
+            return torch.cat(
+                [t if t is not None else torch.zeros((c, *shape), dtype=dtype, device=x.device) for t, c in tensors]
+            )
+
+        def sigma_back(k):
+            return per_row([s.plan.sigmas[max(s.step_index - k, 0)] for s in states], counts, self.device)
+
+        history = None
+        if any(s.x0_prev is not None for s in states):
+            has = per_row([s.x0_prev is not None for s in states], counts, self.device, torch.bool)
+            m_prev2 = None
+            if any(s.x0_prev2 is not None for s in states):
+                m_prev2 = rows_of([(s.x0_prev2, c) for s, c in zip(states, counts)])
+            history = (
+                rows_of([(s.x_last, c) for s, c in zip(states, counts)]),
+                rows_of([(s.x0_prev, c) for s, c in zip(states, counts)]),
+                m_prev2,
+                has,
+                per_row([s.last_order for s in states], counts, self.device, torch.long),
+            )
+        orders = [1 if s.x0_prev is None else s.plan.orders[s.step_index] for s in states]
+        out = unipc_step(
+            model_output,
+            x,
+            self._sigmas(states, counts, 0),
+            self._sigmas(states, counts, 1),
+            sigma_back(1),
+            sigma_back(2),
+            history,
+            per_row(orders, counts, self.device, torch.long),
+            self.prediction_type,
+            self.thresholding,
+            self.bh1,
+        )
+        row = 0
+        for state, count, order in zip(states, counts, orders):
+            rows = slice(row, row + count)
+            state.x0_prev2, state.x0_prev = state.x0_prev, out.x0_pred[rows]
+            state.x_last, state.last_order = out.x_corrected[rows], order
+            row += count
+        self._advance(states)
+        for state in states:
+            if state.finished:
+                state.x0_prev = state.x0_prev2 = state.x_last = None
+        return out.x_next, out.x0_pred.to(x.dtype)
+
+
 class EulerSampler(Sampler):
     """Euler (euler.py) as EulerDiscreteScheduler.from_config(config): its timesteps (fractional on
     linspace spacing), σ̂ interpolated linearly at them, then 0 (final_sigmas_type "sigma_min" is read
@@ -493,6 +576,7 @@ SAMPLER_CLASSES: dict[str, type[Sampler]] = {
         DPMSolver2MKarrasSampler,
         DPMSolver2MSDESampler,
         DPMSolver2MSDEKarrasSampler,
+        UniPCSampler,
         EulerSampler,
         EulerAncestralSampler,
         FlowEulerSampler,
