@@ -26,7 +26,14 @@ from services.worker.loading import load_model
 
 DEFAULT_MODEL = Path("models/shapes-ldm")
 # (sampler, steps): the configurations the README compares
-COST_CONFIGS: tuple[tuple[str, int], ...] = (("ddim", 50), ("dpmpp_2m", 20), ("dpmpp_2m", 10), ("euler_ancestral", 30))
+COST_CONFIGS: tuple[tuple[str, int], ...] = (
+    ("ddim", 50),
+    ("dpmpp_2m", 20),
+    ("dpmpp_2m", 10),
+    ("dpmpp_2m_sde", 30),
+    ("unipc", 20),
+    ("euler_ancestral", 30),
+)
 PROMPTS = (
     "a large red circle on a white background",
     "a small blue square on a gray background",
