@@ -26,6 +26,7 @@ from services.worker.loading import ModelLoadError, load_model, to_pil
 from services.worker.trajectories import _noised, noise_levels
 from tests.fixtures.pictures import pixels, psnr
 from tests.fixtures.tiny_families import NATIVE_SIZE, T5_MAX_LENGTH
+from training.evaluate import diffusers_scheduler
 
 PIPELINES = {
     "sdxl": StableDiffusionXLPipeline,
@@ -204,6 +205,32 @@ def test_an_sdxl_request_alone_is_the_pipeline(models, pipes, engines, fields, p
     latents, images = theirs(pipes["sdxl"], "sdxl", 5, num_inference_steps=6, **pipe_fields)
     assert (seen[0] - latents).abs().max() < 1e-4
     assert psnr(result.images, images) >= 40
+
+
+def pipe_with(family_paths, name: str, sampler: str):
+    """A fresh pipeline of the family with its scheduler swapped for `sampler`'s, as a user would."""
+    pipe = PIPELINES[name].from_pretrained(family_paths[name])
+    pipe.scheduler = diffusers_scheduler(sampler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m_sde", "unipc"])
+def test_an_sdxl_request_with_another_sampler_is_the_pipeline_with_that_scheduler(
+    models, family_paths, engines, sampler
+):
+    """The samplers are the seam's, whatever the family: SDXL with the SDE solver (a noise draw per step from
+    the request's generator) and UniPC (a corrector's state) against StableDiffusionXLPipeline with the
+    scheduler swapped; another scheduler ends elsewhere, so the comparison can fail."""
+    model, seen = capturing(models["sdxl"])
+    result = ours(engines(model), seed=5, num_inference_steps=6, guidance_scale=5.0, sampler=sampler)
+    latents, images = theirs(
+        pipe_with(family_paths, "sdxl", sampler), "sdxl", 5, num_inference_steps=6, guidance_scale=5.0
+    )
+    assert (seen[0] - latents).abs().max() < 1e-4
+    assert psnr(result.images, images) >= 40
+    other, _ = theirs(pipe_with(family_paths, "sdxl", "dpmpp_2m"), "sdxl", 5, num_inference_steps=6, guidance_scale=5.0)
+    assert (other - latents).abs().max() > 1e-2
 
 
 def test_sdxl_empty_negative_is_zeros(models):
