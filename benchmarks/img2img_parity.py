@@ -25,10 +25,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from services.common.rules import GUIDED_AT_EVERY_STEP
+from services.worker.diffusion.samplers import diffusers_scheduler
 from services.worker.engine.engine import Engine
 from services.worker.engine.requests import GenerationRequest
 from services.worker.loading import LoadedModel, load_model
-from training.evaluate import diffusers_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "models" / "shapes-ldm"

@@ -47,7 +47,7 @@ def test_the_sampler_lists_written_out_name_every_sampler():
     places = {
         "proto/latentd/v1/latentd.proto": "Sampler:",
         "client/latentd_client/cli.py": '"--sampler"',
-        "README.md": "sampler: `ddim`",
+        "README.md": "A request picks its",
         "docs/engine.md": "## Samplers",
     }
     for name, anchor in places.items():

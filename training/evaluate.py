@@ -24,19 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import (
-    AutoencoderKL,
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    UNet2DConditionModel,
-    UniPCMultistepScheduler,
-)
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from PIL import Image, ImageDraw
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from services.common.rules import EVERY_STEP, guidance_window
+from services.worker.diffusion.samplers import diffusers_scheduler
 from training.readback import read_back
 from training.shapes import BACKGROUNDS, COLOURS, SHAPES, SIZES, caption_for, parse_caption
 
@@ -93,32 +86,6 @@ class ShapesModel:
             return_tensors="pt",
         ).input_ids
         return self.text_encoder(ids.to(self.unet.device))[0]  # (B, L, D)
-
-
-# How a pipeline user picks each of the engine's samplers in diffusers: the scheduler class, built with
-# `from_config(the model's scheduler config, **overrides)`.
-DIFFUSERS_SCHEDULERS: dict[str, tuple[type, dict]] = {
-    "ddim": (DDIMScheduler, {}),
-    "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpmpp_2m_karras": (
-        DPMSolverMultistepScheduler,
-        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
-    ),
-    "dpmpp_2m_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
-    "dpmpp_2m_sde_karras": (
-        DPMSolverMultistepScheduler,
-        {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
-    ),
-    "unipc": (UniPCMultistepScheduler, {"solver_order": 2}),
-    "euler": (EulerDiscreteScheduler, {}),
-    "euler_ancestral": (EulerAncestralDiscreteScheduler, {}),
-}
-
-
-def diffusers_scheduler(sampler: str, config):
-    """The diffusers scheduler that a pipeline user would swap in for `sampler`."""
-    cls, overrides = DIFFUSERS_SCHEDULERS[sampler]
-    return cls.from_config(config, **overrides)
 
 
 def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, guidance_rescale: float) -> torch.Tensor:

@@ -46,7 +46,8 @@ DDPM_SAMPLERS: tuple[str, ...] = (
 )
 FLOW_SAMPLERS: tuple[str, ...] = ("flow_euler",)
 SAMPLERS: tuple[str, ...] = DDPM_SAMPLERS + FLOW_SAMPLERS
-DEFAULT_SAMPLER = "ddim"  # a model's own default, if it names one (latentd.json), wins
+# a model's default sampler: latentd.json's, else the one its folder's scheduler is (loading.read_defaults), else this
+DEFAULT_SAMPLER = "ddim"
 ETA_SAMPLERS: tuple[str, ...] = ("ddim",)  # eta > 0 is refused with any other sampler (field `eta`)
 MIN_GUIDANCE_RESCALE, MAX_GUIDANCE_RESCALE = 0.0, 1.0  # φ of Lin et al. 2024; applied where guidance_scale > 1
 # The guidance interval (Kynkäänniemi et al. 2024, "Applying Guidance in a Limited Interval Improves Sample and

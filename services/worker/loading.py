@@ -41,7 +41,7 @@ from services.common.rules import (
     SAMPLERS,
     check_guidance_interval,
 )
-from services.worker.diffusion.samplers import unsupported_samplers
+from services.worker.diffusion.samplers import sampler_for_scheduler, unsupported_samplers
 from services.worker.diffusion.schedules import alphas_cumprod_from_config
 from services.worker.families import Conditioning, Family, LatentScaling, ModelFacts, ModelLoadError, family_for
 from services.worker.families.base import PICKLED_SUFFIXES, read_json
@@ -248,6 +248,17 @@ def _check_folder(folder: Path) -> tuple[dict, Family]:
     return index, family
 
 
+def read_scheduler_config(folder: Path, index: dict) -> dict:
+    """The scheduler's config as the pipeline builds it: scheduler/scheduler_config.json, with the class that
+    model_index.json names (from_pretrained builds that class from the file; the file's own _class_name is not
+    read, and a folder whose scheduler was swapped and saved may have only one of the two updated)."""
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    named = index.get("scheduler")
+    if isinstance(named, list) and len(named) == 2 and isinstance(named[1], str):
+        config["_class_name"] = named[1]
+    return config
+
+
 def read_options(folder: Path) -> dict:
     """latentd.json as given ({} where there is none), checked to be a JSON object."""
     path = folder / DEFAULTS_FILE
@@ -270,8 +281,12 @@ def read_defaults(folder: Path, scheduler_config: dict, family: Family | None = 
         raise ModelLoadError(f"model folder {folder}: {DEFAULTS_FILE} may hold only {', '.join(allowed)}")
     ruled_out = unsupported_samplers(scheduler_config)
     supported = [n for n in SAMPLERS if n not in ruled_out]
+    # a request without a sampler gets what the folder's pipeline samples with when called plainly, where latentd
+    # has that sampler; else ddim (or the only one the model takes)
+    own = sampler_for_scheduler(scheduler_config)
+    fallback = DEFAULT_SAMPLER if DEFAULT_SAMPLER in supported else (supported or [DEFAULT_SAMPLER])[0]
     defaults = {
-        "default_sampler": DEFAULT_SAMPLER if DEFAULT_SAMPLER in supported else (supported or [DEFAULT_SAMPLER])[0],
+        "default_sampler": own if own in supported else fallback,
         "default_guidance_rescale": 0.0,
         "default_guidance_start": MIN_GUIDANCE_FRACTION,
         "default_guidance_stop": MAX_GUIDANCE_FRACTION,
@@ -338,7 +353,7 @@ def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | None 
     if device_.type == "cpu" and dtype != torch.float32:
         raise ModelLoadError(f"model folder {folder}: dtype {dtype} is not supported on CPU; use float32")
     try:
-        scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        scheduler_config = read_scheduler_config(folder, index)
         defaults = read_defaults(folder, scheduler_config, family)
         options = read_options(folder)
         components = family.load(folder, index, device_, dtype)

@@ -75,13 +75,13 @@ def test_cuda_samplers_match_their_schedulers_in_float16(sampler):
     """The samplers that draw noise per step (the SDE solver draws in float32 whatever the model's dtype, Euler
     ancestral in the model's) or keep a corrector's state, in float16 at 20 steps and the model's guidance
     interval, against StableDiffusionPipeline with the scheduler swapped as a user would
-    (training.evaluate.diffusers_scheduler) and guided where diffusers' guider says (tests/fixtures/guidance.py).
+    (samplers.diffusers_scheduler) and guided where diffusers' guider says (tests/fixtures/guidance.py).
     (Guided at every step, strongly guided SDE trajectories amplify rounding step by step: on the CPU in float32
     the SDE solver's picture is 46 dB from its pipeline's there, against identical pictures for dpmpp_2m.)"""
     from diffusers import StableDiffusionPipeline
 
+    from services.worker.diffusion.samplers import diffusers_scheduler
     from tests.fixtures.guidance import pipeline_images_with_interval
-    from training.evaluate import diffusers_scheduler
 
     model = load_model(MODEL, device="cuda", dtype=torch.float16)
     interval = dict(guidance_start=model.default_guidance_start, guidance_stop=model.default_guidance_stop)

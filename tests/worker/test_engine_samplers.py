@@ -13,6 +13,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from services.common.rules import DDPM_SAMPLERS as SAMPLERS  # the DDPM-family models' samplers
+from services.worker.diffusion.samplers import diffusers_scheduler
 from services.worker.engine.errors import InvalidRequestError
 from services.worker.engine.requests import GenerationRequest
 from services.worker.loading import ModelLoadError, load_model
@@ -20,7 +21,6 @@ from services.worker.runtime import model_info
 from tests.fixtures.guidance import pipeline_images_with_interval
 from tests.fixtures.pictures import pixels, psnr
 from tests.fixtures.tiny_model import build_tiny_model
-from training.evaluate import diffusers_scheduler
 
 STEPS = 8
 PROMPT = "a red circle"
@@ -315,6 +315,49 @@ def test_model_defaults_from_latentd_json(make_engine, tiny_model_path, tmp_path
         (folder / "latentd.json").write_text(json.dumps(bad))
         with pytest.raises(ModelLoadError, match=complaint):
             load_model(folder)
+
+
+@pytest.mark.parametrize(
+    "scheduler,expected",
+    [
+        ("EulerAncestralDiscreteScheduler", "euler_ancestral"),
+        ("UniPCMultistepScheduler", "unipc"),
+        ("PNDMScheduler", "ddim"),
+    ],
+)
+def test_a_request_without_a_sampler_gets_the_folders_own_scheduler(
+    make_engine, tiny_model_path, tmp_path, scheduler, expected
+):
+    """A folder saved with another scheduler (as SDXL base ships Euler, community models DPM-Solver or UniPC): its
+    default sampler is the one that does what that scheduler does, so a request without a sampler gets the picture
+    of StableDiffusionPipeline.from_pretrained(folder) called plainly. PNDM (SD 1.x's PLMS) has no latentd sampler:
+    ddim, as before. latentd.json's default_sampler still wins."""
+    import diffusers
+
+    folder = tmp_path / scheduler
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_path, safety_checker=None)
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+    pipe.save_pretrained(folder)  # model_index.json and scheduler_config.json both name it
+    model = load_model(folder)
+    assert model.default_sampler == expected
+    engine = make_engine(model=model)
+    ours = engine.submit(request("plain", num_images=2)).result(60)
+    if expected != "ddim":
+        plain = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+        plain.set_progress_bar_config(disable=True)
+        assert type(plain.scheduler).__name__ == scheduler
+        assert (
+            psnr(pixels(ours.images), pixels(pipeline_images(plain, guidance_scale=7.5, num_images_per_prompt=2))) >= 40
+        )
+    ddim = engine.submit(request("ddim", sampler="ddim", num_images=2)).result(60)
+    assert np.array_equal(pixels(ours.images), pixels(ddim.images)) == (expected == "ddim")
+    (folder / "latentd.json").write_text(json.dumps({"default_sampler": "euler"}))
+    assert load_model(folder).default_sampler == "euler"
+    # the class comes from model_index.json, as from_pretrained takes it, whatever scheduler_config.json says
+    (folder / "latentd.json").unlink()
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "_class_name": "DDIMScheduler"}))
+    assert load_model(folder).default_sampler == expected
 
 
 def test_model_info_of_the_default_model_lists_what_it_supports(tiny_model, make_engine):

@@ -18,6 +18,7 @@ from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionXLP
 from PIL import Image
 
 from services.common import rules
+from services.worker.diffusion.samplers import diffusers_scheduler
 from services.worker.engine.engine import Engine
 from services.worker.engine.errors import InvalidRequestError
 from services.worker.engine.requests import GenerationRequest
@@ -26,7 +27,6 @@ from services.worker.loading import ModelLoadError, load_model, to_pil
 from services.worker.trajectories import _noised, noise_levels
 from tests.fixtures.pictures import pixels, psnr
 from tests.fixtures.tiny_families import NATIVE_SIZE, T5_MAX_LENGTH
-from training.evaluate import diffusers_scheduler
 
 PIPELINES = {
     "sdxl": StableDiffusionXLPipeline,

@@ -11,6 +11,7 @@ from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipe
 from PIL import Image
 
 from services.common import rules
+from services.worker.diffusion.samplers import diffusers_scheduler
 from services.worker.engine.engine import Engine
 from services.worker.engine.errors import InvalidRequestError
 from services.worker.engine.requests import GenerationRequest
@@ -18,7 +19,6 @@ from services.worker.loading import load_model
 from services.worker.runtime import model_info
 from tests.fixtures.pictures import pixels, psnr
 from tests.fixtures.tiny_model import NATIVE_SIZE, build_tiny_model
-from training.evaluate import diffusers_scheduler
 
 PROMPT = "a red circle"
 STEPS = 10

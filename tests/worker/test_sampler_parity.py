@@ -1,7 +1,7 @@
 """The samplers' plans and updates against diffusers' schedulers (pure tensor math, no model).
 
 Each sampler is compared with the scheduler a pipeline user would swap in:
-`Scheduler.from_config(the model's scheduler config, **overrides)` (training/evaluate.py:DIFFUSERS_SCHEDULERS),
+`Scheduler.from_config(the model's scheduler config, **overrides)` (samplers.py: each sampler's `scheduler` and `overrides`),
 over the schedules, spacings and prediction types of test_ddim_parity.py.
 """
 
@@ -17,10 +17,15 @@ from diffusers import DDIMScheduler
 from services.common.rules import DDPM_SAMPLERS as SAMPLERS  # the DDPM-family models' samplers
 from services.common.rules import SAMPLERS as ALL_SAMPLERS
 from services.worker.diffusion.guidance import rescale_guidance
-from services.worker.diffusion.samplers import SAMPLER_CLASSES, build_samplers, unsupported_samplers
+from services.worker.diffusion.samplers import (
+    SAMPLER_CLASSES,
+    build_samplers,
+    diffusers_scheduler,
+    sampler_for_scheduler,
+    unsupported_samplers,
+)
 from services.worker.diffusion.schedules import alphas_cumprod_from_config, final_alpha_cumprod
 from services.worker.diffusion.thresholding import Thresholding
-from training.evaluate import diffusers_scheduler
 from training.evaluate import rescale_guidance as evaluate_rescale
 
 SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -248,6 +253,55 @@ def test_unipc_bh1_matches_diffusers_but_for_its_nan_at_the_end(schedule, spacin
             else:
                 assert torch.isnan(theirs).all() and torch.equal(ours, x0_pred)
             x = ours
+
+
+@pytest.mark.parametrize(
+    "scheduler,overrides,expected",
+    [
+        ("DDIMScheduler", {}, "ddim"),
+        ("DPMSolverMultistepScheduler", {}, "dpmpp_2m"),
+        ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "dpmpp_2m_karras"),
+        ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, "dpmpp_2m_sde"),
+        (
+            "DPMSolverMultistepScheduler",
+            {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
+            "dpmpp_2m_sde_karras",
+        ),
+        ("DPMSolverMultistepScheduler", {"solver_order": 3}, None),  # third order: not implemented
+        ("DPMSolverMultistepScheduler", {"solver_type": "heun"}, None),
+        ("UniPCMultistepScheduler", {}, "unipc"),
+        ("UniPCMultistepScheduler", {"solver_order": 3}, None),
+        ("EulerDiscreteScheduler", {}, "euler"),
+        ("EulerDiscreteScheduler", {"use_karras_sigmas": True}, None),
+        ("EulerAncestralDiscreteScheduler", {}, "euler_ancestral"),
+        ("PNDMScheduler", {}, None),  # SD 1.x's PLMS
+    ],
+)
+def test_a_folders_own_scheduler_names_the_sampler_that_does_what_it_does(scheduler, overrides, expected):
+    """sampler_for_scheduler reads the config as the scheduler would (its defaults filled in); the sampler it names
+    follows that very scheduler: diffusers_scheduler(name, config) is the folder's, value for value."""
+    import diffusers
+
+    config = dict(
+        getattr(diffusers, scheduler).from_config(model_config("scaled_linear", "leading"), **overrides).config
+    )
+    config["_class_name"] = scheduler
+    assert sampler_for_scheduler(config) == expected
+    if expected is not None:
+
+        def values(built):
+            return {key: value for key, value in built.config.items() if not key.startswith("_")}
+
+        assert values(diffusers_scheduler(expected, config)) == values(
+            getattr(diffusers, scheduler).from_config(config)
+        )
+
+
+def test_a_scheduler_latentd_cannot_build_names_no_sampler():
+    """LMSDiscreteScheduler needs scipy, which the worker does not install: no sampler, and no import error."""
+    config = {**model_config("scaled_linear", "leading"), "_class_name": "LMSDiscreteScheduler"}
+    assert sampler_for_scheduler(config) is None
+    assert sampler_for_scheduler({"_class_name": "NoSuchScheduler"}) is None
 
 
 def test_thresholding_defaults_are_diffusers():

@@ -128,6 +128,11 @@ class Sampler:
 
     name = ""
     takes_eta = False
+    # the diffusers scheduler this sampler follows: its class, built with from_config(the model's scheduler
+    # config, **overrides) (diffusers_scheduler); a folder whose own scheduler is that one with those values
+    # gets this sampler as its default (sampler_for_scheduler)
+    scheduler = ""
+    overrides: Mapping[str, Any] = {}
     # the dtype of the step noise a drawing sampler takes from the request's generator (diffusers' scheduler's):
     # None is the model's dtype (DDIM and Euler ancestral draw in the model output's), else this one
     noise_dtype: torch.dtype | None = None
@@ -199,6 +204,7 @@ class DDIMSampler(Sampler):
 
     name = "ddim"
     takes_eta = True
+    scheduler = "DDIMScheduler"
 
     def __init__(self, config, alphas_cumprod, device="cpu"):
         super().__init__(config, alphas_cumprod, device)
@@ -246,6 +252,8 @@ class DPMSolver2MSampler(Sampler):
     where the config says `thresholding` (thresholding.py)."""
 
     name = "dpmpp_2m"
+    scheduler = "DPMSolverMultistepScheduler"
+    overrides = {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False}
     karras = False
     sde = False  # the SDE variant (DPMSolver2MSDESampler)
     config_defaults = {
@@ -344,6 +352,7 @@ class DPMSolver2MKarrasSampler(DPMSolver2MSampler):
     (duplicate first timesteps put its step index one ahead, and it indexes past its σ table)."""
 
     name = "dpmpp_2m_karras"
+    overrides = {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}
     karras = True
 
     @classmethod
@@ -359,6 +368,7 @@ class DPMSolver2MSDESampler(DPMSolver2MSampler):
     last too, where σ̂_next = 0 multiplies it by 0), in float32 whatever the model's dtype, as that scheduler."""
 
     name = "dpmpp_2m_sde"
+    overrides = {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "use_karras_sigmas": False}
     sde = True
     noise_dtype = torch.float32
 
@@ -370,6 +380,7 @@ class DPMSolver2MSDEKarrasSampler(DPMSolver2MSDESampler, DPMSolver2MKarrasSample
     """SDE-DPM-Solver++(2M) on Karras et al.'s σ spacing (use_karras_sigmas=True): "DPM++ 2M SDE Karras"."""
 
     name = "dpmpp_2m_sde_karras"
+    overrides = {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}
 
 
 class UniPCSampler(DPMSolver2MSampler):
@@ -379,6 +390,8 @@ class UniPCSampler(DPMSolver2MSampler):
     scheduler maps DPM-Solver's midpoint and heun to it); x_θ dynamically thresholded where the config says."""
 
     name = "unipc"
+    scheduler = "UniPCMultistepScheduler"
+    overrides = {"solver_order": 2}
     config_defaults = {
         "predict_x0": True,
         "disable_corrector": [],
@@ -455,6 +468,7 @@ class EulerSampler(Sampler):
     too); x_T = ε·σ̂_max (ε·√(σ̂_max² + 1) for leading spacing); the UNet sees x/√(σ̂² + 1)."""
 
     name = "euler"
+    scheduler = "EulerDiscreteScheduler"
     config_defaults = {
         "interpolation_type": "linear",
         "use_karras_sigmas": False,
@@ -493,6 +507,7 @@ class EulerAncestralSampler(EulerSampler):
     Euler plan with σ̂ = 0 after the last step, and one noise draw per step."""
 
     name = "euler_ancestral"
+    scheduler = "EulerAncestralDiscreteScheduler"
     config_defaults = {"rescale_betas_zero_snr": False}
     final_sigma_from_config = False
 
@@ -517,6 +532,7 @@ class FlowEulerSampler(Sampler):
     scheduler space them (SD3's); `default_max_shift`: the pipeline's max_shift where the config has none."""
 
     name = "flow_euler"
+    scheduler = FLOW_SCHEDULER
 
     def __init__(
         self,
@@ -589,6 +605,32 @@ def unsupported_samplers(config: Mapping[str, Any]) -> dict[str, str]:
     """{name: why} for the samplers this scheduler config rules out (a flow-matching config rules out every
     DDPM-family sampler, a DDPM one rules out flow_euler)."""
     return {name: reason for name, cls in SAMPLER_CLASSES.items() if (reason := cls.unsupported(config))}
+
+
+def diffusers_scheduler(name: str, config: Mapping[str, Any]):
+    """The diffusers scheduler that sampler `name` follows, as a pipeline user would swap it in:
+    Scheduler.from_config(the model's scheduler config, **overrides)."""
+    import diffusers
+
+    cls = SAMPLER_CLASSES[name]
+    return getattr(diffusers, cls.scheduler).from_config(dict(config), **cls.overrides)
+
+
+def sampler_for_scheduler(config: Mapping[str, Any]) -> str | None:
+    """The sampler that does what the model folder's own scheduler does, i.e. what its pipeline samples with when
+    called plainly; None where latentd has none (PNDMScheduler, SD 1.x's; DPM-Solver of order 3; Karras σ on Euler;
+    a config option a sampler does not implement). The folder's config is read with the scheduler's own defaults
+    filled in, and matched against each sampler's scheduler and overrides."""
+    import diffusers
+
+    candidates = [(name, cls) for name, cls in SAMPLER_CLASSES.items() if cls.scheduler == config.get("_class_name")]
+    if not candidates:  # nothing to build (some schedulers need packages the worker does not have: LMS, scipy)
+        return None
+    resolved = dict(getattr(diffusers, candidates[0][1].scheduler).from_config(dict(config)).config)
+    for name, cls in candidates:
+        if not cls.unsupported(config) and all(resolved.get(key) == value for key, value in cls.overrides.items()):
+            return name
+    return None
 
 
 def build_samplers(
