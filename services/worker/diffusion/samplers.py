@@ -54,7 +54,7 @@ from services.worker.diffusion.schedules import (
     sigma_to_timestep,
 )
 from services.worker.diffusion.thresholding import Thresholding, clip_range
-from services.worker.diffusion.unipc import unipc_step
+from services.worker.diffusion.unipc import History, unipc_step
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
@@ -121,6 +121,16 @@ def per_row(values: Sequence[float], counts: Sequence[int], device: torch.device
     if device.type != "cuda":
         return rows.to(device)
     return rows.pin_memory().to(device, non_blocking=True)
+
+
+def history_rows(states: Sequence[SamplerState], counts: Sequence[int], field: str, x: torch.Tensor):
+    """A multistep history field (float64 per request, or None) as rows of one tensor, zeros for the requests
+    without one; None when no request has one."""
+    values = [getattr(state, field) for state in states]
+    if all(value is None for value in values):
+        return None
+    zeros = functools.partial(torch.zeros, dtype=torch.float64, device=x.device)
+    return torch.cat([value if value is not None else zeros((c, *x.shape[1:])) for value, c in zip(values, counts)])
 
 
 class Sampler:
@@ -309,16 +319,7 @@ class DPMSolver2MSampler(Sampler):
         order = per_row(
             [1 if s.x0_prev is None else s.plan.orders[s.step_index] for s in states], counts, self.device, torch.long
         )
-        x0_prev = None
-        if any(s.x0_prev is not None for s in states):
-            x0_prev = torch.cat(
-                [
-                    s.x0_prev
-                    if s.x0_prev is not None
-                    else torch.zeros((c, *x.shape[1:]), dtype=torch.float64, device=x.device)
-                    for s, c in zip(states, counts)
-                ]
-            )
+        x0_prev = history_rows(states, counts, "x0_prev", x)
         if self.sde and noise is None:
             raise ValueError(f"{self.name} needs the rows' noise")
         out = dpm_solver_2m_step(
@@ -413,27 +414,17 @@ class UniPCSampler(DPMSolver2MSampler):
         return dataclasses.replace(plan, orders=tuple(1 if i in (0, n - 1) else 2 for i in range(n)))
 
     def step(self, states, counts, model_output, x, noise):
-        def rows_of(tensors, dtype=torch.float64):
-            shape = x.shape[1:]
-            return torch.cat(
-                [t if t is not None else torch.zeros((c, *shape), dtype=dtype, device=x.device) for t, c in tensors]
-            )
-
         def sigma_back(k):
             return per_row([s.plan.sigmas[max(s.step_index - k, 0)] for s in states], counts, self.device)
 
         history = None
         if any(s.x0_prev is not None for s in states):
-            has = per_row([s.x0_prev is not None for s in states], counts, self.device, torch.bool)
-            m_prev2 = None
-            if any(s.x0_prev2 is not None for s in states):
-                m_prev2 = rows_of([(s.x0_prev2, c) for s, c in zip(states, counts)])
-            history = (
-                rows_of([(s.x_last, c) for s, c in zip(states, counts)]),
-                rows_of([(s.x0_prev, c) for s, c in zip(states, counts)]),
-                m_prev2,
-                has,
-                per_row([s.last_order for s in states], counts, self.device, torch.long),
+            history = History(
+                x_last=history_rows(states, counts, "x_last", x),
+                m_prev=history_rows(states, counts, "x0_prev", x),
+                m_prev2=history_rows(states, counts, "x0_prev2", x),
+                has=per_row([s.x0_prev is not None for s in states], counts, self.device, torch.bool),
+                last_order=per_row([s.last_order for s in states], counts, self.device, torch.long),
             )
         orders = [1 if s.x0_prev is None else s.plan.orders[s.step_index] for s in states]
         out = unipc_step(

@@ -34,6 +34,7 @@ schedules share one call. float64 throughout, rounded once.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -46,6 +47,16 @@ class UniPCOutput:
     x_next: torch.Tensor  # (R, C, h, w): the predictor's x̃_{t_i}
     x_corrected: torch.Tensor  # (R, C, h, w) float64: x̃^c_{t_{i−1}}, the next corrector's starting sample
     x0_pred: torch.Tensor  # (R, C, h, w) float64: m_{i−1}, the next step's m0
+
+
+class History(NamedTuple):
+    """What the corrector needs of the rows' last step, per row (rows without one hold zeros there)."""
+
+    x_last: torch.Tensor  # (R, C, h, w) float64: x̃^c_{t_{i−2}}, the last predictor's starting sample
+    m_prev: torch.Tensor  # (R, C, h, w) float64: m_{i−2}
+    m_prev2: torch.Tensor | None  # (R, C, h, w) float64: m_{i−3}, or None where no row has one
+    has: torch.Tensor  # (R,) bool: the row made an update before (else it is not corrected)
+    last_order: torch.Tensor  # (R,) long: the last predictor's order
 
 
 def _alpha_sigma(sigma_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,16 +142,15 @@ def unipc_step(
     sigma_next: torch.Tensor,
     sigma_prev: torch.Tensor,
     sigma_prev2: torch.Tensor,
-    history: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor] | None,
+    history: History | None,
     order: torch.Tensor,
     prediction_type: str = "epsilon",
     thresholding: Thresholding | None = None,
     bh1: bool = False,
 ) -> UniPCOutput:
     """model_output and x (R, C, h, w): the UNet's output at x̃_{t_{i−1}} and that sample; σ̂ at t_{i−1}, t_i,
-    t_{i−2}, t_{i−3} (R,) float64 (the last two unused where there is no history); history None (every row at its
-    first update) or (x̃^c_{t_{i−2}}, m_{i−2}, m_{i−3} or None, the mask of rows that have a history (R,) bool,
-    the last predictor's order (R,)); order (R,): this predictor's -> x̃_{t_i}, x̃^c_{t_{i−1}}, m_{i−1}."""
+    t_{i−2}, t_{i−3} (R,) float64 (the last two unused where there is no history); history None where every row
+    is at its first update; order (R,): this predictor's -> x̃_{t_i}, x̃^c_{t_{i−1}}, m_{i−1}."""
     shape = (-1, *([1] * (x.ndim - 1)))
     out_dtype = x.dtype
     x, model_output = x.double(), model_output.double()
@@ -151,8 +161,10 @@ def unipc_step(
         m_now = dynamic_threshold(m_now, thresholding)
     m_prev = None
     if history is not None:
-        x_last, m_prev, m_prev2, has_history, last_order = history
-        corrected = corrector(x_last, m_prev, m_prev2, m_now, sigma, sigma_prev, sigma_prev2, last_order, bh1)
-        x = torch.where(has_history.reshape(shape), corrected, x)
+        m_prev = history.m_prev
+        corrected = corrector(
+            history.x_last, m_prev, history.m_prev2, m_now, sigma, sigma_prev, sigma_prev2, history.last_order, bh1
+        )
+        x = torch.where(history.has.reshape(shape), corrected, x)
     x_next = predictor(x, m_now, m_prev, sigma, sigma_next, sigma_prev, order, bh1)
     return UniPCOutput(x_next=x_next.to(out_dtype), x_corrected=x, x0_pred=m_now)
