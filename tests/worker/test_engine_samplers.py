@@ -121,7 +121,9 @@ def test_seed_parity_on_the_default_model(make_engine, sampler):
         start=interval[0],
         stop=interval[1],
     )
-    assert psnr(pixels(ours.images), pixels(theirs)) >= 40
+    measured = psnr(pixels(ours.images), pixels(theirs))
+    print(f"\n{sampler} 10 steps on the default model vs its pipeline: PSNR {measured:.1f} dB")  # pytest -s
+    assert measured >= 40
 
 
 @pytest.mark.parametrize(
