@@ -17,6 +17,7 @@ The GPU arms (`--sd15`, issue 16; `--tiny` runs the same arms on the tiny model 
     python -m benchmarks.bench_engine --model PATH
     python -m benchmarks.bench_engine --sd15          # SD-1.5-sized random weights, 512x512 fp16 (CUDA)
     python -m benchmarks.bench_engine --tiny          # the --sd15 arms on the tiny model (CPU, compile off)
+    python -m benchmarks.bench_engine --sd15 --warm-up-only   # a worker's warm-up alone (again: on warm caches)
 """
 
 from __future__ import annotations
@@ -215,6 +216,9 @@ def run_arms(args, model_path: Path, label: str, dtype: torch.dtype) -> dict:
     engine = Engine(model, max_batch_rows=args.max_batch_rows, **speed.engine_kwargs()).start()
     warm = engine.warm_up()
     report("engine warm-up", warm)
+    if args.warm_up_only:  # a worker's start, e.g. again on the compile caches an earlier run left
+        engine.stop()
+        return {"model": label, "compile": compile_mode, "warm_up_s": {k: round(v, 1) for k, v in warm.items()}}
 
     pipe = StableDiffusionPipeline.from_pretrained(
         model_path, dtype=dtype, safety_checker=None, requires_safety_checker=False, use_safetensors=True
@@ -405,6 +409,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--static-batch", type=int, default=16, help="(b), (c), (e): identical prompts")
     parser.add_argument("--static-steps", type=int, default=50, help="(b), (c), (e): guided steps")
     parser.add_argument("--unet-repeats", type=int, default=10, help="(e): timed UNet calls")
+    parser.add_argument(
+        "--warm-up-only", action="store_true", help="only the engine's warm-up (a worker's start), no arms"
+    )
     args = parser.parse_args(argv)
 
     tmp = tempfile.TemporaryDirectory()

@@ -6,10 +6,13 @@
 #      and 32 mixed requests in flight, the bare compiled UNet at 32 rows), with the compile warm-up times
 #      and the VAE decode's share; one JSON line, each arm also printed as it ends;
 #   2. tests: tests/gpu (compiled vs eager engine, batch invariance with buckets, the deferred NaN check,
-#      float16 and bfloat16 against diffusers' pipeline, SDXL/SD3/Flux in bfloat16), each printing its figure.
-# Logs land in $OUT. Stages: `all` (default), `bench`, `tests`, or `train` (the old training-recipe run).
+#      float16 and bfloat16 against diffusers' pipeline, SDXL/SD3/Flux in bfloat16, the samplers that draw
+#      noise or correct in float16), each printing its figure;
+#   3. restart: the engine's warm-up alone in a new process on the compile caches stages 1 and 2 left (a worker
+#      restarted on a kept LATENTD_COMPILE_CACHE_DIR), against the goal of a worker ready within 2 minutes.
+# Logs land in $OUT. Stages: `all` (default), `bench`, `tests`, `restart`, or `train` (the old training-recipe run).
 #
-#     OUT=/tmp/gpu bash benchmarks/gpu_session.sh [all|bench|tests|train] [bench-requests]
+#     OUT=/tmp/gpu bash benchmarks/gpu_session.sh [all|bench|tests|restart|train] [bench-requests]
 #
 # With the device tool: diffusers is not in the GPU image, so carry it as wheels (made here, once):
 #     bash benchmarks/gpu_wheels.sh          # -> .whl/ (ignored by git)
@@ -40,6 +43,12 @@ if [ "$STAGE" = all ] || [ "$STAGE" = tests ]; then
   echo "== 2. CUDA tests (at most 200 s)"
   timeout 200 python3 -m pytest tests/gpu -s -q --noconftest -p no:cacheprovider 2>&1 | tee "$OUT/cuda_tests.log" | grep -E "PSNR|levels|warm in|passed|failed|Error"
   echo "tests done after $(( $(date +%s) - started )) s"
+fi
+
+if [ "$STAGE" = all ] || [ "$STAGE" = restart ]; then
+  echo "== 3. a worker's warm-up again, on the caches above (at most 90 s)"
+  timeout 90 python3 -m benchmarks.bench_engine --sd15 --warm-up-only 2>&1 | grep -v "Loading weights" | tee "$OUT/restart.log" | grep -E "^# arm|^\{|Error|error"
+  echo "restart done after $(( $(date +%s) - started )) s"
 fi
 
 if [ "$STAGE" = train ]; then
