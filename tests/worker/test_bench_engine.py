@@ -35,3 +35,12 @@ def test_gpu_arms_run_on_the_tiny_model(capsys):
     assert abs(result["ratios"]["c_over_b"] - c_over_b) <= 0.01 * c_over_b + 0.005
     assert result["compile"] == "off" and result["buckets"] == []  # the CPU default: eager, no padding
     assert 0 < result["vae_decode_share_of_c"] < 1 and result["warm_up_s"]["engine"] >= 0
+
+
+def test_warm_up_only_times_a_workers_start_and_nothing_else(capsys):
+    """gpu_session.sh's restart stage: the engine's warm-up alone (on the CPU, eager: one call per part)."""
+    result = bench_engine.main("--tiny --device cpu --warm-up-only".split())
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(printed[-1]) == result
+    assert [line.split(":")[0] for line in printed if line.startswith("# arm")] == ["# arm engine warm-up"]
+    assert set(result["warm_up_s"]) == {"backbone_s", "decode_s", "total_s"} and result["compile"] is None
