@@ -205,6 +205,7 @@ def test_batch_invariance_across_samplers(make_engine):
                 ("", "dpmpp_2m_karras", 9, 12.0),
                 ("a small circle", "dpmpp_2m_sde", 6, 4.0),
                 ("a large square", "unipc", 7, 5.0),
+                ("a blue circle", "lcm", 4, 1.5),
                 ("orange", "ddim", 20, 2.0),
             ]
         )
@@ -240,7 +241,7 @@ def test_default_sampler_and_steps_and_frames(make_engine):
             dict(sampler="plms"),
             "sampler",
             "sampler must be one of ddim, dpmpp_2m, dpmpp_2m_karras, dpmpp_2m_sde, dpmpp_2m_sde_karras, unipc, "
-            "euler, euler_ancestral",
+            "euler, euler_ancestral, lcm",
         ),
         (
             dict(sampler="euler", eta=0.5),

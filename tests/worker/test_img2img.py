@@ -22,13 +22,8 @@ from tests.fixtures.tiny_model import NATIVE_SIZE, build_tiny_model
 
 PROMPT = "a red circle"
 STEPS = 10
-SAMPLERS = (
-    "ddim",
-    "dpmpp_2m",
-    "euler_ancestral",
-    "dpmpp_2m_sde",
-    "unipc",
-)  # deterministic, multistep, drawing noise, corrector
+# deterministic, multistep, drawing noise (in the model's dtype, in float32), a corrector, consistency sampling
+SAMPLERS = ("ddim", "dpmpp_2m", "euler_ancestral", "dpmpp_2m_sde", "unipc", "lcm")
 
 
 def picture(seed: int = 0, size: int = NATIVE_SIZE) -> Image.Image:

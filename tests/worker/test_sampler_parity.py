@@ -31,7 +31,8 @@ from training.evaluate import rescale_guidance as evaluate_rescale
 SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SPACINGS = ("leading", "trailing", "linspace")
 PREDICTIONS = ("epsilon", "v_prediction")
-SIGMA_SAMPLERS = tuple(name for name in SAMPLERS if name != "ddim")  # planned in σ̂ (DDIM: test_ddim_parity.py)
+# planned in σ̂ (DDIM: test_ddim_parity.py; LCM, whose scheduler keeps no σ̂, below)
+SIGMA_SAMPLERS = tuple(name for name in SAMPLERS if name not in ("ddim", "lcm"))
 KARRAS = tuple(name for name in SAMPLERS if name.endswith("_karras"))  # not on the capped cosine schedule
 STEPS = (1, 7, 10, 50, 1000)
 
@@ -69,7 +70,7 @@ def test_names_are_the_registry():
     assert tuple(SAMPLER_CLASSES) == ALL_SAMPLERS == SAMPLERS + ("flow_euler",)
     # the names are the API's: a rename breaks clients
     assert " ".join(SAMPLERS) == (
-        "ddim dpmpp_2m dpmpp_2m_karras dpmpp_2m_sde dpmpp_2m_sde_karras unipc euler euler_ancestral"
+        "ddim dpmpp_2m dpmpp_2m_karras dpmpp_2m_sde dpmpp_2m_sde_karras unipc euler euler_ancestral lcm"
     )
 
 
@@ -261,6 +262,7 @@ def test_unipc_bh1_matches_diffusers_but_for_its_nan_at_the_end(schedule, spacin
         ("EulerDiscreteScheduler", {"use_karras_sigmas": True}, None),
         ("EulerAncestralDiscreteScheduler", {}, "euler_ancestral"),
         ("PNDMScheduler", {}, None),  # SD 1.x's PLMS
+        ("LCMScheduler", {}, "lcm"),
     ],
 )
 def test_a_folders_own_scheduler_names_the_sampler_that_does_what_it_does(scheduler, overrides, expected):
@@ -288,6 +290,63 @@ def test_a_scheduler_latentd_cannot_build_names_no_sampler():
     config = {**model_config("scaled_linear", "leading"), "_class_name": "LMSDiscreteScheduler"}
     assert sampler_for_scheduler(config) is None
     assert sampler_for_scheduler({"_class_name": "NoSuchScheduler"}) is None
+
+
+@pytest.mark.parametrize("schedule,spacing", list(itertools.product(SCHEDULES, SPACINGS)))
+def test_lcm_plan_matches_diffusers(schedule, spacing):
+    """LCMScheduler's timesteps (its own: the distillation schedule subsampled, whatever the spacing), exactly;
+    at most original_inference_steps of them, named in the refusal."""
+    config = model_config(schedule, spacing)
+    sampler = build_samplers(config, alphas_cumprod_from_config(config))["lcm"]
+    assert sampler.max_steps() == 50
+    for steps in (1, 2, 4, 7, 8, 50):
+        ref = reference("lcm", config, steps)
+        assert list(sampler.plan(steps).timesteps) == ref.timesteps.double().tolist(), steps
+    with pytest.raises(ValueError, match="between 1 and 50"):
+        sampler.plan(51)
+    short = build_samplers({**config, "original_inference_steps": 25}, alphas_cumprod_from_config(config))["lcm"]
+    assert short.max_steps() == 25 and len(short.plan(25).timesteps) == 25
+
+
+@pytest.mark.parametrize(
+    "schedule,prediction_type,clip",
+    [
+        (schedule, prediction_type, clip)
+        for schedule in ("scaled_linear", "squaredcos_cap_v2")
+        for prediction_type in PREDICTIONS
+        for clip in (False, True)
+    ],
+)
+def test_lcm_update_matches_diffusers(schedule, prediction_type, clip):
+    """Every step of 1/4/8-step runs fed the same sample and model output, the noise from the same seed at every
+    step but the last (none there): our update vs LCMScheduler.step on our float64 ᾱ, max error ≤ 1e-5; with
+    clip_sample too (x̂0 clamped before the boundary condition)."""
+    config = model_config(schedule, "trailing", prediction_type)
+    if clip:  # laid over the dict: drop its _use_default_values, with which from_config would reset them
+        config = {k: v for k, v in config.items() if k != "_use_default_values"}
+        config |= {"clip_sample": True, "clip_sample_range": 0.8}
+    ac = alphas_cumprod_from_config(config)
+    sampler = build_samplers(config, ac)["lcm"]
+    g = torch.Generator().manual_seed(6)
+    for steps in (1, 4, 8):
+        plan, state = sampler.plan(steps), sampler.start(steps)
+        ref = reference("lcm", config, steps, ac)
+        x0 = torch.randn((2, 4, 4, 4), generator=g, dtype=torch.float64)
+        x = torch.randn((2, 4, 4, 4), generator=g)
+        for i, t in enumerate(ref.timesteps):
+            model_output = consistent_output(x, plan, i, x0, prediction_type, g)
+            kwargs, noise = {}, None
+            assert sampler.draws_noise(state) == (i < steps - 1)
+            if sampler.draws_noise(state):
+                seed = int(torch.randint(0, 2**31, (1,), generator=g))
+                kwargs["generator"] = torch.Generator().manual_seed(seed)
+                noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+            theirs = ref.step(model_output.double(), t, x, **kwargs)
+            ours, denoised = sampler.step([state], [2], model_output, x, noise)
+            assert (ours.double() - theirs.prev_sample).abs().max().item() <= 1e-5, (steps, i)
+            assert (denoised.double() - theirs.denoised).abs().max().item() <= 1e-5, (steps, i)
+            x = ours
+        assert state.finished and torch.equal(x, denoised)  # the last step returns f itself
 
 
 def test_thresholding_defaults_are_diffusers():

@@ -40,6 +40,7 @@ from services.worker.diffusion.dpm_solver import dpm_solver_2m_step
 from services.worker.diffusion.euler import euler_step
 from services.worker.diffusion.euler_ancestral import euler_ancestral_step
 from services.worker.diffusion.flow_matching import flow_euler_step, flow_schedule, mu_for, unsupported_reason
+from services.worker.diffusion.lcm import boundary_scalings, lcm_step
 from services.worker.diffusion.schedules import (
     dpm_solver_timesteps,
     euler_timesteps,
@@ -47,6 +48,8 @@ from services.worker.diffusion.schedules import (
     inference_timesteps,
     interpolate_sigmas,
     karras_sigmas,
+    lcm_original_steps,
+    lcm_timesteps,
     max_dpm_solver_steps,
     max_inference_steps,
     previous_timesteps,
@@ -514,6 +517,59 @@ class EulerAncestralSampler(EulerSampler):
         return out.x_next, out.x0_pred
 
 
+class LCMSampler(Sampler):
+    """Multistep consistency sampling (lcm.py) as LCMScheduler.from_config(config), for latent consistency models
+    guided by CFG (an SD or SDXL model with the LCM-LoRA fused in; a UNet with a guidance embedding is refused at
+    load): LCM's own timesteps (original_inference_steps, 50 by
+    default, evenly subsampled), σ̂ at them and 0 after the last; a noise draw at every step but the last, in the
+    model's dtype; x̂0 thresholded or clipped where the config says."""
+
+    name = "lcm"
+    scheduler = "LCMScheduler"
+    config_defaults = {"rescale_betas_zero_snr": False}
+
+    def __init__(self, config, alphas_cumprod, device="cpu"):
+        super().__init__(config, alphas_cumprod, device)
+        self.timestep_scaling = float(self.config.get("timestep_scaling", 10.0))
+        self.thresholding = Thresholding.from_config(self.config)
+        self.clip_range = clip_range(self.config)
+
+    @classmethod
+    def unsupported(cls, config):
+        if lcm_original_steps(config) > int(config.get("num_train_timesteps", 1000)):
+            return "original_inference_steps above num_train_timesteps"
+        return super().unsupported(config)
+
+    def max_steps(self) -> int:
+        return min(lcm_original_steps(self.config), int(self.config.get("num_train_timesteps", 1000)))
+
+    def _plan(self, num_inference_steps: int) -> Plan:
+        timesteps = lcm_timesteps(self.config, num_inference_steps)
+        sigmas = interpolate_sigmas(sigma_table(self.alphas_cumprod), timesteps)
+        return Plan(timesteps=tuple(float(t) for t in timesteps), sigmas=(*(float(s) for s in sigmas), 0.0))
+
+    def draws_noise(self, state: SamplerState) -> bool:
+        return state.step_index < state.plan.num_steps - 1
+
+    def step(self, states, counts, model_output, x, noise):
+        scalings = [boundary_scalings(s.plan.timesteps[s.step_index], self.timestep_scaling) for s in states]
+        out = lcm_step(
+            model_output,
+            x,
+            per_row([s.plan.alpha_bar(s.step_index) for s in states], counts, self.device),
+            per_row([s.plan.alpha_bar(s.step_index + 1) for s in states], counts, self.device),
+            per_row([c_skip for c_skip, _ in scalings], counts, self.device),
+            per_row([c_out for _, c_out in scalings], counts, self.device),
+            per_row([not self.draws_noise(s) for s in states], counts, self.device, torch.bool),
+            noise,
+            self.prediction_type,
+            self.thresholding,
+            self.clip_range,
+        )
+        self._advance(states)
+        return out.x_next, out.denoised
+
+
 class FlowEulerSampler(Sampler):
     """Flow-matching Euler (flow_matching.py) as FlowMatchEulerDiscreteScheduler.from_config(config): σ from
     the config's shift (or μ from the picture's token count where use_dynamic_shifting), the backbone called
@@ -586,6 +642,7 @@ SAMPLER_CLASSES: dict[str, type[Sampler]] = {
         UniPCSampler,
         EulerSampler,
         EulerAncestralSampler,
+        LCMSampler,
         FlowEulerSampler,
     )
 }

@@ -214,6 +214,26 @@ def dpm_solver_timesteps(config: Mapping[str, Any], num_inference_steps: int) ->
     return steps.astype(np.int64)
 
 
+def lcm_original_steps(config: Mapping[str, Any]) -> int:
+    """LCMScheduler's `original_inference_steps`: the distillation schedule's length (50 unless the config says)."""
+    return int(config.get("original_inference_steps", 50) or 50)
+
+
+def lcm_timesteps(config: Mapping[str, Any], num_inference_steps: int) -> np.ndarray:
+    """The timesteps of LCMScheduler.set_timesteps(n): the distillation schedule k·j − 1 (j = 1..N, k = T // N,
+    N = original_inference_steps), high to low, at n evenly spaced indices (floored), int64."""
+    T = int(config.get("num_train_timesteps", 1000))
+    N = lcm_original_steps(config)
+    n = num_inference_steps
+    if not 1 <= n <= min(N, T):
+        raise ValueError(
+            f"num_inference_steps must be between 1 and {min(N, T)} for this model's scheduler "
+            f"(LCM: at most its original_inference_steps, {N}), got {n}"
+        )
+    origin = (np.arange(1, N + 1) * (T // N) - 1)[::-1]
+    return origin[np.floor(np.linspace(0, N, num=n, endpoint=False)).astype(np.int64)].astype(np.int64)
+
+
 def max_dpm_solver_steps(config: Mapping[str, Any]) -> int:
     """The most DPM-Solver steps whose timesteps are distinct (h ≠ 0) and inside the table."""
     T = int(config.get("num_train_timesteps", 1000))
