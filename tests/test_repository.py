@@ -53,6 +53,6 @@ def test_the_sampler_lists_written_out_name_every_sampler():
     for name, anchor in places.items():
         text = (ROOT / name).read_text()
         assert anchor in text, (name, anchor)
-        passage = text[text.index(anchor) :][:2500]
+        passage = text[text.index(anchor) :][:6000]
         missing = [s for s in SAMPLERS if not re.search(rf"\b{s}\b", passage)]
         assert not missing, f"{name} does not name {missing} near {anchor!r}"

@@ -31,10 +31,10 @@ DEFAULT_FORWARD_TIMESTEPS = tuple(range(0, 1001, 50))
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 # DDIM (Song et al. 2021); DPM-Solver++(2M) (Lu et al. 2022) on the scheduler's timesteps, and on Karras
 # et al.'s σ spacing, each also as its SDE variant (one noise draw per step); UniPC (Zhao et al. 2023); Euler
-# (Karras et al. 2022) and Euler ancestral (k-diffusion); LCM's multistep consistency sampling (Luo et al. 2023)
-# for latent consistency models; each as its diffusers scheduler configured from the model's scheduler config;
-# and flow_euler, flow matching's Euler step on the shifted σ schedule of a flow model (SD3, Flux:
-# FlowMatchEulerDiscreteScheduler), the only one those take.
+# (Karras et al. 2022), also on Karras σ, and Euler ancestral (k-diffusion); LCM's multistep consistency
+# sampling (Luo et al. 2023) for latent consistency models; each as its diffusers scheduler configured from the
+# model's scheduler config; and flow_euler, flow matching's Euler step on the shifted σ schedule of a flow model
+# (SD3, Flux: FlowMatchEulerDiscreteScheduler), the only one those take.
 # A model supports these less the ones its scheduler config rules out (GET /v1/models lists them).
 DDPM_SAMPLERS: tuple[str, ...] = (
     "ddim",
@@ -44,6 +44,7 @@ DDPM_SAMPLERS: tuple[str, ...] = (
     "dpmpp_2m_sde_karras",
     "unipc",
     "euler",
+    "euler_karras",
     "euler_ancestral",
     "lcm",
 )

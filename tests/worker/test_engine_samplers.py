@@ -25,7 +25,8 @@ from tests.fixtures.tiny_model import build_tiny_model
 STEPS = 8
 PROMPT = "a red circle"
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "shapes-ldm"
-COSINE_SAMPLERS = tuple(name for name in SAMPLERS if not name.endswith("_karras"))  # see DPMSolver2MKarrasSampler
+# see DPMSolver2MKarrasSampler
+COSINE_SAMPLERS = tuple(name for name in SAMPLERS if name not in ("dpmpp_2m_karras", "dpmpp_2m_sde_karras"))
 
 
 def request(request_id: str, **overrides) -> GenerationRequest:
@@ -241,7 +242,7 @@ def test_default_sampler_and_steps_and_frames(make_engine):
             dict(sampler="plms"),
             "sampler",
             "sampler must be one of ddim, dpmpp_2m, dpmpp_2m_karras, dpmpp_2m_sde, dpmpp_2m_sde_karras, unipc, "
-            "euler, euler_ancestral, lcm",
+            "euler, euler_karras, euler_ancestral, lcm",
         ),
         (
             dict(sampler="euler", eta=0.5),
