@@ -11,6 +11,11 @@ of the jobs that were running, sent after the reconnect through the old channel.
 sweep (`unacked_restore_interval`) puts back on the queue after the visibility timeout. For latentd that is only
 a spare "run one job" token: a task that finds no queued job returns at once (services/worker/tasks.py), and
 the jobs themselves live in the job store with leases, not in the messages.
+
+That sweep runs under a Redis lock (`unacked_mutex`) that expires after `unacked_mutex_expire`, 300 s by
+default: a worker SIGKILLed while it holds the lock stops every other worker's sweep for five minutes (a
+redelivery the fault suite waits 60 s for did not come, once in a CI run). The sweep takes milliseconds;
+`unacked_mutex_expire()` bounds the lock by the visibility timeout instead.
 """
 
 from __future__ import annotations
@@ -23,6 +28,14 @@ from typing import Any
 from kombu.transport import redis as kombu_redis
 
 log = logging.getLogger(__name__)
+
+
+UNACKED_MUTEX_KEY = "unacked_mutex"  # kombu's default name of the sweep's lock
+
+
+def unacked_mutex_expire(visibility_timeout_s: int) -> int:
+    """Seconds the unacked sweep's lock lives: a quarter of the visibility timeout, 1 to 300 (kombu's default)."""
+    return max(1, min(300, int(visibility_timeout_s) // 4))
 
 
 def _tolerating_a_lost_connection(method: Callable[..., Any], what: str) -> Callable[..., Any]:

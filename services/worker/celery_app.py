@@ -48,6 +48,8 @@ def create_celery() -> Celery:
             # every 100 s), so a short timeout (the fault suite's) redelivers soon
             "unacked_restore_interval": max(1, min(100, settings.visibility_timeout_s // 36)),
             "unacked_restore_throttle": 1,
+            # the sweep's lock: a worker killed while holding it must not stop the others' sweeps for long
+            "unacked_mutex_expire": broker.unacked_mutex_expire(settings.visibility_timeout_s),
             "socket_timeout": settings.redis_timeout_s,
             "socket_connect_timeout": settings.redis_timeout_s,
         },

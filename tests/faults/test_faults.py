@@ -23,7 +23,8 @@ from services.common.grpc_gen.latentd.v1 import latentd_pb2 as pb
 from services.common.grpc_gen.latentd.v1 import latentd_pb2_grpc as pb_grpc
 from services.common.settings import Settings, hash_key
 from services.core.core import Core, TaskSender
-from tests.faults.conftest import DRAIN_GRACE_S, KEY, MAX_LOST, PROMPT, kill, wait_until
+from services.worker.broker import UNACKED_MUTEX_KEY, unacked_mutex_expire
+from tests.faults.conftest import DRAIN_GRACE_S, KEY, MAX_LOST, PROMPT, VISIBILITY_TIMEOUT_S, kill, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -106,6 +107,10 @@ def test_kill_after_the_result_is_stored_but_before_the_ack_gives_one_result(fau
     assert job["status"] == "succeeded" and job["attempt"] == "1"
     images = job["images"]
     assert faults.redis.hlen("unacked") >= 1  # its task was never acked: the broker will redeliver it
+    # as if it had died holding kombu's sweep lock (a SIGKILL can land while its consumer sweeps): the lock lapses
+    # after broker.unacked_mutex_expire, not kombu's 300 s, and the sweep goes on
+    expire = unacked_mutex_expire(VISIBILITY_TIMEOUT_S)
+    faults.redis.set(UNACKED_MUTEX_KEY, f"killed-{crashing.pid}", ex=expire, nx=True)
     faults.ensure_workers(2)
     # the broker redelivers the task after the visibility timeout; the worker that runs it finds no job to take
     wait_until(
