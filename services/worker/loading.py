@@ -282,11 +282,10 @@ def read_defaults(folder: Path, scheduler_config: dict, family: Family | None = 
     ruled_out = unsupported_samplers(scheduler_config)
     supported = [n for n in SAMPLERS if n not in ruled_out]
     # a request without a sampler gets what the folder's pipeline samples with when called plainly, where latentd
-    # has that sampler; else ddim (or the only one the model takes)
-    own = sampler_for_scheduler(scheduler_config)
+    # has that sampler (one the config allows); else ddim (or the only one the model takes)
     fallback = DEFAULT_SAMPLER if DEFAULT_SAMPLER in supported else (supported or [DEFAULT_SAMPLER])[0]
     defaults = {
-        "default_sampler": own if own in supported else fallback,
+        "default_sampler": sampler_for_scheduler(scheduler_config) or fallback,
         "default_guidance_rescale": 0.0,
         "default_guidance_start": MIN_GUIDANCE_FRACTION,
         "default_guidance_stop": MAX_GUIDANCE_FRACTION,

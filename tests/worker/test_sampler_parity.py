@@ -363,6 +363,11 @@ def test_thresholding_defaults_are_diffusers():
     config = model_config("squaredcos_cap_v2", "trailing", "v_prediction", thresholding=True)
     for name in ("ddim", "dpmpp_2m"):
         assert name not in unsupported_samplers(config)
+    # a config without clip_sample clips as the scheduler would built from it: DDIM yes, LCM no
+    bare = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+    samplers = build_samplers(bare, alphas_cumprod_from_config(bare))
+    assert samplers["ddim"].clip_range == diffusers_scheduler("ddim", bare).config.clip_sample_range == 1.0
+    assert samplers["lcm"].clip_range is None and not diffusers_scheduler("lcm", bare).config.clip_sample
 
 
 @pytest.mark.parametrize("name", SIGMA_SAMPLERS)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from services.worker.diffusion.schedules import gather
-from services.worker.diffusion.thresholding import Thresholding, dynamic_threshold
+from services.worker.diffusion.thresholding import Thresholding, limit_x0
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -74,10 +74,7 @@ def ddim_step(
         eps_pred = sqrt_alpha_bar_t * model_output + sqrt_one_minus_alpha_bar_t * x_t
     else:
         raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
-    if thresholding is not None:
-        x0_pred = dynamic_threshold(x0_pred, thresholding)  # per row; ε̂ is left as predicted
-    elif clip_range is not None:
-        x0_pred = x0_pred.clamp(-clip_range, clip_range)  # ε̂ is left as predicted here too
+    x0_pred = limit_x0(x0_pred, thresholding, clip_range)  # per row; ε̂ is left as predicted
 
     # 3. σ_t(η) (eq. 16): η·√((1−ᾱ_{t−1})/(1−ᾱ_t))·√(1−ᾱ_t/ᾱ_{t−1})
     variance = (1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)

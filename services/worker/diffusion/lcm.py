@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from services.worker.diffusion.dpm_solver import data_prediction
-from services.worker.diffusion.thresholding import Thresholding, dynamic_threshold
+from services.worker.diffusion.thresholding import Thresholding, limit_x0
 
 SIGMA_DATA = 0.5
 
@@ -70,10 +70,7 @@ def lcm_step(
 
     # 1. x̂0 from the model output (ε or v) at t, thresholded or clipped where the config says
     x0_pred = data_prediction(model_output, x, alpha_bar.sqrt(), (1 - alpha_bar).sqrt(), prediction_type)
-    if thresholding is not None:
-        x0_pred = dynamic_threshold(x0_pred, thresholding)
-    elif clip_range is not None:
-        x0_pred = x0_pred.clamp(-clip_range, clip_range)
+    x0_pred = limit_x0(x0_pred, thresholding, clip_range)
 
     # 2. the consistency function with its boundary condition
     denoised = c_out * x0_pred + c_skip * x

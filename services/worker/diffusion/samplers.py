@@ -18,8 +18,8 @@ What a sampler knows, for each request kind:
     folder's own scheduler names its default sampler (sampler_for_scheduler).
 
 The math is in ddim.py, dpm_solver.py (with its SDE variant), unipc.py, euler.py, euler_ancestral.py, lcm.py and
-flow_matching.py (one algorithm per file); this module is bookkeeping. Flow matching (`flow_euler`: x_next = x + (σ_next − σ)·v on a shifted σ
-schedule, the SD3 and Flux families' sampler) is one more class: a plan, an input scale (1), a step. Its plan
+flow_matching.py (one algorithm per file); this module is bookkeeping. Flow matching (`flow_euler`:
+x_next = x + (σ_next − σ)·v on a shifted σ schedule, the SD3 and Flux families' sampler) is one more class: a plan, an input scale (1), a step. Its plan
 may depend on the picture's size (Flux's resolution-dependent shift μ), so the engine asks for a request's
 plan with `plan_for(steps, image_seq_len)`. Image-to-image (a request starting at step k of its plan with
 noised image latents) is the same: `SamplerState.steps_done` counts the request's own updates, so a
@@ -546,9 +546,9 @@ class EulerAncestralSampler(EulerSampler):
 class LCMSampler(Sampler):
     """Multistep consistency sampling (lcm.py) as LCMScheduler.from_config(config), for latent consistency models
     guided by CFG (an SD or SDXL model with the LCM-LoRA fused in; a UNet with a guidance embedding is refused at
-    load): LCM's own timesteps (original_inference_steps, 50 by
-    default, evenly subsampled), σ̂ at them and 0 after the last; a noise draw at every step but the last, in the
-    model's dtype; x̂0 thresholded or clipped where the config says."""
+    load): LCM's own timesteps (original_inference_steps, 50 by default, evenly subsampled), σ̂ at them and 0 after
+    the last; a noise draw at every step but the last, in the model's dtype; x̂0 thresholded or clipped where the
+    config says."""
 
     name = "lcm"
     scheduler = "LCMScheduler"
@@ -558,7 +558,7 @@ class LCMSampler(Sampler):
         super().__init__(config, alphas_cumprod, device)
         self.timestep_scaling = float(self.config.get("timestep_scaling", 10.0))
         self.thresholding = Thresholding.from_config(self.config)
-        self.clip_range = clip_range(self.config)
+        self.clip_range = clip_range(self.config, clip_by_default=False)  # LCMScheduler's default
 
     @classmethod
     def unsupported(cls, config):
@@ -567,7 +567,7 @@ class LCMSampler(Sampler):
         return super().unsupported(config)
 
     def max_steps(self) -> int:
-        return min(lcm_original_steps(self.config), int(self.config.get("num_train_timesteps", 1000)))
+        return lcm_original_steps(self.config)  # at most num_train_timesteps (unsupported() says)
 
     def _plan(self, num_inference_steps: int) -> Plan:
         timesteps = lcm_timesteps(self.config, num_inference_steps)
@@ -693,9 +693,9 @@ def diffusers_scheduler(name: str, config: Mapping[str, Any]):
 
 def sampler_for_scheduler(config: Mapping[str, Any]) -> str | None:
     """The sampler that does what the model folder's own scheduler does, i.e. what its pipeline samples with when
-    called plainly; None where latentd has none (PNDMScheduler, SD 1.x's; DPM-Solver of order 3; Karras σ on Euler;
-    a config option a sampler does not implement). The folder's config is read with the scheduler's own defaults
-    filled in, and matched against each sampler's scheduler and overrides."""
+    called plainly; None where latentd has none (PNDMScheduler, SD 1.x's; DPM-Solver of order 3; a config option
+    a sampler does not implement). The folder's config is read with the scheduler's own defaults filled in, and
+    matched against each sampler's scheduler and overrides, among the samplers the config allows."""
     import diffusers
 
     candidates = [(name, cls) for name, cls in SAMPLER_CLASSES.items() if cls.scheduler == config.get("_class_name")]

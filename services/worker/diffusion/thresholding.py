@@ -53,11 +53,20 @@ def dynamic_threshold(x0_pred: torch.Tensor, thresholding: Thresholding) -> torc
     return (torch.clamp(rows, -s, s) / s).reshape(x0_pred.shape)
 
 
-def clip_range(config: Mapping[str, Any]) -> float | None:
-    """DDIMScheduler's sample clipping: x̂0 clamped to [−r, r], r = `clip_sample_range` (1.0), where the config says
-    `clip_sample` (DDIMScheduler's default, True, where the key is missing: DDIMScheduler.from_config would clip)
-    and thresholding is off (diffusers thresholds or clips, never both). None: no clipping. SD, SDXL and the
-    shapes model ship `clip_sample: false`: latents are not bounded by 1."""
-    if config.get("thresholding", False) or not config.get("clip_sample", True):
+def clip_range(config: Mapping[str, Any], clip_by_default: bool = True) -> float | None:
+    """A scheduler's sample clipping: x̂0 clamped to [−r, r], r = `clip_sample_range` (1.0), where the config says
+    `clip_sample` (where the key is missing, the scheduler's own default: True for DDIMScheduler, whose
+    from_config would clip, False for LCMScheduler) and thresholding is off (diffusers thresholds or clips, never
+    both). None: no clipping. SD, SDXL and the shapes model ship `clip_sample: false`: latents are not bounded by 1."""
+    if config.get("thresholding", False) or not config.get("clip_sample", clip_by_default):
         return None
     return float(config.get("clip_sample_range", 1.0))
+
+
+def limit_x0(x0_pred: torch.Tensor, thresholding: Thresholding | None, clip: float | None) -> torch.Tensor:
+    """x̂0 dynamically thresholded where `thresholding` is given, else clamped to [−clip, clip] where `clip` is."""
+    if thresholding is not None:
+        return dynamic_threshold(x0_pred, thresholding)
+    if clip is not None:
+        return x0_pred.clamp(-clip, clip)
+    return x0_pred
