@@ -308,8 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--sampler",
             help=(
-                "ddim, dpmpp_2m, dpmpp_2m_karras, dpmpp_2m_sde, dpmpp_2m_sde_karras, unipc, euler, euler_karras, "
-                "euler_ancestral, lcm; "
+                "ddim, plms, dpmpp_2m, dpmpp_2m_karras, dpmpp_2m_sde, dpmpp_2m_sde_karras, unipc, euler, "
+                "euler_karras, euler_ancestral, lcm; "
                 "flow_euler for SD3 and Flux (`latentd models`)"
             ),
         )

@@ -29,7 +29,8 @@ MAX_GUIDANCE_SCALES = 16
 DEFAULT_GUIDANCE_SCALES = (0.0, 1.0, 3.0, 7.5, 15.0)
 DEFAULT_FORWARD_TIMESTEPS = tuple(range(0, 1001, 50))
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
-# DDIM (Song et al. 2021); DPM-Solver++(2M) (Lu et al. 2022) on the scheduler's timesteps, and on Karras
+# DDIM (Song et al. 2021); PLMS (Liu et al. 2022, SD 1.x's PNDM scheduler: n + 1 model calls for n steps);
+# DPM-Solver++(2M) (Lu et al. 2022) on the scheduler's timesteps, and on Karras
 # et al.'s σ spacing, each also as its SDE variant (one noise draw per step); UniPC (Zhao et al. 2023); Euler
 # (Karras et al. 2022), also on Karras σ, and Euler ancestral (k-diffusion); LCM's multistep consistency
 # sampling (Luo et al. 2023) for latent consistency models; each as its diffusers scheduler configured from the
@@ -38,6 +39,7 @@ OUTPUT_FORMATS = ("png", "jpeg", "webp")
 # A model supports these less the ones its scheduler config rules out (GET /v1/models lists them).
 DDPM_SAMPLERS: tuple[str, ...] = (
     "ddim",
+    "plms",
     "dpmpp_2m",
     "dpmpp_2m_karras",
     "dpmpp_2m_sde",
@@ -49,6 +51,7 @@ DDPM_SAMPLERS: tuple[str, ...] = (
     "lcm",
 )
 FLOW_SAMPLERS: tuple[str, ...] = ("flow_euler",)
+DOUBLED_FIRST_STEP: tuple[str, ...] = ("plms",)  # one model call more than steps (steps_run)
 SAMPLERS: tuple[str, ...] = DDPM_SAMPLERS + FLOW_SAMPLERS
 # a model's default sampler: latentd.json's, else the one its folder's scheduler is (loading.read_defaults), else this
 DEFAULT_SAMPLER = "ddim"
@@ -332,10 +335,22 @@ def check_image_inputs(
 
 
 def steps_run(num_inference_steps: int, strength: float | None, sampler: str = DEFAULT_SAMPLER) -> int:
-    """The denoising steps a request runs: all of them, or with an image those from its start step on."""
-    if strength is None:
-        return num_inference_steps
-    return num_inference_steps - start_step(num_inference_steps, strength, sampler)
+    """The denoising steps a request runs (its progress counts them, one model call each): all of them, or with
+    an image those from its start step on; with PLMS one more where it runs more than one, because it evaluates
+    its first step twice (as diffusers' PNDMScheduler lists the second timestep twice)."""
+    runs = num_inference_steps
+    if strength is not None:
+        runs -= start_step(num_inference_steps, strength, sampler)
+    return runs + 1 if sampler in DOUBLED_FIRST_STEP and runs > 1 else runs
+
+
+def steps_run_label(strength: float | None, sampler: str) -> str:
+    """What steps_run counts, as an error message names it."""
+    if strength is not None:
+        return "the steps it runs at its strength"
+    if sampler in DOUBLED_FIRST_STEP:
+        return f"the steps it runs ({sampler}: num_inference_steps + 1)"
+    return "num_inference_steps"
 
 
 def check_generation(
@@ -416,9 +431,9 @@ def check_generation(
         num_inference_steps=steps,
         sampler=sampler,
     )
-    runs = "num_inference_steps" if strength is None else "the steps it runs at its strength"
-    check_every("preview_every", preview_every, steps_run(steps, strength, sampler), steps_are=runs)
-    check_every("trajectory_every", trajectory_every, steps_run(steps, strength, sampler), steps_are=runs)
+    runs, label = steps_run(steps, strength, sampler), steps_run_label(strength, sampler)
+    check_every("preview_every", preview_every, runs, steps_are=label)
+    check_every("trajectory_every", trajectory_every, runs, steps_are=label)
     size = check_size(limits, width, height)
     check_prompt(limits, "prompt", prompt)
     check_prompt(limits, "negative_prompt", negative_prompt)

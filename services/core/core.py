@@ -420,7 +420,7 @@ class Core:
         resolved = self._resolve(model, generation | {"prompt": body.prompt or ""} | _sizes(start, mask))
         if kind == "reverse":
             runs = rules.steps_run(resolved["num_inference_steps"], resolved["strength"], resolved["sampler"])
-            label = "num_inference_steps" if resolved["strength"] is None else "the steps it runs"
+            label = rules.steps_run_label(resolved["strength"], resolved["sampler"])
             rules.check_every("trajectory_every", body.trajectory_every, runs, low=1, steps_are=label)
         params = _params(
             body.model_dump(exclude={"image", "mask"})

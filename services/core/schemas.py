@@ -172,7 +172,10 @@ class GenerationCreate(_ImageFields):
         0,
         ge=0,
         le=MAX_STEPS,
-        description="Send a small x0 prediction in every k-th step event (0 = none; at most num_inference_steps).",
+        description=(
+            "Send a small x0 prediction in every k-th step event (0 = none; at most the steps the job runs: "
+            "num_inference_steps, fewer with an image, one more with plms)."
+        ),
     )
 
 

@@ -70,10 +70,10 @@ def test_cuda_engine_matches_diffusers_pipeline_in_the_same_dtype(dtype_name):
     assert measured >= 40
 
 
-@pytest.mark.parametrize("sampler", ["dpmpp_2m_sde", "unipc", "euler_ancestral"])
+@pytest.mark.parametrize("sampler", ["dpmpp_2m_sde", "unipc", "euler_ancestral", "plms"])
 def test_cuda_samplers_match_their_schedulers_in_float16(sampler):
     """The samplers that draw noise per step (the SDE solver draws in float32 whatever the model's dtype, Euler
-    ancestral in the model's) or keep a corrector's state, in float16 at 20 steps and the model's guidance
+    ancestral in the model's) or keep a corrector's state or a multistep's outputs (PLMS), in float16 at 20 steps and the model's guidance
     interval, against StableDiffusionPipeline with the scheduler swapped as a user would
     (samplers.diffusers_scheduler) and guided where diffusers' guider says (tests/fixtures/guidance.py).
     (Guided at every step, a strongly guided SDE trajectory amplifies rounding step by step, so half precision

@@ -12,6 +12,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
+from services.common import rules
 from services.common.rules import DDPM_SAMPLERS as SAMPLERS  # the DDPM-family models' samplers
 from services.worker.diffusion.samplers import diffusers_scheduler
 from services.worker.engine.errors import InvalidRequestError
@@ -239,9 +240,9 @@ def test_default_sampler_and_steps_and_frames(make_engine):
     "overrides,field,message",
     [
         (
-            dict(sampler="plms"),
+            dict(sampler="heun"),
             "sampler",
-            "sampler must be one of ddim, dpmpp_2m, dpmpp_2m_karras, dpmpp_2m_sde, dpmpp_2m_sde_karras, unipc, "
+            "sampler must be one of ddim, plms, dpmpp_2m, dpmpp_2m_karras, dpmpp_2m_sde, dpmpp_2m_sde_karras, unipc, "
             "euler, euler_karras, euler_ancestral, lcm",
         ),
         (
@@ -263,6 +264,23 @@ def test_bad_sampler_input_is_named(make_engine, overrides, field, message):
     with pytest.raises(InvalidRequestError, match=message) as error:
         make_engine().submit(request("bad", **overrides))
     assert error.value.field == field
+
+
+def test_plms_counts_the_model_calls_it_makes(make_engine):
+    """PLMS makes n + 1 model calls for n steps: its step events count them (the second timestep twice, as the
+    pipeline's timesteps list it), the doors' rule (rules.steps_run) agrees, and preview_every may reach n + 1,
+    not more, with the reason named."""
+    engine = make_engine()
+    handle = engine.submit(request("plms", sampler="plms", num_inference_steps=4, preview_every=5))
+    events = list(handle.events(timeout=60))
+    handle.result(60)
+    assert [e.step for e in events] == [1, 2, 3, 4, 5] and {e.total for e in events} == {5}
+    assert [e.timestep for e in events] == [751, 501, 501, 251, 1]  # leading spacing, steps_offset 1
+    assert [e.preview is not None for e in events] == [False] * 4 + [True]
+    assert rules.steps_run(4, None, "plms") == 5 and rules.steps_run(1, None, "plms") == 1
+    message = r"preview_every must be between 0 and the steps it runs \(plms: num_inference_steps \+ 1\) \(5\), got 6"
+    with pytest.raises(InvalidRequestError, match=message):
+        engine.submit(request("too-late", sampler="plms", num_inference_steps=4, preview_every=6))
 
 
 def test_karras_is_not_offered_on_the_capped_cosine_schedule(make_engine, cosine_v_model):
@@ -306,7 +324,7 @@ def test_model_defaults_from_latentd_json(make_engine, tiny_model_path, tmp_path
     # the pipeline ignores the file
     assert StableDiffusionPipeline.from_pretrained(folder, safety_checker=None) is not None
     for bad, complaint in (
-        ({"default_sampler": "plms"}, "default_sampler must be one of"),
+        ({"default_sampler": "heun"}, "default_sampler must be one of"),
         ({"default_guidance_rescale": 2}, "default_guidance_rescale must be between 0 and 1"),
         (
             {"default_guidance_start": 0.8, "default_guidance_stop": 0.2},
@@ -322,25 +340,26 @@ def test_model_defaults_from_latentd_json(make_engine, tiny_model_path, tmp_path
 
 
 @pytest.mark.parametrize(
-    "scheduler,expected",
+    "scheduler,options,expected",
     [
-        ("EulerAncestralDiscreteScheduler", "euler_ancestral"),
-        ("UniPCMultistepScheduler", "unipc"),
-        ("PNDMScheduler", "ddim"),
+        ("EulerAncestralDiscreteScheduler", {}, "euler_ancestral"),
+        ("UniPCMultistepScheduler", {}, "unipc"),
+        ("PNDMScheduler", {"skip_prk_steps": True}, "plms"),  # SD 1.x's, as its folders ship it
+        ("PNDMScheduler", {}, "ddim"),
     ],
 )
 def test_a_request_without_a_sampler_gets_the_folders_own_scheduler(
-    make_engine, tiny_model_path, tmp_path, scheduler, expected
+    make_engine, tiny_model_path, tmp_path, scheduler, options, expected
 ):
-    """A folder saved with another scheduler (as SDXL base ships Euler, community models DPM-Solver or UniPC): its
-    default sampler is the one that does what that scheduler does, so a request without a sampler gets the picture
-    of StableDiffusionPipeline.from_pretrained(folder) called plainly. PNDM (SD 1.x's PLMS) has no latentd sampler:
-    ddim, as before. latentd.json's default_sampler still wins."""
+    """A folder saved with another scheduler (as SD 1.x ships PNDM, SDXL base Euler, community models DPM-Solver or
+    UniPC): its default sampler is the one that does what that scheduler does, so a request without a sampler gets
+    the picture of StableDiffusionPipeline.from_pretrained(folder) called plainly. PNDM with its Runge-Kutta warm-up
+    (skip_prk_steps false) has no latentd sampler: ddim, as before. latentd.json's default_sampler still wins."""
     import diffusers
 
-    folder = tmp_path / scheduler
+    folder = tmp_path / f"{scheduler}-{len(options)}"
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_path, safety_checker=None)
-    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config, **options)
     pipe.save_pretrained(folder)  # model_index.json and scheduler_config.json both name it
     model = load_model(folder)
     assert model.default_sampler == expected

@@ -131,6 +131,46 @@ def test_inpainting_parity_ordinary_unet(make_engine, tiny_model, tiny_model_pat
     assert psnr(plain.images, expected) < 30
 
 
+def from_its_own_start(pipe, start: int):
+    """The pipeline with PLMS started as latentd starts it at step `start`: its get_timesteps gives the calls of a
+    text-to-image run from there (step start + 1 twice) instead of PNDM's n + 1 timesteps cut at `start`."""
+
+    def get_timesteps(num_inference_steps, strength, device):
+        listed = pipe.scheduler.timesteps.tolist()  # t_0, t_1, t_1, t_2, ...: the distinct ones are these
+        distinct = [listed[0], *listed[2:]]
+        calls = distinct[start : start + 1] + distinct[start + 1 :][:1] + distinct[start + 1 :]
+        return torch.tensor(calls, device=device), len(calls)
+
+    pipe.get_timesteps = get_timesteps
+    return pipe
+
+
+@pytest.mark.parametrize("cls", [StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline])
+def test_plms_image_to_image_starts_as_text_to_image_would(make_engine, tiny_model, tiny_model_path, cls):
+    """PLMS evaluates its first step twice. diffusers' img2img and inpaint pipelines cut PNDM's timesteps at k
+    (from k ≥ 2 its ratio arithmetic then steps a sample one timestep behind the one it names); latentd runs from
+    step k as text to image runs from t_T: the pipeline with that start (from_its_own_start) is the reference,
+    alone and batched. At strength 1 the two agree and the plain pipeline is matched."""
+    image, mask = picture(6), square_mask()
+    inputs = dict(image=image) | (dict(mask_image=mask) if cls is StableDiffusionInpaintPipeline else {})
+    fields = dict(image=image) | (dict(mask=mask) if cls is StableDiffusionInpaintPipeline else {})
+    start = rules.start_step(STEPS, 0.6, "plms")
+    expected = theirs(from_its_own_start(pipeline(cls, tiny_model_path, "plms"), start), strength=0.6, **inputs)
+    target = request("plms", sampler="plms", strength=0.6, **fields)
+    handle = make_engine().submit(target)
+    alone = handle.result(60).images
+    assert psnr(alone, expected) >= 40
+    assert psnr(run_batched(tiny_model, [target])["plms"], expected) >= 40
+    cut = theirs(pipeline(cls, tiny_model_path, "plms"), strength=0.6, **inputs)
+    print(
+        f"\n{cls.__name__} plms at strength 0.6: PSNR {psnr(alone, expected):.1f} dB to the reference, "
+        f"{psnr(alone, cut):.1f} dB to diffusers' cut"
+    )
+    assert psnr(alone, cut) < 40  # another picture (37.5 dB on the tiny model at 10 steps)
+    full = make_engine().submit(request("full", sampler="plms", strength=1.0, **fields)).result(60).images
+    assert psnr(full, theirs(pipeline(cls, tiny_model_path, "plms"), strength=1.0, **inputs)) >= 40
+
+
 def test_inpainting_keeps_what_the_mask_keeps(make_engine):
     """Where the mask is black the result is the picture's own latents decoded; the repainted square moves."""
     engine = make_engine()

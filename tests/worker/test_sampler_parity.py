@@ -15,11 +15,13 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
+from services.common import rules
 from services.common.rules import DDPM_SAMPLERS as SAMPLERS  # the DDPM-family models' samplers
 from services.common.rules import SAMPLERS as ALL_SAMPLERS
 from services.worker.diffusion.guidance import rescale_guidance
 from services.worker.diffusion.samplers import (
     SAMPLER_CLASSES,
+    SamplerState,
     build_samplers,
     diffusers_scheduler,
     sampler_for_scheduler,
@@ -32,8 +34,8 @@ from training.evaluate import rescale_guidance as evaluate_rescale
 SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SPACINGS = ("leading", "trailing", "linspace")
 PREDICTIONS = ("epsilon", "v_prediction")
-# planned in σ̂ (DDIM: test_ddim_parity.py; LCM, whose scheduler keeps no σ̂, below)
-SIGMA_SAMPLERS = tuple(name for name in SAMPLERS if name not in ("ddim", "lcm"))
+# planned in σ̂ (DDIM: test_ddim_parity.py; PLMS and LCM, whose schedulers keep no σ̂, below)
+SIGMA_SAMPLERS = tuple(name for name in SAMPLERS if name not in ("ddim", "plms", "lcm"))
 KARRAS = ("dpmpp_2m_karras", "dpmpp_2m_sde_karras")  # not on the capped cosine schedule (DPMSolver2MKarrasSampler)
 STEPS = (1, 7, 10, 50, 1000)
 
@@ -71,7 +73,7 @@ def test_names_are_the_registry():
     assert tuple(SAMPLER_CLASSES) == ALL_SAMPLERS == SAMPLERS + ("flow_euler",)
     # the names are the API's: a rename breaks clients
     assert " ".join(SAMPLERS) == (
-        "ddim dpmpp_2m dpmpp_2m_karras dpmpp_2m_sde dpmpp_2m_sde_karras unipc euler euler_karras euler_ancestral lcm"
+        "ddim plms dpmpp_2m dpmpp_2m_karras dpmpp_2m_sde dpmpp_2m_sde_karras unipc euler euler_karras euler_ancestral lcm"
     )
 
 
@@ -268,7 +270,8 @@ def test_unipc_bh1_matches_diffusers_but_for_its_nan_at_the_end(schedule, spacin
         ("EulerDiscreteScheduler", {"use_karras_sigmas": True}, "euler_karras"),
         ("EulerDiscreteScheduler", {"use_karras_sigmas": True, "sigma_max": 10.0}, None),
         ("EulerAncestralDiscreteScheduler", {}, "euler_ancestral"),
-        ("PNDMScheduler", {}, None),  # SD 1.x's PLMS
+        ("PNDMScheduler", {"skip_prk_steps": True}, "plms"),  # SD 1.x's
+        ("PNDMScheduler", {}, None),  # its Runge-Kutta warm-up (skip_prk_steps false): not implemented
         ("LCMScheduler", {}, "lcm"),
     ],
 )
@@ -416,7 +419,7 @@ def test_rows_of_different_requests_share_one_call(name):
             states.append(state)
         return states
 
-    progress = (0, 7, 3)
+    progress = (1, 7, 3)  # the second update (PLMS: its redone first step; the 2M solvers: their first 2nd order)
     x = torch.randn((6, 4, 4, 4), generator=g)
     out = torch.randn((6, 4, 4, 4), generator=g)
     noise = torch.randn((6, 4, 4, 4), generator=g)
@@ -429,7 +432,105 @@ def test_rows_of_different_requests_share_one_call(name):
         alone = sampler.step([state], [count], out[rows], x[rows], noise[rows] if uses_noise else None)
         assert torch.equal(alone[0], together[0][rows]) and torch.equal(alone[1], together[1][rows])
         row += count
-    assert [s.step_index for s in alone_states] == [s.step_index for s in together_states] == [1, 8, 4]
+    assert [s.step_index for s in alone_states] == [s.step_index for s in together_states] == [2, 8, 4]
+
+
+def plms_reference(config, steps, alphas_cumprod, plan, start=0):
+    """PNDMScheduler(skip_prk_steps) set to `steps` on our float64 ᾱ, each update going from and to the timesteps our
+    plan says: where diffusers' own t ± T//n are those (leading spacing; trailing where the step count divides T),
+    checked to be; elsewhere (not a timestep of the sequence: the diffusers issue PLMSSampler names) put in their
+    place. Everything else (the outputs kept, their weights, the redone first step's sample) stays diffusers'."""
+    ref = reference("plms", config, steps, alphas_cumprod)
+    final = final_alpha_cumprod({"set_alpha_to_one": False, **config}, alphas_cumprod)
+    ref.final_alpha_cumprod = torch.tensor(final, dtype=torch.float64)
+    uniform = config["timestep_spacing"] == "leading" or (
+        config["timestep_spacing"] == "trailing" and config["num_train_timesteps"] % steps == 0
+    )
+    froms = list(plan.timesteps)
+    if plan.num_steps - start > 1:
+        froms[start + 1] = plan.timesteps[start]  # the second call redoes the first step
+    calls = iter(zip(froms[start:], plan.prev_timesteps[start:]))
+    original = ref._get_prev_sample
+
+    def on_the_sequence(sample, timestep, prev_timestep, model_output):
+        t_from, t_to = next(calls)
+        if uniform:
+            assert (int(timestep), max(int(prev_timestep), -1)) == (t_from, t_to)
+        return original(sample, int(t_from), int(t_to), model_output)
+
+    ref._get_prev_sample = on_the_sequence
+    return ref
+
+
+@pytest.mark.parametrize("schedule,spacing", list(itertools.product(SCHEDULES, SPACINGS)))
+def test_plms_plan_matches_diffusers(schedule, spacing):
+    """PNDMScheduler's timesteps (skip_prk_steps: the second one twice, n + 1 calls for n > 1 steps) exactly, and
+    the doors' step count (rules.steps_run) is the plan's; σ̂ at each call from diffusers' own ᾱ to float32 rounding."""
+    config = model_config(schedule, spacing)
+    sampler = build_samplers(config, alphas_cumprod_from_config(config))["plms"]
+    for steps in (1, 2, 7, 10, 50, sampler.max_steps()):
+        plan, ref = sampler.plan(steps, 0), reference("plms", config, steps)
+        assert plan.num_steps == rules.steps_run(steps, None, "plms") == steps + (steps > 1)
+        if spacing == "trailing" and len(ref._timesteps) == steps + 1:  # the extra element ≈ 0 (see above)
+            assert list(plan.timesteps) == ref.timesteps.double().tolist()[1:]
+            continue
+        assert list(plan.timesteps) == ref.timesteps.double().tolist(), steps
+        ac = ref.alphas_cumprod.double()[ref.timesteps]
+        assert np.allclose(plan.sigmas[:-1], ((1 - ac) / ac).sqrt().tolist(), rtol=1e-3, atol=0), steps
+    with pytest.raises(ValueError, match=f"between 1 and {sampler.max_steps()}"):
+        sampler.plan(sampler.max_steps() + 1, 0)
+
+
+@pytest.mark.parametrize("schedule,spacing,prediction_type", list(itertools.product(SCHEDULES, SPACINGS, PREDICTIONS)))
+def test_plms_update_matches_diffusers(schedule, spacing, prediction_type):
+    """Every call of 1/2/7/10/50-step runs (the first step's redo and the multistep history included), fed the same
+    sample and model output: our update vs PNDMScheduler.step in float64, within 1e-5 (and 1e-6 relative)."""
+    config = model_config(schedule, spacing, prediction_type)
+    ac = alphas_cumprod_from_config(config)
+    sampler = build_samplers(config, ac)["plms"]
+    g = torch.Generator().manual_seed(7)
+    for steps in (1, 2, 7, 10, 50):
+        plan, state = sampler.plan(steps, 0), sampler.start(steps)
+        ref = plms_reference(config, steps, ac, plan)
+        x0 = torch.randn((2, 4, 4, 4), generator=g, dtype=torch.float64)
+        x = torch.randn((2, 4, 4, 4), generator=g)
+        for i, t in enumerate(plan.timesteps):
+            model_output = consistent_output(x, plan, i, x0, prediction_type, g)
+            theirs = ref.step(model_output.double(), int(t), x.double()).prev_sample
+            ours, x0_pred = sampler.step([state], [2], model_output, x, None)
+            # to float32 rounding where a 2-step cosine run's redone first step (from ᾱ ≈ 2e-9) leaves |x| ~ 5000
+            assert torch.allclose(ours.double(), theirs, rtol=1e-6, atol=1e-5), (steps, i, t)
+            assert x0_pred.shape == x.shape and torch.isfinite(x0_pred).all()
+            x = ours
+        assert state.finished and state.outputs == () and state.x_start is None
+
+
+@pytest.mark.parametrize("start", [1, 2, 5, 9])
+def test_plms_image_to_image_runs_from_its_own_start(start):
+    """A request starting at step k of 10 (SD's schedule): the steps before k are DDIM's (the picture is noised to
+    step k's level), then the calls are those of a text-to-image run from there (step k + 1 twice), each update
+    PNDMScheduler's own (its t ± T//n are the plan's) within 1e-5; rules.steps_run counts them."""
+    config = model_config("scaled_linear", "leading", "epsilon")
+    ac = alphas_cumprod_from_config(config)
+    samplers = build_samplers(config, ac)
+    plan = samplers["plms"].plan_for(10, None, start)
+    ddim = samplers["ddim"].plan(10)
+    assert plan.timesteps[: start + 1] == ddim.timesteps[: start + 1] and plan.sigmas[start] == ddim.sigmas[start]
+    strength = (10 - start) / 10
+    assert rules.start_step(10, strength, "plms") == start
+    assert plan.num_steps - start == rules.steps_run(10, strength, "plms") == 10 - start + (start < 9)
+    state = SamplerState(plan=plan, step_index=start, start_index=start)
+    ref = plms_reference(config, 10, ac, plan, start)
+    g = torch.Generator().manual_seed(8)
+    x0 = torch.randn((1, 4, 4, 4), generator=g, dtype=torch.float64)
+    x = torch.randn((1, 4, 4, 4), generator=g)
+    for i in range(start, plan.num_steps):
+        model_output = consistent_output(x, plan, i, x0, "epsilon", g)
+        theirs = ref.step(model_output.double(), int(plan.timesteps[i]), x.double()).prev_sample
+        ours, _ = samplers["plms"].step([state], [1], model_output, x, None)
+        assert (ours.double() - theirs).abs().max().item() <= 1e-5, i
+        x = ours
+    assert state.finished
 
 
 def test_dpm_solver_history_starts_with_the_request():

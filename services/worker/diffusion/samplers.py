@@ -3,7 +3,8 @@ a request's step count into the request's plan, and steps the rows of all reques
 
 What a sampler knows, for each request kind:
 (a) `plan(steps)`: the UNet's timestep at each step and the noise levels σ̂ around it, from the scheduler
-    config (float64, pure, cached per step count), as the sampler's diffusers scheduler's set_timesteps;
+    config (float64, pure, cached per step count), as the sampler's diffusers scheduler's set_timesteps (a step
+    is one model call: PLMS plans n + 1 for n, its first step twice);
 (b) `plan.init_noise_sigma` (x_T = ε·init_noise_sigma) and `plan.input_scale(i)` (the UNet sees x·scale:
     1/√(σ̂² + 1) for the Euler family, whose x lives on the variance-exploding scale; 1 otherwise);
 (c) `step(states, counts, model_output, x, noise)`: one vectorised update over the rows of every request
@@ -17,8 +18,8 @@ What a sampler knows, for each request kind:
 (e) `scheduler` and `overrides`: the diffusers scheduler it follows (diffusers_scheduler), by which a model
     folder's own scheduler names its default sampler (sampler_for_scheduler).
 
-The math is in ddim.py, dpm_solver.py (with its SDE variant), unipc.py, euler.py, euler_ancestral.py, lcm.py and
-flow_matching.py (one algorithm per file); this module is bookkeeping. Flow matching (`flow_euler`:
+The math is in ddim.py, plms.py, dpm_solver.py (with its SDE variant), unipc.py, euler.py, euler_ancestral.py,
+lcm.py and flow_matching.py (one algorithm per file); this module is bookkeeping. Flow matching (`flow_euler`:
 x_next = x + (σ_next − σ)·v on a shifted σ schedule, the SD3 and Flux families' sampler) is one more class: a plan, an input scale (1), a step. Its plan
 may depend on the picture's size (Flux's resolution-dependent shift μ), so the engine asks for a request's
 plan with `plan_for(steps, image_seq_len)`. Image-to-image (a request starting at step k of its plan with
@@ -45,6 +46,7 @@ from services.worker.diffusion.euler import euler_step
 from services.worker.diffusion.euler_ancestral import euler_ancestral_step
 from services.worker.diffusion.flow_matching import flow_euler_step, flow_schedule, mu_for, unsupported_reason
 from services.worker.diffusion.lcm import boundary_scalings, lcm_step
+from services.worker.diffusion.plms import MAX_HISTORY, combine, weights_for
 from services.worker.diffusion.schedules import (
     dpm_solver_timesteps,
     euler_timesteps,
@@ -109,6 +111,10 @@ class SamplerState:
     x0_prev2: torch.Tensor | None = None
     x_last: torch.Tensor | None = None
     last_order: int = 0
+    # PLMS: the model's outputs of the last calls that enter its multistep (newest first, float64), and the
+    # sample its first call started from (its second call starts there again)
+    outputs: tuple[torch.Tensor, ...] = ()
+    x_start: torch.Tensor | None = None
     start_index: int = 0  # the plan's step the request starts at (image to image: rules.start_step)
     known: Any = None  # inpainting with an ordinary UNet: the img2img.KnownRegion blended in after each step
 
@@ -182,9 +188,10 @@ class Sampler:
     def _plan(self, num_inference_steps: int) -> Plan:
         raise NotImplementedError
 
-    def plan_for(self, num_inference_steps: int, image_seq_len: int | None = None) -> Plan:
+    def plan_for(self, num_inference_steps: int, image_seq_len: int | None = None, start: int = 0) -> Plan:
         """A request's plan; `image_seq_len` (the tokens of its picture) matters to flow matching's dynamic
-        shift only. Raises ValueError (naming the limit) for a step count the schedule cannot do."""
+        shift only, `start` (the step image to image starts at) to PLMS's only. Raises ValueError (naming the
+        limit) for a step count the schedule cannot do."""
         return self.plan(num_inference_steps)
 
     def start(self, num_inference_steps: int, eta: float = 0.0) -> SamplerState:
@@ -258,6 +265,96 @@ class DDIMSampler(Sampler):
             clip_range=self.clip_range,
         )
         self._advance(states)
+        return out.x_prev, out.x0_pred
+
+
+class PLMSSampler(Sampler):
+    """PLMS (plms.py) as PNDMScheduler.from_config(config, skip_prk_steps=True), SD 1.x's scheduler: DDIM's
+    timesteps, an Euler call and a second call at the same timestep that redoes the first step with the average of
+    both outputs (pseudo improved Euler), then Adams–Bashforth up to fourth order over the model's last outputs;
+    the transfer is DDIM's (η = 0; no clipping or thresholding, as the scheduler). So a request's plan lists n + 1
+    calls for n steps (1 for 1), the second timestep twice, as the pipeline's timesteps do.
+
+    Where it starts matters to the plan: an image-to-image request starting at step k of the n doubles step k + 1
+    (its own second call), so it runs from its own start as a text-to-image request runs from t_T. (diffusers'
+    img2img pipelines instead cut the n + 1 timesteps at k, which from k ≥ 2 leaves the scheduler one timestep
+    ahead of the sample.) On trailing and linspace spacing each call goes to the next timestep of the sequence;
+    diffusers goes to t − T//n, not a timestep of the sequence where T//n is not the spacing (ddim.py's
+    previous_timesteps says the same of DDIMScheduler)."""
+
+    name = "plms"
+    scheduler = "PNDMScheduler"
+    overrides = {"skip_prk_steps": True}
+    config_defaults = {"rescale_betas_zero_snr": False}  # PNDMScheduler has no such option: it would not rescale
+
+    def __init__(self, config, alphas_cumprod, device="cpu"):
+        super().__init__(config, alphas_cumprod, device)
+        # PNDMScheduler's default: ᾱ_0 after the last step (a DDIM config says its own)
+        self.final_alpha_cumprod = final_alpha_cumprod({"set_alpha_to_one": False, **self.config}, self.alphas_cumprod)
+        self.table = self.alphas_cumprod.to(self.device)
+
+    def plan_for(self, num_inference_steps: int, image_seq_len: int | None = None, start: int = 0) -> Plan:
+        return self.plan(num_inference_steps, start)
+
+    def _plan(self, num_inference_steps: int, start: int = 0) -> Plan:
+        """The steps before `start` as DDIM's (never run; image to image noises to step `start`'s level), then
+        the calls from there: step `start`, step start + 1 twice, the rest once."""
+        distinct = inference_timesteps(self.config, num_inference_steps)
+        prev = previous_timesteps(self.config, distinct)
+        if not 0 <= start < num_inference_steps:
+            raise ValueError(f"start must be between 0 and {num_inference_steps - 1}, got {start}")
+        calls = list(range(num_inference_steps))  # the step each call evaluates the model at
+        if num_inference_steps - start > 1:
+            calls.insert(start + 1, start + 1)
+        timesteps = [distinct[k] for k in calls]
+        # where each call goes: the next step's timestep; the doubled call redoes the first step (from its start)
+        to = [prev[k] for k in calls]
+        if num_inference_steps - start > 1:
+            to[start + 1] = prev[start]
+        alpha_bars = [float(self.alphas_cumprod[t]) for t in timesteps] + [self.final_alpha_cumprod]
+        return Plan(
+            timesteps=tuple(float(t) for t in timesteps),
+            sigmas=tuple(math.sqrt((1 - a) / a) for a in alpha_bars),
+            prev_timesteps=tuple(to),
+        )
+
+    def start(self, num_inference_steps: int, eta: float = 0.0) -> SamplerState:
+        return SamplerState(plan=self.plan(num_inference_steps, 0), eta=eta)
+
+    def step(self, states, counts, model_output, x, noise):
+        again = [s.steps_done == 1 for s in states]  # the second call: from the first call's sample and timestep
+        weights, outputs, starts, row = [], [], [], 0
+        for state, count, redo in zip(states, counts, again):
+            rows = slice(row, row + count)
+            mine = model_output[rows].double()
+            history = [mine, *state.outputs]
+            weights.append(weights_for(state.steps_done, len(state.outputs)))
+            outputs.append(torch.stack(history + [torch.zeros_like(mine)] * (MAX_HISTORY + 1 - len(history)), 1))
+            starts.append(state.x_start if redo else x[rows])
+            if state.steps_done != 1:
+                state.outputs = (mine, *state.outputs)[:MAX_HISTORY]
+            if state.steps_done == 0:
+                state.x_start = x[rows].clone()
+            row += count
+        rows_weights = torch.tensor(
+            [w + (0.0,) * (MAX_HISTORY + 1 - len(w)) for w in weights], dtype=torch.float64
+        ).repeat_interleave(torch.tensor(counts), 0)
+        i_from = [s.step_index - 1 if redo else s.step_index for s, redo in zip(states, again)]
+        out = ddim_step(
+            combine(torch.cat(outputs), rows_weights.to(self.device)),
+            torch.cat(starts).to(x.dtype),
+            per_row([s.plan.timesteps[i] for s, i in zip(states, i_from)], counts, self.device, torch.long),
+            per_row([s.plan.prev_timesteps[s.step_index] for s in states], counts, self.device, torch.long),
+            self.table,
+            self.final_alpha_cumprod,
+            prediction_type=self.prediction_type,
+        )
+        self._advance(states)
+        for state in states:
+            if state.finished or state.steps_done > 1:
+                state.x_start = None
+            if state.finished:
+                state.outputs = ()
         return out.x_prev, out.x0_pred
 
 
@@ -632,7 +729,7 @@ class FlowEulerSampler(Sampler):
     def max_steps(self) -> int:
         return int(self.config.get("num_train_timesteps", 1000))
 
-    def plan_for(self, num_inference_steps: int, image_seq_len: int | None = None) -> Plan:
+    def plan_for(self, num_inference_steps: int, image_seq_len: int | None = None, start: int = 0) -> Plan:
         if not 1 <= num_inference_steps <= self.max_steps():
             raise ValueError(f"num_inference_steps must be between 1 and {self.max_steps()}, got {num_inference_steps}")
         if not self.dynamic:
@@ -661,6 +758,7 @@ SAMPLER_CLASSES: dict[str, type[Sampler]] = {
     cls.name: cls
     for cls in (
         DDIMSampler,
+        PLMSSampler,
         DPMSolver2MSampler,
         DPMSolver2MKarrasSampler,
         DPMSolver2MSDESampler,
@@ -693,9 +791,10 @@ def diffusers_scheduler(name: str, config: Mapping[str, Any]):
 
 def sampler_for_scheduler(config: Mapping[str, Any]) -> str | None:
     """The sampler that does what the model folder's own scheduler does, i.e. what its pipeline samples with when
-    called plainly; None where latentd has none (PNDMScheduler, SD 1.x's; DPM-Solver of order 3; a config option
-    a sampler does not implement). The folder's config is read with the scheduler's own defaults filled in, and
-    matched against each sampler's scheduler and overrides, among the samplers the config allows."""
+    called plainly; None where latentd has none (PNDMScheduler with its Runge-Kutta warm-up; DPM-Solver of order
+    3; a config option a sampler does not implement). The folder's config is read with the scheduler's own
+    defaults filled in, and matched against each sampler's scheduler and overrides, among the samplers the config
+    allows."""
     import diffusers
 
     candidates = [(name, cls) for name, cls in SAMPLER_CLASSES.items() if cls.scheduler == config.get("_class_name")]

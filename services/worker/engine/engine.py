@@ -329,15 +329,16 @@ class Engine:
             raise InvalidRequestError(error.message, error.param) from None
         sampler = self.samplers[resolved.sampler]
         shape = self.model.latent_shape(resolved.width, resolved.height)
-        try:
-            plan = sampler.plan_for(resolved.num_inference_steps, self.model.family.image_seq_len(self.model, shape))
-        except ValueError as error:
-            raise InvalidRequestError(f"{error} (sampler {resolved.sampler})", "num_inference_steps") from None
         start = (
             0
             if resolved.strength is None
             else rules.start_step(resolved.num_inference_steps, resolved.strength, resolved.sampler)
         )
+        try:
+            seq_len = self.model.family.image_seq_len(self.model, shape)
+            plan = sampler.plan_for(resolved.num_inference_steps, seq_len, start)
+        except ValueError as error:
+            raise InvalidRequestError(f"{error} (sampler {resolved.sampler})", "num_inference_steps") from None
         state = SamplerState(plan=plan, eta=float(request.eta), step_index=start, start_index=start)
         return sampler, state, resolved, shape
 
