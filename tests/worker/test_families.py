@@ -215,13 +215,13 @@ def pipe_with(family_paths, name: str, sampler: str):
     return pipe
 
 
-@pytest.mark.parametrize("sampler", ["dpmpp_2m_sde", "unipc", "lcm"])
+@pytest.mark.parametrize("sampler", ["dpmpp_2m_sde", "unipc", "lcm", "plms"])
 def test_an_sdxl_request_with_another_sampler_is_the_pipeline_with_that_scheduler(
     models, family_paths, engines, sampler
 ):
     """The samplers are the seam's, whatever the family: SDXL with the SDE solver (a noise draw per step from the
-    request's generator), UniPC (a corrector's state) and LCM (SDXL with the LCM-LoRA fused in is an SDXL model)
-    against StableDiffusionXLPipeline with the scheduler swapped; another scheduler ends elsewhere, so the
+    request's generator), UniPC (a corrector's state), LCM (SDXL with the LCM-LoRA fused in is an SDXL model) and
+    PLMS (a model call more than its steps) against StableDiffusionXLPipeline with the scheduler swapped; another scheduler ends elsewhere, so the
     comparison can fail."""
     model, seen = capturing(models["sdxl"])
     result = ours(engines(model), seed=5, num_inference_steps=6, guidance_scale=5.0, sampler=sampler)
