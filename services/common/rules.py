@@ -32,7 +32,8 @@ OUTPUT_FORMATS = ("png", "jpeg", "webp")
 # DDIM (Song et al. 2021); PLMS (Liu et al. 2022, SD 1.x's PNDM scheduler: n + 1 model calls for n steps);
 # DPM-Solver++(2M) (Lu et al. 2022) on the scheduler's timesteps, and on Karras
 # et al.'s σ spacing, each also as its SDE variant (one noise draw per step); UniPC (Zhao et al. 2023); Euler
-# (Karras et al. 2022), also on Karras σ, and Euler ancestral (k-diffusion); LCM's multistep consistency
+# (Karras et al. 2022) and linear multistep (LMS, k-diffusion's), each also on Karras σ, and Euler ancestral
+# (k-diffusion); LCM's multistep consistency
 # sampling (Luo et al. 2023) for latent consistency models; each as its diffusers scheduler configured from the
 # model's scheduler config; and flow_euler, flow matching's Euler step on the shifted σ schedule of a flow model
 # (SD3, Flux: FlowMatchEulerDiscreteScheduler), the only one those take.
@@ -47,6 +48,8 @@ DDPM_SAMPLERS: tuple[str, ...] = (
     "unipc",
     "euler",
     "euler_karras",
+    "lms",
+    "lms_karras",
     "euler_ancestral",
     "lcm",
 )

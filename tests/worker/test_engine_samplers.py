@@ -243,7 +243,7 @@ def test_default_sampler_and_steps_and_frames(make_engine):
             dict(sampler="heun"),
             "sampler",
             "sampler must be one of ddim, plms, dpmpp_2m, dpmpp_2m_karras, dpmpp_2m_sde, dpmpp_2m_sde_karras, unipc, "
-            "euler, euler_karras, euler_ancestral, lcm",
+            "euler, euler_karras, lms, lms_karras, euler_ancestral, lcm",
         ),
         (
             dict(sampler="euler", eta=0.5),

@@ -157,18 +157,51 @@ def test_plms_image_to_image_starts_as_text_to_image_would(make_engine, tiny_mod
     start = rules.start_step(STEPS, 0.6, "plms")
     expected = theirs(from_its_own_start(pipeline(cls, tiny_model_path, "plms"), start), strength=0.6, **inputs)
     target = request("plms", sampler="plms", strength=0.6, **fields)
-    handle = make_engine().submit(target)
-    alone = handle.result(60).images
+    alone = make_engine().submit(target).result(60).images
     assert psnr(alone, expected) >= 40
     assert psnr(run_batched(tiny_model, [target])["plms"], expected) >= 40
     cut = theirs(pipeline(cls, tiny_model_path, "plms"), strength=0.6, **inputs)
+    matched, unmatched = psnr(alone, expected), psnr(alone, cut)
     print(
-        f"\n{cls.__name__} plms at strength 0.6: PSNR {psnr(alone, expected):.1f} dB to the reference, "
-        f"{psnr(alone, cut):.1f} dB to diffusers' cut"
+        f"\n{cls.__name__} plms at strength 0.6: {matched:.1f} dB to the reference, {unmatched:.1f} to diffusers' cut"
     )
-    assert psnr(alone, cut) < 40  # another picture (37.5 dB on the tiny model at 10 steps)
+    assert matched >= unmatched + 10  # the reference is the closer by far
     full = make_engine().submit(request("full", sampler="plms", strength=1.0, **fields)).result(60).images
     assert psnr(full, theirs(pipeline(cls, tiny_model_path, "plms"), strength=1.0, **inputs)) >= 40
+
+
+def order_from_its_own_updates(pipe):
+    """The pipeline with LMSDiscreteScheduler's order counted from the slopes it has (one more), as latentd counts
+    it, instead of from its step index (which the img2img pipelines start at their begin index)."""
+    scheduler, original = pipe.scheduler, pipe.scheduler.step
+
+    def step(model_output, timestep, sample, order=4, **kwargs):
+        return original(model_output, timestep, sample, order=min(len(scheduler.derivatives) + 1, order), **kwargs)
+
+    scheduler.step = step
+    return pipe
+
+
+@pytest.mark.parametrize("cls", [StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline])
+def test_lms_image_to_image_starts_at_first_order(make_engine, tiny_model, tiny_model_path, cls):
+    """LMS from step k: latentd's first update is first order (one slope), its second second order, ...; the
+    pipelines' LMSDiscreteScheduler weighs its first slope as a fourth-order step's from k ≥ 3. The pipeline with the
+    order counted from its own slopes (order_from_its_own_updates) is the reference, alone and batched; at strength 1
+    the two agree and the plain pipeline is matched."""
+    image, mask = picture(7), square_mask()
+    inputs = dict(image=image) | (dict(mask_image=mask) if cls is StableDiffusionInpaintPipeline else {})
+    fields = dict(image=image) | (dict(mask=mask) if cls is StableDiffusionInpaintPipeline else {})
+    expected = theirs(order_from_its_own_updates(pipeline(cls, tiny_model_path, "lms")), strength=0.6, **inputs)
+    target = request("lms", sampler="lms", strength=0.6, **fields)
+    alone = make_engine().submit(target).result(60).images
+    assert psnr(alone, expected) >= 40
+    assert psnr(run_batched(tiny_model, [target])["lms"], expected) >= 40
+    plain = theirs(pipeline(cls, tiny_model_path, "lms"), strength=0.6, **inputs)
+    matched, unmatched = psnr(alone, expected), psnr(alone, plain)
+    print(f"\n{cls.__name__} lms at strength 0.6: {matched:.1f} dB to the reference, {unmatched:.1f} to the plain one")
+    assert matched >= unmatched + 10  # the reference is the closer by far (the plain one differs at the first steps)
+    full = make_engine().submit(request("full", sampler="lms", strength=1.0, **fields)).result(60).images
+    assert psnr(full, theirs(pipeline(cls, tiny_model_path, "lms"), strength=1.0, **inputs)) >= 40
 
 
 def test_inpainting_keeps_what_the_mask_keeps(make_engine):

@@ -38,6 +38,7 @@ PREDICTIONS = ("epsilon", "v_prediction")
 SIGMA_SAMPLERS = tuple(name for name in SAMPLERS if name not in ("ddim", "plms", "lcm"))
 KARRAS = ("dpmpp_2m_karras", "dpmpp_2m_sde_karras")  # not on the capped cosine schedule (DPMSolver2MKarrasSampler)
 STEPS = (1, 7, 10, 50, 1000)
+FRACTIONAL = ("euler_karras", "lms_karras")  # Karras σ at fractional timesteps
 
 
 def model_config(schedule: str, spacing: str, prediction_type: str = "epsilon", **options) -> dict:
@@ -73,7 +74,8 @@ def test_names_are_the_registry():
     assert tuple(SAMPLER_CLASSES) == ALL_SAMPLERS == SAMPLERS + ("flow_euler",)
     # the names are the API's: a rename breaks clients
     assert " ".join(SAMPLERS) == (
-        "ddim plms dpmpp_2m dpmpp_2m_karras dpmpp_2m_sde dpmpp_2m_sde_karras unipc euler euler_karras euler_ancestral lcm"
+        "ddim plms dpmpp_2m dpmpp_2m_karras dpmpp_2m_sde dpmpp_2m_sde_karras unipc euler euler_karras lms lms_karras "
+        "euler_ancestral lcm"
     )
 
 
@@ -102,7 +104,7 @@ def test_plan_matches_diffusers(name, schedule, spacing):
             # diffusers' np.arange(T, 0, −T/steps) gains an element ≈ 0 (t = −1) for 62 step counts (7 of these)
             assert ref_timesteps[-1] == -1 and list(plan.timesteps) == ref_timesteps[:-1]
             continue
-        if name == "euler_karras":  # fractional timesteps from log σ̂ interpolation: float32 rounding apart
+        if name in FRACTIONAL:  # fractional timesteps from log σ̂ interpolation: float32 rounding apart
             assert np.allclose(plan.timesteps, ref_timesteps, rtol=1e-6, atol=1e-4), steps
         else:
             assert list(plan.timesteps) == ref_timesteps, steps
@@ -111,7 +113,7 @@ def test_plan_matches_diffusers(name, schedule, spacing):
         assert math.isclose(plan.init_noise_sigma, float(ref.init_noise_sigma), rel_tol=1e-7), steps
         # diffusers' own float32 ᾱ: the same timesteps (the Karras ones at 1000 steps may round across a boundary)
         own = reference(name, config, steps)
-        if name == "euler_karras":  # fractional, from diffusers' float32 σ̂ table: to its rounding
+        if name in FRACTIONAL:  # fractional, from diffusers' float32 σ̂ table: to its rounding
             assert np.allclose(plan.timesteps, own.timesteps.double().tolist(), rtol=1e-3, atol=1e-2), steps
         elif not (name in KARRAS and steps == 1000):
             assert list(plan.timesteps) == own.timesteps.double().tolist(), steps
@@ -270,6 +272,9 @@ def test_unipc_bh1_matches_diffusers_but_for_its_nan_at_the_end(schedule, spacin
         ("EulerDiscreteScheduler", {"use_karras_sigmas": True}, "euler_karras"),
         ("EulerDiscreteScheduler", {"use_karras_sigmas": True, "sigma_max": 10.0}, None),
         ("EulerAncestralDiscreteScheduler", {}, "euler_ancestral"),
+        ("LMSDiscreteScheduler", {}, "lms"),
+        ("LMSDiscreteScheduler", {"use_karras_sigmas": True}, "lms_karras"),
+        ("LMSDiscreteScheduler", {"use_exponential_sigmas": True}, None),
         ("PNDMScheduler", {"skip_prk_steps": True}, "plms"),  # SD 1.x's
         ("PNDMScheduler", {}, None),  # its Runge-Kutta warm-up (skip_prk_steps false): not implemented
         ("LCMScheduler", {}, "lcm"),
@@ -295,9 +300,10 @@ def test_a_folders_own_scheduler_names_the_sampler_that_does_what_it_does(schedu
         )
 
 
-def test_a_scheduler_latentd_cannot_build_names_no_sampler():
-    """LMSDiscreteScheduler needs scipy, which the worker does not install: no sampler, and no import error."""
-    config = {**model_config("scaled_linear", "leading"), "_class_name": "LMSDiscreteScheduler"}
+def test_a_scheduler_latentd_has_no_sampler_for_names_none():
+    """DPMSolverSDEScheduler (its Brownian tree needs torchsde, which the worker does not install): no sampler, and
+    no import error."""
+    config = {**model_config("scaled_linear", "leading"), "_class_name": "DPMSolverSDEScheduler"}
     assert sampler_for_scheduler(config) is None
     assert sampler_for_scheduler({"_class_name": "NoSuchScheduler"}) is None
 
@@ -502,7 +508,7 @@ def test_plms_update_matches_diffusers(schedule, spacing, prediction_type):
             assert torch.allclose(ours.double(), theirs, rtol=1e-6, atol=1e-5), (steps, i, t)
             assert x0_pred.shape == x.shape and torch.isfinite(x0_pred).all()
             x = ours
-        assert state.finished and state.outputs == () and state.x_start is None
+        assert state.finished and state.history == () and state.x_start is None
 
 
 @pytest.mark.parametrize("start", [1, 2, 5, 9])

@@ -46,6 +46,7 @@ from services.worker.diffusion.euler import euler_step
 from services.worker.diffusion.euler_ancestral import euler_ancestral_step
 from services.worker.diffusion.flow_matching import flow_euler_step, flow_schedule, mu_for, unsupported_reason
 from services.worker.diffusion.lcm import boundary_scalings, lcm_step
+from services.worker.diffusion.lms import MAX_ORDER, lms_coefficients, lms_step
 from services.worker.diffusion.plms import MAX_HISTORY, combine, weights_for
 from services.worker.diffusion.schedules import (
     dpm_solver_timesteps,
@@ -111,9 +112,9 @@ class SamplerState:
     x0_prev2: torch.Tensor | None = None
     x_last: torch.Tensor | None = None
     last_order: int = 0
-    # PLMS: the model's outputs of the last calls that enter its multistep (newest first, float64), and the
-    # sample its first call started from (its second call starts there again)
-    outputs: tuple[torch.Tensor, ...] = ()
+    # the linear multistep samplers' history, newest first, float64: PLMS the model's outputs that enter its
+    # combination, LMS the ODE's slopes; and PLMS's sample its first call started from (its second starts there too)
+    history: tuple[torch.Tensor, ...] = ()
     x_start: torch.Tensor | None = None
     start_index: int = 0  # the plan's step the request starts at (image to image: rules.start_step)
     known: Any = None  # inpainting with an ordinary UNet: the img2img.KnownRegion blended in after each step
@@ -128,9 +129,10 @@ class SamplerState:
         return self.plan.num_steps - self.start_index
 
 
-def per_row(values: Sequence[float], counts: Sequence[int], device: torch.device, dtype=torch.float64) -> torch.Tensor:
-    """One value per request -> one per row (R,), on `device` without waiting for queued GPU work."""
-    rows = torch.tensor(values, dtype=dtype).repeat_interleave(torch.tensor(counts))
+def per_row(values: Sequence[Any], counts: Sequence[int], device: torch.device, dtype=torch.float64) -> torch.Tensor:
+    """One value (or K of them) per request -> one per row (R,) (or (R, K)), on `device` without waiting for queued
+    GPU work."""
+    rows = torch.tensor(values, dtype=dtype).repeat_interleave(torch.tensor(counts), dim=0)
     if device.type != "cuda":
         return rows.to(device)
     return rows.pin_memory().to(device, non_blocking=True)
@@ -144,6 +146,20 @@ def history_rows(states: Sequence[SamplerState], counts: Sequence[int], field: s
         return None
     zeros = functools.partial(torch.zeros, dtype=torch.float64, device=x.device)
     return torch.cat([value if value is not None else zeros((c, *x.shape[1:])) for value, c in zip(values, counts)])
+
+
+def history_stack(states: Sequence[SamplerState], counts: Sequence[int], x: torch.Tensor, depth: int):
+    """The requests' `history` as rows (R, depth, C, h, w) float64, zeros past each request's own; None where no
+    request has any."""
+    if not any(state.history for state in states):
+        return None
+    zeros = functools.partial(torch.zeros, dtype=torch.float64, device=x.device)
+    return torch.cat(
+        [
+            torch.stack([*state.history, *[zeros((c, *x.shape[1:]))] * (depth - len(state.history))], 1)
+            for state, c in zip(states, counts)
+        ]
+    )
 
 
 class Sampler:
@@ -323,25 +339,20 @@ class PLMSSampler(Sampler):
 
     def step(self, states, counts, model_output, x, noise):
         again = [s.steps_done == 1 for s in states]  # the second call: from the first call's sample and timestep
-        weights, outputs, starts, row = [], [], [], 0
+        outputs = model_output.double()
+        history = history_stack(states, counts, x, MAX_HISTORY)
+        stacked = outputs[:, None] if history is None else torch.cat([outputs[:, None], history], 1)
+        weights = [weights_for(s.steps_done, len(s.history)) for s in states]
+        weights = per_row([w + (0.0,) * (MAX_HISTORY + 1 - len(w)) for w in weights], counts, self.device)
+        starts, row = [], 0
         for state, count, redo in zip(states, counts, again):
-            rows = slice(row, row + count)
-            mine = model_output[rows].double()
-            history = [mine, *state.outputs]
-            weights.append(weights_for(state.steps_done, len(state.outputs)))
-            outputs.append(torch.stack(history + [torch.zeros_like(mine)] * (MAX_HISTORY + 1 - len(history)), 1))
-            starts.append(state.x_start if redo else x[rows])
-            if state.steps_done != 1:
-                state.outputs = (mine, *state.outputs)[:MAX_HISTORY]
+            starts.append(state.x_start if redo else x[row : row + count])
             if state.steps_done == 0:
-                state.x_start = x[rows].clone()
+                state.x_start = x[row : row + count].clone()
             row += count
-        rows_weights = torch.tensor(
-            [w + (0.0,) * (MAX_HISTORY + 1 - len(w)) for w in weights], dtype=torch.float64
-        ).repeat_interleave(torch.tensor(counts), 0)
         i_from = [s.step_index - 1 if redo else s.step_index for s, redo in zip(states, again)]
         out = ddim_step(
-            combine(torch.cat(outputs), rows_weights.to(self.device)),
+            combine(stacked, weights[:, : stacked.shape[1]]),
             torch.cat(starts).to(x.dtype),
             per_row([s.plan.timesteps[i] for s, i in zip(states, i_from)], counts, self.device, torch.long),
             per_row([s.plan.prev_timesteps[s.step_index] for s in states], counts, self.device, torch.long),
@@ -349,12 +360,15 @@ class PLMSSampler(Sampler):
             self.final_alpha_cumprod,
             prediction_type=self.prediction_type,
         )
+        for state, rows in zip(states, outputs.split(list(counts))):
+            if state.steps_done != 1:  # the second call's output does not enter the history (it redid the first)
+                state.history = (rows, *state.history)[:MAX_HISTORY]
         self._advance(states)
         for state in states:
             if state.finished or state.steps_done > 1:
                 state.x_start = None
             if state.finished:
-                state.outputs = ()
+                state.history = ()
         return out.x_prev, out.x0_pred
 
 
@@ -618,6 +632,50 @@ class EulerKarrasSampler(EulerSampler):
         return sigma_to_timestep(sigmas, table).astype(np.float32).astype(np.float64), sigmas
 
 
+class LMSSampler(EulerSampler):
+    """Linear multistep, "K-LMS" (lms.py), as LMSDiscreteScheduler.from_config(config) stepped at its default order 4
+    (the pipelines'): the Euler plan with σ̂ = 0 after the last step (the scheduler has no final_sigmas_type), and
+    the slopes of the request's last three updates in its state; an update's order is 1 + the slopes it has, so a
+    request starting past step 0 (image to image) starts at first order. (LMSDiscreteScheduler takes the order
+    from its step index instead, so from a begin index it weighs its one slope as if it had four.)"""
+
+    name = "lms"
+    scheduler = "LMSDiscreteScheduler"
+    overrides = {"use_karras_sigmas": False}
+    config_defaults = {"use_exponential_sigmas": False, "use_beta_sigmas": False, "rescale_betas_zero_snr": False}
+    final_sigma_from_config = False
+
+    def step(self, states, counts, model_output, x, noise):
+        coefficients = []
+        for state in states:
+            order = min(len(state.history) + 1, MAX_ORDER)
+            padding = (0.0,) * (MAX_ORDER - order)
+            coefficients.append(lms_coefficients(state.plan.sigmas, state.step_index, order) + padding)
+        out = lms_step(
+            model_output,
+            x,
+            self._sigmas(states, counts, 0),
+            history_stack(states, counts, x, MAX_ORDER - 1),
+            per_row(coefficients, counts, self.device),
+            self.prediction_type,
+        )
+        for state, rows in zip(states, out.derivative.split(list(counts))):
+            state.history = (rows, *state.history)[: MAX_ORDER - 1]
+        self._advance(states)
+        for state in states:
+            if state.finished:
+                state.history = ()
+        return out.x_next, out.x0_pred
+
+
+class LMSKarrasSampler(LMSSampler, EulerKarrasSampler):
+    """LMS on Karras σ, as LMSDiscreteScheduler.from_config(config, use_karras_sigmas=True): euler_karras's plan
+    ("LMS Karras")."""
+
+    name = "lms_karras"
+    overrides = {"use_karras_sigmas": True}
+
+
 class EulerAncestralSampler(EulerSampler):
     """Euler ancestral (euler_ancestral.py) as EulerAncestralDiscreteScheduler.from_config(config): the
     Euler plan with σ̂ = 0 after the last step, and one noise draw per step."""
@@ -766,6 +824,8 @@ SAMPLER_CLASSES: dict[str, type[Sampler]] = {
         UniPCSampler,
         EulerSampler,
         EulerKarrasSampler,
+        LMSSampler,
+        LMSKarrasSampler,
         EulerAncestralSampler,
         LCMSampler,
         FlowEulerSampler,
@@ -798,7 +858,7 @@ def sampler_for_scheduler(config: Mapping[str, Any]) -> str | None:
     import diffusers
 
     candidates = [(name, cls) for name, cls in SAMPLER_CLASSES.items() if cls.scheduler == config.get("_class_name")]
-    if not candidates:  # nothing to build (some schedulers need packages the worker does not have: LMS, scipy)
+    if not candidates:  # nothing to build (some need packages the worker does not have: DPMSolverSDE, torchsde)
         return None
     resolved = dict(getattr(diffusers, candidates[0][1].scheduler).from_config(dict(config)).config)
     for name, cls in candidates:
