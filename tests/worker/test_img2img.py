@@ -132,8 +132,10 @@ def test_inpainting_parity_ordinary_unet(make_engine, tiny_model, tiny_model_pat
 
 
 def from_its_own_start(pipe, start: int):
-    """The pipeline with PLMS started as latentd starts it at step `start`: its get_timesteps gives the calls of a
-    text-to-image run from there (step start + 1 twice) instead of PNDM's n + 1 timesteps cut at `start`."""
+    """PLMS: the pipeline with PNDM started as latentd starts it at step `start`: its get_timesteps gives the calls of
+    a text-to-image run from there (step start + 1 twice) instead of PNDM's n + 1 timesteps cut at `start`. (diffusers'
+    cut has no doubled step from start ≥ 2, and its ratio arithmetic then steps a sample one timestep behind the one
+    it names.)"""
 
     def get_timesteps(num_inference_steps, strength, device):
         listed = pipe.scheduler.timesteps.tolist()  # t_0, t_1, t_1, t_2, ...: the distinct ones are these
@@ -145,34 +147,10 @@ def from_its_own_start(pipe, start: int):
     return pipe
 
 
-@pytest.mark.parametrize("cls", [StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline])
-def test_plms_image_to_image_starts_as_text_to_image_would(make_engine, tiny_model, tiny_model_path, cls):
-    """PLMS evaluates its first step twice. diffusers' img2img and inpaint pipelines cut PNDM's timesteps at k
-    (from k ≥ 2 its ratio arithmetic then steps a sample one timestep behind the one it names); latentd runs from
-    step k as text to image runs from t_T: the pipeline with that start (from_its_own_start) is the reference,
-    alone and batched. At strength 1 the two agree and the plain pipeline is matched."""
-    image, mask = picture(6), square_mask()
-    inputs = dict(image=image) | (dict(mask_image=mask) if cls is StableDiffusionInpaintPipeline else {})
-    fields = dict(image=image) | (dict(mask=mask) if cls is StableDiffusionInpaintPipeline else {})
-    start = rules.start_step(STEPS, 0.6, "plms")
-    expected = theirs(from_its_own_start(pipeline(cls, tiny_model_path, "plms"), start), strength=0.6, **inputs)
-    target = request("plms", sampler="plms", strength=0.6, **fields)
-    alone = make_engine().submit(target).result(60).images
-    assert psnr(alone, expected) >= 40
-    assert psnr(run_batched(tiny_model, [target])["plms"], expected) >= 40
-    cut = theirs(pipeline(cls, tiny_model_path, "plms"), strength=0.6, **inputs)
-    matched, unmatched = psnr(alone, expected), psnr(alone, cut)
-    print(
-        f"\n{cls.__name__} plms at strength 0.6: {matched:.1f} dB to the reference, {unmatched:.1f} to diffusers' cut"
-    )
-    assert matched >= unmatched + 10  # the reference is the closer by far
-    full = make_engine().submit(request("full", sampler="plms", strength=1.0, **fields)).result(60).images
-    assert psnr(full, theirs(pipeline(cls, tiny_model_path, "plms"), strength=1.0, **inputs)) >= 40
-
-
-def order_from_its_own_updates(pipe):
-    """The pipeline with LMSDiscreteScheduler's order counted from the slopes it has (one more), as latentd counts
-    it, instead of from its step index (which the img2img pipelines start at their begin index)."""
+def order_from_its_own_updates(pipe, start: int):
+    """LMS: the pipeline with LMSDiscreteScheduler's order counted from the slopes it has (one more), as latentd
+    counts it, instead of from its step index (which the img2img pipelines start at `start`, their begin index: from
+    start ≥ 3 it weighs its first slope as a fourth-order step's)."""
     scheduler, original = pipe.scheduler, pipe.scheduler.step
 
     def step(model_output, timestep, sample, order=4, **kwargs):
@@ -183,25 +161,31 @@ def order_from_its_own_updates(pipe):
 
 
 @pytest.mark.parametrize("cls", [StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline])
-def test_lms_image_to_image_starts_at_first_order(make_engine, tiny_model, tiny_model_path, cls):
-    """LMS from step k: latentd's first update is first order (one slope), its second second order, ...; the
-    pipelines' LMSDiscreteScheduler weighs its first slope as a fourth-order step's from k ≥ 3. The pipeline with the
-    order counted from its own slopes (order_from_its_own_updates) is the reference, alone and batched; at strength 1
-    the two agree and the plain pipeline is matched."""
-    image, mask = picture(7), square_mask()
+@pytest.mark.parametrize(
+    "sampler,as_latentd_starts", [("plms", from_its_own_start), ("lms", order_from_its_own_updates)]
+)
+def test_multistep_image_to_image_starts_as_text_to_image_would(
+    make_engine, tiny_model, tiny_model_path, cls, sampler, as_latentd_starts
+):
+    """A request starting at step k runs as text to image runs from step 0 (PLMS doubles its step k + 1, LMS starts at
+    first order), where diffusers' img2img and inpaint pipelines do not (as_latentd_starts says how): the pipeline
+    changed to start as latentd does is the reference, alone and batched, and the closer by far; at strength 1 the
+    two agree and the plain pipeline is matched."""
+    image, mask = picture(6), square_mask()
     inputs = dict(image=image) | (dict(mask_image=mask) if cls is StableDiffusionInpaintPipeline else {})
     fields = dict(image=image) | (dict(mask=mask) if cls is StableDiffusionInpaintPipeline else {})
-    expected = theirs(order_from_its_own_updates(pipeline(cls, tiny_model_path, "lms")), strength=0.6, **inputs)
-    target = request("lms", sampler="lms", strength=0.6, **fields)
+    start = rules.start_step(STEPS, 0.6, sampler)
+    expected = theirs(as_latentd_starts(pipeline(cls, tiny_model_path, sampler), start), strength=0.6, **inputs)
+    target = request("target", sampler=sampler, strength=0.6, **fields)
     alone = make_engine().submit(target).result(60).images
     assert psnr(alone, expected) >= 40
-    assert psnr(run_batched(tiny_model, [target])["lms"], expected) >= 40
-    plain = theirs(pipeline(cls, tiny_model_path, "lms"), strength=0.6, **inputs)
+    assert psnr(run_batched(tiny_model, [target])["target"], expected) >= 40
+    plain = theirs(pipeline(cls, tiny_model_path, sampler), strength=0.6, **inputs)
     matched, unmatched = psnr(alone, expected), psnr(alone, plain)
-    print(f"\n{cls.__name__} lms at strength 0.6: {matched:.1f} dB to the reference, {unmatched:.1f} to the plain one")
-    assert matched >= unmatched + 10  # the reference is the closer by far (the plain one differs at the first steps)
-    full = make_engine().submit(request("full", sampler="lms", strength=1.0, **fields)).result(60).images
-    assert psnr(full, theirs(pipeline(cls, tiny_model_path, "lms"), strength=1.0, **inputs)) >= 40
+    print(f"\n{cls.__name__} {sampler} at 0.6: {matched:.1f} dB to the reference, {unmatched:.1f} to the plain one")
+    assert matched >= unmatched + 10
+    full = make_engine().submit(request("full", sampler=sampler, strength=1.0, **fields)).result(60).images
+    assert psnr(full, theirs(pipeline(cls, tiny_model_path, sampler), strength=1.0, **inputs)) >= 40
 
 
 def test_inpainting_keeps_what_the_mask_keeps(make_engine):
