@@ -32,8 +32,8 @@ OUTPUT_FORMATS = ("png", "jpeg", "webp")
 # DDIM (Song et al. 2021); PLMS (Liu et al. 2022, SD 1.x's PNDM scheduler: n + 1 model calls for n steps);
 # DPM-Solver++(2M) (Lu et al. 2022) on the scheduler's timesteps, and on Karras
 # et al.'s σ spacing, each also as its SDE variant (one noise draw per step); UniPC (Zhao et al. 2023); Euler
-# (Karras et al. 2022) and linear multistep (LMS, k-diffusion's), each also on Karras σ, and Euler ancestral
-# (k-diffusion); LCM's multistep consistency
+# (Karras et al. 2022) and linear multistep (LMS, k-diffusion's), each also on Karras σ, Heun's method (Karras
+# et al. 2022: two model calls per step), and Euler ancestral (k-diffusion); LCM's multistep consistency
 # sampling (Luo et al. 2023) for latent consistency models; each as its diffusers scheduler configured from the
 # model's scheduler config; and flow_euler, flow matching's Euler step on the shifted σ schedule of a flow model
 # (SD3, Flux: FlowMatchEulerDiscreteScheduler), the only one those take.
@@ -50,11 +50,14 @@ DDPM_SAMPLERS: tuple[str, ...] = (
     "euler_karras",
     "lms",
     "lms_karras",
+    "heun",
     "euler_ancestral",
     "lcm",
 )
 FLOW_SAMPLERS: tuple[str, ...] = ("flow_euler",)
-DOUBLED_FIRST_STEP: tuple[str, ...] = ("plms",)  # one model call more than steps (steps_run)
+# samplers that make more than one model call per step (a job's progress counts the calls: steps_run)
+DOUBLED_FIRST_STEP: tuple[str, ...] = ("plms",)  # its first step twice: n + 1 calls (1 for 1 step)
+TWO_CALLS_PER_STEP: tuple[str, ...] = ("heun",)  # every step but the last twice: 2n − 1 calls
 SAMPLERS: tuple[str, ...] = DDPM_SAMPLERS + FLOW_SAMPLERS
 # a model's default sampler: latentd.json's, else the one its folder's scheduler is (loading.read_defaults), else this
 DEFAULT_SAMPLER = "ddim"
@@ -338,13 +341,17 @@ def check_image_inputs(
 
 
 def steps_run(num_inference_steps: int, strength: float | None, sampler: str = DEFAULT_SAMPLER) -> int:
-    """The denoising steps a request runs (its progress counts them, one model call each): all of them, or with
-    an image those from its start step on; with PLMS one more where it runs more than one, because it evaluates
-    its first step twice (as diffusers' PNDMScheduler lists the second timestep twice)."""
+    """The denoising steps a request runs, as its progress counts them (one model call each): all of them, or with
+    an image those from its start step on; for the samplers that make more than one call per step, the calls, as
+    their diffusers schedulers list the timesteps: PLMS one more (its first step twice), Heun 2·runs − 1."""
     runs = num_inference_steps
     if strength is not None:
         runs -= start_step(num_inference_steps, strength, sampler)
-    return runs + 1 if sampler in DOUBLED_FIRST_STEP and runs > 1 else runs
+    if sampler in DOUBLED_FIRST_STEP and runs > 1:
+        return runs + 1
+    if sampler in TWO_CALLS_PER_STEP:
+        return 2 * runs - 1
+    return runs
 
 
 def steps_run_label(strength: float | None, sampler: str) -> str:
@@ -353,6 +360,8 @@ def steps_run_label(strength: float | None, sampler: str) -> str:
         return "the steps it runs at its strength"
     if sampler in DOUBLED_FIRST_STEP:
         return f"the steps it runs ({sampler}: num_inference_steps + 1)"
+    if sampler in TWO_CALLS_PER_STEP:
+        return f"the steps it runs ({sampler}: 2·num_inference_steps − 1)"
     return "num_inference_steps"
 
 

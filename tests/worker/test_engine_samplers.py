@@ -26,8 +26,8 @@ from tests.fixtures.tiny_model import build_tiny_model
 STEPS = 8
 PROMPT = "a red circle"
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "shapes-ldm"
-# see DPMSolver2MKarrasSampler
-COSINE_SAMPLERS = tuple(name for name in SAMPLERS if name not in ("dpmpp_2m_karras", "dpmpp_2m_sde_karras"))
+# see DPMSolver2MKarrasSampler and HeunSampler
+COSINE_SAMPLERS = tuple(name for name in SAMPLERS if name not in ("dpmpp_2m_karras", "dpmpp_2m_sde_karras", "heun"))
 
 
 def request(request_id: str, **overrides) -> GenerationRequest:
@@ -240,10 +240,10 @@ def test_default_sampler_and_steps_and_frames(make_engine):
     "overrides,field,message",
     [
         (
-            dict(sampler="heun"),
+            dict(sampler="dpm2"),
             "sampler",
             "sampler must be one of ddim, plms, dpmpp_2m, dpmpp_2m_karras, dpmpp_2m_sde, dpmpp_2m_sde_karras, unipc, "
-            "euler, euler_karras, lms, lms_karras, euler_ancestral, lcm",
+            "euler, euler_karras, lms, lms_karras, heun, euler_ancestral, lcm",
         ),
         (
             dict(sampler="euler", eta=0.5),
@@ -266,28 +266,33 @@ def test_bad_sampler_input_is_named(make_engine, overrides, field, message):
     assert error.value.field == field
 
 
-def test_plms_counts_the_model_calls_it_makes(make_engine):
-    """PLMS makes n + 1 model calls for n steps: its step events count them (the second timestep twice, as the
-    pipeline's timesteps list it), the doors' rule (rules.steps_run) agrees, and preview_every may reach n + 1,
-    not more, with the reason named."""
+@pytest.mark.parametrize(
+    "sampler,timesteps",
+    [("plms", [751, 501, 501, 251, 1]), ("heun", [751, 501, 501, 251, 251, 1, 1])],  # leading spacing, offset 1
+)
+def test_samplers_of_more_calls_than_steps_count_the_calls(make_engine, sampler, timesteps):
+    """PLMS makes n + 1 model calls for n steps, Heun 2n − 1: their step events count the calls (the timesteps as the
+    pipeline's scheduler lists them), the doors' rule (rules.steps_run) agrees, and preview_every may reach the last
+    call, not more, with the reason named."""
     engine = make_engine()
-    handle = engine.submit(request("plms", sampler="plms", num_inference_steps=4, preview_every=5))
+    calls = len(timesteps)
+    handle = engine.submit(request(sampler, sampler=sampler, num_inference_steps=4, preview_every=calls))
     events = list(handle.events(timeout=60))
     handle.result(60)
-    assert [e.step for e in events] == [1, 2, 3, 4, 5] and {e.total for e in events} == {5}
-    assert [e.timestep for e in events] == [751, 501, 501, 251, 1]  # leading spacing, steps_offset 1
-    assert [e.preview is not None for e in events] == [False] * 4 + [True]
-    assert rules.steps_run(4, None, "plms") == 5 and rules.steps_run(1, None, "plms") == 1
-    message = r"preview_every must be between 0 and the steps it runs \(plms: num_inference_steps \+ 1\) \(5\), got 6"
+    assert [e.step for e in events] == list(range(1, calls + 1)) and {e.total for e in events} == {calls}
+    assert [e.timestep for e in events] == timesteps
+    assert [e.preview is not None for e in events] == [False] * (calls - 1) + [True]
+    assert rules.steps_run(4, None, sampler) == calls and rules.steps_run(1, None, sampler) == 1
+    message = rf"preview_every must be between 0 and the steps it runs \({sampler}: .*\) \({calls}\), got {calls + 1}"
     with pytest.raises(InvalidRequestError, match=message):
-        engine.submit(request("too-late", sampler="plms", num_inference_steps=4, preview_every=6))
+        engine.submit(request("too-late", sampler=sampler, num_inference_steps=4, preview_every=calls + 1))
 
 
-def test_karras_is_not_offered_on_the_capped_cosine_schedule(make_engine, cosine_v_model):
+def test_karras_dpm_solver_and_heun_are_not_offered_on_the_capped_cosine_schedule(make_engine, cosine_v_model):
     _, model = cosine_v_model
     engine = make_engine(model=model)
     assert list(engine.samplers) == list(COSINE_SAMPLERS)
-    for name in ("dpmpp_2m_karras", "dpmpp_2m_sde_karras"):
+    for name in ("dpmpp_2m_karras", "dpmpp_2m_sde_karras", "heun"):
         with pytest.raises(InvalidRequestError, match="squaredcos_cap_v2") as error:
             engine.submit(request("k", sampler=name))
         assert error.value.field == "sampler"
@@ -324,7 +329,7 @@ def test_model_defaults_from_latentd_json(make_engine, tiny_model_path, tmp_path
     # the pipeline ignores the file
     assert StableDiffusionPipeline.from_pretrained(folder, safety_checker=None) is not None
     for bad, complaint in (
-        ({"default_sampler": "heun"}, "default_sampler must be one of"),
+        ({"default_sampler": "dpm2"}, "default_sampler must be one of"),
         ({"default_guidance_rescale": 2}, "default_guidance_rescale must be between 0 and 1"),
         (
             {"default_guidance_start": 0.8, "default_guidance_stop": 0.2},

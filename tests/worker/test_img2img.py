@@ -22,8 +22,9 @@ from tests.fixtures.tiny_model import NATIVE_SIZE, build_tiny_model
 
 PROMPT = "a red circle"
 STEPS = 10
-# deterministic, multistep, drawing noise (in the model's dtype, in float32), a corrector, consistency sampling
-SAMPLERS = ("ddim", "dpmpp_2m", "euler_ancestral", "dpmpp_2m_sde", "unipc", "lcm")
+# deterministic, multistep, drawing noise (in the model's dtype, in float32), a corrector, consistency sampling,
+# two calls per step
+SAMPLERS = ("ddim", "dpmpp_2m", "euler_ancestral", "dpmpp_2m_sde", "unipc", "lcm", "heun")
 
 
 def picture(seed: int = 0, size: int = NATIVE_SIZE) -> Image.Image:

@@ -4,7 +4,7 @@ a request's step count into the request's plan, and steps the rows of all reques
 What a sampler knows, for each request kind:
 (a) `plan(steps)`: the UNet's timestep at each step and the noise levels σ̂ around it, from the scheduler
     config (float64, pure, cached per step count), as the sampler's diffusers scheduler's set_timesteps (a step
-    is one model call: PLMS plans n + 1 for n, its first step twice);
+    is one model call: PLMS plans n + 1 for n, its first step twice; Heun 2n − 1);
 (b) `plan.init_noise_sigma` (x_T = ε·init_noise_sigma) and `plan.input_scale(i)` (the UNet sees x·scale:
     1/√(σ̂² + 1) for the Euler family, whose x lives on the variance-exploding scale; 1 otherwise);
 (c) `step(states, counts, model_output, x, noise)`: one vectorised update over the rows of every request
@@ -18,7 +18,7 @@ What a sampler knows, for each request kind:
 (e) `scheduler` and `overrides`: the diffusers scheduler it follows (diffusers_scheduler), by which a model
     folder's own scheduler names its default sampler (sampler_for_scheduler).
 
-The math is in ddim.py, plms.py, dpm_solver.py (with its SDE variant), unipc.py, euler.py, lms.py,
+The math is in ddim.py, plms.py, dpm_solver.py (with its SDE variant), unipc.py, euler.py, lms.py, heun.py,
 euler_ancestral.py, lcm.py and flow_matching.py (one algorithm per file); this module is bookkeeping. Flow matching (`flow_euler`:
 x_next = x + (σ_next − σ)·v on a shifted σ schedule, the SD3 and Flux families' sampler) is one more class: a plan, an input scale (1), a step. Its plan
 may depend on the picture's size (Flux's resolution-dependent shift μ), so the engine asks for a request's
@@ -45,6 +45,7 @@ from services.worker.diffusion.dpm_solver import dpm_solver_2m_step
 from services.worker.diffusion.euler import euler_step
 from services.worker.diffusion.euler_ancestral import euler_ancestral_step
 from services.worker.diffusion.flow_matching import flow_euler_step, flow_schedule, mu_for, unsupported_reason
+from services.worker.diffusion.heun import heun_step
 from services.worker.diffusion.lcm import boundary_scalings, lcm_step
 from services.worker.diffusion.lms import MAX_ORDER, lms_coefficients, lms_step
 from services.worker.diffusion.plms import MAX_HISTORY, combine, weights_for
@@ -74,11 +75,13 @@ FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
 class Plan:
     """One request's schedule: what its sampler does at each of its steps (float64, computed once)."""
 
-    timesteps: tuple[float, ...]  # (n,) the UNet's t at step i (integers but for Euler on linspace spacing)
+    # (n,) the UNet's t at step i (integers but for the Euler family on linspace spacing); a step is a model call,
+    # so PLMS lists n + 1 for n steps and Heun 2n − 1
+    timesteps: tuple[float, ...]
     sigmas: tuple[float, ...]  # (n + 1,) σ̂_i = √((1 − ᾱ)/ᾱ) of the sample before step i; σ̂_n: after the last
     init_noise_sigma: float = 1.0  # x_T = ε·init_noise_sigma
     scale_input: bool = False  # the UNet sees x/√(σ̂_i² + 1) (x on the variance-exploding scale)
-    prev_timesteps: tuple[int, ...] = ()  # DDIM: the t each step goes to (−1: after the last)
+    prev_timesteps: tuple[int, ...] = ()  # DDIM, PLMS: the t each step goes to (−1: after the last)
     orders: tuple[int, ...] = ()  # DPM-Solver++(2M): the solver order of each step, for a request run from step 0
     flow: bool = False  # flow matching: `sigmas` are σ of x_σ = (1 − σ)·x0 + σ·ε (float32 values), not σ̂
 
@@ -112,8 +115,9 @@ class SamplerState:
     x0_prev2: torch.Tensor | None = None
     x_last: torch.Tensor | None = None
     last_order: int = 0
-    # the linear multistep samplers' history, newest first, float64: PLMS the model's outputs that enter its
-    # combination, LMS the ODE's slopes; and PLMS's sample its first call started from (its second starts there too)
+    # the multistep samplers' history, newest first, float64: PLMS the model's outputs that enter its combination,
+    # LMS the ODE's slopes, Heun the slope of its step's first call; and the sample a step's first call started from,
+    # which its second call steps from again (PLMS at its first step, Heun at every step but the last)
     history: tuple[torch.Tensor, ...] = ()
     x_start: torch.Tensor | None = None
     start_index: int = 0  # the plan's step the request starts at (image to image: rules.start_step)
@@ -632,6 +636,85 @@ class EulerKarrasSampler(EulerSampler):
         return sigma_to_timestep(sigmas, table).astype(np.float32).astype(np.float64), sigmas
 
 
+class HeunSampler(EulerSampler):
+    """Heun's method (heun.py) as HeunDiscreteScheduler.from_config(config): the Euler plan with σ̂ = 0 after the
+    last step (the scheduler has no final_sigmas_type), every step after the request's first listed twice (two model
+    calls: Euler, then the step again with the two slopes' mean), so n steps make 2n − 1 calls; x̂0 clipped where
+    the config says `clip_sample`. An image-to-image request starting at step k has the plan of a request run from
+    step k (the steps before it once, never run), as the pipelines' timesteps from index 2k are."""
+
+    name = "heun"
+    scheduler = "HeunDiscreteScheduler"
+    overrides = {"use_karras_sigmas": False}
+    config_defaults = {"use_exponential_sigmas": False, "use_beta_sigmas": False, "rescale_betas_zero_snr": False}
+    final_sigma_from_config = False
+
+    def __init__(self, config, alphas_cumprod, device="cpu"):
+        super().__init__(config, alphas_cumprod, device)
+        self.clip_range = clip_range(self.config, clip_by_default=False)  # HeunDiscreteScheduler's default
+
+    @classmethod
+    def unsupported(cls, config):
+        if config.get("beta_schedule") == "squaredcos_cap_v2":
+            # the first step's trapezoid spans σ̂ ≈ 2·10⁴ to σ̂_1: the two slopes' mean times dt ≈ −2·10⁴ leaves
+            # x_1 = σ̂_0·(ε_0 − ε')/2, and any difference between the two noise estimates becomes the picture
+            return "Heun on the capped cosine schedule (squaredcos_cap_v2): its first step averages slopes across σ̂ ≈ 2·10⁴"
+        return super().unsupported(config)
+
+    def plan_for(self, num_inference_steps: int, image_seq_len: int | None = None, start: int = 0) -> Plan:
+        return self.plan(num_inference_steps, start)
+
+    def _plan(self, num_inference_steps: int, start: int = 0) -> Plan:
+        steps = super()._plan(num_inference_steps)  # one entry per step
+        if not 0 <= start < num_inference_steps:
+            raise ValueError(f"start must be between 0 and {num_inference_steps - 1}, got {start}")
+        calls = [*range(start + 1), *(k for k in range(start + 1, num_inference_steps) for _ in (0, 1))]
+        return dataclasses.replace(
+            steps,
+            timesteps=tuple(steps.timesteps[k] for k in calls),
+            sigmas=(*(steps.sigmas[k] for k in calls), steps.sigmas[-1]),
+        )
+
+    def start(self, num_inference_steps: int, eta: float = 0.0) -> SamplerState:
+        return SamplerState(plan=self.plan(num_inference_steps, 0), eta=eta)
+
+    def step(self, states, counts, model_output, x, noise):
+        second = [s.x_start is not None for s in states]  # the step's second call (its first kept x_i and d_i)
+        slopes = history_stack(states, counts, x, 1)
+        starts, row = [], 0
+        for state, count in zip(states, counts):
+            starts.append(state.x_start if state.x_start is not None else x[row : row + count])
+            row += count
+        dt = [
+            s.plan.sigmas[s.step_index] - s.plan.sigmas[s.step_index - 1]
+            if again
+            else s.plan.sigmas[s.step_index + 1] - s.plan.sigmas[s.step_index]
+            for s, again in zip(states, second)
+        ]
+        out = heun_step(
+            model_output,
+            x,
+            self._sigmas(states, counts, 0),
+            per_row(dt, counts, self.device),
+            per_row(second, counts, self.device, torch.bool),
+            torch.cat(starts),
+            slopes[:, 0] if slopes is not None else torch.zeros_like(x, dtype=torch.float64),
+            self.prediction_type,
+            self.clip_range,
+        )
+        row = 0
+        for state, count, again in zip(states, counts, second):
+            rows = slice(row, row + count)
+            # a first call keeps x_i and d_i for the second (none after the last step: σ = 0 ends the request)
+            state.x_start, state.history = (None, ()) if again else (x[rows].clone(), (out.slope[rows],))
+            row += count
+        self._advance(states)
+        for state in states:
+            if state.finished:
+                state.x_start, state.history = None, ()
+        return out.x_next, out.x0_pred
+
+
 class LMSSampler(EulerSampler):
     """Linear multistep, "K-LMS" (lms.py), as LMSDiscreteScheduler.from_config(config) stepped at its default order 4
     (the pipelines'): the Euler plan with σ̂ = 0 after the last step (the scheduler has no final_sigmas_type), and
@@ -826,6 +909,7 @@ SAMPLER_CLASSES: dict[str, type[Sampler]] = {
         EulerKarrasSampler,
         LMSSampler,
         LMSKarrasSampler,
+        HeunSampler,
         EulerAncestralSampler,
         LCMSampler,
         FlowEulerSampler,
