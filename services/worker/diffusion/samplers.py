@@ -10,7 +10,8 @@ What a sampler knows, for each request kind:
 (c) `step(states, counts, model_output, x, noise)`: one vectorised update over the rows of every request
     using this sampler, with per-row coefficients gathered from each request's own plan at its own step;
     a multistep history (DPM-Solver++'s previous x0 prediction; UniPC's, and its corrector's starting sample;
-    PLMS's last model outputs and LMS's last slopes) lives in the request's SamplerState;
+    PLMS's last model outputs, LMS's last slopes, Heun's first slope of a step) lives in the request's
+    SamplerState;
 (d) `draws_noise(state)`: whether this step takes one randn draw (the request's latents' shape, in the model's
     dtype or the sampler's `noise_dtype`) from the request's own CPU generator, after the initial latents, in
     diffusers' order (DDIM with eta > 0, Euler ancestral and the SDE solver at every step, LCM at every step but
@@ -19,12 +20,14 @@ What a sampler knows, for each request kind:
     folder's own scheduler names its default sampler (sampler_for_scheduler).
 
 The math is in ddim.py, plms.py, dpm_solver.py (with its SDE variant), unipc.py, euler.py, lms.py, heun.py,
-euler_ancestral.py, lcm.py and flow_matching.py (one algorithm per file); this module is bookkeeping. Flow matching (`flow_euler`:
-x_next = x + (σ_next − σ)·v on a shifted σ schedule, the SD3 and Flux families' sampler) is one more class: a plan, an input scale (1), a step. Its plan
-may depend on the picture's size (Flux's resolution-dependent shift μ), so the engine asks for a request's
-plan with `plan_for(steps, image_seq_len)`. Image-to-image (a request starting at step k of its plan with
-noised image latents) is the same: `SamplerState.steps_done` counts the request's own updates, so a
-multistep history starts fresh wherever the request starts.
+euler_ancestral.py, lcm.py and flow_matching.py (one algorithm per file); this module is bookkeeping. Flow
+matching (`flow_euler`: x_next = x + (σ_next − σ)·v on a shifted σ schedule, the SD3 and Flux families' sampler)
+is one more class: a plan, an input scale (1), a step. Its plan may depend on the picture's size (Flux's
+resolution-dependent shift μ), so the engine asks for a request's plan with `plan_for(steps, image_seq_len,
+start)`. Image-to-image (a request starting at step k of its plan with noised image latents) is the same:
+`SamplerState.steps_done` counts the request's own updates, so a multistep history starts fresh wherever the
+request starts; the samplers of more calls than steps (PLMS, Heun) plan from the start they are given, the
+steps before it once.
 """
 
 from __future__ import annotations
