@@ -7,8 +7,8 @@ polynomial through the slopes of the last m steps (Adams–Bashforth on the non-
     x_{i+1} = x_i + Σ_{j<m} c_j·d_{i−j},   c_j = ∫_{σ_i}^{σ_{i+1}} ℓ_j(τ) dτ,
     ℓ_j(τ) = Π_{k<m, k≠j} (τ − σ_{i−k}) / (σ_{i−j} − σ_{i−k})   (the Lagrange basis through σ_i, ..., σ_{i−m+1})
 with m = min(the request's updates so far + 1, 4): Euler at its first update. diffusers integrates ℓ_j with
-scipy's quad; a polynomial of degree m − 1 ≤ 3 integrates exactly, so latentd does it in closed form (numpy's
-polynomial antiderivative, float64) and the worker needs no scipy.
+scipy's quad; a polynomial of degree m − 1 ≤ 3 integrates exactly, so latentd does it in closed form (ℓ_j's power
+coefficients and their antiderivative, float64).
 
 Notation (<variable name> -> <name in paper>)
 - x -> x_i on the variance-exploding scale (euler.py); x_next -> x_{i+1}
@@ -18,10 +18,11 @@ Notation (<variable name> -> <name in paper>)
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from services.worker.diffusion.euler import denoised
@@ -38,14 +39,23 @@ class LMSOutput:
 
 def lms_coefficients(sigmas: Sequence[float], i: int, order: int) -> tuple[float, ...]:
     """c_0..c_{m−1} of the step from sigmas[i] to sigmas[i + 1] over the slopes at sigmas[i], ..., sigmas[i − m + 1]."""
-    nodes = [sigmas[i - k] for k in range(order)]
+    return _coefficients(tuple(sigmas[i - k] for k in range(order)), sigmas[i], sigmas[i + 1])
+
+
+@functools.lru_cache(maxsize=4096)
+def _coefficients(nodes: tuple[float, ...], lower: float, upper: float) -> tuple[float, ...]:
+    """∫ ℓ_j from `lower` to `upper` for the Lagrange basis ℓ_j through `nodes`, exactly (pure Python: it runs per
+    request per step, and requests of one plan share its values)."""
     coefficients = []
-    for j in range(order):
-        others = [nodes[k] for k in range(order) if k != j]
-        roots = np.polynomial.Polynomial.fromroots(others) if others else np.polynomial.Polynomial([1.0])
-        basis = roots / np.prod([nodes[j] - s for s in others])
-        antiderivative = basis.integ()
-        coefficients.append(float(antiderivative(sigmas[i + 1]) - antiderivative(sigmas[i])))
+    for j, node in enumerate(nodes):
+        others = [s for k, s in enumerate(nodes) if k != j]
+        # ℓ_j's power coefficients, lowest first: Π (τ − s_k) expanded, over Π (σ_j − s_k)
+        poly = [1.0]
+        for root in others:
+            poly = [a - root * b for a, b in zip([0.0, *poly], [*poly, 0.0])]
+        denominator = math.prod(node - root for root in others)
+        integral = sum(a * (upper ** (p + 1) - lower ** (p + 1)) / (p + 1) for p, a in enumerate(poly))
+        coefficients.append(integral / denominator)
     return tuple(coefficients)
 
 
