@@ -210,9 +210,9 @@ def test_samplers_and_guidance_rescale_are_checked_by_the_model_and_resolved(cli
     job = client.post("/v1/generations", json={"prompt": "x", "num_inference_steps": 5}).json()
     assert job["params"]["sampler"] == "ddim" and job["params"]["guidance_rescale"] == 0.0
     for body, param, message in (
-        ({"sampler": "dpm2"}, "sampler", "sampler must be one of ddim for model 'tiny', got 'dpm2'"),
+        ({"sampler": "ddpm"}, "sampler", "sampler must be one of ddim for model 'tiny', got 'ddpm'"),
         ({"guidance_rescale": 1.5}, "guidance_rescale", "guidance_rescale must be between 0 and 1, got 1.5"),
-        ({"eta": 0.5, "sampler": "dpm2"}, "sampler", "sampler must be one of ddim"),
+        ({"eta": 0.5, "sampler": "ddpm"}, "sampler", "sampler must be one of ddim"),
     ):
         refused = client.post("/v1/generations", json={"prompt": "x"} | body)
         assert refused.status_code == 422 and refused.json()["error"]["param"] == param

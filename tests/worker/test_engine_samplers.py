@@ -27,7 +27,8 @@ STEPS = 8
 PROMPT = "a red circle"
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "shapes-ldm"
 # see DPMSolver2MKarrasSampler and HeunSampler
-COSINE_SAMPLERS = tuple(name for name in SAMPLERS if name not in ("dpmpp_2m_karras", "dpmpp_2m_sde_karras", "heun"))
+NOT_ON_COSINE = ("dpmpp_2m_karras", "dpmpp_2m_sde_karras", "heun", "dpm2")
+COSINE_SAMPLERS = tuple(name for name in SAMPLERS if name not in NOT_ON_COSINE)
 
 
 def request(request_id: str, **overrides) -> GenerationRequest:
@@ -240,10 +241,10 @@ def test_default_sampler_and_steps_and_frames(make_engine):
     "overrides,field,message",
     [
         (
-            dict(sampler="dpm2"),
+            dict(sampler="ddpm"),
             "sampler",
             "sampler must be one of ddim, plms, dpmpp_2m, dpmpp_2m_karras, dpmpp_2m_sde, dpmpp_2m_sde_karras, unipc, "
-            "euler, euler_karras, lms, lms_karras, heun, euler_ancestral, lcm",
+            "euler, euler_karras, lms, lms_karras, heun, dpm2, euler_ancestral, lcm",
         ),
         (
             dict(sampler="euler", eta=0.5),
@@ -288,11 +289,13 @@ def test_samplers_of_more_calls_than_steps_count_the_calls(make_engine, sampler,
         engine.submit(request("too-late", sampler=sampler, num_inference_steps=4, preview_every=calls + 1))
 
 
-def test_karras_dpm_solver_and_heun_are_not_offered_on_the_capped_cosine_schedule(make_engine, cosine_v_model):
+def test_karras_dpm_solver_and_the_two_call_samplers_are_not_offered_on_the_capped_cosine_schedule(
+    make_engine, cosine_v_model
+):
     _, model = cosine_v_model
     engine = make_engine(model=model)
     assert list(engine.samplers) == list(COSINE_SAMPLERS)
-    for name in ("dpmpp_2m_karras", "dpmpp_2m_sde_karras", "heun"):
+    for name in NOT_ON_COSINE:
         with pytest.raises(InvalidRequestError, match="squaredcos_cap_v2") as error:
             engine.submit(request("k", sampler=name))
         assert error.value.field == "sampler"
@@ -329,7 +332,7 @@ def test_model_defaults_from_latentd_json(make_engine, tiny_model_path, tmp_path
     # the pipeline ignores the file
     assert StableDiffusionPipeline.from_pretrained(folder, safety_checker=None) is not None
     for bad, complaint in (
-        ({"default_sampler": "dpm2"}, "default_sampler must be one of"),
+        ({"default_sampler": "ddpm"}, "default_sampler must be one of"),
         ({"default_guidance_rescale": 2}, "default_guidance_rescale must be between 0 and 1"),
         (
             {"default_guidance_start": 0.8, "default_guidance_stop": 0.2},

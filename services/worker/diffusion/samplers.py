@@ -19,7 +19,7 @@ What a sampler knows, for each request kind:
 (e) `scheduler` and `overrides`: the diffusers scheduler it follows (diffusers_scheduler), by which a model
     folder's own scheduler names its default sampler (sampler_for_scheduler).
 
-The math is in ddim.py, plms.py, dpm_solver.py (with its SDE variant), unipc.py, euler.py, lms.py, heun.py,
+The math is in ddim.py, plms.py, dpm_solver.py (with its SDE variant), unipc.py, euler.py, lms.py, second_order.py,
 euler_ancestral.py, lcm.py and flow_matching.py (one algorithm per file); this module is bookkeeping. Flow
 matching (`flow_euler`: x_next = x + (σ_next − σ)·v on a shifted σ schedule, the SD3 and Flux families' sampler)
 is one more class: a plan, an input scale (1), a step. Its plan may depend on the picture's size (Flux's
@@ -48,7 +48,6 @@ from services.worker.diffusion.dpm_solver import dpm_solver_2m_step
 from services.worker.diffusion.euler import euler_step
 from services.worker.diffusion.euler_ancestral import euler_ancestral_step
 from services.worker.diffusion.flow_matching import flow_euler_step, flow_schedule, mu_for, unsupported_reason
-from services.worker.diffusion.heun import heun_step
 from services.worker.diffusion.lcm import boundary_scalings, lcm_step
 from services.worker.diffusion.lms import MAX_ORDER, lms_coefficients, lms_step
 from services.worker.diffusion.plms import MAX_HISTORY, combine, weights_for
@@ -67,6 +66,7 @@ from services.worker.diffusion.schedules import (
     sigma_table,
     sigma_to_timestep,
 )
+from services.worker.diffusion.second_order import second_order_step
 from services.worker.diffusion.thresholding import Thresholding, clip_range
 from services.worker.diffusion.unipc import History, unipc_step
 
@@ -640,17 +640,19 @@ class EulerKarrasSampler(EulerSampler):
 
 
 class HeunSampler(EulerSampler):
-    """Heun's method (heun.py) as HeunDiscreteScheduler.from_config(config): the Euler plan with σ̂ = 0 after the
-    last step (the scheduler has no final_sigmas_type), every step after the request's first listed twice (two model
-    calls: Euler, then the step again with the two slopes' mean), so n steps make 2n − 1 calls; x̂0 clipped where
-    the config says `clip_sample`. An image-to-image request starting at step k has the plan of a request run from
-    step k (the steps before it once, never run), as the pipelines' timesteps from index 2k are."""
+    """Heun's method (second_order.py) as HeunDiscreteScheduler.from_config(config): the Euler plan with σ̂ = 0 after
+    the last step (the scheduler has no final_sigmas_type), every step but the last as two model calls (Euler, then
+    the step again with the two slopes' mean), so n steps make 2n − 1 calls and the plan lists each with the σ̂ of
+    the sample it sees; x̂0 clipped where the config says `clip_sample`. An image-to-image request starting at step
+    k has the plan of a request run from step k (the steps before it once, never run), as the pipelines' timesteps
+    from index 2k are."""
 
     name = "heun"
     scheduler = "HeunDiscreteScheduler"
     overrides = {"use_karras_sigmas": False}
     config_defaults = {"use_exponential_sigmas": False, "use_beta_sigmas": False, "rescale_betas_zero_snr": False}
     final_sigma_from_config = False
+    mean_slopes = True  # Heun's trapezoid; DPM-Solver-2 takes the second call's slope alone
 
     def __init__(self, config, alphas_cumprod, device="cpu"):
         super().__init__(config, alphas_cumprod, device)
@@ -659,24 +661,35 @@ class HeunSampler(EulerSampler):
     @classmethod
     def unsupported(cls, config):
         if config.get("beta_schedule") == "squaredcos_cap_v2":
-            # the first step's trapezoid spans σ̂ ≈ 2·10⁴ to σ̂_1: the two slopes' mean times dt ≈ −2·10⁴ leaves
-            # x_1 = σ̂_0·(ε_0 − ε')/2, and any difference between the two noise estimates becomes the picture
-            return "Heun on the capped cosine schedule (squaredcos_cap_v2): its first step averages slopes across σ̂ ≈ 2·10⁴"
+            # the first step's second call sets the whole step from σ̂_0 ≈ 2·10⁴ with a slope taken far below it:
+            # Heun's x_1 = σ̂_0·(ε_0 − ε')/2, DPM-Solver-2's σ̂_0·(ε_0 − ε'), so any difference between the noise
+            # estimates becomes the picture
+            return (
+                f"{cls.name} on the capped cosine schedule (squaredcos_cap_v2): its first step's second call sets the "
+                "whole step from σ̂ ≈ 2·10⁴ with a slope taken far below it"
+            )
         return super().unsupported(config)
 
     def plan_for(self, num_inference_steps: int, image_seq_len: int | None = None, start: int = 0) -> Plan:
         return self.plan(num_inference_steps, start)
 
+    def _second_calls(self, steps: Plan) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The timestep and σ̂ of each step's second call (the step's end for Heun), one per step but the last."""
+        return steps.timesteps[1:], steps.sigmas[1:-1]
+
     def _plan(self, num_inference_steps: int, start: int = 0) -> Plan:
         steps = super()._plan(num_inference_steps)  # one entry per step
         if not 0 <= start < num_inference_steps:
             raise ValueError(f"start must be between 0 and {num_inference_steps - 1}, got {start}")
-        calls = [*range(start + 1), *(k for k in range(start + 1, num_inference_steps) for _ in (0, 1))]
-        return dataclasses.replace(
-            steps,
-            timesteps=tuple(steps.timesteps[k] for k in calls),
-            sigmas=(*(steps.sigmas[k] for k in calls), steps.sigmas[-1]),
-        )
+        second_timesteps, second_sigmas = self._second_calls(steps)
+        timesteps, sigmas = list(steps.timesteps[:start]), list(steps.sigmas[:start])  # never run
+        for k in range(start, num_inference_steps):
+            timesteps.append(steps.timesteps[k])
+            sigmas.append(steps.sigmas[k])
+            if k < num_inference_steps - 1:
+                timesteps.append(second_timesteps[k])
+                sigmas.append(second_sigmas[k])
+        return dataclasses.replace(steps, timesteps=tuple(timesteps), sigmas=(*sigmas, steps.sigmas[-1]))
 
     def start(self, num_inference_steps: int, eta: float = 0.0) -> SamplerState:
         return SamplerState(plan=self.plan(num_inference_steps, 0), eta=eta)
@@ -688,13 +701,12 @@ class HeunSampler(EulerSampler):
         for state, count in zip(states, counts):
             starts.append(state.x_start if state.x_start is not None else x[row : row + count])
             row += count
+        # to the σ after this call (σ' or σ_{i+1}) from the σ the step started at (this call's, or the one before's)
         dt = [
-            s.plan.sigmas[s.step_index] - s.plan.sigmas[s.step_index - 1]
-            if again
-            else s.plan.sigmas[s.step_index + 1] - s.plan.sigmas[s.step_index]
+            s.plan.sigmas[s.step_index + 1] - s.plan.sigmas[s.step_index - 1 if again else s.step_index]
             for s, again in zip(states, second)
         ]
-        out = heun_step(
+        out = second_order_step(
             model_output,
             x,
             self._sigmas(states, counts, 0),
@@ -702,6 +714,7 @@ class HeunSampler(EulerSampler):
             per_row(second, counts, self.device, torch.bool),
             torch.cat(starts),
             slopes[:, 0] if slopes is not None else torch.zeros_like(x, dtype=torch.float64),
+            self.mean_slopes,
             self.prediction_type,
             self.clip_range,
         )
@@ -716,6 +729,27 @@ class HeunSampler(EulerSampler):
             if state.finished:
                 state.x_start, state.history = None, ()
         return out.x_next, out.x0_pred
+
+
+class DPM2Sampler(HeunSampler):
+    """DPM-Solver-2 (second_order.py) as KDPM2DiscreteScheduler.from_config(config): Heun's plan but for the second
+    call of each step, at the midpoint σ̂' = √(σ̂_i·σ̂_{i+1}) (log-linear, as the scheduler's lerp of log σ̂) and its
+    fractional timestep (interpolated in log σ̂, in float32, as the scheduler's); the step from x_i with the
+    midpoint's slope alone. No clipping (the scheduler has none)."""
+
+    name = "dpm2"
+    scheduler = "KDPM2DiscreteScheduler"
+    mean_slopes = False
+
+    def __init__(self, config, alphas_cumprod, device="cpu"):
+        super().__init__(config, alphas_cumprod, device)
+        self.clip_range = None
+
+    def _second_calls(self, steps: Plan) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        ends = np.array(steps.sigmas[:-1])  # σ̂_0..σ̂_{n−1}
+        midpoints = np.exp((np.log(ends[:-1]) + np.log(ends[1:])) / 2)
+        timesteps = sigma_to_timestep(midpoints.astype(np.float32), sigma_table(self.alphas_cumprod))
+        return tuple(float(t) for t in timesteps.astype(np.float32)), tuple(float(s) for s in midpoints)
 
 
 class LMSSampler(EulerSampler):
@@ -913,6 +947,7 @@ SAMPLER_CLASSES: dict[str, type[Sampler]] = {
         LMSSampler,
         LMSKarrasSampler,
         HeunSampler,
+        DPM2Sampler,
         EulerAncestralSampler,
         LCMSampler,
         FlowEulerSampler,
