@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -143,6 +144,12 @@ def per_row(values: Sequence[Any], counts: Sequence[int], device: torch.device, 
     if device.type != "cuda":
         return rows.to(device)
     return rows.pin_memory().to(device, non_blocking=True)
+
+
+def row_slices(counts: Sequence[int]) -> list[slice]:
+    """Each request's rows of the batch: states[k] owns counts[k] consecutive rows."""
+    ends = list(itertools.accumulate(counts))
+    return [slice(end - count, end) for end, count in zip(ends, counts)]
 
 
 def history_rows(states: Sequence[SamplerState], counts: Sequence[int], field: str, x: torch.Tensor):
@@ -351,12 +358,11 @@ class PLMSSampler(Sampler):
         stacked = outputs[:, None] if history is None else torch.cat([outputs[:, None], history], 1)
         weights = [weights_for(s.steps_done, len(s.history)) for s in states]
         weights = per_row([w + (0.0,) * (MAX_HISTORY + 1 - len(w)) for w in weights], counts, self.device)
-        starts, row = [], 0
-        for state, count, redo in zip(states, counts, again):
-            starts.append(state.x_start if redo else x[row : row + count])
+        starts = []
+        for state, rows, redo in zip(states, row_slices(counts), again):
+            starts.append(state.x_start if redo else x[rows])
             if state.steps_done == 0:
-                state.x_start = x[row : row + count].clone()
-            row += count
+                state.x_start = x[rows].clone()
         i_from = [s.step_index - 1 if redo else s.step_index for s, redo in zip(states, again)]
         out = ddim_step(
             combine(stacked, weights[:, : stacked.shape[1]]),
@@ -459,10 +465,8 @@ class DPMSolver2MSampler(Sampler):
             self.thresholding,
             noise if self.sde else None,
         )
-        row = 0
-        for state, count in zip(states, counts):
-            state.x0_prev = out.x0_pred[row : row + count]
-            row += count
+        for state, rows in zip(states, row_slices(counts)):
+            state.x0_prev = out.x0_pred[rows]
         self._advance(states)
         for state in states:
             if state.finished:
@@ -565,12 +569,9 @@ class UniPCSampler(DPMSolver2MSampler):
             self.thresholding,
             self.bh1,
         )
-        row = 0
-        for state, count, order in zip(states, counts, orders):
-            rows = slice(row, row + count)
+        for state, rows, order in zip(states, row_slices(counts), orders):
             state.x0_prev2, state.x0_prev = state.x0_prev, out.x0_pred[rows]
             state.x_last, state.last_order = out.x_corrected[rows], order
-            row += count
         self._advance(states)
         for state in states:
             if state.finished:
@@ -697,10 +698,7 @@ class HeunSampler(EulerSampler):
     def step(self, states, counts, model_output, x, noise):
         second = [s.x_start is not None for s in states]  # the step's second call (its first kept x_i and d_i)
         slopes = history_stack(states, counts, x, 1)
-        starts, row = [], 0
-        for state, count in zip(states, counts):
-            starts.append(state.x_start if state.x_start is not None else x[row : row + count])
-            row += count
+        starts = [s.x_start if s.x_start is not None else x[rows] for s, rows in zip(states, row_slices(counts))]
         # to the σ after this call (σ' or σ_{i+1}) from the σ the step started at (this call's, or the one before's)
         dt = [
             s.plan.sigmas[s.step_index + 1] - s.plan.sigmas[s.step_index - 1 if again else s.step_index]
@@ -718,12 +716,9 @@ class HeunSampler(EulerSampler):
             self.prediction_type,
             self.clip_range,
         )
-        row = 0
-        for state, count, again in zip(states, counts, second):
-            rows = slice(row, row + count)
+        for state, rows, again in zip(states, row_slices(counts), second):
             # a first call keeps x_i and d_i for the second (none after the last step: σ = 0 ends the request)
             state.x_start, state.history = (None, ()) if again else (x[rows].clone(), (out.slope[rows],))
-            row += count
         self._advance(states)
         for state in states:
             if state.finished:
