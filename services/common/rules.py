@@ -31,11 +31,11 @@ DEFAULT_FORWARD_TIMESTEPS = tuple(range(0, 1001, 50))
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 # DDIM (Song et al. 2021); PLMS (Liu et al. 2022, SD 1.x's PNDM scheduler: n + 1 model calls for n steps);
 # DPM-Solver++(2M) (Lu et al. 2022) on the scheduler's timesteps, and on Karras et al.'s σ spacing, each also as its
-# SDE variant (one noise draw per step); UniPC (Zhao et al. 2023); Euler (Karras et al. 2022) and linear multistep
-# (LMS, k-diffusion's), each also on Karras σ; Heun's method (Karras et al. 2022) and DPM-Solver-2 (Lu et al. 2022),
-# two model calls per step; Euler ancestral (k-diffusion); LCM's multistep consistency sampling (Luo et al. 2023)
-# for latent consistency models; each as its diffusers scheduler configured from the model's scheduler config; and
-# flow_euler, flow matching's Euler step on the shifted σ schedule of a flow model (SD3, Flux:
+# SDE variant (one noise draw per step); UniPC (Zhao et al. 2023); Euler (Karras et al. 2022), linear multistep
+# (LMS, k-diffusion's), Heun's method (Karras et al. 2022) and DPM-Solver-2 (Lu et al. 2022), the last two with two
+# model calls per step, each also on Karras σ; Euler ancestral (k-diffusion); LCM's multistep consistency sampling
+# (Luo et al. 2023) for latent consistency models; each as its diffusers scheduler configured from the model's
+# scheduler config; and flow_euler, flow matching's Euler step on the shifted σ schedule of a flow model (SD3, Flux:
 # FlowMatchEulerDiscreteScheduler), the only one those take.
 # A model supports these less the ones its scheduler config rules out (GET /v1/models lists them).
 DDPM_SAMPLERS: tuple[str, ...] = (
@@ -51,14 +51,17 @@ DDPM_SAMPLERS: tuple[str, ...] = (
     "lms",
     "lms_karras",
     "heun",
+    "heun_karras",
     "dpm2",
+    "dpm2_karras",
     "euler_ancestral",
     "lcm",
 )
 FLOW_SAMPLERS: tuple[str, ...] = ("flow_euler",)
 # samplers that make more than one model call per step (a job's progress counts the calls: steps_run)
 DOUBLED_FIRST_STEP: tuple[str, ...] = ("plms",)  # its first step twice: n + 1 calls (1 for 1 step)
-TWO_CALLS_PER_STEP: tuple[str, ...] = ("heun", "dpm2")  # every step but the last twice: 2n − 1 calls
+# every step but the last twice: 2n − 1 calls
+TWO_CALLS_PER_STEP: tuple[str, ...] = ("heun", "heun_karras", "dpm2", "dpm2_karras")
 SAMPLERS: tuple[str, ...] = DDPM_SAMPLERS + FLOW_SAMPLERS
 # a model's default sampler: latentd.json's, else the one its folder's scheduler is (loading.read_defaults), else this
 DEFAULT_SAMPLER = "ddim"

@@ -174,7 +174,8 @@ class GenerationCreate(_ImageFields):
         le=MAX_STEPS,
         description=(
             "Send a small x0 prediction in every k-th step event (0 = none; at most the steps the job runs: "
-            "num_inference_steps, fewer with an image, more with plms, heun and dpm2, which count model calls)."
+            "num_inference_steps, fewer with an image, more with plms and the heun and dpm2 names, which count model "
+            "calls)."
         ),
     )
 

@@ -36,12 +36,13 @@ SPACINGS = ("leading", "trailing", "linspace")
 PREDICTIONS = ("epsilon", "v_prediction")
 # planned in σ̂ (DDIM: test_ddim_parity.py; PLMS and LCM, whose schedulers keep no σ̂, and DPM-Solver-2, whose keeps
 # its midpoints apart, below)
-SIGMA_SAMPLERS = tuple(name for name in SAMPLERS if name not in ("ddim", "plms", "lcm", "dpm2"))
+SIGMA_SAMPLERS = tuple(name for name in SAMPLERS if name not in ("ddim", "plms", "lcm", "dpm2", "dpm2_karras"))
 KARRAS = ("dpmpp_2m_karras", "dpmpp_2m_sde_karras")
 # not offered on the capped cosine schedule (DPMSolver2MKarrasSampler, HeunSampler)
-NOT_ON_COSINE = (*KARRAS, "heun")
+NOT_ON_COSINE = (*KARRAS, "heun", "heun_karras")
 STEPS = (1, 7, 10, 50, 1000)
-FRACTIONAL = ("euler_karras", "lms_karras")  # Karras σ at fractional timesteps
+FRACTIONAL = ("euler_karras", "lms_karras", "heun_karras")  # Karras σ at fractional timesteps
+DPM2 = ("dpm2", "dpm2_karras")  # their scheduler keeps the midpoints apart (dpm2_reference)
 
 
 def model_config(schedule: str, spacing: str, prediction_type: str = "epsilon", **options) -> dict:
@@ -78,7 +79,7 @@ def test_names_are_the_registry():
     # the names are the API's: a rename breaks clients
     assert " ".join(SAMPLERS) == (
         "ddim plms dpmpp_2m dpmpp_2m_karras dpmpp_2m_sde dpmpp_2m_sde_karras unipc euler euler_karras lms lms_karras "
-        "heun dpm2 euler_ancestral lcm"
+        "heun heun_karras dpm2 dpm2_karras euler_ancestral lcm"
     )
 
 
@@ -282,8 +283,9 @@ def test_unipc_bh1_matches_diffusers_but_for_its_nan_at_the_end(schedule, spacin
         ("LMSDiscreteScheduler", {"use_karras_sigmas": True}, "lms_karras"),
         ("LMSDiscreteScheduler", {"use_exponential_sigmas": True}, None),
         ("HeunDiscreteScheduler", {}, "heun"),
-        ("HeunDiscreteScheduler", {"use_karras_sigmas": True}, None),  # not offered
+        ("HeunDiscreteScheduler", {"use_karras_sigmas": True}, "heun_karras"),
         ("KDPM2DiscreteScheduler", {}, "dpm2"),
+        ("KDPM2DiscreteScheduler", {"use_karras_sigmas": True}, "dpm2_karras"),
         ("KDPM2AncestralDiscreteScheduler", {}, None),
         ("PNDMScheduler", {"skip_prk_steps": True}, "plms"),  # SD 1.x's
         ("PNDMScheduler", {}, None),  # its Runge-Kutta warm-up (skip_prk_steps false): not implemented
@@ -549,10 +551,10 @@ def test_plms_image_to_image_runs_from_its_own_start(start):
     assert state.finished
 
 
-def dpm2_reference(config, steps, alphas_cumprod, plan):
+def dpm2_reference(name, config, steps, alphas_cumprod, plan):
     """KDPM2DiscreteScheduler set to `steps` on our float64 ᾱ, its σ̂ and midpoints (kept apart, in its layout) the
     plan's in float64: the σ̂ each step starts at from the plan's first calls, the midpoints from its second."""
-    ref = reference("dpm2", config, steps, alphas_cumprod)
+    ref = reference(name, config, steps, alphas_cumprod)
     ends = torch.tensor([*plan.sigmas[0:-1:2], 0.0], dtype=torch.float64)  # σ̂_0..σ̂_{n−1}, 0
     midpoints = torch.tensor([math.nan, *plan.sigmas[1:-1:2], 0.0], dtype=torch.float64)  # [·, σ̂'_0.., 0]
     ref.sigmas = torch.cat([ends[:1], ends[1:].repeat_interleave(2), ends[-1:]])
@@ -560,44 +562,45 @@ def dpm2_reference(config, steps, alphas_cumprod, plan):
     return ref
 
 
-@pytest.mark.parametrize("schedule,spacing", list(itertools.product(("linear", "scaled_linear"), SPACINGS)))
-def test_dpm2_plan_matches_diffusers(schedule, spacing):
+@pytest.mark.parametrize("name,schedule,spacing", list(itertools.product(DPM2, ("linear", "scaled_linear"), SPACINGS)))
+def test_dpm2_plan_matches_diffusers(name, schedule, spacing):
     """KDPM2DiscreteScheduler's calls (2n − 1: each step's start, then its midpoint √(σ̂_i·σ̂_{i+1}) at a fractional
     timestep, the last step one call), its timesteps, the σ̂ each call sees (sigmas at a step's start,
     sigmas_interpol at its midpoint) and init_noise_sigma, to the rounding of diffusers' float32 tables; not offered
     on the capped cosine schedule (as heun)."""
     config = model_config(schedule, spacing)
     ac = alphas_cumprod_from_config(config)
-    sampler = build_samplers(config, ac)["dpm2"]
+    sampler = build_samplers(config, ac)[name]
     for steps in (1, 2, 7, 10, 50):
-        plan, ref = sampler.plan(steps), reference("dpm2", config, steps)
+        plan, ref = sampler.plan(steps), reference(name, config, steps)
         timesteps = ref.timesteps.double().numpy()
-        assert plan.num_steps == len(timesteps) == rules.steps_run(steps, None, "dpm2") == 2 * steps - 1
+        assert plan.num_steps == len(timesteps) == rules.steps_run(steps, None, name) == 2 * steps - 1
         # on our float64 ᾱ to the float32 rounding of its midpoint σ̂; on its own float32 table to that table's
-        on_ours = reference("dpm2", config, steps, ac).timesteps.double().numpy()
+        on_ours = reference(name, config, steps, ac).timesteps.double().numpy()
         assert np.allclose(plan.timesteps, on_ours, rtol=1e-6, atol=1e-4), steps
         assert np.allclose(plan.timesteps, timesteps, rtol=1e-6, atol=1e-2), steps
         seen = [float(ref.sigmas[i] if i % 2 == 0 else ref.sigmas_interpol[i]) for i in range(plan.num_steps)]
         # diffusers' own float32 ᾱ: σ̂ near t = 0 from 1 − ᾱ ≈ 1e-3 in float32, to 3 or 4 digits
         assert np.allclose(plan.sigmas[:-1], seen, rtol=1e-3, atol=0) and plan.sigmas[-1] == 0.0, steps
         assert math.isclose(plan.init_noise_sigma, float(ref.init_noise_sigma), rel_tol=1e-3), steps
-    assert "squaredcos_cap_v2" in unsupported_samplers(model_config("squaredcos_cap_v2", spacing))["dpm2"]
+    assert "squaredcos_cap_v2" in unsupported_samplers(model_config("squaredcos_cap_v2", spacing))[name]
 
 
 @pytest.mark.parametrize(
-    "schedule,spacing,prediction_type", list(itertools.product(("linear", "scaled_linear"), SPACINGS, PREDICTIONS))
+    "name,schedule,spacing,prediction_type",
+    list(itertools.product(DPM2, ("linear", "scaled_linear"), SPACINGS, PREDICTIONS)),
 )
-def test_dpm2_update_matches_diffusers(schedule, spacing, prediction_type):
+def test_dpm2_update_matches_diffusers(name, schedule, spacing, prediction_type):
     """Every call of 1/2/7/10/50-step runs, fed the same sample and model output: our update vs
     KDPM2DiscreteScheduler.step on the plan's float64 σ̂ (dpm2_reference), within 1e-5 on the UNet's scale; the UNet
     sees the sample scaled by the σ̂ of that call (the midpoint's at a second call), as scale_model_input does."""
     config = model_config(schedule, spacing, prediction_type)
     ac = alphas_cumprod_from_config(config)
-    sampler = build_samplers(config, ac)["dpm2"]
+    sampler = build_samplers(config, ac)[name]
     g = torch.Generator().manual_seed(9)
     for steps in (1, 2, 7, 10, 50):
         plan, state = sampler.plan(steps), sampler.start(steps)
-        ref = dpm2_reference(config, steps, ac, plan)
+        ref = dpm2_reference(name, config, steps, ac, plan)
         x0 = torch.randn((2, 4, 4, 4), generator=g, dtype=torch.float64)
         x = (torch.randn((2, 4, 4, 4), generator=g) * plan.init_noise_sigma).float()
         for i, t in enumerate(ref.timesteps):

@@ -747,6 +747,27 @@ class DPM2Sampler(HeunSampler):
         return tuple(float(t) for t in timesteps.astype(np.float32)), tuple(float(s) for s in midpoints)
 
 
+class HeunKarrasSampler(HeunSampler, EulerKarrasSampler):
+    """Heun's method on euler_karras's Karras σ and fractional timesteps, as HeunDiscreteScheduler.from_config(config,
+    use_karras_sigmas=True)."""
+
+    name = "heun_karras"
+    overrides = {"use_karras_sigmas": True}
+
+
+class DPM2KarrasSampler(DPM2Sampler):
+    """DPM-Solver-2 on Karras σ (ρ = 7, between the plain schedule's ends), as KDPM2DiscreteScheduler.from_config(
+    config, use_karras_sigmas=True): the steps' timesteps rounded, as that scheduler rounds them ("DPM2 Karras")."""
+
+    name = "dpm2_karras"
+    overrides = {"use_karras_sigmas": True}
+
+    def _schedule(self, num_inference_steps: int, table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        _, plain = super()._schedule(num_inference_steps, table)
+        sigmas = karras_sigmas(float(plain[-1]), float(plain[0]), num_inference_steps)
+        return sigma_to_timestep(sigmas, table).round(), sigmas
+
+
 class LMSSampler(EulerSampler):
     """Linear multistep, "K-LMS" (lms.py), as LMSDiscreteScheduler.from_config(config) stepped at its default order 4
     (the pipelines'): the Euler plan with σ̂ = 0 after the last step (the scheduler has no final_sigmas_type), and
@@ -942,7 +963,9 @@ SAMPLER_CLASSES: dict[str, type[Sampler]] = {
         LMSSampler,
         LMSKarrasSampler,
         HeunSampler,
+        HeunKarrasSampler,
         DPM2Sampler,
+        DPM2KarrasSampler,
         EulerAncestralSampler,
         LCMSampler,
         FlowEulerSampler,
