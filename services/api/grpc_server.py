@@ -96,6 +96,11 @@ def _as_service_error(exc: Exception, retry_after_s: float) -> ServiceError:
     return InternalError(f"internal error: {type(exc).__name__}", None)
 
 
+# The status details travel percent-encoded in a trailer, which a client refuses past 16 KiB: 1000 characters are
+# 12,000 bytes at most (4-byte UTF-8), where a longer message would reach the caller as RESOURCE_EXHAUSTED.
+MAX_DETAILS_CHARS = 1000
+
+
 async def _abort(context: grpc.aio.ServicerContext, method: str, error: ServiceError) -> None:
     code = _STATUS_OF.get(type(error), grpc.StatusCode.INTERNAL)
     trailers = [(protocol.TYPE_METADATA_KEY, error.error_type)]
@@ -105,7 +110,8 @@ async def _abort(context: grpc.aio.ServicerContext, method: str, error: ServiceE
         trailers.append((protocol.RETRY_AFTER_METADATA_KEY, str(max(1, round(error.retry_after_s)))))
     core_metrics.record_refusal(error)
     grpc_requests_total.labels(method, code.name).inc()
-    await context.abort(code, error.message, trailing_metadata=tuple(trailers))
+    details = error.message if len(error.message) <= MAX_DETAILS_CHARS else error.message[: MAX_DETAILS_CHARS - 1] + "…"
+    await context.abort(code, details, trailing_metadata=tuple(trailers))
 
 
 def edge(handler: Callable) -> Callable:

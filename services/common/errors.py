@@ -4,6 +4,16 @@ and maps to one HTTP status (here) and one gRPC status code (services/api/grpc_s
 from __future__ import annotations
 
 
+def shown(value: object, limit: int = 80) -> str:
+    """A caller's value as an error message echoes it: repr, cut to `limit` characters with its length said, so an
+    echo never outgrows what a door can carry (gRPC's status details travel in a header of at most 16 KiB)."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f"{len(value)} characters" if isinstance(value, (str, bytes)) else f"{len(text)} characters as written"
+    return f"{text[: limit - 1]}… ({size})"
+
+
 class ServiceError(Exception):
     status_code = 400
     error_type = "invalid_request_error"

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from services.common.errors import InvalidInput
+from services.common.errors import InvalidInput, shown
 
 MAX_STEPS = 1000
 MAX_IMAGES = 16  # per job; a deployment may allow fewer (Settings.max_num_images)
@@ -161,7 +161,7 @@ def between(field: str, value: Any, low: float, high: float, *, integer: bool = 
     if isinstance(value, bool) or not kind_ok:
         noun = "an integer" if integer else "a number"
         raise InvalidInput(
-            f"{field} must be {noun} between {_fmt(low)} and {_fmt(high)}, got {value!r}", param or field
+            f"{field} must be {noun} between {_fmt(low)} and {_fmt(high)}, got {shown(value)}", param or field
         )
     if not (isinstance(value, int) or math.isfinite(value)) or not low <= value <= high:
         raise InvalidInput(f"{field} must be between {_fmt(low)} and {_fmt(high)}, got {_fmt(value)}", param or field)
@@ -193,7 +193,7 @@ def check_sampler(limits: ModelLimits, sampler: str | None) -> str:
     if name not in limits.samplers:
         why = f" ({limits.unsupported_samplers[name]})" if name in limits.unsupported_samplers else ""
         raise InvalidInput(
-            f"sampler must be one of {', '.join(limits.samplers)} for model {limits.name!r}, got {name!r}{why}",
+            f"sampler must be one of {', '.join(limits.samplers)} for model {limits.name!r}, got {shown(name)}{why}",
             "sampler",
         )
     return name

@@ -43,6 +43,7 @@ from services.common.errors import (
     ServiceError,
     Unauthorized,
     Unavailable,
+    shown,
 )
 from services.common.jobs import JobEvent, JobRecord
 from services.common.jobstore import AsyncJobStore, IdempotencyConflict, QueueFull, frame_blob_name, reconnect_once
@@ -102,6 +103,7 @@ def decode_image(data: str | bytes, param: str = "image", formats: tuple[str, ..
     """A PNG or JPEG picture, from bytes or base64 (a data: URL is accepted); InvalidInput otherwise."""
     from PIL import Image
 
+    sent_as = "a base64-encoded" if isinstance(data, str) else "a"
     try:
         if isinstance(data, str):
             payload = data.split(",", 1)[1] if data.startswith("data:") else data
@@ -111,8 +113,17 @@ def decode_image(data: str | bytes, param: str = "image", formats: tuple[str, ..
                 raise ValueError(f"format {image.format}")
             image.verify()
     except (binascii.Error, ValueError, OSError, Image.DecompressionBombError) as error:
-        raise InvalidInput(f"{param} must be a base64-encoded PNG or JPEG picture ({error})", param) from None
+        raise InvalidInput(f"{param} must be {sent_as} PNG or JPEG picture ({_why(error)})", param) from None
     return data
+
+
+def _why(error: Exception) -> str:
+    """What PIL or base64 says is wrong with a picture, without the in-memory file PIL names in its words."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(error, UnidentifiedImageError):
+        return "not a picture file that can be read"
+    return str(error)
 
 
 def picture_size(data: bytes, param: str = "image") -> tuple[int, int]:
@@ -299,7 +310,7 @@ class Core:
         if name:
             if name not in models:
                 known = ", ".join(sorted(models)) or "none yet"
-                raise NotFound(f"unknown model {name!r}; served models: {known}", "model")
+                raise NotFound(f"unknown model {shown(name)}; served models: {known}", "model")
             return models[name]
         if not models:
             metrics.record_rejection("no_worker")
@@ -577,7 +588,7 @@ class Core:
         max_age_s = self.settings.job_poll_max_age_s if poll else 0.0
         job = await self._redis(self.store.get(job_id, max_age_s)) if job_id else None
         if job is None or job.owner != owner:  # another key's job does not exist for this caller
-            raise NotFound(f"no job {job_id!r}", "id")
+            raise NotFound(f"no job {shown(job_id)}", "id")
         return job
 
     async def cancel(self, owner: str, job_id: str) -> JobRecord:
@@ -591,7 +602,7 @@ class Core:
         """(bytes, media type) of image or frame `index`. A reverse trajectory's frames answer while it runs,
         as soon as their `frame` event is out; the others once the job has succeeded."""
         if kind not in ARTIFACT_KINDS:
-            raise InvalidInput(f"kind must be one of {', '.join(ARTIFACT_KINDS)}, got {kind!r}", "kind")
+            raise InvalidInput(f"kind must be one of {', '.join(ARTIFACT_KINDS)}, got {shown(kind)}", "kind")
         rules.between("index", index, 0, 10**6, integer=True)
         job = await self.job(owner, job_id)
         names = job.images if kind == "image" else [frame["blob"] for frame in job.frames]
@@ -624,7 +635,7 @@ class Core:
         one) from the process's one event reader. The owner is checked once per job and process, not once
         per reader: a thousand readers of one job cost one Redis read, not a thousand."""
         if not job_id or await self._redis(self.hub.owner(job_id)) != owner:
-            raise NotFound(f"no job {job_id!r}", "id")
+            raise NotFound(f"no job {shown(job_id)}", "id")
         return self.hub.follow_batches(job_id, after, idle_s, owner=owner)
 
     async def wait(self, owner: str, job_id: str, timeout_s: float) -> JobRecord:

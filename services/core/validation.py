@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from services.common.errors import InvalidInput
+from services.common.errors import InvalidInput, shown
 from services.core import schemas
 
 M = TypeVar("M", bound=BaseModel)
@@ -40,9 +40,26 @@ def _fmt(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+# pydantic names the member of a union that an error belongs to in its loc: ("image", "str") and
+# ("image", "JobImage", "job_id") for `image: str | JobImage`. The caller knows no such names; they are left out.
+_MEMBERS = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false"} | {
+    model.__name__: "an object {" + ", ".join(model.model_fields) + "}" for model in _SCHEMAS
+}
+
+
+def _loc(error: dict) -> list[str]:
+    parts = [str(part) for part in error.get("loc", ()) if part not in ("body", "query", "path", "header")]
+    return [part for part in parts if part not in _MEMBERS]
+
+
+def _is_type_error(error: dict) -> bool:
+    """The value is of another type than a union member takes (a string where an object goes, ...)."""
+    return error.get("type", "").endswith("_type")
+
+
 def message(error: dict) -> tuple[str, str | None]:
     """(message, param) for one pydantic error."""
-    loc = [str(part) for part in error.get("loc", ()) if part not in ("body", "query", "path", "header")]
+    loc = _loc(error)
     param = ".".join(loc) or None
     field = next((part for part in reversed(loc) if not part.isdigit()), param)
     kind = error.get("type", "")
@@ -50,29 +67,46 @@ def message(error: dict) -> tuple[str, str | None]:
     if kind in _RANGE_ERRORS:
         low, high = _bounds(field or "")
         if low is not None and high is not None:
-            return f"{param} must be between {_fmt(low)} and {_fmt(high)}, got {given!r}", param
+            return f"{param} must be between {_fmt(low)} and {_fmt(high)}, got {shown(given)}", param
     if kind in ("string_too_long", "too_long"):
         limit = (error.get("ctx") or {}).get("max_length")
         noun = "characters" if kind == "string_too_long" else "values"
         return f"{param} must be at most {limit} {noun}, got {len(given) if given is not None else '?'}", param
+    if kind == "string_too_short":
+        limit = (error.get("ctx") or {}).get("min_length")
+        if limit == 1:
+            return f"{param} must not be empty", param
+        return f"{param} must be at least {limit} characters, got {shown(given)}", param
     if kind == "too_short":
         limit = (error.get("ctx") or {}).get("min_length")
         return f"{param} must hold at least {limit} values", param
     if kind == "extra_forbidden":
-        return f"unknown field {param!r}: this endpoint does not accept it", param
+        return f"unknown field {shown(param)}: this endpoint does not accept it", param
     if kind == "missing":
         return f"{param} is required", param
     if kind == "json_invalid":
         return "the body is not valid JSON: " + error.get("msg", ""), None
     if param:
-        return f"{param}: {error.get('msg', 'invalid value')}, got {given!r}", param
+        return f"{param}: {error.get('msg', 'invalid value')}, got {shown(given)}", param
     return error.get("msg", "invalid request"), param
 
 
 def refusal(errors: list[dict]) -> InvalidInput:
-    """The first error as the InvalidInput both doors answer with."""
-    text, param = message(errors[0]) if errors else ("invalid request", None)
-    return InvalidInput(text, param)
+    """The first field's error as the InvalidInput both doors answer with. Where that field is a union (an
+    image as base64 or {job_id, index}), the member the value was meant for speaks: the one whose error is not
+    about the value's type; where every member refuses the type, the message lists what the field takes."""
+    if not errors:
+        return InvalidInput("invalid request", None)
+    first = _loc(errors[0])[:1]
+    same_field = [error for error in errors if _loc(error)[:1] == first]
+    members = [str(part) for error in same_field for part in error.get("loc", ()) if part in _MEMBERS]
+    about_value = [error for error in same_field if not _is_type_error(error)]
+    if about_value:
+        return InvalidInput(*message(about_value[0]))
+    if len(members) > 1 and first:
+        takes = " or ".join(_MEMBERS[member] for member in dict.fromkeys(members))
+        return InvalidInput(f"{first[0]} must be {takes}, got {shown(errors[0].get('input'))}", first[0])
+    return InvalidInput(*message(errors[0]))
 
 
 def parse(model: type[M], body: dict[str, Any]) -> M:

@@ -30,6 +30,7 @@ def client(model_path):
         max_body_bytes=4096,
         retry_after_s=7,
         max_num_images=4,
+        openai_timeout_s=1,  # no worker here: a synchronous OpenAI call that got through answers 503 soon
     )
     JobStore.from_url(REDIS_URL).publish_model(
         ModelInfo.from_dict(
@@ -323,3 +324,59 @@ def test_a_gateway_whose_redis_connections_stay_busy_says_it_is_overloaded():
     assert error.message.startswith("the gateway is overloaded: all of its Redis connections stayed busy"), (
         error.message
     )
+
+
+@pytest.mark.parametrize(
+    "image, param, message",
+    [
+        ({"job_id": "", "index": 0}, "image.job_id", "image.job_id must not be empty"),
+        ({"job_id": "abc", "index": -3}, "image.index", "image.index must be between 0 and 15, got -3"),
+        (5, "image", "image must be a string or an object {job_id, index}, got 5"),
+        (
+            "aGVsbG8=",
+            "image",
+            "image must be a base64-encoded PNG or JPEG picture (not a picture file that can be read)",
+        ),
+    ],
+)
+def test_a_picture_field_is_refused_in_the_form_it_was_sent_in(client, image, param, message):
+    """`image` is base64 or {job_id, index}: the refusal speaks of the form the value came in, in the caller's
+    field names (pydantic's union members, "str" and "JobImage", never show)."""
+    refused = client.post("/v1/generations", json={"prompt": "x", "image": image})
+    assert refused.status_code == 422
+    assert refused.json()["error"] == {"type": "invalid_request_error", "message": message, "param": param}
+
+
+def test_a_long_value_is_echoed_cut_with_its_length(client):
+    assert client.get("/v1/jobs/" + "j" * 5000).json()["error"]["message"] == f"no job '{'j' * 78}… (5000 characters)"
+    refused = client.post("/v1/generations", json={"prompt": "x", "sampler": "s" * 300}).json()["error"]
+    assert refused["param"] == "sampler" and refused["message"].endswith("… (300 characters)")
+
+
+WEIRD_VALUES = [None, True, -1, 0, 2**63, 1e308, -0.0, 0.5, "", "x", "nan", "1e5", "é" * 600, [], [1], {}, {"a": 1},
+                "512x512", "data:image/png;base64,AAAA", "aGVsbG8="]  # fmt: skip
+
+
+def test_no_body_breaks_the_gateway_and_every_refusal_names_its_field(client):
+    """Seeded single-field mutations of a valid body at every JSON endpoint: never a 5xx, and every 422 names
+    the field it refuses, in its message and in `param`."""
+    import random
+
+    rnd = random.Random(7)
+    schemas = client.app.openapi()["components"]["schemas"]
+    for path, schema in (("/v1/generations", "GenerationCreate"), ("/v1/trajectories", "TrajectoryCreate"),
+                         ("/v1/images/generations", "OpenAIImageRequest")):  # fmt: skip
+        fields = list(schemas[schema]["properties"])
+        base = {"prompt": "a red circle"} | ({"kind": "reverse"} if schema == "TrajectoryCreate" else {})
+        for _ in range(150):
+            body = dict(base)
+            for field in rnd.sample(fields, rnd.choice([1, 1, 2])):
+                body[field] = rnd.choice(WEIRD_VALUES)
+            answer = client.post(path, json=body)
+            assert answer.status_code in (200, 202, 404, 413, 422, 429, 503), (path, body, answer.text)
+            if answer.status_code == 503:  # the OpenAI endpoint waits for a worker there is not
+                assert "did not finish" in answer.json()["error"]["message"], answer.text
+            if answer.status_code == 422:
+                error = answer.json()["error"]
+                if error["param"] is not None:
+                    assert error["param"].split(".")[0] in error["message"], (body, error)

@@ -160,6 +160,26 @@ def test_message_size_limit(channel, real_stack):
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+def test_a_refusal_echoing_a_long_value_keeps_its_status_code(door):
+    """The details travel in a trailer a client refuses past 16 KiB (as RESOURCE_EXHAUSTED): a 5000-character
+    job id, 10,000 bytes of UTF-8, is still NOT_FOUND, its echo cut and its length said."""
+    with grpc.insecure_channel(door.target) as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            stub(channel).GetJob(pb.GetJobRequest(job_id="é" * 5000), metadata=auth(DOOR_KEY))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert err.value.details().startswith("no job 'éé") and err.value.details().endswith("… (5000 characters)")
+
+
+def test_a_picture_reference_is_checked_by_its_own_fields(door):
+    with grpc.insecure_channel(door.target) as channel:
+        params = pb.GenerationParams(prompt="x", image_ref=pb.JobImageRef(job_id="", index=0))
+        with pytest.raises(grpc.RpcError) as err:
+            stub(channel).SubmitGeneration(pb.SubmitGenerationRequest(params=params), metadata=auth(DOOR_KEY))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details() == "image.job_id must not be empty"
+    assert dict(err.value.trailing_metadata())["latentd-param"] == "image.job_id"
+
+
 def test_full_queue_is_resource_exhausted_with_retry_after(door):
     with grpc.insecure_channel(door.target) as channel:
         params = pb.GenerationParams(prompt="x", num_inference_steps=10)
