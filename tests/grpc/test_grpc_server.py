@@ -397,3 +397,70 @@ def test_idempotency_key_metadata_makes_a_retry_return_the_first_job(door):
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert first.id in err.value.details() and dict(err.value.trailing_metadata())["latentd-param"] == "Idempotency-Key"
     assert redis.Redis.from_url(DOOR_REDIS_URL).scard("latentd:pending:tiny") == 2
+
+
+def test_no_message_breaks_the_door(door):
+    """Seeded random GenerationParams and TrajectoryParams (extreme numbers, NaN, unknown enum values, odd strings
+    and bytes, half-filled picture references): every refusal is INVALID_ARGUMENT or NOT_FOUND with details, never
+    UNKNOWN or INTERNAL."""
+    import random
+
+    from google.protobuf.descriptor import FieldDescriptor as F
+
+    rnd = random.Random(11)
+    values = {
+        F.TYPE_INT32: [0, -1, 7, 1001, 2**31 - 1, -(2**31)],
+        F.TYPE_INT64: [0, -1, 2**63 - 1, -(2**63)],
+        F.TYPE_UINT32: [0, 1, 2**32 - 1],
+        F.TYPE_UINT64: [0, 1, 2**64 - 1],
+        F.TYPE_FLOAT: [0.0, -1.0, float("nan"), float("inf"), 1e38, 0.5],
+        F.TYPE_DOUBLE: [0.0, -1.0, float("nan"), float("-inf"), 1e308, 0.5],
+        F.TYPE_STRING: ["", "x", "\x00", "é" * 3000, "ddim", "../x"],
+        F.TYPE_BYTES: [b"", b"\x89PNG\r\n\x1a\n", bytes(range(256))],
+        F.TYPE_BOOL: [True, False],
+        F.TYPE_ENUM: [0, 1, 2, 99, -5],
+    }
+
+    def fill(message, fields, depth=0):
+        for field in fields:
+            if field.type == F.TYPE_MESSAGE:
+                if depth < 2 and not field.is_repeated:
+                    sub = getattr(message, field.name)
+                    sub.SetInParent()
+                    fill(sub, [f for f in sub.DESCRIPTOR.fields if rnd.random() < 0.5], depth + 1)
+            elif field.is_repeated:
+                getattr(message, field.name).extend(rnd.choice(values[field.type]) for _ in range(rnd.randint(0, 3)))
+            else:
+                setattr(message, field.name, rnd.choice(values[field.type]))
+        return message
+
+    def mutated(params):  # a valid request with one or two fields set at random
+        generation = pb.GenerationParams(prompt="a red circle", num_inference_steps=5)
+        message = (
+            generation
+            if params is pb.GenerationParams
+            else params(kind=pb.TRAJECTORY_KIND_REVERSE, generation=generation)
+        )
+        return fill(message, rnd.sample(list(params.DESCRIPTOR.fields), rnd.choice([1, 1, 2])))
+
+    codes = set()
+    with grpc.insecure_channel(door.target) as channel:
+        for _ in range(100):
+            for call, request, params in (
+                (stub(channel).SubmitGeneration, pb.SubmitGenerationRequest, pb.GenerationParams),
+                (stub(channel).SubmitTrajectory, pb.SubmitTrajectoryRequest, pb.TrajectoryParams),
+            ):
+                try:
+                    call(request(params=mutated(params)), metadata=auth(DOOR_KEY), timeout=10)
+                    codes.add("OK")
+                except grpc.RpcError as err:
+                    codes.add(err.code().name)
+                    assert err.details(), err.code()
+                    if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:  # the door's queue of 2, not a long echo
+                        assert "is full" in err.details(), err.details()
+                    else:
+                        assert err.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND), (
+                            err.code(),
+                            err.details(),
+                        )
+    assert {"OK", "INVALID_ARGUMENT", "NOT_FOUND"} <= codes, codes
