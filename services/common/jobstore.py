@@ -75,6 +75,21 @@ def reconnect_once(for_asyncio: bool = False) -> redis.retry.Retry | redis.async
     return cls(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,))
 
 
+def redis_full(error: BaseException) -> bool:
+    """Redis at its maxmemory refusing a write (policy noeviction): "OOM command not allowed when used memory >
+    'maxmemory'" (redis-py's OutOfMemoryError), or those words inside a script's error. Room comes back as results and records expire (their TTL)
+    or an operator raises the limit, so a writer may wait for it as for Redis away. A script so refused wrote
+    nothing: Redis refuses a script's first write only, never one half-way through."""
+    return isinstance(error, redis.exceptions.OutOfMemoryError) or (
+        isinstance(error, redis.exceptions.ResponseError) and "command not allowed when used memory" in str(error)
+    )
+
+
+def redis_away_or_full(error: BaseException) -> bool:
+    """An error worth the same command again a little later: Redis unreachable or timing out, or full."""
+    return isinstance(error, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)) or redis_full(error)
+
+
 def sync_client(url: str, timeout_s: float | None) -> redis.Redis:
     """A blocking Redis client as every long-lived latentd process holds one: `timeout_s` bounds every command and
     connect (Redis away is an error the caller retries, not a hang), a connection idle 30 s is checked before

@@ -46,7 +46,14 @@ from services.common.errors import (
     shown,
 )
 from services.common.jobs import JobEvent, JobRecord
-from services.common.jobstore import AsyncJobStore, IdempotencyConflict, QueueFull, frame_blob_name, reconnect_once
+from services.common.jobstore import (
+    AsyncJobStore,
+    IdempotencyConflict,
+    QueueFull,
+    frame_blob_name,
+    reconnect_once,
+    redis_full,
+)
 from services.common.models import ModelInfo, ServedModel
 from services.common.settings import Settings, hash_key
 from services.common.tasks import RUN_TASK, queue_for
@@ -213,6 +220,12 @@ def translate_redis_errors(error: redis.exceptions.RedisError, retry_after_s: fl
     if isinstance(error, redis.exceptions.ConnectionError) and str(error) == POOL_EXHAUSTED:
         return Unavailable(
             "the gateway is overloaded: all of its Redis connections stayed busy for LATENTD_REDIS_POOL_WAIT_S; retry",
+            None,
+            retry_after_s=retry_after_s,
+        )
+    if redis_full(error):
+        return Unavailable(
+            "the job store (Redis) is full: at its maxmemory it takes no new job until results expire; retry later",
             None,
             retry_after_s=retry_after_s,
         )

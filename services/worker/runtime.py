@@ -20,7 +20,14 @@ from typing import TypeVar
 import redis
 
 from services.common.jobs import JobRecord
-from services.common.jobstore import JobStore, StepWrite, frame_blob_name, image_blob_name
+from services.common.jobstore import (
+    JobStore,
+    StepWrite,
+    frame_blob_name,
+    image_blob_name,
+    redis_away_or_full,
+    redis_full,
+)
 from services.common.models import ModelInfo
 from services.common.settings import Settings
 from services.worker import metrics as worker_metrics
@@ -152,8 +159,12 @@ class StepEventWriter:
             writes.append(StepWrite(job_id, attempt, data, progress, frames))
         try:
             controls = self.store.write_steps(writes)
-        except (redis.ConnectionError, redis.TimeoutError) as error:  # Redis away: these steps' events are lost,
-            log.warning("step events not written (Redis unreachable): %s", error)  # the jobs go on
+        except redis.RedisError as error:
+            if not redis_away_or_full(error):
+                log.exception("step-event write failed")
+                return
+            # Redis away or full: these steps' events are lost, the jobs go on
+            log.warning("step events not written (Redis %s): %s", "full" if redis_full(error) else "unreachable", error)
             return
         except Exception:
             log.exception("step-event write failed")
@@ -235,17 +246,18 @@ class Runtime:
             return {model: list(jobs.items()) for model, jobs in self._held.items() if jobs}
 
     def retry(self, call: Callable[..., T], *args, **kwargs) -> T:
-        """`call` again while Redis is unreachable (a restart, a failover), for up to redis_retry_s; then the
-        error. A result must not be lost to a short outage: a lost write would cost the job a whole new run."""
+        """`call` again while Redis is unreachable (a restart, a failover) or full (at its maxmemory), for up to
+        redis_retry_s; then the error. A result must not be lost to a short outage: a lost write would cost the
+        job a whole new run."""
         deadline = time.monotonic() + self.settings.redis_retry_s
         pause = 0.1
         while True:
             try:
                 return call(*args, **kwargs)
-            except (redis.ConnectionError, redis.TimeoutError):
-                if time.monotonic() + pause > deadline:
+            except redis.RedisError as error:
+                if not redis_away_or_full(error) or time.monotonic() + pause > deadline:
                     raise
-                log.warning("Redis unreachable; retrying in %.1f s", pause)
+                log.warning("Redis %s; retrying in %.1f s", "full" if redis_full(error) else "unreachable", pause)
                 time.sleep(pause)
                 pause = min(2 * pause, 2.0)
 

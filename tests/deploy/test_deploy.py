@@ -76,6 +76,8 @@ def test_compose_file_is_valid_for_both_profiles():
         assert "profiles" not in services["worker"]
     redis = services["redis"]
     assert "--appendonly" in redis["command"] and "yes" in redis["command"]
+    policy = redis["command"][redis["command"].index("--maxmemory-policy") + 1]
+    assert policy == "noeviction"  # any other policy evicts accepted jobs (docs/failures.md, "Redis full")
     gpus = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert gpus[0]["driver"] == "nvidia" and "gpu" in gpus[0]["capabilities"]
     assert "services.worker.heartbeat" in " ".join(services["worker"]["healthcheck"]["test"])

@@ -249,6 +249,48 @@ def test_redis_killed_mid_run_loses_no_accepted_job(faults):
     assert_one_outcome(faults, after)
 
 
+def test_redis_full_mid_run_holds_the_results_until_there_is_room(faults):
+    """Redis at its maxmemory (noeviction: every write that could grow it refused, reads served) while two
+    workers run 6 jobs: a submit is answered 503 saying Redis is full, with Retry-After, and a read still works;
+    each worker's result write waits for room (as for Redis away, up to LATENTD_REDIS_RETRY_S) instead of failing
+    its job. Once there is room, every job ends once, succeeded, on its first attempt with its pictures. (Before,
+    a refused result write failed the job and its failure write was refused too: with Redis full for 9 s, the 6
+    jobs had not ended 2 minutes later.)"""
+    faults.ensure_workers(2)
+    ids = faults.submit(6, steps=30)
+    faults.wait_running(ids[:2])
+    store = faults.redis
+    logs = sorted(faults.log_dir.glob("worker-*.log"))
+    waits_before = sum(log.read_text().count("Redis full; retrying") for log in logs)
+    store.config_set("maxmemory", int(store.info("memory")["used_memory"]) // 2)
+    full_at = time.monotonic()
+    try:
+        response = httpx.post(
+            f"{faults.url}/v1/generations", json={"prompt": "a blue square"}, headers=faults.headers, timeout=30
+        )
+        assert response.status_code == 503 and int(response.headers["retry-after"]) >= 1, response.text
+        assert "the job store (Redis) is full" in response.json()["error"]["message"]
+        assert httpx.get(f"{faults.url}/v1/jobs/{ids[0]}", headers=faults.headers, timeout=30).status_code == 200
+        wait_until(
+            "a worker's result write waiting for room",
+            lambda: sum(log.read_text().count("Redis full; retrying") for log in logs) > waits_before,
+            timeout_s=60,
+        )
+        time.sleep(5.0)  # more results come and wait
+    finally:
+        store.config_set("maxmemory", 0)
+    print(f"\nRedis full for {time.monotonic() - full_at:.1f} s")
+    faults.wait_all(ids)
+    assert_one_outcome(faults, ids)
+    assert [faults.job(j)["attempt"] for j in ids] == ["1"] * len(ids)
+    for job_id in ids:
+        response = httpx.get(f"{faults.url}/v1/jobs/{job_id}/images/0", headers=faults.headers, timeout=30)
+        assert response.status_code == 200 and response.content.startswith(b"\x89PNG")
+    after = faults.submit(2, steps=10)  # and the workers take new work
+    faults.wait_all(after)
+    assert_one_outcome(faults, after)
+
+
 def test_cancel_of_queued_and_running_jobs_during_a_failover(faults):
     faults.ensure_workers(2)
     running = faults.submit(16, steps=200, guidance=1.0)
