@@ -75,6 +75,16 @@ warmup_seconds = Gauge(
     ["model"],
 )
 engine_active_requests = Gauge("latentd_engine_active_requests", "Requests in the engine's batch now.", ["model"])
+out_of_memory_total = Counter(
+    "latentd_out_of_memory_total",
+    "Backbone calls that ran out of device memory; the engine then lowers its rows per call (latentd_row_cap).",
+    ["model"],
+)
+row_cap = Gauge(
+    "latentd_row_cap",
+    "Rows per backbone call the engine takes now: LATENTD_MAX_BATCH_ROWS, lower after running out of memory.",
+    ["model"],
+)
 
 
 def observe_queue_wait(model: str, enqueued_at: float, started_at: float | None = None) -> None:
@@ -90,6 +100,12 @@ def observe_job_run(model: str, kind: str, seconds: float) -> None:
 def observe_unet_call(model: str, rows: int, seconds: float) -> None:
     unet_step_seconds.labels(model=model).observe(seconds)
     batch_rows.labels(model=model).observe(rows)
+
+
+def observe_row_cap(model: str, rows: int, out_of_memory: bool = False) -> None:
+    row_cap.labels(model=model).set(rows)
+    if out_of_memory:
+        out_of_memory_total.labels(model=model).inc()
 
 
 def observe_vae_decode(model: str, seconds: float) -> None:

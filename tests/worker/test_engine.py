@@ -277,6 +277,67 @@ def test_a_failing_iteration_fails_only_its_requests(make_engine, tiny_model):
     assert len(engine.submit(request("ok", num_inference_steps=2)).result(60).images) == 1
 
 
+def test_a_call_out_of_memory_lowers_the_row_cap_and_loses_no_request(make_engine):
+    """A backbone call of more than 4 rows raises torch.OutOfMemoryError, as CUDA's allocator does when a batch
+    does not fit: no request fails; the engine goes on at 4 rows per call, and each request's pictures are the
+    ones it gets alone (the failed call moved nothing of theirs)."""
+    targets = [request(f"r{i}", seed=10 + i, num_inference_steps=4) for i in range(4)]  # 2 rows each (guided)
+    alone = [make_engine().submit(r).result(60) for r in targets]
+    engine = make_engine(max_batch_rows=16)
+    fits, calls = engine.backbone, []
+
+    def backbone(latents, timesteps, cond):
+        calls.append(latents.shape[0])
+        if latents.shape[0] > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return fits(latents, timesteps, cond)
+
+    engine.backbone = backbone
+    gate = threading.Event()
+    engine.call(lambda model: gate.wait(30))  # holds the engine thread: the four join one first call of 8 rows
+    handles = [engine.submit(r) for r in targets]
+    gate.set()
+    results = [handle.result(60) for handle in handles]
+    assert calls.count(8) == 1 and max(calls[calls.index(8) + 1 :]) <= 4, calls
+    assert engine.row_cap.rows == 4
+    for ours, theirs in zip(results, alone):
+        assert np.abs(pixels(ours.images) - pixels(theirs.images)).max() <= 1 / 255 + 1e-9
+
+
+def test_a_request_that_runs_out_of_memory_alone_fails_and_the_engine_goes_on(make_engine):
+    from services.worker.engine.errors import EngineError
+
+    engine = make_engine(max_batch_rows=8)
+    fits = engine.backbone
+
+    def backbone(latents, timesteps, cond):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 40.00 GiB")
+
+    engine.backbone = backbone
+    with pytest.raises(EngineError, match="request big failed in the engine: OutOfMemoryError: CUDA out of memory"):
+        engine.submit(request("big", num_inference_steps=2)).result(60)
+    assert engine.row_cap.rows == 1  # halved down to one row per call before giving up
+    engine.backbone = fits
+    assert len(engine.submit(request("after", num_inference_steps=2)).result(60).images) == 1
+
+
+def test_the_row_cap_steps_down_the_buckets_and_back_up():
+    from services.worker.engine.engine import RAISE_CAP_AFTER_CALLS, RowCap
+
+    cap = RowCap(64, (2, 4, 8, 16, 32, 48, 64))
+    assert cap.lower(64) and cap.rows == 48
+    assert cap.lower(20) and cap.rows == 16  # below the call that did not fit, not below the cap
+    assert not any(cap.fitted() for _ in range(RAISE_CAP_AFTER_CALLS - 1))
+    assert cap.fitted() and cap.rows == 32
+    assert cap.lower(32) and cap.lower(16) and cap.lower(8) and cap.lower(4) and cap.rows == 2
+    assert not cap.lower(2) and cap.rows == 2  # the floor: that call's requests fail
+    plain = RowCap(12, ())
+    assert plain.lower(12) and plain.rows == 6 and plain.lower(6) and plain.rows == 3
+    for _ in range(2 * RAISE_CAP_AFTER_CALLS):
+        plain.fitted()
+    assert plain.rows == 12  # doubled back, never past max_batch_rows
+
+
 DEFAULT_MODEL = __import__("pathlib").Path(__file__).resolve().parents[2] / "models" / "shapes-ldm"
 
 

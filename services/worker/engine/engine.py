@@ -3,7 +3,8 @@
 Each iteration is schedule -> execute -> update (as vLLM's EngineCore.step):
 - schedule: admit waiting requests (text embeddings once, initial latents from the request's own
   seeded generator), drop cancelled ones, and pick requests round-robin (least recently stepped
-  first, then oldest) until the row budget `max_batch_rows` is full; while requests of more than one
+  first, then oldest) until the row budget `max_batch_rows` is full (lower for a while after a call ran out of
+  memory: RowCap); while requests of more than one
   owner (API key) are active, at most `rows_per_owner` rows of each owner go into one call, so on a
   device whose call time grows with rows (a CPU) a flooding key cannot slow another key's steps by more
   than a bounded share;
@@ -160,6 +161,51 @@ def owner_share(setting: str, device: torch.device) -> int | None:
     return CPU_ROWS_PER_OWNER if setting == "auto" else int(setting)
 
 
+# Calls at a lowered row cap before the engine tries the next larger one again (RowCap).
+RAISE_CAP_AFTER_CALLS = 200
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """A call that did not fit in memory: CUDA's OutOfMemoryError, or the CPU allocator's refusal."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+    )
+
+
+class RowCap:
+    """The rows one backbone call takes: max_batch_rows until a call runs out of memory; then the next row bucket
+    below (half, without buckets), and so on down to the smallest, while the call's requests wait one iteration
+    and step again in smaller calls (a failed call moved nothing of theirs). After RAISE_CAP_AFTER_CALLS calls
+    that fit, the next bucket up is tried again: memory another process held may be free by then, and one more
+    failed call is the price when it is not. Only a call at the smallest cap that runs out fails its requests."""
+
+    def __init__(self, max_rows: int, sizes: Sequence[int]):
+        self.max_rows = max_rows
+        self.steps = tuple(sorted(set(sizes) | {max_rows})) if sizes else None
+        self.rows = max_rows
+        self.calls_since_lowered = 0
+
+    def lower(self, rows: int) -> bool:
+        """After a call of `rows` rows ran out of memory: True with the cap lowered, False at the floor."""
+        current = min(self.rows, rows)
+        below = [s for s in self.steps if s < current] if self.steps else ([current // 2] if current > 1 else [])
+        if not below:
+            return False
+        self.rows, self.calls_since_lowered = below[-1], 0
+        return True
+
+    def fitted(self) -> bool:
+        """After a call that fit: True where the cap was raised a step."""
+        if self.rows >= self.max_rows:
+            return False
+        self.calls_since_lowered += 1
+        if self.calls_since_lowered < RAISE_CAP_AFTER_CALLS:
+            return False
+        above = [s for s in self.steps if s > self.rows] if self.steps else [min(2 * self.rows, self.max_rows)]
+        self.rows, self.calls_since_lowered = above[0], 0
+        return True
+
+
 class Engine:
     def __init__(
         self,
@@ -192,6 +238,8 @@ class Engine:
         if channels_last:
             compiled.to_channels_last(model)
         self.backbone = Backbone(model, compiled.bucket_sizes(buckets, max_batch_rows), compile_mode, compile_dynamic)
+        self.row_cap = RowCap(max_batch_rows, self.backbone.sizes)
+        worker_metrics.observe_row_cap(model.name, max_batch_rows)
         self.decoder = Decoder(model, compiled.decode_sizes(buckets, DECODE_CHUNK), compile_mode, compile_dynamic)
         self._finite = FiniteWatch(finite_check_every)
         self._output = OutputQueue(f"engine-output-{model.name}", threaded=output_thread)
@@ -417,8 +465,16 @@ class Engine:
         self._iteration += 1
         batch = build_unet_batch(members, self.model.dtype)
         timer = UNetTimer(self.model.device)
-        model_output = self._execute(batch)
+        try:
+            model_output = self._execute(batch)
+        except Exception as error:
+            if not (out_of_memory(error) and self._lower_row_cap(batch.num_rows, error)):
+                raise
+            return  # the members step at the next iteration, in smaller calls
         timer.stop()
+        if self.row_cap.fitted():
+            log.info("%s: trying %d rows per backbone call again", self.model.name, self.row_cap.rows)
+            worker_metrics.observe_row_cap(self.model.name, self.row_cap.rows)
         self._timers.append((timer, batch.num_rows, members))
         events = self._update(batch, model_output)  # reads the GPU only when the finiteness check is due
         self.last_batch_rows = batch.num_rows
@@ -430,6 +486,23 @@ class Engine:
             for member, event in events_by_member(members, events):
                 member.handle._emit(event)
         self._finish([m for m in members if m.finished and m in self._active])
+
+    def _lower_row_cap(self, rows: int, error: BaseException) -> bool:
+        """A backbone call of `rows` rows ran out of memory: lower the cap (True), or False at the floor."""
+        if self.model.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if not self.row_cap.lower(rows):
+            worker_metrics.observe_row_cap(self.model.name, self.row_cap.rows, out_of_memory=True)
+            return False
+        log.warning(
+            "%s: a backbone call of %d rows ran out of memory; %d rows per call from now on (%s)",
+            self.model.name,
+            rows,
+            self.row_cap.rows,
+            str(error).splitlines()[0][:200],
+        )
+        worker_metrics.observe_row_cap(self.model.name, self.row_cap.rows, out_of_memory=True)
+        return True
 
     def _read_timers(self) -> None:
         """UNet call times whose end the GPU has passed (all of them after a finiteness check), without waiting."""
@@ -521,7 +594,7 @@ class Engine:
 
     def _schedule(self) -> list[ActiveRequest]:
         """Round-robin by rows: least recently stepped first (then oldest), same latent shape as the first,
-        until max_batch_rows. A long request thus takes its turn like any other and cannot starve short ones.
+        until the row cap (max_batch_rows, less after running out of memory). A long request thus takes its turn like any other and cannot starve short ones.
         With requests of several owners active, each owner adds rows only up to rows_per_owner (its first
         request always fits): the share of a call, and so of a step's time, one owner can take."""
         candidates = sorted((a for a in self._active if not a.finished), key=lambda a: (a.last_served, a.sequence))
@@ -533,7 +606,7 @@ class Engine:
         for active in candidates:
             if active.latent_shape != shape:
                 continue
-            if chosen and rows + active.num_rows > self.max_batch_rows:
+            if chosen and rows + active.num_rows > self.row_cap.rows:
                 continue
             owner = active.request.owner
             if shared and owner_rows[owner] and owner_rows[owner] + active.num_rows > self.rows_per_owner:
@@ -546,10 +619,10 @@ class Engine:
         return chosen
 
     def _execute(self, batch: UNetBatch) -> torch.Tensor:
-        """One backbone call over all rows (in chunks of max_batch_rows if one request alone needs more)."""
-        outputs = []
-        for start in range(0, batch.num_rows, self.max_batch_rows):
-            rows = slice(start, start + self.max_batch_rows)
+        """One backbone call over all rows (in chunks of the row cap if one request alone needs more)."""
+        outputs, cap = [], self.row_cap.rows
+        for start in range(0, batch.num_rows, cap):
+            rows = slice(start, start + cap)
             cond = {key: value[rows] for key, value in batch.cond.items()}
             outputs.append(self.backbone(batch.latents[rows], batch.timesteps[rows], cond))
         return torch.cat(outputs).float()  # (R, C, h, w)
