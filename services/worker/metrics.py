@@ -77,8 +77,9 @@ warmup_seconds = Gauge(
 engine_active_requests = Gauge("latentd_engine_active_requests", "Requests in the engine's batch now.", ["model"])
 out_of_memory_total = Counter(
     "latentd_out_of_memory_total",
-    "Backbone calls that ran out of device memory; the engine then lowers its rows per call (latentd_row_cap).",
-    ["model"],
+    "Backbone (part=backbone) or VAE decode (part=vae) calls that ran out of device memory; the engine then "
+    "lowers that part's rows per call (latentd_row_cap for the backbone) and runs them again.",
+    ["model", "part"],
 )
 row_cap = Gauge(
     "latentd_row_cap",
@@ -102,10 +103,12 @@ def observe_unet_call(model: str, rows: int, seconds: float) -> None:
     batch_rows.labels(model=model).observe(rows)
 
 
-def observe_row_cap(model: str, rows: int, out_of_memory: bool = False) -> None:
+def observe_row_cap(model: str, rows: int) -> None:
     row_cap.labels(model=model).set(rows)
-    if out_of_memory:
-        out_of_memory_total.labels(model=model).inc()
+
+
+def record_out_of_memory(model: str, part: str) -> None:
+    out_of_memory_total.labels(model=model, part=part).inc()
 
 
 def observe_vae_decode(model: str, seconds: float) -> None:

@@ -321,6 +321,31 @@ def test_a_request_that_runs_out_of_memory_alone_fails_and_the_engine_goes_on(ma
     assert len(engine.submit(request("after", num_inference_steps=2)).result(60).images) == 1
 
 
+def test_a_decode_out_of_memory_decodes_again_in_smaller_calls(make_engine):
+    """Three requests that finish together are decoded in one VAE call, which runs out of memory past one image:
+    the decode starts over one image per call, and each request gets its pictures."""
+    targets = [request(f"d{i}", seed=20 + i, num_inference_steps=3) for i in range(3)]
+    alone = [make_engine().submit(r).result(60) for r in targets]
+    engine = make_engine()
+    fits, calls = engine.decoder, []
+
+    def decoder(latents):
+        calls.append(latents.shape[0])
+        if latents.shape[0] > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.00 GiB")
+        return fits(latents)
+
+    engine.decoder = decoder
+    gate = threading.Event()
+    engine.call(lambda model: gate.wait(30))  # the three start, and so finish, together
+    handles = [engine.submit(r) for r in targets]
+    gate.set()
+    results = [handle.result(60) for handle in handles]
+    assert calls == [3, 1, 1, 1] and engine.decode_cap.rows == 1
+    for ours, theirs in zip(results, alone):
+        assert np.abs(pixels(ours.images) - pixels(theirs.images)).max() <= 1 / 255 + 1e-9
+
+
 def test_the_row_cap_steps_down_the_buckets_and_back_up():
     from services.worker.engine.engine import RAISE_CAP_AFTER_CALLS, RowCap
 

@@ -173,9 +173,10 @@ def out_of_memory(error: BaseException) -> bool:
 
 
 class RowCap:
-    """The rows one backbone call takes: max_batch_rows until a call runs out of memory; then the next row bucket
-    below (half, without buckets), and so on down to the smallest, while the call's requests wait one iteration
-    and step again in smaller calls (a failed call moved nothing of theirs). After RAISE_CAP_AFTER_CALLS calls
+    """The rows one backbone call takes (the images one VAE decode call takes, for the decode cap): max_rows until a
+    call runs out of memory; then the next bucket below (half, without buckets), and so on down to the smallest,
+    while the call's requests wait one iteration and step again in smaller calls (a failed call moved nothing of
+    theirs; a decode starts over). After RAISE_CAP_AFTER_CALLS calls
     that fit, the next bucket up is tried again: memory another process held may be free by then, and one more
     failed call is the price when it is not. Only a call at the smallest cap that runs out fails its requests."""
 
@@ -241,6 +242,7 @@ class Engine:
         self.row_cap = RowCap(max_batch_rows, self.backbone.sizes)
         worker_metrics.observe_row_cap(model.name, max_batch_rows)
         self.decoder = Decoder(model, compiled.decode_sizes(buckets, DECODE_CHUNK), compile_mode, compile_dynamic)
+        self.decode_cap = RowCap(DECODE_CHUNK, self.decoder.sizes)  # images per VAE call, as the row cap
         self._finite = FiniteWatch(finite_check_every)
         self._output = OutputQueue(f"engine-output-{model.name}", threaded=output_thread)
         self._timers: deque[tuple[UNetTimer, int, list[ActiveRequest]]] = deque()
@@ -468,7 +470,7 @@ class Engine:
         try:
             model_output = self._execute(batch)
         except Exception as error:
-            if not (out_of_memory(error) and self._lower_row_cap(batch.num_rows, error)):
+            if not (out_of_memory(error) and self._lower_cap(self.row_cap, "backbone", batch.num_rows, error)):
                 raise
             return  # the members step at the next iteration, in smaller calls
         timer.stop()
@@ -487,22 +489,39 @@ class Engine:
                 member.handle._emit(event)
         self._finish([m for m in members if m.finished and m in self._active])
 
-    def _lower_row_cap(self, rows: int, error: BaseException) -> bool:
-        """A backbone call of `rows` rows ran out of memory: lower the cap (True), or False at the floor."""
+    def _lower_cap(self, cap: RowCap, part: str, rows: int, error: BaseException) -> bool:
+        """A `part` call ("backbone", "vae") of `rows` rows ran out of memory: lower its cap (True), or False at
+        the floor."""
         if self.model.device.type == "cuda":
             torch.cuda.empty_cache()
-        if not self.row_cap.lower(rows):
-            worker_metrics.observe_row_cap(self.model.name, self.row_cap.rows, out_of_memory=True)
-            return False
-        log.warning(
-            "%s: a backbone call of %d rows ran out of memory; %d rows per call from now on (%s)",
-            self.model.name,
-            rows,
-            self.row_cap.rows,
-            str(error).splitlines()[0][:200],
-        )
-        worker_metrics.observe_row_cap(self.model.name, self.row_cap.rows, out_of_memory=True)
-        return True
+        lowered = cap.lower(rows)
+        worker_metrics.record_out_of_memory(self.model.name, part)
+        if part == "backbone":
+            worker_metrics.observe_row_cap(self.model.name, cap.rows)
+        if lowered:
+            log.warning(
+                "%s: a %s call of %d rows ran out of memory; %d per call from now on (%s)",
+                self.model.name,
+                part,
+                rows,
+                cap.rows,
+                str(error).splitlines()[0][:200],
+            )
+        return lowered
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """The pictures of `latents`, in VAE calls of the decode cap's images (fewer after one ran out of memory;
+        the decode then starts over at the lower cap)."""
+        while True:
+            chunk = self.decode_cap.rows
+            try:
+                pixels = torch.cat([self.decoder(latents[i : i + chunk]) for i in range(0, latents.shape[0], chunk)])
+            except Exception as error:
+                if not (out_of_memory(error) and self._lower_cap(self.decode_cap, "vae", latents.shape[0], error)):
+                    raise
+                continue
+            self.decode_cap.fitted()
+            return pixels
 
     def _read_timers(self) -> None:
         """UNet call times whose end the GPU has passed (all of them after a finiteness check), without waiting."""
@@ -769,10 +788,7 @@ class Engine:
         for member in finished:
             self._active.remove(member)  # retired now; their results are delivered by the output queue
         timer = UNetTimer(self.model.device)  # the decode's time, read on the output thread
-        latents = torch.cat([m.latents for m in finished])
-        pixels = torch.cat(
-            [self.decoder(latents[i : i + DECODE_CHUNK]) for i in range(0, latents.shape[0], DECODE_CHUNK)]
-        )
+        pixels = self._decode(torch.cat([m.latents for m in finished]))
         timer.stop()
         if pixels.device.type == "cuda":
             # to pinned host memory behind the decode, without waiting: the output thread waits for the event
