@@ -228,3 +228,48 @@ def test_cuda_batch_invariance():
     measured = psnr(alone, batched)
     print(f"\n[{torch.cuda.get_device_name()}] float16 alone vs batched among 4 others: PSNR {measured:.1f} dB")
     assert measured >= 35
+
+
+def test_cuda_out_of_memory_lowers_the_caps_and_loses_no_request():
+    """A real CUDA OutOfMemoryError: the allocator capped (set_per_process_memory_fraction) a quarter of the way
+    from what one 2-row request needs to what 32 of them in one call need; the 32 again: none fails, the backbone's
+    row cap or the decode's comes down, and a request's pictures are the ones it got before (PSNR, as batch
+    invariance in half precision)."""
+    import threading
+
+    model = load_model(MODEL, device="cuda", dtype=torch.float16)
+    engine = Engine(model, max_batch_rows=64).start()
+    requests = [request(f"m{i}", seed=i, num_images=1, num_inference_steps=4) for i in range(32)]  # 2 rows each
+
+    def all_at_once():
+        gate = threading.Event()
+        engine.call(lambda _: gate.wait(30))  # every request joins the first call: 64 rows
+        handles = [engine.submit(r) for r in requests]
+        gate.set()
+        return [pixels(handle.result(120).images) for handle in handles]
+
+    try:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        engine.submit(request("one", num_images=1, num_inference_steps=4)).result(120)
+        one = torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        before = all_at_once()
+        many = torch.cuda.max_memory_allocated()
+        assert engine.row_cap.rows == 64 and many > one
+        torch.cuda.empty_cache()
+        limit = one + (many - one) // 4
+        torch.cuda.set_per_process_memory_fraction(limit / torch.cuda.get_device_properties(0).total_memory)
+        after = all_at_once()
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        engine.stop()
+    measured = min(psnr(a, b) for a, b in zip(before, after))
+    print(
+        f"\n[{torch.cuda.get_device_name()}] CUDA OOM: {one / 2**20:.0f} MiB for one request, {many / 2**20:.0f} MiB for "
+        f"32 in one call, capped at {limit / 2**20:.0f} MiB: rows per call {engine.row_cap.rows}, images per decode "
+        f"{engine.decode_cap.rows}; 32 of 32 succeeded, min PSNR vs uncapped {measured:.1f} dB"
+    )
+    assert engine.row_cap.rows < 64 or engine.decode_cap.rows < 16
+    assert measured >= 35
