@@ -151,6 +151,11 @@ class ModelLimits:
         return 2 * self.native_height
 
 
+def images_allowed(max_num_images: int) -> int:
+    """Pictures per job a deployment allows: its setting, never past MAX_IMAGES."""
+    return min(max_num_images, MAX_IMAGES)
+
+
 def _fmt(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
@@ -436,7 +441,7 @@ def check_generation(
         if value is not None:
             between(name, value, low, MAX_CONDITIONING_SIDE, integer=True)
     between("seed", seed, 0, MAX_SEED, integer=True)
-    between(images_field, num_images, 1, min(max_num_images, MAX_IMAGES), integer=True)
+    between(images_field, num_images, 1, images_allowed(max_num_images), integer=True)
     width, height, strength = check_image_inputs(
         limits,
         image_size=image_size,

@@ -264,6 +264,8 @@ class TaskSender:
 class Core:
     def __init__(self, settings: Settings, store: AsyncJobStore, hub: EventHub, tasks: TaskSender):
         self.settings = settings
+        images = rules.images_allowed(settings.max_num_images)
+        self.caps = {"num_images": images, "n": images}  # bounds of this deployment below the schema's (validation)
         self.store = store
         self.hub = hub
         self.tasks = tasks
@@ -364,7 +366,7 @@ class Core:
     ) -> JobRecord:
         """Queue a generation. With an `idempotency_key` (Idempotency-Key), a repeat of the same request
         within the result TTL returns the first job (`replayed`); another request with it is a Conflict."""
-        body = body if isinstance(body, GenerationCreate) else parse(GenerationCreate, body)
+        body = body if isinstance(body, GenerationCreate) else parse(GenerationCreate, body, self.caps)
         return await self._submit_generation(owner, body, self.idempotency("generation", body, idempotency_key))
 
     async def _submit_generation(
@@ -420,7 +422,7 @@ class Core:
     async def submit_trajectory(
         self, owner: str, body: TrajectoryCreate | dict, idempotency_key: str | None = None
     ) -> JobRecord:
-        body = body if isinstance(body, TrajectoryCreate) else parse(TrajectoryCreate, body)
+        body = body if isinstance(body, TrajectoryCreate) else parse(TrajectoryCreate, body, self.caps)
         idempotency = self.idempotency("trajectory", body, idempotency_key)
         model = await self.resolve_model(body.model)
         kind, image, start, mask = body.kind, None, None, None

@@ -5,6 +5,7 @@ parses its converted requests with `parse`. Both therefore answer a bad field wi
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -57,8 +58,9 @@ def _is_type_error(error: dict) -> bool:
     return error.get("type", "").endswith("_type")
 
 
-def message(error: dict) -> tuple[str, str | None]:
-    """(message, param) for one pydantic error."""
+def message(error: dict, caps: Mapping[str, float] | None = None) -> tuple[str, str | None]:
+    """(message, param) for one pydantic error. caps: fields whose deployment allows less than the schema's bound
+    (num_images where LATENTD_MAX_NUM_IMAGES is below 16), so the range said is the one that will pass."""
     loc = _loc(error)
     param = ".".join(loc) or None
     field = next((part for part in reversed(loc) if not part.isdigit()), param)
@@ -66,6 +68,8 @@ def message(error: dict) -> tuple[str, str | None]:
     given = error.get("input")
     if kind in _RANGE_ERRORS:
         low, high = _bounds(field or "")
+        if caps and field in caps and high is not None:
+            high = min(high, caps[field])
         if low is not None and high is not None:
             return f"{param} must be between {_fmt(low)} and {_fmt(high)}, got {shown(given)}", param
     if kind in ("string_too_long", "too_long"):
@@ -91,7 +95,7 @@ def message(error: dict) -> tuple[str, str | None]:
     return error.get("msg", "invalid request"), param
 
 
-def refusal(errors: list[dict]) -> InvalidInput:
+def refusal(errors: list[dict], caps: Mapping[str, float] | None = None) -> InvalidInput:
     """The first field's error as the InvalidInput both doors answer with. Where that field is a union (an
     image as base64 or {job_id, index}), the member the value was meant for speaks: the one whose error is not
     about the value's type; where every member refuses the type, the message lists what the field takes."""
@@ -102,15 +106,15 @@ def refusal(errors: list[dict]) -> InvalidInput:
     members = [str(part) for error in same_field for part in error.get("loc", ()) if part in _MEMBERS]
     about_value = [error for error in same_field if not _is_type_error(error)]
     if about_value:
-        return InvalidInput(*message(about_value[0]))
+        return InvalidInput(*message(about_value[0], caps))
     if len(members) > 1 and first:
         takes = " or ".join(_MEMBERS[member] for member in dict.fromkeys(members))
         return InvalidInput(f"{first[0]} must be {takes}, got {shown(errors[0].get('input'))}", first[0])
-    return InvalidInput(*message(errors[0]))
+    return InvalidInput(*message(errors[0], caps))
 
 
-def parse(model: type[M], body: dict[str, Any]) -> M:
+def parse(model: type[M], body: dict[str, Any], caps: Mapping[str, float] | None = None) -> M:
     try:
         return model.model_validate(body)
     except ValidationError as error:
-        raise refusal(error.errors()) from None
+        raise refusal(error.errors(), caps) from None

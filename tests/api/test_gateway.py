@@ -347,6 +347,18 @@ def test_a_picture_field_is_refused_in_the_form_it_was_sent_in(client, image, pa
     assert refused.json()["error"] == {"type": "invalid_request_error", "message": message, "param": param}
 
 
+def test_a_picture_count_past_every_bound_is_told_the_deployments(client):
+    """The schema allows 16 pictures a job, this gateway 4: 17 and 5 are both told "between 1 and 4"."""
+    for path, field in (("/v1/generations", "num_images"), ("/v1/images/generations", "n")):
+        for count in (17, 5, 0):
+            refused = client.post(path, json={"prompt": "x", field: count}).json()["error"]
+            assert refused == {
+                "type": "invalid_request_error",
+                "message": f"{field} must be between 1 and 4, got {count}",
+                "param": field,
+            }
+
+
 def test_a_long_value_is_echoed_cut_with_its_length(client):
     assert client.get("/v1/jobs/" + "j" * 5000).json()["error"]["message"] == f"no job '{'j' * 78}… (5000 characters)"
     refused = client.post("/v1/generations", json={"prompt": "x", "sampler": "s" * 300}).json()["error"]

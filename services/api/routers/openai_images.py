@@ -85,6 +85,6 @@ async def openai_edit(request: Request, core: CoreDep, owner: OwnerDep, idempote
         fields = {key: value for key, value in form.multi_items() if not isinstance(value, UploadFile)}
     if image is None:
         raise InvalidInput("image is required: a PNG or JPEG file part", "image")
-    body = parse(OpenAIImageEditRequest, fields)
+    body = parse(OpenAIImageEditRequest, fields, core.caps)
     job = await core.submit_openai_edit(owner, body, image, mask, idempotency_key)
     return await _images_response(core, owner, job, body.response_format, request)
