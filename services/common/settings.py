@@ -99,6 +99,10 @@ class Settings(BaseSettings):
     lease_s: float = 15.0  # a lost worker's jobs are requeued within lease_s + reap_interval_s
     reap_interval_s: float = 2.0
     max_lost: int = 3  # a job whose worker was lost this many times fails instead of looping
+    # an engine iteration (a backbone call, a decode) running this long is a hung device: the worker stops renewing
+    # its jobs' leases (they run again elsewhere), takes no new job, and its heartbeat goes stale (the liveness probe
+    # restarts it). Far above any step: a 1024x1024 SDXL call of 64 rows on a CPU is minutes.
+    engine_stall_s: float = Field(600.0, gt=0)
     drain_grace_s: float = 45.0  # on SIGTERM: finish what the engine holds for this long, requeue the rest
     # a worker retries a job's start and result writes this long while Redis is unreachable (then its lease lapses
     # and the job runs again once Redis is back)
@@ -106,6 +110,9 @@ class Settings(BaseSettings):
     # tests only (tests/faults): the worker SIGKILLs itself right after a job's result is written, before the
     # broker hears the task's ack, to show that a redelivered task never gives a job a second result
     fault_kill_after_result: bool = False
+    # tests only (tests/faults): the first backbone call of a request whose prompt holds this text never returns
+    # (a hung device), in the one worker that removes this file first
+    fault_hang_file: str = ""
 
     @field_validator("rows_per_owner")
     @classmethod

@@ -61,8 +61,14 @@ def create_celery() -> Celery:
         task_queues=[Queue(queue_for(name)) for name in model_names()],
         task_default_queue=queue_for(model_names()[0]) if model_names() else "latentd.default",
     )
-    heartbeat.install(app, model_names(), settings.redis_url)
+    heartbeat.install(app, model_names(), settings.redis_url, healthy=_no_engine_stalled)
     return app
+
+
+def _no_engine_stalled() -> bool:
+    from services.worker.runtime import get_runtime
+
+    return not get_runtime().stalled()
 
 
 app = create_celery()

@@ -9,7 +9,9 @@ A plain "I am alive" key would not notice, so every `interval_s` the heartbeat t
 A worker is live when its `consumed_at` is fresher than `stale_after_s`.
 A worker whose every pool thread holds a job cannot take the probe (prefetch is full, by design);
 while it is saturated and its engine still makes progress (denoising steps or finished tasks),
-the heartbeat itself refreshes `consumed_at` (and `saturated_at`), so load is never taken for a hang.
+the heartbeat itself refreshes `consumed_at` (and `saturated_at`), so load is never taken for a hang. A worker
+whose engine has stalled (one iteration past LATENTD_ENGINE_STALL_S: a hung device) refreshes nothing, probe or
+not, so it goes stale and its liveness probe fails.
 Readiness, model listing, gRPC health and metrics read `services.common.workers`; the container's liveness probe
 runs `python -m services.worker.heartbeat --check`, which exits 1 when this host's heartbeat is
 stale or missing.
@@ -72,7 +74,9 @@ class Heartbeat:
         celery_app: Any = None,
         saturated: Callable[[], bool] | None = None,
         progress: Callable[[], float] | None = None,
+        healthy: Callable[[], bool] | None = None,
     ) -> None:
+        self.healthy = healthy
         self.saturated = saturated
         self.progress = progress
         self._last_progress: float | None = None
@@ -91,7 +95,7 @@ class Heartbeat:
         pipe = self.redis.pipeline(transaction=False)
         details = {"hostname": socket.gethostname(), "pid": os.getpid()}
         workers.write_alive(pipe, self.worker, self.models, details, self.ttl_s, now)
-        if self._busy_and_progressing():
+        if self._busy_and_progressing() and (self.healthy is None or self.healthy()):
             workers.write_consumed(pipe, self.worker, self.models, self.ttl_s, now, saturated=True)
         pipe.execute()
         if self.celery_app is not None:
@@ -144,8 +148,10 @@ def install(
     *,
     interval_s: float = DEFAULT_INTERVAL_S,
     ttl_s: int = DEFAULT_TTL_S,
+    healthy: Callable[[], bool] | None = None,
 ) -> None:
-    """Register the probe task on `celery_app` and run the heartbeat while the worker runs."""
+    """Register the probe task on `celery_app` and run the heartbeat while the worker runs. healthy: False while
+    the worker cannot serve though its consumer consumes (a stalled engine): nothing says it consumes then."""
     from celery import signals
 
     models = list(models)
@@ -176,7 +182,8 @@ def install(
 
     @celery_app.task(name=PROBE_TASK_NAME, ignore_result=True, acks_late=False)
     def probe(worker: str, probe_models: list[str], probe_ttl_s: int) -> None:
-        mark_consumed(probe_redis, probe_models, worker, probe_ttl_s)
+        if healthy is None or healthy():
+            mark_consumed(probe_redis, probe_models, worker, probe_ttl_s)
 
     @signals.worker_ready.connect(weak=False)
     def _start(sender: Any = None, **_: Any) -> None:
@@ -190,6 +197,7 @@ def install(
             celery_app=celery_app,
             saturated=saturated,
             progress=progress,
+            healthy=healthy,
         )
         # sender is the worker's Consumer: consume our own probe queue over its connection.
         sender.add_task_queue(probe_queue(beat.worker))

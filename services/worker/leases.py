@@ -68,7 +68,10 @@ class LeaseKeeper:
                 reap_after = time.monotonic() + self.settings.lease_s
 
     def renew(self) -> None:
+        stalled = self.runtime.stalled()  # a hung engine's jobs are left to lapse: they run again elsewhere
         for model, held in self.runtime.held().items():
+            if model in stalled:
+                continue
             for job_id in self.store.renew(model, held, self.settings.lease_s):
                 log.warning("job %s is no longer ours (requeued by a reaper): leaving it", job_id)
                 self.runtime.cancel_job(job_id)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -188,6 +189,7 @@ class Runtime:
         self._held: dict[str, dict[str, int]] = {}  # model -> {job id: attempt} this worker runs
         self._lock = threading.Lock()
         self.draining = threading.Event()  # SIGTERM: take no new job (services/worker/leases.py, drain)
+        self._stalled: set[str] = set()  # models whose engine stalled() last reported (logged once each)
 
     def load(self, paths: list[str]) -> None:
         if self.settings.worker_torch_threads > 0:
@@ -207,6 +209,8 @@ class Runtime:
             )
             engine.start()
             engine.warm_up()  # every bucket compiled before the model is published (before any job is taken)
+            if self.settings.fault_hang_file:
+                hang_once(engine, self.settings.fault_hang_file)
             self.engines[model.name] = engine
             worker_metrics.track_engine(model.name, lambda engine=engine: engine.active_requests)
             worker_metrics.track_gpu_memory(model.name, model.device)
@@ -219,6 +223,16 @@ class Runtime:
 
     def engine(self, model: str) -> Engine:
         return self.engines[model]
+
+    def stalled(self) -> list[str]:
+        """The models whose engine has been inside one iteration longer than engine_stall_s: a hung device. Their
+        jobs' leases are not renewed (they run again on another worker), no job of theirs is taken, and the
+        heartbeat stops saying this worker consumes (its liveness probe fails: it is restarted)."""
+        stalled = [name for name, engine in self.engines.items() if engine.stalled_s > self.settings.engine_stall_s]
+        for name in set(stalled) - self._stalled:
+            log.error("engine of %s stalled %.0f s in one iteration: a hung device", name, self.engines[name].stalled_s)
+        self._stalled = set(stalled)
+        return stalled
 
     def track(self, handle: RequestHandle) -> None:
         with self._lock:
@@ -298,8 +312,8 @@ class JobRun:
     @classmethod
     def take(cls, runtime: Runtime, model: str) -> JobRun | None:
         """The model's next job in fair order, claimed with a lease and started; None when none waits (or
-        the worker drains)."""
-        if runtime.draining.is_set():
+        the worker drains, or the model's engine has stalled)."""
+        if runtime.draining.is_set() or model in runtime.stalled():
             return None
         taken = runtime.store.take(model, runtime.settings.lease_s, runtime.worker)
         if taken is None:
@@ -390,3 +404,21 @@ class JobRun:
             {"timings": self._timings()},
             ("cancelled", {"id": self.job_id, "emitted_at": time.time()}),
         )
+
+
+def hang_once(engine: Engine, marker_file: str) -> None:
+    """The fault suite's hung device (LATENTD_FAULT_HANG_FILE): the first backbone call of a request whose prompt
+    holds "hang" never returns, in the one worker that removes `marker_file` first. Never set in service."""
+    backbone = engine.backbone
+
+    def call(latents, timesteps, cond):
+        if any("hang" in member.request.prompt for member in engine._in_iteration):
+            try:
+                os.remove(marker_file)
+            except FileNotFoundError:
+                pass
+            else:
+                threading.Event().wait()  # as a kernel that never completes
+        return backbone(latents, timesteps, cond)
+
+    engine.backbone = call

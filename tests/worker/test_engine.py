@@ -346,6 +346,29 @@ def test_a_decode_out_of_memory_decodes_again_in_smaller_calls(make_engine):
         assert np.abs(pixels(ours.images) - pixels(theirs.images)).max() <= 1 / 255 + 1e-9
 
 
+def test_stalled_s_is_how_long_the_engine_has_been_inside_one_iteration(make_engine):
+    """What the worker's hung-device watchdog reads (Runtime.stalled, LATENTD_ENGINE_STALL_S): 0 between
+    iterations, the time since the iteration began while a call does not come back."""
+    engine = make_engine()
+    assert engine.stalled_s == 0.0
+    fits, release, entered = engine.backbone, threading.Event(), threading.Event()
+
+    def backbone(latents, timesteps, cond):
+        entered.set()
+        release.wait(30)
+        return fits(latents, timesteps, cond)
+
+    engine.backbone = backbone
+    handle = engine.submit(request("slow", num_inference_steps=1))
+    assert entered.wait(30)
+    time.sleep(0.3)
+    assert engine.stalled_s >= 0.3
+    release.set()
+    handle.result(60)
+    time.sleep(0.1)
+    assert engine.stalled_s == 0.0
+
+
 def test_the_row_cap_steps_down_the_buckets_and_back_up():
     from services.worker.engine.engine import RAISE_CAP_AFTER_CALLS, RowCap
 

@@ -256,6 +256,7 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._in_iteration: list[ActiveRequest] = []  # the requests an exception in this iteration fails
+        self._busy_since: float | None = None  # monotonic start of the iteration under way (stalled_s)
         # one sampler object per name this model's scheduler config supports, bound to it (plans cached per step count)
         self.samplers: dict[str, Sampler] = build_samplers(
             model.scheduler_config, model.alphas_cumprod, model.device, model.family.sampler_options()
@@ -293,6 +294,12 @@ class Engine:
             self._thread.join(timeout)
         self._output.close(timeout)
         self._fail_all(EngineStopped("the engine was stopped before the request finished"))
+
+    @property
+    def stalled_s(self) -> float:
+        """How long the engine thread has been inside one iteration (its calls, a step); 0 between them."""
+        started = self._busy_since
+        return 0.0 if started is None else time.monotonic() - started
 
     @property
     def active_requests(self) -> int:
@@ -435,6 +442,7 @@ class Engine:
                         return
                     calls = list(self._calls)
                     self._calls.clear()
+                self._busy_since = time.monotonic()
                 for fn, future in calls:
                     if future.set_running_or_notify_cancel():
                         try:
@@ -455,6 +463,7 @@ class Engine:
                         )
                 finally:
                     self._in_iteration = []
+                    self._busy_since = None
 
     def step(self) -> None:
         """One iteration: schedule -> execute -> update."""
