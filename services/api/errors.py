@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from services.common.errors import ServiceError
 from services.core import metrics as core_metrics
 from services.core.core import translate_redis_errors
+from services.core.schemas import ErrorResponse
 from services.core.validation import refusal
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,28 @@ _HTTP_TYPES = {
     413: "payload_too_large",  # services/api/edge.py's body limit
     503: "service_unavailable",  # and its budget of bodies in memory
 }
+
+
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before trying again.", "schema": {"type": "integer"}}}
+_DOCUMENTED = {
+    401: "The API key is missing or wrong (`Authorization: Bearer <key>`).",
+    404: "No such job, model or artifact for this API key.",
+    409: "The Idempotency-Key was used with another body, or the job has already ended.",
+    413: "The body is over LATENTD_MAX_BODY_BYTES (chunked or not).",
+    422: "A field is out of range or malformed: `message` names it and the allowed range, `param` its path.",
+    429: "The model's queue, or this API key's share of it, is full; retry after Retry-After.",
+    503: "Redis unreachable or full, the gateway overloaded, or no model served; retry after Retry-After.",
+    500: "The job this synchronous call waited for failed or was cancelled (server_error); never a traceback.",
+}
+
+
+def documented(*codes: int) -> dict[int | str, dict]:
+    """OpenAPI `responses` for these error statuses, each with the one error shape (ErrorResponse)."""
+    return {
+        code: {"model": ErrorResponse, "description": _DOCUMENTED[code]}
+        | ({"headers": _RETRY_AFTER} if code in (429, 503) else {})
+        for code in codes
+    }
 
 
 def error_response(error: ServiceError) -> JSONResponse:

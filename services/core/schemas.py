@@ -287,3 +287,21 @@ class Job(BaseModel):
     error: dict[str, Any] | None = Field(None, description="type, message and param when the job failed.")
     attempt: int = Field(0, description="The worker attempt that ran it: more than 1 after a failover.")
     created_at: float
+
+
+class ErrorDetail(BaseModel):
+    type: str = Field(
+        description="invalid_request_error (400, 422), authentication_error (401), not_found_error (404), "
+        "conflict_error (409), payload_too_large (413), rate_limit_error (429), service_unavailable (503), "
+        "server_error (500: a synchronous OpenAI call whose job failed), internal_error (500: a bug)."
+    )
+    message: str = Field(description="What is wrong; for a bad field, its name and the allowed range.")
+    param: str | None = Field(
+        description="The field at fault as a path (num_inference_steps, image.index, Idempotency-Key), or null."
+    )
+
+
+class ErrorResponse(BaseModel):
+    """Every error of the API, whatever its status (services.common.errors)."""
+
+    error: ErrorDetail

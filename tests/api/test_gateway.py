@@ -392,3 +392,32 @@ def test_no_body_breaks_the_gateway_and_every_refusal_names_its_field(client):
                 error = answer.json()["error"]
                 if error["param"] is not None:
                     assert error["param"].split(".")[0] in error["message"], (body, error)
+
+
+def test_openapi_documents_the_error_shape_the_gateway_answers_with(client):
+    """Every 4xx and 5xx in the OpenAPI document is the one error shape (not FastAPI's default HTTPValidationError,
+    which the gateway never sends), and what the gateway answers parses as it, so generated clients get it right."""
+    from services.core.schemas import ErrorResponse
+
+    spec = client.get("/openapi.json").json()
+    documented = 0
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            for code, response in operation["responses"].items():
+                if code[0] in "45":
+                    schema = response["content"]["application/json"]["schema"]
+                    assert schema["$ref"] == "#/components/schemas/ErrorResponse", (method, path, code)
+                    documented += 1
+            if method == "post" and path.endswith(("generations", "trajectories")):
+                assert {"401", "413", "422", "429", "503"} <= set(operation["responses"]), path
+                assert "Retry-After" in operation["responses"]["429"]["headers"]
+    assert documented > 30 and "HTTPValidationError" not in spec["components"]["schemas"]
+    answers = [
+        client.post("/v1/generations", json={"prompt": 5}),
+        client.get("/v1/jobs/nope"),
+        client.get("/v1/models", headers={"Authorization": "Bearer wrong"}),
+        client.get("/v1/jobs/nope/images/x"),
+    ]
+    assert [answer.status_code for answer in answers] == [422, 404, 401, 422]
+    for answer in answers:
+        ErrorResponse.model_validate(answer.json())

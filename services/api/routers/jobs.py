@@ -12,6 +12,7 @@ from fastapi.responses import StreamingResponse
 
 from services.api import metrics
 from services.api.deps import CoreDep, OwnerDep
+from services.api.errors import documented
 from services.common.errors import InvalidInput
 from services.common.jobs import JobEvent
 from services.core import Core
@@ -24,7 +25,7 @@ _STREAM_ID = re.compile(r"^\d+(-\d+)?$")
 PICTURE = {200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}}
 
 
-@router.get("/{job_id}", response_model=Job)
+@router.get("/{job_id}", response_model=Job, responses=documented(401, 404, 422, 503))
 async def get_job(job_id: str, request: Request) -> Response:
     """The hot path of every polling client: no dependency resolution, no re-validation of the record on its
     way out (the JSON is the record's own view; `Job` documents it). A queued or running job's state may be up to
@@ -34,18 +35,18 @@ async def get_job(job_id: str, request: Request) -> Response:
     return Response(job.view_json, media_type="application/json")
 
 
-@router.post("/{job_id}/cancel", response_model=Job)
+@router.post("/{job_id}/cancel", response_model=Job, responses=documented(401, 404, 409, 422, 503))
 async def cancel_job(job_id: str, core: CoreDep, owner: OwnerDep) -> dict:
     return (await core.cancel(owner, job_id)).view()
 
 
-@router.get("/{job_id}/images/{index}", responses=PICTURE)
+@router.get("/{job_id}/images/{index}", responses=PICTURE | documented(401, 404, 422, 503))
 async def get_image(job_id: str, index: int, core: CoreDep, owner: OwnerDep) -> Response:
     data, media_type = await core.artifact(owner, job_id, "image", index)
     return Response(content=data, media_type=media_type)
 
 
-@router.get("/{job_id}/frames/{index}", responses=PICTURE)
+@router.get("/{job_id}/frames/{index}", responses=PICTURE | documented(401, 404, 422, 503))
 async def get_frame(job_id: str, index: int, core: CoreDep, owner: OwnerDep) -> Response:
     """A trajectory frame. A reverse trajectory's frames can be fetched while it runs, as soon as their
     `frame` event is out; the others once the job has succeeded."""
@@ -77,7 +78,9 @@ async def sse_stream(events: AsyncIterator[list[JobEvent]], after: str) -> Async
 
 
 @router.get(
-    "/{job_id}/events", response_class=StreamingResponse, responses={200: {"content": {"text/event-stream": {}}}}
+    "/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}} | documented(401, 404, 422, 503),
 )
 async def job_events(
     job_id: str,

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request
 from starlette.datastructures import UploadFile
 
 from services.api.deps import CoreDep, IdempotencyKey, OwnerDep
+from services.api.errors import documented
 from services.common.errors import InvalidInput
 from services.common.jobs import JobRecord
 from services.core import Core
@@ -19,7 +20,7 @@ from services.core.validation import parse
 router = APIRouter(prefix="/v1/images", tags=["openai"])
 
 
-@router.post("/generations")
+@router.post("/generations", responses=documented(401, 409, 413, 422, 429, 503, 500))
 async def openai_generate(
     body: OpenAIImageRequest, request: Request, core: CoreDep, owner: OwnerDep, idempotency_key: IdempotencyKey = None
 ) -> dict:
@@ -76,7 +77,7 @@ async def _file(form, name: str) -> bytes | None:
     return await values[0].read()
 
 
-@router.post("/edits", openapi_extra=EDIT_FORM)
+@router.post("/edits", openapi_extra=EDIT_FORM, responses=documented(401, 409, 413, 422, 429, 503, 500))
 async def openai_edit(request: Request, core: CoreDep, owner: OwnerDep, idempotency_key: IdempotencyKey = None) -> dict:
     """Image to image and inpainting, the OpenAI way (`client.images.edit(image=..., mask=..., prompt=...)`)."""
     async with request.form() as form:
