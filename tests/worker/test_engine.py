@@ -369,6 +369,32 @@ def test_stalled_s_is_how_long_the_engine_has_been_inside_one_iteration(make_eng
     assert engine.stalled_s == 0.0
 
 
+def test_a_bucket_out_of_memory_at_warm_up_leaves_the_worker_serving_below_it(tiny_model):
+    """A card on which the 8- and 16-row buckets do not fit: the warm-up stops at 4 and the engine serves at 4 rows
+    per call, instead of the worker failing to start."""
+    from services.worker.engine.engine import Engine
+
+    engine = Engine(tiny_model, max_batch_rows=16, buckets=(2, 4, 8, 16))
+    fits, warmed = engine.backbone, []
+
+    def backbone(latents, timesteps, cond):
+        if latents.shape[0] > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        warmed.append(latents.shape[0])
+        return fits(latents, timesteps, cond)
+
+    backbone.sizes, backbone.compile_mode = fits.sizes, fits.compile_mode  # what the warm-up reads
+    engine.backbone = backbone
+    engine.warm_up()
+    assert warmed == [2, 4] and engine.row_cap.rows == 4
+    engine.start()
+    try:
+        handles = [engine.submit(request(f"w{i}", seed=i, num_inference_steps=2)) for i in range(4)]
+        assert all(len(handle.result(60).images) == 1 for handle in handles)
+    finally:
+        engine.stop()
+
+
 def test_the_row_cap_steps_down_the_buckets_and_back_up():
     from services.worker.engine.engine import RAISE_CAP_AFTER_CALLS, RowCap
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from services.worker.engine.errors import out_of_memory
 from services.worker.engine.requests import GenerationRequest
 
 if TYPE_CHECKING:
@@ -284,16 +285,28 @@ def warmup_inputs(engine: Engine, rows: int) -> tuple[torch.Tensor, torch.Tensor
 @torch.inference_mode()
 def warm_up(engine: Engine) -> dict[str, float]:
     """Run every row bucket through the backbone and every image bucket through the decoder once at the native
-    size (compiling them where compile is on), before the engine serves. Returns seconds per part."""
+    size (compiling them where compile is on), before the engine serves. A bucket that runs out of memory lowers
+    the engine's cap below it (the buckets above are left cold): the worker serves with fewer rows per call rather
+    than fail to start. Returns seconds per part."""
     model = engine.model
     started = time.monotonic()
     for rows in engine.backbone.sizes or (1,):
-        engine.backbone(*warmup_inputs(engine, rows))
+        try:
+            engine.backbone(*warmup_inputs(engine, rows))
+        except Exception as error:  # a bucket too large for the card: serve with those below it
+            if not (out_of_memory(error) and engine.lower_cap(engine.row_cap, "backbone", rows, error)):
+                raise
+            break
     backbone_s = time.monotonic() - started
     decode_started = time.monotonic()
     shape = model.latent_shape(model.native_width, model.native_height)
     for rows in engine.decoder.sizes or (1,):
-        engine.decoder(torch.zeros((rows, *shape), device=model.device))
+        try:
+            engine.decoder(torch.zeros((rows, *shape), device=model.device))
+        except Exception as error:
+            if not (out_of_memory(error) and engine.lower_cap(engine.decode_cap, "vae", rows, error)):
+                raise
+            break
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
     seconds = {

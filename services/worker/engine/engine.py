@@ -56,6 +56,7 @@ from services.worker.engine.errors import (
     InvalidRequestError,
     NonFiniteOutputError,
     RequestCancelled,
+    out_of_memory,
 )
 from services.worker.engine.finite import FiniteWatch
 from services.worker.engine.output import OutputQueue
@@ -163,13 +164,6 @@ def owner_share(setting: str, device: torch.device) -> int | None:
 
 # Calls at a lowered row cap before the engine tries the next larger one again (RowCap).
 RAISE_CAP_AFTER_CALLS = 200
-
-
-def out_of_memory(error: BaseException) -> bool:
-    """A call that did not fit in memory: CUDA's OutOfMemoryError, or the CPU allocator's refusal."""
-    return isinstance(error, torch.OutOfMemoryError) or (
-        isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
-    )
 
 
 class RowCap:
@@ -479,7 +473,7 @@ class Engine:
         try:
             model_output = self._execute(batch)
         except Exception as error:
-            if not (out_of_memory(error) and self._lower_cap(self.row_cap, "backbone", batch.num_rows, error)):
+            if not (out_of_memory(error) and self.lower_cap(self.row_cap, "backbone", batch.num_rows, error)):
                 raise
             return  # the members step at the next iteration, in smaller calls
         timer.stop()
@@ -498,7 +492,7 @@ class Engine:
                 member.handle._emit(event)
         self._finish([m for m in members if m.finished and m in self._active])
 
-    def _lower_cap(self, cap: RowCap, part: str, rows: int, error: BaseException) -> bool:
+    def lower_cap(self, cap: RowCap, part: str, rows: int, error: BaseException) -> bool:
         """A `part` call ("backbone", "vae") of `rows` rows ran out of memory: lower its cap (True), or False at
         the floor."""
         if self.model.device.type == "cuda":
@@ -526,7 +520,7 @@ class Engine:
             try:
                 pixels = torch.cat([self.decoder(latents[i : i + chunk]) for i in range(0, latents.shape[0], chunk)])
             except Exception as error:
-                if not (out_of_memory(error) and self._lower_cap(self.decode_cap, "vae", latents.shape[0], error)):
+                if not (out_of_memory(error) and self.lower_cap(self.decode_cap, "vae", latents.shape[0], error)):
                     raise
                 continue
             self.decode_cap.fitted()

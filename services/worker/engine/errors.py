@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 
 class EngineError(Exception):
     """Base of every error the engine raises from RequestHandle.result() or submit()."""
@@ -25,3 +27,11 @@ class InvalidRequestError(EngineError, ValueError):
 
 class EngineStopped(EngineError):
     """The engine was stopped before the request finished."""
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """A call that did not fit in memory: CUDA's OutOfMemoryError, or the CPU allocator's refusal (the engine then
+    runs it again in smaller calls: engine.RowCap)."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+    )
