@@ -75,6 +75,12 @@ warmup_seconds = Gauge(
     ["model"],
 )
 engine_active_requests = Gauge("latentd_engine_active_requests", "Requests in the engine's batch now.", ["model"])
+engine_iteration_seconds = Gauge(
+    "latentd_engine_iteration_seconds",
+    "How long the engine has been inside its current iteration (0 between iterations); past LATENTD_ENGINE_STALL_S "
+    "the worker counts its device as hung and hands its jobs back.",
+    ["model"],
+)
 out_of_memory_total = Counter(
     "latentd_out_of_memory_total",
     "Backbone (part=backbone) or VAE decode (part=vae) calls that ran out of device memory; the engine then "
@@ -147,9 +153,12 @@ def observe_job_end(model: str, kind: str, status: str, error_type: str | None, 
         record_cancellation(model)
 
 
-def track_engine(model: str, active_requests: Callable[[], int]) -> None:
-    """Read the engine's active request count at scrape time (e.g. `lambda: engine.active_requests`)."""
+def track_engine(model: str, active_requests: Callable[[], int], stalled_s: Callable[[], float] | None = None) -> None:
+    """Read the engine's active request count (e.g. `lambda: engine.active_requests`) and how long its current
+    iteration has run at scrape time."""
     engine_active_requests.labels(model=model).set_function(lambda: float(active_requests()))
+    if stalled_s is not None:
+        engine_iteration_seconds.labels(model=model).set_function(stalled_s)
 
 
 class GpuMemoryCollector(Collector):

@@ -212,7 +212,9 @@ class Runtime:
             if self.settings.fault_hang_file:
                 hang_once(engine, self.settings.fault_hang_file)
             self.engines[model.name] = engine
-            worker_metrics.track_engine(model.name, lambda engine=engine: engine.active_requests)
+            worker_metrics.track_engine(
+                model.name, lambda engine=engine: engine.active_requests, lambda engine=engine: engine.stalled_s
+            )
             worker_metrics.track_gpu_memory(model.name, model.device)
             self.store.publish_model(model_info(model, engine))
             log.info("serving model %s from %s", model.name, model.path)

@@ -81,12 +81,13 @@ def test_queue_wait_clamps_clock_skew_and_failures_name_the_error_type():
 
 
 def test_engine_active_requests_is_read_at_scrape_time():
-    active = {"n": 3}
-    worker_metrics.track_engine("gauge-test", lambda: active["n"])
+    active = {"n": 3, "s": 0.0}
+    worker_metrics.track_engine("gauge-test", lambda: active["n"], lambda: active["s"])
     port = worker_metrics.start_metrics_server(0, addr="127.0.0.1")
     assert sample(scrape(port), "latentd_engine_active_requests", model="gauge-test") == 3
-    active["n"] = 0
+    active["n"], active["s"] = 0, 42.5  # an iteration running 42.5 s: what LatentdEngineStalled watches
     assert sample(scrape(port), "latentd_engine_active_requests", model="gauge-test") == 0
+    assert sample(scrape(port), "latentd_engine_iteration_seconds", model="gauge-test") == 42.5
 
 
 def test_queue_depth_and_live_workers_come_from_redis_at_scrape(client):

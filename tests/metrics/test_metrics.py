@@ -262,6 +262,8 @@ def test_every_metric_moves_after_real_jobs(stack):
         "latentd_job_failures": "counter",
         "latentd_cancellations": "counter",
         "latentd_engine_active_requests": "gauge",
+        "latentd_engine_iteration_seconds": "gauge",
+        "latentd_row_cap": "gauge",
         "latentd_warmup_seconds": "gauge",
         "latentd_gpu_memory_bytes": "gauge",
         "process_resident_memory_bytes": "gauge",
