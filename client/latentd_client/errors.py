@@ -41,7 +41,7 @@ class RateLimitError(LatentdError):
 
 
 class UnavailableError(LatentdError):
-    """503 / UNAVAILABLE: Redis or the model's workers are away, or the server is unreachable."""
+    """503 / UNAVAILABLE: Redis or the model's workers are away, Redis is full, or the server is unreachable."""
 
 
 class JobFailedError(LatentdError):
