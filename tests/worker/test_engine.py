@@ -412,6 +412,29 @@ def test_the_row_cap_steps_down_the_buckets_and_back_up():
     assert plain.rows == 12  # doubled back, never past max_batch_rows
 
 
+def test_a_request_that_cannot_start_fails_alone_among_those_admitted_with_it(make_engine, tiny_model):
+    """Requests admitted in one iteration share a text-encoder call: a prompt that breaks it fails its own request
+    only (each prompt is then encoded alone), and the others start and finish."""
+    from services.worker.engine.errors import EngineError
+
+    def encode_prompts(prompts):
+        if "boom" in prompts:
+            raise RuntimeError("text encoder exploded")
+        return tiny_model.encode_prompts(prompts)
+
+    broken = dataclasses.replace(tiny_model)
+    broken.encode_prompts = encode_prompts
+    engine = make_engine(model=broken)
+    gate = threading.Event()
+    engine.call(lambda model: gate.wait(30))  # the three are admitted together
+    handles = [engine.submit(request(name, prompt=prompt, num_inference_steps=2)) for name, prompt in
+               (("a", "a red circle"), ("b", "boom"), ("c", "a blue square"))]  # fmt: skip
+    gate.set()
+    with pytest.raises(EngineError, match="request b failed in the engine: RuntimeError: text encoder exploded"):
+        handles[1].result(60)
+    assert [len(handles[i].result(60).images) for i in (0, 2)] == [1, 1]
+
+
 DEFAULT_MODEL = __import__("pathlib").Path(__file__).resolve().parents[2] / "models" / "shapes-ldm"
 
 

@@ -449,12 +449,7 @@ class Engine:
                     # only the requests of the failed iteration fail; the rest go on
                     log.exception("engine iteration failed")
                     for active in self._in_iteration:
-                        self._retire(
-                            active,
-                            error=EngineError(
-                                f"request {active.request_id} failed in the engine: {type(error).__name__}: {error}"
-                            ),
-                        )
+                        self._fail(active, error)
                 finally:
                     self._in_iteration = []
                     self._busy_since = None
@@ -556,20 +551,51 @@ class Engine:
                 prompts.append(active.request.prompt)
             if active.rows.uncond:  # whether or not its first step is within its guidance interval
                 prompts.append(active.request.negative_prompt)
-        unique = list(dict.fromkeys(prompts))
-        encoded = dict(zip(unique, model.encode_prompts(unique)))  # one text-encoder call: a dict per prompt
-        for active in admitted:
+        encoded = self._encode(list(dict.fromkeys(prompts)))
+        for active in admitted:  # one request that cannot start (its prompt, its picture) fails alone
             n = active.num_images
             request = active.request
-            active.latents, extra = self._initial_latents(active)
-            own = model.family.row_conditioning(model, request, active.resolved) | extra  # time ids, guidance, ...
-            if active.rows.cond:
-                active.cond = rows_of(encoded[request.prompt] | own, n)
-            if active.rows.uncond:
-                negative = model.uncond_conditioning(request.negative_prompt, encoded[request.negative_prompt])
-                active.uncond = rows_of(negative | own, n)
+            try:
+                for prompt in (request.prompt, request.negative_prompt):
+                    if isinstance(encoded.get(prompt), BaseException):
+                        raise encoded[prompt]
+                active.latents, extra = self._initial_latents(active)
+                own = model.family.row_conditioning(model, request, active.resolved) | extra  # time ids, guidance...
+                if active.rows.cond:
+                    active.cond = rows_of(encoded[request.prompt] | own, n)
+                if active.rows.uncond:
+                    negative = model.uncond_conditioning(request.negative_prompt, encoded[request.negative_prompt])
+                    active.uncond = rows_of(negative | own, n)
+            except Exception as error:
+                log.exception("request %s could not start", active.request_id)
+                self._fail(active, error)
+                continue
             active.admitted_at = time.monotonic()
             self._active.append(active)
+
+    def _encode(self, prompts: list[str]) -> dict[str, dict[str, torch.Tensor] | BaseException]:
+        """{prompt: its text conditioning} in one text-encoder call; where that call fails, each prompt alone, so a
+        prompt that breaks the encoder (or a batch of them that runs out of memory) costs only its own requests:
+        the error stands in for what it would have been."""
+        try:
+            return dict(zip(prompts, self.model.encode_prompts(prompts)))
+        except Exception:
+            if len(prompts) == 1:
+                raise
+            log.warning("encoding %d prompts together failed; encoding each alone", len(prompts), exc_info=True)
+        encoded: dict[str, dict[str, torch.Tensor] | BaseException] = {}
+        for prompt in prompts:
+            try:
+                encoded[prompt] = self.model.encode_prompts([prompt])[0]
+            except Exception as error:  # noqa: BLE001 - the requests with this prompt fail with it
+                encoded[prompt] = error
+        return encoded
+
+    def _fail(self, active: ActiveRequest, error: BaseException) -> None:
+        self._retire(
+            active,
+            error=EngineError(f"request {active.request_id} failed in the engine: {type(error).__name__}: {error}"),
+        )
 
     def _initial_latents(self, active: ActiveRequest) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """x at the request's first step (n, C, h, w), float32 on the model's device, on its sampler's scale, and
