@@ -258,17 +258,23 @@ def test_stop_fails_pending_requests(make_engine, tiny_model):
         handle.result(5)
 
 
-def test_a_failing_iteration_fails_only_its_requests(make_engine, tiny_model):
-    from services.worker.engine.errors import EngineError
+def exploding_on_boom(model):
+    """The model, but its text encoder raises on the prompt "boom"."""
 
     def encode_prompts(prompts):
         if "boom" in prompts:
             raise RuntimeError("text encoder exploded")
-        return tiny_model.encode_prompts(prompts)
+        return model.encode_prompts(prompts)
 
-    broken = dataclasses.replace(tiny_model)
+    broken = dataclasses.replace(model)
     broken.encode_prompts = encode_prompts
-    engine = make_engine(model=broken)
+    return broken
+
+
+def test_a_failing_iteration_fails_only_its_requests(make_engine, tiny_model):
+    from services.worker.engine.errors import EngineError
+
+    engine = make_engine(model=exploding_on_boom(tiny_model))
     with pytest.raises(EngineError, match="request b failed in the engine: RuntimeError: text encoder exploded"):
         engine.submit(request("b", prompt="boom")).result(60)
     failing_call = engine.call(lambda model: 1 / 0)
@@ -417,14 +423,7 @@ def test_a_request_that_cannot_start_fails_alone_among_those_admitted_with_it(ma
     only (each prompt is then encoded alone), and the others start and finish."""
     from services.worker.engine.errors import EngineError
 
-    def encode_prompts(prompts):
-        if "boom" in prompts:
-            raise RuntimeError("text encoder exploded")
-        return tiny_model.encode_prompts(prompts)
-
-    broken = dataclasses.replace(tiny_model)
-    broken.encode_prompts = encode_prompts
-    engine = make_engine(model=broken)
+    engine = make_engine(model=exploding_on_boom(tiny_model))
     gate = threading.Event()
     engine.call(lambda model: gate.wait(30))  # the three are admitted together
     handles = [engine.submit(request(name, prompt=prompt, num_inference_steps=2)) for name, prompt in
