@@ -300,6 +300,35 @@ def test_redis_full_mid_run_holds_the_results_until_there_is_room(faults):
     assert_one_outcome(faults, after)
 
 
+def test_redis_full_past_the_retry_budget_runs_the_jobs_again_once_there_is_room(faults):
+    """Redis full for longer than a worker holds a result for (LATENTD_REDIS_RETRY_S, 1 s here): the result write
+    gives up and no failure is written (Redis being full is not the job's fault): the job is left to its lease. Once there is room a reaper requeues
+    it (attempt 2) and it succeeds: no job lost, one outcome each. (Before services/worker/broker.py let kombu's
+    refused acks give up, Celery took them for unrecoverable, the worker exited, and 2 minutes later no job had
+    ended.)"""
+    for proc in faults.alive():
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    impatient = faults.start_worker(redis_retry_s=1)
+    wait_until("the worker consumes", lambda: impatient.pid in map(worker_pid, faults.live_ids()), timeout_s=120)
+    log = faults.log_dir / f"worker-{faults.started}.log"
+    ids = faults.submit(3, steps=30)
+    faults.wait_running(ids)
+    store = faults.redis
+    store.config_set("maxmemory", int(store.info("memory")["used_memory"]) // 2)
+    try:
+        wait_until("a result write given up", lambda: "left to its lease" in log.read_text())
+        time.sleep(2.0)  # every job's result write gives up (none writes a failure instead)
+    finally:
+        store.config_set("maxmemory", 0)
+    faults.wait_all(ids)
+    assert_one_outcome(faults, ids)
+    print(f"\nattempts after Redis full past the retry budget: {[faults.job(j)['attempt'] for j in ids]}")
+    assert "2" in [faults.job(j)["attempt"] for j in ids]
+    assert impatient.poll() is None  # its acks refused while Redis was full did not bring the worker down
+    faults.ensure_workers(2)
+
+
 def test_a_hung_engine_hands_its_jobs_to_another_worker(faults, tmp_path):
     """A worker's device hangs: its engine thread never comes back from a backbone call (the test hook
     LATENTD_FAULT_HANG_FILE), its process and threads otherwise fine. Past LATENTD_ENGINE_STALL_S it stops renewing
