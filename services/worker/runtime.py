@@ -160,15 +160,11 @@ class StepEventWriter:
             writes.append(StepWrite(job_id, attempt, data, progress, frames))
         try:
             controls = self.store.write_steps(writes)
-        except redis.RedisError as error:
-            if not redis_away_or_full(error):
+        except Exception as error:
+            if redis_away_or_full(error):  # these steps' events are lost, the jobs go on
+                log.warning("step events not written (Redis %s): %s", "full" if redis_full(error) else "away", error)
+            else:
                 log.exception("step-event write failed")
-                return
-            # Redis away or full: these steps' events are lost, the jobs go on
-            log.warning("step events not written (Redis %s): %s", "full" if redis_full(error) else "unreachable", error)
-            return
-        except Exception:
-            log.exception("step-event write failed")
             return
         for event, (cancel, superseded) in zip(events, controls):
             if cancel or superseded:

@@ -9,7 +9,6 @@ import os
 import signal
 import time
 
-import redis
 from celery.exceptions import Reject
 
 from services.common.jobstore import redis_away_or_full
@@ -34,15 +33,12 @@ def run_next(model: str) -> str:
         return "idle"  # one task per job; a spare task (a requeue's, a top-up's) finds nothing to do
     try:
         KINDS[run.job.kind](run)
-    except redis.RedisError as error:
-        if not redis_away_or_full(error):
+    except Exception as error:
+        if redis_away_or_full(error):  # its result not written within redis_retry_s: not the job's fault, no failure
+            log.warning("job %s: Redis away or full past the retry budget; left to its lease: %s", run.job_id, error)
+        else:
             log.exception("job %s failed", run.job_id)
             run.fail("internal_error", f"{type(error).__name__}: {error}")
-        else:  # its result could not be written within redis_retry_s: not the job's fault, so no failure is written
-            log.warning("job %s: Redis away or full past the retry budget; left to its lease: %s", run.job_id, error)
-    except Exception as error:
-        log.exception("job %s failed", run.job_id)
-        run.fail("internal_error", f"{type(error).__name__}: {error}")
     finally:
         run.release()
     if runtime.settings.fault_kill_after_result:  # the fault suite's crash between the result and the ack

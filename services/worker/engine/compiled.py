@@ -24,13 +24,12 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from services.worker.engine.errors import out_of_memory
 from services.worker.engine.requests import GenerationRequest
 
 if TYPE_CHECKING:
@@ -282,6 +281,19 @@ def warmup_inputs(engine: Engine, rows: int) -> tuple[torch.Tensor, torch.Tensor
     return latents, timesteps, cond
 
 
+def _warm_buckets(engine: Engine, sizes: Sequence[int], run: Callable[[int], Any], part: str) -> None:
+    """`run` each bucket, smallest first; one that runs out of memory lowers the part's cap below it, and the
+    buckets above stay cold."""
+    cap = engine.row_cap if part == "backbone" else engine.decode_cap
+    for rows in sizes or (1,):
+        try:
+            run(rows)
+        except Exception as error:
+            if not engine.lowered_after(error, cap, part, rows):
+                raise
+            return
+
+
 @torch.inference_mode()
 def warm_up(engine: Engine) -> dict[str, float]:
     """Run every row bucket through the backbone and every image bucket through the decoder once at the native
@@ -290,23 +302,16 @@ def warm_up(engine: Engine) -> dict[str, float]:
     than fail to start. Returns seconds per part."""
     model = engine.model
     started = time.monotonic()
-    for rows in engine.backbone.sizes or (1,):
-        try:
-            engine.backbone(*warmup_inputs(engine, rows))
-        except Exception as error:  # a bucket too large for the card: serve with those below it
-            if not (out_of_memory(error) and engine.lower_cap(engine.row_cap, "backbone", rows, error)):
-                raise
-            break
+    _warm_buckets(engine, engine.backbone.sizes, lambda rows: engine.backbone(*warmup_inputs(engine, rows)), "backbone")
     backbone_s = time.monotonic() - started
     decode_started = time.monotonic()
     shape = model.latent_shape(model.native_width, model.native_height)
-    for rows in engine.decoder.sizes or (1,):
-        try:
-            engine.decoder(torch.zeros((rows, *shape), device=model.device))
-        except Exception as error:
-            if not (out_of_memory(error) and engine.lower_cap(engine.decode_cap, "vae", rows, error)):
-                raise
-            break
+    _warm_buckets(
+        engine,
+        engine.decoder.sizes,
+        lambda rows: engine.decoder(torch.zeros((rows, *shape), device=model.device)),
+        "vae",
+    )
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
     seconds = {

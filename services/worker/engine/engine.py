@@ -170,9 +170,9 @@ class RowCap:
     """The rows one backbone call takes (the images one VAE decode call takes, for the decode cap): max_rows until a
     call runs out of memory; then the next bucket below (half, without buckets), and so on down to the smallest,
     while the call's requests wait one iteration and step again in smaller calls (a failed call moved nothing of
-    theirs; a decode starts over). After RAISE_CAP_AFTER_CALLS calls
-    that fit, the next bucket up is tried again: memory another process held may be free by then, and one more
-    failed call is the price when it is not. Only a call at the smallest cap that runs out fails its requests."""
+    theirs; a decode starts over). After RAISE_CAP_AFTER_CALLS calls that fit, the next bucket up is tried again:
+    memory another process held may be free by then, and one more failed call is the price when it is not. Only a
+    call at the smallest cap that runs out fails its requests."""
 
     def __init__(self, max_rows: int, sizes: Sequence[int]):
         self.max_rows = max_rows
@@ -468,7 +468,7 @@ class Engine:
         try:
             model_output = self._execute(batch)
         except Exception as error:
-            if not (out_of_memory(error) and self.lower_cap(self.row_cap, "backbone", batch.num_rows, error)):
+            if not self.lowered_after(error, self.row_cap, "backbone", batch.num_rows):
                 raise
             return  # the members step at the next iteration, in smaller calls
         timer.stop()
@@ -487,9 +487,11 @@ class Engine:
                 member.handle._emit(event)
         self._finish([m for m in members if m.finished and m in self._active])
 
-    def lower_cap(self, cap: RowCap, part: str, rows: int, error: BaseException) -> bool:
-        """A `part` call ("backbone", "vae") of `rows` rows ran out of memory: lower its cap (True), or False at
-        the floor."""
+    def lowered_after(self, error: BaseException, cap: RowCap, part: str, rows: int) -> bool:
+        """After a `part` call ("backbone", "vae") of `rows` rows failed with `error`: True where it ran out of
+        memory and its cap is now lower (run it again, smaller); False otherwise or at the floor (let it fail)."""
+        if not out_of_memory(error):
+            return False
         if self.model.device.type == "cuda":
             torch.cuda.empty_cache()
         lowered = cap.lower(rows)
@@ -515,7 +517,7 @@ class Engine:
             try:
                 pixels = torch.cat([self.decoder(latents[i : i + chunk]) for i in range(0, latents.shape[0], chunk)])
             except Exception as error:
-                if not (out_of_memory(error) and self.lower_cap(self.decode_cap, "vae", latents.shape[0], error)):
+                if not self.lowered_after(error, self.decode_cap, "vae", latents.shape[0]):
                     raise
                 continue
             self.decode_cap.fitted()
@@ -556,8 +558,11 @@ class Engine:
             n = active.num_images
             request = active.request
             try:
-                for prompt in (request.prompt, request.negative_prompt):
-                    if isinstance(encoded.get(prompt), BaseException):
+                used = ([request.prompt] if active.rows.cond else []) + (
+                    [request.negative_prompt] if active.rows.uncond else []
+                )
+                for prompt in used:
+                    if isinstance(encoded[prompt], BaseException):
                         raise encoded[prompt]
                 active.latents, extra = self._initial_latents(active)
                 own = model.family.row_conditioning(model, request, active.resolved) | extra  # time ids, guidance...
@@ -642,7 +647,8 @@ class Engine:
 
     def _schedule(self) -> list[ActiveRequest]:
         """Round-robin by rows: least recently stepped first (then oldest), same latent shape as the first,
-        until the row cap (max_batch_rows, less after running out of memory). A long request thus takes its turn like any other and cannot starve short ones.
+        until the row cap (max_batch_rows, less after running out of memory). A long request thus takes its turn
+        like any other and cannot starve short ones.
         With requests of several owners active, each owner adds rows only up to rows_per_owner (its first
         request always fits): the share of a call, and so of a step's time, one owner can take."""
         candidates = sorted((a for a in self._active if not a.finished), key=lambda a: (a.last_served, a.sequence))
