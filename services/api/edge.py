@@ -58,7 +58,8 @@ class BodyBudget:
         size = min(size, self.total)
         async with self.condition:
             try:
-                await asyncio.wait_for(self.condition.wait_for(lambda: self.free >= size), self.wait_s)
+                async with asyncio.timeout(self.wait_s):  # not wait_for: on 3.11 it can drop a client's cancel
+                    await self.condition.wait_for(lambda: self.free >= size)
             except TimeoutError:
                 raise HTTPException(
                     503,

@@ -47,6 +47,7 @@ from services.common.errors import (
 )
 from services.common.grpc_gen.latentd.v1 import latentd_pb2 as pb
 from services.common.grpc_gen.latentd.v1 import latentd_pb2_grpc as pb_grpc
+from services.common.jobstore import cancel_and_wait
 from services.common.metrics_server import serve_from_env
 from services.core import Core
 from services.core import metrics as core_metrics
@@ -281,9 +282,7 @@ async def start_server(
 
 
 async def stop_server(server: grpc.aio.Server, watcher: asyncio.Task, grace_s: float | None = 5.0) -> None:
-    watcher.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await watcher
+    await cancel_and_wait(watcher)
     await server.stop(grace_s)
 
 

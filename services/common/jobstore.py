@@ -103,6 +103,18 @@ def sync_client(url: str, timeout_s: float | None) -> redis.Redis:
     )
 
 
+async def cancel_and_wait(task: asyncio.Task, every_s: float = 0.05) -> None:
+    """Cancel `task` and wait until it has ended. A task that awaits redis.asyncio may not end on one cancel: on
+    Python 3.11 redis-py writes a command through `asyncio.wait_for`, which returns the result and drops the cancel
+    when it lands just as the write completes (bpo-42130, fixed in 3.12); the task goes on as if never cancelled
+    (tests/common/test_stopping.py). So the cancel is sent again every `every_s` until the task has ended. An error the task ended with is raised; its cancellation is not."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=every_s)
+    if not task.cancelled():
+        task.result()
+
+
 def job_key(job_id: str) -> str:
     return f"{JOB_PREFIX}{job_id}"
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -29,7 +28,7 @@ from collections.abc import AsyncIterator
 import redis.exceptions
 
 from services.common.jobs import JobEvent, stream_id
-from services.common.jobstore import AsyncJobStore
+from services.common.jobstore import AsyncJobStore, cancel_and_wait
 
 log = logging.getLogger(__name__)
 HISTORY_PAGE = 512
@@ -127,9 +126,7 @@ class EventHub:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
         for watch in self._watches.values():
             if watch.loading is not None:
