@@ -100,9 +100,13 @@ class Settings(BaseSettings):
     reap_interval_s: float = 2.0
     max_lost: int = 3  # a job whose worker was lost this many times fails instead of looping
     # an engine iteration (a backbone call, a decode) running this long is a hung device: the worker stops renewing
-    # its jobs' leases (they run again elsewhere), takes no new job, and its heartbeat goes stale (the liveness probe
-    # restarts it). Far above any step: a 1024x1024 SDXL call of 64 rows on a CPU is minutes.
+    # its jobs' leases (they run again elsewhere), takes no new job, and its heartbeat goes stale. Far above any
+    # step: a 1024x1024 SDXL call of 64 rows on a CPU is minutes.
     engine_stall_s: float = Field(600.0, gt=0)
+    # ... and once it has been stalled this much longer, the worker hands back its other models' jobs and exits
+    # (status 70) for its restart policy to start a fresh one: nothing frees a thread stuck in a kernel, and compose
+    # never restarts a container for failing its health check. 0: it stays (the liveness probe, or a debugger)
+    engine_stall_exit_s: float = Field(60.0, ge=0)
     drain_grace_s: float = 45.0  # on SIGTERM: finish what the engine holds for this long, requeue the rest
     # a worker retries a job's start and result writes this long while Redis is unreachable (then its lease lapses
     # and the job runs again once Redis is back)

@@ -11,7 +11,7 @@ A worker whose every pool thread holds a job cannot take the probe (prefetch is 
 while it is saturated and its engine still makes progress (denoising steps or finished tasks),
 the heartbeat itself refreshes `consumed_at` (and `saturated_at`), so load is never taken for a hang. A worker
 whose engine has stalled (one iteration past LATENTD_ENGINE_STALL_S: a hung device) refreshes nothing, probe or
-not, so it goes stale and its liveness probe fails.
+not, so it goes stale and its liveness probe fails (and a while later it exits: services/worker/leases.py).
 Readiness, model listing, gRPC health and metrics read `services.common.workers`; the container's liveness probe
 runs `python -m services.worker.heartbeat --check`, which exits 1 when this host's heartbeat is
 stale or missing.

@@ -13,11 +13,21 @@ begins. The worker takes no new job from then on (Celery stops consuming; a task
 puts its message back); the engines finish what they hold for up to drain_grace_s; whatever still runs then is
 requeued at once as a new attempt (not counted as a loss) with a task sent for it, and dropped from the engine,
 so the pool's threads end and the process exits 0 well within the orchestrator's grace period.
+
+A hung device (an engine iteration past engine_stall_s): the stalled model's leases are no longer renewed, so its
+jobs run again elsewhere, counted as lost (a request that hangs the device every time fails after max_lost tries
+instead of taking down worker after worker). Nothing in the process can free the engine thread from a kernel that
+never returns, so once the stall has lasted engine_stall_exit_s more, the keeper hands back the jobs of the
+worker's other models (not counted as lost) and exits the process with EXIT_HUNG_DEVICE: its restart policy
+(compose's `restart: unless-stopped`, a pod's restartPolicy) starts a fresh one. Compose never restarts a
+container for failing its health check; this exit is what does it there.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import threading
 import time
 from typing import Any
@@ -25,6 +35,8 @@ from typing import Any
 from services.common.tasks import RUN_TASK, celery_queue_length, queue_for
 
 log = logging.getLogger(__name__)
+
+EXIT_HUNG_DEVICE = 70  # the worker's exit status when it leaves a hung device (EX_SOFTWARE)
 
 
 def reaper_lock_key(model: str) -> str:
@@ -61,6 +73,7 @@ class LeaseKeeper:
                 if time.monotonic() >= reap_after:
                     for model in list(self.runtime.engines):
                         self.reap(model)
+                self.exit_if_hung()
             except Exception as error:  # noqa: BLE001 - Redis away: the next round tries again
                 log.warning("lease keeping failed; retrying: %s", error)
                 # Every lease lapsed while Redis was away. Once it is back, reap only after one lease period, so
@@ -96,6 +109,23 @@ class LeaseKeeper:
         for _ in range(max(0, missing)):
             self.send(model)
 
+    def exit_if_hung(self, exit: Any = os._exit) -> None:
+        """Once an engine has been stalled engine_stall_exit_s past engine_stall_s (0: never), hand back the jobs of
+        the models that still run and leave the process (`exit`, with EXIT_HUNG_DEVICE) for a fresh one."""
+        after_s = self.settings.engine_stall_exit_s
+        stalled_s = max((engine.stalled_s for engine in self.runtime.engines.values()), default=0.0)
+        if after_s <= 0 or stalled_s <= self.settings.engine_stall_s + after_s:
+            return
+        stalled = self.runtime.stalled()
+        log.critical("an engine has been stalled %.0f s (a hung device): handing back jobs and exiting", stalled_s)
+        for model, jobs in self.runtime.held().items():
+            if model not in stalled:  # a stalled model's jobs are left to their lapsing leases (counted as lost)
+                for job_id, attempt in jobs:
+                    self._hand_back(model, job_id, attempt, "its worker left a hung device")
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        exit(EXIT_HUNG_DEVICE)
+
     def drain(self) -> None:
         """Stop taking jobs, let the engines finish theirs for up to drain_grace_s, requeue the rest now."""
         self.runtime.draining.set()
@@ -111,26 +141,27 @@ class LeaseKeeper:
         while time.monotonic() < give_up:
             for model, jobs in self.runtime.held().items():
                 for job_id, attempt in jobs:
-                    self._hand_back(model, job_id, attempt)
+                    self._hand_back(model, job_id, attempt, "its worker was draining")
             time.sleep(0.2)
 
-    def _hand_back(self, model: str, job_id: str, attempt: int) -> None:
-        """Requeue this worker's attempt as a new one (its fence moves on) and drop it from the engine."""
+    def _hand_back(self, model: str, job_id: str, attempt: int, reason: str) -> None:
+        """Requeue this worker's attempt as a new one, not counted as lost (its fence moves on), and drop it from
+        the engine."""
         try:
             job = self.store.get(job_id)
             outcome = (
                 "over"
                 if job is None
                 else self.store.requeue(
-                    job, attempt=attempt, lost=False, max_lost=self.settings.max_lost, reason="its worker was draining"
+                    job, attempt=attempt, lost=False, max_lost=self.settings.max_lost, reason=reason
                 )
             )
             if outcome == "requeued":
                 self.send(model)
         except Exception:  # Redis away: the lease lapses once we are gone, and a reaper requeues the job
-            log.warning("could not requeue job %s while draining", job_id, exc_info=True)
+            log.warning("could not requeue job %s (%s)", job_id, reason, exc_info=True)
             outcome = "left to the reaper"
-        log.warning("draining: job %s attempt %d: %s", job_id, attempt, outcome)
+        log.warning("job %s attempt %d handed back (%s): %s", job_id, attempt, reason, outcome)
         self.runtime.cancel_job(job_id)
         self.runtime.release(model, job_id)
 

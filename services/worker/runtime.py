@@ -224,8 +224,9 @@ class Runtime:
 
     def stalled(self) -> list[str]:
         """The models whose engine has been inside one iteration longer than engine_stall_s: a hung device. Their
-        jobs' leases are not renewed (they run again on another worker), no job of theirs is taken, and the
-        heartbeat stops saying this worker consumes (its liveness probe fails: it is restarted)."""
+        jobs' leases are not renewed (they run again on another worker), no job of theirs is taken, the heartbeat
+        stops saying this worker consumes (its liveness probe fails), and engine_stall_exit_s later the worker exits
+        (LeaseKeeper.exit_if_hung)."""
         stalled = [name for name, engine in self.engines.items() if engine.stalled_s > self.settings.engine_stall_s]
         for name in set(stalled) - self._stalled:
             log.error("engine of %s stalled %.0f s in one iteration: a hung device", name, self.engines[name].stalled_s)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from types import SimpleNamespace
 
 import pytest
 import redis
@@ -106,3 +107,41 @@ def test_cancel_of_a_queued_job_takes_it_out_of_its_keys_queue(stores):
     assert loop.run_until_complete(gateway.cancel(worker.get(first))) == "cancelled"
     assert worker.take(MODEL, 30, "w") == (second, 1)
     assert worker.take(MODEL, 30, "w") is None
+
+
+def test_a_worker_left_with_a_hung_device_hands_back_its_other_models_jobs_and_exits(stores):
+    """The lease keeper's way out of a hung device (services/worker/leases.py): past engine_stall_s plus
+    engine_stall_exit_s, the jobs of the models still running go back to the head of their queues as new attempts
+    (not counted as lost), the hung model's are left to their lapsing leases (counted as lost by the reaper), and
+    the process exits with EXIT_HUNG_DEVICE."""
+    from services.common.settings import Settings
+    from services.worker.leases import EXIT_HUNG_DEVICE, LeaseKeeper
+    from services.worker.runtime import Runtime
+
+    submit, _, worker, _, url = stores
+    hung_job, live_job = submit("alice", 2)
+    runtime = Runtime(Settings(redis_url=url, engine_stall_s=2, engine_stall_exit_s=3), worker="w1")
+    for model, engine in (("hung", SimpleNamespace(stalled_s=0.0)), (MODEL, SimpleNamespace(stalled_s=0.0))):
+        runtime.engines[model] = engine  # an engine's one reading the keeper takes: its current iteration's age
+    for job_id, model in ((hung_job, "hung"), (live_job, MODEL)):
+        taken, attempt = worker.take(MODEL, 30, "w1")
+        assert taken == job_id
+        runtime.hold(model, job_id, attempt)
+    keeper, exits = LeaseKeeper(runtime, celery_app=None), []
+    keeper.send = lambda model: None  # the broker is not under test
+
+    runtime.engines["hung"].stalled_s = 4.9  # stalled, but not yet past the exit limit
+    keeper.exit_if_hung(exit=exits.append)
+    assert exits == [] and runtime.stalled() == ["hung"]
+    runtime.engines["hung"].stalled_s = 5.1
+    keeper.exit_if_hung(exit=exits.append)
+    assert exits == [EXIT_HUNG_DEVICE]
+    assert worker.get(live_job).status == "queued" and worker.get(live_job).attempt == 1
+    assert worker.get(hung_job).status == "running"  # its lease lapses; a reaper counts the loss
+    assert runtime.held() == {"hung": [(hung_job, 1)]}
+    assert worker.take(MODEL, 30, "w2") == (live_job, 2)
+
+    never = Runtime(Settings(redis_url=url, engine_stall_s=2, engine_stall_exit_s=0), worker="w3")
+    never.engines["hung"] = SimpleNamespace(stalled_s=1e9)
+    LeaseKeeper(never, celery_app=None).exit_if_hung(exit=exits.append)
+    assert exits == [EXIT_HUNG_DEVICE]  # 0: the worker stays, for the liveness probe

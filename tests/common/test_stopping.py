@@ -11,17 +11,9 @@ import random
 import pytest
 import redis.asyncio as aioredis
 
-from scripts import run_stack
 from services.common.jobstore import cancel_and_wait
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-def url():
-    proc, url = run_stack.start_redis()
-    yield url
-    run_stack.stop([proc])
 
 
 def test_a_task_that_swallows_a_cancel_still_ends():
@@ -61,12 +53,12 @@ def test_an_error_the_task_ended_with_is_raised():
         asyncio.run(main())
 
 
-def test_tasks_sending_commands_to_redis_all_end_when_cancelled_at_any_moment(url):
+def test_tasks_sending_commands_to_redis_all_end_when_cancelled_at_any_moment(own_redis):
     """Was: many of these tasks went on after their one cancel, and the door's shutdown waited for
     ever (a gRPC door fixture's teardown timed out in CI)."""
 
     async def main():
-        client = aioredis.Redis.from_url(url)
+        client = aioredis.Redis.from_url(own_redis)
         rng = random.Random(7)
         try:
             for _ in range(40):

@@ -24,6 +24,7 @@ from services.common.grpc_gen.latentd.v1 import latentd_pb2_grpc as pb_grpc
 from services.common.settings import Settings, hash_key
 from services.core.core import Core, TaskSender
 from services.worker.broker import UNACKED_MUTEX_KEY, unacked_mutex_expire
+from services.worker.leases import EXIT_HUNG_DEVICE
 from tests.faults.conftest import (
     DRAIN_GRACE_S,
     KEY,
@@ -333,29 +334,30 @@ def test_a_hung_engine_hands_its_jobs_to_another_worker(faults, tmp_path):
     """A worker's device hangs: its engine thread never comes back from a backbone call (the test hook
     LATENTD_FAULT_HANG_FILE), its process and threads otherwise fine. Past LATENTD_ENGINE_STALL_S it stops renewing
     its jobs' leases and takes no new job, so another worker's reaper requeues them and runs them; its heartbeat
-    stops saying it consumes, so it drops out of the live workers (and its liveness probe would restart it).
-    Before, the lease keeper went on renewing the stuck jobs' leases: 2 minutes after the hang none had ended."""
+    stops saying it consumes, so it drops out of the live workers; LATENTD_ENGINE_STALL_EXIT_S later it exits with
+    status 70, for its restart policy to start a fresh one (compose restarts no container for being unhealthy).
+    Before, the lease keeper went on renewing the stuck jobs' leases: 2 minutes after the hang none had ended; and
+    the hung worker stayed up, useless, for good under compose."""
     for proc in faults.alive():  # only the worker that hangs may take the first jobs
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
     marker = tmp_path / "hang-once"
     marker.touch()
-    hung = faults.start_worker(fault_hang_file=str(marker), engine_stall_s=2)
+    hung = faults.start_worker(fault_hang_file=str(marker), engine_stall_s=2, engine_stall_exit_s=4)
     wait_until("the worker that hangs consumes", lambda: hung.pid in {worker_pid(w) for w in faults.live_ids()})
     ids = faults.submit(1, steps=30, prompt="a red circle, hang") + faults.submit(3, steps=30)
     wait_until("its device hung", lambda: not marker.exists(), timeout_s=60)
     hung_at = time.monotonic()
     other = faults.start_worker()  # runs what the hung one held
+    assert hung.wait(timeout=60) == EXIT_HUNG_DEVICE
+    print(f"\nthe hung worker exited {time.monotonic() - hung_at:.1f} s after the device hung")
     wait_until("the other worker consumes", lambda: other.pid in map(worker_pid, faults.live_ids()), timeout_s=120)
     faults.wait_all(ids)
-    print(f"\nall {len(ids)} jobs ended {time.monotonic() - hung_at:.1f} s after the device hung")
+    print(f"all {len(ids)} jobs ended {time.monotonic() - hung_at:.1f} s after the device hung")
     assert_one_outcome(faults, ids)
     assert faults.job(ids[0])["attempt"] == "2"  # the hung attempt's lease lapsed, the job ran again
     assert all(worker_pid(faults.job(job_id)["worker"]) != hung.pid for job_id in ids)
     wait_until("the hung worker no longer counted live", lambda: hung.pid not in map(worker_pid, faults.live_ids()))
-    print(f"the hung worker out of the live workers {time.monotonic() - hung_at:.1f} s after the device hung")
-    assert hung.poll() is None  # alive and hung: for the orchestrator's liveness probe to restart
-    kill(hung)
     faults.ensure_workers(2)
 
 
