@@ -27,7 +27,7 @@ STEPS = 8
 PROMPT = "a red circle"
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "shapes-ldm"
 # see DPMSolver2MKarrasSampler and HeunSampler
-NOT_ON_COSINE = ("dpmpp_2m_karras", "dpmpp_2m_sde_karras", "heun", "heun_karras", "dpm2", "dpm2_karras")
+NOT_ON_COSINE = ("dpmpp_2m_karras", "dpmpp_2m_sde_karras", *rules.TWO_CALLS_PER_STEP)
 COSINE_SAMPLERS = tuple(name for name in SAMPLERS if name not in NOT_ON_COSINE)
 
 
@@ -244,7 +244,8 @@ def test_default_sampler_and_steps_and_frames(make_engine):
             dict(sampler="ddpm"),
             "sampler",
             "sampler must be one of ddim, plms, dpmpp_2m, dpmpp_2m_karras, dpmpp_2m_sde, dpmpp_2m_sde_karras, unipc, "
-            "euler, euler_karras, lms, lms_karras, heun, heun_karras, dpm2, dpm2_karras, euler_ancestral, lcm",
+            "euler, euler_karras, lms, lms_karras, heun, heun_karras, dpm2, dpm2_karras, dpm2_ancestral, "
+            "dpm2_ancestral_karras, euler_ancestral, lcm",
         ),
         (
             dict(sampler="euler", eta=0.5),

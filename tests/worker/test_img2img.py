@@ -24,7 +24,7 @@ PROMPT = "a red circle"
 STEPS = 10
 # deterministic, multistep, drawing noise (in the model's dtype, in float32), a corrector, consistency sampling,
 # two calls per step (the trapezoid, the midpoint)
-SAMPLERS = ("ddim", "dpmpp_2m", "euler_ancestral", "dpmpp_2m_sde", "unipc", "lcm", "heun", "dpm2")
+SAMPLERS = ("ddim", "dpmpp_2m", "euler_ancestral", "dpmpp_2m_sde", "unipc", "lcm", "heun", "dpm2", "dpm2_ancestral")
 INPAINT_SAMPLERS = tuple(s for s in SAMPLERS if s != "dpm2")  # dpm2: test_dpm2_inpainting_blends_at_the_midpoint
 
 

@@ -15,7 +15,7 @@ What a sampler knows, for each request kind:
 (d) `draws_noise(state)`: whether this step takes one randn draw (the request's latents' shape, in the model's
     dtype or the sampler's `noise_dtype`) from the request's own CPU generator, after the initial latents, in
     diffusers' order (DDIM with eta > 0, Euler ancestral and the SDE solver at every step, LCM at every step but
-    the last; the others never);
+    the last, DPM2 ancestral at each step's second call; the others never);
 (e) `scheduler` and `overrides`: the diffusers scheduler it follows (diffusers_scheduler), by which a model
     folder's own scheduler names its default sampler (sampler_for_scheduler).
 
@@ -88,6 +88,10 @@ class Plan:
     prev_timesteps: tuple[int, ...] = ()  # DDIM, PLMS: the t each step goes to (−1: after the last)
     orders: tuple[int, ...] = ()  # DPM-Solver++(2M): the solver order of each step, for a request run from step 0
     flow: bool = False  # flow matching: `sigmas` are σ of x_σ = (1 − σ)·x0 + σ·ε (float32 values), not σ̂
+    # DPM-Solver-2 ancestral, one entry per call: the σ̂ its ODE update ends at (a step's midpoint at its first call,
+    # σ̂↓ at its second) and the σ̂↑ of the noise it adds after (0 at first calls)
+    step_ends: tuple[float, ...] = ()
+    sigmas_up: tuple[float, ...] = ()
 
     @property
     def num_steps(self) -> int:
@@ -678,19 +682,38 @@ class HeunSampler(EulerSampler):
         """The timestep and σ̂ of each step's second call (the step's end for Heun), one per step but the last."""
         return steps.timesteps[1:], steps.sigmas[1:-1]
 
+    def _ancestral(self, steps: Plan) -> tuple[np.ndarray, np.ndarray] | None:
+        """(σ̂↓, σ̂↑) of each step but the last for an ancestral sampler; None for the ODE ones."""
+        return None
+
     def _plan(self, num_inference_steps: int, start: int = 0) -> Plan:
         steps = super()._plan(num_inference_steps)  # one entry per step
         if not 0 <= start < num_inference_steps:
             raise ValueError(f"start must be between 0 and {num_inference_steps - 1}, got {start}")
         second_timesteps, second_sigmas = self._second_calls(steps)
+        ancestral = self._ancestral(steps)
         timesteps, sigmas = list(steps.timesteps[:start]), list(steps.sigmas[:start])  # never run
+        ends, ups = [math.nan] * start, [0.0] * start
         for k in range(start, num_inference_steps):
             timesteps.append(steps.timesteps[k])
             sigmas.append(steps.sigmas[k])
             if k < num_inference_steps - 1:
                 timesteps.append(second_timesteps[k])
                 sigmas.append(second_sigmas[k])
-        return dataclasses.replace(steps, timesteps=tuple(timesteps), sigmas=(*sigmas, steps.sigmas[-1]))
+            if ancestral is not None and k < num_inference_steps - 1:
+                down, up = ancestral
+                ends += [second_sigmas[k], float(down[k])]
+                ups += [0.0, float(up[k])]
+            elif ancestral is not None:  # the last step: one Euler call to σ̂ = 0
+                ends.append(steps.sigmas[-1])
+                ups.append(0.0)
+        return dataclasses.replace(
+            steps,
+            timesteps=tuple(timesteps),
+            sigmas=(*sigmas, steps.sigmas[-1]),
+            step_ends=tuple(ends) if ancestral is not None else (),
+            sigmas_up=tuple(ups) if ancestral is not None else (),
+        )
 
     def start(self, num_inference_steps: int, eta: float = 0.0) -> SamplerState:
         return SamplerState(plan=self.plan(num_inference_steps, 0), eta=eta)
@@ -699,11 +722,14 @@ class HeunSampler(EulerSampler):
         second = [s.x_start is not None for s in states]  # the step's second call (its first kept x_i and d_i)
         slopes = history_stack(states, counts, x, 1)
         starts = [s.x_start if s.x_start is not None else x[rows] for s, rows in zip(states, row_slices(counts))]
-        # to the σ after this call (σ' or σ_{i+1}) from the σ the step started at (this call's, or the one before's)
+        # to the σ after this call (σ' or σ_{i+1}; an ancestral second call σ↓) from the σ the step started at (this
+        # call's, or the one before's)
         dt = [
-            s.plan.sigmas[s.step_index + 1] - s.plan.sigmas[s.step_index - 1 if again else s.step_index]
+            (s.plan.step_ends[s.step_index] if s.plan.step_ends else s.plan.sigmas[s.step_index + 1])
+            - s.plan.sigmas[s.step_index - 1 if again else s.step_index]
             for s, again in zip(states, second)
         ]
+        ancestral = noise is not None and all(s.plan.sigmas_up for s in states)
         out = second_order_step(
             model_output,
             x,
@@ -715,6 +741,8 @@ class HeunSampler(EulerSampler):
             self.mean_slopes,
             self.prediction_type,
             self.clip_range,
+            per_row([s.plan.sigmas_up[s.step_index] for s in states], counts, self.device) if ancestral else None,
+            noise if ancestral else None,
         )
         for state, rows, again in zip(states, row_slices(counts), second):
             # a first call keeps x_i and d_i for the second (none after the last step: σ = 0 ends the request)
@@ -740,9 +768,13 @@ class DPM2Sampler(HeunSampler):
         super().__init__(config, alphas_cumprod, device)
         self.clip_range = None
 
+    def _targets(self, steps: Plan) -> np.ndarray:
+        """The σ̂ each step but the last integrates the ODE down to: σ̂_{i+1}."""
+        return np.array(steps.sigmas[1:-1])
+
     def _second_calls(self, steps: Plan) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        ends = np.array(steps.sigmas[:-1])  # σ̂_0..σ̂_{n−1}
-        midpoints = np.exp((np.log(ends[:-1]) + np.log(ends[1:])) / 2)
+        starts = np.array(steps.sigmas[:-2])  # σ̂_0..σ̂_{n−2}
+        midpoints = np.exp((np.log(starts) + np.log(self._targets(steps))) / 2)
         timesteps = sigma_to_timestep(midpoints.astype(np.float32), sigma_table(self.alphas_cumprod))
         return tuple(float(t) for t in timesteps.astype(np.float32)), tuple(float(s) for s in midpoints)
 
@@ -766,6 +798,36 @@ class DPM2KarrasSampler(DPM2Sampler):
         _, plain = super()._schedule(num_inference_steps, table)
         sigmas = karras_sigmas(float(plain[-1]), float(plain[0]), num_inference_steps)
         return sigma_to_timestep(sigmas, table).round(), sigmas
+
+
+class DPM2AncestralSampler(DPM2Sampler):
+    """DPM-Solver-2 ancestral (second_order.py) as KDPM2AncestralDiscreteScheduler.from_config(config), "DPM2 a":
+    DPM2's calls, but each step's ODE part ends at σ̂↓ (its second call at the midpoint √(σ̂_i·σ̂↓)), and the second
+    call adds σ̂↑·z, z one draw from the request's generator in the model's dtype (n − 1 draws, one per second call,
+    as the scheduler draws them)."""
+
+    name = "dpm2_ancestral"
+    scheduler = "KDPM2AncestralDiscreteScheduler"
+
+    def _ancestral(self, steps: Plan) -> tuple[np.ndarray, np.ndarray]:
+        sigma, sigma_next = np.array(steps.sigmas[:-2]), np.array(steps.sigmas[1:-1])
+        up = np.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
+        return np.sqrt(sigma_next**2 - up**2), up
+
+    def _targets(self, steps: Plan) -> np.ndarray:
+        return self._ancestral(steps)[0]
+
+    def draws_noise(self, state: SamplerState) -> bool:
+        return state.x_start is not None  # the call to come is a step's second
+
+
+class DPM2AncestralKarrasSampler(DPM2AncestralSampler, DPM2KarrasSampler):
+    """DPM-Solver-2 ancestral on dpm2_karras's σ̂ and rounded timesteps, as KDPM2AncestralDiscreteScheduler.from_config(
+    config, use_karras_sigmas=True) ("DPM2 a Karras")."""
+
+    name = "dpm2_ancestral_karras"
+    scheduler = "KDPM2AncestralDiscreteScheduler"
+    overrides = {"use_karras_sigmas": True}
 
 
 class LMSSampler(EulerSampler):
@@ -966,6 +1028,8 @@ SAMPLER_CLASSES: dict[str, type[Sampler]] = {
         HeunKarrasSampler,
         DPM2Sampler,
         DPM2KarrasSampler,
+        DPM2AncestralSampler,
+        DPM2AncestralKarrasSampler,
         EulerAncestralSampler,
         LCMSampler,
         FlowEulerSampler,
