@@ -108,8 +108,8 @@ class Settings(BaseSettings):
     # never restarts a container for failing its health check. 0: it stays (the liveness probe, or a debugger)
     engine_stall_exit_s: float = Field(60.0, ge=0)
     drain_grace_s: float = 45.0  # on SIGTERM: finish what the engine holds for this long, requeue the rest
-    # a worker retries a job's start and result writes this long while Redis is unreachable (then its lease lapses
-    # and the job runs again once Redis is back)
+    # a worker retries a job's start and result writes this long while Redis is unreachable or full (then the job
+    # runs again once Redis takes writes: a start's lease lapses, a result's attempt is handed back)
     redis_retry_s: float = 60.0
     # tests only (tests/faults): the worker SIGKILLs itself right after a job's result is written, before the
     # broker hears the task's ack, to show that a redelivered task never gives a job a second result

@@ -6,7 +6,9 @@ One thread per worker process:
   attempt that is no longer ours (requeued by a reaper meanwhile) is cancelled in the engine;
 - every reap_interval_s, for each model it serves and under a short Redis lock (one reaper at a time),
   it requeues the jobs whose lease lapsed (their worker died or hung) and sends a task for each, and
-  tops the broker up to one task per queued job (a task can be lost with Redis or with a worker).
+  tops the broker up to one task per queued job (a task can be lost with Redis or with a worker);
+- every round, it hands back the attempts whose result Redis would not take within redis_retry_s (away or full)
+  once it takes writes again: they run again as new attempts, not counted as lost (hand_back_unwritten).
 
 Drain (SIGTERM: a scale-in, a rolling update): `drain()` runs on a thread of its own once Celery's warm shutdown
 begins. The worker takes no new job from then on (Celery stops consuming; a task already handed to the pool
@@ -37,6 +39,7 @@ from services.common.tasks import RUN_TASK, celery_queue_length, queue_for
 log = logging.getLogger(__name__)
 
 EXIT_HUNG_DEVICE = 70  # the worker's exit status when it leaves a hung device (EX_SOFTWARE)
+UNWRITTEN = "Redis was away or full when its result was ready"
 
 
 def reaper_lock_key(model: str) -> str:
@@ -70,6 +73,7 @@ class LeaseKeeper:
             try:
                 if time.monotonic() - self._renewed_at >= self.settings.lease_s / 3:
                     self.renew()
+                self.hand_back_unwritten()
                 if time.monotonic() >= reap_after:
                     for model in list(self.runtime.engines):
                         self.reap(model)
@@ -89,6 +93,24 @@ class LeaseKeeper:
                 log.warning("job %s is no longer ours (requeued by a reaper): leaving it", job_id)
                 self.runtime.cancel_job(job_id)
         self._renewed_at = time.monotonic()
+
+    def hand_back_unwritten(self) -> None:
+        """The attempts whose result Redis would not take within redis_retry_s (away or full) run again, once it
+        takes writes, as new attempts not counted as lost: neither the job nor the worker brought anything down.
+        (Their leases, still renewed, keep the reapers from counting them first.)"""
+        for model, job_id, attempt in self.runtime.unwritten():
+            job = self.store.get(job_id)
+            outcome = (
+                "over"
+                if job is None
+                else self.store.requeue(
+                    job, attempt=attempt, lost=False, max_lost=self.settings.max_lost, reason=UNWRITTEN
+                )
+            )
+            log.warning("job %s attempt %d: its result was not written (%s): %s", job_id, attempt, UNWRITTEN, outcome)
+            self.runtime.forget_unwritten(model, job_id, attempt)
+            if outcome == "requeued":
+                self.send(model)
 
     def reap(self, model: str) -> None:
         lock_ms = int(2 * self.settings.reap_interval_s * 1000)

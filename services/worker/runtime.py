@@ -186,6 +186,9 @@ class Runtime:
         self._lock = threading.Lock()
         self.draining = threading.Event()  # SIGTERM: take no new job (services/worker/leases.py, drain)
         self._stalled: set[str] = set()  # models whose engine stalled() last reported (logged once each)
+        # attempts whose result Redis would not take within redis_retry_s (away or full): still held (their leases
+        # renewed once Redis takes writes), for the lease keeper to hand back then (LeaseKeeper.hand_back_unwritten)
+        self._unwritten: set[tuple[str, str, int]] = set()
 
     def load(self, paths: list[str]) -> None:
         if self.settings.worker_torch_threads > 0:
@@ -251,6 +254,20 @@ class Runtime:
 
     def release(self, model: str, job_id: str) -> None:
         with self._lock:
+            self._held.get(model, {}).pop(job_id, None)
+
+    def leave_unwritten(self, model: str, job_id: str, attempt: int) -> None:
+        """The attempt ran but Redis took no result: keep holding it until the lease keeper hands it back."""
+        with self._lock:
+            self._unwritten.add((model, job_id, attempt))
+
+    def unwritten(self) -> list[tuple[str, str, int]]:
+        with self._lock:
+            return sorted(self._unwritten)
+
+    def forget_unwritten(self, model: str, job_id: str, attempt: int) -> None:
+        with self._lock:
+            self._unwritten.discard((model, job_id, attempt))
             self._held.get(model, {}).pop(job_id, None)
 
     def held(self) -> dict[str, list[tuple[str, int]]]:

@@ -31,16 +31,24 @@ def run_next(model: str) -> str:
     run = JobRun.take(runtime, model)
     if run is None:
         return "idle"  # one task per job; a spare task (a requeue's, a top-up's) finds nothing to do
+    unwritten = False
     try:
         KINDS[run.job.kind](run)
     except Exception as error:
         if redis_away_or_full(error):  # its result not written within redis_retry_s: not the job's fault, no failure
-            log.warning("job %s: Redis away or full past the retry budget; left to its lease: %s", run.job_id, error)
+            log.warning(
+                "job %s: Redis away or full past the retry budget; handed back once it takes writes: %s",
+                run.job_id,
+                error,
+            )
+            runtime.leave_unwritten(model, run.job_id, run.attempt)
+            unwritten = True
         else:
             log.exception("job %s failed", run.job_id)
             run.fail("internal_error", f"{type(error).__name__}: {error}")
     finally:
-        run.release()
+        if not unwritten:
+            run.release()
     if runtime.settings.fault_kill_after_result:  # the fault suite's crash between the result and the ack
         os.kill(os.getpid(), signal.SIGKILL)
     final = run.store.get(run.job_id)

@@ -145,3 +145,28 @@ def test_a_worker_left_with_a_hung_device_hands_back_its_other_models_jobs_and_e
     never.engines["hung"] = SimpleNamespace(stalled_s=1e9)
     LeaseKeeper(never, celery_app=None).exit_if_hung(exit=exits.append)
     assert exits == [EXIT_HUNG_DEVICE]  # 0: the worker stays, for the liveness probe
+
+
+def test_an_attempt_whose_result_redis_would_not_take_runs_again_not_counted_as_lost(stores):
+    """Redis away or full past redis_retry_s when a job's result was ready (tasks.run_next): the worker keeps the
+    attempt, so its lease keeper renews it once writes pass and hands it back before any reaper counts a loss."""
+    from services.common.settings import Settings
+    from services.worker.leases import LeaseKeeper
+    from services.worker.runtime import Runtime
+
+    submit, _, worker, _, url = stores
+    (job_id,) = submit("alice", 1)
+    runtime = Runtime(Settings(redis_url=url, lease_s=0.2), worker="w1")
+    taken, attempt = worker.take(MODEL, 0.2, "w1")
+    runtime.hold(MODEL, job_id, attempt)
+    runtime.leave_unwritten(MODEL, job_id, attempt)
+    keeper, sent = LeaseKeeper(runtime, celery_app=None), []
+    keeper.send = sent.append  # the broker is not under test
+    time.sleep(0.3)  # its lease lapsed while Redis took no writes
+    keeper.renew()
+    assert worker.requeue(worker.get(job_id), attempt=None, lost=True, max_lost=3, reason="reaper") == "alive"
+    keeper.hand_back_unwritten()
+    job = worker.get(job_id)
+    assert job.status == "queued" and sent == [MODEL] and runtime.unwritten() == [] and runtime.held() == {}
+    assert worker.redis.hget(f"latentd:job:{job_id}", "lost") in (None, b"0")
+    assert worker.take(MODEL, 30, "w2") == (job_id, 2)
