@@ -5,7 +5,8 @@ processes (LATENTD_PROCESSES), by the parent process in prometheus_client's mult
 (`serve_multiprocess`): one scrape target per gateway container, summed over its processes. Labels are
 bounded sets (route template, method, status, kind, model, reason); never a job id or an API key.
 Queue depth is read from Redis at scrape time by `QueueDepthCollector`, so it is exact whenever
-Prometheus looks, not whenever a request happened to pass through this process.
+Prometheus looks, not whenever a request happened to pass through this process; so is the job store's memory
+against its maxmemory (at which Redis refuses writes: new jobs get 503 and results wait, docs/failures.md).
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def observe_http_request(route: str, method: str, status: int, duration_s: float
 
 
 class QueueDepthCollector(Collector):
-    """`latentd_queue_depth{model}` and `latentd_workers_live{model}`, read from Redis at scrape.
+    """`latentd_queue_depth{model}` and `latentd_workers_live{model}`, read from Redis at scrape, and the job
+    store's `latentd_redis_memory_used_bytes` and `latentd_redis_maxmemory_bytes` (INFO memory; 0: no limit).
 
     `models` returns the models to report (those workers published); `queue_for` maps a model to its
     Celery queue name.
@@ -77,25 +79,33 @@ class QueueDepthCollector(Collector):
         return list(self._families())
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
-        depth, live = self._families()
+        depth, live, used, limit = self._families()
         try:
             models = sorted(set(self._models()))
             serving = workers.live_workers(self._redis, models, self._stale_after_s)
             for model in models:
                 depth.add_metric([model], celery_queue_length(self._redis, self._queue_for(model)))
                 live.add_metric([model], len(serving.get(model, ())))
+            memory = self._redis.info("memory")
+            used.add_metric([], float(memory["used_memory"]))
+            limit.add_metric([], float(memory.get("maxmemory", 0)))
         except Exception:  # noqa: BLE001 - Redis down must not break the scrape of other metrics
             return []
-        return [depth, live]
+        return [depth, live, used, limit]
 
     @staticmethod
-    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+    def _families() -> tuple[GaugeMetricFamily, ...]:
         return (
             GaugeMetricFamily("latentd_queue_depth", "Jobs waiting in the model's Celery queue.", labels=["model"]),
             GaugeMetricFamily(
                 "latentd_workers_live",
                 "Workers of the model whose consumer proved alive (heartbeat probe consumed).",
                 labels=["model"],
+            ),
+            GaugeMetricFamily("latentd_redis_memory_used_bytes", "Memory the job store (Redis) uses (used_memory)."),
+            GaugeMetricFamily(
+                "latentd_redis_maxmemory_bytes",
+                "The job store's maxmemory (0: no limit); at it, Redis (noeviction) refuses writes.",
             ),
         )
 

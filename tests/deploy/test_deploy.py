@@ -117,6 +117,13 @@ def test_promtool_accepts_rules_and_config():
     assert config.returncode == 0, config.stdout + config.stderr
 
 
+def test_alert_rules_fire_as_their_unit_tests_say():
+    if not shutil.which("promtool"):
+        pytest.skip("no promtool: apt-get install --no-install-recommends prometheus")
+    result = _run(["promtool", "test", "rules", str(DEPLOY / "prometheus" / "alerts_test.yml")])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_alert_rules_cover_the_four_operator_questions():
     alerts = {r["alert"]: r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]}
     exprs = " ".join(r["expr"] for r in alerts.values())

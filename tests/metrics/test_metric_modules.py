@@ -111,6 +111,23 @@ def test_queue_depth_and_live_workers_come_from_redis_at_scrape(client):
     assert workers.live_workers(client, ["depth-test"], stale_after_s=5) == {"depth-test": ["host-1"]}
 
 
+def test_the_job_stores_memory_and_its_limit_come_from_redis_at_scrape(client):
+    """What LatentdRedisNearlyFull watches: Redis's used_memory against its maxmemory (0 where none is set)."""
+    api_metrics.register_queue_depth(client, lambda: [], lambda m: f"latentd.{m}")
+    port = api_metrics.start_metrics_server(0, addr="127.0.0.1")
+    before = client.config_get("maxmemory")["maxmemory"]
+    try:
+        client.config_set("maxmemory", 3 * 2**30)
+        families = scrape(port)
+        assert sample(families, "latentd_redis_maxmemory_bytes") == 3 * 2**30
+        used = sample(families, "latentd_redis_memory_used_bytes")
+        assert 0 < used == pytest.approx(client.info("memory")["used_memory"], rel=0.5)
+        client.config_set("maxmemory", 0)
+        assert sample(scrape(port), "latentd_redis_maxmemory_bytes") == 0
+    finally:
+        client.config_set("maxmemory", before)
+
+
 def test_queue_depth_scrape_survives_redis_down():
     dead = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
     api_metrics.register_queue_depth(dead, lambda: ["m"], lambda m: f"latentd.{m}")
