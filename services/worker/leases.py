@@ -77,12 +77,12 @@ class LeaseKeeper:
                 if time.monotonic() >= reap_after:
                     for model in list(self.runtime.engines):
                         self.reap(model)
-                self.exit_if_hung()
             except Exception as error:  # noqa: BLE001 - Redis away: the next round tries again
                 log.warning("lease keeping failed; retrying: %s", error)
                 # Every lease lapsed while Redis was away. Once it is back, reap only after one lease period, so
                 # the live workers renew theirs first and only a worker that died meanwhile loses its jobs.
                 reap_after = time.monotonic() + self.settings.lease_s
+            self.exit_if_hung()  # Redis away or not: a hung device is left all the same
 
     def renew(self) -> None:
         stalled = self.runtime.stalled()  # a hung engine's jobs are left to lapse: they run again elsewhere
