@@ -99,18 +99,9 @@ class LeaseKeeper:
         takes writes, as new attempts not counted as lost: neither the job nor the worker brought anything down.
         (Their leases, still renewed, keep the reapers from counting them first.)"""
         for model, job_id, attempt in self.runtime.unwritten():
-            job = self.store.get(job_id)
-            outcome = (
-                "over"
-                if job is None
-                else self.store.requeue(
-                    job, attempt=attempt, lost=False, max_lost=self.settings.max_lost, reason=UNWRITTEN
-                )
-            )
+            outcome = self._requeue_attempt(model, job_id, attempt, UNWRITTEN)  # Redis still away: the next round
             log.warning("job %s attempt %d: its result was not written (%s): %s", job_id, attempt, UNWRITTEN, outcome)
             self.runtime.forget_unwritten(model, job_id, attempt)
-            if outcome == "requeued":
-                self.send(model)
 
     def reap(self, model: str) -> None:
         lock_ms = int(2 * self.settings.reap_interval_s * 1000)
@@ -170,22 +161,24 @@ class LeaseKeeper:
         """Requeue this worker's attempt as a new one, not counted as lost (its fence moves on), and drop it from
         the engine."""
         try:
-            job = self.store.get(job_id)
-            outcome = (
-                "over"
-                if job is None
-                else self.store.requeue(
-                    job, attempt=attempt, lost=False, max_lost=self.settings.max_lost, reason=reason
-                )
-            )
-            if outcome == "requeued":
-                self.send(model)
+            outcome = self._requeue_attempt(model, job_id, attempt, reason)
         except Exception:  # Redis away: the lease lapses once we are gone, and a reaper requeues the job
             log.warning("could not requeue job %s (%s)", job_id, reason, exc_info=True)
             outcome = "left to the reaper"
         log.warning("job %s attempt %d handed back (%s): %s", job_id, attempt, reason, outcome)
         self.runtime.cancel_job(job_id)
         self.runtime.release(model, job_id)
+
+    def _requeue_attempt(self, model: str, job_id: str, attempt: int, reason: str) -> str:
+        """Put this worker's attempt back at the head of its key's queue as a new one, not counted as lost, and send
+        its task; the outcome ('requeued', or 'over', 'moved', 'cancelled' where there was nothing to hand back)."""
+        job = self.store.get(job_id)
+        if job is None:
+            return "over"
+        outcome = self.store.requeue(job, attempt=attempt, lost=False, max_lost=self.settings.max_lost, reason=reason)
+        if outcome == "requeued":
+            self.send(model)
+        return outcome
 
     def send(self, model: str) -> None:
         self.celery_app.send_task(RUN_TASK, args=[model], queue=queue_for(model))
