@@ -310,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
             help=(
                 "ddim, plms, dpmpp_2m, dpmpp_2m_karras, dpmpp_2m_sde, dpmpp_2m_sde_karras, unipc, euler, "
                 "euler_karras, lms, lms_karras, heun, heun_karras, dpm2, dpm2_karras, dpm2_ancestral, "
-                "dpm2_ancestral_karras, euler_ancestral, lcm; "
+                "dpm2_ancestral_karras, dpmpp_sde, dpmpp_sde_karras, euler_ancestral, lcm; "
                 "flow_euler for SD3 and Flux (`latentd models`)"
             ),
         )

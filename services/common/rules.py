@@ -56,14 +56,18 @@ DDPM_SAMPLERS: tuple[str, ...] = (
     "dpm2_karras",
     "dpm2_ancestral",
     "dpm2_ancestral_karras",
+    "dpmpp_sde",
+    "dpmpp_sde_karras",
     "euler_ancestral",
     "lcm",
 )
 FLOW_SAMPLERS: tuple[str, ...] = ("flow_euler",)
 # samplers that make more than one model call per step (a job's progress counts the calls: steps_run)
 DOUBLED_FIRST_STEP: tuple[str, ...] = ("plms",)  # its first step twice: n + 1 calls (1 for 1 step)
-# every step but the last twice: 2n − 1 calls (Heun's method and DPM-Solver-2, each of its variants)
-TWO_CALLS_PER_STEP: tuple[str, ...] = tuple(name for name in DDPM_SAMPLERS if name.startswith(("heun", "dpm2")))
+# every step but the last twice: 2n − 1 calls (Heun's method, DPM-Solver-2, DPM-Solver++ SDE, each variant)
+TWO_CALLS_PER_STEP: tuple[str, ...] = tuple(
+    name for name in DDPM_SAMPLERS if name.startswith(("heun", "dpm2", "dpmpp_sde"))
+)
 SAMPLERS: tuple[str, ...] = DDPM_SAMPLERS + FLOW_SAMPLERS
 # a model's default sampler: latentd.json's, else the one its folder's scheduler is (loading.read_defaults), else this
 DEFAULT_SAMPLER = "ddim"

@@ -45,6 +45,8 @@ def pipeline_for(folder, sampler: str) -> StableDiffusionPipeline:
 
 
 def pipeline_images(pipe, prompt=PROMPT, steps=STEPS, seed=1234, **kwargs):
+    if hasattr(pipe.scheduler, "noise_sampler_seed"):  # DPM++ SDE's Brownian path: latentd seeds it with the seed
+        pipe.scheduler.noise_sampler_seed = seed
     return pipe(prompt, num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(seed), **kwargs).images
 
 
@@ -245,7 +247,7 @@ def test_default_sampler_and_steps_and_frames(make_engine):
             "sampler",
             "sampler must be one of ddim, plms, dpmpp_2m, dpmpp_2m_karras, dpmpp_2m_sde, dpmpp_2m_sde_karras, unipc, "
             "euler, euler_karras, lms, lms_karras, heun, heun_karras, dpm2, dpm2_karras, dpm2_ancestral, "
-            "dpm2_ancestral_karras, euler_ancestral, lcm",
+            "dpm2_ancestral_karras, dpmpp_sde, dpmpp_sde_karras, euler_ancestral, lcm",
         ),
         (
             dict(sampler="euler", eta=0.5),

@@ -38,7 +38,8 @@ PREDICTIONS = ("epsilon", "v_prediction")
 # its midpoints apart, below)
 DPM2_ANCESTRAL = ("dpm2_ancestral", "dpm2_ancestral_karras")
 DPM2 = ("dpm2", "dpm2_karras", *DPM2_ANCESTRAL)  # their schedulers keep the midpoints apart (dpm2_reference)
-SIGMA_SAMPLERS = tuple(name for name in SAMPLERS if name not in ("ddim", "plms", "lcm", *DPM2))
+SDE = ("dpmpp_sde", "dpmpp_sde_karras")  # their scheduler lays its calls out as KDPM2's, noise from a Brownian path
+SIGMA_SAMPLERS = tuple(name for name in SAMPLERS if name not in ("ddim", "plms", "lcm", *DPM2, *SDE))
 KARRAS = ("dpmpp_2m_karras", "dpmpp_2m_sde_karras")
 # not offered on the capped cosine schedule (DPMSolver2MKarrasSampler, HeunSampler)
 NOT_ON_COSINE = (*KARRAS, "heun", "heun_karras")
@@ -80,7 +81,8 @@ def test_names_are_the_registry():
     # the names are the API's: a rename breaks clients
     assert " ".join(SAMPLERS) == (
         "ddim plms dpmpp_2m dpmpp_2m_karras dpmpp_2m_sde dpmpp_2m_sde_karras unipc euler euler_karras lms lms_karras "
-        "heun heun_karras dpm2 dpm2_karras dpm2_ancestral dpm2_ancestral_karras euler_ancestral lcm"
+        "heun heun_karras dpm2 dpm2_karras dpm2_ancestral dpm2_ancestral_karras dpmpp_sde dpmpp_sde_karras "
+        "euler_ancestral lcm"
     )
 
 
@@ -290,6 +292,8 @@ def test_unipc_bh1_matches_diffusers_but_for_its_nan_at_the_end(schedule, spacin
         ("KDPM2AncestralDiscreteScheduler", {}, "dpm2_ancestral"),
         ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True}, "dpm2_ancestral_karras"),
         ("KDPM2AncestralDiscreteScheduler", {"use_beta_sigmas": True}, None),
+        ("DPMSolverSDEScheduler", {}, "dpmpp_sde"),
+        ("DPMSolverSDEScheduler", {"use_karras_sigmas": True}, "dpmpp_sde_karras"),
         ("PNDMScheduler", {"skip_prk_steps": True}, "plms"),  # SD 1.x's
         ("PNDMScheduler", {}, None),  # its Runge-Kutta warm-up (skip_prk_steps false): not implemented
         ("LCMScheduler", {}, "lcm"),
@@ -316,9 +320,8 @@ def test_a_folders_own_scheduler_names_the_sampler_that_does_what_it_does(schedu
 
 
 def test_a_scheduler_latentd_has_no_sampler_for_names_none():
-    """DPMSolverSDEScheduler (its Brownian tree needs torchsde, which the worker does not install): no sampler, and
-    no import error."""
-    config = {**model_config("scaled_linear", "leading"), "_class_name": "DPMSolverSDEScheduler"}
+    """DEISMultistepScheduler (not implemented): no sampler, and no import error."""
+    config = {**model_config("scaled_linear", "leading"), "_class_name": "DEISMultistepScheduler"}
     assert sampler_for_scheduler(config) is None
     assert sampler_for_scheduler({"_class_name": "NoSuchScheduler"}) is None
 
@@ -649,6 +652,61 @@ def test_dpm2_update_matches_diffusers(name, schedule, spacing, prediction_type)
             assert ((ours.double() - theirs) * scale).abs().max().item() <= 1e-5, (steps, i)
             x = ours
         assert state.finished and state.x_start is None and state.history == ()
+
+
+@pytest.mark.parametrize("name,schedule,spacing", list(itertools.product(SDE, ("linear", "scaled_linear"), SPACINGS)))
+def test_dpmpp_sde_plan_matches_diffusers(name, schedule, spacing):
+    """DPMSolverSDEScheduler's calls (2n − 1: each step's start, then its midpoint √(σ̂_i·σ̂_{i+1}), the last step
+    one call), its timesteps (float64 as it keeps them), the σ̂ each call sees and init_noise_sigma; not offered on
+    the capped cosine schedule (as heun)."""
+    config = model_config(schedule, spacing)
+    ac = alphas_cumprod_from_config(config)
+    sampler = build_samplers(config, ac)[name]
+    for steps in (1, 2, 7, 10, 50):
+        plan, ref = sampler.plan(steps), reference(name, config, steps, ac)
+        assert plan.num_steps == len(ref.timesteps) == rules.steps_run(steps, None, name) == 2 * steps - 1
+        assert np.allclose(plan.timesteps, ref.timesteps.double().numpy(), rtol=1e-9, atol=1e-6), steps
+        starts = ref.sigmas.double()[0::2][:steps]  # its layout: σ̂_0, σ̂_1 twice, ..., σ̂_{n−1} twice, 0
+        assert torch.allclose(torch.tensor(plan.sigmas[0:-1:2], dtype=torch.float64), starts, rtol=1e-6), steps
+        midpoints = (starts[:-1] * starts[1:]).sqrt()  # where scale_model_input puts a second call's sample
+        assert torch.allclose(torch.tensor(plan.sigmas[1:-1:2], dtype=torch.float64), midpoints, rtol=1e-6), steps
+        assert math.isclose(plan.init_noise_sigma, float(ref.init_noise_sigma), rel_tol=1e-6), steps
+    assert "squaredcos_cap_v2" in unsupported_samplers(model_config("squaredcos_cap_v2", spacing))[name]
+
+
+@pytest.mark.parametrize(
+    "name,schedule,spacing,prediction_type",
+    list(itertools.product(SDE, ("linear", "scaled_linear"), SPACINGS, PREDICTIONS)),
+)
+def test_dpmpp_sde_update_matches_diffusers(name, schedule, spacing, prediction_type):
+    """Every call of 1/2/7/20-step runs, fed the same sample and model output: our update vs DPMSolverSDEScheduler's
+    step with its Brownian noise sampler seeded as the request is (its noise_sampler_seed), within 1e-5 on the
+    UNet's scale: the path is rough (√δ over δ), so this holds only where both query it at the same σ."""
+    from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler
+
+    config = model_config(schedule, spacing, prediction_type)
+    ac = alphas_cumprod_from_config(config)
+    sampler = build_samplers(config, ac)[name]
+    g = torch.Generator().manual_seed(11)
+    for steps in (1, 2, 7, 20):
+        plan, ref = sampler.plan(steps), reference(name, config, steps, ac)
+        state = sampler.start(steps)
+        state.seed = 1000 + steps
+        x0 = torch.randn((2, 4, 4, 4), generator=g, dtype=torch.float64)
+        x = (torch.randn((2, 4, 4, 4), generator=g) * plan.init_noise_sigma).float()
+        positive = ref.sigmas[ref.sigmas > 0]  # as its step makes it, but from the float32 sample, as the engine's
+        ref.noise_sampler = BrownianTreeNoiseSampler(x, positive.min().item(), positive.max().item(), state.seed)
+        for i, t in enumerate(ref.timesteps):
+            scaled = ref.scale_model_input(x.double(), t)
+            assert torch.allclose(scaled, x.double() * plan.input_scale(i), rtol=1e-5), (steps, i)
+            model_output = consistent_output(x, plan, i, x0, prediction_type, g)
+            assert not sampler.draws_noise(state)  # its noise is the path's, not the generator's
+            theirs = ref.step(model_output.double(), t, x.double()).prev_sample
+            ours, _ = sampler.step([state], [2], model_output, x, None)
+            scale = 1 / math.sqrt(plan.sigmas[i + 1] ** 2 + 1)
+            assert ((ours.double() - theirs) * scale).abs().max().item() <= 1e-5, (steps, i)
+            x = ours
+        assert state.finished and state.x_start is None and state.brownian is None
 
 
 def test_dpm_solver_history_starts_with_the_request():

@@ -15,12 +15,13 @@ What a sampler knows, for each request kind:
 (d) `draws_noise(state)`: whether this step takes one randn draw (the request's latents' shape, in the model's
     dtype or the sampler's `noise_dtype`) from the request's own CPU generator, after the initial latents, in
     diffusers' order (DDIM with eta > 0, Euler ancestral and the SDE solver at every step, LCM at every step but
-    the last, DPM2 ancestral at each step's second call; the others never);
+    the last, DPM2 ancestral at each step's second call; the others never: DPM++ SDE's noise comes from a
+    Brownian path of the request's, seeded by its seed, kept in its state);
 (e) `scheduler` and `overrides`: the diffusers scheduler it follows (diffusers_scheduler), by which a model
     folder's own scheduler names its default sampler (sampler_for_scheduler).
 
 The math is in ddim.py, plms.py, dpm_solver.py (with its SDE variant), unipc.py, euler.py, lms.py, second_order.py,
-euler_ancestral.py, lcm.py and flow_matching.py (one algorithm per file); this module is bookkeeping. Flow
+dpmpp_sde.py, euler_ancestral.py, lcm.py and flow_matching.py (one algorithm per file); this module is bookkeeping. Flow
 matching (`flow_euler`: x_next = x + (σ_next − σ)·v on a shifted σ schedule, the SD3 and Flux families' sampler)
 is one more class: a plan, an input scale (1), a step. Its plan may depend on the picture's size (Flux's
 resolution-dependent shift μ), so the engine asks for a request's plan with `plan_for(steps, image_seq_len,
@@ -46,6 +47,7 @@ import torch
 from services.common.rules import SAMPLERS
 from services.worker.diffusion.ddim import ddim_step
 from services.worker.diffusion.dpm_solver import dpm_solver_2m_step
+from services.worker.diffusion.dpmpp_sde import BrownianNoise, dpmpp_sde_step
 from services.worker.diffusion.euler import euler_step
 from services.worker.diffusion.euler_ancestral import euler_ancestral_step
 from services.worker.diffusion.flow_matching import flow_euler_step, flow_schedule, mu_for, unsupported_reason
@@ -130,6 +132,8 @@ class SamplerState:
     x_start: torch.Tensor | None = None
     start_index: int = 0  # the plan's step the request starts at (image to image: rules.start_step)
     known: Any = None  # inpainting with an ordinary UNet: the img2img.KnownRegion blended in after each step
+    seed: int = 0  # the request's seed: the SDE sampler's Brownian path takes it as its entropy
+    brownian: Any = None  # DPM++ SDE: the request's dpmpp_sde.BrownianNoise, made at its first update
 
     @property
     def finished(self) -> bool:
@@ -830,6 +834,76 @@ class DPM2AncestralKarrasSampler(DPM2AncestralSampler, DPM2KarrasSampler):
     overrides = {"use_karras_sigmas": True}
 
 
+class DPMSolverSDESampler(DPM2Sampler):
+    """DPM-Solver++ SDE (dpmpp_sde.py) as DPMSolverSDEScheduler.from_config(config), "DPM++ SDE": Heun's layout of
+    2n − 1 calls, each step's second call at the midpoint √(σ̂_i·σ̂_{i+1}) and its timestep (float64, as that
+    scheduler's), each call an ancestral step from x_i with noise from the request's Brownian path in σ̂, seeded by
+    its seed (a pipeline user passes it as the scheduler's `noise_sampler_seed`; unset, diffusers seeds it at
+    random). The path is made in float32, the latents' dtype in the engine."""
+
+    name = "dpmpp_sde"
+    scheduler = "DPMSolverSDEScheduler"
+
+    def _schedule(self, num_inference_steps: int, table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        timesteps = euler_timesteps(self.config, num_inference_steps, np.float64)  # linspace's: float64 here
+        return timesteps, interpolate_sigmas(table, timesteps)
+
+    def _second_calls(self, steps: Plan) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        starts, ends = np.array(steps.sigmas[:-2]), np.array(steps.sigmas[1:-1])
+        midpoints = np.sqrt(starts * ends)  # λ = −log σ̂ halfway
+        timesteps = sigma_to_timestep(midpoints, sigma_table(self.alphas_cumprod))
+        return tuple(float(t) for t in timesteps), tuple(float(s) for s in midpoints)
+
+    def step(self, states, counts, model_output, x, noise):
+        second = [s.x_start is not None for s in states]
+        z = []
+        for state, rows, again in zip(states, row_slices(counts), second):
+            sigmas = state.plan.sigmas
+            if state.brownian is None:  # over the schedule's σ̂ (> 0), as the scheduler's noise sampler
+                positive = [s for s in sigmas if s > 0]
+                state.brownian = BrownianNoise(x[rows].float(), min(positive), max(positive), state.seed)
+            # the step's ends σ̂_i and σ̂_{i+1}: its first call's entry, and the one after its midpoint's (none after the
+            # last step's one call: σ̂ = 0 there)
+            i = state.step_index - 1 if again else state.step_index
+            end = sigmas[i + 2] if sigmas[i + 1] > 0 else 0.0
+            z.append(state.brownian.step_noise(sigmas[i], end, not again) if end > 0 else torch.zeros_like(x[rows]))
+        out = dpmpp_sde_step(
+            model_output,
+            x,
+            self._sigmas(states, counts, 0),
+            per_row(
+                [s.plan.sigmas[s.step_index - 1 if a else s.step_index] for s, a in zip(states, second)],
+                counts,
+                self.device,
+            ),
+            self._sigmas(states, counts, 1),
+            per_row(second, counts, self.device, torch.bool),
+            torch.cat([s.x_start if s.x_start is not None else x[rows] for s, rows in zip(states, row_slices(counts))]),
+            torch.cat(z).to(x.device),
+            self.prediction_type,
+        )
+        for state, rows, again in zip(states, row_slices(counts), second):
+            state.x_start = None if again else x[rows].clone()  # a first call keeps x_i for the second
+        self._advance(states)
+        for state in states:
+            if state.finished:
+                state.x_start, state.brownian = None, None
+        return out.x_next, out.x0_pred
+
+
+class DPMSolverSDEKarrasSampler(DPMSolverSDESampler):
+    """DPM-Solver++ SDE on Karras σ (ρ = 7 between the plain schedule's ends) at their fractional timesteps, as
+    DPMSolverSDEScheduler.from_config(config, use_karras_sigmas=True) ("DPM++ SDE Karras")."""
+
+    name = "dpmpp_sde_karras"
+    overrides = {"use_karras_sigmas": True}
+
+    def _schedule(self, num_inference_steps: int, table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        _, plain = super()._schedule(num_inference_steps, table)
+        sigmas = karras_sigmas(float(plain[-1]), float(plain[0]), num_inference_steps)
+        return sigma_to_timestep(sigmas, table), sigmas
+
+
 class LMSSampler(EulerSampler):
     """Linear multistep, "K-LMS" (lms.py), as LMSDiscreteScheduler.from_config(config) stepped at its default order 4
     (the pipelines'): the Euler plan with σ̂ = 0 after the last step (the scheduler has no final_sigmas_type), and
@@ -1030,6 +1104,8 @@ SAMPLER_CLASSES: dict[str, type[Sampler]] = {
         DPM2KarrasSampler,
         DPM2AncestralSampler,
         DPM2AncestralKarrasSampler,
+        DPMSolverSDESampler,
+        DPMSolverSDEKarrasSampler,
         EulerAncestralSampler,
         LCMSampler,
         FlowEulerSampler,

@@ -169,16 +169,17 @@ def sigma_to_timestep(sigmas: np.ndarray, table: np.ndarray) -> np.ndarray:
     return (1 - w) * low + w * (low + 1)
 
 
-def euler_timesteps(config: Mapping[str, Any], num_inference_steps: int) -> np.ndarray:
+def euler_timesteps(config: Mapping[str, Any], num_inference_steps: int, dtype=np.float32) -> np.ndarray:
     """The timesteps of EulerDiscreteScheduler / EulerAncestralDiscreteScheduler.set_timesteps, high to low,
-    float64 holding float32 values (the UNet is called with them; `linspace` gives fractional ones)."""
+    float64 holding float32 values (the UNet is called with them; `linspace` gives fractional ones); `dtype`
+    float64 for the schedulers that keep them so (DPMSolverSDEScheduler)."""
     T = int(config.get("num_train_timesteps", 1000))
     n = num_inference_steps
     if not 1 <= n <= T:
         raise ValueError(f"num_inference_steps must be between 1 and {T}, got {n}")
     spacing = config.get("timestep_spacing", "leading")
     if spacing == "linspace":
-        steps = np.linspace(0, T - 1, n, dtype=np.float32)[::-1]
+        steps = np.linspace(0, T - 1, n, dtype=dtype)[::-1]
     elif spacing == "leading":
         steps = (np.arange(0, n) * (T // n)).round()[::-1].astype(np.float32) + int(config.get("steps_offset", 0))
     elif spacing == "trailing":

@@ -390,7 +390,7 @@ class Engine:
             plan = sampler.plan_for(resolved.num_inference_steps, seq_len, start)
         except ValueError as error:
             raise InvalidRequestError(f"{error} (sampler {resolved.sampler})", "num_inference_steps") from None
-        state = SamplerState(plan=plan, eta=float(request.eta), step_index=start, start_index=start)
+        state = SamplerState(plan=plan, eta=float(request.eta), step_index=start, start_index=start, seed=request.seed)
         return sampler, state, resolved, shape
 
     @functools.cached_property
