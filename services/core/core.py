@@ -357,8 +357,20 @@ class Core:
         except (ServiceError, redis.exceptions.RedisError) as error:
             return {"status": "unavailable", "redis": False, "reason": str(error)}
         if not live:
-            return {"status": "unavailable", "redis": True, "workers": {}, "reason": "no live worker"}
+            reason = "no live worker"
+            if await self._store_full():  # a heartbeat is a write: workers that are fine drop out after 30 s
+                reason += ": the job store (Redis) is at its maxmemory and refuses the workers' heartbeats too"
+            return {"status": "unavailable", "redis": True, "workers": {}, "reason": reason}
         return {"status": "ready", "redis": True, "workers": live}
+
+    async def _store_full(self) -> bool:
+        """Redis at its maxmemory (used_memory past it, where policy noeviction refuses writes)."""
+        try:
+            memory = await self.store.redis.info("memory")
+        except redis.exceptions.RedisError:
+            return False
+        limit = int(memory.get("maxmemory", 0))
+        return 0 < limit <= int(memory.get("used_memory", 0))
 
     # ---- submitting ------------------------------------------------------------------------------
     async def submit_generation(

@@ -23,7 +23,7 @@ function show(ready, models, modelsError) {
   if (!ready) set("#status-ready", "gateway unreachable");
   else if (ready.status === "ready") set("#status-ready", "ready");
   else if (!ready.redis) set("#status-ready", "not ready: Redis unreachable");
-  else set("#status-ready", "not ready: no live worker");
+  else set("#status-ready", `not ready: ${ready.reason || "no live worker"}`);
 
   const workers = Object.values(ready?.workers || {}).reduce((a, b) => a + b, 0);
   set("#status-workers", ready ? String(workers) : "—");
