@@ -18,7 +18,8 @@ pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture(scope="module")
-def url():
+def url():  # a server of its own, not the session's own_redis: its maxmemory is set below use, which the session's
+    # stacks (their workers' writes) must not see
     proc, url = run_stack.start_redis()
     yield url
     run_stack.stop([proc])
