@@ -776,11 +776,13 @@ class DPM2Sampler(HeunSampler):
         """The σ̂ each step but the last integrates the ODE down to: σ̂_{i+1}."""
         return np.array(steps.sigmas[1:-1])
 
+    midpoint_dtype = np.float32  # the midpoints' timesteps as the scheduler computes them (DPM++ SDE's: float64)
+
     def _second_calls(self, steps: Plan) -> tuple[tuple[float, ...], tuple[float, ...]]:
         starts = np.array(steps.sigmas[:-2])  # σ̂_0..σ̂_{n−2}
-        midpoints = np.exp((np.log(starts) + np.log(self._targets(steps))) / 2)
-        timesteps = sigma_to_timestep(midpoints.astype(np.float32), sigma_table(self.alphas_cumprod))
-        return tuple(float(t) for t in timesteps.astype(np.float32)), tuple(float(s) for s in midpoints)
+        midpoints = np.exp((np.log(starts) + np.log(self._targets(steps))) / 2)  # λ = −log σ̂ halfway
+        timesteps = sigma_to_timestep(midpoints.astype(self.midpoint_dtype), sigma_table(self.alphas_cumprod))
+        return tuple(float(t) for t in timesteps.astype(self.midpoint_dtype)), tuple(float(s) for s in midpoints)
 
 
 class HeunKarrasSampler(HeunSampler, EulerKarrasSampler):
@@ -843,16 +845,11 @@ class DPMSolverSDESampler(DPM2Sampler):
 
     name = "dpmpp_sde"
     scheduler = "DPMSolverSDEScheduler"
+    midpoint_dtype = np.float64
 
     def _schedule(self, num_inference_steps: int, table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         timesteps = euler_timesteps(self.config, num_inference_steps, np.float64)  # linspace's: float64 here
         return timesteps, interpolate_sigmas(table, timesteps)
-
-    def _second_calls(self, steps: Plan) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        starts, ends = np.array(steps.sigmas[:-2]), np.array(steps.sigmas[1:-1])
-        midpoints = np.sqrt(starts * ends)  # λ = −log σ̂ halfway
-        timesteps = sigma_to_timestep(midpoints, sigma_table(self.alphas_cumprod))
-        return tuple(float(t) for t in timesteps), tuple(float(s) for s in midpoints)
 
     def step(self, states, counts, model_output, x, noise):
         second = [s.x_start is not None for s in states]
