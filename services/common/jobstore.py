@@ -77,12 +77,18 @@ def reconnect_once(for_asyncio: bool = False) -> redis.retry.Retry | redis.async
 
 def redis_full(error: BaseException) -> bool:
     """Redis at its maxmemory refusing a write (policy noeviction): "OOM command not allowed when used memory >
-    'maxmemory'" (redis-py's OutOfMemoryError), or those words inside a script's error. Room comes back as results
-    and records expire (their TTL) or an operator raises the limit, so a writer may wait for it as for Redis away.
+    'maxmemory'" (redis-py's OutOfMemoryError), or those words inside a script's error, or an error raised from
+    one of those (kombu's OperationalError when a publish is refused). Room comes back as results and records
+    expire (their TTL) or an operator raises the limit, so a writer may wait for it as for Redis away.
     A script so refused wrote nothing: Redis refuses a script's first write only, never one half-way through."""
-    return isinstance(error, redis.exceptions.OutOfMemoryError) or (
-        isinstance(error, redis.exceptions.ResponseError) and "command not allowed when used memory" in str(error)
-    )
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, redis.exceptions.OutOfMemoryError) or (
+            isinstance(cause, redis.exceptions.ResponseError) and "command not allowed when used memory" in str(cause)
+        ):
+            return True
+        cause = cause.__cause__  # a library's error raised from Redis's (kombu's OperationalError from a publish)
+    return False
 
 
 def redis_away_or_full(error: BaseException) -> bool:

@@ -35,26 +35,55 @@ def _s(value: Any) -> Any:
 
 
 # ---- writing (the worker's heartbeat) -----------------------------------------------------------
-def write_alive(pipe: Any, worker: str, models: Iterable[str], details: dict[str, Any], ttl_s: int, now: float) -> None:
-    """Queue on `pipe` the commands that say `worker` is alive now."""
-    key = worker_key(worker)
-    pipe.hset(key, mapping=details | {"models": json.dumps(list(models)), "alive_at": now})
-    pipe.hsetnx(key, "started_at", now)
-    pipe.expire(key, ttl_s)
-    pipe.zadd(WORKERS_KEY, {worker: now})
-    pipe.zremrangebyscore(WORKERS_KEY, "-inf", now - ttl_s)
+# One script for both writes, flagged allow-oom: Redis at its maxmemory (noeviction) refuses every other write,
+# and a refused heartbeat would take every worker that is fine out of the live ones (the gateways unready, the
+# pods' liveness probes failing) for as long as the store is full. It grows nothing a beat at a time: one hash per
+# worker with fixed fields, one member per worker in each sorted set, the stale ones trimmed. Redis 7.0 or later
+# (script flags). KEYS: the worker's hash, WORKERS_KEY, then consumers_key of each model. ARGV: worker, now,
+# now - ttl, ttl, alive ('1': write alive_at and the details), consumed ('1'), saturated ('1'), then the
+# details' field/value pairs.
+_BEAT = """#!lua flags=allow-oom
+local worker, now, stale_before, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+if ARGV[5] == '1' then
+  redis.call('HSET', KEYS[1], 'alive_at', now, unpack(ARGV, 8))
+  redis.call('HSETNX', KEYS[1], 'started_at', now)
+  redis.call('ZADD', KEYS[2], now, worker)
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', stale_before)
+end
+if ARGV[6] == '1' then
+  redis.call('HSET', KEYS[1], 'consumed_at', now)
+  if ARGV[7] == '1' then
+    redis.call('HSET', KEYS[1], 'saturated_at', now)
+  end
+  for i = 3, #KEYS do
+    redis.call('ZADD', KEYS[i], now, worker)
+    redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', stale_before)
+  end
+end
+redis.call('EXPIRE', KEYS[1], ttl)
+"""
 
 
-def write_consumed(
-    pipe: Any, worker: str, models: Iterable[str], ttl_s: int, now: float, saturated: bool = False
+def write(
+    client: Any,
+    worker: str,
+    models: Iterable[str],
+    ttl_s: int,
+    now: float,
+    *,
+    details: dict[str, Any] | None = None,
+    consumed: bool = False,
+    saturated: bool = False,
 ) -> None:
-    """Queue on `pipe` the commands that say `worker`'s consumer just ran a message."""
-    key = worker_key(worker)
-    pipe.hset(key, mapping={"consumed_at": now, **({"saturated_at": now} if saturated else {})})
-    pipe.expire(key, ttl_s)
-    for model in models:
-        pipe.zadd(consumers_key(model), {worker: now})
-        pipe.zremrangebyscore(consumers_key(model), "-inf", now - ttl_s)
+    """Say that `worker` is alive now (with `details`: hostname, pid) and/or that its consumer just ran a message
+    (`consumed`; `saturated`: the heartbeat says so for a worker too busy to take its probe). Written even while
+    Redis is full."""
+    models = list(models)
+    keys = [worker_key(worker), WORKERS_KEY] + [consumers_key(model) for model in models]
+    fields = (details or {}) | ({"models": json.dumps(models)} if details is not None else {})
+    flags = [int(details is not None), int(consumed), int(saturated)]
+    args = [worker, repr(now), repr(now - ttl_s), int(ttl_s), *flags]
+    client.register_script(_BEAT)(keys=keys, args=args + [x for pair in fields.items() for x in pair])
 
 
 def remove(client: Any, worker: str, models: Iterable[str]) -> None:

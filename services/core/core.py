@@ -358,8 +358,8 @@ class Core:
             return {"status": "unavailable", "redis": False, "reason": str(error)}
         if not live:
             reason = "no live worker"
-            if await self._store_full():  # a heartbeat is a write: workers that are fine drop out after 30 s
-                reason += ": the job store (Redis) is at its maxmemory and refuses the workers' heartbeats too"
+            if await self._store_full():  # not why (heartbeats pass a full store), but what else an operator sees
+                reason += "; the job store (Redis) is at its maxmemory too, refusing new jobs"
             return {"status": "unavailable", "redis": True, "workers": {}, "reason": reason}
         return {"status": "ready", "redis": True, "workers": live}
 

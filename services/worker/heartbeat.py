@@ -12,9 +12,12 @@ while it is saturated and its engine still makes progress (denoising steps or fi
 the heartbeat itself refreshes `consumed_at` (and `saturated_at`), so load is never taken for a hang. A worker
 whose engine has stalled (one iteration past LATENTD_ENGINE_STALL_S: a hung device) refreshes nothing, probe or
 not, so it goes stale and its liveness probe fails (and a while later it exits: services/worker/leases.py).
-Readiness, model listing, gRPC health and metrics read `services.common.workers`; the container's liveness probe
-runs `python -m services.worker.heartbeat --check`, which exits 1 when this host's heartbeat is
-stale or missing.
+Redis full refuses the probe (a message is a write): the heartbeat counts the consumer as consuming meanwhile,
+its engine not stalled, and its own writes pass (services/common/workers.py), so a full store takes no worker out.
+Readiness, model listing, gRPC health and metrics read `services.common.workers`; the container's probes run
+`python -m services.worker.heartbeat --check`, which exits 1 when this host's heartbeat is stale or missing or
+Redis cannot be reached; the liveness probe's `--liveness` passes when Redis cannot be reached (a restart would
+not bring it back, and would lose the results the worker holds until Redis takes them).
 
 Wiring in the worker: `install(celery_app, models, redis_url)` once, where the Celery app is
 built; it registers the probe task and starts/stops the heartbeat with the worker.
@@ -35,7 +38,7 @@ from typing import Any
 import redis
 
 from services.common import workers
-from services.common.jobstore import sync_client
+from services.common.jobstore import redis_full, sync_client
 from services.common.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -55,9 +58,7 @@ def probe_queue(worker: str) -> str:
 
 def mark_consumed(redis_client: Any, models: Iterable[str], worker: str, ttl_s: int) -> None:
     """Record that this worker's consumer just ran a message (the probe task calls this)."""
-    pipe = redis_client.pipeline(transaction=False)
-    workers.write_consumed(pipe, worker, models, ttl_s, time.time())
-    pipe.execute()
+    workers.write(redis_client, worker, models, ttl_s, time.time(), consumed=True)
 
 
 class Heartbeat:
@@ -92,19 +93,39 @@ class Heartbeat:
     def beat(self) -> None:
         """One heartbeat: refresh alive_at and, with a Celery app, send the consumption probe."""
         now = time.time()
-        pipe = self.redis.pipeline(transaction=False)
         details = {"hostname": socket.gethostname(), "pid": os.getpid()}
-        workers.write_alive(pipe, self.worker, self.models, details, self.ttl_s, now)
-        if self._busy_and_progressing() and (self.healthy is None or self.healthy()):
-            workers.write_consumed(pipe, self.worker, self.models, self.ttl_s, now, saturated=True)
-        pipe.execute()
-        if self.celery_app is not None:
+        consumed = self._busy_and_progressing() and self._healthy()
+        workers.write(
+            self.redis,
+            self.worker,
+            self.models,
+            self.ttl_s,
+            now,
+            details=details,
+            consumed=consumed,
+            saturated=consumed,
+        )
+        if self.celery_app is None:
+            return
+        try:
             self.celery_app.send_task(
                 PROBE_TASK_NAME,
                 args=[self.worker, self.models, self.ttl_s],
                 queue=probe_queue(self.worker),
                 expires=self.ttl_s,
             )
+        except Exception as error:
+            if not redis_full(error):
+                raise
+            # Redis full takes no message, so the consumer cannot be probed; that is the store's state, not this
+            # worker's. Counted as consuming meanwhile (its engine not stalled): else every worker that is fine
+            # would drop out of the live ones, and its liveness probe restart it, for as long as the store is full.
+            if not consumed and self._healthy():
+                workers.write(self.redis, self.worker, self.models, self.ttl_s, now, consumed=True)
+            log.warning("Redis full: the consumption probe was not sent; counted as consuming meanwhile")
+
+    def _healthy(self) -> bool:
+        return self.healthy is None or self.healthy()
 
     def _busy_and_progressing(self) -> bool:
         if self.progress is None:
@@ -231,6 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     settings = get_settings()  # LATENTD_REDIS_URL or REDIS_URL, as every other process reads them
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if this host's heartbeat is stale")
+    parser.add_argument(
+        "--liveness",
+        action="store_true",
+        help="--check for a liveness probe: Redis unreachable passes (a restart would not bring it back, and would "
+        "lose the results the worker holds until Redis takes them)",
+    )
     parser.add_argument("--list", action="store_true", help="print live workers per model")
     parser.add_argument("--redis-url", default=settings.redis_url)
     parser.add_argument("--hostname", default=socket.gethostname())
@@ -250,7 +277,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         ok, message = check(client, args.hostname, args.stale_after)
     except redis.RedisError as exc:
-        ok, message = False, f"Redis unreachable at {args.redis_url}: {exc}"
+        ok, message = args.liveness, f"Redis unreachable at {args.redis_url}: {exc}"
+        if args.liveness:
+            message += " (not this worker's fault: passes as liveness)"
     print(message, file=sys.stdout if ok else sys.stderr)
     return 0 if ok else 1
 

@@ -1,5 +1,5 @@
-"""The core's readiness against a redis-server of its own: its reason names a full job store, where the workers'
-heartbeats (writes) are refused too, instead of leaving an operator to look for dead workers."""
+"""The core's readiness against a redis-server of its own: with no live worker, its reason also names a full job
+store (which refuses new jobs), so an operator sees both at once."""
 
 from __future__ import annotations
 
@@ -49,4 +49,4 @@ def test_no_live_worker_says_when_the_job_store_is_full(url):
     finally:
         client.config_set("maxmemory", 0)
     assert ready["status"] == "unavailable" and ready["redis"] is True
-    assert ready["reason"].startswith("no live worker: the job store (Redis) is at its maxmemory")
+    assert ready["reason"] == "no live worker; the job store (Redis) is at its maxmemory too, refusing new jobs"

@@ -176,8 +176,10 @@ def test_worker_deployment_requests_a_gpu_and_probes_the_heartbeat():
     worker = _find("Deployment", "latentd-worker-shapes-ldm")
     container = worker["spec"]["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
-    for probe in ("livenessProbe", "readinessProbe"):
-        assert container[probe]["exec"]["command"] == ["python", "-m", "services.worker.heartbeat", "--check"]
+    check = ["python", "-m", "services.worker.heartbeat"]
+    for probe in ("startupProbe", "readinessProbe"):
+        assert container[probe]["exec"]["command"] == check + ["--check"]
+    assert container["livenessProbe"]["exec"]["command"] == check + ["--liveness"]  # Redis away: no restart
     redis_env = next(e for e in container["env"] if e["name"] == "LATENTD_REDIS_URL")
     assert redis_env["valueFrom"]["secretKeyRef"]["name"] == "latentd-redis"
     assert worker["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True

@@ -19,6 +19,7 @@ import pytest
 
 from client.latentd_client import Client
 from scripts import run_stack
+from services.common import workers
 from services.common.grpc_gen.latentd.v1 import latentd_pb2 as pb
 from services.common.grpc_gen.latentd.v1 import latentd_pb2_grpc as pb_grpc
 from services.common.settings import Settings, hash_key
@@ -263,9 +264,10 @@ def test_redis_full_mid_run_holds_the_results_until_there_is_room(faults):
     """Redis at its maxmemory (noeviction: every write that could grow it refused, reads served) while two
     workers run 6 jobs: a submit is answered 503 saying Redis is full, with Retry-After, and a read still works;
     each worker's result write waits for room (as for Redis away, up to LATENTD_REDIS_RETRY_S) instead of failing
-    its job. Once there is room, every job ends once, succeeded, on its first attempt with its pictures. (Before,
-    a refused result write failed the job and its failure write was refused too: with Redis full for 9 s, the 6
-    jobs had not ended 2 minutes later.)"""
+    its job; both workers' heartbeats go on (their probes refused) and /readyz stays ready. Once there is room,
+    every job ends once, succeeded, on its first attempt with its pictures. (Before, a refused result write failed
+    the job and its failure write was refused too: with Redis full for 9 s, the 6 jobs had not ended 2 minutes
+    later.)"""
     faults.ensure_workers(2)
     ids = faults.submit(6, steps=30)
     faults.wait_running(ids[:2])
@@ -273,7 +275,7 @@ def test_redis_full_mid_run_holds_the_results_until_there_is_room(faults):
     logs = sorted(faults.log_dir.glob("worker-*.log"))
     waits_before = sum(log.read_text().count("Redis full; retrying") for log in logs)
     store.config_set("maxmemory", int(store.info("memory")["used_memory"]) // 2)
-    full_at = time.monotonic()
+    full_at, full_since = time.monotonic(), time.time()
     try:
         response = httpx.post(
             f"{faults.url}/v1/generations", json={"prompt": "a blue square"}, headers=faults.headers, timeout=30
@@ -286,7 +288,12 @@ def test_redis_full_mid_run_holds_the_results_until_there_is_room(faults):
             lambda: sum(log.read_text().count("Redis full; retrying") for log in logs) > waits_before,
             timeout_s=60,
         )
-        time.sleep(5.0)  # more results come and wait
+        time.sleep(6.0)  # more results come and wait; every worker beats (each 5 s) with its probe refused
+        running = {proc.pid for proc in faults.alive()}
+        beats = [info for info in workers.read_workers(store) if worker_pid(info.worker) in running]
+        assert len(beats) == 2 and all(min(i.alive_at, i.consumed_at or 0) > full_since for i in beats), beats
+        assert {info.worker for info in beats} <= set(faults.live_ids())
+        assert httpx.get(f"{faults.url}/readyz", timeout=30).status_code == 200  # no worker dropped out
     finally:
         store.config_set("maxmemory", 0)
     print(f"\nRedis full for {time.monotonic() - full_at:.1f} s")

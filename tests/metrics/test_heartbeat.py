@@ -1,4 +1,5 @@
-"""The worker heartbeat against a real Celery worker process on real Redis (database 14)."""
+"""The worker heartbeat against a real Celery worker process on real Redis (database 14; a full store's tests on
+a redis-server of their own, its maxmemory set below use, which the session's other stacks must not see)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from scripts import run_stack
 from services.common import workers
 from services.worker import heartbeat
 
@@ -19,15 +21,15 @@ ROOT = Path(__file__).resolve().parents[2]
 REDIS_URL = "redis://127.0.0.1:6379/14"
 
 
-def _check(stale_after_s: float) -> subprocess.CompletedProcess:
+def _check(stale_after_s: float, url: str = REDIS_URL, probe: str = "--check") -> subprocess.CompletedProcess:
     return subprocess.run(
         [
             sys.executable,
             "-m",
             "services.worker.heartbeat",
-            "--check",
+            probe,
             "--redis-url",
-            REDIS_URL,
+            url,
             "--stale-after",
             str(stale_after_s),
         ],
@@ -56,9 +58,8 @@ def client():
     r.flushdb()
 
 
-@pytest.fixture()
-def celery_worker(client):
-    env = {**os.environ, "LATENTD_TEST_REDIS_URL": REDIS_URL}
+def _start_celery_worker(url: str) -> subprocess.Popen:
+    env = {**os.environ, "LATENTD_TEST_REDIS_URL": url}
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -86,13 +87,23 @@ def celery_worker(client):
         stderr=subprocess.STDOUT,
         text=True,
     )
-    yield proc
+    return proc
+
+
+def _stop(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture()
+def celery_worker(client):
+    proc = _start_celery_worker(REDIS_URL)
+    yield proc
+    _stop(proc)
 
 
 @pytest.mark.timeout(120)
@@ -190,3 +201,41 @@ def test_the_liveness_check_reads_redis_url_as_every_process_does(client):
     )
     assert result.returncode == 0, result.stderr
     assert "consuming" in result.stdout
+
+
+@pytest.mark.timeout(120)
+def test_a_full_store_still_hears_the_heartbeat_so_no_worker_drops_out():
+    """Redis at its maxmemory refuses every write but the heartbeat's (a script flagged allow-oom) and the probe
+    task with it (a message): the heartbeat counts the consumer as consuming meanwhile. Was: every worker dropped
+    out of the live ones 30 s into a full store, the gateways went unready and the liveness probes restarted the
+    workers, losing their jobs."""
+    redis_proc, url = run_stack.start_redis()
+    store = redis.Redis.from_url(url)
+    worker = _start_celery_worker(url)
+    try:
+        _wait_for(lambda: workers.live_workers(store, ["tiny-model"], stale_after_s=2), 60, "the worker to consume")
+        store.config_set("maxmemory", 1)  # below what it holds: every write that could grow it refused
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            store.set("room?", "no")
+        full_at = time.time()
+        time.sleep(3.0)  # past the staleness below, many beats (0.3 s) and refused probes later
+        (info,) = workers.read_workers(store)
+        assert info.alive_at > full_at + 2 and info.consumed_at > full_at + 2
+        assert workers.live_workers(store, ["tiny-model"], stale_after_s=2) == {"tiny-model": [info.worker]}
+        for probe in ("--check", "--liveness"):
+            result = _check(2, url, probe)
+            assert result.returncode == 0, result.stderr
+    finally:
+        store.config_set("maxmemory", 0)
+        _stop(worker)
+        run_stack.stop([redis_proc])
+
+
+@pytest.mark.timeout(60)
+def test_the_liveness_probe_passes_while_redis_cannot_be_reached():
+    """Restarting a worker does not bring Redis back, and loses the results it holds until Redis takes them: the
+    liveness probe (`--liveness`) passes then, saying why; the startup and readiness probes' `--check` fails."""
+    nowhere = f"redis://127.0.0.1:{run_stack.free_port()}/0"
+    strict, lenient = _check(2, nowhere, "--check"), _check(2, nowhere, "--liveness")
+    assert strict.returncode == 1 and "Redis unreachable" in strict.stderr
+    assert lenient.returncode == 0 and "not this worker's fault" in lenient.stdout
