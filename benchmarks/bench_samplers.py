@@ -1,6 +1,6 @@
 """Images/s through the engine, 16 requests in flight, for each sampler configuration of the quality-per-cost
-table: DDIM 50, DPM-Solver++(2M) at 20 and at 10, Euler ancestral at 30 (guidance 7.5, the default model's
-evaluation captions), at the model's defaults (its guidance interval included). `make eval-model` runs this after
+table (COST_CONFIGS: DDIM 50, DPM-Solver++(2M) at 20 and at 10, ..., DPM++ SDE at 10 and 15; guidance 7.5, the
+default model's evaluation captions), at the model's defaults (its guidance interval included). `make eval-model` runs this after
 the accuracy columns and prints both in one JSON line. Alone it also measures, interleaved, the same
 configurations guided at every step (guidance_start 0, guidance_stop 1): the baseline the interval's saving is
 read against.
@@ -32,7 +32,11 @@ COST_CONFIGS: tuple[tuple[str, int], ...] = (
     ("dpmpp_2m", 10),
     ("dpmpp_2m_sde", 30),
     ("unipc", 20),
+    ("euler", 30),
     ("euler_ancestral", 30),
+    ("dpmpp_sde", 10),
+    ("dpmpp_sde", 15),
+    ("dpmpp_sde_karras", 15),
 )
 PROMPTS = (
     "a large red circle on a white background",

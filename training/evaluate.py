@@ -133,6 +133,8 @@ def sample(
     # the per-row generators go to every scheduler whose step takes one, as the pipelines' prepare_extra_step_kwargs
     takes_generator = "generator" in inspect.signature(scheduler.step).parameters
     step_kwargs = {"generator": generators} if takes_generator else {}
+    if hasattr(scheduler, "noise_sampler_seed"):  # DPM++ SDE: a Brownian path per row, seeded as the engine's
+        scheduler.noise_sampler_seed = list(seeds)
     first, end = guidance_window(*guidance_interval, len(scheduler.timesteps))
     for i, t in enumerate(scheduler.timesteps):
         model_input = scheduler.scale_model_input(latents, t)

@@ -847,6 +847,12 @@ class DPMSolverSDESampler(DPM2Sampler):
     scheduler = "DPMSolverSDEScheduler"
     midpoint_dtype = np.float64
 
+    @classmethod
+    def unsupported(cls, config):
+        # Offered on the capped cosine schedule, unlike Heun and DPM-Solver-2: each call is a data-prediction step
+        # in which x_i enters scaled by σ̂_next/σ̂_i (about 10⁻³ from t = 999), not a slope taken far below σ̂_0.
+        return super(HeunSampler, cls).unsupported(config)
+
     def _schedule(self, num_inference_steps: int, table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         timesteps = euler_timesteps(self.config, num_inference_steps, np.float64)  # linspace's: float64 here
         return timesteps, interpolate_sigmas(table, timesteps)
