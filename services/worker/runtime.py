@@ -62,11 +62,13 @@ def encode_image(image, fmt: str) -> bytes:
 
 
 def scheduler_description(config: dict) -> str:
-    """The scheduler class and its training schedule: "DDIMScheduler / scaled_linear", or for flow matching
-    "FlowMatchEulerDiscreteScheduler / shift 3" (or "/ dynamic shift 0.5..1.15")."""
+    """The scheduler class and its training schedule: "DDIMScheduler / scaled_linear" ("/ scaled_linear, zero
+    terminal SNR" where it rescales its betas so), or for flow matching "FlowMatchEulerDiscreteScheduler / shift 3"
+    (or "/ dynamic shift 0.5..1.15")."""
     name = config.get("_class_name", "DDIMScheduler")
     if name != "FlowMatchEulerDiscreteScheduler":
-        return f"{name} / {config.get('beta_schedule', '?')}"
+        zero_snr = ", zero terminal SNR" if config.get("rescale_betas_zero_snr") else ""
+        return f"{name} / {config.get('beta_schedule', '?')}{zero_snr}"
     if config.get("use_dynamic_shifting"):
         return f"{name} / dynamic shift {config.get('base_shift', 0.5):g}..{config.get('max_shift', 1.15):g}"
     return f"{name} / shift {float(config.get('shift', 1.0)):g}"

@@ -24,8 +24,15 @@ SPACINGS = ("leading", "trailing", "linspace")
 STEPS = (1, 10, 50, 1000)
 
 
-def make_scheduler(schedule: str, spacing: str, prediction_type: str = "epsilon", set_alpha_to_one: bool = False):
+def make_scheduler(
+    schedule: str,
+    spacing: str,
+    prediction_type: str = "epsilon",
+    set_alpha_to_one: bool = False,
+    rescale_betas_zero_snr: bool = False,
+):
     return DDIMScheduler(
+        rescale_betas_zero_snr=rescale_betas_zero_snr,
         num_train_timesteps=1000,
         beta_start=0.00085,
         beta_end=0.012,
@@ -38,12 +45,22 @@ def make_scheduler(schedule: str, spacing: str, prediction_type: str = "epsilon"
     )
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES)
-def test_alphas_cumprod_match_diffusers(schedule):
-    scheduler = make_scheduler(schedule, "leading")
+@pytest.mark.parametrize("schedule,zero_snr", [*((s, False) for s in SCHEDULES), *((s, True) for s in SCHEDULES)])
+def test_alphas_cumprod_match_diffusers(schedule, zero_snr):
+    """With rescale_betas_zero_snr too (Lin et al. 2024): √ᾱ shifted to 0 at t = T − 1, ᾱ_0 kept."""
+    scheduler = make_scheduler(schedule, "leading", "v_prediction", rescale_betas_zero_snr=zero_snr)
     ours = alphas_cumprod_from_config(scheduler.config)
     assert ours.dtype == torch.float64
     assert torch.allclose(ours.float(), scheduler.alphas_cumprod, rtol=1e-5, atol=1e-7)
+    if zero_snr:
+        plain = alphas_cumprod_from_config(make_scheduler(schedule, "leading", "v_prediction").config)
+        assert float(ours[-1]) == 0.0 and float(ours[0]) == pytest.approx(float(plain[0]), rel=1e-12)
+
+
+def test_zero_terminal_snr_with_epsilon_prediction_is_refused_naming_why():
+    config = make_scheduler("scaled_linear", "trailing", "epsilon", rescale_betas_zero_snr=True).config
+    with pytest.raises(ValueError, match="rescale_betas_zero_snr needs prediction_type v_prediction"):
+        alphas_cumprod_from_config(config)
 
 
 def test_cosine_schedule_is_improved_ddpm():
@@ -114,19 +131,24 @@ def consistent_inputs(ac, t, prediction_type, g, shape=(2, 4, 4, 4)):
 
 
 @pytest.mark.parametrize(
-    "schedule,spacing,prediction_type", list(itertools.product(SCHEDULES, SPACINGS, ("epsilon", "v_prediction")))
+    "schedule,spacing,prediction_type,zero_snr",
+    [
+        *((*combo, False) for combo in itertools.product(SCHEDULES, SPACINGS, ("epsilon", "v_prediction"))),
+        *(("scaled_linear", spacing, "v_prediction", True) for spacing in SPACINGS),
+    ],
 )
-def test_ddim_step_matches_diffusers(schedule, spacing, prediction_type):
-    """Steps of 1/10/50/1000-step runs, eta 0 and 1 with the same noise; max abs error ≤ 1e-5 (float32)."""
+def test_ddim_step_matches_diffusers(schedule, spacing, prediction_type, zero_snr):
+    """Steps of 1/10/50/1000-step runs, eta 0 and 1 with the same noise; max abs error ≤ 1e-5 (float32). At zero
+    terminal SNR (ᾱ_999 = 0: the first step of trailing and linspace spacing) x̂0 = −v."""
     g = torch.Generator().manual_seed(0)
-    scheduler = make_scheduler(schedule, spacing, prediction_type)
+    scheduler = make_scheduler(schedule, spacing, prediction_type, rescale_betas_zero_snr=zero_snr)
     ac = alphas_cumprod_from_config(scheduler.config)
     final = final_alpha_cumprod(scheduler.config, ac)
     # diffusers steps in float64 with our ᾱ table: the same math, compared where float32 rounding of the inputs
     # cannot hide a difference. (Near t = T the cosine ᾱ is ~1e-9 and x̂0 = (x_t − √(1−ᾱ)ε)/√ᾱ cancels: any
     # float32 evaluation, diffusers' own included, is off by ~1e-4 there.) The tables are compared in
     # test_alphas_cumprod_match_diffusers, and the float32 step below wherever it is well conditioned.
-    reference = make_scheduler(schedule, spacing, prediction_type)
+    reference = make_scheduler(schedule, spacing, prediction_type, rescale_betas_zero_snr=zero_snr)
     reference.alphas_cumprod = ac
     reference.final_alpha_cumprod = torch.tensor(final, dtype=torch.float64)
     for steps, eta in itertools.product(STEPS, (0.0, 1.0)):
@@ -161,6 +183,11 @@ def test_ddim_step_matches_diffusers(schedule, spacing, prediction_type):
                 if float(ac[t]) > 1e-3:
                     theirs32 = scheduler.step(model_output, t, x, eta=eta, variance_noise=noise).prev_sample
                     assert (ours - theirs32).abs().max().item() <= 1e-5, (steps, eta, t, "float32")
+                if zero_snr and theirs.isnan().any():
+                    # one step at η = 1 from ᾱ = 0 to ᾱ_0: 1 − ᾱ_prev − σ² is 0 exactly and rounds below it, whose
+                    # square root diffusers takes (NaN); ddim.py clamps it, as the closed form does
+                    assert (steps, eta, t_prev) == (1, 1.0, -1)
+                    theirs = closed_form(x, model_output, ac, t, t_prev, final, eta, noise, prediction_type)
             else:
                 # linspace: diffusers steps to t − T//steps, not a timestep of the sequence;
                 # we step to the true previous one, checked against the closed form (eq. 12, 16).

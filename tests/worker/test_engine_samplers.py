@@ -84,6 +84,47 @@ def test_seed_parity_cosine_trailing_v_prediction(make_engine, cosine_v_model, s
     assert psnr(pixels(ours.images), pixels(theirs)) >= 40
 
 
+@pytest.fixture(scope="module")
+def zero_snr_model(tmp_path_factory):
+    """Zero terminal SNR (rescale_betas_zero_snr, Lin et al. 2024) with v-prediction and trailing spacing, as
+    SD 2.1-v and SDXL v-prediction fine-tunes trained that way ship it."""
+    folder = build_tiny_model(
+        tmp_path_factory.mktemp("models") / "zero-snr",
+        seed=4,
+        prediction_type="v_prediction",
+        timestep_spacing="trailing",
+        rescale_betas_zero_snr=True,
+    )
+    return folder, load_model(folder)
+
+
+ZERO_SNR_SAMPLERS = ("ddim", "dpmpp_2m", "dpmpp_2m_sde", "unipc", "euler", "euler_karras", "euler_ancestral")
+
+
+def test_a_zero_terminal_snr_model_offers_the_samplers_whose_scheduler_rescales(zero_snr_model, make_engine):
+    folder, model = zero_snr_model
+    info = model_info(model, make_engine(model=model))
+    assert info.samplers == list(ZERO_SNR_SAMPLERS) and info.default_sampler == "ddim"
+    assert info.scheduler == "DDIMScheduler / scaled_linear, zero terminal SNR"
+
+
+@pytest.mark.parametrize("sampler", ZERO_SNR_SAMPLERS)
+def test_seed_parity_at_zero_terminal_snr(make_engine, zero_snr_model, sampler):
+    """The first step from pure noise (ᾱ_999 = 0; σ̂ ≈ 4096 for the σ̂-based schedulers, as diffusers'), guidance
+    rescale 0.7 as the paper recommends, against the pipeline with its scheduler swapped."""
+    folder, model = zero_snr_model
+    fields = dict(sampler=sampler, seed=9, guidance_scale=5.0, guidance_rescale=0.7)
+    ours = make_engine(model=model).submit(request("z", **fields)).result(60)
+    theirs = pipeline_images(pipeline_for(folder, sampler), guidance_scale=5.0, seed=9, guidance_rescale=0.7)
+    assert psnr(pixels(ours.images), pixels(theirs)) >= 40
+
+
+def test_zero_terminal_snr_with_epsilon_prediction_is_refused_at_load(tmp_path):
+    folder = build_tiny_model(tmp_path / "zero-snr-eps", rescale_betas_zero_snr=True)
+    with pytest.raises(ModelLoadError, match="rescale_betas_zero_snr needs prediction_type v_prediction"):
+        load_model(folder)
+
+
 @pytest.mark.parametrize("sampler", ("ddim", "dpmpp_2m", "unipc"))
 def test_thresholding_parity_with_the_pipeline(make_engine, cosine_v_model, tmp_path, sampler):
     """A model whose scheduler config turns dynamic thresholding on: the engine reads it from the folder and

@@ -234,6 +234,29 @@ def test_an_sdxl_request_with_another_sampler_is_the_pipeline_with_that_schedule
     assert (other - latents).abs().max() > 1e-2
 
 
+def test_an_sdxl_v_prediction_model_at_zero_terminal_snr_is_its_pipeline(family_paths, engines, tmp_path):
+    """The folder of an SDXL fine-tune trained with v-prediction at zero terminal SNR (as NoobAI-XL v-pred ships
+    it): EulerDiscreteScheduler with rescale_betas_zero_snr and trailing spacing, so `euler` is its default; with
+    guidance rescale 0.7, as the paper recommends, against StableDiffusionXLPipeline loaded from the folder."""
+    folder = tmp_path / "sdxl-vpred"
+    shutil.copytree(family_paths["sdxl"], folder)
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    diffusers.EulerDiscreteScheduler.from_config(
+        config, rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing"
+    ).save_pretrained(folder / "scheduler")
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps(index | {"scheduler": ["diffusers", "EulerDiscreteScheduler"]}))
+    model, seen = capturing(load_model(folder))
+    assert model.default_sampler == "euler" and model.prediction_type == "v_prediction"
+    fields = dict(num_inference_steps=6, guidance_scale=5.0, guidance_rescale=0.7)
+    result = ours(engines(model), seed=5, **fields)
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    latents, images = theirs(pipe, "sdxl", 5, **fields)
+    assert (seen[0] - latents).abs().max() < 1e-4
+    assert psnr(result.images, images) >= 40
+
+
 def test_sdxl_empty_negative_is_zeros(models):
     model = models["sdxl"]
     encoded = model.encode_prompts([""])[0]

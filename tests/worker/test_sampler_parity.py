@@ -96,7 +96,12 @@ def test_plan_matches_diffusers(name, schedule, spacing):
         assert "squaredcos_cap_v2" in unsupported_samplers(config)[name]
         assert name not in build_samplers(config, ac)
         return
-    sampler = build_samplers(config, ac)[name]
+    check_plan(name, config, spacing)
+
+
+def check_plan(name: str, config: dict, spacing: str) -> None:
+    sampler = build_samplers(config, alphas_cumprod_from_config(config))[name]
+    ac = sampler.alphas_cumprod  # the sampler's: ᾱ_{T−1} = 2⁻²⁴ under zero terminal SNR, as its scheduler's
     for steps in STEPS:
         try:
             plan = sampler.plan(steps)
@@ -131,6 +136,40 @@ def test_plan_matches_diffusers(name, schedule, spacing):
         )
 
 
+# Zero terminal SNR (rescale_betas_zero_snr, v-prediction): the samplers whose diffusers scheduler rescales (DDIM's
+# update: test_ddim_parity.py); under it their σ̂-based schedulers put ᾱ_{T−1} = 2⁻²⁴, σ̂_max ≈ 4096
+# (not DPM-Solver's Karras names: σ̂_max ≈ 4096 gives them the cosine schedule's duplicate first timesteps)
+ZERO_SNR = ("dpmpp_2m", "dpmpp_2m_sde", "unipc", "euler", "euler_karras", "euler_ancestral")
+
+
+def zero_snr_config(spacing: str) -> dict:
+    return model_config("scaled_linear", spacing, "v_prediction", rescale_betas_zero_snr=True)
+
+
+def test_zero_terminal_snr_offers_the_samplers_whose_scheduler_rescales():
+    """The others' schedulers have no rescale_betas_zero_snr: a pipeline with one would sample another schedule
+    than the model was trained on, so they are not offered, each saying why."""
+    config = zero_snr_config("trailing")
+    assert list(build_samplers(config, alphas_cumprod_from_config(config))) == [
+        name for name in SAMPLERS if name in ("ddim", *ZERO_SNR)
+    ]
+    for name, reason in unsupported_samplers(config).items():
+        if name in KARRAS:
+            assert reason == "Karras σ spacing at zero terminal SNR (rescale_betas_zero_snr)"
+        elif name != "flow_euler":
+            assert "rescale_betas_zero_snr = true" in reason and "has no such option" in reason, (name, reason)
+
+
+@pytest.mark.parametrize("name,spacing", list(itertools.product(ZERO_SNR, SPACINGS)))
+def test_zero_terminal_snr_plan_matches_diffusers(name, spacing):
+    check_plan(name, zero_snr_config(spacing), spacing)
+
+
+@pytest.mark.parametrize("name,spacing", list(itertools.product(ZERO_SNR, SPACINGS)))
+def test_zero_terminal_snr_update_matches_diffusers(name, spacing):
+    check_update(name, zero_snr_config(spacing), "v_prediction")
+
+
 def consistent_output(x, plan, i, x0, prediction_type, g):
     """A model output for the sample x at step i that is right about x0 up to a small error, as in real
     sampling (x̂0 stays O(1)): ε implied by x and x0, or v = √ᾱ·ε − √(1−ᾱ)·x0."""
@@ -154,9 +193,12 @@ def test_update_matches_diffusers(name, schedule, spacing, prediction_type):
     output: our update vs diffusers' `.step` on the same σ̂ in float64, max error ≤ 1e-5. The Euler family's
     sample lives on the variance-exploding scale (|x| ~ σ̂, 2·10⁴ at the cosine schedule's t = 999), so its
     error is measured on x/√(σ̂² + 1), the scale the UNet sees next and DDIM's 1e-5 refers to."""
-    config = model_config(schedule, spacing, prediction_type)
-    ac = alphas_cumprod_from_config(config)
-    sampler = build_samplers(config, ac)[name]
+    check_update(name, model_config(schedule, spacing, prediction_type), prediction_type)
+
+
+def check_update(name: str, config: dict, prediction_type: str) -> None:
+    sampler = build_samplers(config, alphas_cumprod_from_config(config))[name]
+    ac = sampler.alphas_cumprod
     g = torch.Generator().manual_seed(0)
     for steps in (1, 7, 10, 50):
         plan = sampler.plan(steps)
@@ -281,6 +323,8 @@ def test_unipc_bh1_matches_diffusers_but_for_its_nan_at_the_end(schedule, spacin
         ("EulerDiscreteScheduler", {}, "euler"),
         ("EulerDiscreteScheduler", {"use_karras_sigmas": True}, "euler_karras"),
         ("EulerDiscreteScheduler", {"use_karras_sigmas": True, "sigma_max": 10.0}, None),
+        # an SDXL v-prediction fine-tune trained at zero terminal SNR (NoobAI-XL v-pred ships this)
+        ("EulerDiscreteScheduler", {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction"}, "euler"),
         ("EulerAncestralDiscreteScheduler", {}, "euler_ancestral"),
         ("LMSDiscreteScheduler", {}, "lms"),
         ("LMSDiscreteScheduler", {"use_karras_sigmas": True}, "lms_karras"),

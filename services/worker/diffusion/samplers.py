@@ -55,6 +55,7 @@ from services.worker.diffusion.lcm import boundary_scalings, lcm_step
 from services.worker.diffusion.lms import MAX_ORDER, lms_coefficients, lms_step
 from services.worker.diffusion.plms import MAX_HISTORY, combine, weights_for
 from services.worker.diffusion.schedules import (
+    ZERO_SNR_ALPHA_BAR,
     dpm_solver_timesteps,
     euler_timesteps,
     final_alpha_cumprod,
@@ -198,11 +199,18 @@ class Sampler:
     # None is the model's dtype (DDIM and Euler ancestral draw in the model output's), else this one
     noise_dtype: torch.dtype | None = None
     # scheduler config keys that would change what the diffusers scheduler does, and the values it does here
+    # (a scheduler without `rescale_betas_zero_snr` lists it False: its pipeline would not rescale)
     config_defaults: Mapping[str, Any] = {}
+    # ᾱ_{T−1} under zero terminal SNR (rescale_betas_zero_snr) where the scheduler does not keep it 0: the σ̂-based
+    # ones' ZERO_SNR_ALPHA_BAR, their first σ̂ finite
+    zero_snr_alpha_bar: float | None = None
 
     def __init__(self, config: Mapping[str, Any], alphas_cumprod: torch.Tensor, device: torch.device | str = "cpu"):
         self.config = dict(config)
         self.alphas_cumprod = alphas_cumprod.double()  # (T,) float64
+        if self.config.get("rescale_betas_zero_snr") and self.zero_snr_alpha_bar is not None:
+            self.alphas_cumprod = self.alphas_cumprod.clone()
+            self.alphas_cumprod[-1] = self.zero_snr_alpha_bar
         self.device = torch.device(device)
         self.prediction_type = self.config.get("prediction_type", "epsilon")
         self.plan = functools.lru_cache(maxsize=256)(self._plan)
@@ -216,6 +224,11 @@ class Sampler:
             return f"prediction_type {config.get('prediction_type')!r} (supported: {', '.join(PREDICTION_TYPES)})"
         for key, default in cls.config_defaults.items():
             value = config.get(key, default)
+            if key == "rescale_betas_zero_snr" and value:
+                return (
+                    f"scheduler config rescale_betas_zero_snr = true: {cls.scheduler} has no such option (a "
+                    "pipeline with it would sample another schedule than the model's)"
+                )
             if value != default and value is not None:
                 return f"scheduler config {key} = {value!r} (supported: {default!r})"
         return None
@@ -279,7 +292,7 @@ class DDIMSampler(Sampler):
         timesteps = inference_timesteps(self.config, num_inference_steps)
         prev = previous_timesteps(self.config, timesteps)
         alpha_bars = [float(self.alphas_cumprod[t]) for t in timesteps] + [self.final_alpha_cumprod]
-        sigmas = tuple(math.sqrt((1 - a) / a) for a in alpha_bars)
+        sigmas = tuple(math.sqrt((1 - a) / a) if a > 0 else math.inf for a in alpha_bars)  # ᾱ = 0: zero SNR
         return Plan(timesteps=tuple(float(t) for t in timesteps), sigmas=sigmas, prev_timesteps=tuple(prev))
 
     def draws_noise(self, state: SamplerState) -> bool:
@@ -413,8 +426,8 @@ class DPMSolver2MSampler(Sampler):
         "use_flow_sigmas": False,
         "variance_type": None,
         "lambda_min_clipped": -math.inf,
-        "rescale_betas_zero_snr": False,
     }
+    zero_snr_alpha_bar = ZERO_SNR_ALPHA_BAR
 
     def __init__(self, config, alphas_cumprod, device="cpu"):
         super().__init__(config, alphas_cumprod, device)
@@ -487,7 +500,8 @@ class DPMSolver2MKarrasSampler(DPMSolver2MSampler):
     table's ends, the UNet's timestep interpolated in log σ̂ (rounded, but truncated for the cosine
     schedule, as diffusers). Not offered on the capped cosine schedule: there σ̂_999 ≈ 2·10⁴ is 30×
     σ̂_998, Karras spacing puts about half the steps at t ≈ 998, and diffusers' scheduler cannot run it
-    (duplicate first timesteps put its step index one ahead, and it indexes past its σ table)."""
+    (duplicate first timesteps put its step index one ahead, and it indexes past its σ table). Nor at zero
+    terminal SNR, whose σ̂_999 ≈ 4096 (2⁻²⁴) makes the same duplicates from 20 steps on."""
 
     name = "dpmpp_2m_karras"
     overrides = {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}
@@ -497,6 +511,8 @@ class DPMSolver2MKarrasSampler(DPMSolver2MSampler):
     def unsupported(cls, config):
         if config.get("beta_schedule") == "squaredcos_cap_v2":
             return "Karras σ spacing on the capped cosine schedule (squaredcos_cap_v2)"
+        if config.get("rescale_betas_zero_snr"):  # σ̂_999 ≈ 4096 there: the same duplicate first timesteps
+            return "Karras σ spacing at zero terminal SNR (rescale_betas_zero_snr)"
         return super().unsupported(config)
 
 
@@ -538,7 +554,6 @@ class UniPCSampler(DPMSolver2MSampler):
         "use_exponential_sigmas": False,
         "use_beta_sigmas": False,
         "use_flow_sigmas": False,
-        "rescale_betas_zero_snr": False,
     }
 
     def __init__(self, config, alphas_cumprod, device="cpu"):
@@ -600,8 +615,8 @@ class EulerSampler(Sampler):
         "use_exponential_sigmas": False,
         "use_beta_sigmas": False,
         "timestep_type": "discrete",
-        "rescale_betas_zero_snr": False,
     }
+    zero_snr_alpha_bar = ZERO_SNR_ALPHA_BAR
     final_sigma_from_config = True
 
     def _schedule(self, num_inference_steps: int, table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -958,7 +973,7 @@ class EulerAncestralSampler(EulerSampler):
     name = "euler_ancestral"
     scheduler = "EulerAncestralDiscreteScheduler"
     overrides = {}  # no Karras option in this scheduler
-    config_defaults = {"rescale_betas_zero_snr": False}
+    config_defaults = {}
     final_sigma_from_config = False
 
     def draws_noise(self, state: SamplerState) -> bool:

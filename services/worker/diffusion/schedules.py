@@ -59,11 +59,34 @@ def cosine_betas(T: int, s: float = COSINE_S, max_beta: float = MAX_BETA) -> tor
     return torch.clamp(1 - f(t + 1) / f(t), max=max_beta)
 
 
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2024 ("Common Diffusion Noise Schedules and Sample Steps are Flawed"), Algorithm 1: √ᾱ_t shifted
+    so that √ᾱ_{T−1} = 0 (zero terminal SNR: the last training timestep is pure noise, as sampling starts from) and
+    scaled so that √ᾱ_0 is kept; the β that make it. What `rescale_betas_zero_snr` does in diffusers."""
+    root = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    alphas_cumprod = ((root - last) * first / (first - last)) ** 2
+    alphas = torch.cat([alphas_cumprod[:1], alphas_cumprod[1:] / alphas_cumprod[:-1]])
+    return 1.0 - alphas
+
+
 def alphas_cumprod_from_config(config: Mapping[str, Any]) -> torch.Tensor:
-    """ᾱ_t for t in [0, T−1], float64 (T,)."""
+    """ᾱ_t for t in [0, T−1], float64 (T,); with `rescale_betas_zero_snr`, ᾱ_{T−1} = 0. Raises ValueError for a
+    config whose model could not be sampled (zero terminal SNR with ε-prediction)."""
+    betas = betas_from_config(config)
     if config.get("rescale_betas_zero_snr"):
-        raise ValueError("rescale_betas_zero_snr is not supported; use a scheduler config without it")
-    return torch.cumprod(1.0 - betas_from_config(config), dim=0)
+        if config.get("prediction_type", "epsilon") == "epsilon":
+            raise ValueError(
+                "rescale_betas_zero_snr needs prediction_type v_prediction: at zero terminal SNR (ᾱ = 0) an "
+                "ε-prediction says nothing of x0, so sampling from pure noise would divide by √ᾱ = 0"
+            )
+        betas = rescale_zero_terminal_snr(betas)
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+# What the σ̂-based schedulers (Euler, Euler ancestral, DPM-Solver++, UniPC) put at ᾱ_{T−1} under zero terminal SNR:
+# "close to 0 without being 0 so first sigma is not inf", σ̂ = √((1 − 2⁻²⁴)/2⁻²⁴) ≈ 4096 (diffusers)
+ZERO_SNR_ALPHA_BAR = 2.0**-24
 
 
 def final_alpha_cumprod(config: Mapping[str, Any], alphas_cumprod: torch.Tensor) -> float:
