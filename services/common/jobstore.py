@@ -278,8 +278,11 @@ return false
 
 # Renew the leases of the attempts a worker runs. KEYS: leases, then one job key per attempt.
 # ARGV: lease seconds, then the job id and attempt of each. Returns the job ids that are no longer ours.
+# Flagged allow-oom (Redis 7): it only moves the scores of leases the worker holds, so it grows nothing, and a
+# store at its maxmemory, which refuses every other write, does not make live workers' leases lapse.
 _RENEW = (
-    _NOW
+    "#!lua flags=allow-oom"
+    + _NOW
     + """
 local lost = {}
 local deadline = now() + tonumber(ARGV[1])
