@@ -7,7 +7,7 @@
 #      and the VAE decode's share; one JSON line, each arm also printed as it ends;
 #   2. tests: tests/gpu (compiled vs eager engine, batch invariance with buckets, the deferred NaN check,
 #      float16 and bfloat16 against diffusers' pipeline, SDXL/SD3/Flux in bfloat16, the samplers that draw
-#      noise or correct in float16, a real CUDA out-of-memory stepping the row cap down), each printing its figure;
+#      noise or correct in float16 (DPM++ SDE in float32), a real CUDA out-of-memory stepping the row cap down), each printing its figure;
 #   3. restart: the engine's warm-up alone in a new process on the compile caches stages 1 and 2 left (a worker
 #      restarted on a kept LATENTD_COMPILE_CACHE_DIR), against the goal of a worker ready within 2 minutes.
 # Logs land in $OUT. Stages: `all` (default), `bench`, `tests`, `restart`, or `train` (the old training-recipe run).

@@ -70,23 +70,30 @@ def test_cuda_engine_matches_diffusers_pipeline_in_the_same_dtype(dtype_name):
     assert measured >= 40
 
 
-@pytest.mark.parametrize("sampler", ["dpmpp_2m_sde", "unipc", "euler_ancestral", "plms"])
-def test_cuda_samplers_match_their_schedulers_in_float16(sampler):
+@pytest.mark.parametrize(
+    "sampler,dtype_name",
+    [("dpmpp_2m_sde", "float16"), ("unipc", "float16"), ("euler_ancestral", "float16"), ("plms", "float16")]
+    + [("dpmpp_sde", "float32")],
+)
+def test_cuda_samplers_match_their_schedulers(sampler, dtype_name):
     """The samplers that draw noise per step (the SDE solver draws in float32 whatever the model's dtype, Euler
     ancestral in the model's) or keep a corrector's state or a multistep's outputs (PLMS), in float16 at 20 steps and the model's guidance
     interval, against StableDiffusionPipeline with the scheduler swapped as a user would
     (samplers.diffusers_scheduler) and guided where diffusers' guider says (tests/fixtures/guidance.py).
     (Guided at every step, a strongly guided SDE trajectory amplifies rounding step by step, so half precision
-    against half precision is compared at the interval the model recommends.)"""
+    against half precision is compared at the interval the model recommends.) DPM++ SDE in float32: its noise is
+    a Brownian path seeded by the request's seed, which the pipeline builds in its latents' dtype (float16 in a
+    float16 pipeline: the same law, other numbers) and the engine in float32 always."""
     from diffusers import StableDiffusionPipeline
 
     from services.worker.diffusion.samplers import diffusers_scheduler
     from tests.fixtures.guidance import pipeline_images_with_interval
 
-    model = load_model(MODEL, device="cuda", dtype=torch.float16)
+    dtype = DTYPES.get(dtype_name, torch.float32)
+    model = load_model(MODEL, device="cuda", dtype=dtype)
     interval = dict(guidance_start=model.default_guidance_start, guidance_stop=model.default_guidance_stop)
     ours = pixels(generate(model, request(sampler, sampler=sampler, num_inference_steps=20, num_images=1, **interval)))
-    pipe = StableDiffusionPipeline.from_pretrained(MODEL, dtype=torch.float16, safety_checker=None).to("cuda")
+    pipe = StableDiffusionPipeline.from_pretrained(MODEL, dtype=dtype, safety_checker=None).to("cuda")
     pipe.scheduler = diffusers_scheduler(sampler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     theirs = pixels(
@@ -101,7 +108,9 @@ def test_cuda_samplers_match_their_schedulers_in_float16(sampler):
         )
     )
     measured = psnr(ours, theirs)
-    print(f"\n[{torch.cuda.get_device_name()}] engine float16 {sampler} 20 vs its pipeline: PSNR {measured:.1f} dB")
+    print(
+        f"\n[{torch.cuda.get_device_name()}] engine {dtype_name} {sampler} 20 vs its pipeline: PSNR {measured:.1f} dB"
+    )
     assert np.isfinite(ours).all()
     assert measured >= 40
 
