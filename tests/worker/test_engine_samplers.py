@@ -98,7 +98,7 @@ def zero_snr_model(tmp_path_factory):
     return folder, load_model(folder)
 
 
-ZERO_SNR_SAMPLERS = ("ddim", "dpmpp_2m", "dpmpp_2m_sde", "unipc", "euler", "euler_karras", "euler_ancestral")
+ZERO_SNR_SAMPLERS = ("ddim", "dpmpp_2m", "dpmpp_2m_sde", "unipc", "euler", "euler_karras", "euler_ancestral", "lcm")
 
 
 def test_a_zero_terminal_snr_model_offers_the_samplers_whose_scheduler_rescales(zero_snr_model, make_engine):

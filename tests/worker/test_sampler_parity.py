@@ -139,7 +139,7 @@ def check_plan(name: str, config: dict, spacing: str) -> None:
 # Zero terminal SNR (rescale_betas_zero_snr, v-prediction): the samplers whose diffusers scheduler rescales (DDIM's
 # update: test_ddim_parity.py); under it their σ̂-based schedulers put ᾱ_{T−1} = 2⁻²⁴, σ̂_max ≈ 4096
 # (not DPM-Solver's Karras names: σ̂_max ≈ 4096 gives them the cosine schedule's duplicate first timesteps)
-ZERO_SNR = ("dpmpp_2m", "dpmpp_2m_sde", "unipc", "euler", "euler_karras", "euler_ancestral")
+ZERO_SNR = ("dpmpp_2m", "dpmpp_2m_sde", "unipc", "euler", "euler_karras", "euler_ancestral")  # and lcm (below)
 
 
 def zero_snr_config(spacing: str) -> dict:
@@ -151,7 +151,7 @@ def test_zero_terminal_snr_offers_the_samplers_whose_scheduler_rescales():
     than the model was trained on, so they are not offered, each saying why."""
     config = zero_snr_config("trailing")
     assert list(build_samplers(config, alphas_cumprod_from_config(config))) == [
-        name for name in SAMPLERS if name in ("ddim", *ZERO_SNR)
+        name for name in SAMPLERS if name in ("ddim", *ZERO_SNR, "lcm")
     ]
     for name, reason in unsupported_samplers(config).items():
         if name in KARRAS:
@@ -393,13 +393,18 @@ def test_lcm_plan_matches_diffusers(schedule, spacing):
         for schedule in ("scaled_linear", "squaredcos_cap_v2")
         for prediction_type in PREDICTIONS
         for clip in (False, True)
-    ],
+    ]
+    + [("zero_snr", "v_prediction", False)],
 )
 def test_lcm_update_matches_diffusers(schedule, prediction_type, clip):
     """Every step of 1/4/8-step runs fed the same sample and model output, the noise from the same seed at every
     step but the last (none there): our update vs LCMScheduler.step on our float64 ᾱ, max error ≤ 1e-5; with
-    clip_sample too (x̂0 clamped before the boundary condition)."""
-    config = model_config(schedule, "trailing", prediction_type)
+    clip_sample too (x̂0 clamped before the boundary condition); at zero terminal SNR too, which LCMScheduler
+    keeps at ᾱ_999 = 0 (its first step from pure noise)."""
+    if schedule == "zero_snr":
+        config = zero_snr_config("trailing")
+    else:
+        config = model_config(schedule, "trailing", prediction_type)
     if clip:  # laid over the dict: drop its _use_default_values, with which from_config would reset them
         config = {k: v for k, v in config.items() if k != "_use_default_values"}
         config |= {"clip_sample": True, "clip_sample_range": 0.8}

@@ -997,7 +997,6 @@ class LCMSampler(Sampler):
 
     name = "lcm"
     scheduler = "LCMScheduler"
-    config_defaults = {"rescale_betas_zero_snr": False}
 
     def __init__(self, config, alphas_cumprod, device="cpu"):
         super().__init__(config, alphas_cumprod, device)

@@ -165,9 +165,10 @@ def trailing_timesteps(T: int, last: int, num_inference_steps: int) -> np.ndarra
 
 
 def sigma_table(alphas_cumprod: torch.Tensor) -> np.ndarray:
-    """σ_t = √((1 − ᾱ_t)/ᾱ_t) for t in [0, T−1], float64 (T,)."""
+    """σ_t = √((1 − ᾱ_t)/ᾱ_t) for t in [0, T−1], float64 (T,); infinite where ᾱ_t = 0 (zero terminal SNR)."""
     ac = alphas_cumprod.double().cpu().numpy()
-    return np.sqrt((1 - ac) / ac)
+    with np.errstate(divide="ignore"):
+        return np.sqrt((1 - ac) / ac)
 
 
 def interpolate_sigmas(table: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
