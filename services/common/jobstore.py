@@ -82,12 +82,14 @@ def redis_full(error: BaseException) -> bool:
     expire (their TTL) or an operator raises the limit, so a writer may wait for it as for Redis away.
     A script so refused wrote nothing: Redis refuses a script's first write only, never one half-way through."""
     cause: BaseException | None = error
-    while cause is not None:
+    for _ in range(4):  # the error, and what it was raised from (kombu's OperationalError from a refused publish)
         if isinstance(cause, redis.exceptions.OutOfMemoryError) or (
             isinstance(cause, redis.exceptions.ResponseError) and "command not allowed when used memory" in str(cause)
         ):
             return True
-        cause = cause.__cause__  # a library's error raised from Redis's (kombu's OperationalError from a publish)
+        if cause is None:
+            return False
+        cause = cause.__cause__
     return False
 
 
