@@ -89,6 +89,7 @@ class Heartbeat:
         self.celery_app = celery_app
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._probe_refused = False  # Redis full refused the last probe (logged once an episode)
 
     def beat(self) -> None:
         """One heartbeat: refresh alive_at and, with a Celery app, send the consumption probe."""
@@ -122,7 +123,13 @@ class Heartbeat:
             # would drop out of the live ones, and its liveness probe restart it, for as long as the store is full.
             if not consumed and self._healthy():
                 workers.write(self.redis, self.worker, self.models, self.ttl_s, now, consumed=True)
-            log.warning("Redis full: the consumption probe was not sent; counted as consuming meanwhile")
+            if not self._probe_refused:
+                log.warning("Redis full: consumption probes are not sent; counted as consuming meanwhile")
+            self._probe_refused = True
+            return
+        if self._probe_refused:
+            log.warning("consumption probes are sent again")
+        self._probe_refused = False
 
     def _healthy(self) -> bool:
         return self.healthy is None or self.healthy()
