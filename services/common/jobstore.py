@@ -93,6 +93,21 @@ def redis_full(error: BaseException) -> bool:
     return False
 
 
+# The oldest Redis latentd runs on: the workers' heartbeat and lease-renewal scripts are flagged allow-oom
+# ("#!lua flags=..."), which Redis reads from 7.0 on (older ones refuse the script).
+MIN_REDIS_VERSION = (7, 0)
+
+
+def redis_version_problem(server_info: dict) -> str | None:
+    """Why this Redis cannot serve latentd (its INFO server section), or None."""
+    version = str(server_info.get("redis_version", "0"))
+    numbers = tuple(int(part) if part.isdigit() else 0 for part in version.split(".")[:2])
+    if numbers >= MIN_REDIS_VERSION:
+        return None
+    wanted = ".".join(map(str, MIN_REDIS_VERSION))
+    return f"Redis {wanted} or later is required (found {version}): the workers' heartbeat and lease scripts use its script flags"
+
+
 def redis_away_or_full(error: BaseException) -> bool:
     """An error worth the same command again a little later: Redis unreachable or timing out, or full."""
     return isinstance(error, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)) or redis_full(error)

@@ -9,9 +9,13 @@ starts (before it consumes), their info is published in Redis, and the heartbeat
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import threading
+import traceback
 from pathlib import Path
 
+import redis
 from celery import Celery, signals
 from kombu import Queue
 
@@ -79,13 +83,23 @@ _leases: dict[str, object] = {}
 
 @signals.worker_init.connect(weak=False)
 def _load_models(**_: object) -> None:
+    """Load and publish the models before the worker consumes. Celery logs and drops what a worker_init handler
+    raises (and its log is not set up yet), and the worker would stay up serving nothing: where it cannot serve,
+    the handler says why on stderr and leaves with EXIT_CANNOT_SERVE."""
     from services.worker import metrics
     from services.worker.leases import LeaseKeeper
-    from services.worker.runtime import get_runtime
+    from services.worker.loading import ModelLoadError
+    from services.worker.runtime import EXIT_CANNOT_SERVE, get_runtime
 
     metrics.serve_metrics_from_env()
     runtime = get_runtime()
-    runtime.load(model_paths())
+    try:
+        runtime.load(model_paths())
+    except Exception as error:  # noqa: BLE001 - whatever it is, the worker cannot serve: say why and leave
+        if not isinstance(error, (ModelLoadError, RuntimeError, redis.RedisError)):
+            traceback.print_exc()
+        print(f"latentd worker cannot serve: {error}", file=sys.stderr, flush=True)
+        os._exit(EXIT_CANNOT_SERVE)
     _leases["keeper"] = LeaseKeeper(runtime, app).start()
 
 

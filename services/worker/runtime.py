@@ -28,6 +28,7 @@ from services.common.jobstore import (
     image_blob_name,
     redis_away_or_full,
     redis_full,
+    redis_version_problem,
 )
 from services.common.models import ModelInfo
 from services.common.settings import Settings
@@ -39,6 +40,10 @@ from services.worker.heartbeat import worker_id
 from services.worker.loading import LoadedModel, load_model, resolve_dtype
 
 log = logging.getLogger(__name__)
+
+# The worker's exit status when it cannot serve at all: a model folder it cannot load, a Redis too old, Redis away
+# as it starts (EX_CONFIG). Its restart policy starts it again; its log's last line says why.
+EXIT_CANNOT_SERVE = 78
 T = TypeVar("T")
 
 
@@ -193,6 +198,12 @@ class Runtime:
         self._unwritten: set[tuple[str, str, int]] = set()
 
     def load(self, paths: list[str]) -> None:
+        """Load and publish each model folder; raises (ModelLoadError naming the folder and what is wrong,
+        RuntimeError for a Redis too old, RedisError for one away past redis_retry_s) where the worker cannot
+        serve."""
+        problem = redis_version_problem(self.retry(self.store.redis.info, "server"))
+        if problem:
+            raise RuntimeError(problem)
         if self.settings.worker_torch_threads > 0:
             import torch
 
@@ -217,7 +228,7 @@ class Runtime:
                 model.name, lambda engine=engine: engine.active_requests, lambda engine=engine: engine.stalled_s
             )
             worker_metrics.track_gpu_memory(model.name, model.device)
-            self.store.publish_model(model_info(model, engine))
+            self.retry(self.store.publish_model, model_info(model, engine))  # a load's minutes are not lost to a blip
             log.info("serving model %s from %s", model.name, model.path)
 
     def stop(self) -> None:
