@@ -13,6 +13,7 @@ class CuttingProxy:
         self.target = (host, int(port))
         self.cut_after_bytes = cut_after_bytes
         self.cuts = 0
+        self._cuts_lock = threading.Lock()  # connections are cut from their own threads
         self.listener = socket.socket()
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.listener.bind(("127.0.0.1", 0))
@@ -41,7 +42,8 @@ class CuttingProxy:
                     break
                 if limit is not None and carried + len(chunk) >= limit:
                     sink.sendall(chunk[: max(0, limit - carried)])
-                    self.cuts += 1
+                    with self._cuts_lock:
+                        self.cuts += 1
                     break
                 sink.sendall(chunk)
                 carried += len(chunk)

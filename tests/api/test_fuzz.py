@@ -14,8 +14,8 @@ from fastapi.testclient import TestClient
 
 from services.api.app import create_app
 from services.common.jobstore import JobStore
-from services.common.models import ModelInfo
 from services.common.settings import Settings, hash_key
+from tests.fixtures.tiny_model import published_info
 
 KEY = "fuzz-key"
 ODD = [None, True, False, 0, -1, 1, 3, 33, 64, 999, 1000, 1001, 2**31, 2**63, -(2**63), 10**30, 0.5, -0.5, 7.5]
@@ -73,10 +73,9 @@ def client(own_redis, model_path):
         max_queue_per_key=100_000,
         openai_timeout_s=0.05,  # no worker: an OpenAI call that got through answers 503 at once
     )
-    info = dict(name="tiny", native_width=32, native_height=32, scheduler="DDIMScheduler / scaled_linear")
-    info |= dict(max_prompt_tokens=77, num_train_timesteps=1000, size_multiple=8, max_inference_steps=999)
-    info |= dict(tokenizer_path=str(model_path / "tokenizer"), samplers=["ddim", "euler"], default_sampler="ddim")
-    JobStore.from_url(url).publish_model(ModelInfo.from_dict(info))
+    tokenizer = str(model_path / "tokenizer")
+    info = published_info(max_inference_steps=999, tokenizer_path=tokenizer, samplers=["ddim", "euler"])
+    JobStore.from_url(url).publish_model(info)
     with TestClient(create_app(settings), headers={"Authorization": f"Bearer {KEY}"}) as test_client:
         yield test_client
     redis.Redis.from_url(url).flushdb()

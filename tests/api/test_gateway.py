@@ -12,8 +12,8 @@ from fastapi.testclient import TestClient
 from services.api.__main__ import main as serve_main
 from services.api.app import create_app
 from services.common.jobstore import JobStore, events_key
-from services.common.models import ModelInfo
 from services.common.settings import Settings, hash_key
+from tests.fixtures.tiny_model import published_info
 
 REDIS_URL = "redis://127.0.0.1:6379/11"
 KEY = "secret-key"
@@ -32,21 +32,8 @@ def client(model_path):
         max_num_images=4,
         openai_timeout_s=1,  # no worker here: a synchronous OpenAI call that got through answers 503 soon
     )
-    JobStore.from_url(REDIS_URL).publish_model(
-        ModelInfo.from_dict(
-            {
-                "name": "tiny",
-                "native_width": 32,
-                "native_height": 32,
-                "scheduler": "DDIMScheduler / scaled_linear",
-                "max_prompt_tokens": 77,
-                "num_train_timesteps": 1000,
-                "size_multiple": 8,
-                "max_inference_steps": 999,
-                "tokenizer_path": str(model_path / "tokenizer"),
-            }
-        )
-    )
+    tokenizer = str(model_path / "tokenizer")
+    JobStore.from_url(REDIS_URL).publish_model(published_info(max_inference_steps=999, tokenizer_path=tokenizer))
     with TestClient(create_app(settings), headers={"Authorization": f"Bearer {KEY}"}) as test_client:
         yield test_client
     redis.Redis.from_url(REDIS_URL).flushdb()

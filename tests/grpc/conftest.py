@@ -12,21 +12,12 @@ import pytest
 import redis
 
 from services.common.jobstore import JobStore
-from services.common.models import ModelInfo
 from services.common.settings import Settings, hash_key
+from tests.fixtures.tiny_model import published_info
 
 DOOR_REDIS_URL = "redis://127.0.0.1:6379/13"
 DOOR_KEY = "door-key"
-TINY = ModelInfo(
-    name="tiny",
-    native_width=32,
-    native_height=32,
-    scheduler="DDIMScheduler / scaled_linear",
-    max_prompt_tokens=77,
-    num_train_timesteps=1000,
-    size_multiple=8,
-    max_inference_steps=1000,
-)
+TINY = published_info()
 
 
 def auth(key: str) -> tuple:

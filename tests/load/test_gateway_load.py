@@ -16,22 +16,13 @@ import redis
 from benchmarks import gateway_load as load
 from scripts import run_stack
 from services.common.jobstore import JobStore
-from services.common.models import ModelInfo
 from services.common.settings import hash_key
+from tests.fixtures.tiny_model import published_info
 
 pytestmark = pytest.mark.timeout(180)
 KEYS = ("load-flood", "load-quiet", "load-waiter", "load-probe", "load-waiter-2", "load-waiter-3")
 WAITERS = (KEYS[2], KEYS[4], KEYS[5])  # 50 waiting jobs are more than one key's share
-IDLE_MODEL = ModelInfo(  # published, served by no worker: its jobs wait
-    name="loadtest",
-    native_width=32,
-    native_height=32,
-    scheduler="DDIMScheduler / scaled_linear",
-    max_prompt_tokens=77,
-    num_train_timesteps=1000,
-    size_multiple=8,
-    max_inference_steps=1000,
-)
+IDLE_MODEL = published_info("loadtest")  # published, served by no worker: its jobs wait
 SHARE = 24
 BODY_LIMIT = 256 * 1024
 
