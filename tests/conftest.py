@@ -47,6 +47,15 @@ def own_redis():
     run_stack.stop([proc])
 
 
+@pytest.fixture(scope="module")
+def fillable_redis():
+    """A redis-server of the module's own, whose maxmemory a test may set below its use (Redis full): the session's
+    own_redis serves stacks whose writes must not be refused meanwhile."""
+    proc, url = run_stack.start_redis()
+    yield url
+    run_stack.stop([proc])
+
+
 @dataclass
 class Stack:
     url: str

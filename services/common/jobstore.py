@@ -83,12 +83,12 @@ def redis_full(error: BaseException) -> bool:
     A script so refused wrote nothing: Redis refuses a script's first write only, never one half-way through."""
     cause: BaseException | None = error
     for _ in range(4):  # the error, and what it was raised from (kombu's OperationalError from a refused publish)
+        if cause is None:
+            return False
         if isinstance(cause, redis.exceptions.OutOfMemoryError) or (
             isinstance(cause, redis.exceptions.ResponseError) and "command not allowed when used memory" in str(cause)
         ):
             return True
-        if cause is None:
-            return False
         cause = cause.__cause__
     return False
 

@@ -10,21 +10,12 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from scripts import run_stack
 from services.common.jobstore import AsyncJobStore, JobStore
-from services.common.models import ModelInfo
 from services.common.settings import Settings
 from services.core import Core
+from tests.fixtures.tiny_model import published_info
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture(scope="module")
-def url():  # a server of its own, not the session's own_redis: its maxmemory is set below use, which the session's
-    # stacks (their workers' writes) must not see
-    proc, url = run_stack.start_redis()
-    yield url
-    run_stack.stop([proc])
 
 
 def readiness(url: str) -> dict:
@@ -38,10 +29,9 @@ def readiness(url: str) -> dict:
     return asyncio.run(main())
 
 
-def test_no_live_worker_says_when_the_job_store_is_full(url):
-    served = ModelInfo(
-        "tiny", 32, 32, "DDIMScheduler", 77, num_train_timesteps=1000, size_multiple=8, max_inference_steps=999
-    )
+def test_no_live_worker_says_when_the_job_store_is_full(fillable_redis):
+    url = fillable_redis
+    served = published_info(max_inference_steps=999)
     JobStore.from_url(url).publish_model(served)  # a model was served, its worker no longer beats
     assert readiness(url)["reason"] == "no live worker"
     client = redis.Redis.from_url(url)
@@ -54,10 +44,11 @@ def test_no_live_worker_says_when_the_job_store_is_full(url):
     assert ready["reason"] == "no live worker; the job store (Redis) is at its maxmemory too, refusing new jobs"
 
 
-def test_a_full_store_still_renews_the_leases_a_worker_holds(url):
+def test_a_full_store_still_renews_the_leases_a_worker_holds(fillable_redis):
     """A lease renewal moves the scores of leases the worker holds (it grows nothing) and is written while Redis
     is at its maxmemory, as the heartbeat is: else every running job's lease would lapse while the store is full
     and its reapers would race its live worker once there is room. Taking a new job is refused meanwhile."""
+    url = fillable_redis
     store = JobStore.from_url(url)
     client = redis.Redis.from_url(url)
     asyncio.run(_submit(url, "lease-job"))

@@ -204,12 +204,12 @@ def test_the_liveness_check_reads_redis_url_as_every_process_does(client):
 
 
 @pytest.mark.timeout(120)
-def test_a_full_store_still_hears_the_heartbeat_so_no_worker_drops_out():
+def test_a_full_store_still_hears_the_heartbeat_so_no_worker_drops_out(fillable_redis):
     """Redis at its maxmemory refuses every write but the heartbeat's (a script flagged allow-oom) and the probe
     task with it (a message): the heartbeat counts the consumer as consuming meanwhile. Was: every worker dropped
     out of the live ones 30 s into a full store, the gateways went unready and the liveness probes restarted the
     workers, losing their jobs."""
-    redis_proc, url = run_stack.start_redis()
+    url = fillable_redis
     store = redis.Redis.from_url(url)
     worker = _start_celery_worker(url)
     try:
@@ -228,7 +228,6 @@ def test_a_full_store_still_hears_the_heartbeat_so_no_worker_drops_out():
     finally:
         store.config_set("maxmemory", 0)
         _stop(worker)
-        run_stack.stop([redis_proc])
 
 
 @pytest.mark.timeout(60)
