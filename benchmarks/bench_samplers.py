@@ -7,6 +7,11 @@ read against.
 
     python -m benchmarks.bench_samplers                 # models/shapes-ldm
     python -m benchmarks.bench_samplers --model PATH --requests 16
+    python -m benchmarks.bench_samplers --brownian      # DPM++ SDE's Brownian paths: torchsde's cache, ours vs its own
+
+--brownian times one request's Brownian path alone (its 2n − 1 queries, as the sampler makes them on a Karras-like
+σ̂ schedule) at torchsde's default cache of 45 intervals and at dpmpp_sde.CACHE_SIZE, interleaved, for 10 to 50 steps
+and 16×16 and 64×64 latents, and checks the two give the same noise.
 """
 
 from __future__ import annotations
@@ -17,9 +22,11 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from services.common.rules import EVERY_STEP
+from services.worker.diffusion import dpmpp_sde
 from services.worker.engine.engine import Engine
 from services.worker.engine.requests import GenerationRequest
 from services.worker.loading import load_model
@@ -105,13 +112,58 @@ def sampler_throughput(
         engine.stop()
 
 
+def brownian_path_ms(steps: int, side: int, cache_size: int, paths: int = 10) -> tuple[float, torch.Tensor]:
+    """Milliseconds per request's Brownian path of `steps` steps over (1, 4, side, side) latents, and the noise of
+    its last path (to compare)."""
+    sigmas = np.exp(np.linspace(np.log(14.6), np.log(0.03), steps)).astype(np.float32).tolist()
+    default, dpmpp_sde.CACHE_SIZE = dpmpp_sde.CACHE_SIZE, cache_size
+    try:
+        started = time.perf_counter()
+        for seed in range(paths):
+            path = dpmpp_sde.BrownianNoise(torch.zeros(1, 4, side, side), sigmas[-1], sigmas[0], seed)
+            noise = [
+                path.step_noise(sigmas[i], sigmas[i + 1], halfway)
+                for i in range(steps - 1)
+                for halfway in (True, False)
+            ]
+        return (time.perf_counter() - started) / paths * 1000, torch.stack(noise)
+    finally:
+        dpmpp_sde.CACHE_SIZE = default
+
+
+def brownian_figures(repeats: int = 3) -> dict[str, dict[str, float]]:
+    """{"<steps> steps, <side>x<side>": {"torchsde default (45) ms": ..., "ours (N) ms": ..., "speed-up": ...}}, the
+    best of `repeats` interleaved runs; raises if the two caches give different noise."""
+    figures = {}
+    for steps in (10, 15, 30, 50):
+        for side in (16, 64):
+            best = {45: float("inf"), dpmpp_sde.CACHE_SIZE: float("inf")}
+            noises = {}
+            for _ in range(repeats):
+                for size in best:
+                    ms, noises[size] = brownian_path_ms(steps, side, size)
+                    best[size] = min(best[size], ms)
+            if not torch.equal(*noises.values()):
+                raise AssertionError(f"the cache changed the noise at {steps} steps, {side}x{side}")
+            figures[f"{steps} steps, {side}x{side}"] = {
+                "torchsde default (45) ms": round(best[45], 1),
+                f"ours ({dpmpp_sde.CACHE_SIZE}) ms": round(best[dpmpp_sde.CACHE_SIZE], 1),
+                "speed-up": round(best[45] / best[dpmpp_sde.CACHE_SIZE], 2),
+            }
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--brownian", action="store_true", help="time DPM++ SDE's Brownian paths only")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    if args.brownian:
+        print(json.dumps({"brownian_path": brownian_figures(), "load_average_1min": round(os.getloadavg()[0], 2)}))
+        return
     figures = sampler_throughput(args.model, requests=args.requests, device=args.device, every_step=True)
     print(
         json.dumps(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -801,6 +802,24 @@ def test_dpmpp_sde_on_the_cosine_schedule_matches_diffusers_in_float64(name, spa
             assert ((ours.double() - theirs) * scale).abs().max().item() <= 1e-6, (steps, i)
             x = ours
         assert len(shared.drawn) == 2 * steps - 2 and state.finished  # a draw per call but the last step's
+
+
+def test_the_brownian_path_is_queried_within_its_ends_without_a_warning():
+    """torchsde keeps a path's ends to 6 digits and warns (once per process, into the worker's log) of a query past
+    them; the schedule's σ̂_max and σ̂_min in float32 have more: the query is clamped to torchsde's ends first, which
+    is what torchsde does after its warning, so the noise is the same."""
+    from services.worker.diffusion.dpmpp_sde import BrownianNoise
+
+    sigma_min, sigma_max = 0.0291675, 7.371844291687012  # neither a float32 of 6 digits
+    path = BrownianNoise(torch.zeros((1, 4, 2, 2)), sigma_min, sigma_max, seed=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        first = path.step_noise(sigma_max, 3.0, halfway=False)
+        last = path.step_noise(0.5, sigma_min, halfway=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchsde's own clamp, after its warning
+        assert torch.equal(first, path.path(3.0, sigma_max) * -1 / (sigma_max - 3.0) ** 0.5)
+    assert torch.isfinite(last).all()
 
 
 def test_dpm_solver_history_starts_with_the_request():
