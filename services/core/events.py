@@ -88,6 +88,10 @@ class _Watch:
             return None  # `after` is before the window: events between it and the window may be missing
         return self.base + index
 
+    def terminal(self) -> JobEvent:
+        """The terminal event (the log holds it once `ended`: nothing is appended after it, trims keep the newest)."""
+        return next(e for e in reversed(self.log) if e.terminal)
+
     def fail(self, error: StreamBroken) -> None:
         self.error = error
         self.changed.set()
@@ -142,8 +146,8 @@ class EventHub:
     async def follow(
         self, job_id: str, after: str = "0", idle_s: float | None = None, owner: str | None = None
     ) -> AsyncIterator[JobEvent | None]:
-        """The job's events after the entry id `after` ("0": all), up to and including the terminal one.
-        With `idle_s`, yields None after that many seconds without an event (for keep-alives)."""
+        """The job's events after the entry id `after` ("0": all), up to and including the terminal one (that one
+        alone when the job has ended at or before `after`). With `idle_s`, yields None after that many seconds without an event (for keep-alives)."""
         async for batch in self.follow_batches(job_id, after, idle_s, owner):
             if not batch:
                 yield None
@@ -193,6 +197,9 @@ class EventHub:
                         return
                     continue
                 if watch.ended:
+                    # `after` is the terminal event or later (a client resuming from the last id it saw): the
+                    # terminal event again, so no stream of an ended job closes without one
+                    yield [watch.terminal()]
                     return
                 try:
                     async with asyncio.timeout(idle_s):

@@ -103,6 +103,25 @@ def test_a_subscriber_behind_the_log_window_catches_up_from_redis(hub_redis):
     assert resumed == ["step", "step", "succeeded"]
 
 
+def test_resuming_at_or_past_the_terminal_event_gets_the_terminal_event_again(hub_redis):
+    """A client that saw the terminal event (or names a later id) and resumes gets that event once more, never a
+    stream closed with nothing: with the log whole, trimmed to a window, and read back from Redis."""
+    _, url = hub_redis
+    client = redis.Redis.from_url(url)
+    ids = [add(client, "done", "queued")] + [add(client, "done", "step", step=i) for i in range(1, 13)]
+    terminal = add(client, "done", "succeeded")
+
+    async def body(hub, store):
+        async def ids_after(after):
+            return [(event.name, event.id) async for event in hub.follow("done", after)]
+
+        return [await ids_after(after) for after in (terminal, "9999999999999-0", ids[-1])]
+
+    for settings in ({}, {"log_limit": 4}):
+        at_terminal, past_it, before_it = run_hub(url, body, **settings)
+        assert at_terminal == past_it == before_it == [("succeeded", terminal)], settings
+
+
 def test_redis_going_away_ends_every_stream_with_stream_broken_and_a_resume_point(hub_redis):
     proc, url = hub_redis
     client = redis.Redis.from_url(url)
