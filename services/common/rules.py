@@ -10,6 +10,7 @@ engine from the model it loaded.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -121,6 +122,17 @@ DEFAULT_STRENGTH = 0.8
 DEFAULT_INPAINT_STRENGTH = 1.0
 TRAJECTORY_KINDS = ("forward", "reverse", "guidance_sweep")
 NOISE_SPACES = ("pixel", "latent")
+# The trajectory fields only some kinds read: sent to another kind (other than at its default) they are refused by
+# name, not ignored, as a generation's fields a model does not read are
+TRAJECTORY_FIELD_KINDS: dict[str, tuple[str, ...]] = {
+    "timesteps": ("forward",),
+    "noise_seed": ("forward",),
+    "space": ("forward",),
+    "trajectory_every": ("reverse",),
+    "guidance_scales": ("guidance_sweep",),
+    "strength": ("reverse", "guidance_sweep"),
+    "mask": ("reverse", "guidance_sweep"),
+}
 
 
 @dataclass(frozen=True)
@@ -467,6 +479,16 @@ def check_generation(
     return Resolved(size[0], size[1], sampler, float(rescale), steps, float(guidance_scale), strength, *interval)
 
 
+def check_trajectory_fields(kind: str, sent: Iterable[str]) -> None:
+    """The fields a trajectory request set (away from their defaults) must be ones its kind reads."""
+    for name in sent:
+        kinds = TRAJECTORY_FIELD_KINDS.get(name, TRAJECTORY_KINDS)
+        if kind not in kinds:
+            raise InvalidInput(
+                f"{name} applies to {' and '.join(kinds)} trajectories only, not {kind}; leave it out", name
+            )
+
+
 def check_timesteps(num_train_timesteps: int, timesteps: Iterable[int]) -> list[int]:
     """Forward-trajectory timesteps: the paper's t in [0, T], at least one, at most MAX_TIMESTEPS."""
     timesteps = list(timesteps)
@@ -494,3 +516,20 @@ def check_guidance_scales(scales: Iterable[float]) -> list[float]:
     for index, scale in enumerate(scales):
         between("guidance_scales", scale, 0.0, MAX_GUIDANCE, param=f"guidance_scales.{index}")
     return scales
+
+
+# A job event's id as Redis gives it to its stream entries: "<ms>-<seq>", each an unsigned 64-bit integer, or
+# "<ms>" alone (seq 0). ASCII digits only ([0-9], not \d: int() reads other scripts' digits, Redis does not), at
+# most 20 of them (2**64 - 1 has 20), so a long one is refused before int() reads it.
+_EVENT_ID = re.compile(r"([0-9]{1,20})(?:-([0-9]{1,20}))?")
+MAX_EVENT_ID_PART = 2**64 - 1
+
+
+def check_event_id(value: str, field: str, param: str | None = None) -> str:
+    """An event id to resume a job's events after (SSE Last-Event-ID, gRPC after_event_id): a Redis stream entry
+    id, checked before it reaches Redis or the event log's ordering (services.common.jobs.stream_id), which
+    would fail on anything else."""
+    match = _EVENT_ID.fullmatch(value)
+    if match is None or any(int(part) > MAX_EVENT_ID_PART for part in match.groups("0")):
+        raise InvalidInput(f"{field} must be an event id like 1700000000000-0, got {shown(value)}", param or field)
+    return value

@@ -24,7 +24,7 @@ import json
 import logging
 import secrets
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from functools import lru_cache
 from typing import Any, TypeVar
 
@@ -171,6 +171,15 @@ def openai_edit_inputs(image: bytes, mask: bytes | None) -> tuple[Picture, Pictu
 def _sizes(image: Picture | None, mask: Picture | None) -> dict:
     """The pictures' sizes as rules.check_generation takes them."""
     return {"image_size": image and image[1], "mask_size": mask and mask[1]}
+
+
+def _set_away_from_default(body: BaseModel, fields: Iterable[str]) -> list[str]:
+    """Those of `fields` the request set to something other than their default (a client may send defaults)."""
+    return [
+        name
+        for name in fields
+        if getattr(body, name) != type(body).model_fields[name].get_default(call_default_factory=True)
+    ]
 
 
 def _image_params(body: GenerationCreate, image, mask) -> dict[str, Any]:
@@ -438,10 +447,12 @@ class Core:
         idempotency = self.idempotency("trajectory", body, idempotency_key)
         model = await self.resolve_model(body.model)
         kind, image, start, mask = body.kind, None, None, None
+        rules.check_trajectory_fields(kind, _set_away_from_default(body, rules.TRAJECTORY_FIELD_KINDS))
         if kind == "forward":
             if body.image is None and not body.prompt:
                 raise InvalidInput("a forward trajectory needs an image or a prompt", "image")
-            image = decode_image(body.image) if body.image is not None else None
+            picture = await self._input_picture(owner, body.image, "image")
+            image = picture and picture[0]
             timesteps = rules.default_timesteps(model.num_train_timesteps) if body.timesteps is None else body.timesteps
             timesteps = rules.check_timesteps(model.num_train_timesteps, timesteps)
         elif not body.prompt:

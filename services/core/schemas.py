@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from services.common.rules import (
     DEFAULT_GUIDANCE_SCALES,
@@ -38,6 +39,15 @@ OutputFormat = Literal["png", "jpeg", "webp"]
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_true_or_false(cls, value: Any) -> Any:
+        """No request field is a boolean, and pydantic's lax mode would read true as 1 (a step count of 1): JSON's
+        true and false are refused, alone or in a list (validation.message names what the field takes)."""
+        if isinstance(value, bool) or (isinstance(value, list) and any(isinstance(v, bool) for v in value)):
+            raise PydanticCustomError("boolean_refused", "true and false are not accepted here")
+        return value
 
 
 class _Sampling(_Strict):
@@ -203,10 +213,11 @@ class TrajectoryCreate(_FamilyFields):
     eta: float = Field(0.0, ge=0.0, le=MAX_ETA, description="DDIM eta.")
     width: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE, description="Pixels; default native.")
     height: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE, description="Pixels; default native.")
-    image: str | None = Field(
+    image: str | JobImage | None = Field(
         None,
-        description="forward: the picture to noise, base64 PNG or JPEG (a data: URL is accepted); reverse and "
-        "guidance_sweep: the starting picture of image to image (with strength, and mask to inpaint).",
+        description="forward: the picture to noise; reverse and guidance_sweep: the starting picture of image to "
+        "image (with strength, and mask to inpaint). Base64 PNG or JPEG (a data: URL is accepted), or {job_id, "
+        "index} of an earlier job's image.",
     )
     timesteps: list[int] | None = Field(
         None,
@@ -220,8 +231,10 @@ class TrajectoryCreate(_FamilyFields):
         description="reverse and guidance_sweep with an image: start from it noised this far (as a generation's "
         "strength), so a reverse trajectory shows the picture re-imagined from its noised start.",
     )
-    mask: str | None = Field(
-        None, description="reverse and guidance_sweep with an image: inpaint (base64 PNG or JPEG, white = repaint)."
+    mask: str | JobImage | None = Field(
+        None,
+        description="reverse and guidance_sweep with an image: inpaint (base64 PNG or JPEG, or {job_id, index}; "
+        "white = repaint).",
     )
     noise_seed: int = Field(0, ge=0, le=MAX_SEED, description="forward: the one noise sample ε shared by every frame.")
     space: Literal["pixel", "latent"] = Field(

@@ -5,6 +5,8 @@ parses its converted requests with `parse`. Both therefore answer a bad field wi
 
 from __future__ import annotations
 
+import json
+import typing
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -35,6 +37,21 @@ def _bounds(field: str) -> tuple[Any, Any]:
             high = getattr(meta, "le", None) if getattr(meta, "le", None) is not None else high
         return low, high
     return None, None
+
+
+def _takes(field: str | None) -> str:
+    """What a field takes, in the caller's words ("an integer", "a string or an object {job_id, index}")."""
+    info = next((m.model_fields[field] for m in _SCHEMAS if field in m.model_fields), None)
+    if info is None:
+        return "a number or a string"
+    types = [t for t in typing.get_args(info.annotation) or (info.annotation,) if t is not type(None)]
+    if typing.get_origin(info.annotation) is typing.Literal:
+        types = [str]
+    words = [
+        "a list of numbers" if typing.get_origin(t) is list else _MEMBERS.get(getattr(t, "__name__", ""), "a string")
+        for t in types
+    ]
+    return " or ".join(dict.fromkeys(words))
 
 
 def _fmt(value: Any) -> str:
@@ -86,8 +103,16 @@ def message(error: dict, caps: Mapping[str, float] | None = None) -> tuple[str, 
         return f"{param} must hold at least {limit} values", param
     if kind == "extra_forbidden":
         return f"unknown field {shown(param)}: this endpoint does not accept it", param
+    if kind == "boolean_refused":
+        return f"{param} must be {_takes(field)}, got {json.dumps(given)}", param
+    if kind == "missing" and param is None:
+        return "the request needs a body: a JSON object (Content-Type: application/json)", None
     if kind == "missing":
         return f"{param} is required", param
+    if param is None and kind in ("model_attributes_type", "dict_type"):
+        # bytes: a body FastAPI did not read as JSON (another Content-Type, as fetch() gives a string body)
+        got = "a body of another Content-Type" if isinstance(given, bytes) else shown(given)
+        return f"the body must be a JSON object sent as Content-Type: application/json, got {got}", None
     if kind == "json_invalid":
         return "the body is not valid JSON: " + error.get("msg", ""), None
     if param:

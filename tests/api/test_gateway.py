@@ -334,6 +334,71 @@ def test_a_picture_field_is_refused_in_the_form_it_was_sent_in(client, image, pa
     assert refused.json()["error"] == {"type": "invalid_request_error", "message": message, "param": param}
 
 
+@pytest.mark.parametrize(
+    "body, param, message",
+    [
+        ({"kind": "forward", "strength": 0.5}, "strength", "strength applies to reverse and guidance_sweep trajectories only, not forward; leave it out"),
+        ({"kind": "reverse", "timesteps": [0, 500]}, "timesteps", "timesteps applies to forward trajectories only, not reverse; leave it out"),
+        ({"kind": "forward", "guidance_scales": [1.0]}, "guidance_scales", "guidance_scales applies to guidance_sweep trajectories only, not forward; leave it out"),
+        ({"kind": "guidance_sweep", "trajectory_every": 2}, "trajectory_every", "trajectory_every applies to reverse trajectories only, not guidance_sweep; leave it out"),
+        ({"kind": "reverse", "space": "pixel"}, "space", "space applies to forward trajectories only, not reverse; leave it out"),
+    ],
+)  # fmt: skip
+def test_a_trajectory_field_its_kind_does_not_read_is_refused_by_name(client, body, param, message):
+    """Fields of one kind sent to another are refused, not ignored; a client sending a field at its default is
+    not refused (the CLI and the page send their defaults)."""
+    refused = client.post("/v1/trajectories", json={"prompt": "x"} | body)
+    assert refused.status_code == 422
+    assert refused.json()["error"] == {"type": "invalid_request_error", "message": message, "param": param}
+    defaults = {"noise_seed": 0, "space": "latent", "trajectory_every": 1, "timesteps": None, "strength": None}
+    assert client.post("/v1/trajectories", json={"kind": "reverse", "prompt": "x"} | defaults).status_code == 202
+
+
+def test_a_trajectory_takes_an_earlier_jobs_image_by_reference(client):
+    """{job_id, index} is a trajectory's picture as a generation's: resolved (here: no such job), not refused as a
+    wrong type."""
+    for kind in ("forward", "reverse"):
+        body = {"kind": kind, "prompt": "x", "image": {"job_id": "nope", "index": 0}}
+        refused = client.post("/v1/trajectories", json=body).json()["error"]
+        assert refused["param"] == "image.job_id" and refused["message"] == "image: no job 'nope'", refused
+
+
+@pytest.mark.parametrize(
+    "body, param, message",
+    [
+        ({"num_inference_steps": True}, "num_inference_steps", "num_inference_steps must be an integer, got true"),
+        ({"guidance_scale": False}, "guidance_scale", "guidance_scale must be a number, got false"),
+        ({"image": {"job_id": "j", "index": True}}, "image.index", "image.index must be an integer, got true"),
+        ({"image": True}, "image", "image must be a string or an object {job_id, index}, got true"),
+    ],
+)
+def test_true_and_false_are_not_numbers(client, body, param, message):
+    """pydantic's lax mode reads true as 1: a request with "num_inference_steps": true ran one step."""
+    refused = client.post("/v1/generations", json={"prompt": "x"} | body)
+    assert refused.status_code == 422
+    assert refused.json()["error"] == {"type": "invalid_request_error", "message": message, "param": param}
+
+
+def test_a_missing_or_non_json_body_is_told_what_the_endpoint_takes(client):
+    for path in ("/v1/generations", "/v1/trajectories", "/v1/images/generations"):
+        refused = client.post(path)
+        assert refused.status_code == 422 and refused.json()["error"] == {
+            "type": "invalid_request_error",
+            "message": "the request needs a body: a JSON object (Content-Type: application/json)",
+            "param": None,
+        }
+    # what fetch() sends for a string body: text/plain
+    refused = client.post("/v1/generations", content='{"prompt": "x"}', headers={"content-type": "text/plain"})
+    assert refused.status_code == 422
+    assert refused.json()["error"]["message"] == (
+        "the body must be a JSON object sent as Content-Type: application/json, got a body of another Content-Type"
+    ), refused.text
+    refused = client.post("/v1/generations", json=["x"])
+    assert refused.json()["error"]["message"] == (
+        "the body must be a JSON object sent as Content-Type: application/json, got ['x']"
+    ), refused.text
+
+
 def test_a_picture_count_past_every_bound_is_told_the_deployments(client):
     """The schema allows 16 pictures a job, this gateway 4: 17 and 5 are both told "between 1 and 4"."""
     for path, field in (("/v1/generations", "num_images"), ("/v1/images/generations", "n")):

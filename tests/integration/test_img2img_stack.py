@@ -149,6 +149,27 @@ def test_a_reverse_trajectory_from_a_picture_starts_at_its_noised_start(real_sta
     assert np.abs(first - original).mean() < np.abs(noise_only - original).mean()
 
 
+def test_trajectories_start_from_an_earlier_jobs_image(real_stack):
+    """A trajectory's image may be {job_id, index} as a generation's: forward noises that picture (its t = 0 frame
+    in pixel space is the picture itself), reverse re-imagines it from its noised start."""
+    first = wait_job(
+        real_stack, submit(real_stack, {"prompt": "a red square", "seed": 2, "num_inference_steps": 4})["id"]
+    )
+    assert first["status"] == "succeeded", first
+    reference = {"job_id": first["id"], "index": 0}
+    forward = wait_job(
+        real_stack,
+        submit(real_stack, {"kind": "forward", "image": reference, "space": "pixel"}, path="/v1/trajectories")["id"],
+    )
+    assert forward["status"] == "succeeded", forward
+    picture = np.asarray(fetch(real_stack, first["images"][0]), dtype=float)
+    assert np.abs(np.asarray(fetch(real_stack, forward["frames"][0]["url"]), dtype=float) - picture).max() <= 1
+    body = {"kind": "reverse", "prompt": "a red square", "num_inference_steps": STEPS, "strength": 0.5}
+    reverse = wait_job(real_stack, submit(real_stack, body | {"image": reference}, path="/v1/trajectories")["id"])
+    assert reverse["status"] == "succeeded", reverse
+    assert len(reverse["frames"]) == 2 * 5 and reverse["params"]["has_image"]
+
+
 @pytest.mark.parametrize(
     "fields,param,words",
     [
