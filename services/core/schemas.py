@@ -20,13 +20,11 @@ from services.common.rules import (
     MAX_IMAGES,
     MAX_PROMPT_CHARS,
     MAX_SEED,
-    MAX_SIDE,
     MAX_STEPS,
     MAX_STRENGTH,
     MAX_TIMESTEPS,
     MIN_GUIDANCE_FRACTION,
     MIN_GUIDANCE_RESCALE,
-    MIN_SIDE,
     MIN_STRENGTH,
     MIN_TRUE_CFG_SCALE,
     SAMPLERS,
@@ -35,6 +33,12 @@ from services.common.rules import (
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 JobKind = Literal["generation", "forward", "reverse", "guidance_sweep"]
 OutputFormat = Literal["png", "jpeg", "webp"]
+
+
+SIZE_DESCRIPTION = (
+    "Pixels; null: the model's native {side}. A multiple of the model's size_multiple, at most twice native "
+    "(GET /v1/models: native_width, native_height, size_multiple)."
+)
 
 
 class _Strict(BaseModel):
@@ -167,13 +171,9 @@ class GenerationCreate(_ImageFields):
         0.0, ge=0.0, le=MAX_ETA, description="DDIM eta: 0 deterministic, 1 DDPM-like; the ddim sampler only."
     )
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random seed; null draws one and reports it.")
-    width: int | None = Field(
-        None,
-        ge=MIN_SIDE,
-        le=MAX_SIDE,
-        description="Pixels; default the model's native width; a multiple of its size_multiple, at most twice native.",
-    )
-    height: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE, description="Pixels; default the model's native height.")
+    # no bounds here: the model's (rules.check_size) are the ones a refusal names, so it names a range that passes
+    width: int | None = Field(None, description=SIZE_DESCRIPTION.format(side="width"))
+    height: int | None = Field(None, description=SIZE_DESCRIPTION.format(side="height"))
     num_images: int = Field(
         1, ge=1, le=MAX_IMAGES, description="Pictures from this prompt and seed (the server may allow fewer)."
     )
@@ -211,8 +211,8 @@ class TrajectoryCreate(_FamilyFields):
         description="Guidance scale (reverse, forward's generated image); null: the model's default.",
     )
     eta: float = Field(0.0, ge=0.0, le=MAX_ETA, description="DDIM eta.")
-    width: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE, description="Pixels; default native.")
-    height: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE, description="Pixels; default native.")
+    width: int | None = Field(None, description=SIZE_DESCRIPTION.format(side="width"))
+    height: int | None = Field(None, description=SIZE_DESCRIPTION.format(side="height"))
     image: str | JobImage | None = Field(
         None,
         description="forward: the picture to noise; reverse and guidance_sweep: the starting picture of image to "

@@ -379,6 +379,14 @@ def test_true_and_false_are_not_numbers(client, body, param, message):
     assert refused.json()["error"] == {"type": "invalid_request_error", "message": message, "param": param}
 
 
+def test_a_size_is_refused_with_the_range_the_model_allows(client):
+    """Not a generic 8..2048 that the model refuses in turn: its own multiple and maximum, whatever the value."""
+    for width in (2049, 4, 0, 10**20):
+        refused = client.post("/v1/generations", json={"prompt": "x", "width": width}).json()["error"]
+        assert refused["param"] == "width", refused
+        assert refused["message"] == f"width must be a multiple of 8 between 8 and 64, got {width}", refused
+
+
 def test_a_missing_or_non_json_body_is_told_what_the_endpoint_takes(client):
     for path in ("/v1/generations", "/v1/trajectories", "/v1/images/generations"):
         refused = client.post(path)
