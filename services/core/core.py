@@ -638,17 +638,23 @@ class Core:
 
     async def artifact(self, owner: str, job_id: str, kind: str, index: int) -> tuple[bytes, str]:
         """(bytes, media type) of image or frame `index`. A reverse trajectory's frames answer while it runs,
-        as soon as their `frame` event is out; the others once the job has succeeded."""
+        as soon as their `frame` event is out, and stay after a cancel or failure (until the job expires); the
+        others once the job has succeeded."""
         if kind not in ARTIFACT_KINDS:
             raise InvalidInput(f"kind must be one of {', '.join(ARTIFACT_KINDS)}, got {shown(kind)}", "kind")
         rules.between("index", index, 0, 10**6, integer=True)
         job = await self.job(owner, job_id)
         names = job.images if kind == "image" else [frame["blob"] for frame in job.frames]
         media_type = job.media_type if kind == "image" else "image/png"
-        if kind == "frame" and job.status == "running" and index >= len(names):
+        if kind == "frame" and job.status != "succeeded" and index >= len(names):
+            # stored as it streams, before the job's record lists it (that happens when the job succeeds)
             data = await self._redis(self.store.blob(job_id, frame_blob_name(job.attempt, index)))
             if data is not None:
                 return data, media_type
+            if job.status in ("queued", "running"):
+                raise NotFound(
+                    f"job {job_id} has no frame {index} yet: a frame is there once its frame event is out", "index"
+                )
         if index >= len(names):
             raise NotFound(f"job {job_id} has no {kind} {index} (it has {len(names)})", "index")
         data = await self._redis(self.store.blob(job_id, names[index]))

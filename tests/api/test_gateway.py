@@ -4,6 +4,7 @@ the loopback rule and the documented contract."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import redis
@@ -143,7 +144,20 @@ def test_a_running_jobs_streamed_frames_can_be_fetched(client):
     assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "running"
     assert client.get(f"/v1/jobs/{job['id']}/frames/0").content == b"\x89PNG frame 0"
     missing = client.get(f"/v1/jobs/{job['id']}/frames/1")
-    assert missing.status_code == 404 and missing.json()["error"]["param"] == "index"
+    assert missing.status_code == 404 and missing.json()["error"] == {
+        "type": "not_found_error",
+        "message": f"job {job['id']} has no frame 1 yet: a frame is there once its frame event is out",
+        "param": "index",
+    }
+    # cancelled at its next step, as its worker ends it: the frame it streamed stays there
+    assert client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 200
+    record = store.get(job["id"])
+    assert store.finish(record, attempt, "cancelled", {}, ("cancelled", {"id": job["id"]}))
+    time.sleep(0.3)  # past JOB_POLL_MAX_AGE_S: the gateway's view of a running job may be that old
+    assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "cancelled"
+    assert client.get(f"/v1/jobs/{job['id']}/frames/0").content == b"\x89PNG frame 0"
+    missing = client.get(f"/v1/jobs/{job['id']}/frames/1").json()["error"]
+    assert missing["message"] == f"job {job['id']} has no frame 1 (it has 0)", missing
 
 
 def test_readyz_is_503_without_a_live_worker(client):
