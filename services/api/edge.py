@@ -13,8 +13,10 @@ import asyncio
 import contextlib
 import json
 import time
+from collections.abc import Iterable
 
 from starlette.exceptions import HTTPException
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.api import metrics
@@ -29,6 +31,33 @@ class BodyTooLarge(HTTPException):
     def __init__(self, limit: int, declared: int | None = None):
         what = f"request body is {declared} bytes" if declared is not None else "request body is over the limit"
         super().__init__(413, f"{what}; the limit is {limit} bytes", headers={"Connection": "close"})
+
+
+def _route_template(scope: Scope, routed: bool) -> str:
+    """The template of the route the request went to (the metrics' `route` label). A request refused before
+    routing (a declared Content-Length over the limit) never reached the router: it is matched here as the
+    router matches it (a full match, else the first partial one: a 405), so its 413 counts under its route."""
+    route = scope.get("route") if routed else _match(scope)
+    return getattr(route, "path", "unmatched")
+
+
+def _match(scope: Scope) -> BaseRoute | None:
+    app = scope.get("app")
+    return _match_in(getattr(getattr(app, "router", None), "routes", ()), scope)
+
+
+def _match_in(routes: Iterable[BaseRoute], scope: Scope) -> BaseRoute | None:
+    partial = None
+    for route in routes:
+        match, _ = route.matches(scope)
+        if match is Match.NONE:
+            continue
+        nested = getattr(route, "original_router", None)  # FastAPI keeps an included router whole, as one route
+        found = _match_in(nested.routes, scope) if nested is not None else route
+        if match is Match.FULL:
+            return found
+        partial = partial or found
+    return partial
 
 
 def _declared_length(scope: Scope) -> int | None:
@@ -89,6 +118,7 @@ class Edge:
         limit = self.max_body_bytes
         status = 500
         response_started = too_large = False
+        routed = True  # false for a request refused before it reaches the router
 
         async def observed_send(message: Message) -> None:
             nonlocal status, response_started
@@ -104,7 +134,7 @@ class Edge:
         received = reserved = 0
         try:
             if declared is not None and declared > limit:
-                too_large = True
+                too_large, routed = True, False
                 raise BodyTooLarge(limit, declared)
 
             async def limited_receive() -> Message:
@@ -129,9 +159,8 @@ class Edge:
                 await self.budget.give(reserved)
             if status == 413:
                 core_metrics.record_rejection("payload_too_large")
-            route = scope.get("route")
             metrics.observe_http_request(
-                getattr(route, "path", "unmatched"), scope["method"], status, time.perf_counter() - started
+                _route_template(scope, routed), scope["method"], status, time.perf_counter() - started
             )
 
     async def _linger(self, receive: Receive) -> None:

@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from services.common.errors import ServiceError
+from services.common.errors import InvalidInput, ServiceError
 from services.core import metrics as core_metrics
 from services.core.core import translate_redis_errors
 from services.core.schemas import ErrorResponse
@@ -48,15 +48,35 @@ def documented(*codes: int) -> dict[int | str, dict]:
     }
 
 
-def error_response(error: ServiceError) -> JSONResponse:
-    core_metrics.record_refusal(error)
-    return JSONResponse(error.body(), status_code=error.status_code, headers=error.headers())
+# The routes that submit a job: a refusal of theirs before the job is queued is a rejection (core metrics).
+SUBMISSION_ROUTES = frozenset({"/v1/generations", "/v1/trajectories", "/v1/images/generations", "/v1/images/edits"})
+# How a client authenticates (Core.authenticate reads `Authorization: Bearer <key>`), as a 401 must say (RFC 9110)
+AUTH_CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+
+def mark_queued(request: Request) -> None:
+    """The request's job is queued: what fails after this (the OpenAI route's wait) refuses no job."""
+    request.state.job_queued = True
+
+
+def _submitting(request: Request | None) -> bool:
+    """Whether the request was refused a new job: a submit route, with no job queued by it yet."""
+    if request is None:
+        return False
+    route = getattr(request.scope.get("route"), "path", None)
+    return route in SUBMISSION_ROUTES and not getattr(request.state, "job_queued", False)
+
+
+def error_response(error: ServiceError, request: Request | None = None) -> JSONResponse:
+    core_metrics.record_refusal(error, submission=_submitting(request))
+    headers = error.headers() | (AUTH_CHALLENGE if error.status_code == 401 else {})
+    return JSONResponse(error.body(), status_code=error.status_code, headers=headers)
 
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
-    async def _service(_: Request, exc: ServiceError) -> JSONResponse:
-        return error_response(exc)
+    async def _service(request: Request, exc: ServiceError) -> JSONResponse:
+        return error_response(exc, request)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -64,10 +84,17 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(redis.exceptions.RedisError)
     async def _redis(request: Request, exc: redis.exceptions.RedisError) -> JSONResponse:
-        return error_response(translate_redis_errors(exc, request.app.state.core.settings.retry_after_s))
+        error = translate_redis_errors(exc, request.app.state.core.settings.retry_after_s)
+        error.__cause__ = exc  # as the core chains it (Core._redis), so the refusal is counted as Redis's
+        return error_response(error, request)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.__cause__ is not None:
+            # FastAPI's 400 for a body it could not decode (not UTF-8, ...): invalid JSON is a 422 everywhere
+            # else, and the caller is told why
+            why = f"{type(exc.__cause__).__name__}: {exc.__cause__}"
+            return error_response(InvalidInput(f"the body is not valid JSON ({why})", None), request)
         core_metrics.record_refusal(exc.status_code)
         body = {
             "error": {
@@ -76,7 +103,8 @@ def install(app: FastAPI) -> None:
                 "param": None,
             }
         }
-        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        headers = (getattr(exc, "headers", None) or {}) | (AUTH_CHALLENGE if exc.status_code == 401 else {})
+        return JSONResponse(body, status_code=exc.status_code, headers=headers or None)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

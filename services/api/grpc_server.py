@@ -32,7 +32,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, Histogram
 
 from services.api import metrics
-from services.common import protocol
+from services.common import protocol, rules
 from services.common.errors import (
     Conflict,
     InternalError,
@@ -90,7 +90,9 @@ def _as_service_error(exc: Exception, retry_after_s: float) -> ServiceError:
     if isinstance(exc, ServiceError):
         return exc
     if isinstance(exc, redis.exceptions.RedisError):
-        return translate_redis_errors(exc, retry_after_s)
+        error = translate_redis_errors(exc, retry_after_s)
+        error.__cause__ = exc  # as the core chains it (Core._redis), so the refusal is counted as Redis's
+        return error
     if isinstance(exc, StreamBroken):
         return Unavailable(str(exc), None, retry_after_s=1)
     log.error("unexpected error in a gRPC handler", exc_info=exc)
@@ -102,14 +104,16 @@ def _as_service_error(exc: Exception, retry_after_s: float) -> ServiceError:
 MAX_DETAILS_CHARS = 1000
 
 
-async def _abort(context: grpc.aio.ServicerContext, method: str, error: ServiceError) -> None:
+async def _abort(
+    context: grpc.aio.ServicerContext, method: str, error: ServiceError, *, submission: bool = False
+) -> None:
     code = _STATUS_OF.get(type(error), grpc.StatusCode.INTERNAL)
     trailers = [(protocol.TYPE_METADATA_KEY, error.error_type)]
     if error.param:
         trailers.append((protocol.PARAM_METADATA_KEY, error.param))
     if error.retry_after_s:
         trailers.append((protocol.RETRY_AFTER_METADATA_KEY, str(max(1, round(error.retry_after_s)))))
-    core_metrics.record_refusal(error)
+    core_metrics.record_refusal(error, submission=submission)
     grpc_requests_total.labels(method, code.name).inc()
     details = error.message if len(error.message) <= MAX_DETAILS_CHARS else error.message[: MAX_DETAILS_CHARS - 1] + "…"
     await context.abort(code, details, trailing_metadata=tuple(trailers))
@@ -117,24 +121,29 @@ async def _abort(context: grpc.aio.ServicerContext, method: str, error: ServiceE
 
 def edge(handler: Callable) -> Callable:
     """Authenticate, time and count the call, and map every error to a status code, for unary and streaming
-    handlers alike. The handler gets the caller's owner id after the request."""
+    handlers alike. The handler gets the caller's owner id after the request. A refusal of a `submitting` handler
+    before its first reply refused a new job (GenerateStream's first reply is the queued job)."""
     method = handler.__name__
+    submits = getattr(handler, "_submitting", False)
 
     if getattr(handler, "_streaming", False):
 
         @functools.wraps(handler)
         async def stream(self: LatentdServicer, request, context):
             metrics.grpc_stream_readers.inc()
+            replied = False
             try:
                 owner = self.core.authenticate(_authorization(context))
                 async for reply in handler(self, request, context, owner):
                     yield reply
+                    replied = True
                 grpc_requests_total.labels(method, "OK").inc()
             except asyncio.CancelledError:
                 grpc_requests_total.labels(method, "CANCELLED").inc()
                 raise
             except Exception as exc:  # noqa: BLE001 - mapped to a status code
-                await _abort(context, method, _as_service_error(exc, self.core.settings.retry_after_s))
+                error = _as_service_error(exc, self.core.settings.retry_after_s)
+                await _abort(context, method, error, submission=submits and not replied)
             finally:
                 metrics.grpc_stream_readers.dec()
 
@@ -149,7 +158,7 @@ def edge(handler: Callable) -> Callable:
             grpc_requests_total.labels(method, "OK").inc()
             return reply
         except Exception as exc:  # noqa: BLE001 - mapped to a status code
-            await _abort(context, method, _as_service_error(exc, self.core.settings.retry_after_s))
+            await _abort(context, method, _as_service_error(exc, self.core.settings.retry_after_s), submission=submits)
         finally:
             grpc_request_duration_seconds.labels(method).observe(time.perf_counter() - started)
 
@@ -158,6 +167,12 @@ def edge(handler: Callable) -> Callable:
 
 def streaming(handler: Callable) -> Callable:
     handler._streaming = True
+    return handler
+
+
+def submitting(handler: Callable) -> Callable:
+    """A handler that queues a job: its refusals before it answers are counted by reason (core metrics)."""
+    handler._submitting = True
     return handler
 
 
@@ -175,12 +190,14 @@ class LatentdServicer(pb_grpc.LatentdServiceServicer):
         self._cancels: set[asyncio.Task] = set()
 
     @edge
+    @submitting
     async def SubmitGeneration(self, request, context, owner):
         body = protocol.generation_from_proto(request.params)
         job = await self.core.submit_generation(owner, body, _metadata(context, IDEMPOTENCY_METADATA_KEY))
         return pb.SubmitGenerationResponse(job=job.to_proto())
 
     @edge
+    @submitting
     async def SubmitTrajectory(self, request, context, owner):
         body = protocol.trajectory_from_proto(request.params)
         job = await self.core.submit_trajectory(owner, body, _metadata(context, IDEMPOTENCY_METADATA_KEY))
@@ -209,11 +226,13 @@ class LatentdServicer(pb_grpc.LatentdServiceServicer):
     @edge
     @streaming
     async def StreamJobEvents(self, request, context, owner):
-        async for event in self.core.follow(owner, _job_id(request), request.after_event_id or "0"):
+        after = rules.check_event_id(request.after_event_id or "0", "after_event_id")  # as REST's Last-Event-ID
+        async for event in self.core.follow(owner, _job_id(request), after):
             yield pb.StreamJobEventsResponse(event=event.to_proto())
 
     @edge
     @streaming
+    @submitting
     async def GenerateStream(self, request, context, owner):
         body = protocol.generation_from_proto(request.params)
         job = await self.core.submit_generation(owner, body, _metadata(context, IDEMPOTENCY_METADATA_KEY))

@@ -287,7 +287,7 @@ class Core:
             max_connections=settings.redis_max_connections,
             timeout=settings.redis_pool_wait_s,  # a connection to free up: load, not Redis away
             socket_connect_timeout=settings.redis_timeout_s,
-            socket_timeout=settings.redis_timeout_s + 1.0,  # longer than the event hub's blocking read
+            socket_timeout=settings.redis_timeout_s,  # the event hub's XREAD blocks 100 ms (EventHub.block_ms)
             health_check_interval=30,
             retry=reconnect_once(for_asyncio=True),  # a connection left from before a Redis restart
         )

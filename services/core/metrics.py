@@ -4,6 +4,7 @@ Labels are bounded sets (kind, model, reason); never a job id or an API key."""
 
 from __future__ import annotations
 
+import redis.exceptions
 from prometheus_client import Counter
 
 from services.common.errors import ServiceError
@@ -20,7 +21,9 @@ rejections_total = Counter(
     ["reason"],
 )
 # Refusals counted by their status where a door maps them; the others are counted where they happen
-# (queue_full and no_worker in the core, payload_too_large in the REST body limit).
+# (queue_full and no_worker in the core, payload_too_large in the REST body limit), but redis_unavailable, which
+# only a door can tell apart: there, the error says Redis failed, and the door knows it was refusing a new job
+# (not a read, not a job already queued).
 _REASON_OF_STATUS = {422: "validation", 401: "auth"}
 
 
@@ -32,8 +35,23 @@ def record_rejection(reason: str) -> None:
     rejections_total.labels(reason=reason).inc()
 
 
-def record_refusal(error: ServiceError | int) -> None:
-    """Called by each door where it maps an error to its transport."""
+def record_refusal(error: ServiceError | int, *, submission: bool = False) -> None:
+    """Called by each door where it maps an error to its transport; `submission`: the request would have queued
+    a job, and none was queued."""
     status = error if isinstance(error, int) else error.status_code
     if status in _REASON_OF_STATUS:
         record_rejection(_REASON_OF_STATUS[status])
+    elif submission and isinstance(error, ServiceError) and redis_refused(error):
+        record_rejection("redis_unavailable")
+
+
+def redis_refused(error: ServiceError) -> bool:
+    """Whether the job store refused the request: Redis unreachable, stalled past its timeout or full (the core
+    chains the Redis error under the 503 it answers, core.translate_redis_errors). Not a pool whose connections
+    all stayed busy: that is the gateway's own load, with Redis answering (docs/api.md, REDIS_POOL_WAIT_S)."""
+    from services.core.core import POOL_EXHAUSTED  # the core imports this module
+
+    cause = error.__cause__
+    if not isinstance(cause, redis.exceptions.RedisError):
+        return False
+    return not (isinstance(cause, redis.exceptions.ConnectionError) and str(cause) == POOL_EXHAUSTED)

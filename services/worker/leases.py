@@ -142,12 +142,11 @@ class LeaseKeeper:
     def drain(self) -> None:
         """Stop taking jobs, let the engines finish theirs for up to drain_grace_s, requeue the rest now."""
         self.runtime.draining.set()
-        grace = self.settings.drain_grace_s
-        deadline = time.monotonic() + grace
+        started = time.monotonic()
+        deadline = started + self.settings.drain_grace_s
         while self.runtime.held() and time.monotonic() < deadline:
             time.sleep(0.1)
-        held = sum(len(jobs) for jobs in self.runtime.held().values())
-        log.warning("draining: %d job(s) still running after %.0f s; requeueing them", held, grace)
+        self._report_drain(time.monotonic() - started)
         # A task that claimed a job just as the drain began is caught by a later round, so nothing stays held.
         # This thread is a daemon: the process exits as soon as the pool's threads end, whatever it does.
         give_up = time.monotonic() + max(10.0, self.settings.lease_s)
@@ -156,6 +155,15 @@ class LeaseKeeper:
                 for job_id, attempt in jobs:
                     self._hand_back(model, job_id, attempt, "its worker was draining")
             time.sleep(0.2)
+
+    def _report_drain(self, elapsed_s: float) -> None:
+        """How the wait for the engines ended: the time it took (not the grace it was allowed), and a warning only
+        where jobs are left to requeue; a clean drain is routine (every scale-in, every rolling update)."""
+        held = sum(len(jobs) for jobs in self.runtime.held().values())
+        if held:
+            log.warning("draining: %d job(s) still running after %.1f s; requeueing them", held, elapsed_s)
+        else:
+            log.info("draining: no job left running after %.1f s", elapsed_s)
 
     def _hand_back(self, model: str, job_id: str, attempt: int, reason: str) -> None:
         """Requeue this worker's attempt as a new one, not counted as lost (its fence moves on), and drop it from

@@ -415,6 +415,12 @@ def test_a_missing_or_non_json_body_is_told_what_the_endpoint_takes(client):
     assert refused.json()["error"]["message"] == (
         "the body must be a JSON object sent as Content-Type: application/json, got a body of another Content-Type"
     ), refused.text
+    refused = client.post(
+        "/v1/generations", content=b'{"prompt": "caf\xe9"}', headers={"content-type": "application/json"}
+    )
+    assert refused.status_code == 422 and refused.json()["error"]["message"].startswith(
+        "the body is not valid JSON (UnicodeDecodeError: 'utf-8' codec can't decode byte 0xe9"
+    ), refused.text
     refused = client.post("/v1/generations", json=["x"])
     assert refused.json()["error"]["message"] == (
         "the body must be a JSON object sent as Content-Type: application/json, got ['x']"

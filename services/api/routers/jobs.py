@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -13,7 +12,7 @@ from fastapi.responses import StreamingResponse
 from services.api import metrics
 from services.api.deps import CoreDep, OwnerDep
 from services.api.errors import documented
-from services.common.errors import InvalidInput
+from services.common import rules
 from services.common.jobs import JobEvent
 from services.core import Core
 from services.core.events import StreamBroken
@@ -21,7 +20,6 @@ from services.core.schemas import Job
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-_STREAM_ID = re.compile(r"^\d+(-\d+)?$")
 PICTURE = {200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}}
 
 
@@ -90,8 +88,7 @@ async def job_events(
     last_event_id: str | None = Query(None, description="Resume after this event id (as Last-Event-ID)."),
 ) -> StreamingResponse:
     after = last_event_id_header or last_event_id or "0"
-    if not _STREAM_ID.match(after):
-        raise InvalidInput(f"Last-Event-ID must be an event id like 1700000000000-0, got {after!r}", "last_event_id")
+    rules.check_event_id(after, "Last-Event-ID", "last_event_id")
     events = await core.events(owner, job_id, after, idle_s=core.settings.sse_keepalive_s)  # 404 before the stream
     return StreamingResponse(
         sse_stream(events, after),

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import base64
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from starlette.datastructures import UploadFile
 
 from services.api.deps import CoreDep, IdempotencyKey, OwnerDep
-from services.api.errors import documented
+from services.api.errors import documented, mark_queued
 from services.common.errors import InvalidInput
 from services.common.jobs import JobRecord
 from services.core import Core
@@ -18,17 +18,38 @@ from services.core.schemas import OpenAIImageEditRequest, OpenAIImageRequest
 from services.core.validation import parse
 
 router = APIRouter(prefix="/v1/images", tags=["openai"])
+# as POST /v1/generations answers a retry with its Idempotency-Key (deps.submitted)
+REPLAYED = {
+    "Idempotent-Replayed": {
+        "description": "true: the answer of an earlier request with the same Idempotency-Key and body.",
+        "schema": {"type": "string"},
+    }
+}
 
 
-@router.post("/generations", responses=documented(401, 409, 413, 422, 429, 503, 500))
+@router.post(
+    "/generations",
+    responses={200: {"headers": REPLAYED}} | documented(401, 409, 413, 422, 429, 503, 500),
+)
 async def openai_generate(
-    body: OpenAIImageRequest, request: Request, core: CoreDep, owner: OwnerDep, idempotency_key: IdempotencyKey = None
+    body: OpenAIImageRequest,
+    request: Request,
+    response: Response,
+    core: CoreDep,
+    owner: OwnerDep,
+    idempotency_key: IdempotencyKey = None,
 ) -> dict:
     job = await core.submit_openai(owner, body, idempotency_key)  # a retry with its key waits for the first job
-    return await _images_response(core, owner, job, body.response_format, request)
+    return await _images_response(core, owner, job, body.response_format, request, response)
 
 
-async def _images_response(core: Core, owner: str, job: JobRecord, response_format: str, request: Request) -> dict:
+async def _images_response(
+    core: Core, owner: str, job: JobRecord, response_format: str, request: Request, response: Response
+) -> dict:
+    """Wait for the queued (or, on a retry, the earlier) job and answer its images."""
+    mark_queued(request)
+    if job.replayed:  # said before the wait: the record it returns is read afresh, without the mark
+        response.headers["Idempotent-Replayed"] = "true"
     job = await core.wait(owner, job.id, core.settings.openai_timeout_s)
     if response_format == "b64_json":
         data = [{"b64_json": base64.b64encode(blob).decode()} for blob in await core.blobs(job)]
@@ -77,8 +98,14 @@ async def _file(form, name: str) -> bytes | None:
     return await values[0].read()
 
 
-@router.post("/edits", openapi_extra=EDIT_FORM, responses=documented(401, 409, 413, 422, 429, 503, 500))
-async def openai_edit(request: Request, core: CoreDep, owner: OwnerDep, idempotency_key: IdempotencyKey = None) -> dict:
+@router.post(
+    "/edits",
+    openapi_extra=EDIT_FORM,
+    responses={200: {"headers": REPLAYED}} | documented(401, 409, 413, 422, 429, 503, 500),
+)
+async def openai_edit(
+    request: Request, response: Response, core: CoreDep, owner: OwnerDep, idempotency_key: IdempotencyKey = None
+) -> dict:
     """Image to image and inpainting, the OpenAI way (`client.images.edit(image=..., mask=..., prompt=...)`)."""
     async with request.form() as form:
         image = await _file(form, "image")
@@ -88,4 +115,4 @@ async def openai_edit(request: Request, core: CoreDep, owner: OwnerDep, idempote
         raise InvalidInput("image is required: a PNG or JPEG file part", "image")
     body = parse(OpenAIImageEditRequest, fields, core.caps)
     job = await core.submit_openai_edit(owner, body, image, mask, idempotency_key)
-    return await _images_response(core, owner, job, body.response_format, request)
+    return await _images_response(core, owner, job, body.response_format, request, response)
