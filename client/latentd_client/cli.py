@@ -14,6 +14,7 @@ import argparse
 import base64
 import io
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -128,7 +129,7 @@ def cmd_generate(client: Client, args) -> int:
     )
     print(f"job {job.id} queued (seed {job.seed})", file=sys.stderr)
     job = follow(client, job.id, None if args.quiet else Progress())
-    out = Path(args.output)
+    out = Path(args.output or default_output(args.format))
     out.parent.mkdir(parents=True, exist_ok=True)
     for artifact in job.images:
         path = _numbered(out, artifact.index, len(job.images))
@@ -137,21 +138,51 @@ def cmd_generate(client: Client, args) -> int:
     return 0
 
 
-def _size(text: str | None, flag: str) -> tuple[int, int] | tuple[None, None]:
-    """ "WIDTHxHEIGHT" (or "TOP,LEFT" for --crop) -> two ints."""
-    if not text:
-        return None, None
-    parts = text.replace(",", "x").split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise SystemExit(f"{flag} takes two integers, e.g. {'8,0' if flag == '--crop' else '1024x768'}; got {text!r}")
-    return int(parts[0]), int(parts[1])
+def default_output(output_format: str | None) -> str:
+    """out.png, or out.jpeg / out.webp: the name says what the bytes are (the server's default format is PNG)."""
+    return f"out.{output_format or 'png'}"
+
+
+# ---- argument types: a bad value is argparse's own error (usage, "latentd ...: error: argument --x: ...", exit 2)
+def _two_ints(example: str):
+    """The type of "WIDTHxHEIGHT" (or "TOP,LEFT" for --crop): two ints."""
+
+    def two_ints(text: str) -> tuple[int, int]:
+        parts = text.replace(",", "x").split("x")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise argparse.ArgumentTypeError(f"takes two integers, e.g. {example}; got {text!r}")
+        return int(parts[0]), int(parts[1])
+
+    return two_ints
+
+
+def _list_of(convert, noun: str):
+    """The type of a comma-separated list, e.g. --timesteps 0,250,999."""
+
+    def list_of(text: str) -> list:
+        try:
+            return [convert(item) for item in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"takes comma-separated {noun}; got {text!r}") from None
+
+    return list_of
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"takes a number of seconds > 0; got {text!r}")
+    return value
 
 
 def family_fields(args) -> dict[str, Any]:
     """The fields of some model families only (`latentd models` lists what each model reads)."""
-    original_width, original_height = _size(args.original_size, "--original-size")
-    target_width, target_height = _size(args.target_size, "--target-size")
-    crop_top, crop_left = _size(args.crop, "--crop")
+    original_width, original_height = args.original_size or (None, None)
+    target_width, target_height = args.target_size or (None, None)
+    crop_top, crop_left = args.crop or (None, None)
     return dict(
         true_cfg_scale=args.true_cfg,
         original_width=original_width,
@@ -163,26 +194,23 @@ def family_fields(args) -> dict[str, Any]:
     )
 
 
-def _picture(value: str | None, flag: str) -> bytes | dict[str, Any] | None:
-    """A picture flag: a file's bytes, or JOB_ID:INDEX (an earlier job's image; job: for its first)."""
-    if not value:
-        return None
+def _picture(value: str) -> bytes | dict[str, Any]:
+    """The type of a picture flag: a file's bytes, or JOB_ID:INDEX (an earlier job's image; JOB_ID: for its
+    first), sent as the reference {"job_id", "index"}."""
     path = Path(value)
     if path.is_file():
         return path.read_bytes()
     job_id, sep, index = value.partition(":")
     if sep and job_id and (index == "" or index.isdigit()):
         return {"job_id": job_id, "index": int(index or 0)}
-    raise SystemExit(f"{flag} takes a PNG or JPEG file, or JOB_ID:INDEX of an earlier job's image; got {value!r}")
+    raise argparse.ArgumentTypeError(
+        f"takes a PNG or JPEG file, or JOB_ID:INDEX of an earlier job's image; got {value!r}"
+    )
 
 
 def picture_fields(args) -> dict[str, Any]:
     """Image to image and inpainting (`latentd models` lists what each model reads)."""
-    return dict(
-        image=_picture(args.image, "--image"),
-        strength=args.strength,
-        mask=_picture(args.mask, "--mask"),
-    )
+    return dict(image=args.image, strength=args.strength, mask=args.mask)
 
 
 def _frame_label(frame_meta: dict[str, Any], index: int) -> str:
@@ -238,14 +266,14 @@ def cmd_trajectory(client: Client, args) -> int:
         guidance_stop=args.guidance_stop,
         **{k: v for k, v in family_fields(args).items() if v is not None},
     )
-    if args.image:
-        fields["image"] = base64.b64encode(Path(args.image).read_bytes()).decode()
+    if args.image:  # bytes, or an earlier job's image by reference, as generate sends it
+        fields["image"] = args.image
     if args.strength is not None or args.mask:  # reverse, sweep: image to image from --image
-        fields.update(strength=args.strength, mask=_picture(args.mask, "--mask"))
+        fields.update(strength=args.strength, mask=args.mask)
     if args.timesteps:
-        fields["timesteps"] = [int(t) for t in args.timesteps.split(",")]
+        fields["timesteps"] = args.timesteps
     if args.scales:
-        fields["guidance_scales"] = [float(s) for s in args.scales.split(",")]
+        fields["guidance_scales"] = args.scales
     fields.update(noise_seed=args.noise_seed, space=args.space, trajectory_every=args.every)
     job = client.trajectory(kind, **fields)
     print(f"job {job.id} queued", file=sys.stderr)
@@ -293,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="http(s)://host:port (REST) or grpc://host:port; env LATENTD_URL",
     )
     parser.add_argument("--api-key", default=os.environ.get("LATENTD_API_KEY"), help="env LATENTD_API_KEY")
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request (streams excepted)")
+    parser.add_argument("--timeout", type=_seconds, default=30.0, help="seconds per request (streams excepted)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def generation_flags(p, prompt_positional: bool):
@@ -327,30 +355,49 @@ def build_parser() -> argparse.ArgumentParser:
             "the model's)",
         )
         p.add_argument("--true-cfg", type=float, help="Flux: true_cfg_scale, > 1 guides with --negative too")
-        p.add_argument("--original-size", help="SDXL: original size conditioning WIDTHxHEIGHT (default: the size)")
-        p.add_argument("--crop", help="SDXL: crop conditioning TOP,LEFT in pixels (default 0,0)")
-        p.add_argument("--target-size", help="SDXL: target size conditioning WIDTHxHEIGHT (default: the size)")
+        p.add_argument(
+            "--original-size",
+            type=_two_ints("1024x768"),
+            help="SDXL: original size conditioning WIDTHxHEIGHT (default: the size)",
+        )
+        p.add_argument("--crop", type=_two_ints("8,0"), help="SDXL: crop conditioning TOP,LEFT in pixels (default 0,0)")
+        p.add_argument(
+            "--target-size",
+            type=_two_ints("1024x768"),
+            help="SDXL: target size conditioning WIDTHxHEIGHT (default: the size)",
+        )
         p.add_argument(
             "--strength",
             type=float,
             help="with --image: 0..1, how far it is noised (default: the model's, `latentd models`)",
         )
         p.add_argument(
-            "--mask", help="with --image: inpaint where this PNG/JPEG is white (keep black); or JOB_ID:INDEX"
+            "--mask",
+            type=_picture,
+            help="with --image: inpaint where this PNG/JPEG is white (keep black); or JOB_ID:INDEX",
         )
         p.add_argument("--model")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
     g = sub.add_parser("generate", help="text to image (or image to image, inpainting), with live progress")
     generation_flags(g, True)
-    g.add_argument("--image", help="image to image: the starting picture (PNG/JPEG), or JOB_ID:INDEX of a job's image")
+    g.add_argument(
+        "--image",
+        type=_picture,
+        help="image to image: the starting picture (PNG/JPEG), or JOB_ID:INDEX of a job's image",
+    )
     g.add_argument("--eta", type=float)
     g.add_argument("--width", type=int)
     g.add_argument("--height", type=int)
     g.add_argument("-n", "--num-images", type=int)
     g.add_argument("--format", choices=["png", "jpeg", "webp"])
     g.add_argument("--preview-every", type=int, help="preview every k steps (drawn when stdout is a terminal)")
-    g.add_argument("-o", "--output", default="out.png", help="output file; -0, -1, ... added for several images")
+    g.add_argument(
+        "-o",
+        "--output",
+        help="output file (default: out.png, out.jpeg or out.webp, after --format); -0, -1, ... added for several "
+        "images",
+    )
     g.set_defaults(run=cmd_generate)
 
     t = sub.add_parser("trajectory", help="forward noising, reverse denoising or a guidance sweep, as frames")
@@ -358,14 +405,15 @@ def build_parser() -> argparse.ArgumentParser:
     generation_flags(t, False)
     t.add_argument(
         "--image",
+        type=_picture,
         help="forward: the clean image (PNG/JPEG; default: generated from --prompt); reverse, sweep: start from it "
-        "(image to image, with --strength and --mask)",
+        "(image to image, with --strength and --mask); or JOB_ID:INDEX of a job's image",
     )
-    t.add_argument("--timesteps", help="forward: comma-separated training timesteps")
+    t.add_argument("--timesteps", type=_list_of(int, "integers"), help="forward: comma-separated training timesteps")
     t.add_argument("--noise-seed", type=int, help="forward: seed of the one noise sample")
     t.add_argument("--space", choices=["pixel", "latent"], help="forward: where noise is added")
     t.add_argument("--every", type=int, help="reverse: keep every k-th step")
-    t.add_argument("--scales", help="sweep: comma-separated guidance scales")
+    t.add_argument("--scales", type=_list_of(float, "numbers"), help="sweep: comma-separated guidance scales")
     t.add_argument("--out-dir", default="trajectory", help="frames, trajectory.gif and contact.png go here")
     t.set_defaults(run=cmd_trajectory)
 

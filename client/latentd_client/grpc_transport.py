@@ -4,13 +4,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 from urllib.parse import urlparse
 
 import grpc
+from google.protobuf.descriptor import FieldDescriptor
 
-from services.common import protocol
+from services.common import protocol, rules
+from services.common.errors import InvalidInput, shown
 from services.common.grpc_gen.latentd.v1 import latentd_pb2 as pb
 from services.common.grpc_gen.latentd.v1 import latentd_pb2_grpc as pb_grpc
 
@@ -28,6 +30,7 @@ from .types import Job, JobEvent, Model
 
 # A stream that ends with one of these is resumed (the server restarted, the connection broke).
 RESUMABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.CANCELLED)
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 _CODE_ERRORS = {
     grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
     grpc.StatusCode.PERMISSION_DENIED: AuthenticationError,
@@ -56,6 +59,81 @@ def error_from_rpc(exc: grpc.RpcError) -> LatentdError:
         retry_after=float(retry) if retry else None,
     )
     return cls(exc.details() or str(exc.code()), **kw)
+
+
+# What a proto integer field can carry: a value past it makes protobuf raise ValueError("Value out of range").
+_WIRE_RANGE = {
+    FieldDescriptor.CPPTYPE_INT32: (-(2**31), 2**31 - 1),
+    FieldDescriptor.CPPTYPE_INT64: (-(2**63), 2**63 - 1),
+    FieldDescriptor.CPPTYPE_UINT32: (0, 2**32 - 1),
+    FieldDescriptor.CPPTYPE_UINT64: (0, 2**64 - 1),
+}
+# The model-independent bounds of the rules (and the REST schemas) for the integer fields, so a value the wire
+# cannot carry is refused as the server refuses it over REST; a model may allow less (the server says so then).
+_RULE_BOUNDS = {
+    "num_inference_steps": (1, rules.MAX_STEPS),
+    "seed": (0, rules.MAX_SEED),
+    "noise_seed": (0, rules.MAX_SEED),
+    "width": (rules.MIN_SIDE, rules.MAX_SIDE),
+    "height": (rules.MIN_SIDE, rules.MAX_SIDE),
+    "num_images": (1, rules.MAX_IMAGES),
+    "preview_every": (0, rules.MAX_STEPS),
+    "trajectory_every": (1, rules.MAX_STEPS),
+    "image.index": (0, rules.MAX_IMAGES - 1),
+    "mask.index": (0, rules.MAX_IMAGES - 1),
+    **{
+        name: (0 if name.startswith("crop_") else 1, rules.MAX_CONDITIONING_SIDE)
+        for name in rules.SIZE_CONDITIONING_PARAMS
+    },
+}
+_GENERATION_FIELDS = pb.GenerationParams.DESCRIPTOR.fields_by_name
+_TRAJECTORY_FIELDS = pb.TrajectoryParams.DESCRIPTOR.fields_by_name
+
+
+def _sent_values(body: dict[str, Any]) -> Iterator[tuple[str, str, Any, FieldDescriptor]]:
+    """(field name, param, value, proto field) of each number the conversions in protocol.py write."""
+    fields = [(name, name, _GENERATION_FIELDS[name]) for name in protocol.GENERATION_SCALARS]
+    fields += [("noise_seed", "noise_seed", _TRAJECTORY_FIELDS["noise_seed"])]
+    fields += [("trajectory_every", "trajectory_every", _TRAJECTORY_FIELDS["every"])]
+    for name, param, field in fields:
+        if body.get(name) is not None:
+            yield name, param, body[name], field
+    for name in ("timesteps", "guidance_scales"):
+        for i, value in enumerate(body.get(name) or ()):
+            yield name, f"{name}.{i}", value, _TRAJECTORY_FIELDS[name]
+    for name, _ref in protocol.PICTURES:
+        if isinstance(body.get(name), dict) and "index" in body[name]:
+            ref = f"{name}.index"
+            yield ref, ref, body[name]["index"], pb.JobImageRef.DESCRIPTOR.fields_by_name["index"]
+
+
+def _refusal(body: dict[str, Any], cause: Exception) -> InvalidRequestError:
+    """The error the server would give for the field protobuf could not take (a number past its type, a string
+    for a number), naming the field and the range the rules allow."""
+    for name, param, value, field in _sent_values(body):
+        wire = _WIRE_RANGE.get(field.cpp_type)
+        if wire is None:  # a float field: any number fits (float32 rounds it; the server checks its range)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                return InvalidRequestError(
+                    f"{name} must be a number, got {shown(value)}", type=InvalidInput.error_type, param=param
+                )
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not wire[0] <= value <= wire[1]:
+            low, high = _RULE_BOUNDS.get(name, wire)
+            try:
+                rules.between(name, value, low, high, integer=True, param=param)
+            except InvalidInput as refused:
+                return InvalidRequestError(refused.message, type=refused.error_type, param=refused.param)
+    return InvalidRequestError(f"the request cannot be sent over gRPC: {cause}", type=InvalidInput.error_type)
+
+
+def _params(convert: Callable[[dict[str, Any]], Any], body: dict[str, Any]):
+    """`convert(body)` (a protocol.py conversion); InvalidRequestError, not protobuf's ValueError or TypeError, for
+    a value the proto cannot carry: over REST the server refuses it with the same message."""
+    try:
+        return convert(body)
+    except (ValueError, TypeError) as exc:
+        raise _refusal(body, exc) from None
 
 
 def _target(url: str) -> str:
@@ -87,6 +165,7 @@ class GrpcTransport:
             else grpc.insecure_channel(target, _OPTIONS)
         )
         self.stub = pb_grpc.LatentdServiceStub(self.channel)
+        self._health_check = self.channel.unary_unary(HEALTH_CHECK)  # bytes in, bytes out: no generated code
 
     def close(self) -> None:
         self.channel.close()
@@ -98,11 +177,11 @@ class GrpcTransport:
             raise error_from_rpc(exc) from None
 
     def submit_generation(self, body: dict[str, Any], idempotency_key: str | None = None) -> Job:
-        request = pb.SubmitGenerationRequest(params=protocol.generation_to_proto(body))
+        request = pb.SubmitGenerationRequest(params=_params(protocol.generation_to_proto, body))
         return Job.from_proto(self._unary(self.stub.SubmitGeneration, request, idempotency_key).job)
 
     def submit_trajectory(self, body: dict[str, Any], idempotency_key: str | None = None) -> Job:
-        request = pb.SubmitTrajectoryRequest(params=protocol.trajectory_to_proto(body))
+        request = pb.SubmitTrajectoryRequest(params=_params(protocol.trajectory_to_proto, body))
         return Job.from_proto(self._unary(self.stub.SubmitTrajectory, request, idempotency_key).job)
 
     def get_job(self, job_id: str) -> Job:
@@ -118,13 +197,24 @@ class GrpcTransport:
     def models(self) -> list[Model]:
         return [Model.from_proto(m) for m in self._unary(self.stub.ListModels, pb.ListModelsRequest()).models]
 
+    def _connect(self) -> None:
+        """Wait up to the timeout for the channel: after a drop it reconnects first, and a stream opened before
+        would fail at once. A call with wait_for_ready waits, and leaves no thread behind: the polling thread of
+        grpc.channel_ready_future outlived close() and printed "Cannot invoke RPC: Channel closed!" (grpc/grpc
+        #18995). The call is grpc.health.v1's Check, the smallest there is (a few bytes each way, no key, no
+        Redis); whatever it answers, even UNIMPLEMENTED, the channel is connected."""
+        try:
+            self._health_check(b"", timeout=self.timeout, wait_for_ready=True)  # b"": HealthCheckRequest(service="")
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise StreamDropped(f"no connection to {self.url} within {self.timeout:g} s") from None
+            if exc.code() in RESUMABLE:
+                raise StreamDropped(exc.details() or str(exc.code())) from None
+
     def events(self, job_id: str, after: str | None = None) -> Iterator[JobEvent]:
         """One server stream; StreamDropped when it breaks (the client resumes)."""
-        try:  # after a drop the channel reconnects first; a stream opened before would fail at once
-            grpc.channel_ready_future(self.channel).result(timeout=self.timeout)
-        except grpc.FutureTimeoutError:
-            raise StreamDropped(f"no connection to {self.url} within {self.timeout:g} s") from None
-        call = self.stub.StreamJobEvents(_stream_request(job_id, after), metadata=self.metadata)
+        self._connect()
+        call = self.stub.StreamJobEvents(_stream_request(job_id, after), metadata=self.metadata, wait_for_ready=True)
         try:
             for message in call:
                 yield JobEvent.from_proto(message.event)
@@ -158,11 +248,11 @@ class AsyncGrpcTransport:
             raise error_from_rpc(exc) from None
 
     async def submit_generation(self, body: dict[str, Any], idempotency_key: str | None = None) -> Job:
-        request = pb.SubmitGenerationRequest(params=protocol.generation_to_proto(body))
+        request = pb.SubmitGenerationRequest(params=_params(protocol.generation_to_proto, body))
         return Job.from_proto((await self._unary(self.stub.SubmitGeneration, request, idempotency_key)).job)
 
     async def submit_trajectory(self, body: dict[str, Any], idempotency_key: str | None = None) -> Job:
-        request = pb.SubmitTrajectoryRequest(params=protocol.trajectory_to_proto(body))
+        request = pb.SubmitTrajectoryRequest(params=_params(protocol.trajectory_to_proto, body))
         return Job.from_proto((await self._unary(self.stub.SubmitTrajectory, request, idempotency_key)).job)
 
     async def get_job(self, job_id: str) -> Job:

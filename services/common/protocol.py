@@ -141,7 +141,9 @@ def trajectory_to_proto(body: dict[str, Any]) -> pb.TrajectoryParams:
     rest = dict(body)
     params = pb.TrajectoryParams(kind=TRAJECTORY[rest.pop("kind")])
     image = rest.pop("image", None)
-    if image:
+    if isinstance(image, dict):  # {job_id, index}: the generation's image_ref carries it, as for a generation
+        rest["image"] = image
+    elif image:
         params.image = _picture_bytes(image)
     params.timesteps.extend(rest.pop("timesteps", None) or [])
     params.guidance_scales.extend(rest.pop("guidance_scales", None) or [])

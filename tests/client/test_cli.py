@@ -156,3 +156,58 @@ def test_grpc_server_refuses_open_public_bind():
         timeout=60,
     )
     assert result.returncode == 2 and "no API keys are configured" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["trajectory", "forward", "--prompt", "x", "--timesteps", "0,abc"], "--timesteps"),
+        (["trajectory", "sweep", "--prompt", "x", "--scales", "1,x"], "--scales"),
+        (["trajectory", "reverse", "--prompt", "x", "--image", "missing.png"], "--image"),
+        (["generate", "x", "--image", "missing.png"], "--image"),
+        (["generate", "x", "--crop", "1"], "--crop"),
+        (["--timeout", "-1", "models"], "--timeout"),
+    ],
+)
+def test_bad_local_arguments_are_usage_errors(args, flag):
+    """Refused by argparse before any request (no server here): its usage line and exit 2, no traceback."""
+    result = latentd("http://127.0.0.1:9", *args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"error: argument {flag}: " in result.stderr
+
+
+def test_picture_flags_take_a_job_image_reference(tmp_path, real_stack):
+    """trajectory --image JOB_ID:INDEX sends the reference {job_id, index}, as generate does (it read a file)."""
+    from client.latentd_client.cli import build_parser
+
+    args = build_parser().parse_args(["trajectory", "reverse", "--prompt", "x", "--image", "abc:1", "--mask", "abc:"])
+    assert args.image == {"job_id": "abc", "index": 1} and args.mask == {"job_id": "abc", "index": 0}
+    with Client(real_stack.url, API_KEY) as client:
+        source = client.generate("x", num_inference_steps=2)
+        client.wait(source.id, timeout=60)
+    for url, kind in (
+        (real_stack.url, "reverse"),
+        (real_stack.url, "sweep"),
+        (f"grpc://{real_stack.grpc_target}", "reverse"),
+    ):
+        result = latentd(
+            url,
+            *("trajectory", kind, "--prompt", "x", "--steps", "2", "--image", f"{source.id}:0", "-q"),
+            *("--out-dir", str(tmp_path / kind / url[:4])),
+        )
+        assert result.returncode == 0, (url, result.stderr)
+        job_id = result.stderr.split()[1]
+        with Client(real_stack.url, API_KEY) as client:
+            assert client.get_job(job_id).params["has_image"] is True  # started from the source's image
+
+
+@pytest.mark.parametrize("output_format, name", [("webp", "out.webp"), ("jpeg", "out.jpeg"), (None, "out.png")])
+def test_the_default_output_name_follows_the_format(tmp_path, real_stack, output_format, name):
+    command = [sys.executable, "-m", "client.latentd_client.cli", "generate", "x", "--steps", "2", "-q"]
+    env = os.environ | {"LATENTD_URL": real_stack.url, "LATENTD_API_KEY": API_KEY, "PYTHONPATH": str(REPO)}
+    flags = ["--format", output_format] if output_format else []
+    result = subprocess.run(command + flags, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [name]
+    with Image.open(tmp_path / name) as image:
+        assert image.format == (output_format or "png").upper()

@@ -2,6 +2,7 @@
 connections (a proxy cuts them) with one reconnect rule for the sync and the async client."""
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -14,6 +15,7 @@ from client.latentd_client import (
     InvalidRequestError,
     JobFailedError,
     NotFoundError,
+    UnavailableError,
 )
 from tests.proxy import CuttingProxy
 
@@ -116,3 +118,89 @@ def test_a_retried_submit_with_an_idempotency_key_returns_the_first_job(url, rea
         with pytest.raises(ConflictError):
             client.generate("a blue square", num_inference_steps=2, idempotency_key=key)
         client.wait(first.id, timeout=60)
+
+
+def test_grpc_close_after_events_leaves_no_thread_behind(real_stack):
+    """close() right after events(): no thread of the client may still use the channel (grpc.channel_ready_future's
+    polling thread did, 1 close in 3 to 6, and printed "ValueError: Cannot invoke RPC: Channel closed!")."""
+    raised = []
+    hook, threading.excepthook = threading.excepthook, lambda args: raised.append(args.exc_value)
+    try:
+        for _ in range(8):
+            with Client(f"grpc://{real_stack.grpc_target}", real_stack.keys[0]) as client:
+                job = client.generate("x", num_inference_steps=1)
+                assert [e.type for e in client.events(job.id)][-1] == "succeeded"
+                assert client.wait(job.id).status == "succeeded"  # a second stream on the channel
+        time.sleep(0.5)  # a polling thread meets the closed channel within its 0.2 s poll
+    finally:
+        threading.excepthook = hook
+    assert raised == []
+
+
+class ClosesEmpty:
+    """The real transport, but its streams close at once with no event: as the server before 93dcd80 closed the
+    stream of an ended job resumed after its terminal event (the real server sends that event again now)."""
+
+    def __init__(self, real):
+        self.real = real
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def events(self, job_id, after=None):
+        yield from ()
+
+
+class AsyncClosesEmpty(ClosesEmpty):
+    async def events(self, job_id, after=None):
+        for event in ():
+            yield event
+
+
+def test_resuming_an_ended_job_after_its_terminal_event_ends(url, real_stack):
+    """An empty stream is followed by a GET of the job: an ended job ends the events at once, instead of 20
+    reconnects (78 s); a live one is still reconnected to."""
+    with Client(url, real_stack.keys[0], max_reconnects=2, reconnect_delay=0.01) as client:
+        done = client.generate("x", num_inference_steps=1)
+        terminal = list(client.events(done.id))[-1]
+        started = time.monotonic()
+        assert [e.id for e in client.events(done.id, after=terminal.id)] in ([], [terminal.id])  # the real server
+        live = client.generate("x", num_inference_steps=400)
+        client.transport = ClosesEmpty(client.transport)
+        try:
+            assert list(client.events(done.id, after=terminal.id)) == []
+            with pytest.raises(UnavailableError):
+                list(client.events(live.id))
+        finally:
+            client.transport = client.transport.real
+            client.cancel(live.id)
+
+    async def follow():
+        async with AsyncClient(url, real_stack.keys[0], max_reconnects=2, reconnect_delay=0.01) as client:
+            client.transport = AsyncClosesEmpty(client.transport)
+            return [e async for e in client.events(done.id, after=terminal.id)]
+
+    assert asyncio.run(follow()) == []
+    assert time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize(
+    "submit, param, message",
+    [
+        (dict(seed=2**63), "seed", "seed must be between 0 and 9223372036854775807, got 9223372036854775808"),
+        (dict(num_inference_steps=3_000_000_000), "num_inference_steps", "between 1 and 1000, got 3000000000"),
+        (dict(width=99_999_999_999), "width", "got 99999999999"),
+        (dict(kind="forward", noise_seed=10**20), "noise_seed", "between 0 and 9223372036854775807, got 1" + "0" * 20),
+        (dict(kind="forward", timesteps=[0, 2**40]), "timesteps.1", "got 1099511627776"),
+        (dict(seed="abc"), "seed", "got 'abc'"),
+    ],
+)
+def test_numbers_the_proto_cannot_carry_are_refused_as_over_rest(url, real_stack, submit, param, message):
+    """gRPC: protobuf raised ValueError("Value out of range") for these; now the InvalidRequestError REST gives."""
+    with Client(url, real_stack.keys[0]) as client:
+        with pytest.raises(InvalidRequestError) as err:
+            if "kind" in submit:
+                client.trajectory(prompt="x", **submit)
+            else:
+                client.generate("x", **submit)
+    assert err.value.param == param and message in err.value.message
