@@ -330,7 +330,7 @@ def test_cli_generate_with_image_strength_and_mask(real_stack, transport, tmp_pa
     with Image.open(out) as image:
         assert image.format == "PNG" and image.size == (64, 64)
     bad = latentd(url, *args, "--image", str(tmp_path / "missing.png"))
-    assert bad.returncode != 0 and "--image takes a PNG or JPEG file" in bad.stderr
+    assert bad.returncode == 2 and "argument --image: takes a PNG or JPEG file" in bad.stderr, bad.stderr
     wrong = tmp_path / "wrong.png"
     wrong.write_bytes(png(scene(40)))
     refused = latentd(url, *args, "--image", str(wrong))
