@@ -36,8 +36,12 @@ IdempotencyKey = Annotated[
 ]
 
 
+# The header a replay (the same Idempotency-Key and body) is answered with, on every route that submits
+REPLAYED_HEADER = "Idempotent-Replayed"
+
+
 def submitted(job: JobRecord) -> dict | JSONResponse:
     """202 with a new job; 200 with the job an earlier request with the same Idempotency-Key made."""
     if job.replayed:
-        return JSONResponse(job.view(), status_code=200, headers={"Idempotent-Replayed": "true"})
+        return JSONResponse(job.view(), status_code=200, headers={REPLAYED_HEADER: "true"})
     return job.view()

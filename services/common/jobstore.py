@@ -75,6 +75,15 @@ def reconnect_once(for_asyncio: bool = False) -> redis.retry.Retry | redis.async
     return cls(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,))
 
 
+# What redis-py's BlockingConnectionPool raises when no connection frees within its timeout (Redis itself is up)
+POOL_EXHAUSTED = "No connection available."
+
+
+def pool_exhausted(error: BaseException) -> bool:
+    """A client's pool had no connection free in time: its own load, with Redis answering (not Redis away)."""
+    return isinstance(error, redis.exceptions.ConnectionError) and str(error) == POOL_EXHAUSTED
+
+
 def redis_full(error: BaseException) -> bool:
     """Redis at its maxmemory refusing a write (policy noeviction): "OOM command not allowed when used memory >
     'maxmemory'" (redis-py's OutOfMemoryError), or those words inside a script's error, or an error raised from

@@ -51,6 +51,7 @@ from services.common.jobstore import (
     IdempotencyConflict,
     QueueFull,
     frame_blob_name,
+    pool_exhausted,
     reconnect_once,
     redis_full,
 )
@@ -69,8 +70,6 @@ from services.core.schemas import (
 from services.core.validation import parse
 
 log = logging.getLogger(__name__)
-# What redis-py's BlockingConnectionPool raises when no connection frees within its timeout (Redis itself is up)
-POOL_EXHAUSTED = "No connection available."
 T = TypeVar("T")
 ANONYMOUS = "anonymous"
 MAX_IDEMPOTENCY_KEY = 255
@@ -226,7 +225,7 @@ def openai_edit_pictures(image: bytes, mask: bytes | None) -> tuple[bytes, bytes
 
 
 def translate_redis_errors(error: redis.exceptions.RedisError, retry_after_s: float) -> Unavailable:
-    if isinstance(error, redis.exceptions.ConnectionError) and str(error) == POOL_EXHAUSTED:
+    if pool_exhausted(error):
         return Unavailable(
             "the gateway is overloaded: all of its Redis connections stayed busy for LATENTD_REDIS_POOL_WAIT_S; retry",
             None,

@@ -8,6 +8,7 @@ import redis.exceptions
 from prometheus_client import Counter
 
 from services.common.errors import ServiceError
+from services.common.jobstore import pool_exhausted
 
 jobs_submitted_total = Counter(
     "latentd_jobs_submitted_total",
@@ -49,9 +50,5 @@ def redis_refused(error: ServiceError) -> bool:
     """Whether the job store refused the request: Redis unreachable, stalled past its timeout or full (the core
     chains the Redis error under the 503 it answers, core.translate_redis_errors). Not a pool whose connections
     all stayed busy: that is the gateway's own load, with Redis answering (docs/api.md, REDIS_POOL_WAIT_S)."""
-    from services.core.core import POOL_EXHAUSTED  # the core imports this module
-
     cause = error.__cause__
-    if not isinstance(cause, redis.exceptions.RedisError):
-        return False
-    return not (isinstance(cause, redis.exceptions.ConnectionError) and str(cause) == POOL_EXHAUSTED)
+    return isinstance(cause, redis.exceptions.RedisError) and not pool_exhausted(cause)

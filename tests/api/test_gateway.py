@@ -8,12 +8,11 @@ import time
 
 import pytest
 import redis
-from fastapi.testclient import TestClient
 
 from services.api.__main__ import main as serve_main
-from services.api.app import create_app
 from services.common.jobstore import JobStore, events_key
 from services.common.settings import Settings, hash_key
+from tests.fixtures.gateway import in_process_gateway
 from tests.fixtures.tiny_model import published_info
 
 REDIS_URL = "redis://127.0.0.1:6379/11"
@@ -22,22 +21,19 @@ KEY = "secret-key"
 
 @pytest.fixture
 def client(model_path):
-    redis.Redis.from_url(REDIS_URL).flushdb()
-    settings = Settings(
-        redis_url=REDIS_URL,
-        api_key_hashes=hash_key(KEY),
+    info = published_info(max_inference_steps=999, tokenizer_path=str(model_path / "tokenizer"))
+    with in_process_gateway(
+        REDIS_URL,
+        KEY,
+        info,
         max_queue_per_model=2,
         max_queue_per_key=2,
         max_body_bytes=4096,
         retry_after_s=7,
         max_num_images=4,
         openai_timeout_s=1,  # no worker here: a synchronous OpenAI call that got through answers 503 soon
-    )
-    tokenizer = str(model_path / "tokenizer")
-    JobStore.from_url(REDIS_URL).publish_model(published_info(max_inference_steps=999, tokenizer_path=tokenizer))
-    with TestClient(create_app(settings), headers={"Authorization": f"Bearer {KEY}"}) as test_client:
+    ) as test_client:
         yield test_client
-    redis.Redis.from_url(REDIS_URL).flushdb()
 
 
 def test_a_full_queue_answers_429_with_retry_after(client):

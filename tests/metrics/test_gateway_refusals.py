@@ -10,7 +10,6 @@ import signal
 
 import grpc
 import pytest
-import redis
 from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client import REGISTRY
@@ -21,6 +20,7 @@ from services.common.grpc_gen.latentd.v1 import latentd_pb2 as pb
 from services.common.grpc_gen.latentd.v1 import latentd_pb2_grpc as pb_grpc
 from services.common.jobstore import JobStore
 from services.common.settings import Settings, hash_key
+from tests.fixtures.gateway import in_process_gateway
 from tests.fixtures.tiny_model import published_info
 from tests.grpc.conftest import InProcessDoor, auth
 
@@ -116,11 +116,8 @@ def test_grpc_submissions_refused_while_redis_stalls_are_counted(stalled_redis):
 
 @pytest.fixture
 def small_body_gateway():
-    redis.Redis.from_url(REDIS_URL).flushdb()
-    settings = Settings(redis_url=REDIS_URL, api_key_hashes=hash_key(KEY), max_body_bytes=4096)
-    with TestClient(create_app(settings), headers={"Authorization": f"Bearer {KEY}"}) as client:
+    with in_process_gateway(REDIS_URL, KEY, max_body_bytes=4096) as client:
         yield client
-    redis.Redis.from_url(REDIS_URL).flushdb()
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import base64
 from fastapi import APIRouter, Request, Response
 from starlette.datastructures import UploadFile
 
-from services.api.deps import CoreDep, IdempotencyKey, OwnerDep
+from services.api.deps import REPLAYED_HEADER, CoreDep, IdempotencyKey, OwnerDep
 from services.api.errors import documented, mark_queued
 from services.common.errors import InvalidInput
 from services.common.jobs import JobRecord
@@ -20,7 +20,7 @@ from services.core.validation import parse
 router = APIRouter(prefix="/v1/images", tags=["openai"])
 # as POST /v1/generations answers a retry with its Idempotency-Key (deps.submitted)
 REPLAYED = {
-    "Idempotent-Replayed": {
+    REPLAYED_HEADER: {
         "description": "true: the answer of an earlier request with the same Idempotency-Key and body.",
         "schema": {"type": "string"},
     }
@@ -49,7 +49,7 @@ async def _images_response(
     """Wait for the queued (or, on a retry, the earlier) job and answer its images."""
     mark_queued(request)
     if job.replayed:  # said before the wait: the record it returns is read afresh, without the mark
-        response.headers["Idempotent-Replayed"] = "true"
+        response.headers[REPLAYED_HEADER] = "true"
     job = await core.wait(owner, job.id, core.settings.openai_timeout_s)
     if response_format == "b64_json":
         data = [{"b64_json": base64.b64encode(blob).decode()} for blob in await core.blobs(job)]

@@ -69,7 +69,7 @@ class BrownianNoise:
     rough (W moves by √δ over δ), so it is queried exactly where the scheduler queries it: at σ through λ = −log σ
     and back in float32, as it holds them."""
 
-    def __init__(self, like: torch.Tensor, sigma_min: float, sigma_max: float, seed: int):
+    def __init__(self, like: torch.Tensor, sigma_min: float, sigma_max: float, seed: int, cache_size: int = CACHE_SIZE):
         import torchsde  # the worker's requirement for this sampler only
 
         # the ends as torchsde holds them (float32, then its rounding), so a query is clamped here, not warned of
@@ -83,7 +83,7 @@ class BrownianNoise:
             entropy=seed,
             tol=TOLERANCE,
             pool_size=24,
-            cache_size=CACHE_SIZE,
+            cache_size=cache_size,
             halfway_tree=True,
         )
 
