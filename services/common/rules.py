@@ -133,6 +133,8 @@ TRAJECTORY_FIELD_KINDS: dict[str, tuple[str, ...]] = {
     "strength": ("reverse", "guidance_sweep"),
     "mask": ("reverse", "guidance_sweep"),
 }
+# Every trajectory reads these; its other fields describe a generation (reverse, guidance_sweep, forward from a prompt).
+TRAJECTORY_OWN_FIELDS = ("kind", "model", "image", "output_format")
 
 
 @dataclass(frozen=True)
@@ -479,13 +481,20 @@ def check_generation(
     return Resolved(size[0], size[1], sampler, float(rescale), steps, float(guidance_scale), strength, *interval)
 
 
-def check_trajectory_fields(kind: str, sent: Iterable[str]) -> None:
-    """The fields a trajectory request set (away from their defaults) must be ones its kind reads."""
+def check_trajectory_fields(kind: str, sent: Iterable[str], *, from_image: bool = False) -> None:
+    """The fields a trajectory request set (away from their defaults) must be ones its kind reads. A forward
+    trajectory of a given picture (`from_image`) generates nothing, so it reads none of the generation's fields."""
     for name in sent:
         kinds = TRAJECTORY_FIELD_KINDS.get(name, TRAJECTORY_KINDS)
         if kind not in kinds:
             raise InvalidInput(
                 f"{name} applies to {' and '.join(kinds)} trajectories only, not {kind}; leave it out", name
+            )
+        if kind == "forward" and from_image and name not in TRAJECTORY_FIELD_KINDS and name not in TRAJECTORY_OWN_FIELDS:
+            raise InvalidInput(
+                f"{name} describes the picture a forward trajectory generates from a prompt; a forward trajectory "
+                f"of an image noises that image as it is: leave {name} out",
+                name,
             )
 
 

@@ -446,7 +446,8 @@ class Core:
         idempotency = self.idempotency("trajectory", body, idempotency_key)
         model = await self.resolve_model(body.model)
         kind, image, start, mask = body.kind, None, None, None
-        rules.check_trajectory_fields(kind, _set_away_from_default(body, rules.TRAJECTORY_FIELD_KINDS))
+        sent = _set_away_from_default(body, set(TrajectoryCreate.model_fields) - {"kind"})
+        rules.check_trajectory_fields(kind, sent, from_image=body.image is not None)
         if kind == "forward":
             if body.image is None and not body.prompt:
                 raise InvalidInput("a forward trajectory needs an image or a prompt", "image")

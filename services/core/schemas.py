@@ -194,7 +194,10 @@ class TrajectoryCreate(_FamilyFields):
     kind: Literal["forward", "reverse", "guidance_sweep"] = Field(..., description="Which trajectory.")
     model: str | None = Field(None, description="Model name; default the service's default model.")
     prompt: str | None = Field(
-        None, max_length=MAX_PROMPT_CHARS, description="Prompt (reverse, guidance_sweep; forward without an image)."
+        None,
+        max_length=MAX_PROMPT_CHARS,
+        description="Prompt (reverse, guidance_sweep; forward without an image, which refuses it and the other "
+        "generation fields).",
     )
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="Negative prompt.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed; null draws one.")

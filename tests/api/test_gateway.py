@@ -364,11 +364,33 @@ def test_a_trajectory_field_its_kind_does_not_read_is_refused_by_name(client, bo
     assert client.post("/v1/trajectories", json={"kind": "reverse", "prompt": "x"} | defaults).status_code == 202
 
 
+@pytest.mark.parametrize(
+    "field, value",
+    [("prompt", "a red circle"), ("seed", 3), ("num_inference_steps", 20), ("guidance_scale", 2.0), ("eta", 0.5)],
+)
+def test_a_forward_trajectory_of_an_image_refuses_what_would_generate_a_picture(client, field, value):
+    """With an image a forward trajectory noises that picture: a prompt, seed or step count would be ignored, so
+    it is refused by name; the same field is read (accepted) when the forward trajectory generates its picture."""
+    picture = {"job_id": "nope", "index": 0}
+    refused = client.post("/v1/trajectories", json={"kind": "forward", "image": picture, field: value})
+    assert refused.status_code == 422
+    error = refused.json()["error"]
+    assert error["param"] == field, error
+    assert error["message"] == (
+        f"{field} describes the picture a forward trajectory generates from a prompt; a forward trajectory of an "
+        f"image noises that image as it is: leave {field} out"
+    )
+    generated = {"kind": "forward", "prompt": "a red circle", field: value}
+    assert client.post("/v1/trajectories", json=generated).status_code == 202
+    own = {"kind": "forward", "image": picture, "noise_seed": 4, "space": "pixel", "output_format": "png"}
+    assert client.post("/v1/trajectories", json=own).json()["error"]["param"] == "image.job_id"  # read, then resolved
+
+
 def test_a_trajectory_takes_an_earlier_jobs_image_by_reference(client):
     """{job_id, index} is a trajectory's picture as a generation's: resolved (here: no such job), not refused as a
     wrong type."""
-    for kind in ("forward", "reverse"):
-        body = {"kind": kind, "prompt": "x", "image": {"job_id": "nope", "index": 0}}
+    for kind, prompt in (("forward", {}), ("reverse", {"prompt": "x"})):
+        body = {"kind": kind, "image": {"job_id": "nope", "index": 0}} | prompt
         refused = client.post("/v1/trajectories", json=body).json()["error"]
         assert refused["param"] == "image.job_id" and refused["message"] == "image: no job 'nope'", refused
 

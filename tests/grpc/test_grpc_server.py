@@ -137,6 +137,15 @@ def test_invalid_argument_names_the_field(channel, real_stack):
             pb.SubmitTrajectoryRequest(params=pb.TrajectoryParams()), metadata=key(real_stack)
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details() == "kind is required"
+    forward_of_a_picture = pb.TrajectoryParams(
+        kind=pb.TRAJECTORY_KIND_FORWARD, image=b"\x89PNG", generation=pb.GenerationParams(prompt="a red circle")
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        stub(channel).SubmitTrajectory(
+            pb.SubmitTrajectoryRequest(params=forward_of_a_picture), metadata=key(real_stack)
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert dict(err.value.trailing_metadata())["latentd-param"] == "prompt", err.value.details()
 
 
 def test_not_found(channel, real_stack):
