@@ -484,13 +484,14 @@ def check_generation(
 def check_trajectory_fields(kind: str, sent: Iterable[str], *, from_image: bool = False) -> None:
     """The fields a trajectory request set (away from their defaults) must be ones its kind reads. A forward
     trajectory of a given picture (`from_image`) generates nothing, so it reads none of the generation's fields."""
+    generates = kind != "forward" or not from_image
     for name in sent:
         kinds = TRAJECTORY_FIELD_KINDS.get(name, TRAJECTORY_KINDS)
         if kind not in kinds:
             raise InvalidInput(
                 f"{name} applies to {' and '.join(kinds)} trajectories only, not {kind}; leave it out", name
             )
-        if kind == "forward" and from_image and name not in TRAJECTORY_FIELD_KINDS and name not in TRAJECTORY_OWN_FIELDS:
+        if not generates and name not in (*TRAJECTORY_FIELD_KINDS, *TRAJECTORY_OWN_FIELDS):
             raise InvalidInput(
                 f"{name} describes the picture a forward trajectory generates from a prompt; a forward trajectory "
                 f"of an image noises that image as it is: leave {name} out",

@@ -185,6 +185,11 @@ class EventHub:
                         position = watch.base
                     continue
                 if position < watch.end:
+                    if _key(watch.log[position - watch.base]) <= stream_id(last):
+                        # `after` is ahead of the stream (an id the running job has not reached): what comes
+                        # before it is not sent, as Redis's XRANGE from `after` would not send it
+                        position = watch.position_after(last)
+                        continue
                     batch = watch.log[position - watch.base :]
                     for index, event in enumerate(batch):
                         if event.terminal:

@@ -12,6 +12,7 @@ import redis
 import redis.asyncio as aioredis
 
 from scripts import run_stack
+from services.common.jobs import stream_id
 from services.common.jobstore import AsyncJobStore, events_key, job_key, new_record
 from services.core.events import EventHub, StreamBroken
 
@@ -48,6 +49,10 @@ def run_hub(url: str, body, **hub_settings):
 
 async def collect(hub: EventHub, job_id: str, after: str = "0") -> list[str]:
     return [event.name async for event in hub.follow(job_id, after)]
+
+
+async def ids_after(hub: EventHub, job_id: str, after: str) -> list[tuple[str, str]]:
+    return [(event.name, event.id) async for event in hub.follow(job_id, after)]
 
 
 def test_five_hundred_subscribers_get_every_event_from_one_history_read_per_job(hub_redis):
@@ -112,14 +117,33 @@ def test_resuming_at_or_past_the_terminal_event_gets_the_terminal_event_again(hu
     terminal = add(client, "done", "succeeded")
 
     async def body(hub, store):
-        async def ids_after(after):
-            return [(event.name, event.id) async for event in hub.follow("done", after)]
-
-        return [await ids_after(after) for after in (terminal, "9999999999999-0", ids[-1])]
+        return [await ids_after(hub, "done", after) for after in (terminal, "9999999999999-0", ids[-1])]
 
     for settings in ({}, {"log_limit": 4}):
         at_terminal, past_it, before_it = run_hub(url, body, **settings)
         assert at_terminal == past_it == before_it == [("succeeded", terminal)], settings
+
+
+def test_resuming_a_running_job_from_an_id_ahead_of_its_stream_skips_the_events_before_it(hub_redis):
+    """A Last-Event-ID the running job has not reached yet: the events that come with lower ids are not sent
+    (as Redis's XRANGE from that id would not send them), the first one after it is, and so is the end."""
+    _, url = hub_redis
+    client = redis.Redis.from_url(url)
+    add(client, "live", "queued")
+    ahead = f"{int(time.time() * 1000) + 400}-0"  # 0.4 s ahead of Redis's clock (same machine)
+
+    async def body(hub, store):
+        reader = asyncio.ensure_future(ids_after(hub, "live", ahead))
+        await asyncio.sleep(0.1)
+        early = [add(client, "live", "step", step=step) for step in (1, 2)]
+        await asyncio.sleep(0.6)
+        late = add(client, "live", "step", step=3)
+        terminal = add(client, "live", "succeeded")
+        return early, late, terminal, await asyncio.wait_for(reader, 10)
+
+    early, late, terminal, got = run_hub(url, body)
+    assert all(stream_id(i) <= stream_id(ahead) < stream_id(late) for i in early), (early, ahead, late)
+    assert got == [("step", late), ("succeeded", terminal)]
 
 
 def test_redis_going_away_ends_every_stream_with_stream_broken_and_a_resume_point(hub_redis):
