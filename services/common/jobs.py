@@ -17,8 +17,25 @@ MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 JSON_FIELDS = ("params", "progress", "timings", "images", "frames", "error")
 
 
+def live_frame_field(attempt: int, index: int | str) -> str:
+    """The job hash's field holding frame `index` of `attempt` (its metadata, JSON) from the moment the frame is
+    stored: a reverse trajectory's frames are listed while it runs, and after a cancel or failure."""
+    return f"frame:a{attempt}:{index}"
+
+
 def _s(value: Any) -> Any:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _live_frames(fields: dict[str, str], attempt: int) -> list[dict[str, Any]]:
+    """The frames `attempt` has stored so far, from 0 up to the first one missing (a write Redis lost): frame i
+    of the list is always frame i of the job."""
+    prefix = live_frame_field(attempt, "")
+    stored = {name[len(prefix) :]: value for name, value in fields.items() if name.startswith(prefix)}
+    frames = []
+    while str(len(frames)) in stored:
+        frames.append(json.loads(stored[str(len(frames))]))
+    return frames
 
 
 @dataclass
@@ -58,7 +75,7 @@ class JobRecord:
             progress=loaded["progress"] or {},
             timings=loaded["timings"] or {},
             images=loaded["images"] or [],
-            frames=loaded["frames"] or [],
+            frames=loaded["frames"] or _live_frames(fields, int(fields.get("attempt") or 0)),
             error=loaded["error"],
             attempt=int(fields.get("attempt") or 0),
             cancel_requested=fields.get("cancel") == "1",

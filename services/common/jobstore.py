@@ -2,7 +2,8 @@
 
 Keys (all expire after `ttl_s` once written):
   latentd:job:<id>             hash: kind, model, owner, status, params, progress, timings, images, frames,
-                               error, attempt, cancel, created_at (JSON where structured; see jobs.JobRecord)
+                               error, attempt, cancel, created_at (JSON where structured; see jobs.JobRecord),
+                               and frame:a<attempt>:<index> per frame a reverse trajectory stored as it ran
   latentd:job:<id>:events      stream of {event, data(JSON)}; the entry id is the SSE id
   latentd:job:<id>:blob:<name> bytes of one image or frame, or an input picture: "input" (a forward trajectory's
                                x0, image to image's starting picture), "mask" (inpainting's mask)
@@ -52,7 +53,7 @@ import redis.asyncio.retry
 import redis.retry
 from redis.backoff import NoBackoff
 
-from services.common.jobs import TERMINAL, JobEvent, JobRecord
+from services.common.jobs import TERMINAL, JobEvent, JobRecord, live_frame_field
 from services.common.models import ModelInfo
 
 MODELS_KEY = "latentd:models"
@@ -170,6 +171,17 @@ def image_blob_name(attempt: int, index: int) -> str:
 def frame_blob_name(attempt: int, index: int) -> str:
     """Blob name of trajectory frame `index` written by `attempt` (live, while the job runs, or at its end)."""
     return f"a{attempt}-frame-{index}"
+
+
+def frame_meta(attempt: int, index: int, meta: dict) -> dict:
+    """A frame as the job record lists it: its metadata and the name of its picture."""
+    return meta | {"blob": frame_blob_name(attempt, index)}
+
+
+def frame_event(job_id: str, attempt: int, index: int, meta: dict, emitted_at: float) -> dict:
+    """The data of a frame's `frame` event: its metadata, index, attempt and URL."""
+    url = f"/v1/jobs/{job_id}/frames/{index}"
+    return meta | {"index": index, "attempt": attempt, "url": url, "emitted_at": emitted_at}
 
 
 def pending_key(model: str) -> str:
@@ -731,7 +743,7 @@ class StepWrite:
     attempt: int
     event: dict[str, Any]
     progress: dict[str, Any]
-    frames: list[tuple[int, dict[str, Any], bytes]] = field(default_factory=list)  # (index, event data, PNG)
+    frames: list[tuple[int, dict[str, Any], bytes]] = field(default_factory=list)  # (index, metadata, PNG)
 
 
 class JobStore:
@@ -835,8 +847,11 @@ class JobStore:
         for step in steps:
             events = events_key(step.job_id)
             pipe.xadd(events, _event_fields("step", step.event))
-            for index, data, png in step.frames:  # a reverse trajectory's frame: stored and announced now
+            for index, meta, png in step.frames:  # a reverse trajectory's frame: stored, listed, announced now
                 pipe.set(blob_key(step.job_id, frame_blob_name(step.attempt, index)), png, ex=self.ttl_s)
+                listed = json.dumps(frame_meta(step.attempt, index, meta))
+                pipe.hset(job_key(step.job_id), live_frame_field(step.attempt, index), listed)
+                data = frame_event(step.job_id, step.attempt, index, meta, step.event["emitted_at"])
                 pipe.xadd(events, _event_fields("frame", data))
             pipe.hset(job_key(step.job_id), "progress", json.dumps(step.progress))
             pipe.hmget(job_key(step.job_id), "cancel", "attempt", "status")
@@ -850,15 +865,16 @@ class JobStore:
         return out
 
     def add_frames(self, job_id: str, attempt: int, frames: list[tuple[int, dict, bytes]]) -> bool:
-        """Frames (index, event data, PNG) before the result, only while `attempt` holds the fence: each
+        """Frames (index, metadata, PNG) before the result, only while `attempt` holds the fence: each
         picture is stored before its event goes out, so a client may fetch a frame as soon as it hears of it."""
         if not self.holds(job_id, attempt):
             return False
         pipe = self.redis.pipeline(transaction=False)
         for index, _, png in frames:
             pipe.set(blob_key(job_id, frame_blob_name(attempt, index)), png, ex=self.ttl_s)
-        for _, data, _ in frames:
-            pipe.xadd(events_key(job_id), _event_fields("frame", data))
+        now = time.time()
+        for index, meta, _ in frames:
+            pipe.xadd(events_key(job_id), _event_fields("frame", frame_event(job_id, attempt, index, meta, now)))
         pipe.execute()
         return True
 

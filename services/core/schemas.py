@@ -299,7 +299,11 @@ class Job(BaseModel):
         default_factory=dict, description="queued_at, started_at, finished_at (unix s), queue_s, run_s."
     )
     images: list[str] = Field(default_factory=list, description="URLs of the output images.")
-    frames: list[dict[str, Any]] = Field(default_factory=list, description="Trajectory frames: url and metadata.")
+    frames: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Trajectory frames: url and metadata; a reverse trajectory's as each is stored (while it runs, and "
+        "after a cancel or failure), the others once the job has succeeded.",
+    )
     error: dict[str, Any] | None = Field(None, description="type, message and param when the job failed.")
     attempt: int = Field(0, description="The worker attempt that ran it: more than 1 after a failover.")
     created_at: float

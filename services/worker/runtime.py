@@ -24,7 +24,7 @@ from services.common.jobs import JobRecord
 from services.common.jobstore import (
     JobStore,
     StepWrite,
-    frame_blob_name,
+    frame_meta,
     image_blob_name,
     redis_away_or_full,
     redis_full,
@@ -126,15 +126,6 @@ def reverse_frame_entries(frame: TrajectoryFrame) -> list[tuple[int, dict, objec
     ]
 
 
-def frame_event(job_id: str, attempt: int, index: int, meta: dict, emitted_at: float) -> dict:
-    return meta | {
-        "index": index,
-        "attempt": attempt,
-        "url": f"/v1/jobs/{job_id}/frames/{index}",
-        "emitted_at": emitted_at,
-    }
-
-
 class StepEventWriter:
     """on_step_events for one engine: one Redis round trip per iteration."""
 
@@ -160,8 +151,7 @@ class StepEventWriter:
             frames = []
             if event.frame is not None:  # a reverse trajectory's frame: stored and announced now, not at the end
                 frames = [
-                    (i, frame_event(job_id, attempt, i, meta, emitted_at), encode_image(image, "png"))
-                    for i, meta, image in reverse_frame_entries(event.frame)
+                    (i, meta, encode_image(image, "png")) for i, meta, image in reverse_frame_entries(event.frame)
                 ]
             progress = {"step": event.step, "total": event.total}
             writes.append(StepWrite(job_id, attempt, data, progress, frames))
@@ -386,19 +376,12 @@ class JobRun:
         for index, image in enumerate(images):
             names.append(image_blob_name(self.attempt, index))
             blobs[names[-1]] = encode_image(image, fmt)
-        metas = [dict(meta, blob=frame_blob_name(self.attempt, index)) for index, (meta, _) in enumerate(frames)]
+        metas = [frame_meta(self.attempt, index, meta) for index, (meta, _) in enumerate(frames)]
         if frames_streamed:
             self.store.renew_blobs(self.job_id, [meta["blob"] for meta in metas])
         elif frames:  # frames (pictures, then events; not terminal) before the write-once result
-            now = time.time()
-            self.store.add_frames(
-                self.job_id,
-                self.attempt,
-                [
-                    (i, frame_event(self.job_id, self.attempt, i, meta, now), encode_image(image, "png"))
-                    for i, (meta, image) in enumerate(frames)
-                ],
-            )
+            pictures = [(i, meta, encode_image(image, "png")) for i, (meta, image) in enumerate(frames)]
+            self.store.add_frames(self.job_id, self.attempt, pictures)
         steps = self.job.total_steps
         done = {"id": self.job_id, "images": len(names), "frames": len(metas), "emitted_at": time.time()}
         fields = {

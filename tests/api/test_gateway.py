@@ -127,8 +127,10 @@ def test_refusals_are_counted_by_reason(client):
     }
 
 
-def test_a_running_jobs_streamed_frames_can_be_fetched(client):
-    from services.common.jobstore import blob_key, frame_blob_name
+def test_a_running_jobs_streamed_frames_are_listed_and_can_be_fetched(client):
+    """A reverse trajectory's frames are in its job (GET) and answer (frames/N) as soon as they are stored, while it
+    runs and after a cancel; a frame not stored yet is a 404 that says so."""
+    from services.common.jobstore import StepWrite
 
     job = client.post(
         "/v1/trajectories", json={"kind": "reverse", "prompt": "x", "num_inference_steps": 4, "trajectory_every": 2}
@@ -136,8 +138,15 @@ def test_a_running_jobs_streamed_frames_can_be_fetched(client):
     store = JobStore.from_url(REDIS_URL)
     taken, attempt = store.take("tiny", 15, "test-worker")  # what a worker does when it starts the job
     assert taken == job["id"]
-    store.redis.set(blob_key(job["id"], frame_blob_name(attempt, 0)), b"\x89PNG frame 0")  # what its step writer does
-    assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "running"
+    meta = {"step": 1, "timestep": 750, "alpha_bar": 0.05, "what": "x_t"}
+    event = {"step": 1, "total": 4, "timestep": 750, "attempt": attempt, "emitted_at": time.time()}
+    frame = (0, meta, b"\x89PNG frame 0")
+    assert store.write_steps(
+        [StepWrite(job["id"], attempt, event, {"step": 1, "total": 4}, [frame])]
+    )  # its step writer
+    listed = [meta | {"url": f"/v1/jobs/{job['id']}/frames/0"}]
+    running = client.get(f"/v1/jobs/{job['id']}").json()
+    assert running["status"] == "running" and running["frames"] == listed, running
     assert client.get(f"/v1/jobs/{job['id']}/frames/0").content == b"\x89PNG frame 0"
     missing = client.get(f"/v1/jobs/{job['id']}/frames/1")
     assert missing.status_code == 404 and missing.json()["error"] == {
@@ -145,15 +154,16 @@ def test_a_running_jobs_streamed_frames_can_be_fetched(client):
         "message": f"job {job['id']} has no frame 1 yet: a frame is there once its frame event is out",
         "param": "index",
     }
-    # cancelled at its next step, as its worker ends it: the frame it streamed stays there
+    # cancelled at its next step, as its worker ends it: the frame it streamed stays listed and there
     assert client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 200
     record = store.get(job["id"])
     assert store.finish(record, attempt, "cancelled", {}, ("cancelled", {"id": job["id"]}))
     time.sleep(0.3)  # past JOB_POLL_MAX_AGE_S: the gateway's view of a running job may be that old
-    assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "cancelled"
+    cancelled = client.get(f"/v1/jobs/{job['id']}").json()
+    assert cancelled["status"] == "cancelled" and cancelled["frames"] == listed
     assert client.get(f"/v1/jobs/{job['id']}/frames/0").content == b"\x89PNG frame 0"
     missing = client.get(f"/v1/jobs/{job['id']}/frames/1").json()["error"]
-    assert missing["message"] == f"job {job['id']} has no frame 1 (it has 0)", missing
+    assert missing["message"] == f"job {job['id']} has no frame 1 (it has 1)", missing
 
 
 def test_readyz_is_503_without_a_live_worker(client):

@@ -5,6 +5,7 @@ max_age_s answers), a settled one once per process until its record could expire
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import pytest
@@ -12,6 +13,7 @@ import redis
 import redis.asyncio as aioredis
 
 from scripts import run_stack
+from services.common.jobs import JobRecord, live_frame_field
 from services.common.jobstore import AsyncJobStore, job_key, new_record
 
 pytestmark = pytest.mark.timeout(60)
@@ -160,3 +162,16 @@ def test_a_settled_job_is_read_once_then_kept_until_its_record_could_expire(url)
     assert first.status == "succeeded" and all(job is first for job in again)
     assert kept == 0
     assert old is None
+
+
+def test_a_jobs_streamed_frames_are_its_current_attempts_from_the_first_up_to_a_gap():
+    """Frames stored as a reverse trajectory runs are listed by the record: only its current attempt's (a lost
+    attempt's stay in the hash until it expires), in order, and only up to the first missing one, so frame i of the
+    list is frame i of the job; the result's own list replaces them once the job succeeds."""
+    record = new_record("j", kind="reverse", model="m", owner="k", params={}, now=time.time()) | {"attempt": "2"}
+    stored = {live_frame_field(attempt, index): json.dumps({"i": index, "a": attempt}) for attempt, index in
+              [(1, 0), (1, 1), (1, 2), (2, 1), (2, 0), (2, 3)]}  # fmt: skip
+    frames = JobRecord.from_redis("j", record | stored).frames
+    assert frames == [{"i": 0, "a": 2}, {"i": 1, "a": 2}]
+    result = json.dumps([{"i": n, "blob": f"a2-frame-{n}"} for n in range(4)])
+    assert len(JobRecord.from_redis("j", record | stored | {"frames": result}).frames) == 4
