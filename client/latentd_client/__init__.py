@@ -12,13 +12,14 @@ from .errors import (
     StreamDropped,
     UnavailableError,
 )
-from .types import Artifact, Job, JobEvent, Model
+from .types import Artifact, Job, JobEvent, JobPage, Model
 
 __all__ = [
     "Client",
     "AsyncClient",
     "Job",
     "JobEvent",
+    "JobPage",
     "Model",
     "Artifact",
     "LatentdError",

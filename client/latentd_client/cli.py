@@ -4,6 +4,7 @@
     latentd generate "a blue circle on a white background" --image out.png --strength 0.6 [--mask mask.png] -o edit.png
     latentd trajectory forward --prompt "a blue square" --seed 3 --out-dir frames/
     latentd jobs get|cancel|watch JOB_ID
+    latentd jobs list [--status running,queued] [--limit 20 | --all]
     latentd models
 URL and key: --url / --api-key, or LATENTD_URL / LATENTD_API_KEY.
 """
@@ -17,6 +18,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -285,7 +287,23 @@ def cmd_trajectory(client: Client, args) -> int:
     return 0
 
 
+def job_line(job: Job) -> str:
+    """One line of `latentd jobs list`: id, kind, status, model, steps done, created (UTC)."""
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(job.created_at)) if job.created_at else "-"
+    return f"{job.id}\t{job.kind}\t{job.status}\t{job.model}\t{job.step}/{job.total_steps}\t{created}"
+
+
+def cmd_jobs_list(client: Client, args) -> int:
+    status = args.status or []
+    jobs = client.all_jobs(status=status) if args.all else client.jobs(limit=args.limit, status=status).jobs
+    for job in jobs:
+        print(json.dumps(job.raw) if args.json else job_line(job), flush=True)
+    return 0
+
+
 def cmd_jobs(client: Client, args) -> int:
+    if args.action == "list":
+        return cmd_jobs_list(client, args)
     if args.action == "watch":
         show = Progress()
         for event in client.events(args.job_id, args.after):
@@ -417,11 +435,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out-dir", default="trajectory", help="frames, trajectory.gif and contact.png go here")
     t.set_defaults(run=cmd_trajectory)
 
-    j = sub.add_parser("jobs", help="get, cancel or watch a job")
-    j.add_argument("action", choices=["get", "cancel", "watch"])
-    j.add_argument("job_id")
+    j = sub.add_parser("jobs", help="list your jobs, or get, cancel or watch one")
+    j.add_argument("action", choices=["list", "get", "cancel", "watch"])
+    j.add_argument("job_id", nargs="?", help="get, cancel, watch: the job")
     j.add_argument("--after", help="watch: resume after this event id")
-    j.add_argument("--json", action="store_true", help="watch: one JSON line per event")
+    j.add_argument("--json", action="store_true", help="watch: one JSON line per event; list: one job per line")
+    j.add_argument("--status", type=_list_of(str, "statuses"), help="list: only these, e.g. queued,running")
+    j.add_argument("--limit", type=int, default=20, help="list: the newest this many (1 to 100; default 20)")
+    j.add_argument("--all", action="store_true", help="list: every job of the last hour, page after page")
     j.set_defaults(run=cmd_jobs)
 
     m = sub.add_parser("models", help="the models the workers serve")
@@ -431,7 +452,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.run is cmd_jobs and args.action != "list" and not args.job_id:
+        parser.error(f"jobs {args.action} needs a JOB_ID")
     try:
         with Client(args.url, args.api_key, timeout=args.timeout) as client:
             return args.run(client, args)

@@ -13,11 +13,11 @@ import asyncio
 import base64
 import os
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
 from .errors import JobFailedError, LatentdError, StreamDropped, UnavailableError
-from .types import Job, JobEvent, Model
+from .types import Job, JobEvent, JobPage, Model
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -30,6 +30,11 @@ def _transport_class(url: str, asynchronous: bool):
     from .rest import AsyncRestTransport, RestTransport
 
     return AsyncRestTransport if asynchronous else RestTransport
+
+
+def _statuses(status: str | Iterable[str]) -> list[str]:
+    """One status name or several, as a list."""
+    return [status] if isinstance(status, str) else list(status)
 
 
 def _body(**fields: Any) -> dict[str, Any]:
@@ -139,6 +144,23 @@ class Client(_Connection):
     def cancel(self, job_id: str) -> Job:
         return self.transport.cancel_job(job_id)
 
+    def jobs(
+        self, *, limit: int | None = None, starting_after: str | None = None, status: str | Iterable[str] = ()
+    ) -> JobPage:
+        """A page of this key's jobs of the last hour (the server's result TTL), newest first, only those with
+        `status` (one name or several) if given; `page.next_starting_after` asks for the next page."""
+        return self.transport.list_jobs(limit, starting_after, _statuses(status))
+
+    def all_jobs(self, *, status: str | Iterable[str] = (), page_size: int = 100) -> Iterator[Job]:
+        """Every one of this key's jobs of the last hour, newest first, a page at a time."""
+        after = None
+        while True:
+            page = self.jobs(limit=page_size, starting_after=after, status=status)
+            yield from page.jobs
+            if page.next_starting_after is None:
+                return
+            after = page.next_starting_after
+
     def models(self) -> list[Model]:
         return self.transport.models()
 
@@ -205,6 +227,21 @@ class AsyncClient(_Connection):
 
     async def cancel(self, job_id: str) -> Job:
         return await self.transport.cancel_job(job_id)
+
+    async def jobs(
+        self, *, limit: int | None = None, starting_after: str | None = None, status: str | Iterable[str] = ()
+    ) -> JobPage:
+        return await self.transport.list_jobs(limit, starting_after, _statuses(status))
+
+    async def all_jobs(self, *, status: str | Iterable[str] = (), page_size: int = 100) -> AsyncIterator[Job]:
+        after = None
+        while True:
+            page = await self.jobs(limit=page_size, starting_after=after, status=status)
+            for job in page.jobs:
+                yield job
+            if page.next_starting_after is None:
+                return
+            after = page.next_starting_after
 
     async def models(self) -> list[Model]:
         return await self.transport.models()

@@ -26,7 +26,7 @@ from .errors import (
     StreamDropped,
     UnavailableError,
 )
-from .types import Job, JobEvent, Model
+from .types import Job, JobEvent, JobPage, Model
 
 # A stream that ends with one of these is resumed (the server restarted, the connection broke).
 RESUMABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.CANCELLED)
@@ -141,6 +141,21 @@ def _target(url: str) -> str:
     return f"{parsed.hostname or '127.0.0.1'}:{parsed.port or 50051}"
 
 
+def _list_request(limit: int | None, starting_after: str | None, status: list[str]) -> pb.ListJobsRequest:
+    """ListJobs's request; a status name the proto has no value for, or a limit it may not carry, is refused here
+    by the rule the server applies, with its message."""
+    try:
+        rules.check_statuses(status)
+        if limit is not None:
+            rules.between("limit", limit, 1, rules.MAX_LIST_LIMIT, integer=True)
+    except InvalidInput as refused:
+        raise InvalidRequestError(refused.message, type=refused.error_type, param=refused.param) from None
+    request = pb.ListJobsRequest(starting_after=starting_after or "", status=[protocol.STATUS[s] for s in status])
+    if limit is not None:
+        request.limit = limit
+    return request
+
+
 def _artifact_request(job_id: str, kind: str, index: int) -> pb.GetArtifactRequest:
     return pb.GetArtifactRequest(job_id=job_id, kind=protocol.ARTIFACT[kind], index=index)
 
@@ -186,6 +201,9 @@ class GrpcTransport:
 
     def get_job(self, job_id: str) -> Job:
         return Job.from_proto(self._unary(self.stub.GetJob, pb.GetJobRequest(job_id=job_id)).job)
+
+    def list_jobs(self, limit: int | None, starting_after: str | None, status: list[str]) -> JobPage:
+        return JobPage.from_proto(self._unary(self.stub.ListJobs, _list_request(limit, starting_after, status)))
 
     def cancel_job(self, job_id: str) -> Job:
         return Job.from_proto(self._unary(self.stub.CancelJob, pb.CancelJobRequest(job_id=job_id)).job)
@@ -257,6 +275,10 @@ class AsyncGrpcTransport:
 
     async def get_job(self, job_id: str) -> Job:
         return Job.from_proto((await self._unary(self.stub.GetJob, pb.GetJobRequest(job_id=job_id))).job)
+
+    async def list_jobs(self, limit: int | None, starting_after: str | None, status: list[str]) -> JobPage:
+        request = _list_request(limit, starting_after, status)
+        return JobPage.from_proto(await self._unary(self.stub.ListJobs, request))
 
     async def cancel_job(self, job_id: str) -> Job:
         return Job.from_proto((await self._unary(self.stub.CancelJob, pb.CancelJobRequest(job_id=job_id))).job)

@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 
 from .errors import StreamDropped, UnavailableError, error_for_status
-from .types import Job, JobEvent, Model
+from .types import Job, JobEvent, JobPage, Model
 
 USER_AGENT = "latentd-client/0.2"
 
@@ -23,6 +23,16 @@ def _headers(api_key: str | None) -> dict[str, str]:
 def _idempotency(key: str | None) -> dict[str, str]:
     """A retry with the same key and body returns the first job (200), never a second one."""
     return {"idempotency-key": key} if key else {}
+
+
+def _page(limit: int | None, starting_after: str | None, status: list[str]) -> dict[str, Any]:
+    """GET /v1/jobs's query: only what was asked for (the server's defaults otherwise)."""
+    query: dict[str, Any] = {"status": status} if status else {}
+    if limit is not None:
+        query["limit"] = limit
+    if starting_after:
+        query["starting_after"] = starting_after
+    return query
 
 
 def raise_for_response(response: httpx.Response) -> None:
@@ -112,6 +122,9 @@ class RestTransport:
     def get_job(self, job_id: str) -> Job:
         return Job.from_dict(self._call("GET", f"/v1/jobs/{job_id}").json())
 
+    def list_jobs(self, limit: int | None, starting_after: str | None, status: list[str]) -> JobPage:
+        return JobPage.from_dict(self._call("GET", "/v1/jobs", params=_page(limit, starting_after, status)).json())
+
     def cancel_job(self, job_id: str) -> Job:
         return Job.from_dict(self._call("POST", f"/v1/jobs/{job_id}/cancel").json())
 
@@ -167,6 +180,10 @@ class AsyncRestTransport:
 
     async def get_job(self, job_id: str) -> Job:
         return Job.from_dict((await self._call("GET", f"/v1/jobs/{job_id}")).json())
+
+    async def list_jobs(self, limit: int | None, starting_after: str | None, status: list[str]) -> JobPage:
+        response = await self._call("GET", "/v1/jobs", params=_page(limit, starting_after, status))
+        return JobPage.from_dict(response.json())
 
     async def cancel_job(self, job_id: str) -> Job:
         return Job.from_dict((await self._call("POST", f"/v1/jobs/{job_id}/cancel")).json())

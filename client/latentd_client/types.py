@@ -144,6 +144,24 @@ class Job:
 
 
 @dataclass(frozen=True)
+class JobPage:
+    """A page of the caller's jobs, newest first; `next_starting_after` (None: the last page) asks for the next."""
+
+    jobs: list[Job]
+    has_more: bool
+    next_starting_after: str | None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobPage:
+        jobs = [Job.from_dict(job) for job in data.get("jobs") or []]
+        return cls(jobs, bool(data.get("has_more")), data.get("next_starting_after") or None)
+
+    @classmethod
+    def from_proto(cls, message) -> JobPage:
+        return cls([Job.from_proto(job) for job in message.jobs], message.has_more, message.next_starting_after or None)
+
+
+@dataclass(frozen=True)
 class JobEvent:
     id: str  # the stream entry id (SSE `id:`); resume after it
     type: str  # queued | started | step | frame | succeeded | failed | cancelled

@@ -208,6 +208,15 @@ class LatentdServicer(pb_grpc.LatentdServiceServicer):
         return pb.GetJobResponse(job=(await self.core.job(owner, _job_id(request), poll=True)).to_proto())
 
     @edge
+    async def ListJobs(self, request, context, owner):
+        limit = request.limit if request.HasField("limit") else rules.DEFAULT_LIST_LIMIT
+        statuses = [protocol.STATUS_NAME.get(s, s) for s in request.status]  # another number: refused by name
+        jobs, after = await self.core.jobs(owner, limit=limit, starting_after=request.starting_after, statuses=statuses)
+        return pb.ListJobsResponse(
+            jobs=[job.to_proto() for job in jobs], has_more=after is not None, next_starting_after=after or ""
+        )
+
+    @edge
     async def CancelJob(self, request, context, owner):
         return pb.CancelJobResponse(job=(await self.core.cancel(owner, _job_id(request))).to_proto())
 

@@ -11,7 +11,7 @@ from typing import Any
 from services.common import rules
 
 KINDS = ("generation", "forward", "reverse", "guidance_sweep")
-TERMINAL = ("succeeded", "failed", "cancelled")
+TERMINAL = rules.TERMINAL_STATUSES
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 # The hash fields that hold JSON.
 JSON_FIELDS = ("params", "progress", "timings", "images", "frames", "error")

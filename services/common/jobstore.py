@@ -17,6 +17,8 @@ Keys (all expire after `ttl_s` once written):
   latentd:models               hash: model name -> JSON ModelInfo published by workers
   latentd:idem:<key>:<sha256>  "<job id> <request fingerprint>": a client's Idempotency-Key, scoped to its API
                                key, set with the job it made (same TTL)
+  latentd:history:<key>        sorted set: job id -> created_at, the jobs one API key submitted in the last ttl_s
+                               (GET /v1/jobs, ListJobs; trimmed by age at each submission)
 Worker liveness keys are in services/common/workers.py.
 
 Dispatch. The gateway queues a job on its key's own list and sends one Celery task ("run one job of this
@@ -208,6 +210,10 @@ def leases_key(model: str) -> str:
     return f"latentd:leases:{model}"
 
 
+def history_key(owner: str) -> str:
+    return f"latentd:history:{owner}"
+
+
 def dispatch_keys(model: str, owner: str) -> list[str]:
     """The keys every dispatch script takes, in this order."""
     return [pending_key(model), owned_key(model, owner), queue_key(model, owner), turns_key(model), clock_key(model)]
@@ -248,9 +254,10 @@ end
 # Enqueue: the idempotency key, admission (the model's queue and the key's share), the record, the `queued`
 # event, the key's queue. An idempotency key already used by a job that still exists answers that job and its
 # request's fingerprint, before any admission check: a retry is never refused for a full queue.
-# KEYS: dispatch keys, job, events, idempotency key[, input blob[, mask blob]]. ARGV: job id, owner, ttl, max
-# pending, max owned, queued event data, input blob or '', request fingerprint ('': no idempotency key), job key
-# prefix, mask blob or '', then the record's fields as name, value pairs.
+# The job joins its key's history (the jobs of the last ttl seconds, older ones trimmed here).
+# KEYS: dispatch keys, job, events, idempotency key, history[, input blob[, mask blob]]. ARGV: job id, owner, ttl,
+# max pending, max owned, queued event data, input blob or '', request fingerprint ('': no idempotency key), job key
+# prefix, mask blob or '', created_at, then the record's fields as name, value pairs.
 _ENQUEUE = (
     _ENTER
     + """
@@ -267,19 +274,34 @@ if ARGV[8] ~= '' then
 end
 if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[4]) then return 'model_full' end
 if redis.call('SCARD', KEYS[2]) >= tonumber(ARGV[5]) then return 'owner_full' end
-redis.call('HSET', KEYS[6], unpack(ARGV, 11, #ARGV))
+redis.call('HSET', KEYS[6], unpack(ARGV, 12, #ARGV))
 redis.call('EXPIRE', KEYS[6], ttl)
 redis.call('XADD', KEYS[7], '*', 'event', 'queued', 'data', ARGV[6])
 redis.call('EXPIRE', KEYS[7], ttl)
 if ARGV[8] ~= '' then redis.call('SET', KEYS[8], ARGV[1] .. ' ' .. ARGV[8], 'EX', ttl) end
-if KEYS[9] then redis.call('SET', KEYS[9], ARGV[7], 'EX', ttl) end
-if KEYS[10] then redis.call('SET', KEYS[10], ARGV[10], 'EX', ttl) end
+redis.call('ZADD', KEYS[9], ARGV[11], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[9], '-inf', '(' .. string.format('%.6f', tonumber(ARGV[11]) - ttl))
+redis.call('EXPIRE', KEYS[9], ttl)
+if KEYS[10] then redis.call('SET', KEYS[10], ARGV[7], 'EX', ttl) end
+if KEYS[11] then redis.call('SET', KEYS[11], ARGV[10], 'EX', ttl) end
 redis.call('SADD', KEYS[1], ARGV[1])
 redis.call('SADD', KEYS[2], ARGV[1])
 enter(ARGV[1], ARGV[2], false)
 return 'queued'
 """
 )
+
+# A page of a key's history, newest first, after the job ARGV[1] ('': from the newest). KEYS: history. ARGV: that
+# job id or '', how many. Returns the ids, or false when that job is not in the history (another key's, or trimmed).
+_HISTORY_PAGE = """
+local start = 0
+if ARGV[1] ~= '' then
+  local rank = redis.call('ZREVRANK', KEYS[1], ARGV[1])
+  if not rank then return false end
+  start = rank + 1
+end
+return redis.call('ZREVRANGE', KEYS[1], start, start + tonumber(ARGV[2]) - 1)
+"""
 
 # Take and claim the next job in fair order: the key with the lowest turn gives its oldest job, and its
 # turn moves on by one. The claim bumps the fenced attempt and starts the worker's lease, atomically.
@@ -457,6 +479,10 @@ class IdempotencyConflict(Exception):
         self.job_id = job_id
 
 
+class NotInHistory(Exception):
+    """A page of a key's jobs was asked for after a job that is not in its history."""
+
+
 class QueueFull(Exception):
     """The model's queue (`scope` "model") or the key's share of it (`scope` "owner") is full."""
 
@@ -549,6 +575,7 @@ class AsyncJobStore:
         self.ttl_s = ttl_s
         self._enqueue = client.register_script(_ENQUEUE)
         self._cancel = client.register_script(_CANCEL)
+        self._history_page = client.register_script(_HISTORY_PAGE)
         self._record = _Batched(client, "HGETALL", decode=lambda key, raw: JobRecord.from_redis(job_id_of(key), raw))
         self._owner = _Batched(client, "HGET", "owner")
         # Settled jobs (succeeded, failed, cancelled) never change again until their record expires, so reads of
@@ -583,7 +610,12 @@ class AsyncJobStore:
         now = time.time()
         record = new_record(job_id, kind=kind, model=model, owner=owner, params=params, now=now)
         key, fingerprint = idempotency or ("", "")
-        keys = dispatch_keys(model, owner) + [job_key(job_id), events_key(job_id), idempotency_key(owner, key)]
+        keys = dispatch_keys(model, owner) + [
+            job_key(job_id),
+            events_key(job_id),
+            idempotency_key(owner, key),
+            history_key(owner),
+        ]
         if input_image is not None:  # the upload rides in Redis next to the job, not in the Celery message
             keys.append(blob_key(job_id, INPUT_BLOB))
             if input_mask is not None:  # a mask comes with an image only (rules.check_image_inputs)
@@ -600,6 +632,7 @@ class AsyncJobStore:
             fingerprint,
             JOB_PREFIX,
             input_mask or b"",
+            repr(now),
         ]
         outcome = await self._enqueue(keys=keys, args=args + _record_args(record))
         if isinstance(outcome, list):  # the Idempotency-Key's job
@@ -681,6 +714,35 @@ class AsyncJobStore:
         before now (one still on its way) answers a poll."""
         self._ready.pop(job_id, None)
         _keep(self._changed, job_id, time.monotonic(), LIVE_CACHE)
+
+    async def history(
+        self, owner: str, *, limit: int, starting_after: str = "", statuses: Iterable[str] = (), scan: int = 1000
+    ) -> tuple[list[JobRecord], str | None]:
+        """The key's jobs, newest first, after the job `starting_after` (empty: from the newest): up to `limit` of
+        them, only those whose status is in `statuses` when it is not empty, reading at most `scan` entries of the
+        history (a filter that matches little costs a bounded read, and the caller gets where to go on). Returns
+        the jobs and the job id the next page starts after (None: the history ends there). NotInHistory when
+        `starting_after` is not one of the key's jobs of the last ttl_s."""
+        statuses, key = set(statuses), history_key(owner)
+        found: list[JobRecord] = []
+        cursor = starting_after
+        while len(found) < limit and scan > 0:
+            want = min(scan, limit - len(found) if not statuses else max(limit, 100))
+            ids = await self._history_page(keys=[key], args=[cursor, want])
+            if ids is None:
+                raise NotInHistory(cursor)
+            if not ids:
+                return found, None
+            scan -= len(ids)
+            for job_id, job in zip(ids, await asyncio.gather(*(self.get(_s(i)) for i in ids))):
+                cursor = _s(job_id)
+                if job is None or job.owner != owner or (statuses and job.status not in statuses):
+                    continue  # expired early (evicted) or filtered out
+                found.append(job)
+                if len(found) == limit:
+                    break
+        more = await self._history_page(keys=[key], args=[cursor, 1])
+        return found, cursor if more else None
 
     async def owner(self, job_id: str) -> str | None:
         """The key hash that owns the job (None: no such job); concurrent reads share a round trip."""

@@ -30,6 +30,11 @@ MAX_GUIDANCE_SCALES = 16
 DEFAULT_GUIDANCE_SCALES = (0.0, 1.0, 3.0, 7.5, 15.0)
 DEFAULT_FORWARD_TIMESTEPS = tuple(range(0, 1001, 50))
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
+JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+TERMINAL_STATUSES = JOB_STATUSES[2:]  # nothing changes a job after one of these
+# A page of a key's jobs (GET /v1/jobs, ListJobs): newest first, at most MAX_LIST_LIMIT; a page reads at most
+# LIST_SCAN entries of the key's history, so a status filter that matches little still costs a bounded read.
+DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT, LIST_SCAN = 20, 100, 1000
 # DDIM (Song et al. 2021); PLMS (Liu et al. 2022, SD 1.x's PNDM scheduler: n + 1 model calls for n steps);
 # DPM-Solver++(2M) (Lu et al. 2022) on the scheduler's timesteps, and on Karras et al.'s σ spacing, each also as its
 # SDE variant (one noise draw per step); UniPC (Zhao et al. 2023); Euler (Karras et al. 2022), linear multistep
@@ -372,7 +377,7 @@ def check_image_inputs(
 def steps_run(num_inference_steps: int, strength: float | None, sampler: str = DEFAULT_SAMPLER) -> int:
     """The denoising steps a request runs, as its progress counts them (one model call each): all of them, or with
     an image those from its start step on; for the samplers that make more than one call per step, the calls, as
-    their diffusers schedulers list the timesteps: PLMS one more (its first step twice), Heun 2·runs − 1."""
+    their diffusers schedulers list the timesteps: PLMS one more (its first step twice), the two-call samplers (Heun, DPM2, DPM++ SDE) 2·runs − 1."""
     runs = num_inference_steps
     if strength is not None:
         runs -= start_step(num_inference_steps, strength, sampler)
@@ -543,3 +548,12 @@ def check_event_id(value: str, field: str, param: str | None = None) -> str:
     if match is None or any(int(part) > MAX_EVENT_ID_PART for part in match.groups("0")):
         raise InvalidInput(f"{field} must be an event id like 1700000000000-0, got {shown(value)}", param or field)
     return value
+
+
+def check_statuses(statuses: Iterable[str]) -> list[str]:
+    """A job-status filter: each one of JOB_STATUSES."""
+    statuses = list(statuses)
+    for status in statuses:
+        if status not in JOB_STATUSES:
+            raise InvalidInput(f"status must be one of {', '.join(JOB_STATUSES)}, got {shown(status)}", "status")
+    return statuses

@@ -49,6 +49,7 @@ from services.common.jobs import JobEvent, JobRecord
 from services.common.jobstore import (
     AsyncJobStore,
     IdempotencyConflict,
+    NotInHistory,
     QueueFull,
     frame_blob_name,
     pool_exhausted,
@@ -628,6 +629,32 @@ class Core:
         if job is None or job.owner != owner:  # another key's job does not exist for this caller
             raise NotFound(f"no job {shown(job_id)}", "id")
         return job
+
+    async def jobs(
+        self,
+        owner: str,
+        *,
+        limit: int = rules.DEFAULT_LIST_LIMIT,
+        starting_after: str = "",
+        statuses: Iterable[str] = (),
+    ) -> tuple[list[JobRecord], str | None]:
+        """A page of the caller's jobs of the last result_ttl_s, newest first, after the job `starting_after` (empty:
+        from the newest), only those with one of `statuses` if any are given; and the job id the next page starts
+        after (None: no more). A page with a filter may hold fewer than `limit` jobs and still have a next one (it
+        read its share of the history: rules.LIST_SCAN)."""
+        rules.between("limit", limit, 1, rules.MAX_LIST_LIMIT, integer=True)
+        statuses = rules.check_statuses(statuses)
+        page = self.store.history(
+            owner, limit=limit, starting_after=starting_after, statuses=statuses, scan=rules.LIST_SCAN
+        )
+        try:
+            return await self._redis(page)
+        except NotInHistory:
+            raise InvalidInput(
+                f"starting_after must be the id of one of this API key's jobs of the last {self.settings.result_ttl_s} "
+                f"s (a page's next_starting_after), got {shown(starting_after)}; leave it out to start from the newest",
+                "starting_after",
+            ) from None
 
     async def cancel(self, owner: str, job_id: str) -> JobRecord:
         job = await self.job(owner, job_id)

@@ -184,8 +184,8 @@ class GenerationCreate(_ImageFields):
         le=MAX_STEPS,
         description=(
             "Send a small x0 prediction in every k-th step event (0 = none; at most the steps the job runs: "
-            "num_inference_steps, fewer with an image, more with plms and the heun and dpm2 names, which count model "
-            "calls)."
+            "num_inference_steps, fewer with an image, more with plms and the heun, dpm2 and dpmpp_sde names, which "
+            "count model calls)."
         ),
     )
 
@@ -307,6 +307,17 @@ class Job(BaseModel):
     error: dict[str, Any] | None = Field(None, description="type, message and param when the job failed.")
     attempt: int = Field(0, description="The worker attempt that ran it: more than 1 after a failover.")
     created_at: float
+
+
+class JobList(BaseModel):
+    """A page of the caller's jobs (GET /v1/jobs), newest first."""
+
+    jobs: list[Job]
+    has_more: bool = Field(description="Whether older jobs follow: ask again with starting_after.")
+    next_starting_after: str | None = Field(
+        description="The starting_after of the next page (null when has_more is false). With a status filter a "
+        "page may hold fewer jobs than its limit and still have a next one."
+    )
 
 
 class ErrorDetail(BaseModel):

@@ -24,6 +24,7 @@ _SCHEMAS = (
     schemas.JobImage,
 )
 _RANGE_ERRORS = ("greater_than_equal", "less_than_equal", "greater_than", "less_than")
+_PARSING_ERRORS = {"int_parsing": "an integer", "float_parsing": "a number"}
 
 
 def _bounds(field: str) -> tuple[Any, Any]:
@@ -103,6 +104,8 @@ def message(error: dict, caps: Mapping[str, float] | None = None) -> tuple[str, 
         return f"{param} must hold at least {limit} values", param
     if kind == "extra_forbidden":
         return f"unknown field {shown(param)}: this endpoint does not accept it", param
+    if kind in _PARSING_ERRORS:  # a query or path parameter that is not a number (a body's is a type error)
+        return f"{param} must be {_PARSING_ERRORS[kind]}, got {shown(given)}", param
     if kind == "boolean_refused":
         return f"{param} must be {_takes(field)}, got {json.dumps(given)}", param
     if kind == "missing" and param is None:

@@ -94,6 +94,22 @@ def test_jobs_and_models(real_stack):
     assert models.returncode == 0 and models.stdout.startswith(f"{real_stack.model}\t64x64")
 
 
+@pytest.mark.parametrize("transport", ["rest", "grpc"])
+def test_jobs_list_shows_the_newest_first_one_per_line(real_stack, transport):
+    url = real_stack.url if transport == "rest" else f"grpc://{real_stack.grpc_target}"
+    with Client(real_stack.url, API_KEY) as client:
+        job = client.wait(client.generate("a red circle", num_inference_steps=2).id, timeout=60)
+    listed = latentd(url, "jobs", "list", "--limit", "1")
+    assert listed.returncode == 0, listed.stderr
+    fields = listed.stdout.rstrip("\n").split("\t")
+    assert fields[:5] == [job.id, "generation", "succeeded", real_stack.model, "2/2"] and fields[5].endswith("Z")
+    as_json = latentd(url, "jobs", "list", "--status", "succeeded,failed", "--limit", "1", "--json")
+    assert json.loads(as_json.stdout)["id"] == job.id
+    refused = latentd(url, "jobs", "list", "--status", "done")
+    assert refused.returncode == 1 and "status must be one of queued, running" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
 def test_half_block_preview_draws_two_pixels_per_cell():
     import io
 
@@ -167,6 +183,7 @@ def test_grpc_server_refuses_open_public_bind():
         (["generate", "x", "--image", "missing.png"], "--image"),
         (["generate", "x", "--crop", "1"], "--crop"),
         (["--timeout", "-1", "models"], "--timeout"),
+        (["jobs", "list", "--limit", "x"], "--limit"),
     ],
 )
 def test_bad_local_arguments_are_usage_errors(args, flag):
@@ -174,6 +191,11 @@ def test_bad_local_arguments_are_usage_errors(args, flag):
     result = latentd("http://127.0.0.1:9", *args)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert f"error: argument {flag}: " in result.stderr
+
+
+def test_a_job_action_without_its_job_id_is_a_usage_error():
+    result = latentd("http://127.0.0.1:9", "jobs", "get")
+    assert result.returncode == 2 and "error: jobs get needs a JOB_ID" in result.stderr, result.stderr
 
 
 def test_picture_flags_take_a_job_image_reference(tmp_path, real_stack):

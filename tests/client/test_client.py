@@ -109,6 +109,30 @@ def test_async_client(url, real_stack):
     assert done.status == "succeeded" and png.startswith(b"\x89PNG")
 
 
+def test_a_keys_jobs_are_listed_newest_first_page_by_page(url, real_stack):
+    """Sync and async, both transports: a page of the newest, every job by following the pages, another key's jobs
+    never among them, and a status the server does not know refused with its message (over gRPC before sending)."""
+    with Client(url, real_stack.keys[1]) as client:
+        mine = [client.generate(f"a red circle {n}", num_inference_steps=1).id for n in range(3)]
+        page = client.jobs(limit=2)
+        everything = [job.id for job in client.all_jobs(page_size=2)]
+        with pytest.raises(InvalidRequestError) as refused:
+            client.jobs(status="done")
+        for job_id in mine:
+            client.wait(job_id, timeout=60)
+    assert [job.id for job in page.jobs] == mine[:0:-1] and page.has_more and page.next_starting_after == mine[1]
+    assert everything[:3] == mine[::-1] and len(everything) == len(set(everything))
+    assert refused.value.param == "status" and "got 'done'" in refused.value.message
+    with Client(url, real_stack.keys[0]) as other:
+        assert not set(mine) & {job.id for job in other.all_jobs()}
+
+    async def newest() -> list[str]:
+        async with AsyncClient(url, real_stack.keys[1]) as client:
+            return [job.id async for job in client.all_jobs(status=["succeeded"], page_size=2)][:3]
+
+    assert asyncio.run(newest()) == mine[::-1]
+
+
 def test_a_retried_submit_with_an_idempotency_key_returns_the_first_job(url, real_stack):
     key = f"client-retry-{url[:4]}-{time.monotonic_ns()}"
     with Client(url, real_stack.keys[0]) as client:

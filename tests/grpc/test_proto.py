@@ -47,6 +47,7 @@ def test_proto_style():
         "SubmitGeneration",
         "SubmitTrajectory",
         "GetJob",
+        "ListJobs",
         "CancelJob",
         "StreamJobEvents",
         "GenerateStream",

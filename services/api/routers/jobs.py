@@ -1,10 +1,11 @@
-"""A job: read it, stream its events (SSE), fetch its images and frames, cancel it."""
+"""A job: list the caller's, read one, stream its events (SSE), fetch its images and frames, cancel it."""
 
 from __future__ import annotations
 
 import json
 import logging
 from collections.abc import AsyncIterator
+from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
@@ -16,11 +17,36 @@ from services.common import rules
 from services.common.jobs import JobEvent
 from services.core import Core
 from services.core.events import StreamBroken
-from services.core.schemas import Job
+from services.core.schemas import Job, JobList
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 PICTURE = {200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}}
+
+
+STATUS_FILTER = Query(
+    description=f"Only jobs with one of these statuses ({', '.join(rules.JOB_STATUSES)}): the parameter repeated, or "
+    "comma-separated."
+)
+
+
+@router.get("", response_model=JobList, responses=documented(401, 422, 503))
+async def list_jobs(
+    core: CoreDep,
+    owner: OwnerDep,
+    limit: int = Query(rules.DEFAULT_LIST_LIMIT, description=f"Jobs per page, 1 to {rules.MAX_LIST_LIMIT}."),
+    starting_after: str = Query(
+        "", description="Go on after this job: the previous page's next_starting_after. Empty: the newest first."
+    ),
+    status: Annotated[list[str], STATUS_FILTER] = (),
+) -> Response:
+    """The caller's jobs of the last LATENTD_RESULT_TTL_S (3600 s), newest first, each as GET /v1/jobs/{id} shows
+    it. Page with `starting_after`; `has_more` says whether to."""
+    statuses = [name for value in status for name in value.split(",") if name]
+    jobs, after = await core.jobs(owner, limit=limit, starting_after=starting_after, statuses=statuses)
+    tail = {"has_more": after is not None, "next_starting_after": after}
+    body = b'{"jobs":[' + b",".join(job.view_json for job in jobs) + b"]," + json.dumps(tail)[1:].encode()
+    return Response(body, media_type="application/json")
 
 
 @router.get("/{job_id}", response_model=Job, responses=documented(401, 404, 422, 503))
