@@ -34,7 +34,8 @@ _DOCUMENTED = {
     413: "The body is over LATENTD_MAX_BODY_BYTES (chunked or not).",
     422: "A field is out of range or malformed: `message` names it and the allowed range, `param` its path.",
     429: "The model's queue, or this API key's share of it, is full; retry after Retry-After.",
-    503: "Redis unreachable or full, the gateway overloaded, or no model served; retry after Retry-After.",
+    503: "Redis unreachable or full, the gateway overloaded, no model published yet, or a synchronous OpenAI call "
+    "past LATENTD_OPENAI_TIMEOUT_S (its job cancelled); retry after Retry-After.",
     500: "The job this synchronous call waited for failed or was cancelled (server_error); never a traceback.",
 }
 

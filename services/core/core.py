@@ -718,7 +718,11 @@ class Core:
         except TimeoutError:
             job = await self.job(owner, job_id)
             await self._redis(self.store.cancel(job))
-            raise Unavailable(f"job {job_id} did not finish within {timeout_s:g} s", None) from None
+            raise Unavailable(
+                f"job {job_id} did not finish within {timeout_s:g} s (openai_timeout_s); it is cancelled",
+                None,
+                retry_after_s=self.settings.retry_after_s,
+            ) from None
         job = await self.job(owner, job_id)
         if job.status != "succeeded":
             error = job.error or {}

@@ -529,3 +529,14 @@ def test_openapi_documents_the_error_shape_the_gateway_answers_with(client):
     assert [answer.status_code for answer in answers] == [422, 404, 401, 422]
     for answer in answers:
         ErrorResponse.model_validate(answer.json())
+
+
+def test_a_synchronous_openai_call_past_its_timeout_is_a_503_to_retry_and_its_job_is_cancelled(client):
+    """No worker here: the call waits openai_timeout_s (1 s), then answers 503 with Retry-After like every 503,
+    saying its job is cancelled, which it is (nobody is left to fetch its pictures)."""
+    answer = client.post("/v1/images/generations", json={"prompt": "a red circle"})
+    assert answer.status_code == 503 and answer.headers["retry-after"] == "7"
+    message = answer.json()["error"]["message"]
+    assert message.endswith("did not finish within 1 s (openai_timeout_s); it is cancelled"), message
+    job = client.get("/v1/jobs", params={"limit": 1}).json()["jobs"][0]
+    assert job["status"] == "cancelled" and message.startswith(f"job {job['id']} ")
