@@ -71,6 +71,12 @@ class Progress:
         self.out = out
         self.draw_previews = sys.stdout.isatty() if draw_previews is None else draw_previews
         self.preview_height = 0
+        self.width = 0  # of the line drawn last: a shorter one is padded over it
+
+    def redraw(self, line: str) -> None:
+        """`line` in place of the last one, none of which is left showing after it."""
+        self.out.write("\r" + line.ljust(self.width))
+        self.width = len(line)
 
     def __call__(self, event: JobEvent) -> None:
         if event.type == "step":
@@ -82,13 +88,14 @@ class Progress:
                 sys.stdout.write(art + "\n")
                 sys.stdout.flush()
                 self.preview_height = art.count("\n") + 1
-            self.out.write("\r" + progress_line(event))
+            self.redraw(progress_line(event))
         elif event.type == "frame":
-            self.out.write(f"\rframe {event.data.get('index', '?')}" + " " * 20)
+            self.redraw(f"frame {event.data.get('index', '?')}")
         elif event.terminal:
             self.out.write(f"\n{event.type}\n")
+            self.width = 0
         else:
-            self.out.write(f"\r{event.type}" + " " * 30)
+            self.redraw(event.type)
         self.out.flush()
 
 

@@ -1,5 +1,6 @@
 """`latentd` end to end as a subprocess: PNG out, trajectory frames + GIF, errors exit non-zero."""
 
+import io
 import json
 import os
 import subprocess
@@ -159,6 +160,22 @@ def test_progress_draws_previews_on_a_terminal(capsys):
     drawn = capsys.readouterr().out
     assert drawn.count("38;2;0;200;0m") >= 32 and "\x1b[16F" in drawn  # second frame redrawn in place
     assert "2/4 t=500" in err.getvalue()
+
+
+def test_a_shorter_progress_line_leaves_nothing_of_the_longer_one_before_it():
+    """Each redraw covers the whole of the line before it, as a terminal shows it after a carriage return."""
+    from client.latentd_client.cli import Progress
+    from client.latentd_client.types import JobEvent
+
+    err = io.StringIO()
+    show = Progress(out=err, draw_previews=False)
+    for step, timestep in ((1, 981), (2, 1)):
+        show(JobEvent(f"{step}-0", "step", {"step": step, "total": 2, "timestep": timestep}))
+    show(JobEvent("3-0", "frame", {"index": 3}))
+    screen = ""
+    for part in err.getvalue().split("\r")[1:]:  # what a carriage return leaves: the new text over the old
+        screen = part + screen[len(part) :]
+    assert screen.rstrip() == "frame 3"
 
 
 def test_grpc_server_refuses_open_public_bind():
