@@ -44,8 +44,8 @@ async def list_jobs(
     it. Page with `starting_after`; `has_more` says whether to."""
     statuses = [name for value in status for name in value.split(",") if name]
     jobs, after = await core.jobs(owner, limit=limit, starting_after=starting_after, statuses=statuses)
-    tail = {"has_more": after is not None, "next_starting_after": after}
-    body = b'{"jobs":[' + b",".join(job.view_json for job in jobs) + b"]," + json.dumps(tail)[1:].encode()
+    tail = json.dumps({"has_more": after is not None, "next_starting_after": after}, separators=(",", ":"))
+    body = b'{"jobs":[' + b",".join(job.view_json for job in jobs) + b"]," + tail[1:].encode()
     return Response(body, media_type="application/json")
 
 
