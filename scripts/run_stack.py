@@ -206,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, interrupted)
     signal.signal(signal.SIGTERM, interrupted)
     try:
-        redis_url = os.environ.get("REDIS_URL")
+        # the Redis the settings would read (services/common/settings.py): LATENTD_REDIS_URL, else REDIS_URL
+        redis_url = os.environ.get("LATENTD_REDIS_URL") or os.environ.get("REDIS_URL")
         if not redis_url:
             redis_proc, redis_url = start_redis(data_dir=REDIS_DATA)
             procs.append(redis_proc)

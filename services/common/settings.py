@@ -70,7 +70,7 @@ class Settings(BaseSettings):
     # torch's CPU threads in a worker; 0: torch's default (one per core). Several workers on one CPU host each
     # want cores / workers, or they thrash: two workers of two threads on 2 cores ran 16 jobs about 5x slower
     worker_torch_threads: int = 0
-    # The GPU path (services/worker/engine/compiled.py, docs/engine.md "Speed on a GPU").
+    # The GPU path (services/worker/engine/compiled.py, docs/engine.md "The GPU path").
     # Row-count buckets: a backbone call's rows are padded up to the next bucket (padding rows are copies of a
     # real row, dropped after the call), so a compiled backbone sees these few batch shapes and no others;
     # buckets above max_batch_rows are dropped and max_batch_rows is always one. "" or "off": no padding.
