@@ -578,6 +578,7 @@ class AsyncJobStore:
         self._history_page = client.register_script(_HISTORY_PAGE)
         self._record = _Batched(client, "HGETALL", decode=lambda key, raw: JobRecord.from_redis(job_id_of(key), raw))
         self._owner = _Batched(client, "HGET", "owner")
+        self._status = _Batched(client, "HGET", "status")
         # Settled jobs (succeeded, failed, cancelled) never change again until their record expires, so reads of
         # them (pollers that keep asking, pages reloaded, the OpenAI route's last look) are answered from here.
         self._settled: OrderedDict[str, JobRecord] = OrderedDict()
@@ -720,24 +721,35 @@ class AsyncJobStore:
     ) -> tuple[list[JobRecord], str | None]:
         """The key's jobs, newest first, after the job `starting_after` (empty: from the newest): up to `limit` of
         them, only those whose status is in `statuses` when it is not empty, reading at most `scan` entries of the
-        history (a filter that matches little costs a bounded read, and the caller gets where to go on). Returns
-        the jobs and the job id the next page starts after (None: the history ends there). NotInHistory when
-        `starting_after` is not one of the key's jobs of the last ttl_s."""
+        history (a filter that matches little costs a bounded read, and the caller gets where to go on); with a
+        filter, the status alone is read first, and the whole record only of the jobs that pass, at most `limit`.
+        Returns the jobs and the job id the next page starts after (None: the history ends there). NotInHistory
+        when `starting_after` is not one of the key's jobs of the last ttl_s."""
         statuses, key = set(statuses), history_key(owner)
         found: list[JobRecord] = []
         cursor = starting_after
         while len(found) < limit and scan > 0:
             want = min(scan, limit - len(found) if not statuses else max(limit, 100))
-            ids = await self._history_page(keys=[key], args=[cursor, want])
-            if ids is None:
+            page = await self._history_page(keys=[key], args=[cursor, want])
+            if page is None:
                 raise NotInHistory(cursor)
-            if not ids:
+            if not page:
                 return found, None
+            ids = [_s(job_id) for job_id in page]
             scan -= len(ids)
-            for job_id, job in zip(ids, await asyncio.gather(*(self.get(_s(i)) for i in ids))):
-                cursor = _s(job_id)
+            wanted = ids
+            if statuses:
+                now = await asyncio.gather(*(self._status(job_key(job_id)) for job_id in ids))
+                wanted = [job_id for job_id, status in zip(ids, now) if _s(status) in statuses]
+            read = wanted[: limit - len(found)]
+            jobs = dict(zip(read, await asyncio.gather(*map(self.get, read))))
+            unread = set(wanted) - set(read)
+            for job_id in ids:
+                if job_id in unread:
+                    break  # passed the filter but not read (the page is full by now, or is filled after it)
+                cursor, job = job_id, jobs.get(job_id)
                 if job is None or job.owner != owner or (statuses and job.status not in statuses):
-                    continue  # expired early (evicted) or filtered out
+                    continue  # filtered out, or expired early (evicted)
                 found.append(job)
                 if len(found) == limit:
                     break
