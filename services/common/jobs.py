@@ -59,10 +59,11 @@ class JobRecord:
 
     @classmethod
     def from_redis(cls, job_id: str, raw: dict) -> JobRecord | None:
-        """From the fields of HGETALL latentd:job:<id>; None for a missing (or expired) job."""
-        if not raw:
-            return None
+        """From the fields of HGETALL latentd:job:<id>; None for a missing (or expired) job, and for the stub a
+        worker's step write leaves of a record that expired under it (no kind, no owner)."""
         fields = {_s(k): _s(v) for k, v in raw.items()}
+        if "kind" not in fields:
+            return None
         loaded = {name: json.loads(fields.get(name) or "null") for name in JSON_FIELDS}
         return cls(
             id=job_id,

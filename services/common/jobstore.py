@@ -928,6 +928,10 @@ class JobStore:
                 data = frame_event(step.job_id, step.attempt, index, meta, step.event["emitted_at"])
                 pipe.xadd(events, _event_fields("frame", data))
             pipe.hset(job_key(step.job_id), "progress", json.dumps(step.progress))
+            # re-armed as every write does: a running job's record and events outlive it by ttl_s; a record that
+            # expired before this write leaves a stub of these fields that expires too (and reads as no job)
+            pipe.expire(job_key(step.job_id), self.ttl_s)
+            pipe.expire(events, self.ttl_s)
             pipe.hmget(job_key(step.job_id), "cancel", "attempt", "status")
             reads.append(len(pipe) - 1)
         replies = pipe.execute()

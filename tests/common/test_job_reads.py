@@ -175,3 +175,23 @@ def test_a_jobs_streamed_frames_are_its_current_attempts_from_the_first_up_to_a_
     assert frames == [{"i": 0, "a": 2}, {"i": 1, "a": 2}]
     result = json.dumps([{"i": n, "blob": f"a2-frame-{n}"} for n in range(4)])
     assert len(JobRecord.from_redis("j", record | stored | {"frames": result}).frames) == 4
+
+
+def test_a_step_write_rearms_the_jobs_ttl_and_a_stub_of_an_expired_record_reads_as_no_job(url):
+    """Every write re-arms the TTL: a job that runs longer than ttl_s keeps its record and events while it runs. A
+    record that expired before a worker's step write leaves a stub of that write's fields: it expires too, and
+    the gateway reads it as no job (not a record without a kind)."""
+    from services.common.jobstore import JobStore, StepWrite, events_key
+
+    client = redis.Redis.from_url(url)
+    put(client, "long", "running")
+    client.expire(job_key("long"), 5)
+    store = JobStore(client, ttl_s=300)
+    event = {"step": 1, "total": 2, "timestep": 500, "attempt": 0, "emitted_at": time.time()}
+    store.write_steps([StepWrite("long", 0, event, {"step": 1, "total": 2})])
+    assert client.ttl(job_key("long")) > 290 and client.ttl(events_key("long")) > 290
+    client.delete(job_key("long"))  # expired under its worker
+    store.write_steps([StepWrite("long", 0, event, {"step": 2, "total": 2})])
+    assert 0 < client.ttl(job_key("long")) <= 300
+    assert JobRecord.from_redis("long", client.hgetall(job_key("long"))) is None
+    assert reads(url, lambda store: store.get("long")) is None
