@@ -32,6 +32,7 @@ export class JobPanel {
    * POST the job and follow it. body: the request, or a promise of it (pictures still being read): the panel
    * shows "Submitting…" at once either way, so the last job's outcome never reads as this one's. parts: how
    * many engine requests report steps (a sweep has one per scale). onEvent(name, data) sees every event.
+   * Once the job is accepted, a "latentd:submitted" event on document carries it (the Your jobs panel reloads).
    * Returns {job, outcome} once it has ended, or null if refused (or the body could not be made).
    */
   async run(path, body, { parts = 1, onEvent = () => {} } = {}) {
@@ -49,6 +50,7 @@ export class JobPanel {
       return null;
     }
     this.job = job;
+    document.dispatchEvent(new CustomEvent("latentd:submitted", { detail: { job } }));
     this.cancelButton.disabled = false;
     const steps = new Map();
     let attempt = 0;

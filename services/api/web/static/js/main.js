@@ -3,6 +3,7 @@
 import { clearKey, getKey, setKey } from "./api.js";
 import { initForward } from "./forward.js";
 import { initGenerate } from "./generate.js";
+import { initJobs } from "./jobs.js";
 import { initReverse } from "./reverse.js";
 import { startStatus, updateStatus } from "./status.js";
 import { initSweep } from "./sweep.js";
@@ -46,11 +47,13 @@ $("#key-form").addEventListener("submit", async (event) => {
   keyInput.value = "";
   dialog.close();
   forget.hidden = false;
+  jobs.reload();
 });
 
 forget.addEventListener("click", () => {
   clearKey();
   forget.hidden = true;
+  jobs.clear();
   updateStatus();
 });
 
@@ -58,6 +61,7 @@ initGenerate();
 initForward();
 initReverse();
 initSweep();
+const jobs = initJobs(); // reloaded when a key is given, emptied when it is forgotten
 forget.hidden = !getKey();
 updateStatus();
 startStatus();
