@@ -36,7 +36,8 @@ _DOCUMENTED = {
     429: "The model's queue, or this API key's share of it, is full; retry after Retry-After.",
     503: "Redis unreachable or full, the gateway overloaded, no model published yet, or a synchronous OpenAI call "
     "past LATENTD_OPENAI_TIMEOUT_S (its job cancelled); retry after Retry-After.",
-    500: "The job this synchronous call waited for failed or was cancelled (server_error); never a traceback.",
+    500: "The job this synchronous call waited for failed in its worker (server_error; a job cancelled meanwhile is a "
+    "409, one whose request the worker refused a 422); never a traceback.",
 }
 
 

@@ -67,7 +67,7 @@ class Unavailable(ServiceError):
 
 
 class JobFailed(ServiceError):
-    """A synchronous call (the OpenAI route) waited for a job that ended failed or cancelled."""
+    """A synchronous call (the OpenAI route) waited for a job that failed in its worker (not for its request)."""
 
     status_code = 500
     error_type = "server_error"

@@ -710,7 +710,9 @@ class Core:
         return self.hub.follow_batches(job_id, after, idle_s, owner=owner)
 
     async def wait(self, owner: str, job_id: str, timeout_s: float) -> JobRecord:
-        """Wait (without a thread) for the job to end; the final job, or JobFailed / Unavailable (timeout)."""
+        """Wait (without a thread) for the job to end; the final job, or why there is none: Conflict (it was
+        cancelled), InvalidInput (the worker refused its request), JobFailed (it failed otherwise), Unavailable
+        (timeout)."""
         try:
             async with asyncio.timeout(timeout_s):
                 async for _ in self.follow(owner, job_id):
@@ -724,9 +726,14 @@ class Core:
                 retry_after_s=self.settings.retry_after_s,
             ) from None
         job = await self.job(owner, job_id)
+        if job.status == "cancelled":
+            raise Conflict(f"job {job_id} was cancelled before it finished (POST /v1/jobs/{job_id}/cancel)", "id")
         if job.status != "succeeded":
             error = job.error or {}
-            raise JobFailed(f"job {job_id} {job.status}: {error.get('message', job.status)}", error.get("param"))
+            message = f"job {job_id} failed: {error.get('message', 'no reason given')}"
+            if error.get("type") == InvalidInput.error_type:  # the engine's own check of the request
+                raise InvalidInput(message, error.get("param"))
+            raise JobFailed(message, error.get("param"))
         return job
 
     async def blobs(self, job: JobRecord) -> list[bytes]:

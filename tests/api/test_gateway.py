@@ -540,3 +540,39 @@ def test_a_synchronous_openai_call_past_its_timeout_is_a_503_to_retry_and_its_jo
     assert message.endswith("did not finish within 1 s (openai_timeout_s); it is cancelled"), message
     job = client.get("/v1/jobs", params={"limit": 1}).json()["jobs"][0]
     assert job["status"] == "cancelled" and message.startswith(f"job {job['id']} ")
+
+
+def test_a_synchronous_openai_call_says_its_job_was_cancelled_or_refused_not_a_server_error(client):
+    """The job behind a synchronous call can end without pictures: cancelled through the API (409, not a 500), or
+    failed by the worker's own check of the request (422 naming the field, as the gateway's refusals do)."""
+    import concurrent.futures
+
+    store = JobStore.from_url(REDIS_URL)
+
+    def newest() -> dict:
+        while not (jobs := client.get("/v1/jobs", params={"limit": 1, "status": "queued"}).json()["jobs"]):
+            time.sleep(0.02)
+        return jobs[0]
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        call = pool.submit(client.post, "/v1/images/generations", json={"prompt": "a red circle"})
+        job = newest()
+        assert client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 200
+        answer = call.result(10)
+        assert answer.status_code == 409, answer.text
+        assert answer.json()["error"] == {
+            "type": "conflict_error",
+            "message": f"job {job['id']} was cancelled before it finished (POST /v1/jobs/{job['id']}/cancel)",
+            "param": "id",
+        }
+        call = pool.submit(client.post, "/v1/images/generations", json={"prompt": "a red circle"})
+        job = newest()
+        taken, attempt = store.take("tiny", 15, "test-worker")
+        error = {"type": "invalid_request_error", "message": "prompt is 99 tokens, over 77", "param": "prompt"}
+        assert store.finish(store.get(taken), attempt, "failed", {"error": error}, ("failed", error))
+        answer = call.result(10)
+        assert answer.status_code == 422 and answer.json()["error"] == {
+            "type": "invalid_request_error",
+            "message": f"job {job['id']} failed: prompt is 99 tokens, over 77",
+            "param": "prompt",
+        }, answer.text
