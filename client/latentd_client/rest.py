@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
-from .errors import StreamDropped, UnavailableError, error_for_status
+from .errors import LatentdError, StreamDropped, UnavailableError, error_for_status
 from .types import Job, JobEvent, JobPage, Model
 
 USER_AGENT = "latentd-client/0.2"
@@ -35,9 +36,18 @@ def _page(limit: int | None, starting_after: str | None, status: list[str]) -> d
     return query
 
 
+def _job_path(job_id: str, *rest: str) -> str:
+    """/v1/jobs/<id>[/...] with the id as one path segment whatever it holds ("../models" is a job id that
+    does not exist, not another endpoint; dots too, which a URL would otherwise resolve)."""
+    return "/".join(("/v1/jobs", quote(job_id, safe="").replace(".", "%2E"), *rest))
+
+
 def raise_for_response(response: httpx.Response) -> None:
-    if response.status_code < 400:
+    if response.status_code < 300:
         return
+    if response.status_code < 400:  # the API never redirects a client; a proxy or a wrong URL did
+        where = response.headers.get("location", "nowhere")
+        raise LatentdError(f"unexpected {response.status_code} redirect to {where}", status=response.status_code)
     message, type_, param = response.text or response.reason_phrase, None, None
     try:
         body = response.json()
@@ -120,16 +130,16 @@ class RestTransport:
         )
 
     def get_job(self, job_id: str) -> Job:
-        return Job.from_dict(self._call("GET", f"/v1/jobs/{job_id}").json())
+        return Job.from_dict(self._call("GET", _job_path(job_id)).json())
 
     def list_jobs(self, limit: int | None, starting_after: str | None, status: list[str]) -> JobPage:
         return JobPage.from_dict(self._call("GET", "/v1/jobs", params=_page(limit, starting_after, status)).json())
 
     def cancel_job(self, job_id: str) -> Job:
-        return Job.from_dict(self._call("POST", f"/v1/jobs/{job_id}/cancel").json())
+        return Job.from_dict(self._call("POST", _job_path(job_id, "cancel")).json())
 
     def artifact(self, job_id: str, kind: str, index: int) -> tuple[bytes, str]:
-        response = self._call("GET", f"/v1/jobs/{job_id}/{kind}s/{index}")
+        response = self._call("GET", _job_path(job_id, f"{kind}s", str(index)))
         return response.content, response.headers.get("content-type", "image/png")
 
     def models(self) -> list[Model]:
@@ -140,9 +150,9 @@ class RestTransport:
         timeout = httpx.Timeout(self.http.timeout.connect, read=None)
         try:
             with self.http.stream(
-                "GET", f"/v1/jobs/{job_id}/events", headers=_event_headers(after), timeout=timeout
+                "GET", _job_path(job_id, "events"), headers=_event_headers(after), timeout=timeout
             ) as response:
-                if response.status_code >= 400:
+                if response.status_code >= 300:
                     response.read()
                     raise_for_response(response)
                 parser = SseParser()
@@ -179,17 +189,17 @@ class AsyncRestTransport:
         return Job.from_dict(response.json())
 
     async def get_job(self, job_id: str) -> Job:
-        return Job.from_dict((await self._call("GET", f"/v1/jobs/{job_id}")).json())
+        return Job.from_dict((await self._call("GET", _job_path(job_id))).json())
 
     async def list_jobs(self, limit: int | None, starting_after: str | None, status: list[str]) -> JobPage:
         response = await self._call("GET", "/v1/jobs", params=_page(limit, starting_after, status))
         return JobPage.from_dict(response.json())
 
     async def cancel_job(self, job_id: str) -> Job:
-        return Job.from_dict((await self._call("POST", f"/v1/jobs/{job_id}/cancel")).json())
+        return Job.from_dict((await self._call("POST", _job_path(job_id, "cancel"))).json())
 
     async def artifact(self, job_id: str, kind: str, index: int) -> tuple[bytes, str]:
-        response = await self._call("GET", f"/v1/jobs/{job_id}/{kind}s/{index}")
+        response = await self._call("GET", _job_path(job_id, f"{kind}s", str(index)))
         return response.content, response.headers.get("content-type", "image/png")
 
     async def models(self) -> list[Model]:
@@ -199,9 +209,9 @@ class AsyncRestTransport:
         timeout = httpx.Timeout(self.http.timeout.connect, read=None)
         try:
             async with self.http.stream(
-                "GET", f"/v1/jobs/{job_id}/events", headers=_event_headers(after), timeout=timeout
+                "GET", _job_path(job_id, "events"), headers=_event_headers(after), timeout=timeout
             ) as response:
-                if response.status_code >= 400:
+                if response.status_code >= 300:
                     await response.aread()
                     raise_for_response(response)
                 parser = SseParser()

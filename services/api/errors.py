@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from services.common.errors import InvalidInput, ServiceError
+from services.common.errors import InvalidInput, ServiceError, shown
 from services.core import metrics as core_metrics
 from services.core.core import translate_redis_errors
 from services.core.schemas import ErrorResponse
@@ -98,10 +98,17 @@ def install(app: FastAPI) -> None:
             why = f"{type(exc.__cause__).__name__}: {exc.__cause__}"
             return error_response(InvalidInput(f"the body is not valid JSON ({why})", None), request)
         core_metrics.record_refusal(exc.status_code)
+        message = str(exc.detail)
+        path = shown(request.url.path)
+        if exc.status_code == 404 and message == "Not Found":  # the router's own: no route matched
+            message = f"no endpoint {request.method} {path}: the endpoints are listed at /docs"
+        elif exc.status_code == 405 and message == "Method Not Allowed":
+            allowed = (getattr(exc, "headers", None) or {}).get("Allow", "other methods")
+            message = f"{path} takes {allowed}, not {request.method}: the endpoints are listed at /docs"
         body = {
             "error": {
                 "type": _HTTP_TYPES.get(exc.status_code, "invalid_request_error"),
-                "message": str(exc.detail),
+                "message": message,
                 "param": None,
             }
         }

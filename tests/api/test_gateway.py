@@ -576,3 +576,15 @@ def test_a_synchronous_openai_call_says_its_job_was_cancelled_or_refused_not_a_s
             "message": f"job {job['id']} failed: prompt is 99 tokens, over 77",
             "param": "prompt",
         }, answer.text
+
+
+def test_a_path_or_method_no_endpoint_takes_is_said_in_the_error_shape(client):
+    missing = client.get("/v1/jobs/a/b")
+    assert missing.status_code == 404 and missing.json()["error"] == {
+        "type": "not_found_error",
+        "message": "no endpoint GET '/v1/jobs/a/b': the endpoints are listed at /docs",
+        "param": None,
+    }
+    wrong = client.delete("/v1/jobs/x")
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "GET"
+    assert wrong.json()["error"]["message"] == "'/v1/jobs/x' takes GET, not DELETE: the endpoints are listed at /docs"

@@ -250,3 +250,13 @@ def test_the_default_output_name_follows_the_format(tmp_path, real_stack, output
     assert result.stdout.split() == [name]
     with Image.open(tmp_path / name) as image:
         assert image.format == (output_format or "png").upper()
+
+
+@pytest.mark.parametrize("job_id", ["../models", "../../readyz", "..", "?limit=1", "a/b", "%2e%2e"])
+def test_a_job_id_is_one_path_segment_whatever_it_holds(real_stack, job_id):
+    """The CLI (the REST client under it) sends the id as one escaped segment: another endpoint is never reached,
+    the answer is the gateway's 'no job' (or, for an id holding a slash, that no endpoint has that path)."""
+    result = latentd(real_stack.url, "jobs", "get", job_id)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    says = "no job" if "/" not in job_id else "no endpoint GET '/v1/jobs/"  # the id's own slashes: no route
+    assert f"latentd: error: {says}" in result.stderr, result.stderr
