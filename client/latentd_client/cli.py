@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import base64
 import io
+import itertools
 import json
 import math
 import os
@@ -21,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
+
+from services.common import rules
 
 from .client import DEFAULT_URL, Client
 from .errors import JobFailedError, LatentdError
@@ -301,9 +304,10 @@ def job_line(job: Job) -> str:
 
 
 def cmd_jobs_list(client: Client, args) -> int:
-    status = args.status or []
-    jobs = client.all_jobs(status=status) if args.all else client.jobs(limit=args.limit, status=status).jobs
-    for job in jobs:
+    """The newest --limit jobs (with a filter, page after page until that many are found), or every one."""
+    limit = None if args.all else args.limit or rules.DEFAULT_LIST_LIMIT
+    jobs = client.all_jobs(status=args.status or [], page_size=min(limit or rules.MAX_LIST_LIMIT, rules.MAX_LIST_LIMIT))
+    for job in itertools.islice(jobs, limit):
         print(json.dumps(job.raw) if args.json else job_line(job), flush=True)
     return 0
 
@@ -319,8 +323,9 @@ def cmd_jobs(client: Client, args) -> int:
             else:
                 show(event)
         job = client.get_job(args.job_id)
-    else:
-        job = client.get_job(args.job_id) if args.action == "get" else client.cancel(args.job_id)
+        print(json.dumps(job.raw, indent=2))
+        return 0 if job.status == "succeeded" else 1  # as generate: the job it waited for ended without its images
+    job = client.get_job(args.job_id) if args.action == "get" else client.cancel(args.job_id)
     print(json.dumps(job.raw, indent=2))
     return 0 if job.status != "failed" else 1
 
@@ -448,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--after", help="watch: resume after this event id")
     j.add_argument("--json", action="store_true", help="watch: one JSON line per event; list: one job per line")
     j.add_argument("--status", type=_list_of(str, "statuses"), help="list: only these, e.g. queued,running")
-    j.add_argument("--limit", type=int, default=20, help="list: the newest this many (1 to 100; default 20)")
+    j.add_argument("--limit", type=int, help=f"list: the newest this many (default {rules.DEFAULT_LIST_LIMIT})")
     j.add_argument("--all", action="store_true", help="list: every job of the last hour, page after page")
     j.set_defaults(run=cmd_jobs)
 
@@ -458,11 +463,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_jobs_arguments(parser: argparse.ArgumentParser, args) -> None:
+    """`jobs` flags that the action would ignore are usage errors, not silently dropped."""
+    if args.action == "list":
+        given = [flag for flag, value in (("JOB_ID", args.job_id), ("--after", args.after)) if value]
+        if args.all and args.limit is not None:
+            given.append("--limit with --all")
+        if args.limit is not None and args.limit < 1:
+            parser.error(f"argument --limit: must be at least 1, got {args.limit}")
+    else:
+        given = [
+            flag for flag, value in (("--status", args.status), ("--limit", args.limit), ("--all", args.all)) if value
+        ]
+        if not args.job_id:
+            parser.error(f"jobs {args.action} needs a JOB_ID")
+        if args.after and args.action != "watch":
+            given.append("--after")
+    if given:
+        parser.error(f"jobs {args.action} does not take {', '.join(given)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.run is cmd_jobs and args.action != "list" and not args.job_id:
-        parser.error(f"jobs {args.action} needs a JOB_ID")
+    if args.run is cmd_jobs:
+        check_jobs_arguments(parser, args)
     try:
         with Client(args.url, args.api_key, timeout=args.timeout) as client:
             return args.run(client, args)
@@ -472,6 +497,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush fails silently too
+        return 141  # 128 + SIGPIPE, what a shell reports for such a tool
 
 
 if __name__ == "__main__":

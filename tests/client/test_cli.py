@@ -210,9 +210,38 @@ def test_bad_local_arguments_are_usage_errors(args, flag):
     assert f"error: argument {flag}: " in result.stderr
 
 
-def test_a_job_action_without_its_job_id_is_a_usage_error():
-    result = latentd("http://127.0.0.1:9", "jobs", "get")
-    assert result.returncode == 2 and "error: jobs get needs a JOB_ID" in result.stderr, result.stderr
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["jobs", "get"], "jobs get needs a JOB_ID"),
+        (["jobs", "list", "abc"], "jobs list does not take JOB_ID"),
+        (["jobs", "list", "--all", "--limit", "5"], "jobs list does not take --limit with --all"),
+        (["jobs", "list", "--limit", "0"], "argument --limit: must be at least 1, got 0"),
+        (["jobs", "get", "abc", "--status", "running"], "jobs get does not take --status"),
+        (["jobs", "cancel", "abc", "--after", "1-0"], "jobs cancel does not take --after"),
+    ],
+)
+def test_a_jobs_flag_its_action_would_ignore_is_a_usage_error(args, says):
+    result = latentd("http://127.0.0.1:9", *args)
+    assert result.returncode == 2 and f"error: {says}" in result.stderr, result.stderr
+
+
+def test_a_reader_that_goes_away_stops_the_cli_quietly(real_stack):
+    """`latentd jobs list | head`: the pipe closes before the CLI writes; it ends as a Unix tool does, no traceback."""
+    env = os.environ | {"LATENTD_URL": real_stack.url, "LATENTD_API_KEY": API_KEY}
+    command = [sys.executable, "-m", "client.latentd_client.cli", "jobs", "list", "--limit", "5"]
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # before the first job is printed (the CLI is still starting)
+    stderr = proc.stderr.read()
+    assert proc.wait(60) == 141 and stderr == "", stderr
+
+
+def test_watching_a_job_that_ends_without_its_images_exits_non_zero(real_stack):
+    with Client(real_stack.url, API_KEY) as client:
+        job = client.generate("x", num_inference_steps=300)
+        client.cancel(job.id)
+    watched = latentd(real_stack.url, "jobs", "watch", job.id)
+    assert watched.returncode == 1 and json.loads(watched.stdout)["status"] == "cancelled", watched.stderr
 
 
 def test_picture_flags_take_a_job_image_reference(tmp_path, real_stack):
