@@ -400,9 +400,11 @@ return 'requeued'
 """
 )
 
-# Finish: written once, by the attempt that holds the fence (the job runs, and this is its attempt).
+# Finish: written once, by the attempt that holds the fence (the job runs, and this is its attempt). A job whose
+# cancel was accepted while it ran ends cancelled even if its worker got to the end first: the cancel was answered
+# with 200 (the job "cancelling"), so it wins, and nothing of the result is kept.
 # KEYS: dispatch keys, job, events, leases, blob keys... ARGV: attempt, ttl, status, fields JSON, event
-# name, event data, job id, blobs...
+# name, event data, job id, the cancelled event's data, blobs...
 _FINISH = (
     _ENTER
     + """
@@ -410,13 +412,19 @@ local job, events = KEYS[6], KEYS[7]
 if redis.call('HGET', job, 'status') ~= 'running' then return 0 end
 if redis.call('HGET', job, 'attempt') ~= ARGV[1] then return 0 end
 local ttl = tonumber(ARGV[2])
-for i = 9, #KEYS do
-  redis.call('SET', KEYS[i], ARGV[i - 1], 'EX', ttl)
-end
 local fields = cjson.decode(ARGV[4])
-for k, v in pairs(fields) do redis.call('HSET', job, k, v) end
-redis.call('HSET', job, 'status', ARGV[3])
-redis.call('XADD', events, '*', 'event', ARGV[5], 'data', ARGV[6])
+if ARGV[3] == 'succeeded' and redis.call('HGET', job, 'cancel') == '1' then
+  if fields['timings'] then redis.call('HSET', job, 'timings', fields['timings']) end
+  redis.call('HSET', job, 'status', 'cancelled')
+  redis.call('XADD', events, '*', 'event', 'cancelled', 'data', ARGV[8])
+else
+  for i = 9, #KEYS do
+    redis.call('SET', KEYS[i], ARGV[i], 'EX', ttl)
+  end
+  for k, v in pairs(fields) do redis.call('HSET', job, k, v) end
+  redis.call('HSET', job, 'status', ARGV[3])
+  redis.call('XADD', events, '*', 'event', ARGV[5], 'data', ARGV[6])
+end
 redis.call('EXPIRE', job, ttl)
 redis.call('EXPIRE', events, ttl)
 redis.call('ZREM', KEYS[8], ARGV[7])
@@ -972,7 +980,8 @@ class JobStore:
         event: tuple[str, dict],
         blobs: dict[str, bytes] | None = None,
     ) -> bool:
-        """Write the outcome once: False when another attempt holds the fence or the job is already over."""
+        """Write the outcome once: False when another attempt holds the fence or the job is already over. A job
+        succeeding after its cancel was accepted ends cancelled (see _FINISH)."""
         assert status in TERMINAL
         blobs = blobs or {}
         job_id = job.id
@@ -986,5 +995,6 @@ class JobStore:
             event[0],
             json.dumps(event[1]),
             job_id,
+            json.dumps({"id": job_id, "emitted_at": time.time()}),
         ] + list(blobs.values())
         return bool(self._finish(keys=keys, args=args))

@@ -588,3 +588,22 @@ def test_a_path_or_method_no_endpoint_takes_is_said_in_the_error_shape(client):
     wrong = client.delete("/v1/jobs/x")
     assert wrong.status_code == 405 and wrong.headers["allow"] == "GET"
     assert wrong.json()["error"]["message"] == "'/v1/jobs/x' takes GET, not DELETE: the endpoints are listed at /docs"
+
+
+def test_a_cancel_answered_while_the_job_ran_wins_over_a_result_that_comes_after_it(client):
+    """The cancel is answered 200 with the job still running (it stops at its next step); if its worker finishes
+    the job first, the job ends cancelled all the same, with no images, as the 200 promised."""
+    job = client.post("/v1/generations", json={"prompt": "a red circle", "num_inference_steps": 2}).json()
+    store = JobStore.from_url(REDIS_URL)
+    taken, attempt = store.take("tiny", 15, "test-worker")
+    assert taken == job["id"]
+    answered = client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert answered.status_code == 200 and answered.json()["status"] == "running"
+    fields = {"images": ["a1-image-0"], "timings": {"run_s": 0.5}, "progress": {"step": 2, "total": 2}}
+    done = {"id": job["id"], "images": 1, "frames": 0}
+    assert store.finish(store.get(taken), attempt, "succeeded", fields, ("succeeded", done), {"a1-image-0": b"png"})
+    ended = store.get(taken)
+    assert ended.status == "cancelled" and ended.images == [] and ended.timings == {"run_s": 0.5}
+    assert store.blob(taken, "a1-image-0") is None
+    names = [fields[b"event"] for _, fields in store.redis.xrange(f"latentd:job:{taken}:events")]
+    assert names[-1] == b"cancelled" and b"succeeded" not in names
