@@ -217,7 +217,7 @@ def params_from_proto(message: pb.Job) -> dict[str, Any]:
     }
     if trajectory.generation.has_mask:
         params["has_mask"] = True
-    return params
+    return rules.trajectory_params(params["kind"], params, from_image=trajectory.has_image)
 
 
 def _pictures_view(generation: pb.GenerationParams, params: dict[str, Any]) -> dict[str, Any]:

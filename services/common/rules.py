@@ -139,7 +139,10 @@ TRAJECTORY_FIELD_KINDS: dict[str, tuple[str, ...]] = {
     "mask": ("reverse", "guidance_sweep"),
 }
 # Every trajectory reads these; its other fields describe a generation (reverse, guidance_sweep, forward from a prompt).
-TRAJECTORY_OWN_FIELDS = ("kind", "model", "image", "output_format")
+TRAJECTORY_OWN_FIELDS = ("kind", "model", "image")
+# A forward trajectory of a given picture generates nothing: its params say what is noised (the picture, resized to
+# width × height) and how, no more.
+FORWARD_OF_IMAGE_PARAMS = ("kind", "model", "width", "height", "timesteps", "noise_seed", "space", "has_image")
 
 
 @dataclass(frozen=True)
@@ -502,6 +505,15 @@ def check_trajectory_fields(kind: str, sent: Iterable[str], *, from_image: bool 
                 f"of an image noises that image as it is: leave {name} out",
                 name,
             )
+
+
+def trajectory_params(kind: str, params: Mapping[str, Any], *, from_image: bool) -> dict[str, Any]:
+    """A trajectory job's params as both doors show them: without the fields its kind does not read (those
+    check_trajectory_fields refuses when set), and for a forward trajectory of a given picture only
+    FORWARD_OF_IMAGE_PARAMS."""
+    if kind == "forward" and from_image:
+        return {name: value for name, value in params.items() if name in FORWARD_OF_IMAGE_PARAMS}
+    return {name: value for name, value in params.items() if kind in TRAJECTORY_FIELD_KINDS.get(name, TRAJECTORY_KINDS)}
 
 
 def check_timesteps(num_train_timesteps: int, timesteps: Iterable[int]) -> list[int]:

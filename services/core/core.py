@@ -446,7 +446,7 @@ class Core:
         body = body if isinstance(body, TrajectoryCreate) else parse(TrajectoryCreate, body, self.caps)
         idempotency = self.idempotency("trajectory", body, idempotency_key)
         model = await self.resolve_model(body.model)
-        kind, image, start, mask = body.kind, None, None, None
+        kind, image, start, mask, timesteps = body.kind, None, None, None, None
         sent = _set_away_from_default(body, set(TrajectoryCreate.model_fields) - {"kind"})
         rules.check_trajectory_fields(kind, sent, from_image=body.image is not None)
         if kind == "forward":
@@ -475,13 +475,10 @@ class Core:
         params = _params(
             body.model_dump(exclude={"image", "mask"})
             | resolved
-            | {
-                "prompt": body.prompt or "",
-                "timesteps": timesteps if kind == "forward" else None,
-                "has_image": image is not None,
-            }
+            | {"prompt": body.prompt or "", "timesteps": timesteps, "has_image": image is not None}
             | ({"has_mask": True} if mask is not None else {})
         )
+        params = rules.trajectory_params(kind, params, from_image=image is not None)
         return await self._enqueue(
             kind, model, owner, params, input_image=image, input_mask=mask and mask[0], idempotency=idempotency
         )

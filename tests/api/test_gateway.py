@@ -376,7 +376,14 @@ def test_a_trajectory_field_its_kind_does_not_read_is_refused_by_name(client, bo
 
 @pytest.mark.parametrize(
     "field, value",
-    [("prompt", "a red circle"), ("seed", 3), ("num_inference_steps", 20), ("guidance_scale", 2.0), ("eta", 0.5)],
+    [
+        ("prompt", "a red circle"),
+        ("seed", 3),
+        ("num_inference_steps", 20),
+        ("guidance_scale", 2.0),
+        ("eta", 0.5),
+        ("output_format", "jpeg"),
+    ],
 )
 def test_a_forward_trajectory_of_an_image_refuses_what_would_generate_a_picture(client, field, value):
     """With an image a forward trajectory noises that picture: a prompt, seed or step count would be ignored, so
@@ -607,3 +614,40 @@ def test_a_cancel_answered_while_the_job_ran_wins_over_a_result_that_comes_after
     assert store.blob(taken, "a1-image-0") is None
     names = [fields[b"event"] for _, fields in store.redis.xrange(f"latentd:job:{taken}:events")]
     assert names[-1] == b"cancelled" and b"succeeded" not in names
+
+
+def test_a_trajectorys_params_hold_only_what_its_kind_reads(client):
+    """A forward trajectory of a picture shows what is noised and how (no drawn seed or step count that nothing
+    used); a reverse one no forward or sweep fields; the same rule (rules.trajectory_params) for both doors."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from services.common import protocol
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(buffer, "PNG")
+    picture = base64.b64encode(buffer.getvalue()).decode()
+    forward = client.post("/v1/trajectories", json={"kind": "forward", "image": picture, "timesteps": [0, 500]})
+    assert forward.status_code == 202, forward.text
+    assert forward.json()["params"] == {
+        "kind": "forward",
+        "model": "tiny",
+        "width": 32,
+        "height": 32,
+        "timesteps": [0, 500],
+        "noise_seed": 0,
+        "space": "latent",
+        "has_image": True,
+    }
+    store = JobStore.from_url(REDIS_URL)
+    assert store.get(forward.json()["id"]).total_steps == 0  # its worker reports no denoising steps: it makes none
+    assert protocol.params_from_proto(store.get(forward.json()["id"]).to_proto()) == forward.json()["params"]
+    client.post(f"/v1/jobs/{forward.json()['id']}/cancel")  # (this gateway's queue holds two)
+    for kind in ("forward", "reverse", "guidance_sweep"):
+        job = client.post("/v1/trajectories", json={"kind": kind, "prompt": "x", "seed": 1}).json()
+        client.post(f"/v1/jobs/{job['id']}/cancel")
+        assert job["params"]["seed"] == 1 and ("guidance_scales" in job["params"]) == (kind == "guidance_sweep")
+        assert ("trajectory_every" in job["params"]) == (kind == "reverse") and job["params"]["kind"] == kind
+        assert protocol.params_from_proto(store.get(job["id"]).to_proto()) == job["params"], kind
