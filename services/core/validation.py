@@ -104,6 +104,8 @@ def message(error: dict, caps: Mapping[str, float] | None = None) -> tuple[str, 
         return f"{param} must hold at least {limit} values", param
     if kind == "extra_forbidden":
         return f"unknown field {shown(param)}: this endpoint does not accept it", param
+    if given is None and _is_type_error(error) and param:  # null where the field takes no null
+        return f"{param} must be {_takes(field)}, got null", param
     if kind in _PARSING_ERRORS:  # a query or path parameter that is not a number (a body's is a type error)
         return f"{param} must be {_PARSING_ERRORS[kind]}, got {shown(given)}", param
     if kind == "boolean_refused":

@@ -428,6 +428,21 @@ def test_true_and_false_are_not_numbers(client, body, param, message):
     assert refused.json()["error"] == {"type": "invalid_request_error", "message": message, "param": param}
 
 
+@pytest.mark.parametrize(
+    "body, param, message",
+    [
+        ({"eta": None}, "eta", "eta must be a number, got null"),
+        ({"negative_prompt": None}, "negative_prompt", "negative_prompt must be a string, got null"),
+    ],
+)
+def test_null_where_a_field_takes_none_says_what_it_takes(client, body, param, message):
+    """Most fields take null for "the default"; these have a value for a default and say so, in the caller's words
+    (pydantic's "Input should be a valid number, got None" is not)."""
+    refused = client.post("/v1/generations", json={"prompt": "x"} | body)
+    assert refused.status_code == 422
+    assert refused.json()["error"] == {"type": "invalid_request_error", "message": message, "param": param}
+
+
 def test_a_size_is_refused_with_the_range_the_model_allows(client):
     """Not a generic 8..2048 that the model refuses in turn: its own multiple and maximum, whatever the value."""
     for width in (2049, 4, 0, 10**20):

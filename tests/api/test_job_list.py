@@ -56,6 +56,7 @@ def test_a_status_filter_reads_a_bounded_share_of_the_history_per_page(client, m
     assert ids(client.get("/v1/jobs?status=cancelled").json()) == [jobs[0]]
     both = ids(client.get("/v1/jobs?status=queued,cancelled").json())
     assert both == ids(client.get("/v1/jobs?status=queued&status=cancelled").json()) == jobs[::-1]
+    assert ids(client.get("/v1/jobs?status=queued,%20cancelled").json()) == both  # a space after a comma
     pages, after = [], ""
     while after is not None:  # a filtered page reads the records of only as many jobs as it holds; none is skipped
         page = client.get("/v1/jobs", params={"status": "queued", "limit": 1, "starting_after": after}).json()

@@ -42,7 +42,7 @@ async def list_jobs(
 ) -> Response:
     """The caller's jobs of the last LATENTD_RESULT_TTL_S (3600 s), newest first, each as GET /v1/jobs/{id} shows
     it. Page with `starting_after`; `has_more` says whether to."""
-    statuses = [name for value in status for name in value.split(",") if name]
+    statuses = [name.strip() for value in status for name in value.split(",") if name.strip()]
     jobs, after = await core.jobs(owner, limit=limit, starting_after=starting_after, statuses=statuses)
     tail = json.dumps({"has_more": after is not None, "next_starting_after": after}, separators=(",", ":"))
     body = b'{"jobs":[' + b",".join(job.view_json for job in jobs) + b"]," + tail[1:].encode()
