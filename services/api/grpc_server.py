@@ -184,6 +184,11 @@ def _authorization(context: grpc.aio.ServicerContext) -> str | None:
     return _metadata(context, "authorization")
 
 
+def _enum_name(enum, number: int) -> str:
+    """A proto enum value's name, or the number itself for one the proto does not define."""
+    return enum.Name(number) if number in enum.values() else str(number)
+
+
 class LatentdServicer(pb_grpc.LatentdServiceServicer):
     def __init__(self, core: Core):
         self.core = core
@@ -210,7 +215,8 @@ class LatentdServicer(pb_grpc.LatentdServiceServicer):
     @edge
     async def ListJobs(self, request, context, owner):
         limit = request.limit if request.HasField("limit") else rules.DEFAULT_LIST_LIMIT
-        statuses = [protocol.STATUS_NAME.get(s, s) for s in request.status]  # another number: refused by name
+        # a number that is no status (UNSPECIFIED, or one this server does not know) is refused naming it
+        statuses = [protocol.STATUS_NAME.get(s) or _enum_name(pb.JobStatus, s) for s in request.status]
         jobs, after = await self.core.jobs(owner, limit=limit, starting_after=request.starting_after, statuses=statuses)
         return pb.ListJobsResponse(
             jobs=[job.to_proto() for job in jobs], has_more=after is not None, next_starting_after=after or ""

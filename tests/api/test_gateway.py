@@ -666,3 +666,18 @@ def test_a_trajectorys_params_hold_only_what_its_kind_reads(client):
         assert job["params"]["seed"] == 1 and ("guidance_scales" in job["params"]) == (kind == "guidance_sweep")
         assert ("trajectory_every" in job["params"]) == (kind == "reverse") and job["params"]["kind"] == kind
         assert protocol.params_from_proto(store.get(job["id"]).to_proto()) == job["params"], kind
+
+
+def test_a_malformed_resume_point_is_refused_naming_the_header_or_query_it_came_in(client):
+    job = client.post("/v1/generations", json={"prompt": "x"}).json()
+    by_header = client.get(f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": "garbage"})
+    by_query = client.get(f"/v1/jobs/{job['id']}/events", params={"last_event_id": "1-2-3"})
+    client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert by_header.status_code == by_query.status_code == 422
+    assert by_header.json()["error"] == {
+        "type": "invalid_request_error",
+        "message": "Last-Event-ID must be an event id like 1700000000000-0, got 'garbage'",
+        "param": "Last-Event-ID",
+    }
+    assert by_query.json()["error"]["param"] == "last_event_id"
+    assert by_query.json()["error"]["message"].startswith("last_event_id must be an event id like")

@@ -44,7 +44,7 @@ def test_jobs_are_listed_newest_first_in_pages_and_by_status(door):
     [
         ({"limit": 0}, "limit", "limit must be between 1 and 100, got 0"),
         ({"status": [pb.JOB_STATUS_UNSPECIFIED]}, "status", "status must be one of queued, running, succeeded, "
-         "failed, cancelled, got 0"),
+         "failed, cancelled, got 'JOB_STATUS_UNSPECIFIED'"),
         ({"starting_after": "nope"}, "starting_after", None),
     ],
 )  # fmt: skip

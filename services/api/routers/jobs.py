@@ -26,7 +26,8 @@ PICTURE = {200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}
 
 STATUS_FILTER = Query(
     description=f"Only jobs with one of these statuses ({', '.join(rules.JOB_STATUSES)}): the parameter repeated, or "
-    "comma-separated."
+    "comma-separated.",
+    json_schema_extra={"items": {"type": "string", "enum": list(rules.JOB_STATUSES)}},
 )
 
 
@@ -34,7 +35,11 @@ STATUS_FILTER = Query(
 async def list_jobs(
     core: CoreDep,
     owner: OwnerDep,
-    limit: int = Query(rules.DEFAULT_LIST_LIMIT, description=f"Jobs per page, 1 to {rules.MAX_LIST_LIMIT}."),
+    limit: int = Query(
+        rules.DEFAULT_LIST_LIMIT,
+        description=f"Jobs per page, 1 to {rules.MAX_LIST_LIMIT}.",
+        json_schema_extra={"minimum": 1, "maximum": rules.MAX_LIST_LIMIT},  # checked by the rules, which say so
+    ),
     starting_after: str = Query(
         "", description="Go on after this job: the previous page's next_starting_after. Empty: the newest first."
     ),
@@ -114,7 +119,8 @@ async def job_events(
     last_event_id: str | None = Query(None, description="Resume after this event id (as Last-Event-ID)."),
 ) -> StreamingResponse:
     after = last_event_id_header or last_event_id or "0"
-    rules.check_event_id(after, "Last-Event-ID", "last_event_id")
+    named = "Last-Event-ID" if last_event_id_header else "last_event_id"  # the header or the query, as sent
+    rules.check_event_id(after, named)
     events = await core.events(owner, job_id, after, idle_s=core.settings.sse_keepalive_s)  # 404 before the stream
     return StreamingResponse(
         sse_stream(events, after),
