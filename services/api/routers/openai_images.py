@@ -4,20 +4,23 @@ for the job, on the event loop, without holding a thread). Edits come as multipa
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 
 from fastapi import APIRouter, Request, Response
 from starlette.datastructures import UploadFile
 
 from services.api.deps import REPLAYED_HEADER, CoreDep, IdempotencyKey, OwnerDep
 from services.api.errors import documented, mark_queued
-from services.common.errors import InvalidInput
+from services.common.errors import InvalidInput, ServiceError
 from services.common.jobs import JobRecord
 from services.core import Core
 from services.core.schemas import OpenAIImageEditRequest, OpenAIImageRequest
 from services.core.validation import parse
 
 router = APIRouter(prefix="/v1/images", tags=["openai"])
+DISCONNECT_POLL_S = 0.5  # how often a synchronous call looks whether its caller is still there
 # as POST /v1/generations answers a retry with its Idempotency-Key (deps.submitted)
 REPLAYED = {
     REPLAYED_HEADER: {
@@ -40,23 +43,52 @@ async def openai_generate(
     idempotency_key: IdempotencyKey = None,
 ) -> dict:
     job = await core.submit_openai(owner, body, idempotency_key)  # a retry with its key waits for the first job
-    return await _images_response(core, owner, job, body.response_format, request, response)
+    return await _images_response(core, owner, job, body.response_format, request, response, idempotency_key)
 
 
 async def _images_response(
-    core: Core, owner: str, job: JobRecord, response_format: str, request: Request, response: Response
+    core: Core,
+    owner: str,
+    job: JobRecord,
+    response_format: str,
+    request: Request,
+    response: Response,
+    idempotency_key: str | None,
 ) -> dict:
     """Wait for the queued (or, on a retry, the earlier) job and answer its images."""
     mark_queued(request)
     if job.replayed:  # said before the wait: the record it returns is read afresh, without the mark
         response.headers[REPLAYED_HEADER] = "true"
-    job = await core.wait(owner, job.id, core.settings.openai_timeout_s)
+    job = await _wait_while_connected(core, owner, job.id, request, keep=idempotency_key is not None)
     if response_format == "b64_json":
         data = [{"b64_json": base64.b64encode(blob).decode()} for blob in await core.blobs(job)]
     else:
         base = str(request.base_url).rstrip("/")
         data = [{"url": base + url} for url in job.view()["images"]]
     return {"created": int(job.created_at), "data": data}
+
+
+class ClientGone(ServiceError):
+    """The caller of a synchronous call closed its connection before the answer (nobody reads this one)."""
+
+    status_code = 499  # nginx's "client closed request", as the request metrics count it
+    error_type = "client_closed_request"
+
+
+async def _wait_while_connected(core: Core, owner: str, job_id: str, request: Request, keep: bool) -> JobRecord:
+    """core.wait for the job, unless its caller goes away first. Then the job is cancelled, since nobody is left to
+    take its images, unless the call carried an Idempotency-Key (`keep`): its retry comes back for that job."""
+    waiting = asyncio.ensure_future(core.wait(owner, job_id, core.settings.openai_timeout_s))
+    try:
+        while not (await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_S))[0]:
+            if await request.is_disconnected():
+                if not keep:
+                    with contextlib.suppress(ServiceError):  # it may have ended meanwhile
+                        await core.cancel(owner, job_id)
+                raise ClientGone(f"the caller of job {job_id} went away; {'kept' if keep else 'cancelled'} it", None)
+        return waiting.result()
+    finally:
+        waiting.cancel()
 
 
 FILE_FIELDS = {"image": ("image", "image[]"), "mask": ("mask",)}  # the openai client sends a list as image[]
@@ -115,4 +147,4 @@ async def openai_edit(
         raise InvalidInput("image is required: a PNG or JPEG file part", "image")
     body = parse(OpenAIImageEditRequest, fields, core.caps)
     job = await core.submit_openai_edit(owner, body, image, mask, idempotency_key)
-    return await _images_response(core, owner, job, body.response_format, request, response)
+    return await _images_response(core, owner, job, body.response_format, request, response, idempotency_key)
