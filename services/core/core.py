@@ -490,7 +490,7 @@ class Core:
         idempotency = self.idempotency("openai", body, idempotency_key)
         model = await self.resolve_model(body.model)
         width = height = None
-        if body.size:
+        if body.size and body.size != "auto":  # auto: the model's native size, as no size
             width, height = (int(v) for v in body.size.split("x"))
         try:
             width, height = rules.check_size(self.limits(model), width, height)

@@ -259,7 +259,11 @@ class OpenAIImageRequest(_Sampling):
     prompt: str = Field(..., max_length=MAX_PROMPT_CHARS, description="Text to draw.")
     model: str | None = Field(None, description="Model name; default the service's default model.")
     n: int = Field(1, ge=1, le=MAX_IMAGES, description="Number of images.")
-    size: str | None = Field(None, pattern=r"^\d{1,5}x\d{1,5}$", description='"WIDTHxHEIGHT", e.g. "64x64".')
+    size: str | None = Field(
+        None,
+        pattern=r"^(\d{1,5}x\d{1,5}|auto)$",
+        description='"WIDTHxHEIGHT", e.g. "64x64", or "auto" (as null: the model\'s native size).',
+    )
     response_format: Literal["b64_json", "url"] = Field("b64_json", description="Inline base64 or a URL to the image.")
     quality: str | None = Field(None, description="Accepted for compatibility; ignored.")
     style: str | None = Field(None, description="Accepted for compatibility; ignored.")

@@ -648,9 +648,10 @@ def test_dpm2_plan_matches_diffusers(name, schedule, spacing):
         # on our float64 ᾱ to the float32 rounding of its midpoint σ̂; on its own float32 table to that table's
         on_ours = reference(name, config, steps, ac).timesteps.double().numpy()
         # (the ancestral one's σ̂↓ = √(σ̂_{i+1}² − σ̂↑²) cancels in its float32 where σ̂_{i+1} ≪ σ̂_i, at 2 steps: σ̂↓
-        # and the midpoint off by up to 5 % there (ours, float64, are σ̂_{i+1}²/σ̂_i and σ̂_{i+1}), its t by 0.012)
+        # and the midpoint off by up to 5 % there (ours, float64, are σ̂_{i+1}²/σ̂_i and σ̂_{i+1}), its t by 0.012 on
+        # one machine and 0.022 on another: how much cancels depends on the CPU's float32 kernels)
         cancels = name in DPM2_ANCESTRAL and steps == 2
-        atol = 2e-2 if cancels else 1e-4
+        atol = 5e-2 if cancels else 1e-4
         assert np.allclose(plan.timesteps, on_ours, rtol=1e-6, atol=atol), steps
         assert np.allclose(plan.timesteps, timesteps, rtol=1e-6, atol=1e-2), steps
         lag = 1 if name in DPM2_ANCESTRAL else 0  # where each scheduler reads a second call's midpoint
