@@ -17,7 +17,7 @@ async def list_models(core: CoreDep, _owner: OwnerDep) -> dict:
     return {"object": "list", "data": data, "models": data}
 
 
-@router.get("/models/{name}", responses=documented(401, 404, 503))
+@router.get("/models/{name}", responses=documented(401, 404, 422, 503))
 async def get_model(name: str, core: CoreDep, _owner: OwnerDep) -> dict:
     """One model a live worker serves, as GET /v1/models lists it (OpenAI's models.retrieve)."""
     served = {model.info.name: model for model in await core.live_models()}
