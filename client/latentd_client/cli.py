@@ -306,8 +306,8 @@ def job_line(job: Job) -> str:
 def cmd_jobs_list(client: Client, args) -> int:
     """The newest --limit jobs (with a filter, page after page until that many are found), or every one."""
     limit = None if args.all else args.limit or rules.DEFAULT_LIST_LIMIT
-    jobs = client.all_jobs(status=args.status or [], page_size=min(limit or rules.MAX_LIST_LIMIT, rules.MAX_LIST_LIMIT))
-    for job in itertools.islice(jobs, limit):
+    page_size = min(limit, rules.MAX_LIST_LIMIT) if limit else rules.MAX_LIST_LIMIT
+    for job in itertools.islice(client.all_jobs(status=args.status or [], page_size=page_size), limit):
         print(json.dumps(job.raw) if args.json else job_line(job), flush=True)
     return 0
 

@@ -16,6 +16,8 @@ import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
+from services.common.rules import MAX_LIST_LIMIT
+
 from .errors import JobFailedError, LatentdError, StreamDropped, UnavailableError
 from .types import Job, JobEvent, JobPage, Model
 
@@ -151,7 +153,7 @@ class Client(_Connection):
         `status` (one name or several) if given; `page.next_starting_after` asks for the next page."""
         return self.transport.list_jobs(limit, starting_after, _statuses(status))
 
-    def all_jobs(self, *, status: str | Iterable[str] = (), page_size: int = 100) -> Iterator[Job]:
+    def all_jobs(self, *, status: str | Iterable[str] = (), page_size: int = MAX_LIST_LIMIT) -> Iterator[Job]:
         """Every one of this key's jobs of the last hour, newest first, a page at a time."""
         after = None
         while True:
@@ -233,7 +235,9 @@ class AsyncClient(_Connection):
     ) -> JobPage:
         return await self.transport.list_jobs(limit, starting_after, _statuses(status))
 
-    async def all_jobs(self, *, status: str | Iterable[str] = (), page_size: int = 100) -> AsyncIterator[Job]:
+    async def all_jobs(
+        self, *, status: str | Iterable[str] = (), page_size: int = MAX_LIST_LIMIT
+    ) -> AsyncIterator[Job]:
         after = None
         while True:
             page = await self.jobs(limit=page_size, starting_after=after, status=status)

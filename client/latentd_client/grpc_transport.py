@@ -107,6 +107,11 @@ def _sent_values(body: dict[str, Any]) -> Iterator[tuple[str, str, Any, FieldDes
             yield ref, ref, body[name]["index"], pb.JobImageRef.DESCRIPTOR.fields_by_name["index"]
 
 
+def _as_client_error(refused: InvalidInput) -> InvalidRequestError:
+    """A rule's refusal, checked here before sending, as the error the server's refusal would have raised."""
+    return InvalidRequestError(refused.message, type=refused.error_type, param=refused.param)
+
+
 def _refusal(body: dict[str, Any], cause: Exception) -> InvalidRequestError:
     """The error the server would give for the field protobuf could not take (a number past its type, a string
     for a number), naming the field and the range the rules allow."""
@@ -123,7 +128,7 @@ def _refusal(body: dict[str, Any], cause: Exception) -> InvalidRequestError:
             try:
                 rules.between(name, value, low, high, integer=True, param=param)
             except InvalidInput as refused:
-                return InvalidRequestError(refused.message, type=refused.error_type, param=refused.param)
+                return _as_client_error(refused)
     return InvalidRequestError(f"the request cannot be sent over gRPC: {cause}", type=InvalidInput.error_type)
 
 
@@ -149,7 +154,7 @@ def _list_request(limit: int | None, starting_after: str | None, status: list[st
         if limit is not None:
             rules.between("limit", limit, 1, rules.MAX_LIST_LIMIT, integer=True)
     except InvalidInput as refused:
-        raise InvalidRequestError(refused.message, type=refused.error_type, param=refused.param) from None
+        raise _as_client_error(refused) from None
     request = pb.ListJobsRequest(starting_after=starting_after or "", status=[protocol.STATUS[s] for s in status])
     if limit is not None:
         request.limit = limit

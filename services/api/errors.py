@@ -86,9 +86,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(redis.exceptions.RedisError)
     async def _redis(request: Request, exc: redis.exceptions.RedisError) -> JSONResponse:
-        error = translate_redis_errors(exc, request.app.state.core.settings.retry_after_s)
-        error.__cause__ = exc  # as the core chains it (Core._redis), so the refusal is counted as Redis's
-        return error_response(error, request)
+        return error_response(translate_redis_errors(exc, request.app.state.core.settings.retry_after_s), request)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -90,9 +90,7 @@ def _as_service_error(exc: Exception, retry_after_s: float) -> ServiceError:
     if isinstance(exc, ServiceError):
         return exc
     if isinstance(exc, redis.exceptions.RedisError):
-        error = translate_redis_errors(exc, retry_after_s)
-        error.__cause__ = exc  # as the core chains it (Core._redis), so the refusal is counted as Redis's
-        return error
+        return translate_redis_errors(exc, retry_after_s)
     if isinstance(exc, StreamBroken):
         return Unavailable(str(exc), None, retry_after_s=1)
     log.error("unexpected error in a gRPC handler", exc_info=exc)

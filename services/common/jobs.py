@@ -65,6 +65,7 @@ class JobRecord:
         if "kind" not in fields:
             return None
         loaded = {name: json.loads(fields.get(name) or "null") for name in JSON_FIELDS}
+        attempt = int(fields.get("attempt") or 0)
         return cls(
             id=job_id,
             kind=fields["kind"],
@@ -76,9 +77,9 @@ class JobRecord:
             progress=loaded["progress"] or {},
             timings=loaded["timings"] or {},
             images=loaded["images"] or [],
-            frames=loaded["frames"] or _live_frames(fields, int(fields.get("attempt") or 0)),
+            frames=loaded["frames"] or _live_frames(fields, attempt),
             error=loaded["error"],
-            attempt=int(fields.get("attempt") or 0),
+            attempt=attempt,
             cancel_requested=fields.get("cancel") == "1",
         )
 

@@ -735,15 +735,13 @@ class AsyncJobStore:
         when `starting_after` is not one of the key's jobs of the last ttl_s."""
         statuses, key = set(statuses), history_key(owner)
         found: list[JobRecord] = []
-        cursor = starting_after
-        while len(found) < limit and scan > 0:
+        cursor, more = starting_after, True
+        while more and len(found) < limit and scan > 0:
             want = min(scan, limit - len(found) if not statuses else max(limit, 100))
-            page = await self._history_page(keys=[key], args=[cursor, want])
+            page = await self._history_page(keys=[key], args=[cursor, want + 1])  # one more: whether more follow
             if page is None:
                 raise NotInHistory(cursor)
-            if not page:
-                return found, None
-            ids = [_s(job_id) for job_id in page]
+            ids = [_s(job_id) for job_id in page[:want]]
             scan -= len(ids)
             wanted = ids
             if statuses:
@@ -761,7 +759,7 @@ class AsyncJobStore:
                 found.append(job)
                 if len(found) == limit:
                     break
-        more = await self._history_page(keys=[key], args=[cursor, 1])
+            more = bool(ids) and (cursor != ids[-1] or len(page) > want)  # some of this page left, or the one more
         return found, cursor if more else None
 
     async def owner(self, job_id: str) -> str | None:

@@ -494,8 +494,8 @@ def check_trajectory_fields(kind: str, sent: Iterable[str], *, from_image: bool 
     trajectory of a given picture (`from_image`) generates nothing, so it reads none of the generation's fields."""
     generates = kind != "forward" or not from_image
     for name in sent:
-        kinds = TRAJECTORY_FIELD_KINDS.get(name, TRAJECTORY_KINDS)
-        if kind not in kinds:
+        if not _kind_reads(kind, name):
+            kinds = TRAJECTORY_FIELD_KINDS[name]
             raise InvalidInput(
                 f"{name} applies to {' and '.join(kinds)} trajectories only, not {kind}; leave it out", name
             )
@@ -513,7 +513,12 @@ def trajectory_params(kind: str, params: Mapping[str, Any], *, from_image: bool)
     FORWARD_OF_IMAGE_PARAMS."""
     if kind == "forward" and from_image:
         return {name: value for name, value in params.items() if name in FORWARD_OF_IMAGE_PARAMS}
-    return {name: value for name, value in params.items() if kind in TRAJECTORY_FIELD_KINDS.get(name, TRAJECTORY_KINDS)}
+    return {name: value for name, value in params.items() if _kind_reads(kind, name)}
+
+
+def _kind_reads(kind: str, name: str) -> bool:
+    """Whether a trajectory of `kind` reads the field or param `name` (TRAJECTORY_FIELD_KINDS; any other, every kind)."""
+    return kind in TRAJECTORY_FIELD_KINDS.get(name, TRAJECTORY_KINDS)
 
 
 def check_timesteps(num_train_timesteps: int, timesteps: Iterable[int]) -> list[int]:

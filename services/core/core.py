@@ -226,6 +226,14 @@ def openai_edit_pictures(image: bytes, mask: bytes | None) -> tuple[bytes, bytes
 
 
 def translate_redis_errors(error: redis.exceptions.RedisError, retry_after_s: float) -> Unavailable:
+    """The 503 a Redis error is answered with, the error chained under it (`__cause__`), so every door counts the
+    refusal as Redis's (metrics.redis_refused) whether it raises the 503 or answers it."""
+    unavailable = _unavailable(error, retry_after_s)
+    unavailable.__cause__ = error
+    return unavailable
+
+
+def _unavailable(error: redis.exceptions.RedisError, retry_after_s: float) -> Unavailable:
     if pool_exhausted(error):
         return Unavailable(
             "the gateway is overloaded: all of its Redis connections stayed busy for LATENTD_REDIS_POOL_WAIT_S; retry",
