@@ -27,6 +27,7 @@ from services.common.rules import (
 
 # Not shown to clients: where the worker keeps the tokenizer whose limit is checked, and its class.
 PRIVATE_FIELDS = ("tokenizer_path", "tokenizer_class")
+OWNED_BY = "latentd"  # OpenAI's `owned_by` of every model entry: models served from this deployment's folders
 
 
 @dataclass
@@ -58,6 +59,7 @@ class ModelInfo:
     default_num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS  # ... without `num_inference_steps`
     default_strength: float = DEFAULT_STRENGTH  # ... with an image and without `strength`
     default_inpaint_strength: float = DEFAULT_INPAINT_STRENGTH  # ... with a mask too
+    created: int = 0  # Unix seconds: when its folder's model_index.json was written (OpenAI's `created`)
     params: list[str] = field(default_factory=lambda: list(DEFAULT_PARAMS))  # the request fields it reads
     tokenizer_class: str = "CLIPTokenizer"
     extra: dict[str, Any] = field(default_factory=dict)
@@ -106,7 +108,8 @@ class ModelInfo:
         public = {k: v for k, v in data.pop("extra").items() if k not in PRIVATE_FIELDS}
         public |= {k: v for k, v in data.items() if k not in PRIVATE_FIELDS}
         live = {"workers": workers, "queue_depth": queue_depth, "default": default}
-        return public | {"id": self.name, "object": "model"} | live
+        openai = {"id": self.name, "object": "model", "created": self.created, "owned_by": OWNED_BY}
+        return public | openai | live
 
     def to_proto(self, workers: int, queue_depth: int = 0, default: bool = False):
         from services.common.grpc_gen.latentd.v1 import latentd_pb2 as pb

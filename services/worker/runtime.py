@@ -111,6 +111,7 @@ def model_info(model: LoadedModel, engine: Engine) -> ModelInfo:
         default_strength=model.default_strength,
         default_inpaint_strength=model.default_inpaint_strength,
         params=list(model.facts.params),
+        created=int((Path(model.path) / "model_index.json").stat().st_mtime),
     )
 
 

@@ -17,6 +17,10 @@ def test_one_model_is_retrieved_as_the_list_shows_it(real_stack):
     listed = httpx.get(f"{real_stack.url}/v1/models", headers=real_stack.headers()).json()["data"]
     one = httpx.get(f"{real_stack.url}/v1/models/{real_stack.model}", headers=real_stack.headers())
     assert one.status_code == 200 and one.json() == next(m for m in listed if m["id"] == real_stack.model)
+    # the four fields of OpenAI's Model: created is when the served folder's model_index.json was written
+    folder_written = (real_stack.model_path / "model_index.json").stat().st_mtime
+    assert one.json()["object"] == "model" and one.json()["owned_by"] == "latentd"
+    assert one.json()["created"] == int(folder_written)
     missing = httpx.get(f"{real_stack.url}/v1/models/nope", headers=real_stack.headers())
     assert missing.status_code == 404 and missing.json()["error"] == {
         "type": "not_found_error",
