@@ -62,6 +62,9 @@ MODELS_KEY = "latentd:models"
 JOB_PREFIX = "latentd:job:"
 INPUT_BLOB = "input"
 MASK_BLOB = "mask"
+# Jobs whose webhook is due, scored by when (0: now, as they end); a claim moves the score a lease ahead, so a
+# gateway that dies mid-call leaves the job to another (services/core/webhooks.py).
+WEBHOOKS_KEY = "latentd:webhooks"
 SETTLED_CACHE = 4096  # settled job records a gateway process keeps in memory
 LIVE_CACHE = 4096  # live (queued, running) job records a gateway process keeps for polled reads
 
@@ -238,7 +241,9 @@ local function now()
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
 """
-_ENTER = """
+# A job leaves its model's queue and its key's share when it ends (succeeded, failed or cancelled: never to run
+# again); one with a webhook is then due for its call (KEYS[6] is the job's record in every script that ends one).
+_ENTER = f"""
 local function enter(job_id, owner, head)
   if head then redis.call('LPUSH', KEYS[3], job_id) else redis.call('RPUSH', KEYS[3], job_id) end
   if not redis.call('ZSCORE', KEYS[4], owner) then
@@ -248,6 +253,7 @@ end
 local function leave(job_id)
   redis.call('SREM', KEYS[1], job_id)
   redis.call('SREM', KEYS[2], job_id)
+  if redis.call('HEXISTS', KEYS[6], 'webhook') == 1 then redis.call('ZADD', '{WEBHOOKS_KEY}', 0, job_id) end
 end
 """
 
@@ -303,12 +309,23 @@ end
 return redis.call('ZREVRANGE', KEYS[1], start, start + tonumber(ARGV[2]) - 1)
 """
 
+# A job that waited in its queue (or is requeued) lives ttl from now: its record, events and input pictures, so an
+# attempt that starts late does not find them expired under it. Keys by the job key's suffixes (jobstore's keys).
+_REARM = """
+local function rearm(job, ttl, input_blob, mask_blob)
+  for _, key in ipairs({job, job .. ':events', job .. ':blob:' .. input_blob, job .. ':blob:' .. mask_blob}) do
+    redis.call('EXPIRE', key, ttl)
+  end
+end
+"""
+
 # Take and claim the next job in fair order: the key with the lowest turn gives its oldest job, and its
-# turn moves on by one. The claim bumps the fenced attempt and starts the worker's lease, atomically.
-# KEYS: turns, clock, leases. ARGV: queue key prefix, job key prefix, lease seconds, worker id.
-# Returns {job id, attempt} or false.
+# turn moves on by one. The claim bumps the fenced attempt, starts the worker's lease and re-arms the job's TTL,
+# atomically. KEYS: turns, clock, leases. ARGV: queue key prefix, job key prefix, lease seconds, worker id, ttl,
+# input blob name, mask blob name. Returns {job id, attempt} or false.
 _TAKE = (
     _NOW
+    + _REARM
     + """
 for _ = 1, 256 do
   local head = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
@@ -328,6 +345,7 @@ for _ = 1, 256 do
       local attempt = redis.call('HINCRBY', job, 'attempt', 1)
       redis.call('HSET', job, 'status', 'running', 'progress', '{}', 'worker', ARGV[4])
       redis.call('ZADD', KEYS[3], now() + tonumber(ARGV[3]), job_id)
+      rearm(job, tonumber(ARGV[5]), ARGV[6], ARGV[7])
       return {job_id, attempt}
     end
   end
@@ -364,10 +382,11 @@ return lost
 # meanwhile ends cancelled; one lost `max_lost` times ends failed.
 # KEYS: dispatch keys, job, events, leases. ARGV: job id, owner, ttl, attempt ('' : the reaper, which
 # requeues only a still-lapsed lease), counts as a loss ('1'/'0'), max lost, queued event data,
-# failed event data (the error's JSON), cancelled event data.
+# failed event data (the error's JSON), cancelled event data, input blob name, mask blob name.
 _REQUEUE = (
     _NOW
     + _ENTER
+    + _REARM
     + """
 local job, events, leases, job_id = KEYS[6], KEYS[7], KEYS[8], ARGV[1]
 local status = redis.call('HGET', job, 'status')
@@ -395,6 +414,7 @@ if ARGV[5] == '1' and redis.call('HINCRBY', job, 'lost', 1) >= tonumber(ARGV[6])
 end
 redis.call('HSET', job, 'status', 'queued', 'progress', '{}')
 redis.call('XADD', events, '*', 'event', 'queued', 'data', ARGV[7])
+rearm(job, ttl, ARGV[10], ARGV[11])
 enter(job_id, ARGV[2], true)
 return 'requeued'
 """
@@ -455,9 +475,85 @@ return 'cancelling'
 )
 
 
-def new_record(job_id: str, *, kind: str, model: str, owner: str, params: dict, now: float) -> dict[str, Any]:
+# What a running attempt writes as it goes: a step (its event, then the job's progress) and the frames kept at it
+# (each picture stored, listed in the job's record and announced), all or nothing, and only while the attempt
+# holds the fence (the job runs, and this is its attempt): a superseded attempt's late step, or one after the job
+# ended, writes nothing (and leaves no stub of an expired record). Re-arms the record's and events' TTL.
+# KEYS: job, events, frame blob keys... ARGV: attempt, ttl, step event data ('': no step), progress JSON ('':
+# unchanged), then per frame: its field in the record, its listed metadata, its event data, its PNG.
+# Returns {cancel flag, superseded (1/0)}.
+_PROGRESS = """
+local job, events = KEYS[1], KEYS[2]
+local state = redis.call('HMGET', job, 'cancel', 'attempt', 'status')
+if state[2] ~= ARGV[1] or state[3] ~= 'running' then return {state[1] or '0', 1} end
+local ttl = tonumber(ARGV[2])
+if ARGV[3] ~= '' then redis.call('XADD', events, '*', 'event', 'step', 'data', ARGV[3]) end
+for k = 3, #KEYS do
+  local i = 5 + 4 * (k - 3)
+  redis.call('SET', KEYS[k], ARGV[i + 3], 'EX', ttl)
+  redis.call('HSET', job, ARGV[i], ARGV[i + 1])
+  redis.call('XADD', events, '*', 'event', 'frame', 'data', ARGV[i + 2])
+end
+if ARGV[4] ~= '' then redis.call('HSET', job, 'progress', ARGV[4]) end
+redis.call('EXPIRE', job, ttl)
+redis.call('EXPIRE', events, ttl)
+return {state[1] or '0', 0}
+"""
+
+# Compare and delete: KEYS: a lock. ARGV: its holder.
+_RELEASE_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# An attempt has started: its timings and `started` event, only while it holds the fence. KEYS: job, events.
+# ARGV: attempt, ttl, timings JSON, started event data. Returns 1, or 0 where the attempt no longer holds it.
+_STARTED = """
+local state = redis.call('HMGET', KEYS[1], 'attempt', 'status')
+if state[1] ~= ARGV[1] or state[2] ~= 'running' then return 0 end
+redis.call('HSET', KEYS[1], 'timings', ARGV[3])
+redis.call('XADD', KEYS[2], '*', 'event', 'started', 'data', ARGV[4])
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[2]))
+return 1
+"""
+
+# Claim up to ARGV[3] due webhooks: each moves a lease (ARGV[2] seconds) ahead and counts one more attempt on
+# its job; a job whose record has expired is dropped. KEYS: webhooks. ARGV: job key prefix, lease seconds, how
+# many. Returns {job id, attempt, ...}.
+_WEBHOOK_CLAIM = (
+    _NOW
+    + """
+local t = now()
+local out = {}
+for _, job_id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', t, 'LIMIT', 0, tonumber(ARGV[3]))) do
+  local job = ARGV[1] .. job_id
+  if redis.call('EXISTS', job) == 1 then
+    redis.call('ZADD', KEYS[1], t + tonumber(ARGV[2]), job_id)
+    table.insert(out, job_id)
+    table.insert(out, redis.call('HINCRBY', job, 'webhook_attempts', 1))
+  else
+    redis.call('ZREM', KEYS[1], job_id)
+  end
+end
+return out
+"""
+)
+
+# After a webhook call: done (ARGV[2] ''), or due again in ARGV[2] seconds. KEYS: webhooks. ARGV: job id, delay.
+_WEBHOOK_SETTLE = (
+    _NOW
+    + """
+if ARGV[2] == '' then return redis.call('ZREM', KEYS[1], ARGV[1]) end
+return redis.call('ZADD', KEYS[1], 'XX', now() + tonumber(ARGV[2]), ARGV[1])
+"""
+)
+
+
+def new_record(
+    job_id: str, *, kind: str, model: str, owner: str, params: dict, now: float, webhook_url: str | None = None
+) -> dict[str, Any]:
     """The hash fields of a job as it is queued."""
-    return {
+    return ({"webhook": webhook_url} if webhook_url else {}) | {
         "kind": kind,
         "model": model,
         "owner": owner,
@@ -584,6 +680,8 @@ class AsyncJobStore:
         self._enqueue = client.register_script(_ENQUEUE)
         self._cancel = client.register_script(_CANCEL)
         self._history_page = client.register_script(_HISTORY_PAGE)
+        self._webhook_claim = client.register_script(_WEBHOOK_CLAIM)
+        self._webhook_settle = client.register_script(_WEBHOOK_SETTLE)
         self._record = _Batched(client, "HGETALL", decode=lambda key, raw: JobRecord.from_redis(job_id_of(key), raw))
         self._owner = _Batched(client, "HGET", "owner")
         self._status = _Batched(client, "HGET", "status")
@@ -612,12 +710,15 @@ class AsyncJobStore:
         input_image: bytes | None = None,
         input_mask: bytes | None = None,
         idempotency: tuple[str, str] | None = None,
+        webhook_url: str | None = None,
     ) -> JobRecord:
         """Queue a new job on its key's queue; QueueFull when the model's queue or the key's share is full.
         With `idempotency` (the client's Idempotency-Key, the request's fingerprint): the job that key already
         made, marked `replayed`, when the fingerprints match; IdempotencyConflict when they do not."""
         now = time.time()
-        record = new_record(job_id, kind=kind, model=model, owner=owner, params=params, now=now)
+        record = new_record(
+            job_id, kind=kind, model=model, owner=owner, params=params, now=now, webhook_url=webhook_url
+        )
         key, fingerprint = idempotency or ("", "")
         keys = dispatch_keys(model, owner) + [
             job_key(job_id),
@@ -661,6 +762,7 @@ class AsyncJobStore:
                     input_image=input_image,
                     input_mask=input_mask,
                     idempotency=idempotency,
+                    webhook_url=webhook_url,
                 )
             return replace(prior, replayed=True)
         outcome = _s(outcome)
@@ -804,6 +906,15 @@ class AsyncJobStore:
                 gone += len(expired)
         return gone
 
+    async def claim_webhooks(self, lease_s: float, count: int) -> list[tuple[str, int]]:
+        """Up to `count` jobs whose webhook is due, each with the attempt this call is (see _WEBHOOK_CLAIM)."""
+        reply = await self._webhook_claim(keys=[WEBHOOKS_KEY], args=[JOB_PREFIX, lease_s, count])
+        return [(_s(reply[i]), int(reply[i + 1])) for i in range(0, len(reply), 2)]
+
+    async def settle_webhook(self, job_id: str, retry_in_s: float | None) -> None:
+        """A webhook call is over: done (None), or due again in `retry_in_s` seconds."""
+        await self._webhook_settle(keys=[WEBHOOKS_KEY], args=[job_id, "" if retry_in_s is None else retry_in_s])
+
     async def events_after(self, job_id: str, after: str = "0", count: int = 1024) -> list[JobEvent]:
         """The stored events after the entry id `after` ("0": from the first), oldest first."""
         start = "-" if after in ("0", "0-0") else f"({after}"
@@ -826,6 +937,16 @@ class StepWrite:
     frames: list[tuple[int, dict[str, Any], bytes]] = field(default_factory=list)  # (index, metadata, PNG)
 
 
+def queued_count(client: redis.Redis, model: str) -> int:
+    """Jobs of `model` waiting in its keys' queues: what the workers have left to take (not its Celery messages,
+    which are wake-up calls that top-ups and requeues add and lost sends remove)."""
+    owners = [_s(owner) for owner in client.zrange(turns_key(model), 0, -1)]
+    pipe = client.pipeline(transaction=False)
+    for owner in owners:
+        pipe.llen(queue_key(model, owner))
+    return int(sum(pipe.execute())) if owners else 0
+
+
 class JobStore:
     """The worker's side: take and claim jobs in fair order, hold their leases, stream their events, write
     their result once, and put back the jobs of lost workers."""
@@ -837,6 +958,9 @@ class JobStore:
         self._renew = client.register_script(_RENEW)
         self._requeue = client.register_script(_REQUEUE)
         self._finish = client.register_script(_FINISH)
+        self._progress = client.register_script(_PROGRESS)
+        self._release_lock = client.register_script(_RELEASE_LOCK)
+        self._started = client.register_script(_STARTED)
 
     @classmethod
     def from_url(cls, url: str, ttl_s: int = 3600, timeout_s: float | None = None) -> JobStore:
@@ -855,7 +979,8 @@ class JobStore:
     def take(self, model: str, lease_s: float, worker: str) -> tuple[str, int] | None:
         """The next job of `model` in fair order, claimed for `worker` with a lease: (job id, attempt)."""
         keys = [turns_key(model), clock_key(model), leases_key(model)]
-        taken = self._take(keys=keys, args=[f"latentd:queue:{model}:", JOB_PREFIX, lease_s, worker])
+        args = [f"latentd:queue:{model}:", JOB_PREFIX, lease_s, worker, self.ttl_s, INPUT_BLOB, MASK_BLOB]
+        taken = self._take(keys=keys, args=args)
         return (_s(taken[0]), int(taken[1])) if taken else None
 
     def renew(self, model: str, held: list[tuple[str, int]], lease_s: float) -> list[str]:
@@ -868,11 +993,7 @@ class JobStore:
 
     def queued_count(self, model: str) -> int:
         """Jobs of `model` waiting in the keys' queues (each should have a task in the broker)."""
-        owners = [_s(owner) for owner in self.redis.zrange(turns_key(model), 0, -1)]
-        pipe = self.redis.pipeline(transaction=False)
-        for owner in owners:
-            pipe.llen(queue_key(model, owner))
-        return int(sum(pipe.execute())) if owners else 0
+        return queued_count(self.redis, model)
 
     def lapsed(self, model: str) -> list[str]:
         """Running jobs of `model` whose lease has lapsed (by Redis's clock)."""
@@ -902,65 +1023,57 @@ class JobStore:
             json.dumps(queued),
             json.dumps(error),
             json.dumps({"id": job.id, "emitted_at": now}),
+            INPUT_BLOB,
+            MASK_BLOB,
         ]
         return _s(self._requeue(keys=keys, args=args))
+
+    def release_lock(self, key: str, holder: str) -> None:
+        """Delete the lock `key` if `holder` still holds it (not one another took after it expired)."""
+        self._release_lock(keys=[key], args=[holder])
 
     def holds(self, job_id: str, attempt: int) -> bool:
         """Whether `attempt` still holds the job's fence: the job runs, and this is its attempt."""
         current, status = self.redis.hmget(job_key(job_id), "attempt", "status")
         return current is not None and int(current) == attempt and _s(status) == "running"
 
-    def started(self, job_id: str, attempt: int, timings: dict) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hset(job_key(job_id), "timings", json.dumps(timings))
-        pipe.xadd(
-            events_key(job_id), _event_fields("started", {"attempt": attempt, "emitted_at": timings["started_at"]})
-        )
-        pipe.expire(events_key(job_id), self.ttl_s)
-        pipe.execute()
+    def started(self, job_id: str, attempt: int, timings: dict) -> bool:
+        """The attempt's start (timings, `started` event); False, writing nothing, where it no longer holds the
+        job's fence (a reaper requeued it meanwhile, or it was cancelled while queued)."""
+        started = json.dumps({"attempt": attempt, "emitted_at": timings["started_at"]})
+        keys = [job_key(job_id), events_key(job_id)]
+        return bool(self._started(keys=keys, args=[attempt, self.ttl_s, json.dumps(timings), started]))
+
+    def _progress_args(
+        self, job_id: str, attempt: int, event: dict | None, progress: dict | None, frames: list, emitted_at: float
+    ) -> tuple[list, list]:
+        keys, args = [job_key(job_id), events_key(job_id)], [attempt, self.ttl_s]
+        args += [json.dumps(event) if event else "", json.dumps(progress) if progress is not None else ""]
+        for index, meta, png in frames:
+            keys.append(blob_key(job_id, frame_blob_name(attempt, index)))
+            listed = json.dumps(frame_meta(attempt, index, meta))
+            data = json.dumps(frame_event(job_id, attempt, index, meta, emitted_at))
+            args += [live_frame_field(attempt, index), listed, data, png]
+        return keys, args
 
     def write_steps(self, steps: list[StepWrite]) -> list[tuple[bool, bool]]:
-        """One engine iteration's events, frames and progress in one round trip. Returns, per step,
-        (cancel requested, attempt superseded): read in the same pipeline, so the engine drops those at once."""
+        """One engine iteration's events, frames and progress in one round trip, each job's fenced (_PROGRESS).
+        Returns, per step, (cancel requested, attempt superseded), so the engine drops those at once."""
         pipe = self.redis.pipeline(transaction=False)
-        reads = []
         for step in steps:
-            events = events_key(step.job_id)
-            pipe.xadd(events, _event_fields("step", step.event))
-            for index, meta, png in step.frames:  # a reverse trajectory's frame: stored, listed, announced now
-                pipe.set(blob_key(step.job_id, frame_blob_name(step.attempt, index)), png, ex=self.ttl_s)
-                listed = json.dumps(frame_meta(step.attempt, index, meta))
-                pipe.hset(job_key(step.job_id), live_frame_field(step.attempt, index), listed)
-                data = frame_event(step.job_id, step.attempt, index, meta, step.event["emitted_at"])
-                pipe.xadd(events, _event_fields("frame", data))
-            pipe.hset(job_key(step.job_id), "progress", json.dumps(step.progress))
-            # re-armed as every write does: a running job's record and events outlive it by ttl_s; a record that
-            # expired before this write leaves a stub of these fields that expires too (and reads as no job)
-            pipe.expire(job_key(step.job_id), self.ttl_s)
-            pipe.expire(events, self.ttl_s)
-            pipe.hmget(job_key(step.job_id), "cancel", "attempt", "status")
-            reads.append(len(pipe) - 1)
-        replies = pipe.execute()
-        out = []
-        for step, position in zip(steps, reads):
-            cancel, current, status = replies[position]
-            superseded = current is None or int(current) != step.attempt or _s(status) != "running"
-            out.append((_s(cancel) == "1", superseded))
-        return out
+            frames = step.frames  # a reverse trajectory's frames: stored, listed, announced with their step
+            keys, args = self._progress_args(
+                step.job_id, step.attempt, step.event, step.progress, frames, step.event["emitted_at"]
+            )
+            self._progress(keys=keys, args=args, client=pipe)
+        return [(_s(cancel) == "1", bool(superseded)) for cancel, superseded in pipe.execute()]
 
     def add_frames(self, job_id: str, attempt: int, frames: list[tuple[int, dict, bytes]]) -> bool:
-        """Frames (index, metadata, PNG) before the result, only while `attempt` holds the fence: each
-        picture is stored before its event goes out, so a client may fetch a frame as soon as it hears of it."""
-        if not self.holds(job_id, attempt):
-            return False
-        pipe = self.redis.pipeline(transaction=False)
-        for index, _, png in frames:
-            pipe.set(blob_key(job_id, frame_blob_name(attempt, index)), png, ex=self.ttl_s)
-        now = time.time()
-        for index, meta, _ in frames:
-            pipe.xadd(events_key(job_id), _event_fields("frame", frame_event(job_id, attempt, index, meta, now)))
-        pipe.execute()
-        return True
+        """Frames (index, metadata, PNG) before the result, only while `attempt` holds the fence (_PROGRESS): each
+        picture is stored with its event, so a client may fetch a frame as soon as it hears of it."""
+        keys, args = self._progress_args(job_id, attempt, None, None, frames, time.time())
+        _, superseded = self._progress(keys=keys, args=args)
+        return not superseded
 
     def renew_blobs(self, job_id: str, names: list[str]) -> None:
         """Blobs written while the job ran (live frames) expire with the job's result, not before."""

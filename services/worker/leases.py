@@ -34,7 +34,9 @@ import threading
 import time
 from typing import Any
 
+from services.common.jobstore import leases_key
 from services.common.tasks import RUN_TASK, celery_queue_length, queue_for
+from services.worker import metrics as worker_metrics
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,14 @@ UNWRITTEN = "Redis was away or full when its result was ready"
 
 def reaper_lock_key(model: str) -> str:
     return f"latentd:reaper:{model}"
+
+
+def count_ending(model: str, outcome: str) -> None:
+    """A requeue that ended the job (its worker gone, or handing it back) counts it: no worker ran it to its end."""
+    if outcome == "failed":
+        worker_metrics.record_failure(model, "worker_lost")
+    elif outcome == "cancelled":
+        worker_metrics.record_cancellation(model)
 
 
 class LeaseKeeper:
@@ -89,9 +99,10 @@ class LeaseKeeper:
         for model, held in self.runtime.held().items():
             if model in stalled:
                 continue
+            attempts = dict(held)
             for job_id in self.store.renew(model, held, self.settings.lease_s):
                 log.warning("job %s is no longer ours (requeued by a reaper): leaving it", job_id)
-                self.runtime.cancel_job(job_id)
+                self.runtime.cancel_job(job_id, attempts[job_id])
         self._renewed_at = time.monotonic()
 
     def hand_back_unwritten(self) -> None:
@@ -107,20 +118,24 @@ class LeaseKeeper:
         lock_ms = int(2 * self.settings.reap_interval_s * 1000)
         if not self.store.redis.set(reaper_lock_key(model), self.runtime.worker, nx=True, px=lock_ms):
             return  # another worker of the model reaps this round
-        for job_id in self.store.lapsed(model):
-            job = self.store.get(job_id)
-            if job is None:
-                self.store.redis.zrem(f"latentd:leases:{model}", job_id)
-                continue
-            outcome = self.store.requeue(
-                job, attempt=None, lost=True, max_lost=self.settings.max_lost, reason="its worker's lease lapsed"
-            )
-            log.warning("job %s: lease lapsed (attempt %d): %s", job_id, job.attempt, outcome)
-            if outcome == "requeued":
+        try:
+            for job_id in self.store.lapsed(model):
+                job = self.store.get(job_id)
+                if job is None:
+                    self.store.redis.zrem(leases_key(model), job_id)
+                    continue
+                outcome = self.store.requeue(
+                    job, attempt=None, lost=True, max_lost=self.settings.max_lost, reason="its worker's lease lapsed"
+                )
+                log.warning("job %s: lease lapsed (attempt %d): %s", job_id, job.attempt, outcome)
+                count_ending(model, outcome)  # the worker that ran it is gone: the reaper counts how it ended
+                if outcome == "requeued":
+                    self.send(model)
+            missing = self.store.queued_count(model) - celery_queue_length(self.store.redis, queue_for(model))
+            for _ in range(max(0, missing)):
                 self.send(model)
-        missing = self.store.queued_count(model) - celery_queue_length(self.store.redis, queue_for(model))
-        for _ in range(max(0, missing)):
-            self.send(model)
+        finally:  # the next round may reap at once (the lock only keeps two reapers from one round)
+            self.store.release_lock(reaper_lock_key(model), self.runtime.worker)
 
     def exit_if_hung(self, exit: Any = os._exit) -> None:
         """Once an engine has been stalled engine_stall_exit_s past engine_stall_s (0: never), hand back the jobs of
@@ -130,7 +145,9 @@ class LeaseKeeper:
         if after_s <= 0 or stalled_s <= self.settings.engine_stall_s + after_s:
             return
         stalled = self.runtime.stalled()
-        log.critical("an engine has been stalled %.0f s (a hung device): handing back jobs and exiting", stalled_s)
+        log.critical(
+            "an engine has been stalled %.0f s (a hung or lost device): handing back jobs and exiting", stalled_s
+        )
         for model, jobs in self.runtime.held().items():
             if model not in stalled:  # a stalled model's jobs are left to their lapsing leases (counted as lost)
                 for job_id, attempt in jobs:
@@ -174,8 +191,8 @@ class LeaseKeeper:
             log.warning("could not requeue job %s (%s)", job_id, reason, exc_info=True)
             outcome = "left to the reaper"
         log.warning("job %s attempt %d handed back (%s): %s", job_id, attempt, reason, outcome)
-        self.runtime.cancel_job(job_id)
-        self.runtime.release(model, job_id)
+        self.runtime.cancel_job(job_id, attempt)
+        self.runtime.release(model, job_id, attempt)
 
     def _requeue_attempt(self, model: str, job_id: str, attempt: int, reason: str) -> str:
         """Put this worker's attempt back at the head of its key's queue as a new one, not counted as lost, and send
@@ -184,6 +201,7 @@ class LeaseKeeper:
         if job is None:
             return "over"
         outcome = self.store.requeue(job, attempt=attempt, lost=False, max_lost=self.settings.max_lost, reason=reason)
+        count_ending(model, outcome)
         if outcome == "requeued":
             self.send(model)
         return outcome

@@ -32,7 +32,7 @@ VAE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 queue_wait_seconds = Histogram(
     "latentd_queue_wait_seconds",
-    "Time from enqueue (job record) to the worker starting the job.",
+    "Time from enqueue (job record) to a worker starting the job's first attempt.",
     ["model"],
     buckets=WAIT_BUCKETS,
 )

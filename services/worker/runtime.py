@@ -236,7 +236,12 @@ class Runtime:
         (LeaseKeeper.exit_if_hung)."""
         stalled = [name for name, engine in self.engines.items() if engine.stalled_s > self.settings.engine_stall_s]
         for name in set(stalled) - self._stalled:
-            log.error("engine of %s stalled %.0f s in one iteration: a hung device", name, self.engines[name].stalled_s)
+            if self.engines[name].broken is not None:
+                log.error("engine of %s lost its device: %s", name, self.engines[name].broken)
+            else:
+                log.error(
+                    "engine of %s stalled %.0f s in one iteration: a hung device", name, self.engines[name].stalled_s
+                )
         self._stalled = set(stalled)
         return stalled
 
@@ -256,9 +261,13 @@ class Runtime:
         with self._lock:
             self._held.setdefault(model, {})[job_id] = attempt
 
-    def release(self, model: str, job_id: str) -> None:
+    def release(self, model: str, job_id: str, attempt: int) -> None:
+        """Stop holding (renewing the lease of) `attempt` of the job: only that one. A newer attempt of the same job
+        may run on this worker already (its lease lapsed while this one still ran, and a reaper requeued it)."""
         with self._lock:
-            self._held.get(model, {}).pop(job_id, None)
+            held = self._held.get(model, {})
+            if held.get(job_id) == attempt:
+                del held[job_id]
 
     def leave_unwritten(self, model: str, job_id: str, attempt: int) -> None:
         """The attempt ran but Redis took no result: keep holding it until the lease keeper hands it back."""
@@ -272,7 +281,7 @@ class Runtime:
     def forget_unwritten(self, model: str, job_id: str, attempt: int) -> None:
         with self._lock:
             self._unwritten.discard((model, job_id, attempt))
-            self._held.get(model, {}).pop(job_id, None)
+        self.release(model, job_id, attempt)
 
     def held(self) -> dict[str, list[tuple[str, int]]]:
         """{model: [(job id, attempt)]} of the attempts this worker runs now (their leases to renew)."""
@@ -295,10 +304,10 @@ class Runtime:
                 time.sleep(pause)
                 pause = min(2 * pause, 2.0)
 
-    def cancel_job(self, job_id: str) -> None:
-        """Drop every engine request of the job (a superseded or requeued attempt)."""
+    def cancel_job(self, job_id: str, attempt: int) -> None:
+        """Drop every engine request of this attempt of the job (superseded or requeued), not a newer one's."""
         with self._lock:
-            handles = [h for rid, h in self._handles.items() if parse_request_id(rid)[0] == job_id]
+            handles = [h for rid, h in self._handles.items() if parse_request_id(rid)[:2] == (job_id, attempt)]
         for handle in handles:
             handle.cancel()
 
@@ -343,20 +352,29 @@ class JobRun:
         try:
             run.job = runtime.retry(runtime.store.get, run.job_id)
             if run.job is None:  # expired in the instant between
-                runtime.release(model, run.job_id)
+                runtime.release(model, run.job_id, run.attempt)
                 return None
             run.started_at = time.time()
             queued_at = run.job.timings.get("queued_at", run.started_at)
             run.job.timings |= {"started_at": run.started_at, "queue_s": run.started_at - queued_at}
-            runtime.retry(run.store.started, run.job_id, run.attempt, run.job.timings)
-        except Exception:  # Redis gone for good: its lease lapses and a reaper requeues it
-            runtime.release(model, run.job_id)
+            if not runtime.retry(run.store.started, run.job_id, run.attempt, run.job.timings):
+                log.warning(
+                    "job %s attempt %d was requeued or cancelled before it started: leaving it", run.job_id, run.attempt
+                )
+                runtime.release(model, run.job_id, run.attempt)
+                return None
+        except Exception as error:
+            if redis_away_or_full(error):  # past the retry budget: handed back once Redis takes writes, not a loss
+                runtime.leave_unwritten(model, run.job_id, run.attempt)
+            else:
+                runtime.release(model, run.job_id, run.attempt)
             raise
-        worker_metrics.observe_queue_wait(run.job.model, queued_at, run.started_at)
+        if run.attempt == 1:  # a later attempt's wait would count its earlier attempts' runs too
+            worker_metrics.observe_queue_wait(run.job.model, queued_at, run.started_at)
         return run
 
     def release(self) -> None:
-        self.runtime.release(self.job.model, self.job_id)
+        self.runtime.release(self.job.model, self.job_id, self.attempt)
 
     @property
     def params(self) -> dict:
@@ -378,11 +396,12 @@ class JobRun:
             names.append(image_blob_name(self.attempt, index))
             blobs[names[-1]] = encode_image(image, fmt)
         metas = [frame_meta(self.attempt, index, meta) for index, (meta, _) in enumerate(frames)]
+        # written with the result's retry budget: a blip of Redis here must not cost the job a whole new run
         if frames_streamed:
-            self.store.renew_blobs(self.job_id, [meta["blob"] for meta in metas])
+            self.runtime.retry(self.store.renew_blobs, self.job_id, [meta["blob"] for meta in metas])
         elif frames:  # frames (pictures, then events; not terminal) before the write-once result
             pictures = [(i, meta, encode_image(image, "png")) for i, (meta, image) in enumerate(frames)]
-            self.store.add_frames(self.job_id, self.attempt, pictures)
+            self.runtime.retry(self.store.add_frames, self.job_id, self.attempt, pictures)
         steps = self.job.total_steps
         done = {"id": self.job_id, "images": len(names), "frames": len(metas), "emitted_at": time.time()}
         fields = {

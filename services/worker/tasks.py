@@ -45,7 +45,14 @@ def run_next(model: str) -> str:
             unwritten = True
         else:
             log.exception("job %s failed", run.job_id)
-            run.fail("internal_error", f"{type(error).__name__}: {error}")
+            try:
+                run.fail("internal_error", f"{type(error).__name__}: {error}")
+            except Exception as unwritten_error:
+                if not redis_away_or_full(unwritten_error):
+                    raise
+                # the failure could not be written either: handed back once Redis takes writes, not a lost worker
+                runtime.leave_unwritten(model, run.job_id, run.attempt)
+                unwritten = True
     finally:
         if not unwritten:
             run.release()
@@ -54,7 +61,9 @@ def run_next(model: str) -> str:
     final = run.store.get(run.job_id)
     if final is None:
         return "expired"
-    if final.attempt == run.attempt:  # a requeued copy that took over counts its own run
+    # counted once the job has ended, by the attempt that ended it (a requeued copy that took over counts its own run;
+    # an attempt handed back, drained or left unwritten ends nothing)
+    if final.attempt == run.attempt and final.terminal:
         error_type = (final.error or {}).get("type")
         worker_metrics.observe_job_end(final.model, final.kind, final.status, error_type, time.time() - run.started_at)
     return final.status

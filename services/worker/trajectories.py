@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import Callable
 
 import torch
@@ -21,10 +22,18 @@ from services.common.rules import SIZE_CONDITIONING_PARAMS
 from services.worker.diffusion.flow_matching import flow_forward_trajectory
 from services.worker.diffusion.forward import alpha_bars_paper, forward_trajectory
 from services.worker.engine.engine import Engine
-from services.worker.engine.errors import EngineError, InvalidRequestError, NonFiniteOutputError, RequestCancelled
+from services.worker.engine.errors import (
+    EngineError,
+    EngineStopped,
+    InvalidRequestError,
+    NonFiniteOutputError,
+    RequestCancelled,
+)
 from services.worker.engine.requests import GenerationRequest, GenerationResult
 from services.worker.loading import LoadedModel, to_pil
 from services.worker.runtime import JobRun, request_id, reverse_frame_entries
+
+log = logging.getLogger(__name__)
 
 # request fields of some families only (services/common/rules.py): a job's params carry them, None where unset
 FAMILY_FIELDS = ("true_cfg_scale", *SIZE_CONDITIONING_PARAMS)
@@ -63,7 +72,7 @@ def generation_request(run: JobRun, index: int | None = None, **overrides) -> Ge
         seed=int(p["seed"]),
         negative_prompt=p.get("negative_prompt", ""),
         num_inference_steps=p["num_inference_steps"],
-        guidance_scale=p["guidance_scale"],
+        guidance_scale=p.get("guidance_scale"),  # a sweep has none: each of its requests gets one of its scales
         eta=p["eta"],
         sampler=p.get("sampler"),  # absent in jobs from before samplers: the model's default
         guidance_rescale=p.get("guidance_rescale"),
@@ -94,7 +103,7 @@ def run_requests(run: JobRun, requests: Callable[[], list[GenerationRequest]]) -
             run.fail("invalid_request_error", str(error), error.field)
             return None
         for request in requests:
-            handles.append(engine.submit(request))
+            handles.append(engine.submit(request, keep_events=False))  # its steps go to Redis, on_step_events
             run.runtime.track(handles[-1])
         return [handle.result() for handle in handles]
     except InvalidRequestError as error:
@@ -103,6 +112,10 @@ def run_requests(run: JobRun, requests: Callable[[], list[GenerationRequest]]) -
         run.cancelled()
     except NonFiniteOutputError as error:
         run.fail("non_finite_output", str(error))
+    except EngineStopped:
+        # the worker is going (a cold shutdown): not the job's failure. Its lease, no longer renewed, lapses and a
+        # reaper runs it again elsewhere
+        log.warning("job %s attempt %d: the engine stopped under it; left to run again", run.job_id, run.attempt)
     except EngineError as error:
         run.fail(type(error).__name__, str(error))
     finally:
@@ -201,6 +214,9 @@ def forward(run: JobRun) -> None:
             lambda model: _noise_frames(model, pixels, timesteps, p["noise_seed"], p["space"])
         ).result()
         levels = noise_levels(engine.model, timesteps)
+    except EngineStopped:  # a cold shutdown, as in run_requests: left to run again
+        log.warning("job %s attempt %d: the engine stopped under it; left to run again", run.job_id, run.attempt)
+        return
     except (ValueError, EngineError) as error:
         run.fail("invalid_request_error", str(error), "timesteps")
         return

@@ -170,3 +170,27 @@ def test_an_attempt_whose_result_redis_would_not_take_runs_again_not_counted_as_
     assert job.status == "queued" and sent == [MODEL] and runtime.unwritten() == [] and runtime.held() == {}
     assert worker.redis.hget(f"latentd:job:{job_id}", "lost") in (None, b"0")
     assert worker.take(MODEL, 30, "w2") == (job_id, 2)
+
+
+def test_a_job_taken_or_requeued_late_lives_ttl_from_then_with_its_input_pictures(stores):
+    """A job that waited in its queue most of its TTL (workers away) is taken with its record, events and uploaded
+    pictures re-armed to the full TTL, and so is a job requeued late: an attempt never finds them expired under it."""
+    from services.common.jobstore import INPUT_BLOB, MASK_BLOB, blob_key, events_key, job_key
+
+    _, gateway, worker, loop, url = stores
+    client = redis.Redis.from_url(url)
+    job_id = "late-job"
+    create = gateway.create(
+        job_id, kind="generation", model=MODEL, owner="alice", params={}, input_image=b"png", input_mask=b"mask"
+    )
+    loop.run_until_complete(create)
+    keys = [job_key(job_id), events_key(job_id), blob_key(job_id, INPUT_BLOB), blob_key(job_id, MASK_BLOB)]
+    for key in keys:
+        client.expire(key, 5)  # nearly expired while it waited
+    assert worker.take(MODEL, 30, "w1") == (job_id, 1)
+    assert all(590 < client.ttl(key) <= 600 for key in keys), [client.ttl(key) for key in keys]
+    for key in keys:
+        client.expire(key, 5)
+    job = worker.get(job_id)
+    assert worker.requeue(job, attempt=1, lost=False, max_lost=3, reason="drain") == "requeued"
+    assert all(590 < client.ttl(key) <= 600 for key in keys), [client.ttl(key) for key in keys]

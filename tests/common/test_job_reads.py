@@ -177,21 +177,34 @@ def test_a_jobs_streamed_frames_are_its_current_attempts_from_the_first_up_to_a_
     assert len(JobRecord.from_redis("j", record | stored | {"frames": result}).frames) == 4
 
 
-def test_a_step_write_rearms_the_jobs_ttl_and_a_stub_of_an_expired_record_reads_as_no_job(url):
+def test_a_step_write_rearms_the_jobs_ttl_and_writes_nothing_once_its_attempt_is_superseded(url):
     """Every write re-arms the TTL: a job that runs longer than ttl_s keeps its record and events while it runs. A
-    record that expired before a worker's step write leaves a stub of that write's fields: it expires too, and
-    the gateway reads it as no job (not a record without a kind)."""
+    step of an attempt that no longer holds the job's fence writes nothing: not after a newer attempt took it (a
+    reaper requeued it under a worker that still ran), not after the job ended, not to a record that expired (which
+    would leave a stub)."""
     from services.common.jobstore import JobStore, StepWrite, events_key
 
     client = redis.Redis.from_url(url)
     put(client, "long", "running")
+    client.hset(job_key("long"), "attempt", 1)
     client.expire(job_key("long"), 5)
     store = JobStore(client, ttl_s=300)
-    event = {"step": 1, "total": 2, "timestep": 500, "attempt": 0, "emitted_at": time.time()}
-    store.write_steps([StepWrite("long", 0, event, {"step": 1, "total": 2})])
+    event = {"step": 1, "total": 2, "timestep": 500, "attempt": 1, "emitted_at": time.time()}
+    assert store.write_steps([StepWrite("long", 1, event, {"step": 1, "total": 2})]) == [(False, False)]
     assert client.ttl(job_key("long")) > 290 and client.ttl(events_key("long")) > 290
-    client.delete(job_key("long"))  # expired under its worker
-    store.write_steps([StepWrite("long", 0, event, {"step": 2, "total": 2})])
-    assert 0 < client.ttl(job_key("long")) <= 300
-    assert JobRecord.from_redis("long", client.hgetall(job_key("long"))) is None
+    client.hset(job_key("long"), mapping={"attempt": 2})  # requeued and taken again: attempt 1 is stale
+    late = (0, {"step": 2, "what": "x_t"}, b"png")
+    assert store.write_steps([StepWrite("long", 1, event | {"step": 2}, {"step": 2, "total": 2}, [late])]) == [
+        (False, True)
+    ]
+    assert not store.add_frames("long", 1, [late])
+    assert store.started("long", 1, {"started_at": time.time()}) is False
+    client.hset(job_key("long"), mapping={"status": "succeeded"})  # attempt 2 ended it
+    assert store.write_steps([StepWrite("long", 2, event | {"step": 2}, {"step": 2, "total": 2})]) == [(False, True)]
+    assert json.loads(client.hget(job_key("long"), "progress")) == {"step": 1, "total": 2}
+    assert [fields[b"event"] for _, fields in client.xrange(events_key("long"))] == [b"step"]
+    assert client.keys("latentd:blob:long:*") == [] and client.hget(job_key("long"), "frame:a1:0") is None
+    client.delete(job_key("long"))  # expired under its worker: the write leaves no stub
+    assert store.write_steps([StepWrite("long", 2, event, {"step": 2, "total": 2})]) == [(False, True)]
+    assert not client.exists(job_key("long"))
     assert reads(url, lambda store: store.get("long")) is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 import time
 
@@ -373,6 +374,30 @@ def test_stalled_s_is_how_long_the_engine_has_been_inside_one_iteration(make_eng
     handle.result(60)
     time.sleep(0.1)
     assert engine.stalled_s == 0.0
+
+
+def test_a_lost_device_fails_no_request_and_reads_as_a_hung_engine(make_engine):
+    """A sticky device error (CUDA's illegal memory access) makes every later call fail: the engine fails none of the
+    requests it holds (none is at fault), steps no more, and reads as hung (stalled_s infinite), so the worker's
+    watchdog lets its jobs run again elsewhere and exits for a fresh process, instead of the engine failing the
+    whole queue one iteration at a time."""
+    engine = make_engine()
+    fits, calls = engine.backbone, []
+
+    def backbone(latents, timesteps, cond):
+        calls.append(1)
+        if len(calls) >= 2:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return fits(latents, timesteps, cond)
+
+    engine.backbone = backbone
+    handles = [engine.submit(request(f"r{i}", num_inference_steps=4)) for i in range(2)]
+    deadline = time.monotonic() + 30
+    while engine.broken is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "illegal memory access" in str(engine.broken) and engine.stalled_s == math.inf
+    time.sleep(0.2)
+    assert not any(handle.done() for handle in handles) and len(calls) == 2  # failed nothing, stepped no more
 
 
 def test_a_bucket_out_of_memory_at_warm_up_leaves_the_worker_serving_below_it(tiny_model):

@@ -68,7 +68,7 @@ def test_a_clean_drain_says_how_long_it_took_without_a_warning(redis_url, caplog
     """Was: WARNING 'draining: 0 job(s) still running after 45 s; requeueing them', at once (45: the grace)."""
     runtime = Runtime(Settings(redis_url=redis_url, drain_grace_s=45), worker="w1")
     job_id = _running_job(redis_url, runtime)
-    threading.Timer(0.5, runtime.release, (MODEL, job_id)).start()  # its engine finishes it half a second in
+    threading.Timer(0.5, runtime.release, (MODEL, job_id, 1)).start()  # its engine finishes it half a second in
     record = _drain_report(caplog, LeaseKeeper(runtime, celery_app=None))
     assert record.levelno == logging.INFO, record.getMessage()
     assert "requeue" not in record.getMessage()
@@ -89,3 +89,19 @@ def test_jobs_still_running_at_the_end_of_the_grace_are_a_warning_and_requeued(r
         time.sleep(0.05)
     assert runtime.held() == {} and sent == [MODEL]
     assert runtime.store.get(job_id).status == "queued"
+
+
+def test_an_old_attempt_ending_leaves_the_newer_attempts_lease_held(redis_url):
+    """A worker whose lease lapsed while it still ran (a starved lease thread) may take the requeued job again as
+    attempt 2; attempt 1 ending (its step write finds it superseded) must not stop the renewal of attempt 2's lease,
+    or attempt 2 would be reaped as a lost worker's, and the job could fail as worker_lost on a healthy worker."""
+    runtime = Runtime(Settings(redis_url=redis_url), worker="w1")
+    runtime.hold(MODEL, "j", 1)
+    runtime.hold(MODEL, "j", 2)  # the same job, taken again by another of this worker's threads
+    runtime.release(MODEL, "j", 1)
+    assert runtime.held() == {MODEL: [("j", 2)]}
+    runtime.leave_unwritten(MODEL, "j", 1)
+    runtime.forget_unwritten(MODEL, "j", 1)
+    assert runtime.held() == {MODEL: [("j", 2)]}
+    runtime.release(MODEL, "j", 2)
+    assert runtime.held() == {}

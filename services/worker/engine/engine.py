@@ -56,6 +56,7 @@ from services.worker.engine.errors import (
     InvalidRequestError,
     NonFiniteOutputError,
     RequestCancelled,
+    device_lost,
     out_of_memory,
 )
 from services.worker.engine.finite import FiniteWatch
@@ -75,9 +76,12 @@ _END = object()
 class RequestHandle:
     """The caller's side of one request: events, the result or its typed error, and cancel."""
 
-    def __init__(self, request_id: str, wake: Callable[[], None]):
+    def __init__(self, request_id: str, wake: Callable[[], None], keep_events: bool = True):
         self.request_id = request_id
         self._events: queue.Queue = queue.Queue()
+        # False where nobody reads events() (the worker writes steps through on_step_events): a long job with a
+        # preview at every step would otherwise hold every StepEvent and preview picture until it ends
+        self._keep_events = keep_events
         self._future: concurrent.futures.Future[GenerationResult] = concurrent.futures.Future()
         self._cancel_requested = threading.Event()
         self._wake = wake
@@ -113,7 +117,8 @@ class RequestHandle:
         return self._cancel_requested.is_set()
 
     def _emit(self, event: StepEvent) -> None:
-        self._events.put(event)
+        if self._keep_events:
+            self._events.put(event)
 
     def _finish(self, result: GenerationResult | None = None, error: BaseException | None = None) -> None:
         if self._future.done():
@@ -251,6 +256,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._in_iteration: list[ActiveRequest] = []  # the requests an exception in this iteration fails
         self._busy_since: float | None = None  # monotonic start of the iteration under way (stalled_s)
+        self.broken: BaseException | None = None  # the error that lost the device (errors.device_lost)
         # one sampler object per name this model's scheduler config supports, bound to it (plans cached per step count)
         self.samplers: dict[str, Sampler] = build_samplers(
             model.scheduler_config, model.alphas_cumprod, model.device, model.family.sampler_options()
@@ -291,7 +297,10 @@ class Engine:
 
     @property
     def stalled_s(self) -> float:
-        """How long the engine thread has been inside one iteration (its calls, a step); 0 between them."""
+        """How long the engine thread has been inside one iteration (its calls, a step); 0 between them; infinite
+        once its device is lost (`broken`): it will never step again."""
+        if self.broken is not None:
+            return math.inf
         started = self._busy_since
         return 0.0 if started is None else time.monotonic() - started
 
@@ -301,10 +310,11 @@ class Engine:
         with self._lock:
             return len(self._waiting) + len(self._active)
 
-    def submit(self, request: GenerationRequest) -> RequestHandle:
-        """Validate and queue a request. Raises InvalidRequestError (naming the field) for bad input."""
+    def submit(self, request: GenerationRequest, keep_events: bool = True) -> RequestHandle:
+        """Validate and queue a request. Raises InvalidRequestError (naming the field) for bad input.
+        `keep_events`: the handle's events() yields the step events (False: only on_step_events sees them)."""
         sampler, state, resolved, shape = self._validate(request)
-        handle = RequestHandle(request.request_id, self._wake)
+        handle = RequestHandle(request.request_id, self._wake, keep_events)
         active = ActiveRequest(
             request=request,
             handle=handle,
@@ -446,6 +456,13 @@ class Engine:
                 try:
                     self.step()
                 except Exception as error:
+                    if device_lost(error):
+                        # nothing more will run on this device: fail nothing (no request is at fault), step no more;
+                        # the worker treats the engine as hung (stalled_s), its jobs run again elsewhere, and it exits
+                        # for a fresh process (services/worker/leases.py, exit_if_hung)
+                        log.critical("the device is lost (%s): the engine stops; its jobs run again elsewhere", error)
+                        self.broken = error
+                        return
                     # only the requests of the failed iteration fail; the rest go on
                     log.exception("engine iteration failed")
                     for active in self._in_iteration:

@@ -29,6 +29,14 @@ class EngineStopped(EngineError):
     """The engine was stopped before the request finished."""
 
 
+def device_lost(error: BaseException) -> bool:
+    """An error that leaves the device unusable for everything after it (a sticky CUDA error: an illegal memory
+    access, a device that fell off the bus): every later call would fail too, so the engine stops stepping rather
+    than fail the queue one iteration at a time (Engine.broken)."""
+    accelerator_error = getattr(torch, "AcceleratorError", ())
+    return isinstance(error, accelerator_error) or (isinstance(error, RuntimeError) and "CUDA error" in str(error))
+
+
 def out_of_memory(error: BaseException) -> bool:
     """A call that did not fit in memory: CUDA's OutOfMemoryError, or the CPU allocator's refusal (the engine then
     runs it again in smaller calls: engine.RowCap)."""
