@@ -18,6 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = ROOT / "models" / "shapes-ldm"
 API_KEYS = ("key-alice", "key-bob")
 # Short leases, so a job whose worker was SIGKILLed runs again within a few seconds (deploy: 15 s and 2 s).
+# the test stacks' doors sign webhooks with this, call receivers on loopback, and retry a failed call soon
+WEBHOOK_SECRET = "whsec_" + "dGVzdC13ZWJob29rLXNpZ25pbmcta2V5LTMyYnl0ZXM="
+WEBHOOK_SETTINGS = dict(webhook_secret=WEBHOOK_SECRET, webhook_allow_private=1, webhook_retry_s=0.3)
 LEASE_S = 3.0
 REAP_INTERVAL_S = 0.5
 
@@ -108,7 +111,13 @@ def start_stack(redis_url: str, model_path, model: str, log_dir: Path) -> Stack:
     stack.start_worker()
     hashes = ",".join(hash_key(k) for k in API_KEYS)
     stack.api = run_stack.start_api(
-        redis_url, port, log=open(log_dir / "api.log", "w"), api_key_hashes=hashes, sse_keepalive_s=1
+        redis_url,
+        port,
+        log=open(log_dir / "api.log", "w"),
+        api_key_hashes=hashes,
+        sse_keepalive_s=1,
+        public_url=f"http://localhost:{port}",  # another name for the same address: the URLs it gives say which
+        **WEBHOOK_SETTINGS,
     )
     grpc_port, stack.grpc_metrics_port = run_stack.free_port(), run_stack.free_port()
     stack.grpc_target = f"127.0.0.1:{grpc_port}"
@@ -118,6 +127,7 @@ def start_stack(redis_url: str, model_path, model: str, log_dir: Path) -> Stack:
         log=open(log_dir / "grpc.log", "w"),
         api_key_hashes=hashes,
         grpc_metrics_port=stack.grpc_metrics_port,
+        **WEBHOOK_SETTINGS,
     )
     try:
         run_stack.wait_ready(stack.url, timeout_s=180, procs=(stack.worker, stack.api, stack.grpc))

@@ -11,8 +11,10 @@ from .errors import (
     RateLimitError,
     StreamDropped,
     UnavailableError,
+    WebhookVerificationError,
 )
 from .types import Artifact, Job, JobEvent, JobPage, Model
+from .webhooks import verify_webhook
 
 __all__ = [
     "Client",
@@ -31,4 +33,6 @@ __all__ = [
     "UnavailableError",
     "StreamDropped",
     "JobFailedError",
+    "WebhookVerificationError",
+    "verify_webhook",
 ]

@@ -136,6 +136,7 @@ def cmd_generate(client: Client, args) -> int:
         guidance_rescale=args.guidance_rescale,
         guidance_start=args.guidance_start,
         guidance_stop=args.guidance_stop,
+        webhook_url=args.webhook_url,
         **family_fields(args),
         **picture_fields(args),
     )
@@ -276,6 +277,7 @@ def cmd_trajectory(client: Client, args) -> int:
         guidance_rescale=args.guidance_rescale,
         guidance_start=args.guidance_start,
         guidance_stop=args.guidance_stop,
+        webhook_url=args.webhook_url,
         **{k: v for k, v in family_fields(args).items() if v is not None},
     )
     if args.image:  # bytes, or an earlier job's image by reference, as generate sends it
@@ -363,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--steps", type=int, help="num_inference_steps (server default: the model's, 50 for SD)")
         p.add_argument("--guidance", type=float, help="guidance_scale (server default: the model's, 7.5 for SD)")
         p.add_argument("--seed", type=int)
+        p.add_argument("--webhook-url", help="POSTed the job once it ends, signed (docs/api.md, Webhooks)")
         p.add_argument(
             "--sampler",
             help=(

@@ -72,3 +72,8 @@ def error_for_status(status: int, message: str, **kw) -> LatentdError:
 class StreamDropped(UnavailableError):
     """An event stream broke (connection lost, server restarting, Redis away): `Client.events` resumes it
     from the last event id it saw. Raised to callers only once reconnecting has failed too often."""
+
+
+class WebhookVerificationError(LatentdError):
+    """A webhook call whose signature does not match, whose timestamp is too far from now, or that lacks the
+    headers (verify_webhook): answer it with a 4xx and do not act on it."""

@@ -132,13 +132,23 @@ def _refusal(body: dict[str, Any], cause: Exception) -> InvalidRequestError:
     return InvalidRequestError(f"the request cannot be sent over gRPC: {cause}", type=InvalidInput.error_type)
 
 
-def _params(convert: Callable[[dict[str, Any]], Any], body: dict[str, Any]):
+def _params(convert: Callable[[dict[str, Any]], Any], body: dict[str, Any], known: frozenset[str]):
     """`convert(body)` (a protocol.py conversion); InvalidRequestError, not protobuf's ValueError or TypeError, for
-    a value the proto cannot carry: over REST the server refuses it with the same message."""
+    a value the proto cannot carry, and for a field it has none for (a misspelt one would be dropped, and the job run
+    on its default): over REST the server refuses either with the same message."""
+    try:
+        protocol.check_known_fields(body, known)
+    except InvalidInput as refused:
+        raise _as_client_error(refused) from None
     try:
         return convert(body)
     except (ValueError, TypeError) as exc:
         raise _refusal(body, exc) from None
+
+
+def _webhook(body: dict[str, Any]) -> dict[str, str]:
+    """A submit's webhook_url: a field of the request beside its params, as the body carries it over REST."""
+    return {"webhook_url": body["webhook_url"]} if body.get("webhook_url") is not None else {}
 
 
 def _target(url: str) -> str:
@@ -197,11 +207,15 @@ class GrpcTransport:
             raise error_from_rpc(exc) from None
 
     def submit_generation(self, body: dict[str, Any], idempotency_key: str | None = None) -> Job:
-        request = pb.SubmitGenerationRequest(params=_params(protocol.generation_to_proto, body))
+        request = pb.SubmitGenerationRequest(
+            params=_params(protocol.generation_to_proto, body, protocol.GENERATION_FIELDS), **_webhook(body)
+        )
         return Job.from_proto(self._unary(self.stub.SubmitGeneration, request, idempotency_key).job)
 
     def submit_trajectory(self, body: dict[str, Any], idempotency_key: str | None = None) -> Job:
-        request = pb.SubmitTrajectoryRequest(params=_params(protocol.trajectory_to_proto, body))
+        request = pb.SubmitTrajectoryRequest(
+            params=_params(protocol.trajectory_to_proto, body, protocol.TRAJECTORY_FIELDS), **_webhook(body)
+        )
         return Job.from_proto(self._unary(self.stub.SubmitTrajectory, request, idempotency_key).job)
 
     def get_job(self, job_id: str) -> Job:
@@ -271,11 +285,15 @@ class AsyncGrpcTransport:
             raise error_from_rpc(exc) from None
 
     async def submit_generation(self, body: dict[str, Any], idempotency_key: str | None = None) -> Job:
-        request = pb.SubmitGenerationRequest(params=_params(protocol.generation_to_proto, body))
+        request = pb.SubmitGenerationRequest(
+            params=_params(protocol.generation_to_proto, body, protocol.GENERATION_FIELDS), **_webhook(body)
+        )
         return Job.from_proto((await self._unary(self.stub.SubmitGeneration, request, idempotency_key)).job)
 
     async def submit_trajectory(self, body: dict[str, Any], idempotency_key: str | None = None) -> Job:
-        request = pb.SubmitTrajectoryRequest(params=_params(protocol.trajectory_to_proto, body))
+        request = pb.SubmitTrajectoryRequest(
+            params=_params(protocol.trajectory_to_proto, body, protocol.TRAJECTORY_FIELDS), **_webhook(body)
+        )
         return Job.from_proto((await self._unary(self.stub.SubmitTrajectory, request, idempotency_key)).job)
 
     async def get_job(self, job_id: str) -> Job:

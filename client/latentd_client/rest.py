@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 from urllib.parse import quote
@@ -21,9 +22,12 @@ def _headers(api_key: str | None) -> dict[str, str]:
     return headers
 
 
-def _idempotency(key: str | None) -> dict[str, str]:
-    """A retry with the same key and body returns the first job (200), never a second one."""
-    return {"idempotency-key": key} if key else {}
+def _submit(body: dict[str, Any], idempotency_key: str | None) -> dict[str, Any]:
+    """A submit's body and headers. A retry with the same Idempotency-Key and body returns the first job (200),
+    never a second one. The JSON is written here, not by httpx, which refuses NaN and infinity before sending: the
+    server refuses them naming the field and its range, as the gRPC transport does."""
+    headers = {"content-type": "application/json"} | ({"idempotency-key": idempotency_key} if idempotency_key else {})
+    return {"content": json.dumps(body).encode(), "headers": headers}
 
 
 def _page(limit: int | None, starting_after: str | None, status: list[str]) -> dict[str, Any]:
@@ -120,14 +124,10 @@ class RestTransport:
         return response
 
     def submit_generation(self, body: dict[str, Any], idempotency_key: str | None = None) -> Job:
-        return Job.from_dict(
-            self._call("POST", "/v1/generations", json=body, headers=_idempotency(idempotency_key)).json()
-        )
+        return Job.from_dict(self._call("POST", "/v1/generations", **_submit(body, idempotency_key)).json())
 
     def submit_trajectory(self, body: dict[str, Any], idempotency_key: str | None = None) -> Job:
-        return Job.from_dict(
-            self._call("POST", "/v1/trajectories", json=body, headers=_idempotency(idempotency_key)).json()
-        )
+        return Job.from_dict(self._call("POST", "/v1/trajectories", **_submit(body, idempotency_key)).json())
 
     def get_job(self, job_id: str) -> Job:
         return Job.from_dict(self._call("GET", _job_path(job_id)).json())
@@ -181,11 +181,11 @@ class AsyncRestTransport:
         return response
 
     async def submit_generation(self, body: dict[str, Any], idempotency_key: str | None = None) -> Job:
-        response = await self._call("POST", "/v1/generations", json=body, headers=_idempotency(idempotency_key))
+        response = await self._call("POST", "/v1/generations", **_submit(body, idempotency_key))
         return Job.from_dict(response.json())
 
     async def submit_trajectory(self, body: dict[str, Any], idempotency_key: str | None = None) -> Job:
-        response = await self._call("POST", "/v1/trajectories", json=body, headers=_idempotency(idempotency_key))
+        response = await self._call("POST", "/v1/trajectories", **_submit(body, idempotency_key))
         return Job.from_dict(response.json())
 
     async def get_job(self, job_id: str) -> Job:

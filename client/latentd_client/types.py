@@ -37,6 +37,7 @@ class Job:
     error: dict[str, Any] | None
     attempt: int
     raw: dict[str, Any]
+    webhook_url: str | None = None  # POSTed once the job ends
 
     @property
     def done(self) -> bool:
@@ -85,6 +86,7 @@ class Job:
             error=d.get("error") or None,
             attempt=int(d.get("attempt") or 0),
             raw=d,
+            webhook_url=d.get("webhook_url"),
         )
 
     @classmethod
@@ -123,6 +125,7 @@ class Job:
             "error": error,
             "attempt": message.attempt,
             "created_at": message.created_at,
+            "webhook_url": message.webhook_url or None,
         }
         return cls(
             id=message.id,
@@ -140,6 +143,7 @@ class Job:
             error=error,
             attempt=message.attempt,
             raw=raw,
+            webhook_url=message.webhook_url or None,
         )
 
 

@@ -60,12 +60,9 @@ def serve_processes(host: str, port: int, processes: int) -> None:
 
     from services.api import metrics
     from services.common.jobstore import MODELS_KEY, sync_client
-    from services.common.tasks import queue_for
 
     scrape_redis = sync_client(get_settings().redis_url, 2)
-    metrics.serve_multiprocess(
-        scrape_redis, lambda: [name.decode() for name in scrape_redis.hkeys(MODELS_KEY)], queue_for
-    )
+    metrics.serve_multiprocess(scrape_redis, lambda: [name.decode() for name in scrape_redis.hkeys(MODELS_KEY)])
 
     def prune() -> None:
         while True:

@@ -24,7 +24,8 @@ from services.common.errors import PayloadTooLarge
 from services.core import metrics as core_metrics
 
 SMALL_BODY = 64 * 1024  # bodies up to this size are read without asking the budget
-LINGER_S = 2.0  # after a 413: how long what the client still sends is read and dropped (nothing kept)
+LINGER_S = 2.0
+EVENTS_SUFFIX = "/events"  # GET /v1/jobs/{id}/events, the one response that streams until its job ends  # after a 413: how long what the client still sends is read and dropped (nothing kept)
 
 
 class BodyTooLarge(HTTPException):
@@ -115,6 +116,12 @@ class Edge:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
+        method = scope["method"]
+        # HEAD wherever GET is served (RFC 9110): the GET's status and headers, no body. Not the event stream,
+        # whose GET never ends: a HEAD of it is a 405 that says GET.
+        head = method == "HEAD" and not scope["path"].endswith(EVENTS_SUFFIX)
+        if head:
+            scope = dict(scope, method="GET")
         limit = self.max_body_bytes
         status = 500
         response_started = too_large = False
@@ -128,6 +135,8 @@ class Edge:
                 await send(message | {"more_body": True})  # the 413 goes out now; the connection closes after
                 await self._linger(receive)
                 message = {"type": "http.response.body", "body": b"", "more_body": False}
+            if head and message["type"] == "http.response.body":
+                message = message | {"body": b""}
             await send(message)
 
         declared = _declared_length(scope)
@@ -159,9 +168,7 @@ class Edge:
                 await self.budget.give(reserved)
             if status == 413:
                 core_metrics.record_rejection("payload_too_large")
-            metrics.observe_http_request(
-                _route_template(scope, routed), scope["method"], status, time.perf_counter() - started
-            )
+            metrics.observe_http_request(_route_template(scope, routed), method, status, time.perf_counter() - started)
 
     async def _linger(self, receive: Receive) -> None:
         """Read and drop what the client is still sending, for a moment, before the connection closes: closed

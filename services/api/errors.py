@@ -41,6 +41,20 @@ _DOCUMENTED = {
 }
 
 
+def undecodable_body(cause: BaseException) -> str:
+    """Why a body could not be read as JSON, in the caller's words (never Python's)."""
+    if isinstance(cause, UnicodeDecodeError):
+        return (
+            "the body is not valid JSON: it is not UTF-8 text (a compressed body, Content-Encoding gzip or the like, "
+            "is not accepted)"
+        )
+    if isinstance(cause, RecursionError):
+        return "the body is not valid JSON this server reads: its arrays or objects nest too deeply"
+    if isinstance(cause, ValueError) and "digits" in str(cause):
+        return "the body is not valid JSON this server reads: it holds a number of more than 4300 digits"
+    return f"the body is not valid JSON ({type(cause).__name__})"
+
+
 def documented(*codes: int) -> dict[int | str, dict]:
     """OpenAPI `responses` for these error statuses, each with the one error shape (ErrorResponse)."""
     return {
@@ -93,13 +107,14 @@ def install(app: FastAPI) -> None:
         if exc.status_code == 400 and exc.__cause__ is not None:
             # FastAPI's 400 for a body it could not decode (not UTF-8, ...): invalid JSON is a 422 everywhere
             # else, and the caller is told why
-            why = f"{type(exc.__cause__).__name__}: {exc.__cause__}"
-            return error_response(InvalidInput(f"the body is not valid JSON ({why})", None), request)
+            return error_response(InvalidInput(undecodable_body(exc.__cause__), None), request)
         core_metrics.record_refusal(exc.status_code)
         message = str(exc.detail)
         path = shown(request.url.path)
         if exc.status_code == 404 and message == "Not Found":  # the router's own: no route matched
             message = f"no endpoint {request.method} {path}: the endpoints are listed at /docs"
+            if request.url.path.endswith("/") and request.url.path != "/":  # no redirect: its Location would be
+                message += f" (without the trailing slash: {shown(request.url.path.rstrip('/'))})"  # the Host's
         elif exc.status_code == 405 and message == "Method Not Allowed":
             allowed = (getattr(exc, "headers", None) or {}).get("Allow", "other methods")
             message = f"{path} takes {allowed}, not {request.method}: the endpoints are listed at /docs"

@@ -27,7 +27,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from services.common import metrics_server, workers
-from services.common.tasks import celery_queue_length
+from services.common.jobstore import queued_count
 
 DEFAULT_API_METRICS_PORT = 9464
 DEFAULT_GRPC_METRICS_PORT = 9466  # the gRPC front door runs as its own process
@@ -59,20 +59,18 @@ class QueueDepthCollector(Collector):
     """`latentd_queue_depth{model}` and `latentd_workers_live{model}`, read from Redis at scrape, and the job
     store's `latentd_redis_memory_used_bytes` and `latentd_redis_maxmemory_bytes` (INFO memory; 0: no limit).
 
-    `models` returns the models to report (those workers published); `queue_for` maps a model to its
-    Celery queue name.
+    `models` returns the models to report (those workers published). The depth is the jobs queued in Redis, not
+    the model's Celery messages (wake-up calls that top-ups add and lost sends remove).
     """
 
     def __init__(
         self,
         redis_client: Any,
         models: Callable[[], Iterable[str]],
-        queue_for: Callable[[str], str],
         stale_after_s: float = workers.DEFAULT_STALE_AFTER_S,
     ) -> None:
         self._redis = redis_client
         self._models = models
-        self._queue_for = queue_for
         self._stale_after_s = stale_after_s
 
     def describe(self) -> list[GaugeMetricFamily]:
@@ -84,7 +82,7 @@ class QueueDepthCollector(Collector):
             models = sorted(set(self._models()))
             serving = workers.live_workers(self._redis, models, self._stale_after_s)
             for model in models:
-                depth.add_metric([model], celery_queue_length(self._redis, self._queue_for(model)))
+                depth.add_metric([model], queued_count(self._redis, model))
                 live.add_metric([model], len(serving.get(model, ())))
             memory = self._redis.info("memory")
             used.add_metric([], float(memory["used_memory"]))
@@ -96,7 +94,9 @@ class QueueDepthCollector(Collector):
     @staticmethod
     def _families() -> tuple[GaugeMetricFamily, ...]:
         return (
-            GaugeMetricFamily("latentd_queue_depth", "Jobs waiting in the model's Celery queue.", labels=["model"]),
+            GaugeMetricFamily(
+                "latentd_queue_depth", "Jobs of the model queued in Redis, waiting for a worker.", labels=["model"]
+            ),
             GaugeMetricFamily(
                 "latentd_workers_live",
                 "Workers of the model whose consumer proved alive (heartbeat probe consumed).",
@@ -116,7 +116,6 @@ _queue_depth_collector: QueueDepthCollector | None = None
 def register_queue_depth(
     redis_client: Any,
     models: Callable[[], Iterable[str]],
-    queue_for: Callable[[str], str],
     registry: CollectorRegistry = REGISTRY,
 ) -> QueueDepthCollector:
     """Install (or replace) the queue-depth collector; call once from the API lifespan."""
@@ -126,7 +125,7 @@ def register_queue_depth(
             registry.unregister(_queue_depth_collector)
         except KeyError:
             pass
-    _queue_depth_collector = QueueDepthCollector(redis_client, models, queue_for)
+    _queue_depth_collector = QueueDepthCollector(redis_client, models)
     registry.register(_queue_depth_collector)
     return _queue_depth_collector
 
@@ -155,9 +154,7 @@ def serve_metrics_from_env(addr: str = "0.0.0.0") -> int | None:
     return metrics_server.serve_from_env("LATENTD_API_METRICS_PORT", DEFAULT_API_METRICS_PORT, addr=addr)
 
 
-def serve_multiprocess(
-    redis_client: Any, models: Callable[[], Iterable[str]], queue_for: Callable[[str], str]
-) -> int | None:
+def serve_multiprocess(redis_client: Any, models: Callable[[], Iterable[str]]) -> int | None:
     """In the parent of several server processes: serve /metrics on $LATENTD_API_METRICS_PORT from the files
     every process writes under $PROMETHEUS_MULTIPROC_DIR (counters and histograms summed, `latentd_sse_readers`
     summed over the live processes), plus the queue depth read from Redis at scrape. The process_* metrics
@@ -166,7 +163,7 @@ def serve_multiprocess(
 
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
-    registry.register(QueueDepthCollector(redis_client, models, queue_for))
+    registry.register(QueueDepthCollector(redis_client, models))
     value = os.environ.get("LATENTD_API_METRICS_PORT", str(DEFAULT_API_METRICS_PORT)).strip().lower()
     if value in ("off", "none", "-1", ""):
         return None

@@ -54,6 +54,7 @@ class JobRecord:
     error: dict[str, Any] | None = None
     attempt: int = 0
     cancel_requested: bool = False
+    webhook_url: str | None = None  # POSTed once the job ends (services/core/webhooks.py)
     # set by a submit that returned the job an earlier submit with the same Idempotency-Key made
     replayed: bool = field(default=False, compare=False)
 
@@ -81,6 +82,7 @@ class JobRecord:
             error=loaded["error"],
             attempt=attempt,
             cancel_requested=fields.get("cancel") == "1",
+            webhook_url=fields.get("webhook"),
         )
 
     @property
@@ -121,6 +123,7 @@ class JobRecord:
             "error": self.error,
             "attempt": self.attempt,
             "created_at": self.created_at,
+            "webhook_url": self.webhook_url,
         }
 
     @cached_property
@@ -153,6 +156,7 @@ class JobRecord:
             attempt=self.attempt,
             queue_seconds=float(self.timings.get("queue_s") or 0),
             run_seconds=float(self.timings.get("run_s") or 0),
+            webhook_url=self.webhook_url or "",
         )
         protocol.params_to_proto(self.kind, self.params, message)
         if self.error:

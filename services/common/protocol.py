@@ -13,6 +13,7 @@ import json
 from typing import Any
 
 from services.common import rules
+from services.common.errors import InvalidInput, shown
 from services.common.grpc_gen.latentd.v1 import latentd_pb2 as pb
 
 # gRPC trailers that carry the REST error body's `param` and `type`, and Retry-After.
@@ -71,6 +72,20 @@ GENERATION_SCALARS = (
 )
 # Image to image's pictures: (bytes field, JobImageRef field), under the REST names image and mask
 PICTURES = (("image", "image_ref"), ("mask", "mask_ref"))
+# The request fields each conversion carries (REST names), and those of the submit beside its params; a body
+# with any other field is refused naming it, as REST refuses an unknown field, not sent without it.
+GENERATION_FIELDS = frozenset(
+    ("model", "prompt", "negative_prompt", "output_format", "sampler", *GENERATION_SCALARS, *(p for p, _ in PICTURES))
+)
+TRAJECTORY_FIELDS = GENERATION_FIELDS | {
+    "kind",
+    "timesteps",
+    "guidance_scales",
+    "noise_seed",
+    "trajectory_every",
+    "space",
+}
+SUBMIT_FIELDS = frozenset(("webhook_url",))
 # Typed frame metadata on Artifact (the rest of a frame's metadata travels in metadata_json).
 FRAME_SCALARS = ("timestep", "alpha_bar", "step", "guidance_scale", "sigma")
 
@@ -106,6 +121,13 @@ def generation_to_proto(body: dict[str, Any]) -> pb.GenerationParams:
     params.has_image = bool(body.get("has_image"))
     params.has_mask = bool(body.get("has_mask"))
     return params
+
+
+def check_known_fields(body: dict[str, Any], known: frozenset[str]) -> None:
+    """InvalidInput naming the first field of `body` a gRPC request cannot carry (REST's message for it)."""
+    for name in body:
+        if name not in known and name not in SUBMIT_FIELDS:
+            raise InvalidInput(f"unknown field {shown(name)}: this endpoint does not accept it", name)
 
 
 def _picture_bytes(value: str | bytes) -> bytes:

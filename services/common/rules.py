@@ -9,8 +9,10 @@ engine from the model it loaded.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
+import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -32,6 +34,12 @@ DEFAULT_FORWARD_TIMESTEPS = tuple(range(0, 1001, 50))
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL_STATUSES = JOB_STATUSES[2:]  # nothing changes a job after one of these
+# A job's webhook (webhook_url): an absolute http(s) URL without credentials, POSTed once the job ends
+# (services/core/webhooks.py); tried WEBHOOK_ATTEMPTS times at most, the n-th retry WEBHOOK_RETRY_S · 4^(n-1)
+# seconds after the one before (capped at WEBHOOK_MAX_RETRY_S), each call given WEBHOOK_TIMEOUT_S.
+MAX_WEBHOOK_URL_CHARS = 2048
+WEBHOOK_SCHEMES = ("http", "https")
+WEBHOOK_ATTEMPTS, WEBHOOK_RETRY_S, WEBHOOK_MAX_RETRY_S, WEBHOOK_TIMEOUT_S = 8, 5.0, 900.0, 10.0
 # A page of a key's jobs (GET /v1/jobs, ListJobs): newest first, at most MAX_LIST_LIMIT; a page reads at most
 # LIST_SCAN entries of the key's history, so a status filter that matches little still costs a bounded read.
 DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT, LIST_SCAN = 20, 100, 1000
@@ -135,11 +143,14 @@ TRAJECTORY_FIELD_KINDS: dict[str, tuple[str, ...]] = {
     "space": ("forward",),
     "trajectory_every": ("reverse",),
     "guidance_scales": ("guidance_sweep",),
+    "guidance_scale": ("forward", "reverse"),  # a sweep's scales are its guidance_scales
     "strength": ("reverse", "guidance_sweep"),
     "mask": ("reverse", "guidance_sweep"),
 }
+# What only a forward trajectory reads: how it noises its picture (the rest describe a picture to generate).
+FORWARD_ONLY_FIELDS = tuple(name for name, kinds in TRAJECTORY_FIELD_KINDS.items() if kinds == ("forward",))
 # Every trajectory reads these; its other fields describe a generation (reverse, guidance_sweep, forward from a prompt).
-TRAJECTORY_OWN_FIELDS = ("kind", "model", "image")
+TRAJECTORY_OWN_FIELDS = ("kind", "model", "image", "webhook_url")
 # A forward trajectory of a given picture generates nothing: its params say what is noised (the picture, resized to
 # width × height) and how, no more.
 FORWARD_OF_IMAGE_PARAMS = ("kind", "model", "width", "height", "timesteps", "noise_seed", "space", "has_image")
@@ -499,7 +510,7 @@ def check_trajectory_fields(kind: str, sent: Iterable[str], *, from_image: bool 
             raise InvalidInput(
                 f"{name} applies to {' and '.join(kinds)} trajectories only, not {kind}; leave it out", name
             )
-        if not generates and name not in (*TRAJECTORY_FIELD_KINDS, *TRAJECTORY_OWN_FIELDS):
+        if not generates and name not in (*FORWARD_ONLY_FIELDS, *TRAJECTORY_OWN_FIELDS):
             raise InvalidInput(
                 f"{name} describes the picture a forward trajectory generates from a prompt; a forward trajectory "
                 f"of an image noises that image as it is: leave {name} out",
@@ -574,3 +585,45 @@ def check_statuses(statuses: Iterable[str]) -> list[str]:
         if status not in JOB_STATUSES:
             raise InvalidInput(f"status must be one of {', '.join(JOB_STATUSES)}, got {shown(status)}", "status")
     return statuses
+
+
+def check_webhook_url(url: str, *, allow_private: bool) -> str:
+    """A job's webhook_url: absolute http or https, a host, no user:password@, at most MAX_WEBHOOK_URL_CHARS. Unless
+    the deployment allows private targets, a literal loopback, private, link-local or reserved address is refused
+    here (a host name that resolves to one is refused when the call is made: services/core/webhooks.py)."""
+    if len(url) > MAX_WEBHOOK_URL_CHARS:
+        raise InvalidInput(
+            f"webhook_url must be at most {MAX_WEBHOOK_URL_CHARS} characters, got {len(url)}", "webhook_url"
+        )
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host, _ = parts.hostname, parts.port  # .port raises on a port that is no number or out of range
+    except ValueError as error:
+        raise InvalidInput(f"webhook_url is not a URL ({error}), got {shown(url)}", "webhook_url") from None
+    if parts.scheme.lower() not in WEBHOOK_SCHEMES or not host:
+        raise InvalidInput(f"webhook_url must be an absolute http or https URL, got {shown(url)}", "webhook_url")
+    if parts.username is not None or parts.password is not None:
+        raise InvalidInput("webhook_url must not carry a user name or password", "webhook_url")
+    if not url.isascii() or any(c.isspace() or not c.isprintable() for c in url):
+        raise InvalidInput(
+            f"webhook_url must be printable ASCII without spaces (percent-encode the rest), got {shown(url)}",
+            "webhook_url",
+        )
+    if not allow_private and not public_address(host):
+        raise InvalidInput(
+            f"webhook_url must reach a public address; {shown(host)} is loopback, private, link-local or reserved",
+            "webhook_url",
+        )
+    return url
+
+
+def public_address(host: str) -> bool:
+    """False for a literal IP address that is not globally routable (loopback, private, link-local, reserved,
+    multicast) or for "localhost"; True for any other host name (resolved and checked again at call time)."""
+    if host.lower().rstrip(".") == "localhost" or host.lower().endswith(".localhost"):
+        return False
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return True
+    return address.is_global and not address.is_multicast

@@ -8,6 +8,8 @@ from functools import lru_cache
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.common import rules
+
 
 def hash_key(key: str) -> str:
     """API keys are kept only as SHA-256 hex digests."""
@@ -46,6 +48,20 @@ class Settings(BaseSettings):
     result_ttl_s: int = 3600
     sse_keepalive_s: float = 15.0
     openai_timeout_s: float = 600.0
+    # The URL clients reach the gateway at (its ingress), for the absolute image URLs of the OpenAI route's
+    # response_format "url"; "": the request's own, which its Host header names (set this behind a proxy, or where
+    # a caller could choose the Host another client is handed)
+    public_url: str = ""
+    # Webhooks (services/core/webhooks.py): every gateway process (REST and gRPC) sends the due calls, unless off.
+    # The secret signs them (Standard Webhooks: "whsec_" + base64 of the key, or any other string as the key
+    # itself); "": unsigned. Private targets (loopback, RFC 1918, link-local, ...): refused unless allowed, so a
+    # caller cannot make the gateway probe the network it runs in.
+    webhooks: bool = True
+    webhook_secret: str = ""
+    webhook_allow_private: bool = False
+    webhook_attempts: int = Field(rules.WEBHOOK_ATTEMPTS, ge=1, le=100)
+    webhook_retry_s: float = Field(rules.WEBHOOK_RETRY_S, gt=0, le=3600)
+    webhook_timeout_s: float = Field(rules.WEBHOOK_TIMEOUT_S, gt=0, le=120)
     worker_stale_after_s: float = 30.0
     # the gateway's Redis pool: short commands share it (opened as needed, up to this many); the event hub holds one
     # connection for its reads. A request waits up to redis_pool_wait_s for a free one: on a busy CPU a burst of

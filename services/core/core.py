@@ -62,6 +62,7 @@ from services.common.tasks import RUN_TASK, queue_for
 from services.core import metrics
 from services.core.events import EventHub
 from services.core.schemas import (
+    JOB_FIELDS,
     GenerationCreate,
     JobImage,
     OpenAIImageEditRequest,
@@ -69,6 +70,7 @@ from services.core.schemas import (
     TrajectoryCreate,
 )
 from services.core.validation import parse
+from services.core.webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -287,6 +289,7 @@ class Core:
         self.hub = hub
         self.tasks = tasks
         self.key_hashes = settings.key_hashes()
+        self.webhooks: WebhookSender | None = None  # started by open(), where settings.webhooks
 
     @classmethod
     async def open(cls, settings: Settings) -> Core:
@@ -303,10 +306,15 @@ class Core:
         store = AsyncJobStore(client, settings.result_ttl_s)
         core = cls(settings, store, EventHub(store), TaskSender(settings))
         core.hub.start()
+        if settings.webhooks:
+            core.webhooks = WebhookSender(settings, store)
+            core.webhooks.start()
         return core
 
     async def close(self) -> None:
         await self.hub.stop()
+        if self.webhooks is not None:
+            await self.webhooks.stop()
         self.tasks.close()
         await self.store.redis.aclose()
 
@@ -414,9 +422,11 @@ class Core:
                 await self._input_picture(owner, body.mask, "mask"),
             )
         image, mask = pictures
-        fields = body.model_dump(exclude={"model", "output_format", "image", "mask"})
+        fields = body.model_dump(exclude={"model", "output_format", "image", "mask", *JOB_FIELDS})
         resolved = self._resolve(model, fields | _sizes(image, mask), images_field=images_field)
-        params = _params(body.model_dump(exclude={"image", "mask"}) | resolved | _image_params(body, image, mask))
+        params = _params(
+            body.model_dump(exclude={"image", "mask", *JOB_FIELDS}) | resolved | _image_params(body, image, mask)
+        )
         return await self._enqueue(
             "generation",
             model,
@@ -425,6 +435,7 @@ class Core:
             input_image=image and image[0],
             input_mask=mask and mask[0],
             idempotency=idempotency,
+            webhook_url=self._webhook_url(body),
         )
 
     async def _input_picture(self, owner: str, value: str | JobImage | None, param: str) -> Picture | None:
@@ -441,7 +452,9 @@ class Core:
                     )
                 data, _ = await self.artifact(owner, value.job_id, "image", value.index)
             except NotFound as error:
-                raise InvalidInput(f"{param}: {error.message}", f"{param}.job_id") from None
+                # the part of the reference at fault: its index (no such image), else its job
+                part = "index" if error.param == "index" else "job_id"
+                raise InvalidInput(f"{param}: {error.message}", f"{param}.{part}") from None
             formats = ("PNG", "JPEG", "WEBP")  # a job's own output may be WebP
         else:
             data, formats = value, ("PNG", "JPEG")
@@ -473,7 +486,7 @@ class Core:
         if kind == "guidance_sweep":
             rules.check_guidance_scales(body.guidance_scales)
         generation = body.model_dump(
-            include=set(GenerationCreate.model_fields) - {"model", "output_format", "image", "mask"}
+            include=set(GenerationCreate.model_fields) - {"model", "output_format", "image", "mask", *JOB_FIELDS}
         )
         resolved = self._resolve(model, generation | {"prompt": body.prompt or ""} | _sizes(start, mask))
         if kind == "reverse":
@@ -481,14 +494,21 @@ class Core:
             label = rules.steps_run_label(resolved["strength"], resolved["sampler"])
             rules.check_every("trajectory_every", body.trajectory_every, runs, low=1, steps_are=label)
         params = _params(
-            body.model_dump(exclude={"image", "mask"})
+            body.model_dump(exclude={"image", "mask", *JOB_FIELDS})
             | resolved
             | {"prompt": body.prompt or "", "timesteps": timesteps, "has_image": image is not None}
             | ({"has_mask": True} if mask is not None else {})
         )
         params = rules.trajectory_params(kind, params, from_image=image is not None)
         return await self._enqueue(
-            kind, model, owner, params, input_image=image, input_mask=mask and mask[0], idempotency=idempotency
+            kind,
+            model,
+            owner,
+            params,
+            input_image=image,
+            input_mask=mask and mask[0],
+            idempotency=idempotency,
+            webhook_url=self._webhook_url(body),
         )
 
     async def submit_openai(
@@ -532,6 +552,11 @@ class Core:
         pictures = (image_in, mask_in)
         return await self._submit_generation(owner, generation, idempotency, images_field="n", pictures=pictures)
 
+    def _webhook_url(self, body: GenerationCreate | TrajectoryCreate) -> str | None:
+        if body.webhook_url is None:
+            return None
+        return rules.check_webhook_url(body.webhook_url, allow_private=self.settings.webhook_allow_private)
+
     def _resolve(self, model: ModelInfo, fields: dict[str, Any], images_field: str = "num_images") -> dict[str, Any]:
         """Check a generation's fields against every rule; the values it leaves to the service, filled in."""
         seed = self.resolve_seed(fields.pop("seed", None))
@@ -571,6 +596,7 @@ class Core:
         input_image: bytes | None = None,
         input_mask: bytes | None = None,
         idempotency: tuple[str, str] | None = None,
+        webhook_url: str | None = None,
     ) -> JobRecord:
         settings = self.settings
         job_id = uuid.uuid4().hex
@@ -582,6 +608,7 @@ class Core:
             input_image=input_image,
             input_mask=input_mask,
             idempotency=idempotency,
+            webhook_url=webhook_url,
         )
         limits = dict(max_pending=settings.max_queue_per_model, max_owned=settings.owner_queue_limit)
         try:

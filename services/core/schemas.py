@@ -23,6 +23,7 @@ from services.common.rules import (
     MAX_STEPS,
     MAX_STRENGTH,
     MAX_TIMESTEPS,
+    MAX_WEBHOOK_URL_CHARS,
     MIN_GUIDANCE_FRACTION,
     MIN_GUIDANCE_RESCALE,
     MIN_STRENGTH,
@@ -154,6 +155,21 @@ class _ImageFields(_FamilyFields):
     )
 
 
+WEBHOOK_DESCRIPTION = (
+    f"An absolute http(s) URL (no user:password@, at most {MAX_WEBHOOK_URL_CHARS} characters) that is POSTed the job, "
+    "as GET /v1/jobs/{id} shows it, once it succeeds, fails or is cancelled: signed as Standard Webhooks say "
+    "(webhook-id, webhook-timestamp, webhook-signature) and retried with backoff until it answers 2xx (docs/api.md, "
+    "Webhooks). A loopback or private address is refused unless the deployment allows them. null: no call."
+)
+
+
+JOB_FIELDS = ("webhook_url",)  # fields of the job itself, not of what it makes: never in its params
+
+
+def webhook_field():
+    return Field(None, max_length=MAX_WEBHOOK_URL_CHARS, description=WEBHOOK_DESCRIPTION)
+
+
 class GenerationCreate(_ImageFields):
     model: str | None = Field(None, description="Model name from GET /v1/models; default: the service's default model.")
     prompt: str = Field(
@@ -188,6 +204,7 @@ class GenerationCreate(_ImageFields):
             "count model calls)."
         ),
     )
+    webhook_url: str | None = webhook_field()
 
 
 class TrajectoryCreate(_FamilyFields):
@@ -253,6 +270,7 @@ class TrajectoryCreate(_FamilyFields):
         description=f"guidance_sweep: scales, each in [0, {MAX_GUIDANCE:g}].",
     )
     output_format: OutputFormat = Field("png", description="Encoding of the stored images.")
+    webhook_url: str | None = webhook_field()
 
 
 class OpenAIImageRequest(_Sampling):
@@ -261,7 +279,7 @@ class OpenAIImageRequest(_Sampling):
     n: int = Field(1, ge=1, le=MAX_IMAGES, description="Number of images.")
     size: str | None = Field(
         None,
-        pattern=r"^(\d{1,5}x\d{1,5}|auto)$",
+        pattern=r"^([0-9]{1,5}x[0-9]{1,5}|auto)$",  # ASCII digits: \d would take other scripts' digits, which int() reads
         description='"WIDTHxHEIGHT", e.g. "64x64", or "auto" (as null: the model\'s native size).',
     )
     response_format: Literal["b64_json", "url"] = Field("b64_json", description="Inline base64 or a URL to the image.")
@@ -274,6 +292,12 @@ class OpenAIImageRequest(_Sampling):
     eta: float = Field(0.0, ge=0.0, le=MAX_ETA)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     output_format: OutputFormat = "png"
+
+    @field_validator("n", "response_format", "output_format", mode="before")
+    @classmethod
+    def _null_is_the_default(cls, value: Any, info) -> Any:
+        """OpenAI's API takes null for these, as leaving them out (its SDK sends n=None when asked to)."""
+        return cls.model_fields[info.field_name].default if value is None else value
 
 
 class OpenAIImageEditRequest(OpenAIImageRequest):
@@ -311,6 +335,7 @@ class Job(BaseModel):
     error: dict[str, Any] | None = Field(None, description="type, message and param when the job failed.")
     attempt: int = Field(0, description="The worker attempt that ran it: more than 1 after a failover.")
     created_at: float
+    webhook_url: str | None = Field(None, description="The URL POSTed once the job ends; null when none.")
 
 
 class JobList(BaseModel):

@@ -24,7 +24,9 @@ _SCHEMAS = (
     schemas.JobImage,
 )
 _RANGE_ERRORS = ("greater_than_equal", "less_than_equal", "greater_than", "less_than")
-_PARSING_ERRORS = {"int_parsing": "an integer", "float_parsing": "a number"}
+_PARSING_ERRORS = {"int_parsing": "an integer", "float_parsing": "a number", "int_from_float": "an integer"}
+# Fields with a pattern: what a value must look like, in words (the pattern itself tells a caller little).
+_PATTERNS = {"size": "WIDTHxHEIGHT in pixels, like 512x512, or auto"}
 
 
 def _bounds(field: str) -> tuple[Any, Any]:
@@ -59,6 +61,15 @@ def _fmt(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def _echo(value: Any) -> str:
+    """A value the caller sent, as it wrote it: JSON's null, true, false, lists and objects as JSON, anything else
+    as `shown` echoes it; cut at 80 characters."""
+    if value is None or isinstance(value, (bool, list, dict)):
+        text = json.dumps(value, default=str)
+        return text if len(text) <= 80 else f"{text[:79]}… ({len(text)} characters as written)"
+    return shown(value)
+
+
 # pydantic names the member of a union that an error belongs to in its loc: ("image", "str") and
 # ("image", "JobImage", "job_id") for `image: str | JobImage`. The caller knows no such names; they are left out.
 _MEMBERS = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false"} | {
@@ -84,12 +95,12 @@ def message(error: dict, caps: Mapping[str, float] | None = None) -> tuple[str, 
     field = next((part for part in reversed(loc) if not part.isdigit()), param)
     kind = error.get("type", "")
     given = error.get("input")
-    if kind in _RANGE_ERRORS:
+    if kind in (*_RANGE_ERRORS, "int_parsing_size"):  # int_parsing_size: an integer too long to read at all
         low, high = _bounds(field or "")
         if caps and field in caps and high is not None:
             high = min(high, caps[field])
         if low is not None and high is not None:
-            return f"{param} must be between {_fmt(low)} and {_fmt(high)}, got {shown(given)}", param
+            return f"{param} must be between {_fmt(low)} and {_fmt(high)}, got {_echo(given)}", param
     if kind in ("string_too_long", "too_long"):
         limit = (error.get("ctx") or {}).get("max_length")
         noun = "characters" if kind == "string_too_long" else "values"
@@ -102,12 +113,17 @@ def message(error: dict, caps: Mapping[str, float] | None = None) -> tuple[str, 
     if kind == "too_short":
         limit = (error.get("ctx") or {}).get("min_length")
         return f"{param} must hold at least {limit} values", param
-    if kind == "extra_forbidden":
-        return f"unknown field {shown(param)}: this endpoint does not accept it", param
+    if kind == "extra_forbidden":  # the name as the caller wrote it, cut (param too: it is echoed)
+        cut = param if len(param or "") <= 80 else f"{param[:79]}… ({len(param)} characters)"
+        return f"unknown field {shown(param)}: this endpoint does not accept it", cut
     if given is None and _is_type_error(error) and param:  # null where the field takes no null
         return f"{param} must be {_takes(field)}, got null", param
-    if kind in _PARSING_ERRORS:  # a query or path parameter that is not a number (a body's is a type error)
-        return f"{param} must be {_PARSING_ERRORS[kind]}, got {shown(given)}", param
+    if kind in _PARSING_ERRORS:  # not a number (a query or path parameter), or 2.5 where an integer goes
+        return f"{param} must be {_PARSING_ERRORS[kind]}, got {_echo(given)}", param
+    if kind == "literal_error":  # ctx.expected: "'forward', 'reverse' or 'guidance_sweep'"
+        return f"{param} must be one of {(error.get('ctx') or {}).get('expected')}, got {_echo(given)}", param
+    if kind == "string_pattern_mismatch" and field in _PATTERNS:
+        return f"{param} must be {_PATTERNS[field]}, got {_echo(given)}", param
     if kind == "boolean_refused":
         return f"{param} must be {_takes(field)}, got {json.dumps(given)}", param
     if kind == "missing" and param is None:
@@ -118,10 +134,12 @@ def message(error: dict, caps: Mapping[str, float] | None = None) -> tuple[str, 
         # bytes: a body FastAPI did not read as JSON (another Content-Type, as fetch() gives a string body)
         got = "a body of another Content-Type" if isinstance(given, bytes) else shown(given)
         return f"the body must be a JSON object sent as Content-Type: application/json, got {got}", None
-    if kind == "json_invalid":
-        return "the body is not valid JSON: " + error.get("msg", ""), None
+    if kind == "json_invalid":  # loc: ("body", the character where decoding stopped)
+        where = error.get("loc", ("body", None))[-1]
+        why = (error.get("ctx") or {}).get("error") or "it does not decode"
+        return f"the body is not valid JSON: {why}" + (f" at character {where}" if isinstance(where, int) else ""), None
     if param:
-        return f"{param}: {error.get('msg', 'invalid value')}, got {shown(given)}", param
+        return f"{param}: {error.get('msg', 'invalid value')}, got {_echo(given)}", param
     return error.get("msg", "invalid request"), param
 
 

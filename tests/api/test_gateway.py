@@ -362,6 +362,7 @@ def test_a_picture_field_is_refused_in_the_form_it_was_sent_in(client, image, pa
         ({"kind": "forward", "guidance_scales": [1.0]}, "guidance_scales", "guidance_scales applies to guidance_sweep trajectories only, not forward; leave it out"),
         ({"kind": "guidance_sweep", "trajectory_every": 2}, "trajectory_every", "trajectory_every applies to reverse trajectories only, not guidance_sweep; leave it out"),
         ({"kind": "reverse", "space": "pixel"}, "space", "space applies to forward trajectories only, not reverse; leave it out"),
+        ({"kind": "guidance_sweep", "guidance_scale": 3}, "guidance_scale", "guidance_scale applies to forward and reverse trajectories only, not guidance_sweep; leave it out"),
     ],
 )  # fmt: skip
 def test_a_trajectory_field_its_kind_does_not_read_is_refused_by_name(client, body, param, message):
@@ -468,8 +469,9 @@ def test_a_missing_or_non_json_body_is_told_what_the_endpoint_takes(client):
     refused = client.post(
         "/v1/generations", content=b'{"prompt": "caf\xe9"}', headers={"content-type": "application/json"}
     )
-    assert refused.status_code == 422 and refused.json()["error"]["message"].startswith(
-        "the body is not valid JSON (UnicodeDecodeError: 'utf-8' codec can't decode byte 0xe9"
+    assert refused.status_code == 422 and refused.json()["error"]["message"] == (
+        "the body is not valid JSON: it is not UTF-8 text (a compressed body, Content-Encoding gzip or the like, is "
+        "not accepted)"
     ), refused.text
     refused = client.post("/v1/generations", json=["x"])
     assert refused.json()["error"]["message"] == (
@@ -534,7 +536,7 @@ def test_openapi_documents_the_error_shape_the_gateway_answers_with(client):
     for path, operations in spec["paths"].items():
         for method, operation in operations.items():
             for code, response in operation["responses"].items():
-                if code[0] in "45":
+                if code[0] in "45" and path != "/readyz":  # its 503 is the readiness report, as its 200
                     schema = response["content"]["application/json"]["schema"]
                     assert schema["$ref"] == "#/components/schemas/ErrorResponse", (method, path, code)
                     documented += 1
@@ -665,6 +667,7 @@ def test_a_trajectorys_params_hold_only_what_its_kind_reads(client):
         client.post(f"/v1/jobs/{job['id']}/cancel")
         assert job["params"]["seed"] == 1 and ("guidance_scales" in job["params"]) == (kind == "guidance_sweep")
         assert ("trajectory_every" in job["params"]) == (kind == "reverse") and job["params"]["kind"] == kind
+        assert ("guidance_scale" in job["params"]) == (kind != "guidance_sweep")
         assert protocol.params_from_proto(store.get(job["id"]).to_proto()) == job["params"], kind
 
 

@@ -59,6 +59,24 @@ def test_typed_errors_carry_the_server_message(url, real_stack):
         client.models()
 
 
+def test_a_misspelt_field_or_a_nan_is_refused_the_same_way_by_both_transports(url, real_stack):
+    """A field the request has no place for is refused naming it (over gRPC it would be dropped, and the job run on
+    its default); NaN and infinity reach the server's rule (httpx would raise a bare ValueError before sending)."""
+    with Client(url, real_stack.keys[0]) as client:
+        with pytest.raises(InvalidRequestError) as err:
+            client.generate("a red circle", num_inference_step=2)
+        assert err.value.param == "num_inference_step"
+        assert err.value.message == "unknown field 'num_inference_step': this endpoint does not accept it"
+        with pytest.raises(InvalidRequestError) as err:
+            client.trajectory("reverse", prompt="x", seeed=4)
+        assert err.value.param == "seeed"
+        for value in (float("nan"), float("inf")):
+            with pytest.raises(InvalidRequestError) as err:
+                client.generate("a red circle", guidance_scale=value)
+            assert err.value.param == "guidance_scale"
+            assert err.value.message == f"guidance_scale must be between 0 and 100, got {value}"
+
+
 def test_wait_raises_on_cancel(url, real_stack):
     with Client(url, real_stack.keys[0]) as client:
         job = client.generate("x", num_inference_steps=400)

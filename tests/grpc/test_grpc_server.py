@@ -137,6 +137,15 @@ def test_invalid_argument_names_the_field(channel, real_stack):
             pb.SubmitTrajectoryRequest(params=pb.TrajectoryParams()), metadata=key(real_stack)
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details() == "kind is required"
+    # no params at all: refused, not run on every default with an empty prompt
+    for call in (
+        lambda: stub(channel).SubmitGeneration(pb.SubmitGenerationRequest(), metadata=key(real_stack)),
+        lambda: list(stub(channel).GenerateStream(pb.GenerateStreamRequest(), metadata=key(real_stack))),
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details() == "params is required"
+        assert dict(err.value.trailing_metadata())["latentd-param"] == "params"
     forward_of_a_picture = pb.TrajectoryParams(
         kind=pb.TRAJECTORY_KIND_FORWARD, image=b"\x89PNG", generation=pb.GenerationParams(prompt="a red circle")
     )
@@ -156,6 +165,7 @@ def test_not_found(channel, real_stack):
         with pytest.raises(grpc.RpcError) as err:
             call()
         assert err.value.code() == grpc.StatusCode.NOT_FOUND and "nope" in err.value.details()
+        assert dict(err.value.trailing_metadata())["latentd-param"] == "job_id"  # the proto's name for it
     job = submit(channel, real_stack, steps=2)
     with pytest.raises(grpc.RpcError) as err:  # another key's job does not exist
         stub(channel).GetJob(pb.GetJobRequest(job_id=job.id), metadata=key(real_stack, 1))

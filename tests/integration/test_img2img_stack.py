@@ -96,6 +96,9 @@ def test_image_to_image_from_an_upload_and_from_an_earlier_job(real_stack):
         timeout=30,
     )
     assert response.status_code == 422 and response.json()["error"]["param"] == "image.job_id"
+    # an image the job does not have: the index is at fault
+    error = refused(real_stack, body | {"image": {"job_id": first["id"], "index": 3}})
+    assert error["param"] == "image.index" and error["message"] == f"image: job {first['id']} has no image 3 (it has 1)"
     # a job that has not finished has no image to start from yet
     running = submit(real_stack, {"prompt": "a red circle", "num_inference_steps": 50, "num_images": 4})
     error = refused(real_stack, body | {"image": {"job_id": running["id"]}})

@@ -269,6 +269,9 @@ def test_openai_client_generates_images(real_stack):
     by_url = client.images.generate(
         prompt="a green triangle", n=1, response_format="url", extra_body={"num_inference_steps": 3, "seed": 11}
     )
+    # the URL is on LATENTD_PUBLIC_URL (the test stack's: another name for its address), not on the Host it was
+    # asked with, which the caller chooses
+    assert by_url.data[0].url.startswith(real_stack.url.replace("127.0.0.1", "localhost") + "/v1/jobs/")
     fetched = httpx.get(by_url.data[0].url, headers=real_stack.headers())
     again = Image.open(io.BytesIO(fetched.content)).tobytes()
     # the same seed gives the same picture; batched with a second image, float sums may differ by one level

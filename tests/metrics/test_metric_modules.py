@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from services.api import metrics as api_metrics
 from services.common import workers
-from services.common.tasks import CELERY_PRIORITY_SEP
+from services.common.jobstore import queue_key, turns_key
 from services.worker import heartbeat
 from services.worker import metrics as worker_metrics
 
@@ -91,10 +91,12 @@ def test_engine_active_requests_is_read_at_scrape_time():
 
 
 def test_queue_depth_and_live_workers_come_from_redis_at_scrape(client):
-    queue = "latentd.depth-test"
-    client.rpush(queue, *["job"] * 5)
-    client.rpush(queue + CELERY_PRIORITY_SEP + "6", "urgent")  # Celery's priority list
-    api_metrics.register_queue_depth(client, lambda: ["depth-test", "idle-model"], lambda m: f"latentd.{m}")
+    # jobs queued in two keys' queues, as the enqueue script leaves them; the model's Celery messages do not count
+    client.zadd(turns_key("depth-test"), {"alice": 0, "bob": 0})
+    client.rpush(queue_key("depth-test", "alice"), *[f"a{n}" for n in range(5)])
+    client.rpush(queue_key("depth-test", "bob"), "b0")
+    client.rpush("latentd.depth-test", *["wake-up"] * 9)
+    api_metrics.register_queue_depth(client, lambda: ["depth-test", "idle-model"])
     beat = heartbeat.Heartbeat(client, ["depth-test"], worker="host-1", ttl_s=10)
     beat.beat()
     port = api_metrics.start_metrics_server(0, addr="127.0.0.1")
@@ -104,7 +106,7 @@ def test_queue_depth_and_live_workers_come_from_redis_at_scrape(client):
     # alive but its probe never consumed: not a live worker
     assert sample(families, "latentd_workers_live", model="depth-test") == 0
     heartbeat.mark_consumed(client, ["depth-test"], "host-1", ttl_s=10)
-    client.lpop(queue, 2)
+    client.lpop(queue_key("depth-test", "alice"), 2)
     families = scrape(port)
     assert sample(families, "latentd_workers_live", model="depth-test") == 1
     assert sample(families, "latentd_queue_depth", model="depth-test") == 4
@@ -113,7 +115,7 @@ def test_queue_depth_and_live_workers_come_from_redis_at_scrape(client):
 
 def test_the_job_stores_memory_and_its_limit_come_from_redis_at_scrape(client):
     """What LatentdRedisNearlyFull watches: Redis's used_memory against its maxmemory (0 where none is set)."""
-    api_metrics.register_queue_depth(client, lambda: [], lambda m: f"latentd.{m}")
+    api_metrics.register_queue_depth(client, lambda: [])
     port = api_metrics.start_metrics_server(0, addr="127.0.0.1")
     before = client.config_get("maxmemory")["maxmemory"]
     try:
@@ -130,7 +132,7 @@ def test_the_job_stores_memory_and_its_limit_come_from_redis_at_scrape(client):
 
 def test_queue_depth_scrape_survives_redis_down():
     dead = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
-    api_metrics.register_queue_depth(dead, lambda: ["m"], lambda m: f"latentd.{m}")
+    api_metrics.register_queue_depth(dead, lambda: ["m"])
     try:
         families = scrape(api_metrics.start_metrics_server(0, addr="127.0.0.1"))
         assert "latentd_queue_depth" not in families or not families["latentd_queue_depth"].samples

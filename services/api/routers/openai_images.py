@@ -63,7 +63,7 @@ async def _images_response(
     if response_format == "b64_json":
         data = [{"b64_json": base64.b64encode(blob).decode()} for blob in await core.blobs(job)]
     else:
-        base = str(request.base_url).rstrip("/")
+        base = core.settings.public_url.rstrip("/") or str(request.base_url).rstrip("/")
         data = [{"url": base + url} for url in job.view()["images"]]
     return {"created": int(job.created_at), "data": data}
 
@@ -130,6 +130,18 @@ async def _file(form, name: str) -> bytes | None:
     return await values[0].read()
 
 
+def _text_fields(form) -> dict[str, str]:
+    """The form's text fields, each sent once: a field sent twice is refused naming it (which one was meant?)."""
+    fields: dict[str, str] = {}
+    for key, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            continue
+        if key in fields:
+            raise InvalidInput(f"{key}: send it once, got {len(form.getlist(key))} values", key)
+        fields[key] = value
+    return fields
+
+
 @router.post(
     "/edits",
     openapi_extra=EDIT_FORM,
@@ -142,7 +154,7 @@ async def openai_edit(
     async with request.form() as form:
         image = await _file(form, "image")
         mask = await _file(form, "mask")
-        fields = {key: value for key, value in form.multi_items() if not isinstance(value, UploadFile)}
+        fields = _text_fields(form)
     if image is None:
         raise InvalidInput("image is required: a PNG or JPEG file part", "image")
     body = parse(OpenAIImageEditRequest, fields, core.caps)
