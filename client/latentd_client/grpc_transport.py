@@ -55,7 +55,7 @@ def error_from_rpc(exc: grpc.RpcError) -> LatentdError:
     cls = _CODE_ERRORS.get(exc.code(), LatentdError)
     kw = dict(
         type=trailers.get(protocol.TYPE_METADATA_KEY),
-        param=trailers.get(protocol.PARAM_METADATA_KEY) or None,
+        param=_rest_param(trailers.get(protocol.PARAM_METADATA_KEY)),
         retry_after=float(retry) if retry else None,
     )
     return cls(exc.details() or str(exc.code()), **kw)
@@ -132,6 +132,11 @@ def _refusal(body: dict[str, Any], cause: Exception) -> InvalidRequestError:
     return InvalidRequestError(f"the request cannot be sent over gRPC: {cause}", type=InvalidInput.error_type)
 
 
+def _rest_param(param: str | None) -> str | None:
+    """The field an error names, as REST names it (the client's interface), from the door's trailer."""
+    return protocol.REST_PARAMS.get(param, param) if param else None
+
+
 def _params(convert: Callable[[dict[str, Any]], Any], body: dict[str, Any], known: frozenset[str]):
     """`convert(body)` (a protocol.py conversion); InvalidRequestError, not protobuf's ValueError or TypeError, for
     a value the proto cannot carry, and for a field it has none for (a misspelt one would be dropped, and the job run
@@ -144,11 +149,6 @@ def _params(convert: Callable[[dict[str, Any]], Any], body: dict[str, Any], know
         return convert(body)
     except (ValueError, TypeError) as exc:
         raise _refusal(body, exc) from None
-
-
-def _webhook(body: dict[str, Any]) -> dict[str, str]:
-    """A submit's webhook_url: a field of the request beside its params, as the body carries it over REST."""
-    return {"webhook_url": body["webhook_url"]} if body.get("webhook_url") is not None else {}
 
 
 def _target(url: str) -> str:
@@ -208,13 +208,15 @@ class GrpcTransport:
 
     def submit_generation(self, body: dict[str, Any], idempotency_key: str | None = None) -> Job:
         request = pb.SubmitGenerationRequest(
-            params=_params(protocol.generation_to_proto, body, protocol.GENERATION_FIELDS), **_webhook(body)
+            params=_params(protocol.generation_to_proto, body, protocol.GENERATION_FIELDS),
+            **protocol.job_fields_to_proto(body),
         )
         return Job.from_proto(self._unary(self.stub.SubmitGeneration, request, idempotency_key).job)
 
     def submit_trajectory(self, body: dict[str, Any], idempotency_key: str | None = None) -> Job:
         request = pb.SubmitTrajectoryRequest(
-            params=_params(protocol.trajectory_to_proto, body, protocol.TRAJECTORY_FIELDS), **_webhook(body)
+            params=_params(protocol.trajectory_to_proto, body, protocol.TRAJECTORY_FIELDS),
+            **protocol.job_fields_to_proto(body),
         )
         return Job.from_proto(self._unary(self.stub.SubmitTrajectory, request, idempotency_key).job)
 
@@ -286,13 +288,15 @@ class AsyncGrpcTransport:
 
     async def submit_generation(self, body: dict[str, Any], idempotency_key: str | None = None) -> Job:
         request = pb.SubmitGenerationRequest(
-            params=_params(protocol.generation_to_proto, body, protocol.GENERATION_FIELDS), **_webhook(body)
+            params=_params(protocol.generation_to_proto, body, protocol.GENERATION_FIELDS),
+            **protocol.job_fields_to_proto(body),
         )
         return Job.from_proto((await self._unary(self.stub.SubmitGeneration, request, idempotency_key)).job)
 
     async def submit_trajectory(self, body: dict[str, Any], idempotency_key: str | None = None) -> Job:
         request = pb.SubmitTrajectoryRequest(
-            params=_params(protocol.trajectory_to_proto, body, protocol.TRAJECTORY_FIELDS), **_webhook(body)
+            params=_params(protocol.trajectory_to_proto, body, protocol.TRAJECTORY_FIELDS),
+            **protocol.job_fields_to_proto(body),
         )
         return Job.from_proto((await self._unary(self.stub.SubmitTrajectory, request, idempotency_key)).job)
 

@@ -41,8 +41,10 @@ def verify_webhook(
         raise WebhookVerificationError(
             f"{HEADER_TIMESTAMP} is {abs(now - timestamp):.0f} s from now, more than the {tolerance_s:g} s allowed"
         )
-    expected = signature(signing_key(secret), lower[HEADER_ID], timestamp, body)
-    # several signatures, space-separated, while a secret is being rotated: one that matches is enough
-    if not any(hmac.compare_digest(expected, given) for given in lower[HEADER_SIGNATURE].split()):
+    expected = signature(signing_key(secret), lower[HEADER_ID], timestamp, body).encode()
+    # several signatures, space-separated, while a secret is being rotated: one that matches is enough (compared as
+    # bytes: a header of other characters is a mismatch, not a TypeError)
+    given = lower[HEADER_SIGNATURE].encode("utf-8", "replace").split()
+    if not any(hmac.compare_digest(expected, one) for one in given):
         raise WebhookVerificationError("the webhook-signature does not match the body under this secret")
     return json.loads(body)

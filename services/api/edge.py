@@ -24,8 +24,8 @@ from services.common.errors import PayloadTooLarge
 from services.core import metrics as core_metrics
 
 SMALL_BODY = 64 * 1024  # bodies up to this size are read without asking the budget
-LINGER_S = 2.0
-EVENTS_SUFFIX = "/events"  # GET /v1/jobs/{id}/events, the one response that streams until its job ends  # after a 413: how long what the client still sends is read and dropped (nothing kept)
+LINGER_S = 2.0  # after a 413: how long what the client still sends is read and dropped (nothing kept)
+EVENTS_SUFFIX = "/events"  # GET /v1/jobs/{id}/events, the one response that streams until its job ends
 
 
 class BodyTooLarge(HTTPException):

@@ -97,9 +97,6 @@ def _as_service_error(exc: Exception, retry_after_s: float) -> ServiceError:
     return InternalError(f"internal error: {type(exc).__name__}", None)
 
 
-# A param the core names as REST has it, named as the proto has it (REST's path parameter `id` is `job_id` here).
-_PROTO_PARAMS = {"id": "job_id"}
-
 # The status details travel percent-encoded in a trailer, which a client refuses past 16 KiB: 1000 characters are
 # 12,000 bytes at most (4-byte UTF-8), where a longer message would reach the caller as RESOURCE_EXHAUSTED.
 MAX_DETAILS_CHARS = 1000
@@ -111,7 +108,7 @@ async def _abort(
     code = _STATUS_OF.get(type(error), grpc.StatusCode.INTERNAL)
     trailers = [(protocol.TYPE_METADATA_KEY, error.error_type)]
     if error.param:
-        trailers.append((protocol.PARAM_METADATA_KEY, _PROTO_PARAMS.get(error.param, error.param)))
+        trailers.append((protocol.PARAM_METADATA_KEY, protocol.PROTO_PARAMS.get(error.param, error.param)))
     if error.retry_after_s:
         trailers.append((protocol.RETRY_AFTER_METADATA_KEY, str(max(1, round(error.retry_after_s)))))
     core_metrics.record_refusal(error, submission=submission)
@@ -189,11 +186,6 @@ def _params(request):
     return request.params
 
 
-def _webhook(request) -> dict:
-    """A submit's webhook_url, as REST carries it in the body; nothing when unset."""
-    return {"webhook_url": request.webhook_url} if request.HasField("webhook_url") else {}
-
-
 def _authorization(context: grpc.aio.ServicerContext) -> str | None:
     return _metadata(context, "authorization")
 
@@ -211,14 +203,14 @@ class LatentdServicer(pb_grpc.LatentdServiceServicer):
     @edge
     @submitting
     async def SubmitGeneration(self, request, context, owner):
-        body = protocol.generation_from_proto(_params(request)) | _webhook(request)
+        body = protocol.generation_from_proto(_params(request)) | protocol.job_fields_from_proto(request)
         job = await self.core.submit_generation(owner, body, _metadata(context, IDEMPOTENCY_METADATA_KEY))
         return pb.SubmitGenerationResponse(job=job.to_proto())
 
     @edge
     @submitting
     async def SubmitTrajectory(self, request, context, owner):
-        body = protocol.trajectory_from_proto(_params(request)) | _webhook(request)
+        body = protocol.trajectory_from_proto(_params(request)) | protocol.job_fields_from_proto(request)
         job = await self.core.submit_trajectory(owner, body, _metadata(context, IDEMPOTENCY_METADATA_KEY))
         return pb.SubmitTrajectoryResponse(job=job.to_proto())
 
@@ -263,7 +255,7 @@ class LatentdServicer(pb_grpc.LatentdServiceServicer):
     @streaming
     @submitting
     async def GenerateStream(self, request, context, owner):
-        body = protocol.generation_from_proto(_params(request)) | _webhook(request)
+        body = protocol.generation_from_proto(_params(request)) | protocol.job_fields_from_proto(request)
         job = await self.core.submit_generation(owner, body, _metadata(context, IDEMPOTENCY_METADATA_KEY))
         yield pb.GenerateStreamResponse(job=job.to_proto())
         finished = False

@@ -55,6 +55,7 @@ class JobRecord:
     attempt: int = 0
     cancel_requested: bool = False
     webhook_url: str | None = None  # POSTed once the job ends (services/core/webhooks.py)
+    ended_at: float | None = None  # when it ended (Redis time), however it ended; None while it runs
     # set by a submit that returned the job an earlier submit with the same Idempotency-Key made
     replayed: bool = field(default=False, compare=False)
 
@@ -83,6 +84,7 @@ class JobRecord:
             attempt=attempt,
             cancel_requested=fields.get("cancel") == "1",
             webhook_url=fields.get("webhook"),
+            ended_at=float(fields["ended_at"]) if fields.get("ended_at") else None,
         )
 
     @property

@@ -161,12 +161,16 @@ def job_id_of(key: str) -> str:
     return key.removeprefix(JOB_PREFIX)
 
 
+# A job's other keys are its record's key and a suffix (so a script can name them from the record's key).
+EVENTS_SUFFIX, BLOB_INFIX = ":events", ":blob:"
+
+
 def events_key(job_id: str) -> str:
-    return f"latentd:job:{job_id}:events"
+    return f"{job_key(job_id)}{EVENTS_SUFFIX}"
 
 
 def blob_key(job_id: str, name: str) -> str:
-    return f"latentd:job:{job_id}:blob:{name}"
+    return f"{job_key(job_id)}{BLOB_INFIX}{name}"
 
 
 def image_blob_name(attempt: int, index: int) -> str:
@@ -242,7 +246,8 @@ local function now()
 end
 """
 # A job leaves its model's queue and its key's share when it ends (succeeded, failed or cancelled: never to run
-# again); one with a webhook is then due for its call (KEYS[6] is the job's record in every script that ends one).
+# again), and its record says when (ended_at, Redis time); one with a webhook is then due for its call (KEYS[6] is
+# the job's record in every script that ends one).
 _ENTER = f"""
 local function enter(job_id, owner, head)
   if head then redis.call('LPUSH', KEYS[3], job_id) else redis.call('RPUSH', KEYS[3], job_id) end
@@ -253,6 +258,8 @@ end
 local function leave(job_id)
   redis.call('SREM', KEYS[1], job_id)
   redis.call('SREM', KEYS[2], job_id)
+  local t = redis.call('TIME')
+  redis.call('HSET', KEYS[6], 'ended_at', t[1] .. '.' .. string.format('%06d', tonumber(t[2])))
   if redis.call('HEXISTS', KEYS[6], 'webhook') == 1 then redis.call('ZADD', '{WEBHOOKS_KEY}', 0, job_id) end
 end
 """
@@ -310,10 +317,11 @@ return redis.call('ZREVRANGE', KEYS[1], start, start + tonumber(ARGV[2]) - 1)
 """
 
 # A job that waited in its queue (or is requeued) lives ttl from now: its record, events and input pictures, so an
-# attempt that starts late does not find them expired under it. Keys by the job key's suffixes (jobstore's keys).
-_REARM = """
+# attempt that starts late does not find them expired under it. Its keys: the record's and its suffixes (above).
+_REARM = f"""
 local function rearm(job, ttl, input_blob, mask_blob)
-  for _, key in ipairs({job, job .. ':events', job .. ':blob:' .. input_blob, job .. ':blob:' .. mask_blob}) do
+  local blob = job .. '{BLOB_INFIX}'
+  for _, key in ipairs({{job, job .. '{EVENTS_SUFFIX}', blob .. input_blob, blob .. mask_blob}}) do
     redis.call('EXPIRE', key, ttl)
   end
 end
@@ -519,12 +527,12 @@ return 1
 
 # Claim up to ARGV[3] due webhooks: each moves a lease (ARGV[2] seconds) ahead and counts one more attempt on
 # its job; a job whose record has expired is dropped. KEYS: webhooks. ARGV: job key prefix, lease seconds, how
-# many. Returns {job id, attempt, ...}.
+# many. Returns {how many were dropped, job id, attempt, job id, attempt, ...}.
 _WEBHOOK_CLAIM = (
     _NOW
     + """
 local t = now()
-local out = {}
+local out = {0}
 for _, job_id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', t, 'LIMIT', 0, tonumber(ARGV[3]))) do
   local job = ARGV[1] .. job_id
   if redis.call('EXISTS', job) == 1 then
@@ -533,18 +541,23 @@ for _, job_id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', t, 'LIMIT',
     table.insert(out, redis.call('HINCRBY', job, 'webhook_attempts', 1))
   else
     redis.call('ZREM', KEYS[1], job_id)
+    out[1] = out[1] + 1
   end
 end
 return out
 """
 )
 
-# After a webhook call: done (ARGV[2] ''), or due again in ARGV[2] seconds. KEYS: webhooks. ARGV: job id, delay.
+# After a webhook call: done (ARGV[3] ''), or due again in ARGV[3] seconds; only by the claim that made the call
+# (its attempt is still the job's last): a call whose lease lapsed, and that another process claimed again, leaves
+# the newer claim be. KEYS: webhooks, job. ARGV: job id, attempt, delay.
 _WEBHOOK_SETTLE = (
     _NOW
     + """
-if ARGV[2] == '' then return redis.call('ZREM', KEYS[1], ARGV[1]) end
-return redis.call('ZADD', KEYS[1], 'XX', now() + tonumber(ARGV[2]), ARGV[1])
+local current = redis.call('HGET', KEYS[2], 'webhook_attempts')
+if current and current ~= ARGV[2] then return 0 end
+if ARGV[3] == '' then return redis.call('ZREM', KEYS[1], ARGV[1]) end
+return redis.call('ZADD', KEYS[1], 'XX', now() + tonumber(ARGV[3]), ARGV[1])
 """
 )
 
@@ -878,7 +891,7 @@ class AsyncJobStore:
         return await self.redis.get(blob_key(job_id, name))
 
     async def queued_counts(self, models: list[str]) -> dict[str, int]:
-        """{model: jobs queued, not yet running}: the model's queue less the jobs holding a lease."""
+        """{model: jobs queued, not yet running}: `queued_count` of each (pending less those holding a lease)."""
         pipe = self.redis.pipeline(transaction=False)
         for model in models:
             pipe.scard(pending_key(model))
@@ -906,14 +919,16 @@ class AsyncJobStore:
                 gone += len(expired)
         return gone
 
-    async def claim_webhooks(self, lease_s: float, count: int) -> list[tuple[str, int]]:
-        """Up to `count` jobs whose webhook is due, each with the attempt this call is (see _WEBHOOK_CLAIM)."""
+    async def claim_webhooks(self, lease_s: float, count: int) -> tuple[list[tuple[str, int]], int]:
+        """Up to `count` jobs whose webhook is due, each with the attempt this call is, and how many due jobs had
+        expired meanwhile (dropped: see _WEBHOOK_CLAIM)."""
         reply = await self._webhook_claim(keys=[WEBHOOKS_KEY], args=[JOB_PREFIX, lease_s, count])
-        return [(_s(reply[i]), int(reply[i + 1])) for i in range(0, len(reply), 2)]
+        return [(_s(reply[i]), int(reply[i + 1])) for i in range(1, len(reply), 2)], int(reply[0])
 
-    async def settle_webhook(self, job_id: str, retry_in_s: float | None) -> None:
-        """A webhook call is over: done (None), or due again in `retry_in_s` seconds."""
-        await self._webhook_settle(keys=[WEBHOOKS_KEY], args=[job_id, "" if retry_in_s is None else retry_in_s])
+    async def settle_webhook(self, job_id: str, attempt: int, retry_in_s: float | None) -> None:
+        """The call of `attempt` is over: done (None), or due again in `retry_in_s` seconds (see _WEBHOOK_SETTLE)."""
+        delay = "" if retry_in_s is None else retry_in_s
+        await self._webhook_settle(keys=[WEBHOOKS_KEY, job_key(job_id)], args=[job_id, attempt, delay])
 
     async def events_after(self, job_id: str, after: str = "0", count: int = 1024) -> list[JobEvent]:
         """The stored events after the entry id `after` ("0": from the first), oldest first."""
@@ -938,13 +953,14 @@ class StepWrite:
 
 
 def queued_count(client: redis.Redis, model: str) -> int:
-    """Jobs of `model` waiting in its keys' queues: what the workers have left to take (not its Celery messages,
-    which are wake-up calls that top-ups and requeues add and lost sends remove)."""
-    owners = [_s(owner) for owner in client.zrange(turns_key(model), 0, -1)]
+    """Jobs of `model` queued, not yet running: its pending jobs less those holding a lease (not its Celery
+    messages, wake-up calls that top-ups and requeues add and lost sends remove). AsyncJobStore.queued_counts is
+    the same count for the gateway's event loop."""
     pipe = client.pipeline(transaction=False)
-    for owner in owners:
-        pipe.llen(queue_key(model, owner))
-    return int(sum(pipe.execute())) if owners else 0
+    pipe.scard(pending_key(model))
+    pipe.zcard(leases_key(model))
+    pending, running = pipe.execute()
+    return max(0, pending - running)
 
 
 class JobStore:

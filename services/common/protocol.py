@@ -77,7 +77,7 @@ PICTURES = (("image", "image_ref"), ("mask", "mask_ref"))
 GENERATION_FIELDS = frozenset(
     ("model", "prompt", "negative_prompt", "output_format", "sampler", *GENERATION_SCALARS, *(p for p, _ in PICTURES))
 )
-TRAJECTORY_FIELDS = GENERATION_FIELDS | {
+TRAJECTORY_FIELDS = (GENERATION_FIELDS - {"num_images", "preview_every"}) | {
     "kind",
     "timesteps",
     "guidance_scales",
@@ -85,7 +85,11 @@ TRAJECTORY_FIELDS = GENERATION_FIELDS | {
     "trajectory_every",
     "space",
 }
-SUBMIT_FIELDS = frozenset(("webhook_url",))
+# A param the core names as REST has it, as the gRPC door names it in its trailer (REST's path parameter `id` is
+# `job_id` there, a trajectory's `trajectory_every` is TrajectoryParams.every); the message says the REST name, as
+# REST's does. The Python client maps them back, so its errors name REST's fields over either transport.
+PROTO_PARAMS = {"id": "job_id", "trajectory_every": "every"}
+REST_PARAMS = {proto: rest for rest, proto in PROTO_PARAMS.items()}
 # Typed frame metadata on Artifact (the rest of a frame's metadata travels in metadata_json).
 FRAME_SCALARS = ("timestep", "alpha_bar", "step", "guidance_scale", "sigma")
 
@@ -126,8 +130,18 @@ def generation_to_proto(body: dict[str, Any]) -> pb.GenerationParams:
 def check_known_fields(body: dict[str, Any], known: frozenset[str]) -> None:
     """InvalidInput naming the first field of `body` a gRPC request cannot carry (REST's message for it)."""
     for name in body:
-        if name not in known and name not in SUBMIT_FIELDS:
+        if name not in known and name not in rules.JOB_FIELDS:
             raise InvalidInput(f"unknown field {shown(name)}: this endpoint does not accept it", name)
+
+
+def job_fields_to_proto(body: dict[str, Any]) -> dict[str, Any]:
+    """The job's own fields of a REST-shaped body (rules.JOB_FIELDS), as a submit request's keyword arguments."""
+    return {name: body[name] for name in rules.JOB_FIELDS if body.get(name) is not None}
+
+
+def job_fields_from_proto(request: Any) -> dict[str, Any]:
+    """... and back: the ones a submit request set, as REST carries them in the body."""
+    return {name: getattr(request, name) for name in rules.JOB_FIELDS if request.HasField(name)}
 
 
 def _picture_bytes(value: str | bytes) -> bytes:

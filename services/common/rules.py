@@ -38,6 +38,9 @@ TERMINAL_STATUSES = JOB_STATUSES[2:]  # nothing changes a job after one of these
 # (services/core/webhooks.py); tried WEBHOOK_ATTEMPTS times at most, the n-th retry WEBHOOK_RETRY_S · 4^(n-1)
 # seconds after the one before (capped at WEBHOOK_MAX_RETRY_S), each call given WEBHOOK_TIMEOUT_S.
 MAX_WEBHOOK_URL_CHARS = 2048
+# Fields of a submit that belong to the job, not to what it makes: never in its params (REST: in the body; gRPC:
+# beside the params in the submit request).
+JOB_FIELDS = ("webhook_url",)
 WEBHOOK_SCHEMES = ("http", "https")
 WEBHOOK_ATTEMPTS, WEBHOOK_RETRY_S, WEBHOOK_MAX_RETRY_S, WEBHOOK_TIMEOUT_S = 8, 5.0, 900.0, 10.0
 # A page of a key's jobs (GET /v1/jobs, ListJobs): newest first, at most MAX_LIST_LIMIT; a page reads at most
@@ -150,7 +153,7 @@ TRAJECTORY_FIELD_KINDS: dict[str, tuple[str, ...]] = {
 # What only a forward trajectory reads: how it noises its picture (the rest describe a picture to generate).
 FORWARD_ONLY_FIELDS = tuple(name for name, kinds in TRAJECTORY_FIELD_KINDS.items() if kinds == ("forward",))
 # Every trajectory reads these; its other fields describe a generation (reverse, guidance_sweep, forward from a prompt).
-TRAJECTORY_OWN_FIELDS = ("kind", "model", "image", "webhook_url")
+TRAJECTORY_OWN_FIELDS = ("kind", "model", "image", *JOB_FIELDS)
 # A forward trajectory of a given picture generates nothing: its params say what is noised (the picture, resized to
 # width × height) and how, no more.
 FORWARD_OF_IMAGE_PARAMS = ("kind", "model", "width", "height", "timesteps", "noise_seed", "space", "has_image")
@@ -588,13 +591,10 @@ def check_statuses(statuses: Iterable[str]) -> list[str]:
 
 
 def check_webhook_url(url: str, *, allow_private: bool) -> str:
-    """A job's webhook_url: absolute http or https, a host, no user:password@, at most MAX_WEBHOOK_URL_CHARS. Unless
-    the deployment allows private targets, a literal loopback, private, link-local or reserved address is refused
-    here (a host name that resolves to one is refused when the call is made: services/core/webhooks.py)."""
-    if len(url) > MAX_WEBHOOK_URL_CHARS:
-        raise InvalidInput(
-            f"webhook_url must be at most {MAX_WEBHOOK_URL_CHARS} characters, got {len(url)}", "webhook_url"
-        )
+    """A job's webhook_url: absolute http or https, a host name that can be looked up, no user:password@ (its
+    length: the schema's MAX_WEBHOOK_URL_CHARS). Unless the deployment allows private targets, a literal
+    loopback, private, link-local or reserved address is refused here (a host name that resolves to one is refused
+    when the call is made: services/core/webhooks.py)."""
     try:
         parts = urllib.parse.urlsplit(url)
         host, _ = parts.hostname, parts.port  # .port raises on a port that is no number or out of range
@@ -609,6 +609,11 @@ def check_webhook_url(url: str, *, allow_private: bool) -> str:
             f"webhook_url must be printable ASCII without spaces (percent-encode the rest), got {shown(url)}",
             "webhook_url",
         )
+    if _literal_address(host) is None:
+        try:
+            host.encode("idna")  # what a lookup does first: "a..com" or a label past 63 characters fails here
+        except UnicodeError:
+            raise InvalidInput(f"webhook_url's host {shown(host)} is not a valid host name", "webhook_url") from None
     if not allow_private and not public_address(host):
         raise InvalidInput(
             f"webhook_url must reach a public address; {shown(host)} is loopback, private, link-local or reserved",
@@ -617,13 +622,32 @@ def check_webhook_url(url: str, *, allow_private: bool) -> str:
     return url
 
 
+# IPv6 prefixes that carry an IPv4 address a gateway would reach through a translator: NAT64 (RFC 6052, 8215).
+_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")  # the deprecated ::a.b.c.d
+
+
+def _literal_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+
+
 def public_address(host: str) -> bool:
     """False for a literal IP address that is not globally routable (loopback, private, link-local, reserved,
-    multicast) or for "localhost"; True for any other host name (resolved and checked again at call time)."""
-    if host.lower().rstrip(".") == "localhost" or host.lower().endswith(".localhost"):
+    multicast), an IPv6 address that carries such an IPv4 address (mapped, 6to4, Teredo, NAT64, ::a.b.c.d), and
+    "localhost"; True for any other host name (resolved and checked again at call time)."""
+    if host.lower().rstrip(".") == "localhost" or host.lower().rstrip(".").endswith(".localhost"):
         return False
-    try:
-        address = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
+    address = _literal_address(host)
+    if address is None:
         return True
-    return address.is_global and not address.is_multicast
+    if not address.is_global or address.is_multicast:
+        return False
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = [address.ipv4_mapped, address.sixtofour, address.teredo and address.teredo[1]]
+        if any(address in network for network in (*_NAT64, _IPV4_COMPATIBLE)):
+            embedded.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+        return all(public_address(str(inner)) for inner in embedded if inner is not None)
+    return True

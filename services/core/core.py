@@ -62,7 +62,6 @@ from services.common.tasks import RUN_TASK, queue_for
 from services.core import metrics
 from services.core.events import EventHub
 from services.core.schemas import (
-    JOB_FIELDS,
     GenerationCreate,
     JobImage,
     OpenAIImageEditRequest,
@@ -422,10 +421,10 @@ class Core:
                 await self._input_picture(owner, body.mask, "mask"),
             )
         image, mask = pictures
-        fields = body.model_dump(exclude={"model", "output_format", "image", "mask", *JOB_FIELDS})
+        fields = body.model_dump(exclude={"model", "output_format", "image", "mask", *rules.JOB_FIELDS})
         resolved = self._resolve(model, fields | _sizes(image, mask), images_field=images_field)
         params = _params(
-            body.model_dump(exclude={"image", "mask", *JOB_FIELDS}) | resolved | _image_params(body, image, mask)
+            body.model_dump(exclude={"image", "mask", *rules.JOB_FIELDS}) | resolved | _image_params(body, image, mask)
         )
         return await self._enqueue(
             "generation",
@@ -486,7 +485,7 @@ class Core:
         if kind == "guidance_sweep":
             rules.check_guidance_scales(body.guidance_scales)
         generation = body.model_dump(
-            include=set(GenerationCreate.model_fields) - {"model", "output_format", "image", "mask", *JOB_FIELDS}
+            include=set(GenerationCreate.model_fields) - {"model", "output_format", "image", "mask", *rules.JOB_FIELDS}
         )
         resolved = self._resolve(model, generation | {"prompt": body.prompt or ""} | _sizes(start, mask))
         if kind == "reverse":
@@ -494,7 +493,7 @@ class Core:
             label = rules.steps_run_label(resolved["strength"], resolved["sampler"])
             rules.check_every("trajectory_every", body.trajectory_every, runs, low=1, steps_are=label)
         params = _params(
-            body.model_dump(exclude={"image", "mask", *JOB_FIELDS})
+            body.model_dump(exclude={"image", "mask", *rules.JOB_FIELDS})
             | resolved
             | {"prompt": body.prompt or "", "timesteps": timesteps, "has_image": image is not None}
             | ({"has_mask": True} if mask is not None else {})

@@ -158,12 +158,10 @@ class _ImageFields(_FamilyFields):
 WEBHOOK_DESCRIPTION = (
     f"An absolute http(s) URL (no user:password@, at most {MAX_WEBHOOK_URL_CHARS} characters) that is POSTed the job, "
     "as GET /v1/jobs/{id} shows it, once it succeeds, fails or is cancelled: signed as Standard Webhooks say "
-    "(webhook-id, webhook-timestamp, webhook-signature) and retried with backoff until it answers 2xx (docs/api.md, "
-    "Webhooks). A loopback or private address is refused unless the deployment allows them. null: no call."
+    "(webhook-id, webhook-timestamp, webhook-signature) and retried with backoff until it answers 2xx, 410 Gone, "
+    "or the deployment's last attempt (8 by default; docs/api.md, Webhooks). A loopback or private address is refused "
+    "unless the deployment allows them. null: no call."
 )
-
-
-JOB_FIELDS = ("webhook_url",)  # fields of the job itself, not of what it makes: never in its params
 
 
 def webhook_field():

@@ -27,6 +27,8 @@ followed and the response body is not read.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import json
 import logging
 import socket
@@ -49,7 +51,8 @@ log = logging.getLogger("latentd.webhooks")
 deliveries_total = Counter(
     "latentd_webhook_deliveries_total",
     "Webhook calls by outcome: delivered (a 2xx), retrying (another call is due later), gave_up (the last "
-    "attempt failed, or the receiver answered 410 Gone), refused (a target on a private address).",
+    "attempt failed, or the receiver answered 410 Gone), refused (a target on a private address or no host name); "
+    "expired: due webhooks dropped because their job expired first.",
     ["outcome"],
 )
 delivery_seconds = Histogram(
@@ -59,12 +62,16 @@ delivery_seconds = Histogram(
 )
 
 
+RESOLVER_THREADS = 4  # host-name lookups of webhook calls at once, per gateway process
+
+
 class TargetRefused(Exception):
     """The webhook's host resolves to an address the deployment does not call."""
 
 
 def payload(job: JobRecord) -> bytes:
-    ended = job.timings.get("finished_at") or time.time()
+    """The same bytes at every attempt (so a receiver may compare a repeat): the job as it ended, and when."""
+    ended = job.ended_at or job.created_at  # (a job that ended before ended_at was written: its creation)
     return json.dumps(
         {
             "type": f"job.{job.status}",
@@ -91,11 +98,14 @@ class WebhookSender:
         # a claim outlives a call (its lookup and its timeout) several times over before another process retakes it
         self.lease_s = 3 * settings.webhook_timeout_s + 10
         self.key = signing_key(settings.webhook_secret) if settings.webhook_secret else None
+        if self.key is None:
+            log.warning("LATENTD_WEBHOOK_SECRET is not set: webhook calls go out unsigned")
         self.client = httpx.AsyncClient(
             timeout=settings.webhook_timeout_s, follow_redirects=False, trust_env=False, verify=True
         )
         self._calls: set[asyncio.Task] = set()
         self._task: asyncio.Task | None = None
+        self._resolver = concurrent.futures.ThreadPoolExecutor(RESOLVER_THREADS, thread_name_prefix="webhook-dns")
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="webhooks")
@@ -108,6 +118,7 @@ class WebhookSender:
             except Exception:  # a call that ended with an error as it was stopped
                 log.debug("a webhook task ended with an error as it was stopped", exc_info=True)
         await self.client.aclose()
+        self._resolver.shutdown(wait=False, cancel_futures=True)
 
     async def _run(self) -> None:
         while True:
@@ -116,11 +127,15 @@ class WebhookSender:
                 await asyncio.wait(self._calls, return_when=asyncio.FIRST_COMPLETED)
                 continue
             try:
-                claimed = await self.store.claim_webhooks(self.lease_s, free)
-            except (redis.exceptions.RedisError, OSError) as error:  # Redis away: the jobs wait there
-                log.warning("could not claim due webhooks (%s); trying again", error)
+                claimed, expired = await self.store.claim_webhooks(self.lease_s, free)
+            except Exception as error:  # Redis away (the jobs wait there), or anything else: the sender goes on
+                redis_away = isinstance(error, (redis.exceptions.RedisError, OSError))
+                log.warning("could not claim due webhooks (%s); trying again", error, exc_info=not redis_away)
                 await asyncio.sleep(max(self.poll_s, 1.0))
                 continue
+            if expired:  # their records went first (RESULT_TTL_S): nothing is left to send
+                deliveries_total.labels(outcome="expired").inc(expired)
+                log.warning("%d due webhook(s) dropped: their jobs expired before a 2xx", expired)
             for job_id, attempt in claimed:
                 call = asyncio.create_task(self._deliver(job_id, attempt))
                 self._calls.add(call)
@@ -132,24 +147,31 @@ class WebhookSender:
         try:
             job = await self.store.get(job_id)
             if job is None or not job.webhook_url or not job.terminal:  # expired; or never due (kept defensively)
-                await self.store.settle_webhook(job_id, None)
+                await self.store.settle_webhook(job_id, attempt, None)
                 return
-            outcome = await self._call(job)
+            try:
+                async with asyncio.timeout(self.settings.webhook_timeout_s):  # the whole call: lookup, connect, answer
+                    outcome = await self._call(job)
+            except TimeoutError:
+                outcome = None, f"no answer within {self.settings.webhook_timeout_s:g} s"
+            except Exception as error:  # anything else this call raised is this attempt's failure, never the sender's
+                log.warning("webhook of job %s: attempt %d raised", job_id, attempt, exc_info=True)
+                outcome = None, f"{type(error).__name__}: {error}"
             if outcome is None:
                 deliveries_total.labels(outcome="delivered").inc()
-                delivery_seconds.observe(max(0.0, time.time() - float(job.timings.get("finished_at") or time.time())))
-                await self.store.settle_webhook(job_id, None)
+                delivery_seconds.observe(max(0.0, time.time() - (job.ended_at or time.time())))
+                await self.store.settle_webhook(job_id, attempt, None)
                 return
             final, why = outcome
             if final or attempt >= self.settings.webhook_attempts:
                 deliveries_total.labels(outcome="refused" if final == "refused" else "gave_up").inc()
                 log.warning("webhook of job %s: gave up after %d attempts (%s)", job_id, attempt, why)
-                await self.store.settle_webhook(job_id, None)
+                await self.store.settle_webhook(job_id, attempt, None)
                 return
             delay = retry_delay_s(attempt, self.settings.webhook_retry_s)
             deliveries_total.labels(outcome="retrying").inc()
             log.info("webhook of job %s: attempt %d failed (%s); again in %.1f s", job_id, attempt, why, delay)
-            await self.store.settle_webhook(job_id, delay)
+            await self.store.settle_webhook(job_id, attempt, delay)
         except (redis.exceptions.RedisError, OSError) as error:  # the claim's lease runs out; another call follows
             log.warning("webhook of job %s: Redis failed (%s); its claim lapses and it is tried again", job_id, error)
 
@@ -190,7 +212,12 @@ class WebhookSender:
         parts = urllib.parse.urlsplit(url)
         https = parts.scheme.lower() == "https"
         port = parts.port or (443 if https else 80)
-        infos = await asyncio.get_running_loop().getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+        try:
+            # on a pool of its own: a receiver's slow DNS must not hold the threads every submit uses
+            resolve = functools.partial(socket.getaddrinfo, parts.hostname, port, type=socket.SOCK_STREAM)
+            infos = await asyncio.get_running_loop().run_in_executor(self._resolver, resolve)
+        except UnicodeError as error:  # a host name IDNA cannot encode: no later attempt fares better
+            raise TargetRefused(f"{parts.hostname!r} is not a host name that resolves ({error})") from None
         addresses = [info[4][0] for info in infos]
         if not self.settings.webhook_allow_private:
             private = [a for a in addresses if not rules.public_address(a)]

@@ -121,7 +121,10 @@ def test_a_worker_left_with_a_hung_device_hands_back_its_other_models_jobs_and_e
     submit, _, worker, _, url = stores
     hung_job, live_job = submit("alice", 2)
     runtime = Runtime(Settings(redis_url=url, engine_stall_s=2, engine_stall_exit_s=3), worker="w1")
-    for model, engine in (("hung", SimpleNamespace(stalled_s=0.0)), (MODEL, SimpleNamespace(stalled_s=0.0))):
+    for model, engine in (
+        ("hung", SimpleNamespace(stalled_s=0.0, broken=None)),
+        (MODEL, SimpleNamespace(stalled_s=0.0, broken=None)),
+    ):
         runtime.engines[model] = engine  # an engine's one reading the keeper takes: its current iteration's age
     for job_id, model in ((hung_job, "hung"), (live_job, MODEL)):
         taken, attempt = worker.take(MODEL, 30, "w1")
@@ -142,7 +145,7 @@ def test_a_worker_left_with_a_hung_device_hands_back_its_other_models_jobs_and_e
     assert worker.take(MODEL, 30, "w2") == (live_job, 2)
 
     never = Runtime(Settings(redis_url=url, engine_stall_s=2, engine_stall_exit_s=0), worker="w3")
-    never.engines["hung"] = SimpleNamespace(stalled_s=1e9)
+    never.engines["hung"] = SimpleNamespace(stalled_s=1e9, broken=None)
     LeaseKeeper(never, celery_app=None).exit_if_hung(exit=exits.append)
     assert exits == [EXIT_HUNG_DEVICE]  # 0: the worker stays, for the liveness probe
 

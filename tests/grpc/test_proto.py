@@ -57,3 +57,13 @@ def test_proto_style():
     for method in service.methods:  # one request and one response message per RPC
         assert method.input_type.name == f"{method.name}Request"
         assert method.output_type.name == f"{method.name}Response"
+
+
+def test_the_fields_a_grpc_client_may_send_are_the_request_models_fields():
+    """protocol's lists of what a submit carries (the gRPC client refuses any other field by name) hold exactly the
+    REST request models' fields: a field added to one and not the other fails here, not in a caller's request."""
+    from services.common import protocol, rules
+    from services.core.schemas import GenerationCreate, TrajectoryCreate
+
+    assert protocol.GENERATION_FIELDS == set(GenerationCreate.model_fields) - set(rules.JOB_FIELDS)
+    assert protocol.TRAJECTORY_FIELDS == set(TrajectoryCreate.model_fields) - set(rules.JOB_FIELDS)

@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from services.api import metrics as api_metrics
 from services.common import workers
-from services.common.jobstore import queue_key, turns_key
+from services.common.jobstore import leases_key, pending_key
 from services.worker import heartbeat
 from services.worker import metrics as worker_metrics
 
@@ -91,10 +91,10 @@ def test_engine_active_requests_is_read_at_scrape_time():
 
 
 def test_queue_depth_and_live_workers_come_from_redis_at_scrape(client):
-    # jobs queued in two keys' queues, as the enqueue script leaves them; the model's Celery messages do not count
-    client.zadd(turns_key("depth-test"), {"alice": 0, "bob": 0})
-    client.rpush(queue_key("depth-test", "alice"), *[f"a{n}" for n in range(5)])
-    client.rpush(queue_key("depth-test", "bob"), "b0")
+    # 8 jobs pending (queued or running), 2 of them running (a lease each), as the scripts leave them; the model's
+    # Celery messages do not count
+    client.sadd(pending_key("depth-test"), *[f"j{n}" for n in range(8)])
+    client.zadd(leases_key("depth-test"), {"j0": 1e12, "j1": 1e12})
     client.rpush("latentd.depth-test", *["wake-up"] * 9)
     api_metrics.register_queue_depth(client, lambda: ["depth-test", "idle-model"])
     beat = heartbeat.Heartbeat(client, ["depth-test"], worker="host-1", ttl_s=10)
@@ -106,7 +106,7 @@ def test_queue_depth_and_live_workers_come_from_redis_at_scrape(client):
     # alive but its probe never consumed: not a live worker
     assert sample(families, "latentd_workers_live", model="depth-test") == 0
     heartbeat.mark_consumed(client, ["depth-test"], "host-1", ttl_s=10)
-    client.lpop(queue_key("depth-test", "alice"), 2)
+    client.zadd(leases_key("depth-test"), {"j2": 1e12, "j3": 1e12})  # two more taken
     families = scrape(port)
     assert sample(families, "latentd_workers_live", model="depth-test") == 1
     assert sample(families, "latentd_queue_depth", model="depth-test") == 4

@@ -376,6 +376,24 @@ def test_stalled_s_is_how_long_the_engine_has_been_inside_one_iteration(make_eng
     assert engine.stalled_s == 0.0
 
 
+@pytest.mark.parametrize(
+    "message, lost",
+    [
+        ("CUDA error: an illegal memory access was encountered", True),
+        ("CUDA error: device-side assert triggered", True),
+        ("CUDA error: unspecified launch failure", True),
+        ("CUDA error: CUBLAS_STATUS_NOT_SUPPORTED when calling `cublasGemmEx`", False),  # that call only
+        ("CUDA error: invalid configuration argument", False),
+        ("CUDA error: out of memory", False),
+        ("text encoder exploded", False),
+    ],
+)
+def test_only_a_sticky_cuda_error_counts_as_a_lost_device(message, lost):
+    from services.worker.engine.errors import device_lost
+
+    assert device_lost(RuntimeError(message)) is lost
+
+
 def test_a_lost_device_fails_no_request_and_reads_as_a_hung_engine(make_engine):
     """A sticky device error (CUDA's illegal memory access) makes every later call fail: the engine fails none of the
     requests it holds (none is at fault), steps no more, and reads as hung (stalled_s infinite), so the worker's

@@ -29,12 +29,30 @@ class EngineStopped(EngineError):
     """The engine was stopped before the request finished."""
 
 
+# The CUDA errors after which the context is unusable (CUDA's "sticky" errors: every later call fails the same way),
+# as torch words them. Other CUDA errors (a cuBLAS status, an invalid launch configuration, out of memory) fail only
+# the iteration they happen in.
+STICKY_CUDA_ERRORS = (
+    "illegal memory access",
+    "illegal address",
+    "misaligned address",
+    "device-side assert",
+    "unspecified launch failure",
+    "uncorrectable ECC error",
+    "an illegal instruction",
+    "device not ready",
+    "busy or unavailable",
+    "GPU has fallen off the bus",
+)
+
+
 def device_lost(error: BaseException) -> bool:
-    """An error that leaves the device unusable for everything after it (a sticky CUDA error: an illegal memory
-    access, a device that fell off the bus): every later call would fail too, so the engine stops stepping rather
-    than fail the queue one iteration at a time (Engine.broken)."""
+    """An error that leaves the device unusable for everything after it (a sticky CUDA error): every later call
+    would fail too, so the engine stops stepping rather than fail the queue one iteration at a time
+    (Engine.broken)."""
     accelerator_error = getattr(torch, "AcceleratorError", ())
-    return isinstance(error, accelerator_error) or (isinstance(error, RuntimeError) and "CUDA error" in str(error))
+    cuda = isinstance(error, accelerator_error) or (isinstance(error, RuntimeError) and "CUDA error" in str(error))
+    return cuda and any(sticky in str(error) for sticky in STICKY_CUDA_ERRORS)
 
 
 def out_of_memory(error: BaseException) -> bool:
