@@ -690,6 +690,8 @@ class Core:
     async def cancel(self, owner: str, job_id: str) -> JobRecord:
         job = await self.job(owner, job_id)
         outcome = await self._redis(self.store.cancel(job))
+        if outcome == "cancelled" and job.status == "queued":  # ended here, never reaching a worker
+            metrics.record_queued_cancellation(job.model)
         if outcome in ("succeeded", "failed"):
             raise Conflict(f"job {job_id} already {outcome}; only queued or running jobs can be cancelled", "id")
         return await self.job(owner, job_id)

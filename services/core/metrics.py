@@ -21,6 +21,12 @@ rejections_total = Counter(
     "queue_full, redis_unavailable).",
     ["reason"],
 )
+queued_cancellations_total = Counter(
+    "latentd_queued_cancellations_total",
+    "Jobs cancelled while still queued, which the door that took the cancel ends at once (the workers count the "
+    "jobs cancelled while running: latentd_cancellations_total).",
+    ["model"],
+)
 # Refusals counted by their status where a door maps them; the others are counted where they happen
 # (queue_full and no_worker in the core, payload_too_large in the REST body limit), but redis_unavailable, which
 # only a door can tell apart: there, the error says Redis failed, and the door knows it was refusing a new job
@@ -30,6 +36,10 @@ _REASON_OF_STATUS = {422: "validation", 401: "auth"}
 
 def record_submission(kind: str, model: str) -> None:
     jobs_submitted_total.labels(kind=kind, model=model).inc()
+
+
+def record_queued_cancellation(model: str) -> None:
+    queued_cancellations_total.labels(model=model).inc()
 
 
 def record_rejection(reason: str) -> None:

@@ -103,6 +103,20 @@ def test_keys_are_required_and_checked(client):
     assert client.get("/livez").status_code == 200
 
 
+def test_a_queued_job_cancelled_is_counted_once_by_the_gateway(client):
+    """No worker sees a job cancelled while queued: the gateway that ends it counts it, once however often it is asked."""
+    from prometheus_client import REGISTRY
+
+    def count() -> float:
+        return REGISTRY.get_sample_value("latentd_queued_cancellations_total", {"model": "tiny"}) or 0.0
+
+    before = count()
+    job = client.post("/v1/generations", json={"prompt": "x"}).json()
+    for _ in range(2):
+        assert client.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] == "cancelled"
+    assert count() == before + 1
+
+
 def test_refusals_are_counted_by_reason(client):
     from prometheus_client import REGISTRY
 

@@ -236,7 +236,10 @@ def _defined_metric_names() -> set[str]:
     from prometheus_client import REGISTRY, generate_latest
 
     import services.api.metrics as api_metrics
-    import services.core.metrics  # noqa: F401 - registers the counters both doors share
+
+    # registers the counters both doors share, and the webhook sender's (both doors run one)
+    import services.core.metrics
+    import services.core.webhooks  # noqa: F401
     import services.worker.metrics as worker_metrics
 
     names = set()
