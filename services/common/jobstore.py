@@ -234,10 +234,6 @@ def _entries(items: Iterable) -> list[JobEvent]:
     return [JobEvent(_s(entry_id), _s(fields[b"event"]), _s(fields[b"data"])) for entry_id, fields in items]
 
 
-def _event_fields(name: str, data: dict) -> dict[str, str]:
-    return {"event": name, "data": json.dumps(data)}
-
-
 # Lua helpers shared by the scripts below. Dispatch keys, always KEYS[1..5]: pending, owned, queue, turns, clock.
 _NOW = """
 local function now()
@@ -1008,7 +1004,7 @@ class JobStore:
         return [_s(job_id) for job_id in self._renew(keys=keys, args=args)]
 
     def queued_count(self, model: str) -> int:
-        """Jobs of `model` waiting in the keys' queues (each should have a task in the broker)."""
+        """Jobs of `model` queued, not yet running (`queued_count`): each should have a task in the broker."""
         return queued_count(self.redis, model)
 
     def lapsed(self, model: str) -> list[str]:
@@ -1076,10 +1072,10 @@ class JobStore:
         """One engine iteration's events, frames and progress in one round trip, each job's fenced (_PROGRESS).
         Returns, per step, (cancel requested, attempt superseded), so the engine drops those at once."""
         pipe = self.redis.pipeline(transaction=False)
-        for step in steps:
-            frames = step.frames  # a reverse trajectory's frames: stored, listed, announced with their step
+        for step in steps:  # a reverse trajectory's frames are stored, listed and announced with their step
+            emitted_at = step.event["emitted_at"]
             keys, args = self._progress_args(
-                step.job_id, step.attempt, step.event, step.progress, frames, step.event["emitted_at"]
+                step.job_id, step.attempt, step.event, step.progress, step.frames, emitted_at
             )
             self._progress(keys=keys, args=args, client=pipe)
         return [(_s(cancel) == "1", bool(superseded)) for cancel, superseded in pipe.execute()]

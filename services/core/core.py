@@ -83,6 +83,10 @@ ARTIFACT_KINDS = ("image", "frame")
 TOKENIZER_CLASSES = ("CLIPTokenizer", "T5TokenizerFast")
 # params a job shows only where set (the tokenizers above are those whose limits models publish)
 FAMILY_ONLY_PARAMS = ("true_cfg_scale", *rules.SIZE_CONDITIONING_PARAMS, "strength")
+# A request's fields that are not among its params as sent: the pictures (stored beside the job), and the job's own
+# fields (its webhook); and those the generation rules do not check besides (the model, chosen before; the format).
+NOT_PARAMS = frozenset({"image", "mask", *rules.JOB_FIELDS})
+NOT_RESOLVED = NOT_PARAMS | {"model", "output_format"}
 
 
 @lru_cache(maxsize=16)
@@ -414,6 +418,7 @@ class Core:
         pictures: tuple[Picture | None, Picture | None] | None = None,
     ) -> JobRecord:
         """`pictures`: the (image, mask) a door has decoded already; else they are read from `body`."""
+        webhook_url = self._webhook_url(body)  # checked before any picture is read and decoded
         model = await self.resolve_model(body.model)
         if pictures is None:
             pictures = (
@@ -421,11 +426,9 @@ class Core:
                 await self._input_picture(owner, body.mask, "mask"),
             )
         image, mask = pictures
-        fields = body.model_dump(exclude={"model", "output_format", "image", "mask", *rules.JOB_FIELDS})
+        fields = body.model_dump(exclude=NOT_RESOLVED)
         resolved = self._resolve(model, fields | _sizes(image, mask), images_field=images_field)
-        params = _params(
-            body.model_dump(exclude={"image", "mask", *rules.JOB_FIELDS}) | resolved | _image_params(body, image, mask)
-        )
+        params = _params(body.model_dump(exclude=NOT_PARAMS) | resolved | _image_params(body, image, mask))
         return await self._enqueue(
             "generation",
             model,
@@ -434,7 +437,7 @@ class Core:
             input_image=image and image[0],
             input_mask=mask and mask[0],
             idempotency=idempotency,
-            webhook_url=self._webhook_url(body),
+            webhook_url=webhook_url,
         )
 
     async def _input_picture(self, owner: str, value: str | JobImage | None, param: str) -> Picture | None:
@@ -465,6 +468,7 @@ class Core:
     ) -> JobRecord:
         body = body if isinstance(body, TrajectoryCreate) else parse(TrajectoryCreate, body, self.caps)
         idempotency = self.idempotency("trajectory", body, idempotency_key)
+        webhook_url = self._webhook_url(body)  # checked before any picture is read and decoded
         model = await self.resolve_model(body.model)
         kind, image, start, mask, timesteps = body.kind, None, None, None, None
         sent = _set_away_from_default(body, set(TrajectoryCreate.model_fields) - {"kind"})
@@ -484,16 +488,14 @@ class Core:
             image = start and start[0]
         if kind == "guidance_sweep":
             rules.check_guidance_scales(body.guidance_scales)
-        generation = body.model_dump(
-            include=set(GenerationCreate.model_fields) - {"model", "output_format", "image", "mask", *rules.JOB_FIELDS}
-        )
+        generation = body.model_dump(include=set(GenerationCreate.model_fields) - NOT_RESOLVED)
         resolved = self._resolve(model, generation | {"prompt": body.prompt or ""} | _sizes(start, mask))
         if kind == "reverse":
             runs = rules.steps_run(resolved["num_inference_steps"], resolved["strength"], resolved["sampler"])
             label = rules.steps_run_label(resolved["strength"], resolved["sampler"])
             rules.check_every("trajectory_every", body.trajectory_every, runs, low=1, steps_are=label)
         params = _params(
-            body.model_dump(exclude={"image", "mask", *rules.JOB_FIELDS})
+            body.model_dump(exclude=NOT_PARAMS)
             | resolved
             | {"prompt": body.prompt or "", "timesteps": timesteps, "has_image": image is not None}
             | ({"has_mask": True} if mask is not None else {})
@@ -507,7 +509,7 @@ class Core:
             input_image=image,
             input_mask=mask and mask[0],
             idempotency=idempotency,
-            webhook_url=self._webhook_url(body),
+            webhook_url=webhook_url,
         )
 
     async def submit_openai(
