@@ -8,6 +8,11 @@ read against.
     python -m benchmarks.bench_samplers                 # models/shapes-ldm
     python -m benchmarks.bench_samplers --model PATH --requests 16
     python -m benchmarks.bench_samplers --brownian      # DPM++ SDE's Brownian paths: torchsde's cache, ours vs its own
+    python -m benchmarks.bench_samplers --sensitivity   # how far a 1e-6 change of the starting noise moves a picture
+
+--sensitivity measures, per sampler, diffusers' own pipeline (float32) on the model against itself from starting noise
+scaled by 1 + 1e-6, at 20 steps guided at 7.5 at every step and unguided: a sampler whose picture moves far from so
+small a change cannot be compared with another implementation (another rounding) by PSNR there (tests/gpu).
 
 --brownian times one request's Brownian path alone (its 2n − 1 queries, as the sampler makes them on a Karras-like
 σ̂ schedule) at torchsde's default cache of 45 intervals and at dpmpp_sde.CACHE_SIZE, interleaved, for 10 to 50 steps
@@ -150,16 +155,46 @@ def brownian_figures(repeats: int = 3) -> dict[str, dict[str, float]]:
     return figures
 
 
+def sensitivity(model: Path, samplers: tuple[str, ...] = ("ddim", "plms", "unipc", "dpmpp_2m")) -> dict:
+    """PSNR (dB) of the pipeline's picture against the same with its starting noise scaled by 1 + 1e-6."""
+    from diffusers import StableDiffusionPipeline
+
+    from services.worker.diffusion.samplers import diffusers_scheduler
+    from tests.fixtures.pictures import pixels, psnr
+
+    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    side = pipe.unet.config.sample_size
+    noise = torch.randn((1, pipe.unet.config.in_channels, side, side), generator=torch.Generator().manual_seed(1234))
+    figures = {}
+    for sampler in samplers:
+        pipe.scheduler = diffusers_scheduler(sampler, pipe.scheduler.config)
+        for guidance in (7.5, 1.0):
+            a, b = (
+                pixels(pipe(PROMPTS[0], num_inference_steps=20, guidance_scale=guidance, latents=noise * scale).images)
+                for scale in (1.0, 1 + 1e-6)
+            )
+            measured = psnr(a, b)
+            figures[f"{sampler} guidance {guidance}"] = round(measured, 1) if np.isfinite(measured) else "identical"
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--brownian", action="store_true", help="time DPM++ SDE's Brownian paths only")
+    parser.add_argument("--sensitivity", action="store_true", help="PSNR after a 1e-6 change of the starting noise")
     args = parser.parse_args()
     torch.set_num_threads(2)
     if args.brownian:
         print(json.dumps({"brownian_path": brownian_figures(), "load_average_1min": round(os.getloadavg()[0], 2)}))
+        return
+    if args.sensitivity:
+        print(
+            json.dumps({"model": str(args.model), "float32_psnr_db_after_1e-6_noise_change": sensitivity(args.model)})
+        )
         return
     figures = sampler_throughput(args.model, requests=args.requests, device=args.device, every_step=True)
     print(

@@ -8,6 +8,7 @@ Each test prints the PSNR it measured, so a run on a new card leaves figures, no
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -45,74 +46,120 @@ def generate(model, req: GenerationRequest, max_batch_rows: int = 64):
         engine.stop()
 
 
-@pytest.mark.parametrize("dtype_name", list(DTYPES))
-def test_cuda_engine_matches_diffusers_pipeline_in_the_same_dtype(dtype_name):
-    from diffusers import StableDiffusionPipeline
-
-    dtype = DTYPES[dtype_name]
-    ours = pixels(generate(load_model(MODEL, device="cuda", dtype=dtype), request(dtype_name)))
-    pipe = StableDiffusionPipeline.from_pretrained(MODEL, dtype=dtype, safety_checker=None).to("cuda")
-    pipe.set_progress_bar_config(disable=True)
-    theirs = pixels(
-        pipe(
-            PROMPT,
-            num_inference_steps=50,
-            guidance_scale=7.5,
-            num_images_per_prompt=2,
-            generator=torch.Generator("cpu").manual_seed(1234),
-        ).images
-    )
-    measured = psnr(ours, theirs)
-    print(
-        f"\n[{torch.cuda.get_device_name()}] engine {dtype_name} vs StableDiffusionPipeline {dtype_name}: PSNR {measured:.1f} dB"
-    )
-    assert np.isfinite(ours).all()
-    assert measured >= 40
+@contextlib.contextmanager
+def exact_float32():
+    """float32 without TF32, the reference: PyTorch runs cuDNN's float32 convolutions in TF32 (10-bit mantissa) by
+    default from Ampere on, a rounding of the order of half precision's."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-@pytest.mark.parametrize(
-    "sampler,dtype_name",
-    [("dpmpp_2m_sde", "float16"), ("unipc", "float16"), ("euler_ancestral", "float16"), ("plms", "float16")]
-    + [("dpmpp_sde", "float32")],
-)
-def test_cuda_samplers_match_their_schedulers(sampler, dtype_name):
-    """The samplers that draw noise per step (the SDE solver draws in float32 whatever the model's dtype, Euler
-    ancestral in the model's) or keep a corrector's state or a multistep's outputs (PLMS), in float16 at 20 steps and the model's guidance
-    interval, against StableDiffusionPipeline with the scheduler swapped as a user would
-    (samplers.diffusers_scheduler) and guided where diffusers' guider says (tests/fixtures/guidance.py).
-    (Guided at every step, a strongly guided SDE trajectory amplifies rounding step by step, so half precision
-    against half precision is compared at the interval the model recommends.) DPM++ SDE in float32: its noise is
-    a Brownian path seeded by the request's seed, which the pipeline builds in its latents' dtype (float16 in a
-    float16 pipeline: the same law, other numbers) and the engine in float32 always."""
+def pipeline(dtype, sampler: str | None = None):
     from diffusers import StableDiffusionPipeline
 
     from services.worker.diffusion.samplers import diffusers_scheduler
-    from tests.fixtures.guidance import pipeline_images_with_interval
 
-    dtype = DTYPES.get(dtype_name, torch.float32)
-    model = load_model(MODEL, device="cuda", dtype=dtype)
-    interval = dict(guidance_start=model.default_guidance_start, guidance_stop=model.default_guidance_stop)
-    ours = pixels(generate(model, request(sampler, sampler=sampler, num_inference_steps=20, num_images=1, **interval)))
     pipe = StableDiffusionPipeline.from_pretrained(MODEL, dtype=dtype, safety_checker=None).to("cuda")
-    pipe.scheduler = diffusers_scheduler(sampler, pipe.scheduler.config)
+    if sampler is not None:
+        pipe.scheduler = diffusers_scheduler(sampler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    theirs = pixels(
-        pipeline_images_with_interval(
-            pipe,
+    return pipe
+
+
+def pipeline_pictures(dtype, steps: int = 50, num_images: int = 2, seed: int = 1234):
+    pipe = pipeline(dtype)
+    return pixels(
+        pipe(
             PROMPT,
-            steps=20,
-            seed=1234,
+            num_inference_steps=steps,
             guidance_scale=7.5,
-            start=interval["guidance_start"],
-            stop=interval["guidance_stop"],
-        )
+            num_images_per_prompt=num_images,
+            generator=torch.Generator("cpu").manual_seed(seed),
+        ).images
     )
-    measured = psnr(ours, theirs)
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_cuda_engine_matches_diffusers_pipeline_in_the_same_dtype(dtype_name):
+    """DDIM, 50 steps guided at 7.5, against StableDiffusionPipeline in the same dtype, ≥ 40 dB; or, where the
+    two part by more, the engine no further from the pipeline in exact float32 than the pipeline in that dtype is.
+    (The pipeline rounds its latents to the model's dtype after every step; the engine keeps them in float32.
+    On an H200 in bfloat16 that put them 38.6 dB apart; this test's code run on the CPU in bfloat16, the loader's
+    refusal of half precision there lifted, measured the engine 44.5 dB from float32 and the pipeline 39.1 dB:
+    the pipeline's rounding, not the engine's error.)"""
+    dtype = DTYPES[dtype_name]
+    ours = pixels(generate(load_model(MODEL, device="cuda", dtype=dtype), request(dtype_name)))
+    theirs = pipeline_pictures(dtype)
+    with exact_float32():
+        reference = pipeline_pictures(torch.float32)
+    measured, ours_off, theirs_off = psnr(ours, theirs), psnr(ours, reference), psnr(theirs, reference)
     print(
-        f"\n[{torch.cuda.get_device_name()}] engine {dtype_name} {sampler} 20 vs its pipeline: PSNR {measured:.1f} dB"
+        f"\n[{torch.cuda.get_device_name()}] engine {dtype_name} vs StableDiffusionPipeline {dtype_name}: PSNR "
+        f"{measured:.1f} dB; from the pipeline in float32: engine {ours_off:.1f} dB, pipeline {theirs_off:.1f} dB"
     )
     assert np.isfinite(ours).all()
-    assert measured >= 40
+    assert measured >= 40 or ours_off >= theirs_off - 1
+
+
+# The samplers that draw noise per step (the SDE solver draws in float32 whatever the model's dtype, Euler ancestral
+# in the model's) or keep a corrector's state or a multistep's outputs (PLMS). PLMS unguided: guided at 7.5, its
+# trajectory on this model is chaotic (diffusers' pipeline alone, float32: a 1e-6 relative change of the starting
+# noise moves the picture to 16.7 dB, `python -m benchmarks.bench_samplers --sensitivity`; DDIM 86 dB, UniPC 89),
+# so no two implementations (two roundings) can agree there to 40 dB.
+SAMPLERS = {"dpmpp_2m_sde": 7.5, "unipc": 7.5, "euler_ancestral": 7.5, "plms": 1.0, "dpmpp_sde": 7.5}
+
+
+def sampler_pictures(sampler: str, guidance: float, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(engine, pipeline) at 20 steps, one image, guided at 7.5 where the model recommends (its interval), the
+    pipeline's scheduler swapped as a user would (samplers.diffusers_scheduler) and guided where diffusers' guider
+    says (tests/fixtures/guidance.py)."""
+    from tests.fixtures.guidance import pipeline_images_with_interval
+
+    model = load_model(MODEL, device="cuda", dtype=dtype)
+    interval = dict(guidance_start=model.default_guidance_start, guidance_stop=model.default_guidance_stop)
+    req = request(sampler, sampler=sampler, num_inference_steps=20, num_images=1, guidance_scale=guidance, **interval)
+    ours = pixels(generate(model, req))
+    theirs = pipeline_images_with_interval(
+        pipeline(dtype, sampler),
+        PROMPT,
+        steps=20,
+        seed=1234,
+        guidance_scale=guidance,
+        start=interval["guidance_start"],
+        stop=interval["guidance_stop"],
+    )
+    return ours, pixels(theirs)
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_cuda_samplers_match_their_schedulers(sampler):
+    """In exact float32 on CUDA against StableDiffusionPipeline with the sampler's scheduler, ≥ 40 dB (the sampler's
+    math and its noise on the device); then in float16 (not DPM++ SDE, whose Brownian path diffusers builds in the
+    latents' dtype: another path in float16): finite, and no further from the pipeline's float32 picture than
+    the pipeline's own float16 picture is, within 6 dB (4 × its mean squared error), or 40 dB from it. In float16
+    on this model Euler ancestral's pipeline overflows to NaN (its latents start at σ_max times the noise, past
+    float16's range under the cosine schedule) and PLMS's lands 12.9 dB from its float32 picture (this test's code on
+    the CPU in float16, as above); the engine keeps latents in float32 (62.8 and 61.3 dB there)."""
+    guidance = SAMPLERS[sampler]
+    with exact_float32():
+        ours, reference = sampler_pictures(sampler, guidance, torch.float32)
+    parity = psnr(ours, reference)
+    line = (
+        f"\n[{torch.cuda.get_device_name()}] {sampler} 20 steps, float32: engine vs its pipeline PSNR {parity:.1f} dB"
+    )
+    if sampler != "dpmpp_sde":
+        half, theirs = sampler_pictures(sampler, guidance, torch.float16)
+        ours_off, theirs_off = psnr(half, reference), psnr(theirs, reference)
+        line += f"; float16 from the float32 pipeline: engine {ours_off:.1f} dB, pipeline {theirs_off:.1f} dB"
+    print(line)
+    assert parity >= 40
+    if sampler != "dpmpp_sde":
+        assert np.isfinite(half).all()
+        assert ours_off >= min(40, theirs_off) - 6
 
 
 def scene() -> Image.Image:
