@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 import grpc
 import redis.exceptions
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, Histogram
@@ -117,6 +118,48 @@ async def _abort(
     await context.abort(code, details, trailing_metadata=tuple(trailers))
 
 
+class MalformedRequest:
+    """What a request that is not its method's message parses to (`TolerantParsing`), so that `edge` refuses it as
+    INVALID_ARGUMENT in the caller's words, where grpcio would answer UNKNOWN naming a Python exception."""
+
+    def __init__(self, message_name: str, reason: str):
+        self.message = f"the request is not a {message_name} message in protobuf's binary encoding ({reason})"
+
+
+def _tolerant(parse: Callable) -> Callable:
+    name = parse.__self__.DESCRIPTOR.full_name  # parse is the message class's FromString
+
+    def tolerant(data: bytes):
+        try:
+            return parse(data)
+        except DecodeError as error:
+            # upb says "Error parsing message with type 'X': why"; the why is the caller's to read
+            reason = str(error).rpartition(": ")[2] or "it does not parse"
+            return MalformedRequest(name, reason[:1].lower() + reason[1:])
+
+    return tolerant
+
+
+class TolerantParsing(grpc.aio.ServerInterceptor):
+    """The service's methods parse their requests with `_tolerant` (health and reflection keep grpcio's parsing)."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if (
+            handler is None
+            or handler.request_deserializer is None
+            or not details.method.startswith(f"/{SERVICE_NAME}/")
+        ):
+            return handler
+        return handler._replace(request_deserializer=_tolerant(handler.request_deserializer))
+
+
+def _well_formed(request):
+    if isinstance(request, MalformedRequest):
+        raise InvalidInput(request.message, None)
+    return request
+
+
 def edge(handler: Callable) -> Callable:
     """Authenticate, time and count the call, and map every error to a status code, for unary and streaming
     handlers alike. The handler gets the caller's owner id after the request. A refusal of a `submitting` handler
@@ -132,7 +175,7 @@ def edge(handler: Callable) -> Callable:
             replied = False
             try:
                 owner = self.core.authenticate(_authorization(context))
-                async for reply in handler(self, request, context, owner):
+                async for reply in handler(self, _well_formed(request), context, owner):
                     yield reply
                     replied = True
                 grpc_requests_total.labels(method, "OK").inc()
@@ -152,7 +195,7 @@ def edge(handler: Callable) -> Callable:
         started = time.perf_counter()
         try:
             owner = self.core.authenticate(_authorization(context))
-            reply = await handler(self, request, context, owner)
+            reply = await handler(self, _well_formed(request), context, owner)
             grpc_requests_total.labels(method, "OK").inc()
             return reply
         except Exception as exc:  # noqa: BLE001 - mapped to a status code
@@ -306,7 +349,7 @@ async def start_server(
         ("grpc.keepalive_time_ms", 20_000),
         ("grpc.http2.max_pings_without_data", 0),
     ]
-    server = grpc.aio.server(options=options)
+    server = grpc.aio.server(options=options, interceptors=[TolerantParsing()])
     pb_grpc.add_LatentdServiceServicer_to_server(LatentdServicer(core), server)
     health_servicer = health.aio.HealthServicer()
     for name in ("", SERVICE_NAME):

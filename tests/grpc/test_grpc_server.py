@@ -483,3 +483,32 @@ def test_no_message_breaks_the_door(door):
                             err.details(),
                         )
     assert {"OK", "INVALID_ARGUMENT", "NOT_FOUND"} <= codes, codes
+
+
+@pytest.mark.parametrize(
+    "method, body, reason",
+    [
+        ("SubmitGeneration", b"\xff\xff\xff", "wire format was corrupt"),
+        ("GetJob", b"\x0a\x02\xff\xfe", "string field had bad UTF-8"),  # job_id, not UTF-8
+        ("StreamJobEvents", b"\x0a\x05ab", "wire format was corrupt"),  # a string cut short
+        ("GenerateStream", b"\xff", "wire format was corrupt"),
+    ],
+)
+def test_a_request_that_does_not_parse_is_invalid_argument_naming_its_message(door, method, body, reason):
+    """Not grpcio's UNKNOWN naming a Python exception: INVALID_ARGUMENT, the message the method takes, and why; the
+    key is checked first, as for any other request."""
+    streams = method in ("StreamJobEvents", "GenerateStream")
+    with grpc.insecure_channel(door.target) as channel:
+        call = (channel.unary_stream if streams else channel.unary_unary)(f"/latentd.v1.LatentdService/{method}")
+        with pytest.raises(grpc.RpcError) as refused:
+            list(call(body, metadata=auth(DOOR_KEY), timeout=10)) if streams else call(
+                body, metadata=auth(DOOR_KEY), timeout=10
+            )
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        message = f"the request is not a latentd.v1.{method}Request message in protobuf's binary encoding ({reason})"
+        assert refused.value.details() == message
+        with pytest.raises(grpc.RpcError) as unknown_key:
+            list(call(body, metadata=auth("nope"), timeout=10)) if streams else call(
+                body, metadata=auth("nope"), timeout=10
+            )
+        assert unknown_key.value.code() == grpc.StatusCode.UNAUTHENTICATED
