@@ -43,6 +43,19 @@ MAX_WEBHOOK_URL_CHARS = 2048
 JOB_FIELDS = ("webhook_url",)
 WEBHOOK_SCHEMES = ("http", "https")
 WEBHOOK_ATTEMPTS, WEBHOOK_RETRY_S, WEBHOOK_MAX_RETRY_S, WEBHOOK_TIMEOUT_S = 8, 5.0, 900.0, 10.0
+
+
+def webhook_retry_delay_s(attempt: int, base_s: float) -> float:
+    """After the `attempt`-th call failed: base · 4^(attempt−1), at most WEBHOOK_MAX_RETRY_S."""
+    return min(base_s * 4 ** (attempt - 1), WEBHOOK_MAX_RETRY_S)
+
+
+def webhook_span_s(attempts: int, base_s: float, timeout_s: float) -> float:
+    """The longest a job's webhook is tried after the job ends: every call at its timeout, every backoff between.
+    At the defaults 3205 s, inside the hour a job's record is kept (RESULT_TTL_S)."""
+    return attempts * timeout_s + sum(webhook_retry_delay_s(n, base_s) for n in range(1, attempts))
+
+
 # A page of a key's jobs (GET /v1/jobs, ListJobs): newest first, at most MAX_LIST_LIMIT; a page reads at most
 # LIST_SCAN entries of the key's history, so a status filter that matches little still costs a bounded read.
 DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT, LIST_SCAN = 20, 100, 1000

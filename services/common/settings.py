@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from functools import lru_cache
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common import rules
@@ -141,6 +141,26 @@ class Settings(BaseSettings):
         if value not in ("auto", "off") and not (value.isdigit() and int(value) >= 1):
             raise ValueError(f"LATENTD_ROWS_PER_OWNER must be auto, off or a whole number >= 1, got {value!r}")
         return value
+
+    @property
+    def webhook_span_s(self) -> float:
+        return rules.webhook_span_s(self.webhook_attempts, self.webhook_retry_s, self.webhook_timeout_s)
+
+    @model_validator(mode="after")
+    def _webhooks_outlive_no_job(self) -> Settings:
+        """A webhook tried after its job's record expired finds nothing to send (it is counted expired): retries
+        asked for explicitly must fit the TTL. (With the webhook settings at their defaults and the TTL lowered, the
+        sender warns at start instead: the TTL was the setting meant.)"""
+        asked = self.model_fields_set & {"webhook_attempts", "webhook_retry_s", "webhook_timeout_s"}
+        span = self.webhook_span_s
+        if self.webhooks and asked and span > self.result_ttl_s:
+            raise ValueError(
+                f"LATENTD_WEBHOOK_ATTEMPTS={self.webhook_attempts} with LATENTD_WEBHOOK_RETRY_S={self.webhook_retry_s:g} "
+                f"and LATENTD_WEBHOOK_TIMEOUT_S={self.webhook_timeout_s:g} try a webhook for up to {span:.0f} s after "
+                f"its job ends, past LATENTD_RESULT_TTL_S={self.result_ttl_s}, when the job's record expires: lower "
+                "the attempts or the retry base, or raise the TTL"
+            )
+        return self
 
     @property
     def owner_queue_limit(self) -> int:

@@ -82,11 +82,6 @@ def payload(job: JobRecord) -> bytes:
     ).encode()
 
 
-def retry_delay_s(attempt: int, base_s: float) -> float:
-    """After the `attempt`-th call failed: base · 4^(attempt−1), at most rules.WEBHOOK_MAX_RETRY_S."""
-    return min(base_s * 4 ** (attempt - 1), rules.WEBHOOK_MAX_RETRY_S)
-
-
 class WebhookSender:
     """Claims due webhooks and calls them, up to `concurrency` at once, until stopped."""
 
@@ -100,6 +95,13 @@ class WebhookSender:
         self.key = signing_key(settings.webhook_secret) if settings.webhook_secret else None
         if self.key is None:
             log.warning("LATENTD_WEBHOOK_SECRET is not set: webhook calls go out unsigned")
+        if settings.webhook_span_s > settings.result_ttl_s:  # settings.py refuses this where retries were asked for
+            log.warning(
+                "webhook retries span up to %.0f s, past LATENTD_RESULT_TTL_S=%d: a job's last calls can find its record "
+                "expired (counted as expired); lower LATENTD_WEBHOOK_ATTEMPTS to fit",
+                settings.webhook_span_s,
+                settings.result_ttl_s,
+            )
         self.client = httpx.AsyncClient(
             timeout=settings.webhook_timeout_s, follow_redirects=False, trust_env=False, verify=True
         )
@@ -168,7 +170,7 @@ class WebhookSender:
                 log.warning("webhook of job %s: gave up after %d attempts (%s)", job_id, attempt, why)
                 await self.store.settle_webhook(job_id, attempt, None)
                 return
-            delay = retry_delay_s(attempt, self.settings.webhook_retry_s)
+            delay = rules.webhook_retry_delay_s(attempt, self.settings.webhook_retry_s)
             deliveries_total.labels(outcome="retrying").inc()
             log.info("webhook of job %s: attempt %d failed (%s); again in %.1f s", job_id, attempt, why, delay)
             await self.store.settle_webhook(job_id, attempt, delay)
