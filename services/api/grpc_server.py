@@ -126,13 +126,18 @@ class MalformedRequest:
         self.message = f"the request is not a {message_name} message in protobuf's binary encoding ({reason})"
 
 
-def _tolerant(parse: Callable) -> Callable:
-    name = parse.__self__.DESCRIPTOR.full_name  # parse is the message class's FromString
+# each method's request message, by the method's path (the proto's names, whatever protobuf's backend)
+_REQUEST_OF = {
+    f"/{SERVICE_NAME}/{method.name}": method.input_type.full_name
+    for method in pb.DESCRIPTOR.services_by_name["LatentdService"].methods
+}
 
+
+def _tolerant(parse: Callable, name: str) -> Callable:
     def tolerant(data: bytes):
         try:
             return parse(data)
-        except DecodeError as error:
+        except (DecodeError, UnicodeDecodeError) as error:  # the latter: protobuf's pure-Python backend
             # upb says "Error parsing message with type 'X': why"; the why is the caller's to read
             reason = str(error).rpartition(": ")[2] or "it does not parse"
             return MalformedRequest(name, reason[:1].lower() + reason[1:])
@@ -145,13 +150,10 @@ class TolerantParsing(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
-        if (
-            handler is None
-            or handler.request_deserializer is None
-            or not details.method.startswith(f"/{SERVICE_NAME}/")
-        ):
+        name = _REQUEST_OF.get(details.method)
+        if handler is None or handler.request_deserializer is None or name is None:
             return handler
-        return handler._replace(request_deserializer=_tolerant(handler.request_deserializer))
+        return handler._replace(request_deserializer=_tolerant(handler.request_deserializer, name))
 
 
 def _well_formed(request):

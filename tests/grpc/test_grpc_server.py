@@ -13,6 +13,7 @@ import grpc
 import httpx
 import pytest
 import redis
+from google.protobuf.internal import api_implementation
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
@@ -495,8 +496,9 @@ def test_no_message_breaks_the_door(door):
     ],
 )
 def test_a_request_that_does_not_parse_is_invalid_argument_naming_its_message(door, method, body, reason):
-    """Not grpcio's UNKNOWN naming a Python exception: INVALID_ARGUMENT, the message the method takes, and why; the
-    key is checked first, as for any other request."""
+    """Not grpcio's UNKNOWN naming a Python exception: INVALID_ARGUMENT, the message the method takes, and why (in
+    protobuf's words: its default backend's here); the key is checked first, as for any other request."""
+
     streams = method in ("StreamJobEvents", "GenerateStream")
     with grpc.insecure_channel(door.target) as channel:
         call = (channel.unary_stream if streams else channel.unary_unary)(f"/latentd.v1.LatentdService/{method}")
@@ -505,8 +507,10 @@ def test_a_request_that_does_not_parse_is_invalid_argument_naming_its_message(do
                 body, metadata=auth(DOOR_KEY), timeout=10
             )
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        message = f"the request is not a latentd.v1.{method}Request message in protobuf's binary encoding ({reason})"
-        assert refused.value.details() == message
+        message = f"the request is not a latentd.v1.{method}Request message in protobuf's binary encoding ("
+        assert refused.value.details().startswith(message) and refused.value.details().endswith(")")
+        if api_implementation.Type() == "upb":
+            assert refused.value.details() == f"{message}{reason})"
         with pytest.raises(grpc.RpcError) as unknown_key:
             list(call(body, metadata=auth("nope"), timeout=10)) if streams else call(
                 body, metadata=auth("nope"), timeout=10
