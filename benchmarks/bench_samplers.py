@@ -10,9 +10,10 @@ read against.
     python -m benchmarks.bench_samplers --brownian      # DPM++ SDE's Brownian paths: torchsde's cache, ours vs its own
     python -m benchmarks.bench_samplers --sensitivity   # how far a 1e-6 change of the starting noise moves a picture
 
---sensitivity measures, per sampler, diffusers' own pipeline (float32) on the model against itself from starting noise
-scaled by 1 + 1e-6, at 20 steps guided at 7.5 at every step and unguided: a sampler whose picture moves far from so
-small a change cannot be compared with another implementation (another rounding) by PSNR there (tests/gpu).
+--sensitivity measures, per sampler, diffusers' own pipeline (float32, CPU) on the model against itself from starting
+noise scaled by 1 + 1e-6, at 20 steps guided at 7.5 at every step, over the model's guidance interval, and unguided: a
+sampler whose picture moves far from so small a change cannot be compared with another implementation (another
+rounding) by PSNR there (tests/gpu); and the PSNR of two different starting noises, which any bound must clear.
 
 --brownian times one request's Brownian path alone (its 2n − 1 queries, as the sampler makes them on a Karras-like
 σ̂ schedule) at torchsde's default cache of 45 intervals and at dpmpp_sde.CACHE_SIZE, interleaved, for 10 to 50 steps
@@ -155,27 +156,45 @@ def brownian_figures(repeats: int = 3) -> dict[str, dict[str, float]]:
     return figures
 
 
-def sensitivity(model: Path, samplers: tuple[str, ...] = ("ddim", "plms", "unipc", "dpmpp_2m")) -> dict:
-    """PSNR (dB) of the pipeline's picture against the same with its starting noise scaled by 1 + 1e-6."""
+def sensitivity(model: Path, samplers: tuple[str, ...] = ("ddim", "plms", "unipc", "euler_ancestral")) -> dict:
+    """PSNR (dB) of the pipeline's picture (float32, CPU, 20 steps) against the same with its starting noise scaled
+    by 1 + 1e-6: guided at 7.5 at every step, over the model's guidance interval, and unguided; and, for scale, against
+    the picture of another starting noise (guided over the interval)."""
     from diffusers import StableDiffusionPipeline
 
     from services.worker.diffusion.samplers import diffusers_scheduler
+    from tests.fixtures.guidance import pipeline_images_with_interval
     from tests.fixtures.pictures import pixels, psnr
 
+    loaded = load_model(model)
+    interval = (loaded.default_guidance_start, loaded.default_guidance_stop)
     pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
-    side = pipe.unet.config.sample_size
-    noise = torch.randn((1, pipe.unet.config.in_channels, side, side), generator=torch.Generator().manual_seed(1234))
+    shape = (1, pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
+    noise, other = (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) for seed in (1234, 1235))
+
+    def picture(latents, start: float, stop: float, guidance: float = 7.5):
+        return pixels(
+            pipeline_images_with_interval(
+                pipe, PROMPTS[0], steps=20, seed=0, guidance_scale=guidance, start=start, stop=stop, latents=latents
+            )
+        )
+
+    def shown(measured: float):
+        return round(measured, 1) if np.isfinite(measured) else "identical"
+
     figures = {}
     for sampler in samplers:
         pipe.scheduler = diffusers_scheduler(sampler, pipe.scheduler.config)
-        for guidance in (7.5, 1.0):
-            a, b = (
-                pixels(pipe(PROMPTS[0], num_inference_steps=20, guidance_scale=guidance, latents=noise * scale).images)
-                for scale in (1.0, 1 + 1e-6)
-            )
-            measured = psnr(a, b)
-            figures[f"{sampler} guidance {guidance}"] = round(measured, 1) if np.isfinite(measured) else "identical"
+        for label, (start, stop, guidance) in {
+            "guided at every step": (0.0, 1.0, 7.5),
+            f"guided over {interval[0]:g}-{interval[1]:g}": (*interval, 7.5),
+            "unguided": (0.0, 1.0, 1.0),
+        }.items():
+            base = picture(noise, start, stop, guidance)
+            figures[f"{sampler} {label}"] = shown(psnr(base, picture(noise * (1 + 1e-6), start, stop, guidance)))
+            if label.startswith("guided over"):
+                figures[f"{sampler} {label}, another noise"] = shown(psnr(base, picture(other, start, stop, guidance)))
     return figures
 
 
@@ -193,7 +212,7 @@ def main() -> None:
         return
     if args.sensitivity:
         print(
-            json.dumps({"model": str(args.model), "float32_psnr_db_after_1e-6_noise_change": sensitivity(args.model)})
+            json.dumps({"model": str(args.model), "psnr_db_float32_cpu": sensitivity(args.model)})
         )
         return
     figures = sampler_throughput(args.model, requests=args.requests, device=args.device, every_step=True)

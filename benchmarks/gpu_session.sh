@@ -7,14 +7,14 @@
 #      compiling, on cold caches: the engine's dynamic-batch UNet and VAE decode, and the pipeline's UNet twice
 #      (a 1-row graph, then a dynamic one at 2 rows); at most 450 s;
 #   2. tests: tests/gpu (compiled vs eager engine, batch invariance with buckets, the deferred NaN check,
-#      float16 and bfloat16 against diffusers' pipeline, SDXL/SD3/Flux in bfloat16, the samplers that draw
-#      noise or correct in float16 (DPM++ SDE in float32), a real CUDA out-of-memory stepping the row cap down),
-#      each printing its figure; at most 200 s;
+#      float16 and bfloat16 against diffusers' pipeline (and exact float32), SDXL/SD3/Flux in bfloat16, the samplers
+#      that draw noise or correct in exact float32 and then float16, a real CUDA out-of-memory stepping the row cap
+#      down), each printing its figure; at most 200 s;
 #   3. restart: the engine's warm-up alone in a new process on the compile caches stage 1 left (a worker
 #      restarted on a kept LATENTD_COMPILE_CACHE_DIR), against the goal of a worker ready within 2 minutes;
 #      at most 100 s.
-# Logs land in $OUT. Stages: `all` (default), `measure` (1 then 3), `bench`, `tests`, `restart`, or `train` (the
-# old training-recipe run).
+# Logs land in $OUT. Stages: `all` (default; up to 750 s, more than one device-tool call may run), `measure` (1 then
+# 3), `bench`, `tests`, `restart`, or `train` (the old training-recipe run).
 #
 #     OUT=/tmp/gpu bash benchmarks/gpu_session.sh [all|measure|bench|tests|restart|train] [bench-requests]
 #
@@ -23,7 +23,7 @@
 # two calls back to back (the machine stays warm 30 s between them, and keeps the caches in /tmp):
 #     bash benchmarks/gpu_wheels.sh          # -> .whl/ (ignored by git)
 #     run(command="bash benchmarks/gpu_session.sh measure", carry=[".whl"], timeout_s=580)
-#     run(command="bash benchmarks/gpu_session.sh tests", carry=[".whl"], timeout_s=230)
+#     run(command="bash benchmarks/gpu_session.sh tests", carry=[".whl"], timeout_s=250)
 set -u
 OUT=${OUT:-/tmp/latentd-gpu}
 STAGE=${1:-all}

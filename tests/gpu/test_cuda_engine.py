@@ -106,10 +106,12 @@ def test_cuda_engine_matches_diffusers_pipeline_in_the_same_dtype(dtype_name):
 
 
 # The samplers that draw noise per step (the SDE solver draws in float32 whatever the model's dtype, Euler ancestral
-# in the model's) or keep a corrector's state or a multistep's outputs (PLMS). PLMS unguided: guided at 7.5, its
-# trajectory on this model is chaotic (diffusers' pipeline alone, float32: a 1e-6 relative change of the starting
-# noise moves the picture to 16.7 dB, `python -m benchmarks.bench_samplers --sensitivity`; DDIM 86 dB, UniPC 89),
-# so no two implementations (two roundings) can agree there to 40 dB.
+# in the model's) or keep a corrector's state or a multistep's outputs (PLMS). PLMS unguided: guided, its trajectory
+# on this model amplifies rounding (diffusers' pipeline alone, float32, 20 steps: a 1e-6 relative change of the
+# starting noise moves its picture to 16.7 dB guided at every step and to 51.6 dB over the model's interval, where
+# DDIM stays at 86 dB; `python -m benchmarks.bench_samplers --sensitivity`), and the engine and the pipeline, two
+# roundings, met at 41.0 dB over the interval in float32 on the CPU: too near the 40 dB bar to hold on another
+# device. Its guidance interval is tested on the CPU (tests/worker/test_engine_samplers.py).
 SAMPLERS = {"dpmpp_2m_sde": 7.5, "unipc": 7.5, "euler_ancestral": 7.5, "plms": 1.0, "dpmpp_sde": 7.5}
 
 
@@ -139,11 +141,13 @@ def sampler_pictures(sampler: str, guidance: float, dtype) -> tuple[np.ndarray, 
 def test_cuda_samplers_match_their_schedulers(sampler):
     """In exact float32 on CUDA against StableDiffusionPipeline with the sampler's scheduler, ≥ 40 dB (the sampler's
     math and its noise on the device); then in float16 (not DPM++ SDE, whose Brownian path diffusers builds in the
-    latents' dtype: another path in float16): finite, and no further from the pipeline's float32 picture than
-    the pipeline's own float16 picture is, within 6 dB (4 × its mean squared error), or 40 dB from it. In float16
+    latents' dtype: another path in float16): finite (the engine fails a request whose latents are not), and no
+    further from the pipeline's float32 picture than
+    the pipeline's own float16 picture is, within 6 dB (4 × its mean squared error), or 40 dB from it; and never under
+    20 dB (two different starting noises give 8.7-12.4 dB here, bench_samplers --sensitivity). In float16
     on this model Euler ancestral's pipeline overflows to NaN (its latents start at σ_max times the noise, past
     float16's range under the cosine schedule) and PLMS's lands 12.9 dB from its float32 picture (this test's code on
-    the CPU in float16, as above); the engine keeps latents in float32 (62.8 and 61.3 dB there)."""
+    the CPU in float16, as above); the engine keeps latents in float32 (61.3 and 62.8 dB there)."""
     guidance = SAMPLERS[sampler]
     with exact_float32():
         ours, reference = sampler_pictures(sampler, guidance, torch.float32)
@@ -158,8 +162,7 @@ def test_cuda_samplers_match_their_schedulers(sampler):
     print(line)
     assert parity >= 40
     if sampler != "dpmpp_sde":
-        assert np.isfinite(half).all()
-        assert ours_off >= min(40, theirs_off) - 6
+        assert ours_off >= max(min(40, theirs_off) - 6, 20)
 
 
 def scene() -> Image.Image:

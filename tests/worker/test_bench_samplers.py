@@ -1,12 +1,14 @@
-"""benchmarks/bench_samplers.py --sensitivity, on the tiny model: the figure tests/gpu's sampler bounds rest on."""
+"""benchmarks/bench_samplers.py --sensitivity, on the tiny model: the figures tests/gpu's sampler bounds rest on."""
 
 from __future__ import annotations
 
 from benchmarks.bench_samplers import sensitivity
 
 
-def test_sensitivity_measures_each_sampler_guided_and_unguided(tiny_model_path):
+def test_sensitivity_measures_each_sampler_three_ways_and_another_noise_for_scale(tiny_model_path):
     figures = sensitivity(tiny_model_path, samplers=("ddim", "plms"))
-    assert set(figures) == {f"{s} guidance {g}" for s in ("ddim", "plms") for g in (7.5, 1.0)}
-    # a 1e-6 change of the starting noise: DDIM's picture barely moves (or not at all), on any model
-    assert all(figures[f"ddim guidance {g}"] == "identical" or figures[f"ddim guidance {g}"] > 60 for g in (7.5, 1.0))
+    ways = ("guided at every step", "guided over 0-1", "guided over 0-1, another noise", "unguided")
+    assert set(figures) == {f"{sampler} {way}" for sampler in ("ddim", "plms") for way in ways}
+    # a 1e-6 change of the starting noise barely moves DDIM's picture (or not at all); another noise moves it
+    assert all(figures[f"ddim {way}"] in ("identical",) or figures[f"ddim {way}"] > 60 for way in ways[:2] + ways[3:])
+    assert figures["ddim guided over 0-1, another noise"] < 40
