@@ -457,8 +457,9 @@ return 1
 """
 )
 
-# Cancel: a queued job ends now; a running one gets the flag its worker reads once per engine iteration.
-# KEYS: dispatch keys, job, events. ARGV: cancelled event data, job id.
+# Cancel: a queued job ends now (its record and events kept ttl from now, as every ending keeps them: a job queued
+# for most of the TTL would otherwise vanish, webhook and all, soon after); a running one gets the flag its worker
+# reads once per engine iteration. KEYS: dispatch keys, job, events. ARGV: cancelled event data, job id, ttl.
 _CANCEL = (
     _ENTER
     + """
@@ -471,6 +472,8 @@ if status == 'queued' then
   redis.call('HSET', job, 'status', 'cancelled')
   redis.call('XADD', KEYS[7], '*', 'event', 'cancelled', 'data', ARGV[1])
   redis.call('LREM', KEYS[3], 0, ARGV[2])
+  redis.call('EXPIRE', job, tonumber(ARGV[3]))
+  redis.call('EXPIRE', KEYS[7], tonumber(ARGV[3]))
   leave(ARGV[2])
   return 'cancelled'
 end
@@ -881,7 +884,7 @@ class AsyncJobStore:
         """'cancelled' (it was queued), 'cancelling' (running: it stops at its next step), the final status, or 'missing'."""
         data = json.dumps({"id": job.id, "emitted_at": time.time()})
         keys = dispatch_keys(job.model, job.owner) + [job_key(job.id), events_key(job.id)]
-        return _s(await self._cancel(keys=keys, args=[data, job.id]))
+        return _s(await self._cancel(keys=keys, args=[data, job.id, self.ttl_s]))
 
     async def blob(self, job_id: str, name: str) -> bytes | None:
         return await self.redis.get(blob_key(job_id, name))

@@ -51,8 +51,9 @@ def webhook_retry_delay_s(attempt: int, base_s: float) -> float:
 
 
 def webhook_span_s(attempts: int, base_s: float, timeout_s: float) -> float:
-    """The longest a job's webhook is tried after the job ends: every call at its timeout, every backoff between.
-    At the defaults 3205 s, inside the hour a job's record is kept (RESULT_TTL_S)."""
+    """How long after its job ends a webhook's calls and backoffs can last, each call at its timeout (the last one
+    counted whole, to be safe); a lapsed claim's lease and the sender's polling and backlog come on top. At the
+    defaults 3205 s, inside the hour a job's record is kept (RESULT_TTL_S)."""
     return attempts * timeout_s + sum(webhook_retry_delay_s(n, base_s) for n in range(1, attempts))
 
 

@@ -51,6 +51,18 @@ def test_cancelling_a_queued_job_frees_its_queue_slot(client):
     assert client.post("/v1/generations", json={"prompt": "x"}).status_code == 202
 
 
+def test_a_queued_job_cancelled_late_in_its_ttl_is_kept_a_full_ttl_from_its_end(client):
+    """As every ending keeps a job's record and events: a job queued for most of the TTL, then cancelled, is still
+    readable (and its webhook sendable) for the TTL, not for what was left of it."""
+    job = client.post("/v1/generations", json={"prompt": "x"}).json()
+    store = redis.Redis.from_url(REDIS_URL)
+    for key in (f"latentd:job:{job['id']}", events_key(job["id"])):
+        store.expire(key, 5)  # as after 3595 s in the queue
+    assert client.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] == "cancelled"
+    for key in (f"latentd:job:{job['id']}", events_key(job["id"])):
+        assert store.ttl(key) > 3500
+
+
 def test_a_job_that_expired_unfinished_frees_its_queue_slot(client):
     jobs = [client.post("/v1/generations", json={"prompt": "x"}).json() for _ in range(2)]
     assert client.post("/v1/generations", json={"prompt": "x"}).status_code == 429

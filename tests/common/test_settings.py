@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from pydantic import ValidationError
 
@@ -35,8 +37,9 @@ def test_a_lowered_ttl_with_the_default_webhook_retries_starts_and_the_sender_sa
     monkeypatch.setenv("LATENTD_RESULT_TTL_S", "600")
     settings = Settings()
     assert settings.result_ttl_s == 600 and settings.webhook_span_s == 3205
-    with caplog.at_level("WARNING", logger="services.core.webhooks"):
-        WebhookSender(settings, store=None)
+    with caplog.at_level("WARNING", logger="latentd.webhooks"):
+        sender = WebhookSender(settings, store=None)
+    asyncio.run(sender.stop())
     assert "webhook retries span up to 3205 s, past LATENTD_RESULT_TTL_S=600" in caplog.text
     assert Settings(result_ttl_s=600, webhook_attempts=3, webhook_retry_s=10).result_ttl_s == 600  # 30 + 10 + 40 s
 
