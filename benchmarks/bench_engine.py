@@ -26,6 +26,7 @@ import argparse
 import json
 import platform
 import random
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -39,6 +40,20 @@ from services.worker.engine.requests import GenerationRequest
 from services.worker.loading import load_model
 
 DEFAULT_MODEL = Path("models/shapes-ldm")
+# --sd15's folder, built once per machine (random weights from a fixed seed: the same model every time), so a GPU
+# session's second stage does not build it again
+SD15_FOLDER = Path(tempfile.gettempdir()) / "latentd-sd15-random"
+
+
+def sd15_folder() -> Path:
+    if not (SD15_FOLDER / "model_index.json").is_file():
+        building = Path(tempfile.mkdtemp(dir=SD15_FOLDER.parent, prefix=SD15_FOLDER.name + "."))
+        build_sd15(building)
+        shutil.rmtree(SD15_FOLDER, ignore_errors=True)
+        building.rename(SD15_FOLDER)  # whole or not at all: a cut build leaves no folder that looks finished
+    return SD15_FOLDER
+
+
 PROMPTS = [
     "a large red circle on a white background",
     "a blue square on a gray background",
@@ -422,7 +437,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.sd15:
         if not cuda:
             parser.error("--sd15 needs a CUDA device (512x512 fp16)")
-        model_path, label = build_sd15(Path(tmp.name) / "sd15-random"), f"sd15-random-512-{args.dtype or 'float16'}"
+        model_path, label = sd15_folder(), f"sd15-random-512-{args.dtype or 'float16'}"
     elif args.model is not None:
         model_path, label = args.model, str(args.model)
     elif (DEFAULT_MODEL / "model_index.json").is_file() and not args.tiny:

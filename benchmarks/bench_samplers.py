@@ -211,9 +211,7 @@ def main() -> None:
         print(json.dumps({"brownian_path": brownian_figures(), "load_average_1min": round(os.getloadavg()[0], 2)}))
         return
     if args.sensitivity:
-        print(
-            json.dumps({"model": str(args.model), "psnr_db_float32_cpu": sensitivity(args.model)})
-        )
+        print(json.dumps({"model": str(args.model), "psnr_db_float32_cpu": sensitivity(args.model)}))
         return
     figures = sampler_throughput(args.model, requests=args.requests, device=args.device, every_step=True)
     print(
