@@ -122,6 +122,18 @@ def test_warm_up_runs_every_bucket_and_reports_its_time(tiny_model):
     assert seconds["total_s"] >= seconds["backbone_s"] > 0
     value = worker_metrics.warmup_seconds.labels(model=tiny_model.name)._value.get()
     assert value == pytest.approx(seconds["total_s"])
+    # under CUDA graphs (reduce-overhead) each bucket runs twice: the second call records its graph, at warm-up
+    calls.clear()
+    engine = Engine(tiny_model, buckets=(2, 4), max_batch_rows=4)
+    engine.backbone = Counting(engine.backbone, "backbone")
+    engine.decoder = Counting(engine.decoder, "decode")
+    engine.backbone.compile_mode = "reduce-overhead"  # the mode's warm-up, without compiling on the CPU
+    engine.start()
+    try:
+        engine.warm_up(timeout=60)
+    finally:
+        engine.stop()
+    assert calls == [("backbone", n) for n in (2, 2, 4, 4)] + [("decode", n) for n in (2, 2, 4, 4, 8, 8, 16, 16)]
 
 
 def test_non_finite_rows_fail_naming_their_step_when_read_every_few_steps(make_engine, tiny_model):

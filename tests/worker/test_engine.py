@@ -418,6 +418,45 @@ def test_a_lost_device_fails_no_request_and_reads_as_a_hung_engine(make_engine):
     assert not any(handle.done() for handle in handles) and len(calls) == 2  # failed nothing, stepped no more
 
 
+def test_a_decode_that_fails_fails_only_the_requests_it_decodes(make_engine):
+    """A finishes in an iteration where B has steps to go; A's decode fails (out of memory at one image, say): A
+    fails, B, which never reached the decoder, goes on and gets its pictures."""
+    from services.worker.engine.errors import EngineError
+
+    engine = make_engine()
+    fits = engine.decoder
+
+    def decoder(latents):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.00 GiB")
+
+    engine.decoder = decoder
+    gate = threading.Event()
+    engine.call(lambda model: gate.wait(30))  # both join the same first iteration
+    a = engine.submit(request("A", num_inference_steps=2))
+    b = engine.submit(request("B", num_inference_steps=8))
+    gate.set()
+    with pytest.raises(EngineError, match="request A failed in the engine: OutOfMemoryError"):
+        a.result(60)
+    engine.decoder = fits
+    assert len(b.result(60).images) == 1
+
+
+def test_a_device_lost_while_delivering_pictures_hands_their_jobs_back(make_engine):
+    """The decode's kernels fail only when the output thread reads the pictures (CUDA runs them later): a sticky
+    error there stops the engine (broken) and ends the requests as stopped, for their jobs to run again, not failed."""
+    from services.worker.engine.errors import EngineStopped
+
+    engine = make_engine()
+
+    def deliver(finished, pixels, copied, timer):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    engine._deliver_pictures = deliver
+    with pytest.raises(EngineStopped, match="the device is lost"):
+        engine.submit(request("r", num_inference_steps=2)).result(60)
+    assert engine.stalled_s == math.inf
+
+
 def test_a_bucket_out_of_memory_at_warm_up_leaves_the_worker_serving_below_it(tiny_model):
     """A card on which the 8- and 16-row buckets do not fit: the warm-up stops at 4 and the engine serves at 4 rows
     per call, instead of the worker failing to start."""

@@ -283,11 +283,14 @@ def warmup_inputs(engine: Engine, rows: int) -> tuple[torch.Tensor, torch.Tensor
 
 def _warm_buckets(engine: Engine, sizes: Sequence[int], run: Callable[[int], Any], part: str) -> None:
     """`run` each bucket, smallest first; one that runs out of memory lowers the part's cap below it, and the
-    buckets above stay cold."""
+    buckets above stay cold. Under CUDA graphs each bucket runs twice: Inductor's graph trees run a new shape eagerly
+    once and record its graph (and its memory pool) at the second call, which would otherwise be a live one."""
     cap = engine.row_cap if part == "backbone" else engine.decode_cap
+    runs = 2 if engine.backbone.compile_mode in CUDAGRAPH_MODES else 1
     for rows in sizes or (1,):
         try:
-            run(rows)
+            for _ in range(runs):
+                run(rows)
         except Exception as error:
             if not engine.lowered_after(error, cap, part, rows):
                 raise

@@ -437,6 +437,10 @@ class Engine:
     # ---- engine thread ----
 
     def _run(self) -> None:
+        if self.model.device.type == "cuda":
+            # this thread's kernels, streams and events on the model's card (cuda:N too: an event recorded on
+            # another card's stream would say a copy from this one had ended before it had)
+            torch.cuda.set_device(self.model.device)
         with torch.inference_mode():
             while True:
                 with self._lock:
@@ -840,7 +844,16 @@ class Engine:
         for member in finished:
             self._active.remove(member)  # retired now; their results are delivered by the output queue
         timer = UNetTimer(self.model.device)  # the decode's time, read on the output thread
-        pixels = self._decode(torch.cat([m.latents for m in finished]))
+        try:
+            pixels = self._decode(torch.cat([m.latents for m in finished]))
+        except Exception as error:
+            if device_lost(error):
+                raise  # the engine stops (_run); no request is at fault
+            # only the requests being decoded fail: the iteration's others go on denoising
+            log.exception("decoding %d finished request(s) failed", len(finished))
+            for member in finished:
+                self._fail(member, error)
+            return
         timer.stop()
         if pixels.device.type == "cuda":
             # to pinned host memory behind the decode, without waiting: the output thread waits for the event
@@ -860,6 +873,12 @@ class Engine:
         try:
             self._deliver_pictures(finished, pixels, copied, timer)
         except Exception as error:  # no request of the batch may be left waiting
+            if device_lost(error):  # the decode's kernels failed: the jobs are not at fault and run again elsewhere
+                log.critical("the device is lost (%s), seen delivering decoded pictures: the engine stops", error)
+                self.broken = error
+                for member in finished:
+                    member.handle._finish(error=EngineStopped(f"the device is lost: {error}"))
+                return
             log.exception("delivering decoded pictures failed")
             for member in finished:
                 member.handle._finish(
