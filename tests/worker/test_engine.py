@@ -418,6 +418,28 @@ def test_a_lost_device_fails_no_request_and_reads_as_a_hung_engine(make_engine):
     assert not any(handle.done() for handle in handles) and len(calls) == 2  # failed nothing, stepped no more
 
 
+def test_the_requests_of_a_call_that_ran_out_of_memory_keep_their_turn(make_engine):
+    """A and B's call (4 rows) runs out of memory: they step next, in smaller calls, before C, which waited as long
+    but was not in it; their turn is not spent on a call that did not run."""
+    engine = make_engine(max_batch_rows=4)
+    fits, served = engine.backbone, []
+
+    def backbone(latents, timesteps, cond):
+        served.append([member.request_id for member in engine._in_iteration])
+        if len(served) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return fits(latents, timesteps, cond)
+
+    engine.backbone = backbone
+    gate = threading.Event()
+    engine.call(lambda model: gate.wait(30))
+    handles = [engine.submit(request(name, num_inference_steps=2)) for name in "ABC"]  # 2 rows each (guided)
+    gate.set()
+    for handle in handles:
+        handle.result(60)
+    assert served[:3] == [["A", "B"], ["A"], ["B"]], served  # then C, at 2 rows per call
+
+
 def test_a_decode_that_fails_fails_only_the_requests_it_decodes(make_engine):
     """A finishes in an iteration where B has steps to go; A's decode fails (out of memory at one image, say): A
     fails, B, which never reached the decoder, goes on and gets its pictures."""

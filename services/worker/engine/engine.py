@@ -491,8 +491,10 @@ class Engine:
         except Exception as error:
             if not self.lowered_after(error, self.row_cap, "backbone", batch.num_rows):
                 raise
-            return  # the members step at the next iteration, in smaller calls
+            return  # the members step at the next iteration, in smaller calls, first in line as they were
         timer.stop()
+        for member in members:
+            member.last_served = self._iteration
         if self.row_cap.fitted():
             log.info("%s: trying %d rows per backbone call again", self.model.name, self.row_cap.rows)
             worker_metrics.observe_row_cap(self.model.name, self.row_cap.rows)
@@ -689,9 +691,7 @@ class Engine:
             chosen.append(active)
             rows += active.num_rows
             owner_rows[owner] += active.num_rows
-        for active in chosen:
-            active.last_served = self._iteration + 1
-        return chosen
+        return chosen  # their turn is counted once their call has run (step): one that ran out of memory keeps it
 
     def _execute(self, batch: UNetBatch) -> torch.Tensor:
         """One backbone call over all rows (in chunks of the row cap if one request alone needs more)."""
