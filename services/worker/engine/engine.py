@@ -121,12 +121,14 @@ class RequestHandle:
             self._events.put(event)
 
     def _finish(self, result: GenerationResult | None = None, error: BaseException | None = None) -> None:
-        if self._future.done():
+        """The first outcome wins; a later one (a stop whose join timed out racing the engine thread) is dropped."""
+        try:
+            if error is not None:
+                self._future.set_exception(error)
+            else:
+                self._future.set_result(result)
+        except concurrent.futures.InvalidStateError:
             return
-        if error is not None:
-            self._future.set_exception(error)
-        else:
-            self._future.set_result(result)
         self._events.put(_END)
 
 
