@@ -184,6 +184,16 @@ def _stream_request(job_id: str, after: str | None) -> pb.StreamJobEventsRequest
     return pb.StreamJobEventsRequest(job_id=job_id, after_event_id=after or "")
 
 
+def _generation_request(body: dict[str, Any]) -> pb.SubmitGenerationRequest:
+    params = _params(protocol.generation_to_proto, body, protocol.GENERATION_FIELDS)
+    return pb.SubmitGenerationRequest(params=params, **protocol.job_fields_to_proto(body))
+
+
+def _trajectory_request(body: dict[str, Any]) -> pb.SubmitTrajectoryRequest:
+    params = _params(protocol.trajectory_to_proto, body, protocol.TRAJECTORY_FIELDS)
+    return pb.SubmitTrajectoryRequest(params=params, **protocol.job_fields_to_proto(body))
+
+
 class GrpcTransport:
     def __init__(self, url: str, api_key: str | None = None, timeout: float = 30.0):
         self.url, self.timeout = url, timeout
@@ -207,17 +217,11 @@ class GrpcTransport:
             raise error_from_rpc(exc) from None
 
     def submit_generation(self, body: dict[str, Any], idempotency_key: str | None = None) -> Job:
-        request = pb.SubmitGenerationRequest(
-            params=_params(protocol.generation_to_proto, body, protocol.GENERATION_FIELDS),
-            **protocol.job_fields_to_proto(body),
-        )
+        request = _generation_request(body)
         return Job.from_proto(self._unary(self.stub.SubmitGeneration, request, idempotency_key).job)
 
     def submit_trajectory(self, body: dict[str, Any], idempotency_key: str | None = None) -> Job:
-        request = pb.SubmitTrajectoryRequest(
-            params=_params(protocol.trajectory_to_proto, body, protocol.TRAJECTORY_FIELDS),
-            **protocol.job_fields_to_proto(body),
-        )
+        request = _trajectory_request(body)
         return Job.from_proto(self._unary(self.stub.SubmitTrajectory, request, idempotency_key).job)
 
     def get_job(self, job_id: str) -> Job:
@@ -287,17 +291,11 @@ class AsyncGrpcTransport:
             raise error_from_rpc(exc) from None
 
     async def submit_generation(self, body: dict[str, Any], idempotency_key: str | None = None) -> Job:
-        request = pb.SubmitGenerationRequest(
-            params=_params(protocol.generation_to_proto, body, protocol.GENERATION_FIELDS),
-            **protocol.job_fields_to_proto(body),
-        )
+        request = _generation_request(body)
         return Job.from_proto((await self._unary(self.stub.SubmitGeneration, request, idempotency_key)).job)
 
     async def submit_trajectory(self, body: dict[str, Any], idempotency_key: str | None = None) -> Job:
-        request = pb.SubmitTrajectoryRequest(
-            params=_params(protocol.trajectory_to_proto, body, protocol.TRAJECTORY_FIELDS),
-            **protocol.job_fields_to_proto(body),
-        )
+        request = _trajectory_request(body)
         return Job.from_proto((await self._unary(self.stub.SubmitTrajectory, request, idempotency_key)).job)
 
     async def get_job(self, job_id: str) -> Job:

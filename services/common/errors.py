@@ -14,6 +14,11 @@ def shown(value: object, limit: int = 80) -> str:
     return f"{text[: limit - 1]}… ({size})"
 
 
+def unknown_field(name: str) -> str:
+    """The refusal of a request field the endpoint has none of (REST's body, the gRPC client's request)."""
+    return f"unknown field {shown(name)}: this endpoint does not accept it"
+
+
 class ServiceError(Exception):
     status_code = 400
     error_type = "invalid_request_error"

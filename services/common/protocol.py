@@ -13,7 +13,7 @@ import json
 from typing import Any
 
 from services.common import rules
-from services.common.errors import InvalidInput, shown
+from services.common.errors import InvalidInput, unknown_field
 from services.common.grpc_gen.latentd.v1 import latentd_pb2 as pb
 
 # gRPC trailers that carry the REST error body's `param` and `type`, and Retry-After.
@@ -131,7 +131,7 @@ def check_known_fields(body: dict[str, Any], known: frozenset[str]) -> None:
     """InvalidInput naming the first field of `body` a gRPC request cannot carry (REST's message for it)."""
     for name in body:
         if name not in known and name not in rules.JOB_FIELDS:
-            raise InvalidInput(f"unknown field {shown(name)}: this endpoint does not accept it", name)
+            raise InvalidInput(unknown_field(name), name)
 
 
 def job_fields_to_proto(body: dict[str, Any]) -> dict[str, Any]:

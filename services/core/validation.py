@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from services.common.errors import InvalidInput, shown
+from services.common.errors import InvalidInput, shown, unknown_field
 from services.core import schemas
 
 M = TypeVar("M", bound=BaseModel)
@@ -115,7 +115,7 @@ def message(error: dict, caps: Mapping[str, float] | None = None) -> tuple[str, 
         return f"{param} must hold at least {limit} values", param
     if kind == "extra_forbidden":  # the name as the caller wrote it, cut (param too: it is echoed)
         cut = param if len(param or "") <= 80 else f"{param[:79]}… ({len(param)} characters)"
-        return f"unknown field {shown(param)}: this endpoint does not accept it", cut
+        return unknown_field(param), cut
     if given is None and _is_type_error(error) and param:  # null where the field takes no null
         return f"{param} must be {_takes(field)}, got null", param
     if kind in _PARSING_ERRORS:  # not a number (a query or path parameter), or 2.5 where an integer goes

@@ -91,6 +91,12 @@ def generation_request(run: JobRun, index: int | None = None, **overrides) -> Ge
     return GenerationRequest(request_id=request_id(run.job_id, run.attempt, index), **fields)
 
 
+def _left_to_run_again(run: JobRun) -> None:
+    """The engine stopped under the job (a cold shutdown, a lost device): not the job's failure. Its lease, no longer
+    renewed, lapses and a reaper runs it again elsewhere."""
+    log.warning("job %s attempt %d: the engine stopped under it; left to run again", run.job_id, run.attempt)
+
+
 def run_requests(run: JobRun, requests: Callable[[], list[GenerationRequest]]) -> list[GenerationResult] | None:
     """Build the requests, submit them together, wait for all; on a typed engine error (or an input picture
     gone), finish the job and return None."""
@@ -113,9 +119,7 @@ def run_requests(run: JobRun, requests: Callable[[], list[GenerationRequest]]) -
     except NonFiniteOutputError as error:
         run.fail("non_finite_output", str(error))
     except EngineStopped:
-        # the worker is going (a cold shutdown): not the job's failure. Its lease, no longer renewed, lapses and a
-        # reaper runs it again elsewhere
-        log.warning("job %s attempt %d: the engine stopped under it; left to run again", run.job_id, run.attempt)
+        _left_to_run_again(run)
     except EngineError as error:
         run.fail(type(error).__name__, str(error))
     finally:
@@ -214,8 +218,8 @@ def forward(run: JobRun) -> None:
             lambda model: _noise_frames(model, pixels, timesteps, p["noise_seed"], p["space"])
         ).result()
         levels = noise_levels(engine.model, timesteps)
-    except EngineStopped:  # a cold shutdown, as in run_requests: left to run again
-        log.warning("job %s attempt %d: the engine stopped under it; left to run again", run.job_id, run.attempt)
+    except EngineStopped:
+        _left_to_run_again(run)
         return
     except (ValueError, EngineError) as error:
         run.fail("invalid_request_error", str(error), "timesteps")

@@ -463,11 +463,7 @@ class Engine:
                     self.step()
                 except Exception as error:
                     if device_lost(error):
-                        # nothing more will run on this device: fail nothing (no request is at fault), step no more;
-                        # the worker treats the engine as hung (stalled_s), its jobs run again elsewhere, and it exits
-                        # for a fresh process (services/worker/leases.py, exit_if_hung)
-                        log.critical("the device is lost (%s): the engine stops; its jobs run again elsewhere", error)
-                        self.broken = error
+                        self._lose_device(error)
                         return
                     # only the requests of the failed iteration fail; the rest go on
                     log.exception("engine iteration failed")
@@ -476,6 +472,13 @@ class Engine:
                 finally:
                     self._in_iteration = []
                     self._busy_since = None
+
+    def _lose_device(self, error: BaseException) -> None:
+        """Nothing more will run on this device: fail nothing (no request is at fault), step no more; the worker
+        treats the engine as hung (stalled_s), its jobs run again elsewhere, and it exits for a fresh process
+        (services/worker/leases.py, exit_if_hung)."""
+        log.critical("the device is lost (%s): the engine stops; its jobs run again elsewhere", error)
+        self.broken = error
 
     def step(self) -> None:
         """One iteration: schedule -> execute -> update."""
@@ -875,9 +878,8 @@ class Engine:
         try:
             self._deliver_pictures(finished, pixels, copied, timer)
         except Exception as error:  # no request of the batch may be left waiting
-            if device_lost(error):  # the decode's kernels failed: the jobs are not at fault and run again elsewhere
-                log.critical("the device is lost (%s), seen delivering decoded pictures: the engine stops", error)
-                self.broken = error
+            if device_lost(error):  # the decode's kernels failed, seen as their pictures are read
+                self._lose_device(error)
                 for member in finished:
                     member.handle._finish(error=EngineStopped(f"the device is lost: {error}"))
                 return
